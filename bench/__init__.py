@@ -1,0 +1,1 @@
+"""Benchmarks: the end-to-end step-latency ladder (`ditengine-bench`) and per-kernel microbenchmarks."""

@@ -1,0 +1,195 @@
+"""Loading facebookresearch/DiT and diffusers checkpoints into `ditengine.DiT`.
+
+The config is inferred from tensor shapes (the head count, which shapes do not fix, from the known DiT
+sizes or a 64-wide head; pass `num_heads=` to override). The fixed position table is recomputed,
+checked against the checkpoint's copy and dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from .configs import DiTConfig, heads_for
+from .model import DiT
+
+_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files surface as many exception types
+        raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
+
+
+def _read(source) -> tuple[dict, dict]:
+    """(state dict, diffusers config or {}) from a path, a directory, or an in-memory dict."""
+    if isinstance(source, dict):
+        state, config = source, {}
+    else:
+        path = Path(source)
+        if path.is_dir():
+            if (path / "transformer").is_dir():  # a whole pipeline directory
+                path = path / "transformer"
+            weights = next((path / f for f in _DIFFUSERS_WEIGHTS if (path / f).exists()), None)
+            if weights is None:
+                raise FileNotFoundError(f"{path}: no {' or '.join(_DIFFUSERS_WEIGHTS)} in this directory")
+            config_file = path / "config.json"
+            config = json.loads(config_file.read_text()) if config_file.exists() else {}
+            state = _read_file(weights)
+        elif path.exists():
+            state, config = _read_file(path), {}
+        else:
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+    for wrapper in ("ema", "model", "state_dict"):  # training checkpoints keep the weights one level down
+        if wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("checkpoint: expected a state dict of tensors (or one under 'ema' / 'model')")
+    return dict(state), config
+
+
+def _is_diffusers(state: dict) -> bool:
+    return "pos_embed.proj.weight" in state or any(k.startswith("transformer_blocks.") for k in state)
+
+
+def convert_diffusers(state: dict) -> dict:
+    """diffusers `DiTTransformer2DModel` keys -> facebookresearch/DiT keys.
+
+    diffusers copies the timestep and class embedders into every block; DiT has one, so block 0's is
+    taken after checking that the others are equal.
+    """
+    state = dict(state)
+    out = {}
+    renames = {
+        "pos_embed.proj.": "x_embedder.proj.",
+        "proj_out_1.": "final_layer.adaLN_modulation.1.",
+        "proj_out_2.": "final_layer.linear.",
+        "pos_embed.pos_embed": "pos_embed",
+    }
+    block_renames = {
+        "norm1.linear.": "adaLN_modulation.1.",
+        "attn1.to_out.0.": "attn.proj.",
+        "ff.net.0.proj.": "mlp.fc1.",
+        "ff.net.2.": "mlp.fc2.",
+    }
+    embedders = {
+        "norm1.emb.timestep_embedder.linear_1.": "t_embedder.mlp.0.",
+        "norm1.emb.timestep_embedder.linear_2.": "t_embedder.mlp.2.",
+        "norm1.emb.class_embedder.embedding_table.": "y_embedder.embedding_table.",
+    }
+    blocks = sorted({int(m.group(1)) for k in state if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
+    for n in blocks:
+        prefix = f"transformer_blocks.{n}."
+        for kind in ("weight", "bias"):
+            parts = [state.pop(f"{prefix}attn1.to_{c}.{kind}", None) for c in "qkv"]
+            if all(p is not None for p in parts):
+                out[f"blocks.{n}.attn.qkv.{kind}"] = torch.cat(parts)  # rows q; k; v
+            else:
+                state.update({f"{prefix}attn1.to_{c}.{kind}": p for c, p in zip("qkv", parts) if p is not None})
+        for key in [k for k in state if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            for old, new in embedders.items():
+                if rest.startswith(old):
+                    target = new + rest[len(old):]
+                    value = state.pop(key)
+                    if target not in out:
+                        out[target] = value
+                    elif not torch.equal(out[target], value):
+                        raise ValueError(f"{key} differs from block {blocks[0]}'s copy: DiT shares one embedder "
+                                         "across blocks, so this model cannot be converted")
+                    break
+            else:
+                for old, new in block_renames.items():
+                    if rest.startswith(old):
+                        out[f"blocks.{n}.{new}{rest[len(old):]}"] = state.pop(key)
+                        break
+    for key in list(state):
+        for old, new in renames.items():
+            if key.startswith(old):
+                out[new + key[len(old):]] = state.pop(key)
+                break
+    out.update(state)  # whatever is left is reported as unexpected by the loader
+    return out
+
+
+def infer_config(state: dict, **overrides) -> DiTConfig:
+    """A DiTConfig from facebookresearch-style tensor shapes; `overrides` win."""
+    try:
+        D, C, p, _ = state["x_embedder.proj.weight"].shape
+        depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        fields = dict(
+            hidden_size=D, in_channels=C, patch_size=p, depth=depth,
+            num_classes=state["y_embedder.embedding_table.weight"].shape[0] - 1,
+            learn_sigma=state["final_layer.linear.weight"].shape[0] // (p * p) == 2 * C,
+            mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / D,
+            frequency_embedding_size=state["t_embedder.mlp.0.weight"].shape[1],
+        )
+    except KeyError as err:
+        raise ValueError(f"checkpoint: cannot infer the DiT config, missing key {err.args[0]!r}") from err
+    if "pos_embed" in state:
+        fields["input_size"] = round(state["pos_embed"].shape[-2] ** 0.5) * p
+    fields["num_heads"] = heads_for(depth, D)
+    fields.update(overrides)
+    return DiTConfig(**fields)
+
+
+def load_state(model: DiT, state: dict) -> DiT:
+    """Load a facebookresearch-style state dict, checking pos_embed, with one error listing every problem."""
+    state = dict(state)
+    pos = state.pop("pos_embed", None)
+    if pos is not None:
+        expected = model.pos_embed
+        if pos.shape[-2:] != expected.shape[-2:] or not torch.allclose(pos.float().reshape(expected.shape), expected,
+                                                                       atol=1e-3):
+            raise ValueError(f"checkpoint: pos_embed {tuple(pos.shape)} differs from the fixed sin-cos table "
+                             f"{tuple(expected.shape)} of this config")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if missing or unexpected or mis_shaped:
+        lines = [f"checkpoint does not match DiT({model.config})"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", mis_shaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state)
+    return model
+
+
+def load_checkpoint(source: str | os.PathLike | dict, **config_overrides) -> DiT:
+    """A DiT from a facebookresearch `.pt` (plain, or under "ema"/"model"), a diffusers directory,
+    safetensors file or state dict. The model is float32 on the CPU; `.to()` it where it should run."""
+    state, dconfig = _read(source)
+    diffusers = _is_diffusers(state)
+    if diffusers:
+        state = convert_diffusers(state)
+        config_overrides = {**_diffusers_fields(dconfig), **config_overrides}
+    cfg = infer_config(state, **config_overrides)
+    return load_state(DiT(cfg), state).eval()
+
+
+def _diffusers_fields(config: dict) -> dict:
+    fields = dict(timestep_freq_shift=1, mlp_norm_eps=config.get("norm_eps", 1e-5))
+    if "num_attention_heads" in config:
+        fields["num_heads"] = config["num_attention_heads"]
+    if "sample_size" in config:
+        fields["input_size"] = config["sample_size"]
+    return fields
+
+
+def from_diffusers(transformer) -> DiT:
+    """A `ditengine.DiT` with the weights of a live diffusers `DiTTransformer2DModel` (float32, CPU)."""
+    config = dict(transformer.config)
+    state = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
+    return load_checkpoint(state, **_diffusers_fields(config))

@@ -1,0 +1,415 @@
+"""Samplers (schedulers) compiled to a per-step coefficient table.
+
+Every supported update is one computation with different per-step scalars (m: the guided model
+output, h: the previous step's x0, z: noise):
+
+    x0     = p*x + q*m                        # eps-, v-, sample- and flow-prediction all have this form
+    x0     = clamp(x0, -clip, clip)           # only where clip_sample
+    x_next = r*x0 + s*x + w*m + h*hist + u*z  # DDPM mean, DDIM, Euler, flow Euler, DPM-Solver++ (2M)
+    hist   = x0
+
+`w*m` carries DDIM's direction term when x0 is clipped: diffusers (and DDIM itself) point along the
+*unclipped* noise estimate, which clipped x0 alone cannot express. With learned-range variance, u is
+multiplied element-wise by exp(0.5*(logvar_min + (v+1)/2 * (logvar_max - logvar_min))).
+
+The table is built once on the host in float64 and held on the device as float32, one row per step,
+so `step` and the fused kernel read row i without syncing with the host, and a captured CUDA graph never
+holds a stale Python number. Constructor arguments use diffusers' names and defaults.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+
+COLUMNS = ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next")
+COL = {name: i for i, name in enumerate(COLUMNS)}
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+def make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule) -> np.ndarray:
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        return np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        def alpha_bar(t):
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+        return np.array([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), 0.999) for i in range(T)])
+    raise ValueError(f"beta_schedule={beta_schedule!r}: expected 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
+
+
+def spaced_timesteps(spacing: str, T: int, n: int, steps_offset: int = 0, rounded: bool = True) -> np.ndarray:
+    """diffusers' timestep spacings (Table 2 of arXiv:2305.08891), descending."""
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n)[::-1]
+        return ts.round() if rounded else ts
+    if spacing == "leading":
+        return (np.arange(n) * (T // n)).round()[::-1] + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)) - 1
+    raise ValueError(f"timestep_spacing={spacing!r}: expected one of {SPACINGS}")
+
+
+def vp_prediction_coefs(prediction_type: str, alpha_bar: float):
+    """(p, q) with x0 = p*x + q*m and (ex, em) with eps = ex*x + em*m, for a VP sample at alpha_bar."""
+    a, b = math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar)
+    if prediction_type == "epsilon":
+        return (1 / a, -b / a), (0.0, 1.0)
+    if prediction_type == "v_prediction":
+        return (a, -b), (b, a)
+    if prediction_type == "sample":
+        return (0.0, 1.0), (1 / b, -a / b)
+    raise ValueError(f"prediction_type={prediction_type!r}: expected 'epsilon', 'v_prediction' or 'sample'")
+
+
+class Scheduler:
+    """Base: subclasses fill `_rows()`; this class holds the table and runs the reference step."""
+
+    uses_history = False
+    learned_variance = False
+    clip_sample = False
+
+    def __init__(self, num_inference_steps: int, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
+                 beta_end: float = 0.02, beta_schedule: str = "linear", prediction_type: str = "epsilon",
+                 timestep_spacing: str = "leading", steps_offset: int = 0):
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected an int in "
+                             f"[1, num_train_timesteps={num_train_timesteps}]")
+        if timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing={timestep_spacing!r}: expected one of {SPACINGS}")
+        self.num_inference_steps = num_inference_steps
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule)
+        self.alphas_cumprod = np.cumprod(1.0 - self.betas)
+        timesteps, rows, self.init_noise_sigma = self._rows()
+        rows = np.asarray(rows, dtype=np.float64)
+        rows[:-1, COL["c_in_next"]] = rows[1:, COL["c_in"]]
+        rows[-1, COL["c_in_next"]] = 1.0
+        self.table_f64 = rows
+        self.needs_noise = [bool(u != 0) for u in rows[:, COL["u"]]]  # host-side: decides where noise is drawn
+        self._timesteps = torch.tensor(np.array(timesteps, dtype=np.float64), dtype=torch.float32)
+        self._table = torch.as_tensor(rows, dtype=torch.float32)
+        self._history = None
+
+    # -- the table -------------------------------------------------------------------------------------
+    def _rows(self):
+        raise NotImplementedError
+
+    @staticmethod
+    def _row(**values) -> list[float]:
+        row = [0.0] * len(COLUMNS)
+        row[COL["clip"]] = math.inf
+        row[COL["c_in"]] = 1.0
+        for name, value in values.items():
+            row[COL[name]] = float(value)
+        return row
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """(S,) float32 timesteps passed to the model, in sampling order."""
+        return self._timesteps
+
+    @property
+    def table(self) -> torch.Tensor:
+        """(S, len(COLUMNS)) float32 coefficient table, on the device of the last `to()`."""
+        return self._table
+
+    def to(self, device) -> "Scheduler":
+        self._table = self._table.to(device)
+        self._timesteps = self._timesteps.to(device)
+        return self
+
+    def __len__(self):
+        return self.num_inference_steps
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(steps={self.num_inference_steps}, prediction_type={self.prediction_type!r}, "
+                f"timestep_spacing={self.timestep_spacing!r})")
+
+    # -- the reference step ----------------------------------------------------------------------------
+    def reset(self):
+        """Forget the multistep history (start of a new trajectory)."""
+        self._history = None
+
+    def step(self, i: int, x: torch.Tensor, model_output: torch.Tensor, noise: torch.Tensor | None = None):
+        """Reference math for step i: returns x_next. Reads row i of the device table, never syncs.
+
+        `model_output` is (B, C, ...) or (B, 2C, ...) with the learned-variance channels after the
+        prediction; those are used by learned-range DDPM and ignored otherwise. `noise` is drawn with
+        `torch.randn_like` when the step needs it and none is given.
+        """
+        if not 0 <= i < self.num_inference_steps:
+            raise IndexError(f"step index i={i} out of range for {self.num_inference_steps} steps")
+        C = x.shape[1]
+        if model_output.shape[0] != x.shape[0] or model_output.shape[1] not in (C, 2 * C) \
+                or model_output.shape[2:] != x.shape[2:]:
+            raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match x {tuple(x.shape)}: "
+                             f"expected (B, C or 2C, ...)")
+        if self._table.device != x.device:
+            self.to(x.device)
+        p, q, clip, r, s, w, h, u, lmin, lmax = self._table[i, :10].unbind()
+        xf, m = x.float(), model_output[:, :C].float()
+        x0 = p * xf + q * m
+        if self.clip_sample:
+            x0 = x0.clamp(-clip, clip)
+        out = r * x0 + s * xf + w * m
+        if self.uses_history:
+            if self._history is not None:
+                out = out + h * self._history
+            self._history = x0
+        if self.needs_noise[i]:
+            z = torch.randn_like(xf) if noise is None else noise.float()
+            if self.learned_variance:
+                if model_output.shape[1] != 2 * C:
+                    raise ValueError("learned_range variance needs the model's variance channels: "
+                                     f"model_output has {model_output.shape[1]} channels, expected {2 * C}")
+                frac = (model_output[:, C:].float() + 1) / 2
+                u = u * torch.exp(0.5 * (lmin + frac * (lmax - lmin)))
+            out = out + u * z
+        return out.to(x.dtype)
+
+
+class DDPM(Scheduler):
+    """Ancestral DDPM sampling (Ho et al. 2020), as diffusers' `DDPMScheduler`.
+
+    variance_type: fixed_small (posterior variance), fixed_large (beta_t), learned_range (DiT's: the
+    model interpolates in log space between the two).
+    """
+
+    def __init__(self, num_inference_steps: int = 1000, *, variance_type: str = "fixed_small",
+                 clip_sample: bool = True, clip_sample_range: float = 1.0, **kwargs):
+        if variance_type not in ("fixed_small", "fixed_large", "learned_range"):
+            raise ValueError(f"variance_type={variance_type!r}: expected 'fixed_small', 'fixed_large' or "
+                             "'learned_range'")
+        self.variance_type, self.clip_sample, self.clip_sample_range = variance_type, clip_sample, clip_sample_range
+        self.learned_variance = variance_type == "learned_range"
+        super().__init__(num_inference_steps, **kwargs)
+
+    def _rows(self):
+        ts = spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, self.num_inference_steps,
+                              self.steps_offset)
+        rows = []
+        for i, t in enumerate(ts.astype(np.int64)):
+            prev = ts[i + 1].astype(np.int64) if i + 1 < len(ts) else -1
+            a_t = self.alphas_cumprod[t]
+            a_prev = self.alphas_cumprod[prev] if prev >= 0 else 1.0
+            beta_t = 1 - a_t / a_prev
+            (p, q), _ = vp_prediction_coefs(self.prediction_type, a_t)
+            posterior_var = max((1 - a_prev) / (1 - a_t) * beta_t, 1e-20)
+            noise = {}
+            if t > 0:
+                if self.variance_type == "fixed_small":
+                    noise = dict(u=math.sqrt(posterior_var))
+                elif self.variance_type == "fixed_large":
+                    noise = dict(u=math.sqrt(beta_t))
+                else:
+                    noise = dict(u=1.0, logvar_min=math.log(posterior_var), logvar_max=math.log(beta_t))
+            rows.append(self._row(p=p, q=q, clip=self.clip_sample_range if self.clip_sample else math.inf,
+                                  r=math.sqrt(a_prev) * beta_t / (1 - a_t),
+                                  s=math.sqrt(1 - beta_t) * (1 - a_prev) / (1 - a_t), **noise))
+        return ts, rows, 1.0
+
+
+class DDIM(Scheduler):
+    """DDIM (Song et al. 2021), as diffusers' `DDIMScheduler`, with `eta` for the stochastic variant.
+
+    Unlike diffusers, the previous timestep is the next entry of `timesteps`, not `t - T // N`: the two
+    agree for uniform spacings ("leading", and "trailing" when N divides T) and diffusers is wrong for the
+    others ("linspace"), where it steps to timesteps the schedule never visits.
+    """
+
+    def __init__(self, num_inference_steps: int = 50, *, eta: float = 0.0, clip_sample: bool = True,
+                 clip_sample_range: float = 1.0, set_alpha_to_one: bool = True, **kwargs):
+        self.eta, self.clip_sample, self.clip_sample_range = eta, clip_sample, clip_sample_range
+        self.set_alpha_to_one = set_alpha_to_one
+        super().__init__(num_inference_steps, **kwargs)
+
+    def _rows(self):
+        ts = spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, self.num_inference_steps,
+                              self.steps_offset)
+        final_alpha = 1.0 if self.set_alpha_to_one else self.alphas_cumprod[0]
+        rows = []
+        for i, t in enumerate(ts.astype(np.int64)):
+            a_t = self.alphas_cumprod[t]
+            a_prev = self.alphas_cumprod[int(ts[i + 1])] if i + 1 < len(ts) else final_alpha
+            (p, q), (ex, em) = vp_prediction_coefs(self.prediction_type, a_t)
+            std = self.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+            direction = math.sqrt(max(1 - a_prev - std**2, 0.0))
+            rows.append(self._row(p=p, q=q, clip=self.clip_sample_range if self.clip_sample else math.inf,
+                                  r=math.sqrt(a_prev), s=direction * ex, w=direction * em, u=std))
+        return ts, rows, 1.0
+
+
+def _vp_sigmas(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
+    """Karras sigma = sqrt((1 - a)/a), linearly interpolated at (possibly fractional) timesteps."""
+    sigmas = np.sqrt((1 - alphas_cumprod) / alphas_cumprod)
+    return np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+
+
+class Euler(Scheduler):
+    """Euler ODE solver in sigma space (Karras et al. 2022), as diffusers' `EulerDiscreteScheduler`.
+
+    The sample lives in sigma space (x = x_vp * sqrt(sigma^2 + 1)); the model sees x * c_in with
+    c_in = 1 / sqrt(sigma^2 + 1), which the sampler applies from the table's `c_in` column.
+    """
+
+    def __init__(self, num_inference_steps: int = 50, *, timestep_spacing: str = "linspace", **kwargs):
+        super().__init__(num_inference_steps, timestep_spacing=timestep_spacing, **kwargs)
+
+    def _rows(self):
+        ts = spaced_timesteps(self.timestep_spacing, self.num_train_timesteps, self.num_inference_steps,
+                              self.steps_offset, rounded=False)
+        sigmas = np.append(_vp_sigmas(self.alphas_cumprod, ts), 0.0)
+        rows = []
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+            if self.prediction_type == "epsilon":
+                p, q = 1.0, -sigma
+            elif self.prediction_type == "v_prediction":
+                p, q = 1 / (sigma**2 + 1), -sigma / math.sqrt(sigma**2 + 1)
+            elif self.prediction_type == "sample":
+                p, q = 0.0, 1.0
+            else:
+                raise ValueError(f"prediction_type={self.prediction_type!r}: expected 'epsilon', "
+                                 "'v_prediction' or 'sample'")
+            ratio = sigma_next / sigma
+            rows.append(self._row(p=p, q=q, r=1 - ratio, s=ratio, c_in=1 / math.sqrt(sigma**2 + 1)))
+        top = sigmas.max()
+        init_sigma = top if self.timestep_spacing in ("linspace", "trailing") else math.sqrt(top**2 + 1)
+        return ts, rows, float(init_sigma)
+
+
+class DPMSolverPP(Scheduler):
+    """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler` with
+    `algorithm_type="dpmsolver++"`, `solver_type="midpoint"`: 2M with first-order first and final steps
+    (`lower_order_final`, and always when the final sigma is zero)."""
+
+    uses_history = True
+
+    def __init__(self, num_inference_steps: int = 20, *, solver_order: int = 2, lower_order_final: bool = True,
+                 final_sigmas_type: str = "zero", timestep_spacing: str = "linspace", **kwargs):
+        if solver_order not in (1, 2):
+            raise ValueError(f"solver_order={solver_order}: expected 1 or 2")
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type={final_sigmas_type!r}: expected 'zero' or 'sigma_min'")
+        self.solver_order, self.lower_order_final = solver_order, lower_order_final
+        self.final_sigmas_type = final_sigmas_type
+        super().__init__(num_inference_steps, timestep_spacing=timestep_spacing, **kwargs)
+
+    def _spaced_timesteps(self):
+        T, n = self.num_train_timesteps, self.num_inference_steps
+        if self.timestep_spacing == "linspace":
+            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+        if self.timestep_spacing == "leading":
+            return (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + self.steps_offset
+        return np.arange(T, 0, -T / n).round() - 1
+
+    def _rows(self):
+        ts = self._spaced_timesteps()
+        n = len(ts)
+        last = 0.0 if self.final_sigmas_type == "zero" else math.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0])
+        sigmas = np.append(_vp_sigmas(self.alphas_cumprod, ts), last)
+        alpha = 1 / np.sqrt(sigmas**2 + 1)  # VP alpha_t and sigma_t
+        sigma_vp = sigmas * alpha
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma_vp)
+        rows = []
+        for i in range(n):
+            if self.prediction_type == "epsilon":
+                p, q = 1 / alpha[i], -sigma_vp[i] / alpha[i]
+            elif self.prediction_type == "v_prediction":
+                p, q = alpha[i], -sigma_vp[i]
+            elif self.prediction_type == "sample":
+                p, q = 0.0, 1.0
+            else:
+                raise ValueError(f"prediction_type={self.prediction_type!r}: expected 'epsilon', "
+                                 "'v_prediction' or 'sample'")
+            if sigmas[i + 1] == 0:  # exp(-h) = 0: the update lands on x0
+                rows.append(self._row(p=p, q=q, r=1.0))
+                continue
+            lower_final = i == n - 1 and (self.lower_order_final and n < 15 or self.final_sigmas_type == "zero")
+            h = lam[i + 1] - lam[i]
+            phi = -alpha[i + 1] * np.expm1(-h)  # -alpha_t (exp(-h) - 1)
+            s = sigma_vp[i + 1] / sigma_vp[i]
+            if self.solver_order == 1 or i == 0 or lower_final:
+                rows.append(self._row(p=p, q=q, r=phi, s=s))
+            else:
+                half_over_r0 = 0.5 * h / (lam[i] - lam[i - 1])
+                rows.append(self._row(p=p, q=q, r=phi * (1 + half_over_r0), s=s, h=-phi * half_over_r0))
+        return ts, rows, 1.0
+
+
+class FlowMatchEuler(Scheduler):
+    """Euler for rectified-flow models (x_t = (1 - sigma) x0 + sigma * noise, the model predicts
+    noise - x0), as diffusers' `FlowMatchEulerDiscreteScheduler` with a static `shift`."""
+
+    def __init__(self, num_inference_steps: int = 50, *, num_train_timesteps: int = 1000, shift: float = 1.0,
+                 prediction_type: str = "flow"):
+        if prediction_type != "flow":
+            raise ValueError(f"prediction_type={prediction_type!r}: FlowMatchEuler expects 'flow'")
+        self.shift = shift
+        super().__init__(num_inference_steps, num_train_timesteps=num_train_timesteps, prediction_type="flow")
+
+    def _rows(self):
+        T, n, shift = self.num_train_timesteps, self.num_inference_steps, self.shift
+
+        def shifted(s):
+            return shift * s / (1 + (shift - 1) * s)
+
+        # diffusers shifts the training sigmas, then shifts the inference grid spanning them once more.
+        sigma_max, sigma_min = shifted(1.0), shifted(1.0 / T)
+        sigmas = shifted(np.linspace(sigma_max * T, sigma_min * T, n) / T)
+        rows = []
+        for sigma, sigma_next in zip(sigmas, np.append(sigmas[1:], 0.0)):
+            ratio = sigma_next / sigma
+            rows.append(self._row(p=1.0, q=-sigma, r=1 - ratio, s=ratio))
+        return sigmas * T, rows, 1.0
+
+
+_FROM_DIFFUSERS = {
+    "DDPMScheduler": DDPM,
+    "DDIMScheduler": DDIM,
+    "EulerDiscreteScheduler": Euler,
+    "DPMSolverMultistepScheduler": DPMSolverPP,
+    "FlowMatchEulerDiscreteScheduler": FlowMatchEuler,
+}
+
+# diffusers options whose non-default values change the math in ways not covered here.
+_UNSUPPORTED = {
+    "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+    "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False, "invert_sigmas": False,
+    "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "euler_at_final": False,
+    "interpolation_type": "linear", "timestep_type": "discrete", "stochastic_sampling": False,
+    "rescale_betas_zero_snr": False, "trained_betas": None, "shift_terminal": None,
+}
+
+
+def from_diffusers(scheduler, num_inference_steps: int = 50, **overrides) -> Scheduler:
+    """Build the equivalent ditengine scheduler from a diffusers scheduler (or its class name and config).
+
+    Options of the diffusers config that this engine does not implement raise a ValueError rather than
+    being silently dropped; `overrides` replace config values (e.g. `eta=0.5` for DDIM).
+    """
+    name = type(scheduler).__name__
+    if name not in _FROM_DIFFUSERS:
+        raise ValueError(f"unsupported diffusers scheduler {name}; supported: {', '.join(_FROM_DIFFUSERS)}")
+    cls = _FROM_DIFFUSERS[name]
+    config = dict(scheduler.config)
+    for key, default in _UNSUPPORTED.items():
+        value = overrides.get(key, config.get(key, default))
+        if key in config and value != default:
+            raise ValueError(f"{name} with {key}={value!r} is not supported (expected {default!r})")
+    if cls is Euler and config.get("final_sigmas_type", "zero") != "zero":
+        raise ValueError(f"{name} with final_sigmas_type={config['final_sigmas_type']!r} is not supported")
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    if cls is not FlowMatchEuler:  # the others pass the common arguments on to Scheduler
+        accepted |= set(inspect.signature(Scheduler.__init__).parameters)
+    kwargs = {k: v for k, v in config.items() if k in accepted and k not in ("self", "num_inference_steps")}
+    kwargs.update(overrides)
+    return cls(num_inference_steps, **kwargs)

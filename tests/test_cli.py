@@ -1,0 +1,35 @@
+import json
+import subprocess
+import sys
+
+from ditengine.bench.cli import dit_flops, main
+
+import ditengine as de
+
+
+def test_bench_writes_a_table_and_json(tmp_path, capsys):
+    assert main(["--model", "DiT-T/2", "--input-size", "8", "--batch", "1,2", "--repeats", "3", "--warmup", "1",
+                 "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| reference fp32 | 1 |" in printed and "| reference bf16 | 2 |" in printed
+    report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert {"torch", "device", "commit", "triton"} <= set(report["env"])
+    rows = report["results"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [
+        ("reference fp32", 1), ("reference bf16", 1), ("reference fp32", 2), ("reference bf16", 2)]
+    for r in rows:
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["median_ms"] > 0 and r["runs"] == 3
+
+
+def test_flops_match_the_design_figure():
+    # DiT-XL/2 at 256 px with CFG (batch 2): 0.474 TFLOP per step.
+    flops = dit_flops(de.DiTConfig.from_name("DiT-XL/2"), 2)
+    assert abs(flops / 1e12 - 0.474) < 0.005
+
+
+def test_module_entry_points():
+    out = subprocess.run([sys.executable, "-m", "ditengine.info"], capture_output=True, text=True, check=True).stdout
+    assert "torch" in out and "triton_mode" in out and "backends" in out
+    out = subprocess.run([sys.executable, "-m", "ditengine.bench", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--batch" in out

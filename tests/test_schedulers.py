@@ -1,0 +1,155 @@
+import numpy as np
+import pytest
+import torch
+
+import ditengine as de
+from ditengine.schedulers import COL
+
+diffusers = pytest.importorskip("diffusers")
+S = de.schedulers
+
+# (ours, diffusers class, shared kwargs, diffusers-only step kwargs)
+CASES = [
+    ("DDPM", "DDPMScheduler", dict(), 50),
+    ("DDPM", "DDPMScheduler", dict(variance_type="fixed_large", timestep_spacing="trailing", clip_sample=False), 50),
+    ("DDPM", "DDPMScheduler", dict(variance_type="learned_range", timestep_spacing="linspace"), 25),
+    ("DDPM", "DDPMScheduler", dict(prediction_type="v_prediction", beta_schedule="scaled_linear"), 20),
+    ("DDPM", "DDPMScheduler", dict(prediction_type="sample", beta_schedule="squaredcos_cap_v2"), 20),
+    ("DDIM", "DDIMScheduler", dict(), 50),
+    ("DDIM", "DDIMScheduler", dict(eta=0.5, prediction_type="v_prediction", clip_sample=False), 50),
+    ("DDIM", "DDIMScheduler", dict(eta=1.0, steps_offset=1, set_alpha_to_one=False), 20),
+    ("DDIM", "DDIMScheduler", dict(timestep_spacing="trailing", clip_sample=False), 25),
+    ("Euler", "EulerDiscreteScheduler", dict(), 30),
+    ("Euler", "EulerDiscreteScheduler", dict(prediction_type="v_prediction", timestep_spacing="leading"), 30),
+    ("Euler", "EulerDiscreteScheduler", dict(timestep_spacing="trailing", beta_schedule="scaled_linear",
+                                             beta_start=0.00085, beta_end=0.012), 30),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(), 20),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(prediction_type="v_prediction", timestep_spacing="leading"), 10),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(final_sigmas_type="sigma_min", timestep_spacing="trailing"), 25),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(solver_order=1), 15),
+    ("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 28),
+    ("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", dict(), 10),
+]
+
+
+def diffusers_trajectory(theirs, ours, seed=0, C=4, learned=False):
+    """Run both schedulers over a whole trajectory on the same model outputs and noise."""
+    theirs.set_timesteps(len(ours))
+    g = torch.Generator().manual_seed(seed)
+    x_ours = torch.randn(2, C, 8, 8, generator=g) * ours.init_noise_sigma
+    x_theirs = x_ours.clone()
+    worst = 0.0
+    for i, t in enumerate(theirs.timesteps):
+        m = torch.randn(2, 2 * C if learned else C, 8, 8, generator=g)
+        m[:, C:] = m[:, C:].tanh()
+        z = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(1000 + i))
+        kwargs = {}
+        if isinstance(theirs, diffusers.DDPMScheduler):
+            kwargs["generator"] = torch.Generator().manual_seed(1000 + i)  # draws exactly z
+        elif isinstance(theirs, diffusers.DDIMScheduler):
+            kwargs = dict(eta=ours.eta, variance_noise=z)
+        if hasattr(theirs, "scale_model_input") and isinstance(theirs, diffusers.EulerDiscreteScheduler):
+            theirs.scale_model_input(x_theirs, t)
+        x_theirs = theirs.step(m, t, x_theirs, **kwargs).prev_sample
+        x_ours = ours.step(i, x_ours, m, noise=z)
+        worst = max(worst, ((x_ours - x_theirs).abs().max() / x_theirs.abs().max()).item())
+    return worst
+
+
+@pytest.mark.parametrize("ours_name, theirs_name, kwargs, steps", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_matches_diffusers_over_a_trajectory(ours_name, theirs_name, kwargs, steps):
+    theirs = getattr(diffusers, theirs_name)(**{k: v for k, v in kwargs.items() if k != "eta"})
+    ours = getattr(S, ours_name)(steps, **kwargs)
+    theirs.set_timesteps(steps)
+    np.testing.assert_allclose(ours.timesteps.double().numpy(), theirs.timesteps.double().numpy(), rtol=1e-6, atol=1e-3)
+    assert ours.init_noise_sigma == pytest.approx(float(getattr(theirs, "init_noise_sigma", 1.0)), rel=1e-5)
+    learned = kwargs.get("variance_type") == "learned_range"
+    assert diffusers_trajectory(theirs, ours, learned=learned) <= 1e-5
+
+
+@pytest.mark.parametrize("ours_name, theirs_name, kwargs, steps", CASES[:3] + CASES[9:10] + CASES[12:13] + CASES[16:17],
+                         ids=lambda v: str(v) if isinstance(v, str) else None)
+def test_from_diffusers_builds_the_same_table(ours_name, theirs_name, kwargs, steps):
+    theirs = getattr(diffusers, theirs_name)(**kwargs)
+    converted = S.from_diffusers(theirs, steps)
+    direct = getattr(S, ours_name)(steps, **kwargs)
+    assert type(converted) is type(direct)
+    assert torch.equal(converted.table, direct.table) and torch.equal(converted.timesteps, direct.timesteps)
+
+
+def test_from_diffusers_overrides_and_refusals():
+    ddim = S.from_diffusers(diffusers.DDIMScheduler(), 20, eta=0.5)
+    assert ddim.eta == 0.5 and ddim.needs_noise[0]
+    with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
+        S.from_diffusers(diffusers.EulerDiscreteScheduler(use_karras_sigmas=True), 20)
+    with pytest.raises(ValueError, match="algorithm_type='dpmsolver' is not supported"):
+        S.from_diffusers(diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), 20)
+    with pytest.raises(ValueError, match="unsupported diffusers scheduler PNDMScheduler"):
+        S.from_diffusers(diffusers.PNDMScheduler(), 20)
+
+
+def test_ddim_nonuniform_spacing_follows_the_closed_form():
+    """diffusers' DDIM steps to t - T//N, wrong for "linspace"; ours steps to the next scheduled timestep."""
+    sched = S.DDIM(7, timestep_spacing="linspace", clip_sample=False)
+    ts = sched.timesteps.long().tolist()
+    assert ts == [999, 832, 666, 500, 333, 166, 0]
+    a = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
+    for i, t in enumerate(ts):
+        eps = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64)
+        a_prev = a[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        x0 = (x - (1 - a[t]) ** 0.5 * eps) / a[t] ** 0.5
+        expected = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        got = sched.step(i, x.float(), eps.float())
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        x = expected
+    diff = S.from_diffusers(diffusers.DDIMScheduler(timestep_spacing="linspace"), 7)
+    assert torch.equal(diff.timesteps, sched.timesteps)
+
+
+def test_step_never_syncs_with_the_host():
+    """On the meta device any .item(), bool() or host copy raises: the step must do none."""
+    for sched in (S.DDPM(10, variance_type="learned_range"), S.DDIM(10, eta=0.3), S.DPMSolverPP(10),
+                  S.Euler(10), S.FlowMatchEuler(10)):
+        sched.to("meta")
+        x = torch.empty(2, 4, 8, 8, device="meta")
+        out = torch.empty(2, 8, 8, 8, device="meta")
+        for i in range(len(sched)):
+            x = sched.step(i, x, out)
+        assert x.device.type == "meta"
+
+
+def test_history_reset_and_table_layout():
+    sched = S.DPMSolverPP(10)
+    assert sched.table.shape == (10, len(S.COLUMNS)) and sched.table.dtype == torch.float32
+    assert sched.table[0, COL["h"]] == 0 and sched.table[1:-1, COL["h"]].ne(0).all()
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    first = sched.step(0, x, m)
+    a = sched.step(1, first, m)
+    sched.reset()
+    sched.step(0, x, m * 2)
+    b = sched.step(1, first, m)
+    assert not torch.equal(a, b)  # the history is used ...
+    sched.reset()
+    sched.step(0, x, m)
+    assert torch.equal(sched.step(1, first, m), a)  # ... and reset clears it
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_inference_steps=0"):
+        S.DDIM(0)
+    with pytest.raises(ValueError, match="timestep_spacing='even'"):
+        S.DDIM(10, timestep_spacing="even")
+    with pytest.raises(ValueError, match="variance_type='learned'"):
+        S.DDPM(10, variance_type="learned")
+    with pytest.raises(ValueError, match="prediction_type='flow'"):
+        S.DDIM(10, prediction_type="flow")
+    with pytest.raises(ValueError, match="model_output shape"):
+        S.DDIM(10).step(0, torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="learned_range variance needs"):
+        S.DDPM(10, variance_type="learned_range").step(0, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
+    with pytest.raises(IndexError, match="out of range"):
+        S.DDIM(10).step(10, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
