@@ -57,3 +57,64 @@ def environment(device: torch.device) -> dict:
     info["commit"] = commit()
     info["host"] = platform.node()
     return info
+
+
+def bench_kernel(fn, device: torch.device) -> dict:
+    """Median and p20/p80 ms of a kernel-sized call: triton's do_bench on CUDA (flushes L2 between runs),
+    the generic `measure` elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
+    timing = measure(fn, device, warmup=1, repeats=5)
+    timing.pop("runs")
+    return timing
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (read + write), the memory-bound ceiling."""
+    if device.type != "cuda":
+        nbytes = 1 << 26
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = bench_kernel(lambda: dst.copy_(src), device)["median_ms"]
+    return 2 * nbytes / ms / 1e6
+
+
+def run_kernel_bench(name: str, cases, argv=None) -> int:
+    """Shared driver of the per-op microbenchmarks.
+
+    `cases(device)` yields (shape label, dtype, bytes moved, {provider: fn}); every provider of a case is
+    timed in the same process. Prints a table with GB/s and % of the measured copy bandwidth, writes JSON.
+    """
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(prog=f"python -m ditengine.bench.{name}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="bench-out", help="directory for the JSON results")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        print(f"{name}: no GPU here; GPU figures need a GPU. CPU timings below run small shapes through the "
+              "PyTorch reference and say nothing about the kernels' speed.")
+    peak = copy_bandwidth(device)
+    rows = []
+    for label, dtype, nbytes, providers in cases(device):
+        for provider, fn in providers.items():
+            timing = bench_kernel(fn, device)
+            gbps = nbytes / timing["median_ms"] / 1e6
+            rows.append({"op": name, "shape": label, "dtype": str(dtype).removeprefix("torch."), "provider": provider,
+                         **timing, "gb_per_s": gbps, "pct_of_copy": 100 * gbps / peak})
+    print(f"{name} | {environment(device)['device']} | copy bandwidth {peak:.0f} GB/s\n")
+    print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
+              f"{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"env": environment(device), "copy_gb_per_s": peak, "results": rows}, indent=2))
+    print(f"\nresults: {path}")
+    return 0

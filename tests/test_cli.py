@@ -33,3 +33,12 @@ def test_module_entry_points():
     out = subprocess.run([sys.executable, "-m", "ditengine.bench", "--help"], capture_output=True, text=True,
                          check=True).stdout
     assert "--batch" in out
+
+
+def test_kernel_benchmarks_run_on_cpu(tmp_path, capsys):
+    from ditengine.bench import adaln, scheduler_step
+    for module in (adaln, scheduler_step):
+        assert module.main(["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "GPU figures need a GPU" in printed and "| gated_residual_adaln B=2 T=64 D=1152 | float32 | eager |" in printed
+    assert len(list(tmp_path.glob("*.json"))) == 2

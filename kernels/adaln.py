@@ -1,0 +1,211 @@
+"""adaLN modulation (K1) and gated residual + adaLN (K3): the memory-bound half of a DiT block.
+
+    adaln_modulate:        y = LayerNorm(x) * (1 + scale) + shift
+    gated_residual_adaln:  x_new = x + gate * o ;  y = LayerNorm(x_new) * (1 + scale) + shift
+
+LayerNorm has no affine and normalises over the last dim. DiT runs K1 before attention (shift_msa,
+scale_msa) and K3 after each branch: after attention it adds the gated attention output and prepares the
+MLP input, after the MLP it adds the gated MLP output and prepares the next block's attention input.
+Eager PyTorch spends 5-7 passes over the activations on this; each kernel makes one read of each input
+and one write of each output.
+
+Shapes: x, o (B, T, D); shift, scale, gate (B, D) with any row stride, so `.chunk(6, dim=1)` columns of
+the adaLN output or rows of a precomputed (steps, B, depth, 6, D) table are read without copies. The last
+dim of every tensor must be contiguous. dtypes fp32 / fp16 / bf16 in and out; statistics and arithmetic
+in fp32. `x` in K3 is the residual stream and keeps its own dtype: pass it in fp32 with a bf16 `o` to
+hold the residual in fp32 (fp16 residual streams overflow in DiT-like models) while `y` is bf16.
+Limits: D <= 16384 (one row per program); NaN or Inf in a row makes that row NaN and no other.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import tl, triton, use_triton
+from ._checks import check_tensor
+
+MAX_D = 16384
+
+
+# -- references ------------------------------------------------------------------------------------------
+def adaln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True):
+    """The plain-PyTorch K1; math in fp32 when `upcast`, else in x's dtype (the low-precision reference)."""
+    out_dtype = out_dtype or x.dtype
+    if upcast:
+        x, shift, scale = x.float(), shift.float(), scale.float()
+    else:
+        shift, scale = shift.to(x.dtype), scale.to(x.dtype)
+    y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+    return y.to(out_dtype)  # (B, T, D)
+
+
+def gated_residual_adaln_ref(x, gate, o, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True):
+    """The plain-PyTorch K3: returns (x_new, y). x_new keeps x's dtype; y defaults to o's dtype."""
+    out_dtype = out_dtype or o.dtype
+    if upcast:
+        x_new = (x.float() + gate.float()[:, None] * o.float()).to(x.dtype)
+    else:
+        x_new = x + gate.to(x.dtype)[:, None] * o.to(x.dtype)
+    return x_new, adaln_modulate_ref(x_new, shift, scale, eps, out_dtype, upcast)
+
+
+# -- kernels ---------------------------------------------------------------------------------------------
+@triton.jit
+def _adaln_row(x, shift_ptr, scale_ptr, cols, mask, D, eps):
+    """LayerNorm of one fp32 row (masked lanes are 0 on entry), then modulation."""
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    shift = tl.load(shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return xc * rstd * (1.0 + scale) + shift
+
+
+@triton.jit
+def _adaln_modulate_kernel(
+    x_ptr, shift_ptr, scale_ptr, y_ptr,
+    T, D,
+    stride_xb, stride_xt, stride_shift, stride_scale, stride_yb, stride_yt,
+    eps,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # B*T*D can pass 2**31
+    b, t = row // T, row % T
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+    y = _adaln_row(x, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale, cols, mask, D, eps)
+    tl.store(y_ptr + b * stride_yb + t * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gated_residual_adaln_kernel(
+    x_ptr, gate_ptr, o_ptr, shift_ptr, scale_ptr, x_out_ptr, y_ptr,
+    T, D,
+    stride_xb, stride_xt, stride_gate, stride_ob, stride_ot, stride_shift, stride_scale,
+    stride_xob, stride_xot, stride_yb, stride_yt,
+    eps,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b, t = row // T, row % T
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(x_ptr + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + b * stride_ob + t * stride_ot + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+    x_new = (x + gate * o).to(x_out_ptr.dtype.element_ty)
+    tl.store(x_out_ptr + b * stride_xob + t * stride_xot + cols, x_new, mask=mask)
+    # Normalise the residual as stored, so y matches an eager LayerNorm of x_new bit for bit in fp32.
+    y = _adaln_row(x_new.to(tl.float32), shift_ptr + b * stride_shift, scale_ptr + b * stride_scale,
+                   cols, mask, D, eps)
+    tl.store(y_ptr + b * stride_yb + t * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(D: int) -> dict:
+    block = triton.next_power_of_2(D)
+    return dict(BLOCK_D=block, num_warps=min(max(block // 256, 1), 8))
+
+
+# -- launchers -------------------------------------------------------------------------------------------
+def _check_modulation(x, names_and_tensors):
+    B, _, D = x.shape
+    for name, t in names_and_tensors:
+        check_tensor(name, t, shape=(B, D), device=x.device, layout="(B, D)")
+
+
+def _launch_adaln_modulate(x, shift, scale, eps, out_dtype):
+    B, T, D = x.shape
+    y = torch.empty((B, T, D), device=x.device, dtype=out_dtype)
+    if y.numel():
+        _adaln_modulate_kernel[(B * T,)](
+            x, shift, scale, y, T, D,
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), y.stride(0), y.stride(1),
+            eps, **_launch_config(D))
+    return y
+
+
+def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out):
+    B, T, D = x.shape
+    y = torch.empty((B, T, D), device=x.device, dtype=out_dtype)
+    if y.numel():
+        _gated_residual_adaln_kernel[(B * T,)](
+            x, gate, o, shift, scale, x_out, y, T, D,
+            x.stride(0), x.stride(1), gate.stride(0), o.stride(0), o.stride(1), shift.stride(0), scale.stride(0),
+            x_out.stride(0), x_out.stride(1), y.stride(0), y.stride(1),
+            eps, **_launch_config(D))
+    return y
+
+
+# -- torch.library registration (composes with torch.compile and CUDA graphs) ---------------------------
+@torch.library.custom_op("ditengine::adaln_modulate", mutates_args=())
+def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    if use_triton("adaln_modulate", x):
+        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype)
+    return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
+
+
+@_adaln_modulate_op.register_fake
+def _(x, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("ditengine::gated_residual_adaln", mutates_args=())
+def _gated_residual_adaln_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
+                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton("gated_residual_adaln", x):
+        x_new = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new)
+    x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
+    return x_new.contiguous(), y.contiguous()
+
+
+@_gated_residual_adaln_op.register_fake
+def _(x, gate, o, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("ditengine::gated_residual_adaln_", mutates_args=("x",))
+def _gated_residual_adaln_inplace_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
+                                     scale: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    if use_triton("gated_residual_adaln", x):
+        return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x)
+    x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
+    x.copy_(x_new)
+    return y.contiguous()
+
+
+@_gated_residual_adaln_inplace_op.register_fake
+def _(x, gate, o, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+# -- public API ------------------------------------------------------------------------------------------
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y = LayerNorm(x) * (1 + scale) + shift; x (B, T, D), shift and scale (B, D). Returns (B, T, D)."""
+    check_tensor("x", x, ndim=3, layout="(B, T, D)")
+    if x.shape[-1] > MAX_D:
+        raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
+    _check_modulation(x, (("shift", shift), ("scale", scale)))
+    return _adaln_modulate_op(x, shift, scale, float(eps), out_dtype or x.dtype)
+
+
+def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
+                         scale: torch.Tensor, eps: float = 1e-6, inplace: bool = False,
+                         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_new = x + gate * o and y = LayerNorm(x_new) * (1 + scale) + shift, in one pass.
+
+    x, o (B, T, D); gate, shift, scale (B, D). Returns (x_new, y); with `inplace=True` x_new is x itself,
+    updated. x_new keeps x's dtype (the residual stream), y has `out_dtype` (default: o's dtype).
+    """
+    check_tensor("x", x, ndim=3, layout="(B, T, D)")
+    if x.shape[-1] > MAX_D:
+        raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
+    check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
+    _check_modulation(x, (("gate", gate), ("shift", shift), ("scale", scale)))
+    out_dtype = out_dtype or o.dtype
+    if inplace:
+        return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, float(eps), out_dtype)
+    return _gated_residual_adaln_op(x, gate, o, shift, scale, float(eps), out_dtype)

@@ -1,0 +1,216 @@
+"""The scheduler update (K4): guidance, x0, the update and the next model input, in one pass.
+
+Every scheduler of `ditengine.schedulers` is one computation with per-step scalars from row `step` of
+its device table (see that module for the columns):
+
+    m      = u + cfg_scale * (c - u)            # on the first `guided_channels` channels; c elsewhere
+    x0     = clamp(p*x + q*m, -clip, clip)      # clamp only with `clip=True`
+    x_next = r*x0 + s*x + w*m + h*hist + u*z    # u scaled element-wise by the learned variance if asked
+    hist   = x0                                 # when a history buffer is given (DPM-Solver++)
+    next_input = x_next * c_in_next, written twice (both CFG halves) when guided
+
+`model_out` is read in the layout the DiT produces: (B or 2B, C or 2C, H, W), the conditional half first,
+prediction channels then learned-variance channels. The step index may be a device tensor, so one
+captured CUDA graph serves every step. One read of x, the model output, history and noise; one write of
+x_next, history and the next input. fp32 state; the model output and next input may be bf16/fp16.
+The history buffer must be initialised (zeros) before the first step: its coefficient is 0 there, and
+0 * garbage may be NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..schedulers import COL, COLUMNS
+
+NUM_COLUMNS = len(COLUMNS)
+# The kernel reads a row by fixed offsets in this order.
+if COLUMNS != ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next"):
+    raise ImportError("scheduler table columns changed: update _scheduler_step_kernel's row offsets")
+from ._backend import tl, triton, use_triton
+from ._checks import check_tensor
+
+BLOCK = 1024
+
+
+# -- reference -------------------------------------------------------------------------------------------
+def scheduler_step_ref(x, model_out, table, step, *, cfg_scale: float | None = None, guided_channels=None,
+                       history=None, noise=None, clip: bool = False, learned_variance: bool = False,
+                       out=None, next_input=None):
+    """Plain-PyTorch K4 in fp32; writes `out`, `history` and `next_input` like the kernel and returns x_next."""
+    B, C = x.shape[:2]
+    k = C if guided_channels is None else guided_channels
+    coef = table[step].reshape(-1).float()  # (NUM_COLUMNS,), indexed on the device: no host sync
+    m_all = model_out.float()
+    m = m_all[:B, :C]
+    if cfg_scale is not None:
+        uncond = m_all[B:, :C]
+        guided = uncond[:, :k] + cfg_scale * (m[:, :k] - uncond[:, :k])
+        m = torch.cat([guided, m[:, k:]], dim=1)
+    xf = x.float()
+    x0 = coef[COL["p"]] * xf + coef[COL["q"]] * m
+    if clip:
+        x0 = x0.clamp(-coef[COL["clip"]], coef[COL["clip"]])
+    x_next = coef[COL["r"]] * x0 + coef[COL["s"]] * xf + coef[COL["w"]] * m
+    if history is not None:
+        x_next = x_next + coef[COL["h"]] * history.float()
+        history.copy_(x0)
+    if noise is not None:
+        u = coef[COL["u"]]
+        if learned_variance:
+            frac = (m_all[:B, C:] + 1) / 2
+            lmin, lmax = coef[COL["logvar_min"]], coef[COL["logvar_max"]]
+            u = u * torch.exp(0.5 * (lmin + frac * (lmax - lmin)))
+        x_next = x_next + u * noise.float()
+    if next_input is not None:
+        scaled = (x_next * coef[COL["c_in_next"]]).to(next_input.dtype)
+        next_input.copy_(scaled.repeat(next_input.shape[0] // B, 1, 1, 1))
+    if out is not None:
+        out.copy_(x_next)
+        return out
+    return x_next.to(x.dtype)
+
+
+# -- kernel ----------------------------------------------------------------------------------------------
+@triton.jit
+def _scheduler_step_kernel(
+    x_ptr, out_ptr, coef_ptr, step_ptr, hist_ptr, noise_ptr, x_next_ptr, next_in_ptr,
+    N, HW, C, MODEL_C, HALF, k, cfg_scale, step_const,
+    HAS_CFG: tl.constexpr, HAS_HISTORY: tl.constexpr, HAS_NOISE: tl.constexpr, CLIP: tl.constexpr,
+    LEARNED: tl.constexpr, WRITE_NEXT: tl.constexpr, NEXT_TWICE: tl.constexpr, STEP_FROM_PTR: tl.constexpr,
+    NCOL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    if STEP_FROM_PTR:
+        step = tl.load(step_ptr).to(tl.int64)
+    else:
+        step = step_const
+    row = coef_ptr + step * NCOL
+    p, q, clip = tl.load(row), tl.load(row + 1), tl.load(row + 2)
+    r, s, w, h, u = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5), tl.load(row + 6), tl.load(row + 7)
+
+    b = offs // (C * HW)
+    c = (offs // HW) % C
+    cond_off = b * MODEL_C * HW + c * HW + offs % HW  # the conditional half, prediction channels
+    m = tl.load(out_ptr + cond_off, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CFG:
+        unc = tl.load(out_ptr + cond_off + HALF * MODEL_C * HW, mask=mask, other=0.0).to(tl.float32)
+        m = tl.where(c < k, unc + cfg_scale * (m - unc), m)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x0 = p * x + q * m
+    if CLIP:
+        x0 = tl.clamp(x0, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
+    x_next = r * x0 + s * x + w * m
+    if HAS_HISTORY:
+        x_next += h * tl.load(hist_ptr + offs, mask=mask, other=0.0)
+        tl.store(hist_ptr + offs, x0, mask=mask)
+    if HAS_NOISE:
+        z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if LEARNED:
+            v = tl.load(out_ptr + cond_off + C * HW, mask=mask, other=0.0).to(tl.float32)
+            lmin, lmax = tl.load(row + 8), tl.load(row + 9)
+            x_next += u * tl.exp(0.5 * (lmin + (v + 1.0) * 0.5 * (lmax - lmin))) * z
+        else:
+            x_next += u * z
+    tl.store(x_next_ptr + offs, x_next.to(x_next_ptr.dtype.element_ty), mask=mask)
+    if WRITE_NEXT:
+        scaled = (x_next * tl.load(row + 11)).to(next_in_ptr.dtype.element_ty)
+        tl.store(next_in_ptr + offs, scaled, mask=mask)
+        if NEXT_TWICE:
+            tl.store(next_in_ptr + N + offs, scaled, mask=mask)
+
+
+def _launch(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, cfg_scale, k, clip,
+            learned):
+    B, C = x.shape[:2]
+    N = x.numel()
+    dummy = out  # never read: the matching constexpr flag is off
+    _scheduler_step_kernel[(triton.cdiv(N, BLOCK),)](
+        x, model_out, table, step_tensor if step_tensor is not None else table,
+        history if history is not None else dummy, noise if noise is not None else dummy, out,
+        next_input if next_input is not None else dummy,
+        N, x[0, 0].numel(), C, model_out.shape[1], B, k, 1.0 if cfg_scale is None else cfg_scale, step_int,
+        HAS_CFG=cfg_scale is not None and model_out.shape[0] == 2 * B, HAS_HISTORY=history is not None,
+        HAS_NOISE=noise is not None, CLIP=clip, LEARNED=learned, WRITE_NEXT=next_input is not None,
+        NEXT_TWICE=next_input is not None and next_input.shape[0] == 2 * B,
+        STEP_FROM_PTR=step_tensor is not None, NCOL=NUM_COLUMNS, BLOCK=BLOCK, num_warps=4)
+
+
+# -- torch.library registration --------------------------------------------------------------------------
+@torch.library.custom_op("ditengine::scheduler_step", mutates_args=("out", "history", "next_input"))
+def _scheduler_step_op(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
+                       step_tensor: torch.Tensor | None, step_int: int, out: torch.Tensor,
+                       history: torch.Tensor | None, noise: torch.Tensor | None, next_input: torch.Tensor | None,
+                       cfg_scale: float, has_cfg: bool, guided_channels: int, clip: bool, learned: bool) -> None:
+    scale = cfg_scale if has_cfg else None
+    if use_triton("scheduler_step", x):
+        _launch(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, scale,
+                guided_channels, clip, learned)
+        return
+    step = step_tensor.reshape(()) if step_tensor is not None else step_int
+    scheduler_step_ref(x, model_out, table, step, cfg_scale=scale, guided_channels=guided_channels,
+                       history=history, noise=noise, clip=clip, learned_variance=learned, out=out,
+                       next_input=next_input)
+
+
+@_scheduler_step_op.register_fake
+def _(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, cfg_scale, has_cfg,
+      guided_channels, clip, learned):
+    return None
+
+
+# -- public API ------------------------------------------------------------------------------------------
+def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor, step: int | torch.Tensor, *,
+                   cfg_scale: float | None = None, guided_channels: int | None = None,
+                   history: torch.Tensor | None = None, noise: torch.Tensor | None = None, clip: bool = False,
+                   learned_variance: bool = False, out: torch.Tensor | None = None,
+                   next_input: torch.Tensor | None = None) -> torch.Tensor:
+    """One fused scheduler step; returns x_next (written into `out` when given, which may be `x`).
+
+    x (B, C, H, W) contiguous; model_out (2B if `cfg_scale` is not None else B, C or 2C, H, W); table the
+    scheduler's (S, 12) float32 device table; step an int or a one-element integer tensor on the device.
+    history (B, C, H, W) float32 is read and overwritten with x0; noise (B, C, H, W) is added with the
+    row's u; next_input (B or 2B, C, H, W) receives x_next * c_in_next (twice when 2B).
+    """
+    check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W)")
+    B, C, H, W = x.shape
+    dev = x.device
+    rows = 2 * B if cfg_scale is not None else B
+    check_tensor("model_out", model_out, ndim=4, device=dev, contiguous=True, layout="(B or 2B, C or 2C, H, W)")
+    if model_out.shape[0] != rows or model_out.shape[1] not in (C, 2 * C) or model_out.shape[2:] != x.shape[2:]:
+        raise ValueError(f"model_out: expected shape ({rows}, {C} or {2 * C}, {H}, {W}) for x {tuple(x.shape)}"
+                         f"{' with CFG (batch doubled)' if cfg_scale is not None else ''}, got {tuple(model_out.shape)}")
+    if learned_variance and model_out.shape[1] != 2 * C:
+        raise ValueError(f"model_out: learned_variance needs {2 * C} channels (prediction + variance), "
+                         f"got {model_out.shape[1]}")
+    check_tensor("table", table, shape=(None, NUM_COLUMNS), dtypes=(torch.float32,), device=dev, contiguous=True,
+                 layout="(steps, columns)")
+    if isinstance(step, torch.Tensor):
+        check_tensor("step", step, dtypes=(torch.int32, torch.int64), device=dev, last_dim_contiguous=False)
+        if step.numel() != 1:
+            raise ValueError(f"step: expected a one-element tensor, got shape {tuple(step.shape)}")
+        step_tensor, step_int = step.reshape(1), 0
+    else:
+        if not 0 <= step < table.shape[0]:
+            raise IndexError(f"step={step} out of range for a table of {table.shape[0]} steps")
+        step_tensor, step_int = None, int(step)
+    for name, t, dtypes in (("history", history, (torch.float32,)), ("noise", noise, (torch.float32,)),
+                            ("out", out, (x.dtype,))):
+        if t is not None:
+            check_tensor(name, t, shape=tuple(x.shape), dtypes=dtypes, device=dev, contiguous=True,
+                         layout="like x")
+    if next_input is not None:
+        check_tensor("next_input", next_input, ndim=4, device=dev, contiguous=True, layout="(B or 2B, C, H, W)")
+        if next_input.shape[0] not in (B, 2 * B) or next_input.shape[1:] != x.shape[1:]:
+            raise ValueError(f"next_input: expected shape ({B} or {2 * B}, {C}, {H}, {W}), got "
+                             f"{tuple(next_input.shape)}")
+    k = C if guided_channels is None else guided_channels
+    if not 0 <= k <= C:
+        raise ValueError(f"guided_channels={guided_channels}: expected 0..{C}")
+    if out is None:
+        out = torch.empty_like(x)
+    _scheduler_step_op(x, model_out, table, step_tensor, step_int, out, history, noise, next_input,
+                       1.0 if cfg_scale is None else float(cfg_scale), cfg_scale is not None, k, clip,
+                       learned_variance)
+    return out
