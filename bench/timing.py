@@ -81,11 +81,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def run_kernel_bench(name: str, cases, argv=None) -> int:
+def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", baseline: str | None = None) -> int:
     """Shared driver of the per-op microbenchmarks.
 
-    `cases(device)` yields (shape label, dtype, bytes moved, {provider: fn}); every provider of a case is
-    timed in the same process. Prints a table with GB/s and % of the measured copy bandwidth, writes JSON.
+    `cases(device)` yields (shape label, dtype, work, {provider: fn}), where work is bytes moved
+    (metric "bandwidth": GB/s and % of the measured copy bandwidth) or FLOPs (metric "flops": TFLOP/s,
+    and the ratio to the best provider whose name starts with `baseline`). Every provider of a case is
+    timed in the same process; a provider that raises (unsupported shape or backend) is reported as such.
+    Prints a markdown table and writes JSON.
     """
     import argparse
     import json
@@ -98,23 +101,52 @@ def run_kernel_bench(name: str, cases, argv=None) -> int:
     if device.type != "cuda":
         print(f"{name}: no GPU here; GPU figures need a GPU. CPU timings below run small shapes through the "
               "PyTorch reference and say nothing about the kernels' speed.")
-    peak = copy_bandwidth(device)
+    peak = copy_bandwidth(device) if metric == "bandwidth" else None
     rows = []
-    for label, dtype, nbytes, providers in cases(device):
+    for label, dtype, work, providers in cases(device):
+        group = []
         for provider, fn in providers.items():
-            timing = bench_kernel(fn, device)
-            gbps = nbytes / timing["median_ms"] / 1e6
-            rows.append({"op": name, "shape": label, "dtype": str(dtype).removeprefix("torch."), "provider": provider,
-                         **timing, "gb_per_s": gbps, "pct_of_copy": 100 * gbps / peak})
-    print(f"{name} | {environment(device)['device']} | copy bandwidth {peak:.0f} GB/s\n")
-    print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+            row = {"op": name, "shape": label, "dtype": str(dtype).removeprefix("torch."), "provider": provider}
+            try:
+                row.update(bench_kernel(fn, device))
+            except Exception as err:  # e.g. an SDPA backend that does not take this head dim
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+                group.append(row)
+                continue
+            if metric == "bandwidth":
+                row["gb_per_s"] = work / row["median_ms"] / 1e6
+                row["pct_of_copy"] = 100 * row["gb_per_s"] / peak
+            else:
+                row["tflops"] = work / row["median_ms"] / 1e9
+            group.append(row)
+        if baseline:
+            best = max((r["tflops"] for r in group if r["provider"].startswith(baseline) and "tflops" in r), default=0)
+            for r in group:
+                if "tflops" in r and best:
+                    r[f"vs_best_{baseline}"] = r["tflops"] / best
+        rows.extend(group)
+    env = environment(device)
+    print(f"{name} | {env['device']} | torch {env['torch']}, triton {env['triton']}"
+          + (f" | copy bandwidth {peak:.0f} GB/s" if peak else "") + "\n")
+    if metric == "bandwidth":
+        print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
+    else:
+        print(f"| shape | dtype | provider | ms (median) | p20 | p80 | TFLOP/s | vs best {baseline} |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
-              f"{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% |")
+        if "error" in r:
+            print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | unsupported: {r['error']} | | | | |")
+        elif metric == "bandwidth":
+            print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
+                  f"{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% |")
+        else:
+            ratio = r.get(f"vs_best_{baseline}")
+            print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
+                  f"{r['p80_ms']:.4f} | {r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"env": environment(device), "copy_gb_per_s": peak, "results": rows}, indent=2))
+    path.write_text(json.dumps({"env": env, "copy_gb_per_s": peak, "results": rows}, indent=2))
     print(f"\nresults: {path}")
     return 0

@@ -4,10 +4,11 @@ Each op dispatches on the device of its inputs: CUDA tensors launch the Triton k
 the PyTorch reference, or the Triton interpreter when `TRITON_INTERPRET=1` is set before import.
 """
 from ._backend import interpreting, triton_available, triton_mode
+from .attention import attention, attention_ref
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 
 __all__ = [
-    "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
+    "attention", "attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
     "scheduler_step", "scheduler_step_ref", "interpreting", "triton_available", "triton_mode",
 ]

@@ -3,6 +3,8 @@ import os
 # Triton's interpreter must be chosen before any kernel module imports Triton: CPU runs of the kernels
 # go through it (DESIGN.md section 6).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# One pinned attention config under test: autotuning would time every config for every new shape.
+os.environ.setdefault("DITENGINE_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

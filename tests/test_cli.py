@@ -36,9 +36,10 @@ def test_module_entry_points():
 
 
 def test_kernel_benchmarks_run_on_cpu(tmp_path, capsys):
-    from ditengine.bench import adaln, scheduler_step
-    for module in (adaln, scheduler_step):
+    from ditengine.bench import adaln, attention, scheduler_step
+    for module in (adaln, scheduler_step, attention):
         assert module.main(["--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "GPU figures need a GPU" in printed and "| gated_residual_adaln B=2 T=64 D=1152 | float32 | eager |" in printed
-    assert len(list(tmp_path.glob("*.json"))) == 2
+    assert "| B=1 H=2 T=64 Dh=64 | float32 | sdpa-math |" in printed and "| 1.00x |" in printed
+    assert len(list(tmp_path.glob("*.json"))) == 4

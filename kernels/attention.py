@@ -1,0 +1,212 @@
+"""Flash attention (forward) for DiT: non-causal self-attention read straight from the packed qkv.
+
+    out = softmax(q k^T * softmax_scale) v,   softmax_scale = 1/sqrt(Dh) by default
+
+DiT's qkv projection emits (B, T, 3, H, Dh). Eager PyTorch permutes it into three (B, H, T, Dh) tensors
+and transposes the result back before the output projection; this kernel reads q, k and v through their
+strides in that layout and writes (B, T, H, Dh), which is (B, T, H*Dh) for the projection: no copies.
+It also takes separate q, k, v (B, H, T, Dh) like `scaled_dot_product_attention`.
+
+Online softmax in fp32 (exp2, running max and sum), never materialising the T x T scores; fp32
+accumulation; q k^T and p v on tensor cores for fp16 / bf16 (fp32 inputs use IEEE fp32 dots, for checks).
+Head dims: multiples of 8 from 16 to 256 (DiT: 64, and 72 for DiT-XL). Triton blocks are powers of two,
+so a head dim like 72 is split into a 64-wide and a 16-wide part (8 lanes masked: 11% extra dot work)
+instead of one 128-wide padded block (78% extra); `head_split=False` forces the padded form, for
+measurement. Sequence lengths need not be multiples of the block size: keys past T are masked to -inf
+and queries past T are not stored. A NaN in one query row stays in that row.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import tl, triton, use_triton
+from ._checks import check_tensor
+
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+# -- reference -------------------------------------------------------------------------------------------
+def attention_ref(q, k, v, softmax_scale: float | None = None, upcast: bool = True):
+    """Explicit softmax(q k^T * scale) v over (B, H, T, Dh); math in fp32 when `upcast` (float64 stays)."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    dtype = q.dtype
+    if upcast and dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, T)
+    return (scores.softmax(dim=-1) @ v).to(dtype)
+
+
+# -- kernel ----------------------------------------------------------------------------------------------
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    H, T_Q, T_K, qk_scale,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
+    b, h = bh // H, bh % H
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T_Q
+    offs_n = tl.arange(0, BLOCK_N)
+    d1 = tl.arange(0, D1)
+    d1_ok = d1 < HEAD_DIM  # all true unless the head dim is padded to D1
+    q1 = tl.load(q_base + rows[:, None] * stride_qt + d1[None, :], mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
+    if D2 > 0:  # the head dim's tail, e.g. 8 of 72 in a 16-wide block
+        d2 = D1 + tl.arange(0, D2)
+        d2_ok = d2 < HEAD_DIM
+        q2 = tl.load(q_base + rows[:, None] * stride_qt + d2[None, :], mask=row_ok[:, None] & d2_ok[None, :],
+                     other=0.0)
+        acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+
+    for start in range(0, T_K, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < T_K
+        k1 = tl.load(k_base + cols[None, :] * stride_kt + d1[:, None], mask=col_ok[None, :] & d1_ok[:, None],
+                     other=0.0)  # (D1, BLOCK_N)
+        s = tl.dot(q1, k1, input_precision=PRECISION)
+        if D2 > 0:
+            k2 = tl.load(k_base + cols[None, :] * stride_kt + d2[:, None], mask=col_ok[None, :] & d2_ok[:, None],
+                         other=0.0)
+            s += tl.dot(q2, k2, input_precision=PRECISION)
+        s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))  # log2 domain: exp2 below
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v1 = tl.load(v_base + cols[:, None] * stride_vt + d1[None, :], mask=col_ok[:, None] & d1_ok[None, :],
+                     other=0.0)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1, input_precision=PRECISION)
+        if D2 > 0:
+            v2 = tl.load(v_base + cols[:, None] * stride_vt + d2[None, :], mask=col_ok[:, None] & d2_ok[None, :],
+                         other=0.0)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
+        m_i = m_new
+
+    inv_l = 1.0 / l_i
+    out_ty = o_ptr.dtype.element_ty
+    tl.store(o_base + rows[:, None] * stride_ot + d1[None, :], (acc1 * inv_l[:, None]).to(out_ty),
+             mask=row_ok[:, None] & d1_ok[None, :])
+    if D2 > 0:
+        tl.store(o_base + rows[:, None] * stride_ot + d2[None, :], (acc2 * inv_l[:, None]).to(out_ty),
+                 mask=row_ok[:, None] & d2_ok[None, :])
+
+
+def _autotune_configs():
+    configs = []
+    for block_m, block_n, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                                            (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)):
+        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
+    return configs
+
+
+_attention_fwd_autotuned = (
+    triton.autotune(_autotune_configs(), key=["T_Q", "T_K", "HEAD_DIM", "D1", "D2", "PRECISION"])(_attention_fwd_kernel)
+    if hasattr(triton, "autotune") else None
+)
+
+# The pinned config: what tests use (autotuning there would time every config) and what the interpreter
+# runs (small tiles keep it fast).
+PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+PINNED_INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32)
+
+
+def autotune_enabled() -> bool:
+    """Autotune on GPU unless DITENGINE_AUTOTUNE=0 (the test suite pins one config)."""
+    return os.environ.get("DITENGINE_AUTOTUNE", "1") != "0"
+
+
+def head_blocks(head_dim: int, head_split: bool = True) -> tuple[int, int]:
+    """(D1, D2): power-of-two blocks covering the head dim; D2 = 0 when one block suffices."""
+    d1 = 1 << (head_dim.bit_length() - 1)  # largest power of two <= head_dim
+    if d1 == head_dim:
+        return head_dim, 0
+    if not head_split:
+        return d1 * 2, 0
+    return d1, max(16, 1 << (head_dim - d1 - 1).bit_length())  # tl.dot needs K >= 16
+
+
+def _launch(q, k, v, out, softmax_scale, head_split):
+    """q, k, v, out: (B, H, T, Dh) views with any batch / head / token strides, last dim contiguous."""
+    B, H, T_Q, Dh = q.shape
+    T_K = k.shape[2]
+    d1, d2 = head_blocks(Dh, head_split)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16 / bf16 dots
+    args = (q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            H, T_Q, T_K, softmax_scale * math.log2(math.e))
+    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
+    if q.device.type == "cuda" and autotune_enabled():
+        grid = lambda cfg: (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)  # noqa: E731
+        _attention_fwd_autotuned[grid](*args, **meta)
+    else:
+        pinned = PINNED_GPU if q.device.type == "cuda" else PINNED_INTERPRETER
+        _attention_fwd_kernel[(triton.cdiv(T_Q, pinned["BLOCK_M"]), B * H)](*args, **meta, **pinned)
+
+
+# -- torch.library registration --------------------------------------------------------------------------
+@torch.library.custom_op("ditengine::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, tokens_first: bool,
+                  head_split: bool) -> torch.Tensor:
+    """q, k, v as (B, H, T, Dh) views; returns (B, T, H, Dh) when `tokens_first`, else (B, H, T, Dh)."""
+    B, H, T, Dh = q.shape
+    if use_triton("attention", q):
+        out = q.new_empty((B, T, H, Dh) if tokens_first else (B, H, T, Dh))
+        _launch(q, k, v, out.transpose(1, 2) if tokens_first else out, softmax_scale, head_split)
+        return out
+    out = F.scaled_dot_product_attention(q, k, v, scale=softmax_scale)  # (B, H, T, Dh)
+    return out.transpose(1, 2).contiguous() if tokens_first else out.contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, softmax_scale, tokens_first, head_split):
+    B, H, T, Dh = q.shape
+    return q.new_empty((B, T, H, Dh) if tokens_first else (B, H, T, Dh))
+
+
+# -- public API ------------------------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
+              softmax_scale: float | None = None, head_split: bool = True) -> torch.Tensor:
+    """Non-causal attention.
+
+    `attention(qkv)`: qkv (B, T, 3, H, Dh), the qkv projection's output viewed as such (any strides with a
+    contiguous last dim) -> (B, T, H, Dh), contiguous, so `.reshape(B, T, H*Dh)` is free.
+    `attention(q, k, v)`: each (B, H, T, Dh), like `scaled_dot_product_attention` -> (B, H, T, Dh).
+    """
+    if k is None and v is None:
+        check_tensor("qkv", q, ndim=5, layout="(B, T, 3, H, Dh)")
+        if q.shape[2] != 3:
+            raise ValueError(f"qkv: expected shape (B, T, 3, H, Dh), got {tuple(q.shape)} (dim 2 must be 3)")
+        qkv = q.transpose(1, 3)  # (B, H, 3, T, Dh): a view, strides carry the packed layout
+        q, k, v, tokens_first = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], True
+    elif k is None or v is None:
+        raise ValueError("attention: pass either qkv alone or all of q, k, v")
+    else:
+        check_tensor("q", q, ndim=4, layout="(B, H, T, Dh)")
+        check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, layout="(B, H, T, Dh)")
+        check_tensor("v", v, shape=tuple(k.shape), dtypes=(q.dtype,), device=q.device, layout="(B, H, T, Dh) like k")
+        if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+            raise ValueError(f"k: batch, head count and head dim must match q {tuple(q.shape)}, got {tuple(k.shape)}")
+        tokens_first = False
+    Dh = q.shape[-1]
+    if not (MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM and Dh % 8 == 0):
+        raise ValueError(f"head dim {Dh} is not supported: expected a multiple of 8 from {MIN_HEAD_DIM} to "
+                         f"{MAX_HEAD_DIM}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"attention: sequence length must be at least 1, got q {q.shape[2]}, k {k.shape[2]}")
+    scale = Dh**-0.5 if softmax_scale is None else float(softmax_scale)
+    return _attention_op(q, k, v, scale, tokens_first, head_split)

@@ -1,0 +1,146 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditengine.kernels import attention, attention_ref
+from ditengine.kernels.attention import head_blocks
+
+from tolerance import assert_within_tolerance
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+# (B, H, T, Dh); T = 1, 16, 97, 256; every supported DiT-relevant head dim; interpreter-sized.
+CASES = [(2, 1, 16, 32), (1, 2, 16, 64), (1, 2, 16, 72), (1, 2, 16, 96), (1, 2, 16, 128), (2, 2, 1, 72),
+         (1, 2, 97, 64), (2, 1, 97, 72), (1, 1, 97, 128), (1, 1, 256, 64)]
+
+
+def packed_qkv(B, H, T, Dh, dtype, device="cpu", seed=0):
+    g = torch.Generator(device).manual_seed(seed)
+    return torch.randn(B, T, 3, H, Dh, generator=g, device=device).to(dtype)
+
+
+def split(qkv):
+    return qkv.permute(2, 0, 3, 1, 4)  # q, k, v, each (B, H, T, Dh) views
+
+
+def check(B, H, T, Dh, dtype, device="cpu", head_split=True):
+    qkv = packed_qkv(B, H, T, Dh, dtype, device)
+    out = attention(qkv, head_split=head_split)
+    assert out.shape == (B, T, H, Dh) and out.is_contiguous() and out.dtype == dtype
+    q, k, v = split(qkv)
+    ref32 = attention_ref(q, k, v).transpose(1, 2)
+    ref_lp = attention_ref(q, k, v, upcast=False).transpose(1, 2) if dtype != torch.float32 else ref32
+    assert_within_tolerance(out, ref32, ref_lp, FLOOR[dtype], f"packed B={B} H={H} T={T} Dh={Dh}")
+    separate = attention(q, k, v, head_split=head_split)
+    assert separate.shape == (B, H, T, Dh)
+    assert_within_tolerance(separate.transpose(1, 2), ref32, ref_lp, FLOOR[dtype], "separate")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("B, H, T, Dh", CASES)
+def test_matches_reference(B, H, T, Dh, dtype):
+    check(B, H, T, Dh, dtype)
+
+
+def test_padded_head_dim_matches_split():
+    check(1, 2, 33, 72, torch.float32, head_split=False)
+    assert head_blocks(72) == (64, 16) and head_blocks(72, head_split=False) == (128, 0)
+    assert head_blocks(96) == (64, 32) and head_blocks(40) == (32, 16) and head_blocks(64) == (64, 0)
+
+
+def test_reads_the_qkv_projection_output_directly():
+    """From a real qkv Linear to the projection input, as in the DiT block, with no copies in between."""
+    B, T, H, Dh = 2, 20, 2, 72
+    qkv_linear = torch.nn.Linear(H * Dh, 3 * H * Dh)
+    x = torch.randn(B, T, H * Dh)
+    with torch.no_grad():
+        qkv = qkv_linear(x).view(B, T, 3, H, Dh)
+        ours = attention(qkv).view(B, T, H * Dh)
+        q, k, v = split(qkv)
+        expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, H * Dh)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_lengths_scale_and_strided_views():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 20, 2, 64, generator=g).transpose(1, 2)  # (B, H, T, Dh) view of (B, T, H, Dh)
+    k = torch.randn(1, 2, 37, 64, generator=g)
+    v = torch.randn(1, 2, 37, 64, generator=g)
+    out = attention(q, k, v, softmax_scale=0.3)
+    torch.testing.assert_close(out, attention_ref(q, k, v, softmax_scale=0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_large_logits_stay_finite():
+    qkv = packed_qkv(1, 1, 40, 64, torch.float32, seed=4)
+    qkv[:, :, 0] *= 100.0
+    qkv[:, :, 1] *= 100.0  # logits ~ 1e4 / 8
+    out = attention(qkv)
+    assert torch.isfinite(out).all()
+    q, k, v = split(qkv)
+    torch.testing.assert_close(out, attention_ref(q.double(), k.double(), v.double()).transpose(1, 2).float(),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_nan_does_not_leak():
+    qkv = packed_qkv(2, 2, 40, 64, torch.float32, seed=5)
+    qkv[0, 7, 0, 1, 3] = float("nan")  # one query row of batch 0, head 1
+    qkv[1, 9, 1, 0, 0] = float("nan")  # one key of batch 1, head 0: poisons that head only
+    out = attention(qkv)
+    bad = torch.zeros(2, 40, 2, dtype=torch.bool)
+    bad[0, 7, 1] = True
+    bad[1, :, 0] = True
+    assert torch.isnan(out[bad]).all()
+    assert torch.isfinite(out[~bad]).all()
+    q, k, v = split(qkv)
+    expected = attention_ref(q, k, v).transpose(1, 2)
+    torch.testing.assert_close(out[~bad], expected[~bad], rtol=1e-5, atol=1e-5)
+
+
+def test_same_inputs_same_bits():
+    qkv = packed_qkv(1, 2, 33, 72, torch.float16, seed=6)
+    assert torch.equal(attention(qkv), attention(qkv))
+
+
+def test_errors():
+    qkv = packed_qkv(1, 2, 8, 64, torch.float32)
+    q, k, v = (t.contiguous() for t in split(qkv))
+    with pytest.raises(ValueError, match=r"qkv: expected 5 dimensions \(B, T, 3, H, Dh\), got shape \(1, 8, 384\)"):
+        attention(qkv.reshape(1, 8, 384))
+    with pytest.raises(ValueError, match="dim 2 must be 3"):
+        attention(qkv[:, :, :2])
+    with pytest.raises(ValueError, match=r"k: batch, head count and head dim must match q \(1, 2, 8, 64\), got "
+                                         r"\(1, 3, 8, 64\)"):
+        attention(q, torch.randn(1, 3, 8, 64), torch.randn(1, 3, 8, 64))
+    with pytest.raises(ValueError, match=r"v: expected shape \(1, 2, 8, 64\)"):
+        attention(q, k, v[:, :, :5])
+    with pytest.raises(TypeError, match=r"k: expected dtype in \['float32'\], got float16"):
+        attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="head dim 12 is not supported"):
+        attention(torch.randn(1, 4, 3, 2, 12))
+    with pytest.raises(ValueError, match="head dim 70 is not supported"):
+        attention(torch.randn(1, 4, 3, 1, 70))
+    with pytest.raises(ValueError, match="head dim 512 is not supported"):
+        attention(torch.randn(1, 1, 2, 512), torch.randn(1, 1, 2, 512), torch.randn(1, 1, 2, 512))
+    with pytest.raises(ValueError, match="pass either qkv alone or all of q, k, v"):
+        attention(q, k)
+    with pytest.raises(ValueError, match="q: the last dimension must be contiguous"):
+        attention(q.transpose(2, 3), k, v)
+
+
+def test_registered_op_passes_opcheck():
+    q, k, v = split(packed_qkv(1, 2, 8, 32, torch.float32))
+    torch.library.opcheck(torch.ops.ditengine.attention, (q, k, v, 0.2, True, True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("T", [256, 1024, 4096])
+@pytest.mark.parametrize("Dh, head_split", [(72, True), (72, False), (64, True)])
+def test_gpu_dit_shapes(T, Dh, head_split, dtype):
+    check(2 if T < 4096 else 1, 16, T, Dh, dtype, "cuda", head_split)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, H, T, Dh", [(1, 2, 97, 32), (3, 2, 257, 96), (2, 4, 1, 128), (1, 1, 129, 72)])
+def test_gpu_odd_shapes_fp32(B, H, T, Dh):
+    check(B, H, T, Dh, torch.float32, "cuda")
