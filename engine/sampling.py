@@ -62,6 +62,11 @@ def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torc
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if cuda_graph not in CUDA_GRAPH_MODES:
         raise ValueError(f"cuda_graph={cuda_graph!r}: expected one of {CUDA_GRAPH_MODES}")
+    if backend == "fused":
+        from .fast import FastSampler
+        sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=next(model.parameters()).dtype,
+                              cuda_graph=cuda_graph, guided_channels=guided_channels)
+        return sampler(noise, class_labels, generator=generator, progress=progress)
     if cuda_graph is not None:
         raise ValueError("cuda_graph needs backend='fused'")
     check_inputs(model, noise, class_labels)
@@ -72,10 +77,7 @@ def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torc
     sched.to(noise.device).reset()
     y = guided_labels(class_labels, cfg.num_classes, use_cfg)
     x = noise.float() * sched.init_noise_sigma  # (B, C, H, W), the sampler's state stays fp32
-    steps = tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False)
-    if backend == "fused":
-        return _fused_loop(model, sched, x, y, cfg_scale if use_cfg else None, k, dtype, generator, steps)
-    for i in steps:
+    for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
         x_in = x * sched.table[i, COL["c_in"]]
         if use_cfg:
             x_in = torch.cat([x_in, x_in])
@@ -86,18 +88,3 @@ def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torc
         x = sched.step(i, x, out, noise=draw_noise(sched, i, x, generator))
     return x
 
-
-def _fused_loop(model, sched, x, y, cfg_scale, k, dtype, generator, steps):
-    """The loop with the fused scheduler step: guidance, update and the next (scaled, CFG-doubled) model
-    input in one kernel; x is updated in place."""
-    from ditengine.kernels import scheduler_step
-
-    copies = 2 if cfg_scale is not None else 1
-    x_in = (x * sched.table[0, COL["c_in"]]).repeat(copies, 1, 1, 1).to(dtype)  # (copies*B, C, H, W)
-    history = torch.zeros_like(x) if sched.uses_history else None
-    for i in steps:
-        out = model(x_in, sched.timesteps[i].expand(len(x_in)), y)  # (copies*B, C_out, H, W)
-        scheduler_step(x, out.contiguous(), sched.table, i, cfg_scale=cfg_scale, guided_channels=k,
-                       history=history, noise=draw_noise(sched, i, x, generator), clip=sched.clip_sample,
-                       learned_variance=sched.learned_variance, out=x, next_input=x_in)
-    return x

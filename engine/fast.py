@@ -1,0 +1,319 @@
+"""The fast path: a fused DiT forward over a model's own parameters, and `FastSampler`.
+
+Per block (DESIGN.md section 2):
+
+    K1 h = adaLN(x; shift_msa, scale_msa)            first block only; later blocks get h from K3
+    qkv = h @ W_qkv                                  cuBLAS
+    o = attention(qkv as (B, T, 3, H, Dh))           Triton, no permutes
+    o = o @ W_proj
+    K3 x += gate_msa * o ; h = adaLN(x; shift_mlp, scale_mlp)
+    h = gelu_tanh(h @ W_fc1)                         cuBLASLt GELU epilogue where it is the tanh GELU
+    o = h @ W_fc2
+    K3 x += gate_mlp * o ; h = adaLN(x; next block's shift_msa, scale_msa, or the final layer's)
+
+The conditioning (timestep and label embeddings and every block's adaLN modulation) depends only on the
+timestep and the label, so `FastSampler` computes it for all steps in one batched GEMM before the loop,
+unless the table would pass a memory budget, in which case each step computes its own. The loop (one step,
+or all of them) is captured as a CUDA graph and replayed; the scheduler step is the fused K4 kernel, which
+also writes the next, CFG-doubled model input.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ditengine.kernels import adaln_modulate, attention, gated_residual_adaln, scheduler_step
+
+from .graphs import GraphRunner
+from .model import DiT, timestep_embedding
+from .sampling import check_inputs, draw_noise, guided_labels
+from .schedulers import COL, Scheduler
+
+log = logging.getLogger("ditengine")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MLP_EPILOGUES = ("auto", "cublaslt", "separate")
+
+
+@functools.lru_cache(maxsize=None)
+def cublaslt_gelu_is_tanh(device: str) -> bool:
+    """Whether `torch._addmm_activation(..., use_gelu=True)` computes the tanh GELU on this device.
+
+    On CUDA it maps to cuBLASLt's GELU epilogue (the tanh approximation DiT uses); on the CPU it is the
+    exact erf GELU. A small fp32 probe decides, so a device where it differs never silently changes the
+    model's math.
+    """
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(device) for shape in ((64, 32), (48, 32), (48,)))
+    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    reference = F.gelu(F.linear(x, w, b), approximate="tanh")
+    ok = torch.allclose(fused, reference, rtol=1e-4, atol=1e-5)
+    if not ok:
+        log.info("ditengine: the GELU GEMM epilogue on %s is not the tanh GELU; using a separate GELU", device)
+    return ok
+
+
+class FastDiT:
+    """The weights of a `ditengine.DiT` in the fast path's layout and dtype, and the fused forward.
+
+    Weights are copied (converted once) at construction: later changes to the model are not seen.
+    `residual_dtype` is the residual stream's dtype (default: fp32 when `dtype` is fp16, whose range DiT's
+    residual stream can overflow; else `dtype`).
+    """
+
+    def __init__(self, model: DiT, dtype: torch.dtype = torch.bfloat16, mlp_epilogue: str = "auto",
+                 residual_dtype: torch.dtype | None = None):
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype: expected one of {[str(d) for d in DTYPES]}, got {dtype}")
+        if mlp_epilogue not in MLP_EPILOGUES:
+            raise ValueError(f"mlp_epilogue={mlp_epilogue!r}: expected one of {MLP_EPILOGUES}")
+        cfg = self.config = model.config
+        self.dtype = dtype
+        self.residual_dtype = residual_dtype or (torch.float32 if dtype == torch.float16 else dtype)
+        self.device = next(model.parameters()).device
+
+        def cast(t, to=dtype):
+            return t.detach().to(device=self.device, dtype=to).contiguous()
+
+        # The patch embedding as a GEMM over flattened patches, its bias folded into the position table.
+        self.patch_w = cast(model.x_embedder.proj.weight.flatten(1))  # (D, C*p*p)
+        self.pos_bias = cast(model.pos_embed[0] + model.x_embedder.proj.bias, self.residual_dtype)  # (T, D)
+        self.blocks = [
+            tuple(cast(p) for p in (b.attn.qkv.weight, b.attn.qkv.bias, b.attn.proj.weight, b.attn.proj.bias,
+                                    b.mlp.fc1.weight, b.mlp.fc1.bias, b.mlp.fc2.weight, b.mlp.fc2.bias))
+            for b in model.blocks
+        ]
+        # Every block's adaLN linear stacked: one GEMM gives the whole modulation of a conditioning batch.
+        self.ada_w = cast(torch.cat([b.adaLN_modulation[1].weight for b in model.blocks]))  # (depth*6D, D)
+        self.ada_b = cast(torch.cat([b.adaLN_modulation[1].bias for b in model.blocks]))
+        final = model.final_layer
+        self.final_ada = (cast(final.adaLN_modulation[1].weight), cast(final.adaLN_modulation[1].bias))
+        self.final_linear = (cast(final.linear.weight), cast(final.linear.bias))
+        # Embedders stay fp32: tiny, and the modulation they feed scales every activation.
+        mlp = model.t_embedder.mlp
+        self.t_mlp = tuple(cast(p, torch.float32) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
+        self.y_table = cast(model.y_embedder.embedding_table.weight, torch.float32)  # (classes + 1, D)
+        want_epilogue = mlp_epilogue == "cublaslt" or (mlp_epilogue == "auto" and self.device.type == "cuda")
+        self.gelu_epilogue = want_epilogue and cublaslt_gelu_is_tanh(str(self.device))
+
+    # -- conditioning ------------------------------------------------------------------------------------
+    def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        w0, b0, w2, b2 = self.t_mlp
+        freqs = timestep_embedding(t, self.config.frequency_embedding_size, self.config.timestep_freq_shift)
+        return F.linear(F.silu(F.linear(freqs, w0, b0)), w2, b2)  # (N, D) fp32
+
+    def conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.timestep_embedding(t) + self.y_table[y]  # (N, D) fp32
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """adaLN modulation of every block, (N, depth, 6, D), and of the final layer, (N, 2, D)."""
+        cfg = self.config
+        s = F.silu(c).to(self.dtype)
+        blocks = F.linear(s, self.ada_w, self.ada_b).view(*c.shape[:-1], cfg.depth, 6, cfg.hidden_size)
+        final = F.linear(s, *self.final_ada).view(*c.shape[:-1], 2, cfg.hidden_size)
+        return blocks, final
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def mlp_in(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.gelu_epilogue:
+            return torch._addmm_activation(b, h.flatten(0, 1), w.t(), use_gelu=True).view(*h.shape[:2], -1)
+        return F.gelu(F.linear(h, w, b), approximate="tanh")
+
+    def forward(self, x: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) in `dtype`; block_mod (N, depth, 6, D); final_mod (N, 2, D) -> (N, C_out, H, W)."""
+        cfg = self.config
+        N, H, Dh = x.shape[0], cfg.num_heads, cfg.head_dim
+        p = cfg.patch_size
+        side = cfg.input_size // p
+        patches = x.view(N, -1, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(N, side * side, -1)
+        resid = F.linear(patches, self.patch_w).to(self.residual_dtype).add_(self.pos_bias)  # (N, T, D)
+        T, D = resid.shape[1:]
+        h = adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype)
+        for i, (w_qkv, b_qkv, w_proj, b_proj, w_fc1, b_fc1, w_fc2, b_fc2) in enumerate(self.blocks):
+            mod = block_mod[:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
+            qkv = F.linear(h, w_qkv, b_qkv).view(N, T, 3, H, Dh)
+            o = F.linear(attention(qkv).view(N, T, D), w_proj, b_proj)
+            resid, h = gated_residual_adaln(resid, mod[:, 2], o, mod[:, 3], mod[:, 4], eps=cfg.mlp_norm_eps,
+                                            inplace=True, out_dtype=self.dtype)
+            o = F.linear(self.mlp_in(h, w_fc1, b_fc1), w_fc2, b_fc2)
+            nxt = block_mod[:, i + 1, :2] if i + 1 < cfg.depth else final_mod  # (N, 2, D): shift, scale
+            resid, h = gated_residual_adaln(resid, mod[:, 5], o, nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
+                                            out_dtype=self.dtype)
+        out = F.linear(h, *self.final_linear)  # (N, T, p*p*C_out)
+        out = out.view(N, side, side, p, p, cfg.out_channels)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(N, cfg.out_channels, side * p, side * p)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Same contract as `DiT.forward`, through the fused path."""
+        block_mod, final_mod = self.modulation(self.conditioning(t, y))
+        return self.forward(x.to(self.dtype), block_mod, final_mod)
+
+
+class _Plan:
+    """Static buffers and captured runners for one input shape."""
+
+    def __init__(self, sampler: "FastSampler", batch: int):
+        s = sampler
+        cfg, sched, dev = s.fast.config, s.sched, s.device
+        S, C, L = len(sched), cfg.in_channels, cfg.input_size
+        N = batch * (2 if s.use_cfg else 1)
+        self.batch, self.rows = batch, N
+        self.x = torch.zeros(batch, C, L, L, device=dev)  # the sampler's state, fp32
+        self.x_in = torch.zeros(N, C, L, L, device=dev, dtype=s.fast.dtype)  # the model input
+        self.history = torch.zeros_like(self.x) if sched.uses_history else None
+        self.y = torch.zeros(N, device=dev, dtype=torch.long)
+        self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
+        stochastic = any(sched.needs_noise)
+        # Zero-initialised: a step with u = 0 still reads the buffer in a graph, and 0 * garbage may be NaN.
+        noise_steps = S if s.cuda_graph == "loop" else 1
+        self.noise = torch.zeros(noise_steps, batch, C, L, L, device=dev) if stochastic else None
+        table_bytes = S * N * (cfg.depth * 6 + 2) * cfg.hidden_size * s.fast.dtype.itemsize
+        self.precomputed = s.precompute_conditioning and table_bytes <= s.conditioning_budget
+        if self.precomputed:
+            D = cfg.hidden_size
+            self.block_mod = torch.zeros(S, N, cfg.depth, 6, D, device=dev, dtype=s.fast.dtype)
+            self.final_mod = torch.zeros(S, N, 2, D, device=dev, dtype=s.fast.dtype)
+        else:
+            self.y_emb = torch.zeros(N, cfg.hidden_size, device=dev)
+        self.conditioning_mode = "precomputed" if self.precomputed else "per-step"
+        log.info("ditengine: FastSampler batch %d: conditioning %s (%.1f MB table), cuda_graph=%s", batch,
+                 self.conditioning_mode, table_bytes / 2**20, s.cuda_graph)
+        self.sampler = s
+        self.runner = None
+        if s.cuda_graph == "step":
+            self.runner = GraphRunner(lambda: self.step_body(self.step_idx), dev, s.pool)
+        elif s.cuda_graph == "loop":
+            self.runner = GraphRunner(lambda: [self.step_body(i) for i in range(S)], dev, s.pool)
+
+    @property
+    def capture_s(self) -> float:
+        return self.runner.capture_s if self.runner is not None else 0.0
+
+    def noise_for(self, step: int | torch.Tensor):
+        s = self.sampler
+        if self.noise is None:
+            return None
+        if isinstance(step, int):
+            if s.cuda_graph == "loop":
+                return self.noise[step]
+            return self.noise[0] if s.sched.needs_noise[step] else None
+        return self.noise[0]  # step graph: always read; u = 0 on steps without noise
+
+    def step_body(self, step: int | torch.Tensor) -> None:
+        """One denoising step on the static buffers; `step` an int, or the device index (step graph)."""
+        s = self.sampler
+        fast, sched = s.fast, s.sched
+        if self.precomputed:
+            if isinstance(step, int):
+                block_mod, final_mod = self.block_mod[step], self.final_mod[step]
+            else:
+                block_mod, final_mod = self.block_mod.index_select(0, step)[0], self.final_mod.index_select(0, step)[0]
+        else:
+            t = sched.timesteps[step] if isinstance(step, int) else sched.timesteps.index_select(0, step)
+            c = fast.timestep_embedding(t.expand(self.rows)) + self.y_emb
+            block_mod, final_mod = fast.modulation(c)
+        out = fast.forward(self.x_in, block_mod, final_mod)
+        scheduler_step(self.x, out, sched.table, step, cfg_scale=s.cfg_scale if s.use_cfg else None,
+                       guided_channels=s.guided_channels, history=self.history, noise=self.noise_for(step),
+                       clip=sched.clip_sample, learned_variance=sched.learned_variance, out=self.x,
+                       next_input=self.x_in)
+
+    def prepare(self, noise: torch.Tensor, class_labels: torch.Tensor) -> None:
+        s = self.sampler
+        sched, fast = s.sched, s.fast
+        self.x.copy_(noise.float() * sched.init_noise_sigma)
+        self.x_in.copy_((self.x * sched.table[0, COL["c_in"]]).repeat(self.rows // self.batch, 1, 1, 1))
+        if self.history is not None:
+            self.history.zero_()
+        self.y.copy_(guided_labels(class_labels, fast.config.num_classes, s.use_cfg))
+        if self.precomputed:
+            S = len(sched)
+            c = fast.conditioning(sched.timesteps.repeat_interleave(self.rows), self.y.repeat(S))
+            block_mod, final_mod = fast.modulation(c.view(S, self.rows, -1))
+            self.block_mod.copy_(block_mod)
+            self.final_mod.copy_(final_mod)
+        else:
+            self.y_emb.copy_(fast.y_table[self.y])
+
+    def run(self, generator: torch.Generator | None, progress: bool) -> None:
+        s = self.sampler
+        S = len(s.sched)
+        if s.cuda_graph == "loop":
+            for i in range(S):  # the same draws, in the same order, as the step-by-step paths
+                z = draw_noise(s.sched, i, self.x, generator)
+                if z is not None:
+                    self.noise[i].copy_(z)
+            self.runner()
+            return
+        for i in tqdm(range(S), desc="sampling", disable=not progress, leave=False):
+            z = draw_noise(s.sched, i, self.x, generator)
+            if z is not None:
+                self.noise[0].copy_(z)
+            if self.runner is None:
+                self.step_body(i)
+            else:
+                self.step_idx.fill_(i)
+                self.runner()
+
+
+class FastSampler:
+    """The whole denoising loop through the fused path; same answer as `ditengine.sample(backend="reference")`.
+
+    `cuda_graph`: None (eager), "step" (one captured step replayed per step) or "loop" (the whole loop
+    captured, replayed once). Graphs are cached by input shape and re-captured when the batch changes;
+    DITENGINE_CUDA_GRAPHS=0 turns capture off. On a CPU the same buffers run eagerly. `dtype` is the
+    compute dtype of the weights and activations (converted once); the sampler state stays fp32.
+    """
+
+    def __init__(self, model: DiT, sched: Scheduler, cfg_scale: float = 4.0, dtype: torch.dtype = torch.bfloat16,
+                 cuda_graph: str | None = "loop", guided_channels: int | None = None,
+                 precompute_conditioning: bool = True, conditioning_budget: int = 1 << 30,
+                 mlp_epilogue: str = "auto"):
+        if cuda_graph not in (None, "step", "loop"):
+            raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
+        if not isinstance(sched, Scheduler):
+            raise TypeError(f"sched: expected a ditengine scheduler, got {type(sched).__name__} "
+                            "(convert a diffusers scheduler with ditengine.schedulers.from_diffusers)")
+        self.model, self.sched = model, sched
+        self.fast = FastDiT(model, dtype, mlp_epilogue)
+        self.device = self.fast.device
+        self.sched.to(self.device)
+        self.cfg_scale, self.use_cfg = float(cfg_scale), cfg_scale != 1.0
+        C = model.config.in_channels
+        self.guided_channels = C if guided_channels is None else guided_channels
+        self.cuda_graph = cuda_graph
+        self.precompute_conditioning, self.conditioning_budget = precompute_conditioning, conditioning_budget
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and cuda_graph else None
+        self._plans: dict[tuple, _Plan] = {}
+        self.captures = 0  # how many plans (graph captures, on CUDA) were built
+
+    def _signature(self) -> str:
+        """What a captured graph bakes in from the scheduler: its table (host copy, no device sync)."""
+        return hashlib.sha1(self.sched.table_f64.tobytes()).hexdigest()
+
+    def plan(self, batch: int) -> _Plan:
+        key = (batch, self._signature())
+        if key not in self._plans:
+            self._plans[key] = _Plan(self, batch)
+            self.captures += 1
+        return self._plans[key]
+
+    def clear_cache(self) -> None:
+        """Drop every captured graph and its buffers."""
+        self._plans.clear()
+
+    @torch.no_grad()
+    def __call__(self, noise: torch.Tensor, class_labels: torch.Tensor, generator: torch.Generator | None = None,
+                 progress: bool = False) -> torch.Tensor:
+        """Latents (B, C, H, W) fp32 from `noise` ~ N(0, I) (B, C, H, W) and `class_labels` (B,)."""
+        check_inputs(self.model, noise, class_labels)
+        plan = self.plan(noise.shape[0])
+        self.conditioning_mode = plan.conditioning_mode
+        plan.prepare(noise, class_labels)
+        plan.run(generator, progress)
+        return plan.x.clone()  # a later call must not overwrite what this one returned
