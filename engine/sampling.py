@@ -39,7 +39,8 @@ def draw_noise(sched: Scheduler, i: int, like: torch.Tensor, generator: torch.Ge
     """The step's noise, drawn in float32 from the user's generator: both backends consume it identically."""
     if not sched.needs_noise[i]:
         return None
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    device = generator.device if generator is not None else like.device  # e.g. a CPU generator for CUDA
+    return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
 
 
 def guided_labels(class_labels: torch.Tensor, num_classes: int, use_cfg: bool) -> torch.Tensor:

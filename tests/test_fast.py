@@ -155,3 +155,22 @@ def test_gpu_graph_paths_equal_eager_bitwise(make):
     ref = de.sample(model, sched, noise, labels, generator=torch.Generator("cuda").manual_seed(3), progress=False)
     sqnr = 10 * torch.log10(ref.pow(2).sum() / (runs[None] - ref).pow(2).sum())
     assert sqnr > 20, f"bf16 fused sampler vs fp32 reference: SQNR {sqnr:.1f} dB"
+
+
+def test_accelerate_matches_the_diffusers_pipeline(reference_ops):
+    diffusers = pytest.importorskip("diffusers")
+    from test_model import tied_diffusers_dit
+
+    transformer = tied_diffusers_dit(num_classes=1000)  # DiTPipeline's null label is 1000
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                                  sample_size=8).eval()
+    for scheduler in (diffusers.DDIMScheduler(), diffusers.DPMSolverMultistepScheduler()):
+        pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        expected = pipe([3, 500], num_inference_steps=6, generator=torch.manual_seed(0), output_type="np").images
+        fast = de.accelerate(pipe)
+        got = fast([3, 500], num_inference_steps=6, generator=torch.manual_seed(0), output_type="np").images
+        assert got.shape == expected.shape == (2, 8, 8, 3)
+        assert abs(expected - 0.5).max() > 0.01  # a live image, not a constant
+        torch.testing.assert_close(torch.from_numpy(got), torch.from_numpy(expected), rtol=1e-4, atol=1e-4)

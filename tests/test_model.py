@@ -7,12 +7,12 @@ from ditengine.model import sincos_pos_embed, timestep_embedding
 diffusers = pytest.importorskip("diffusers")
 
 
-def tied_diffusers_dit(sample_size=8, heads=2, head_dim=16, layers=2, learn_sigma=True, seed=0):
+def tied_diffusers_dit(sample_size=8, heads=2, head_dim=16, layers=2, learn_sigma=True, seed=0, num_classes=10):
     """A random diffusers DiT whose per-block embedders are tied, as in every converted DiT checkpoint."""
     torch.manual_seed(seed)
     model = diffusers.DiTTransformer2DModel(
         num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8 if learn_sigma else 4,
-        num_layers=layers, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=10).eval()
+        num_layers=layers, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes).eval()
     first = model.transformer_blocks[0].norm1.emb.state_dict()
     for block in model.transformer_blocks[1:]:
         block.norm1.emb.load_state_dict(first)
