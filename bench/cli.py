@@ -1,14 +1,31 @@
-"""`ditengine-bench`: milliseconds per denoising step, per backend, on the current device.
+"""`ditengine-bench`: the step-latency ladder, from the eager fp32 reference to the graph-captured fused loop.
 
 One "step" is what a sampling loop repeats: the DiT forward on the CFG-doubled batch, the guidance
-combine and the scheduler update. Every row is timed in the same process (warm-up, then median and
-p20/p80 over repeated steps, synchronised on GPU). The default is CPU-sized (DiT-S/2, 32x32 latent,
-batch 1 with CFG); `--model DiT-XL/2 --image-size 256 --batch 1,8 --dtype bf16` is the GPU case.
+combine and the scheduler update. Rows are cumulative and timed in the same process (warm-up, then the
+median and p20/p80 of repeated steps, CUDA events on GPU):
+
+    eager-fp32        the reference model in fp32, explicit softmax attention
+    eager-lp          ... in the low-precision dtype (--dtype)
+    eager-lp-sdpa     ... with scaled_dot_product_attention
+    compile           torch.compile(mode="max-autotune") of eager-lp-sdpa: the peer to beat
+    fused             FastSampler: fused kernels, conditioning computed per step, no graph
+    fused+precond     ... conditioning precomputed for all steps
+    fused+graph-step  ... one step captured as a CUDA graph, replayed per step
+    fused+graph-loop  ... the whole loop captured, replayed once (ms/step = loop / steps)
+
+Each row also reports images/s, peak memory, setup time (compile or capture), achieved TFLOP/s, the
+share of DESIGN.md's H100 floor, and the quality of a full sampling run from the same noise against the
+fp32 reference (max error and SQNR of the final latents). Results go to JSON, CSV, a markdown table and
+a PNG bar chart. The default is CPU-sized (DiT-S/2, 32x32 latent, batch 1 with CFG); the GPU case is
+`--model DiT-XL/2 --image-size 256 --batch 1,8`.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import json
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +40,10 @@ from ditengine.schedulers import COL
 from .timing import environment, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = ("eager-fp32", "eager-lp", "eager-lp-sdpa", "compile", "fused", "fused+precond", "fused+graph-step",
+            "fused+graph-loop")
+# DESIGN.md section 8: measured on an H100, the floor of a step is max(FLOPs / peak, bytes / bandwidth).
+H100_BF16_TFLOPS, H100_COPY_TBPS = 790.0, 3.0
 
 
 def dit_flops(cfg: de.DiTConfig, batch: int) -> float:
@@ -34,8 +55,17 @@ def dit_flops(cfg: de.DiTConfig, batch: int) -> float:
     return batch * (cfg.depth * per_block + patch + final)
 
 
+def floor_ms(cfg: de.DiTConfig, model_batch: int, weight_bytes: int) -> float:
+    return 1e3 * max(dit_flops(cfg, model_batch) / (H100_BF16_TFLOPS * 1e12), weight_bytes / (H100_COPY_TBPS * 1e12))
+
+
+def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    noise = (out.double() - ref.double()).pow(2).sum().item()
+    return math.inf if noise == 0 else 10 * math.log10(ref.double().pow(2).sum().item() / noise)
+
+
 def reference_step(model, sched, x, labels, cfg_scale, dtype, i=0):
-    """One eager reference step as `ditengine.sample` runs it; returns a closure."""
+    """One eager step as `ditengine.sample` runs it; returns a closure (the state is not advanced)."""
     use_cfg = cfg_scale != 1.0
     y = guided_labels(labels, model.config.num_classes, use_cfg)
     k = model.config.in_channels
@@ -51,15 +81,49 @@ def reference_step(model, sched, x, labels, cfg_scale, dtype, i=0):
     return step
 
 
-def build_rows(args, cfg, device):
-    """(name, dtype, builder) for each benchmarked variant; builder(model, sched, x, labels) -> step()."""
-    dtype = DTYPES[args.dtype]
-    rows = [("reference fp32", torch.float32, lambda m, s, x, y: reference_step(m, s, x, y, args.cfg_scale,
-                                                                                  torch.float32))]
-    if dtype != torch.float32:
-        rows.append((f"reference {args.dtype}", dtype, lambda m, s, x, y: reference_step(m, s, x, y, args.cfg_scale,
-                                                                                          dtype)))
-    return rows
+class Variant:
+    """One ladder row: `setup()` builds it (timed), `step()` is the timed unit, `sample()` a full run."""
+
+    def __init__(self, key, base, sched, args, dtype, batch):
+        self.key, self.sched, self.args, self.batch = key, sched, args, batch
+        self.dtype = torch.float32 if key == "eager-fp32" else dtype
+        self.per_call_steps = 1
+        self.setup_s = 0.0
+        self._base = base
+
+    def setup(self, noise, labels):
+        key, args = self.key, self.args
+        start = time.perf_counter()
+        if key.startswith("eager") or key == "compile":
+            model = copy.deepcopy(self._base).to(self.dtype).use_sdpa(key not in ("eager-fp32", "eager-lp"))
+            if key == "compile":
+                model = torch.compile(model, mode="max-autotune")
+            self.model = model
+            x = noise * self.sched.init_noise_sigma
+            self.step = reference_step(model, self.sched, x, labels, args.cfg_scale, self.dtype)
+            with torch.inference_mode():
+                self.step()  # compile (or warm) here, so setup_s carries the compile time
+        else:
+            mode = {"fused+graph-step": "step", "fused+graph-loop": "loop"}.get(key)
+            self.sampler = de.FastSampler(self._base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
+                                          cuda_graph=mode, precompute_conditioning=key != "fused")
+            plan = self.sampler.plan(self.batch)
+            plan.prepare(noise, labels)
+            if mode == "loop":
+                self.step = lambda: plan.run(None, False)
+                self.per_call_steps = len(self.sched)
+            elif mode == "step":
+                self.step = lambda: (plan.step_idx.fill_(0), plan.runner())
+            else:
+                self.step = lambda: plan.step_body(0)
+        self.setup_s = time.perf_counter() - start
+
+    def sample(self, noise, labels):
+        g = torch.Generator(noise.device).manual_seed(self.args.seed)
+        if hasattr(self, "sampler"):
+            return self.sampler(noise, labels, generator=g)
+        return de.sample(self.model, self.sched, noise, labels, cfg_scale=self.args.cfg_scale, generator=g,
+                         progress=False)
 
 
 def parse_args(argv=None):
@@ -69,15 +133,30 @@ def parse_args(argv=None):
     size.add_argument("--input-size", type=int, help="latent height = width (default 32)")
     size.add_argument("--image-size", type=int, help="pixel size; the latent is image-size / 8 (VAE factor)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes before CFG doubling (default: 1)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="low-precision dtype of the compared rows")
+    p.add_argument("--dtype", choices=DTYPES, help="low-precision dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="1.0 disables guidance (no batch doubling)")
+    p.add_argument("--steps", type=int, help="sampling steps of the quality run and the loop graph "
+                                             "(default: 50 on GPU, 5 on CPU)")
+    p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all; on a "
+                                      "CPU all but compile)")
     p.add_argument("--depth", type=int, help="override the number of blocks (quick runs)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="bench-out", help="directory for the JSON results (default: %(default)s)")
+    p.add_argument("--out", default="bench-out", help="directory for the results (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.steps = args.steps or (50 if gpu else 5)
+    default = [v for v in VARIANTS if gpu or v != "compile"]
+    args.variants = args.variants.split(",") if args.variants else default
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    if DTYPES[args.dtype] == torch.float32 and "eager-lp" in args.variants and "eager-fp32" in args.variants:
+        args.variants.remove("eager-lp")  # the same row twice
+    return args
 
 
 def main(argv=None) -> int:
@@ -86,59 +165,109 @@ def main(argv=None) -> int:
     input_size = args.image_size // 8 if args.image_size else (args.input_size or 32)
     overrides = {"input_size": input_size} | ({"depth": args.depth} if args.depth else {})
     cfg = de.DiTConfig.from_name(args.model, **overrides)
+    dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch.split(",")]
     torch.manual_seed(args.seed)
     base = de.DiT(cfg).eval().to(device)
-    sched = de.schedulers.DDIM(50).to(device)
-    env = environment(device)
+    sched = de.schedulers.DDIM(args.steps, timestep_spacing="trailing", clip_sample=False).to(device)
+    weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize
     results = []
-    rows = build_rows(args, cfg, device)
-    bar = tqdm(total=len(rows) * len(batches), desc="benchmark", leave=False)
+    bar = tqdm(total=len(args.variants) * len(batches), desc="benchmark", leave=False)
     for batch in batches:
-        x = torch.randn(batch, cfg.in_channels, input_size, input_size, device=device)
-        labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
+        g = torch.Generator(device).manual_seed(args.seed)
+        noise = torch.randn(batch, cfg.in_channels, input_size, input_size, device=device, generator=g)
+        labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
         model_batch = batch * (2 if args.cfg_scale != 1.0 else 1)
         flops = dit_flops(cfg, model_batch)
-        for name, dtype, builder in rows:
-            bar.set_postfix_str(f"{name}, batch {batch}")
-            model = base.to(dtype)
-            t0 = time.perf_counter()
+        with torch.inference_mode():
+            reference = de.sample(base, sched, noise, labels, cfg_scale=args.cfg_scale,
+                                  generator=torch.Generator(device).manual_seed(args.seed), progress=False)
+        for key in args.variants:
+            bar.set_postfix_str(f"{key}, batch {batch}")
+            variant = Variant(key, base, sched, args, dtype, batch)
             with torch.inference_mode():
-                step = builder(model, sched, x, labels)
-                setup_s = time.perf_counter() - t0
-                timing = measure(step, device, args.warmup, args.repeats)
-            ms = timing["median_ms"]
+                variant.setup(noise, labels)
+                loops = variant.per_call_steps > 1  # one call runs the whole loop: fewer calls
+                timing = measure(variant.step, device, 1 if loops else args.warmup,
+                                 max(3, args.repeats // variant.per_call_steps) if loops else args.repeats)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                latents = variant.sample(noise, labels)
+            per_step = {k: v / variant.per_call_steps for k, v in timing.items() if k.endswith("_ms")}
+            ms = per_step["median_ms"]
             results.append({
-                "variant": name, "batch": batch, "model_batch": model_batch, "dtype": str(dtype).removeprefix("torch."),
-                **timing, "setup_s": setup_s, "images_per_s": batch * 1e3 / ms / len(sched),
-                "tflops": flops / ms / 1e9,
+                "variant": key, "batch": batch, "model_batch": model_batch,
+                "dtype": str(variant.dtype).removeprefix("torch."), **per_step, "runs": timing["runs"],
+                "images_per_s": batch * 1e3 / (ms * len(sched)),
+                "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                "setup_s": variant.setup_s, "tflops": flops / ms / 1e9,
+                "pct_of_h100_floor": 100 * floor_ms(cfg, model_batch, weight_bytes) / ms,
+                "max_err": (latents - reference).abs().max().item(), "sqnr_db": sqnr_db(latents, reference),
+                "conditioning": getattr(getattr(variant, "sampler", None), "conditioning_mode", None),
             })
             bar.update()
-        base = base.float()
+            del variant
     bar.close()
-    report = {"env": env, "config": vars(cfg) if hasattr(cfg, "__dict__") else str(cfg),
-              "args": vars(args), "scheduler": repr(sched), "flops_per_step": {b: dit_flops(cfg, b * 2) for b in batches},
+    report = {"env": environment(device), "model": args.model, "config": cfg.__dict__, "args": vars(args),
+              "scheduler": repr(sched), "flops_per_step": {b: dit_flops(cfg, b * 2) for b in batches},
               "results": results}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"bench-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2, default=str))
-    print(format_table(report))
-    print(f"\nresults: {path}")
+    write_report(report, Path(args.out))
     return 0
 
 
 def format_table(report: dict) -> str:
     env = report["env"]
-    head = (f"{report['args']['model']} latent {report['config']['input_size']}, cfg {report['args']['cfg_scale']} | "
-            f"{env['device']} | torch {env['torch']}, triton {env['triton']} | commit {env['commit']}")
-    lines = [head, "", "| variant | batch | ms/step (median) | p20 | p80 | img/s (50 steps) | TFLOP/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    head = (f"{report['model']}, latent {report['config']['input_size']}, cfg {report['args']['cfg_scale']}, "
+            f"{report['scheduler']} | {env['device']} | torch {env['torch']}, triton {env['triton']} | "
+            f"commit {env['commit']}")
+    lines = [head, "",
+             "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | setup s | TFLOP/s | % H100 floor "
+             "| max err | SQNR dB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['median_ms']:.2f} | {r['p20_ms']:.2f} | {r['p80_ms']:.2f} "
-                     f"| {r['images_per_s']:.2f} | {r['tflops']:.3f} |")
+        mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
+                     f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | "
+                     f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {r['max_err']:.2e} | {r['sqnr_db']:.1f} |")
     return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    Path(f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(report["results"][0]))
+        writer.writeheader()
+        writer.writerows(report["results"])
+    table = format_table(report)
+    Path(f"{stem}.md").write_text(table + "\n")
+    print(table)
+    try:
+        chart(report, Path(f"{stem}.png"))
+        print(f"\nresults: {stem}.{{json,csv,md,png}}")
+    except ImportError:
+        print(f"\nresults: {stem}.{{json,csv,md}} (install matplotlib, the 'bench' extra, for the chart)")
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in report["results"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        rows = [r for r in report["results"] if r["batch"] == batch]
+        ax.barh([r["variant"] for r in rows], [r["median_ms"] for r in rows], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set_xlabel("ms / step (median)")
+        ax.set_title(f"{report['model']}, batch {batch} (+CFG)")
+    fig.suptitle(report["env"]["device"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,29 @@ import json
 import subprocess
 import sys
 
-from ditengine.bench.cli import dit_flops, main
+from ditengine.bench.cli import VARIANTS, dit_flops, main
 
 import ditengine as de
 
 
-def test_bench_writes_a_table_and_json(tmp_path, capsys):
+def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ladder's logic is under test; kernels run their references
     assert main(["--model", "DiT-T/2", "--input-size", "8", "--batch", "1,2", "--repeats", "3", "--warmup", "1",
-                 "--dtype", "bf16", "--out", str(tmp_path)]) == 0
+                 "--dtype", "bf16", "--steps", "3", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "| reference fp32 | 1 |" in printed and "| reference bf16 | 2 |" in printed
+    assert "| eager-fp32 | 1 | float32 |" in printed and "| fused+graph-loop | 2 | bfloat16 |" in printed
     report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
     assert {"torch", "device", "commit", "triton"} <= set(report["env"])
     rows = report["results"]
-    assert [(r["variant"], r["batch"]) for r in rows] == [
-        ("reference fp32", 1), ("reference bf16", 1), ("reference fp32", 2), ("reference bf16", 2)]
+    expected = [v for v in VARIANTS if v != "compile"]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 2) for v in expected]
     for r in rows:
-        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["median_ms"] > 0 and r["runs"] == 3
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["median_ms"] > 0
+        assert r["sqnr_db"] > (100 if r["dtype"] == "float32" else 20), r  # same noise, same answer
+    by = {(r["variant"], r["batch"]): r for r in rows}
+    assert by[("fused+precond", 1)]["conditioning"] == "precomputed" and by[("fused", 1)]["conditioning"] == "per-step"
+    for ext in ("csv", "md", "png"):
+        assert len(list(tmp_path.glob(f"bench-*.{ext}"))) == 1
 
 
 def test_flops_match_the_design_figure():
