@@ -97,19 +97,6 @@ def test_nan_stays_in_its_element():
     assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out).sum() == 1
 
 
-def test_sample_with_the_fused_step_matches_the_reference(tiny_model):
-    for make in SCHEDULERS:
-        sched = make()
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(2, 4, 8, 8, generator=g)
-        labels = torch.tensor([1, 7])
-        ref = de.sample(tiny_model, sched, noise, labels, cfg_scale=3.0, generator=torch.Generator().manual_seed(1),
-                        progress=False)
-        fused = de.sample(tiny_model, sched, noise, labels, cfg_scale=3.0, backend="fused",
-                          generator=torch.Generator().manual_seed(1), progress=False)
-        torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-4, msg=repr(sched))
-
-
 def test_errors_name_the_argument():
     sched = S.DDIM(5)
     x = torch.randn(2, 4, 4, 4)
