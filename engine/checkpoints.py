@@ -29,8 +29,8 @@ def _read_file(path: Path) -> dict:
         raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
 
 
-def _read(source) -> tuple[dict, dict]:
-    """(state dict, diffusers config or {}) from a path, a directory, or an in-memory dict."""
+def _read(source) -> tuple[dict, dict, dict]:
+    """(state dict, diffusers config or {}, ditengine config or {}) from a path, a directory, or a dict."""
     if isinstance(source, dict):
         state, config = source, {}
     else:
@@ -48,13 +48,14 @@ def _read(source) -> tuple[dict, dict]:
             state, config = _read_file(path), {}
         else:
             raise FileNotFoundError(f"checkpoint {path} does not exist")
+    own_config = state.get("config") if isinstance(state.get("config"), dict) else {}  # ditengine.train's
     for wrapper in ("ema", "model", "state_dict"):  # training checkpoints keep the weights one level down
         if wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
             break
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("checkpoint: expected a state dict of tensors (or one under 'ema' / 'model')")
-    return dict(state), config
+    return dict(state), config, own_config
 
 
 def _is_diffusers(state: dict) -> bool:
@@ -168,11 +169,12 @@ def load_state(model: DiT, state: dict) -> DiT:
 
 
 def load_checkpoint(source: str | os.PathLike | dict, **config_overrides) -> DiT:
-    """A DiT from a facebookresearch `.pt` (plain, or under "ema"/"model"), a diffusers directory,
-    safetensors file or state dict. The model is float32 on the CPU; `.to()` it where it should run."""
-    state, dconfig = _read(source)
-    diffusers = _is_diffusers(state)
-    if diffusers:
+    """A DiT from a facebookresearch `.pt` (plain, or under "ema"/"model"; a "config" dict beside them, as
+    `ditengine.train` writes, is used), a diffusers directory, safetensors file or state dict. The model
+    is float32 on the CPU; `.to()` it where it should run."""
+    state, dconfig, own_config = _read(source)
+    config_overrides = {**own_config, **config_overrides}
+    if _is_diffusers(state):
         state = convert_diffusers(state)
         config_overrides = {**_diffusers_fields(dconfig), **config_overrides}
     cfg = infer_config(state, **config_overrides)

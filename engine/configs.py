@@ -32,7 +32,7 @@ class DiTConfig:
     num_heads: int = 16
     mlp_ratio: float = 4.0
     num_classes: int = 1000
-    class_dropout_prob: float = 0.1  # training only; the null label (id = num_classes) always exists
+    class_dropout_prob: float = 0.1  # training's label dropout; the null label (id = num_classes) always exists
     learn_sigma: bool = True
     timestep_freq_shift: int = 0     # 0: facebookresearch/DiT, 1: diffusers
     mlp_norm_eps: float = 1e-6       # 1e-6: facebookresearch/DiT, 1e-5: diffusers

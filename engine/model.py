@@ -78,17 +78,14 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with one extra row, the null label `num_classes`, for classifier-free guidance."""
+    """Class embedding with one extra row, the null label `num_classes`, for classifier-free guidance.
+    (Training drops labels to the null label itself; see `ditengine.train`.)"""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.num_classes, self.dropout_prob = cfg.num_classes, cfg.class_dropout_prob
         self.embedding_table = nn.Embedding(cfg.num_classes + 1, cfg.hidden_size)
 
-    def forward(self, y, force_drop: torch.Tensor | None = None):
-        if self.training and self.dropout_prob > 0 or force_drop is not None:
-            drop = force_drop if force_drop is not None else torch.rand(y.shape, device=y.device) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+    def forward(self, y):
         return self.embedding_table(y)  # (B, D)
 
 
