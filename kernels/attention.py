@@ -120,9 +120,10 @@ _attention_fwd_autotuned = (
     if hasattr(triton, "autotune") else None
 )
 
-# The pinned config: what tests use (autotuning there would time every config) and what the interpreter
-# runs (small tiles keep it fast).
+# The pinned configs: what tests use (autotuning there would time every config), what fp32 (a checking
+# precision) always uses, and what the interpreter runs (small tiles keep it fast).
 PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+PINNED_GPU_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)  # fp32 tiles are twice the bytes
 PINNED_INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32)
 
 
@@ -150,11 +151,14 @@ def _launch(q, k, v, out, softmax_scale, head_split):
     args = (q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             H, T_Q, T_K, softmax_scale * math.log2(math.e))
     meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
-    if q.device.type == "cuda" and autotune_enabled():
+    if q.device.type == "cuda" and autotune_enabled() and q.dtype != torch.float32:
         grid = lambda cfg: (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)  # noqa: E731
         _attention_fwd_autotuned[grid](*args, **meta)
     else:
-        pinned = PINNED_GPU if q.device.type == "cuda" else PINNED_INTERPRETER
+        if q.device.type != "cuda":
+            pinned = PINNED_INTERPRETER
+        else:
+            pinned = PINNED_GPU_FP32 if q.dtype == torch.float32 else PINNED_GPU
         _attention_fwd_kernel[(triton.cdiv(T_Q, pinned["BLOCK_M"]), B * H)](*args, **meta, **pinned)
 
 
