@@ -44,13 +44,14 @@ def test_module_entry_points():
 
 
 def test_kernel_benchmarks_run_on_cpu(tmp_path, capsys):
-    from ditengine.bench import adaln, attention, scheduler_step
-    for module in (adaln, scheduler_step, attention):
+    from ditengine.bench import adaln, attention, mlp_epilogue, scheduler_step
+    for module in (adaln, scheduler_step, attention, mlp_epilogue):
         assert module.main(["--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "GPU figures need a GPU" in printed and "| gated_residual_adaln B=2 T=64 D=1152 | float32 | eager |" in printed
     assert "| B=1 H=2 T=64 Dh=64 | float32 | sdpa-math |" in printed and "| 1.00x |" in printed
-    assert len(list(tmp_path.glob("*.json"))) == 4
+    assert "| fc1 128 tokens 1152->4608 | float32 | fused epilogue |" in printed
+    assert len(list(tmp_path.glob("*.json"))) == 5
 
 
 def test_every_kernel_compiles_for_the_h100_without_a_gpu(tmp_path):
