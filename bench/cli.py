@@ -33,9 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ditengine as de
-from ditengine.model import guide
-from ditengine.sampling import guided_labels
-from ditengine.schedulers import COL
+from ditengine.sampling import denoise_step, guided_labels
 
 from .timing import environment, measure
 
@@ -64,21 +62,10 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(ref.double().pow(2).sum().item() / noise)
 
 
-def reference_step(model, sched, x, labels, cfg_scale, dtype, i=0):
+def reference_step(model, sched, x, labels, cfg_scale, i=0):
     """One eager step as `ditengine.sample` runs it; returns a closure (the state is not advanced)."""
-    use_cfg = cfg_scale != 1.0
-    y = guided_labels(labels, model.config.num_classes, use_cfg)
-    k = model.config.in_channels
-
-    def step():
-        x_in = x * sched.table[i, COL["c_in"]]
-        x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
-        out = model(x_in.to(dtype), sched.timesteps[i].expand(len(x_in)), y).float()
-        if use_cfg:
-            out = guide(out, cfg_scale, k)[: len(x)]
-        return sched.step(i, x, out)
-
-    return step
+    y = guided_labels(labels, model.config.num_classes, cfg_scale != 1.0)
+    return lambda: denoise_step(model, sched, i, x, y, cfg_scale, model.config.in_channels)
 
 
 class Variant:
@@ -100,7 +87,7 @@ class Variant:
                 model = torch.compile(model, mode="max-autotune")
             self.model = model
             x = noise * self.sched.init_noise_sigma
-            self.step = reference_step(model, self.sched, x, labels, args.cfg_scale, self.dtype)
+            self.step = reference_step(model, self.sched, x, labels, args.cfg_scale)
             with torch.inference_mode():
                 self.step()  # compile (or warm) here, so setup_s carries the compile time
         else:

@@ -74,9 +74,6 @@ class DiTConfig:
         fields.update(overrides)
         return cls(**fields)
 
-    def replace(self, **changes) -> "DiTConfig":
-        return dataclasses.replace(self, **changes)
-
 
 def available() -> list[str]:
     return [f"DiT-{s}/{p}" for s in _SIZES for p in (2, 4, 8)]

@@ -190,10 +190,6 @@ class _Plan:
         elif s.cuda_graph == "loop":
             self.runner = GraphRunner(lambda: [self.step_body(i) for i in range(S)], dev, s.pool)
 
-    @property
-    def capture_s(self) -> float:
-        return self.runner.capture_s if self.runner is not None else 0.0
-
     def noise_for(self, step: int | torch.Tensor):
         s = self.sampler
         if self.noise is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 
 import torch
 
@@ -37,7 +36,6 @@ class GraphRunner:
     def __init__(self, body, device: torch.device, pool=None, capture: bool = True):
         self.body = body
         self.graph = None
-        self.capture_s = 0.0
         if not capture:
             return
         if device.type != "cuda":
@@ -46,7 +44,6 @@ class GraphRunner:
         if not graphs_enabled():
             _log_eager("DITENGINE_CUDA_GRAPHS=0")
             return
-        start = time.perf_counter()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
@@ -56,11 +53,6 @@ class GraphRunner:
         with torch.cuda.graph(self.graph, pool=pool):
             body()
         torch.cuda.synchronize(device)
-        self.capture_s = time.perf_counter() - start
-
-    @property
-    def captured(self) -> bool:
-        return self.graph is not None
 
     def __call__(self) -> None:
         if self.graph is not None:

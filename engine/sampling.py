@@ -49,6 +49,20 @@ def guided_labels(class_labels: torch.Tensor, num_classes: int, use_cfg: bool) -
     return torch.cat([class_labels.long(), torch.full_like(class_labels.long(), num_classes)])  # (2B,)
 
 
+def denoise_step(model: DiT, sched: Scheduler, i: int, x: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                 guided_channels: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One reference step: the model on the (CFG-doubled when `y` is twice the batch) scaled input, guidance,
+    then `sched.step`. x (B, C, H, W) fp32 -> x_next."""
+    x_in = x * sched.table[i, COL["c_in"]]
+    use_cfg = len(y) == 2 * len(x)
+    if use_cfg:
+        x_in = torch.cat([x_in, x_in])
+    out = model(x_in.to(next(model.parameters()).dtype), sched.timesteps[i].expand(len(x_in)), y).float()
+    if use_cfg:
+        out = guide(out, cfg_scale, guided_channels)[: len(x)]
+    return sched.step(i, x, out, noise=noise)
+
+
 @torch.no_grad()
 def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torch.Tensor, cfg_scale: float = 4.0,
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
@@ -74,18 +88,10 @@ def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torc
     cfg = model.config
     use_cfg = cfg_scale != 1.0
     k = cfg.in_channels if guided_channels is None else guided_channels
-    dtype = next(model.parameters()).dtype
     sched.to(noise.device).reset()
     y = guided_labels(class_labels, cfg.num_classes, use_cfg)
     x = noise.float() * sched.init_noise_sigma  # (B, C, H, W), the sampler's state stays fp32
     for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
-        x_in = x * sched.table[i, COL["c_in"]]
-        if use_cfg:
-            x_in = torch.cat([x_in, x_in])
-        t = sched.timesteps[i].expand(len(x_in))
-        out = model(x_in.to(dtype), t, y).float()
-        if use_cfg:
-            out = guide(out, cfg_scale, k)[: len(x)]
-        x = sched.step(i, x, out, noise=draw_noise(sched, i, x, generator))
+        x = denoise_step(model, sched, i, x, y, cfg_scale, k, draw_noise(sched, i, x, generator))
     return x
 
