@@ -159,6 +159,12 @@ def main(argv=None) -> int:
     sched = de.schedulers.DDIM(args.steps, timestep_spacing="trailing", clip_sample=False).to(device)
     weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize
     results = []
+    report = {"env": environment(device), "model": args.model, "config": cfg.__dict__, "args": vars(args),
+              "scheduler": repr(sched), "flops_per_step": {b: dit_flops(cfg, b * 2) for b in batches},
+              "results": results}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f"bench-partial-{time.strftime('%Y%m%d-%H%M%S')}.json"
     bar = tqdm(total=len(args.variants) * len(batches), desc="benchmark", leave=False)
     for batch in batches:
         g = torch.Generator(device).manual_seed(args.seed)
@@ -194,11 +200,11 @@ def main(argv=None) -> int:
             })
             bar.update()
             del variant
+            report["results"] = results
+            partial.write_text(json.dumps(report, indent=2, default=str))  # survives a run cut short
     bar.close()
-    report = {"env": environment(device), "model": args.model, "config": cfg.__dict__, "args": vars(args),
-              "scheduler": repr(sched), "flops_per_step": {b: dit_flops(cfg, b * 2) for b in batches},
-              "results": results}
-    write_report(report, Path(args.out))
+    write_report(report, out_dir)
+    partial.unlink()
     return 0
 
 

@@ -27,6 +27,7 @@ def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypa
     assert by[("fused+precond", 1)]["conditioning"] == "precomputed" and by[("fused", 1)]["conditioning"] == "per-step"
     for ext in ("csv", "md", "png"):
         assert len(list(tmp_path.glob(f"bench-*.{ext}"))) == 1
+    assert not list(tmp_path.glob("bench-partial-*"))  # the partial file is replaced by the full report
 
 
 def test_flops_match_the_design_figure():
