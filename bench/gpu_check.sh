@@ -36,7 +36,7 @@ stage bench-attention 80 "$PY" -m ditengine.bench.attention --out "$OUT"
 stage bench-adaln 50 "$PY" -m ditengine.bench.adaln --out "$OUT"
 stage bench-scheduler-step 30 "$PY" -m ditengine.bench.scheduler_step --out "$OUT"
 stage bench-mlp-epilogue 30 "$PY" -m ditengine.bench.mlp_epilogue --out "$OUT"
-stage bench-ladder-compile 100 "$PY" -m ditengine.bench --model DiT-XL/2 --image-size 256 --batch 1,8 \
+stage bench-ladder-compile 120 "$PY" -m ditengine.bench --model DiT-XL/2 --image-size 256 --batch 1,8 \
     --dtype bf16 --steps 50 --variants compile --out "$OUT"
 echo "--- summary"; cat "$OUT/summary.txt"
 echo "--- gpu tests"; tail -n 15 "$OUT/gpu-tests.log"

@@ -42,7 +42,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 class GaussianDiffusion:
     """The training side of the DDPM schedule: noising and the learned-variance bound (float64 tables)."""
 
-    def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS):
+    def __init__(self, num_timesteps: int = NUM_TRAIN_TIMESTEPS, device: torch.device | str = "cpu"):
         betas = make_betas(num_timesteps, 1e-4, 0.02, "linear")
         a = np.cumprod(1 - betas)
         a_prev = np.append(1.0, a[:-1])
@@ -53,10 +53,10 @@ class GaussianDiffusion:
             post_logvar=np.log(np.append(posterior_var[1], posterior_var[1:])),
             post_c0=betas * np.sqrt(a_prev) / (1 - a), post_ct=(1 - a_prev) * np.sqrt(1 - betas) / (1 - a),
         )
-        self.tables = {k: torch.tensor(v, dtype=torch.float32) for k, v in tables.items()}
+        self.tables = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in tables.items()}
 
     def at(self, name, t, like):
-        return self.tables[name].to(like.device)[t].view(-1, *[1] * (like.dim() - 1))
+        return self.tables[name][t].view(-1, *[1] * (like.dim() - 1))
 
     def q_sample(self, x0, t, noise):
         return self.at("sqrt_a", t, x0) * x0 + self.at("sqrt_1ma", t, x0) * noise
@@ -164,7 +164,7 @@ def train(args) -> Path:
         opt.load_state_dict(ckpt["opt"])
         step, seconds_before = ckpt["step"], ckpt.get("train_seconds", 0.0)
     net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    diffusion = GaussianDiffusion()
+    diffusion = GaussianDiffusion(device=device)
     shard = args.batch_size // world
 
     def seconds():
