@@ -38,6 +38,17 @@ def test_fused_forward_matches_reference_in_fp32_through_the_kernels(name, overr
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
 
 
+def test_fused_forward_compiles_as_one_graph(reference_ops):
+    """The kernels are torch.library ops: torch.compile traces the fused forward without a graph break."""
+    model = model_for("DiT-T/2")
+    fast = FastDiT(model, torch.float32)
+    x, y = draw()
+    block_mod, final_mod = fast.modulation(fast.conditioning(torch.tensor([3.0, 500.0]), y))
+    compiled = torch.compile(fast.forward, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, block_mod, final_mod), fast.forward(x, block_mod, final_mod))
+
+
 def test_fp16_forward_within_tolerance_with_fp32_residual():
     model = model_for("DiT-T/2")
     fast = FastDiT(model, torch.float16)
