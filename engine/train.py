@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .configs import DiTConfig
 from .data import load_dataset
+from .distributed import close_distributed, init_distributed
 from .model import DiT
 from .schedulers import make_betas
 
@@ -136,16 +136,7 @@ def build_model(args, data) -> DiT:
 
 def train(args) -> Path:
     """Run (or resume) training; returns the checkpoint path."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank, world = 0, 1
-    device = torch.device(args.device)
-    if distributed:
-        use_nccl = device.type == "cuda"
-        dist.init_process_group("nccl" if use_nccl else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if use_nccl:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
+    device, rank, world = init_distributed(torch.device(args.device))
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     data = load_dataset(args.data)
@@ -163,7 +154,7 @@ def train(args) -> Path:
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
         step, seconds_before = ckpt["step"], ckpt.get("train_seconds", 0.0)
-    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     diffusion = GaussianDiffusion(device=device)
     shard = args.batch_size // world
 
@@ -205,9 +196,7 @@ def train(args) -> Path:
                               "steps": step, "train_seconds": round(seconds(), 1), "device": str(device),
                               "processes": world, "torch": str(torch.__version__)}},
                     Path(args.export))
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
+    close_distributed()
     return path
 
 
