@@ -6,6 +6,7 @@ array of images (N, H, W) or (N, C, H, W) (labels from a `.npz` with `images` an
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,9 @@ def _dataset(images: np.ndarray, labels: np.ndarray, names: list[str], max_value
     return Dataset(_scaled(images, max_value), labels, max(len(names), int(labels.max()) + 1), names)
 
 
+@functools.lru_cache(maxsize=1)
 def digits() -> Dataset:
+    """The 1,797 digits (cached: the quality check and the classifier read them on every call)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()

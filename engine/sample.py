@@ -1,20 +1,25 @@
 """`python -m ditengine.sample`: class-conditional samples to a labelled PNG grid (and a .npy).
 
 Uses the shipped digits model by default. Under `torchrun` the seeds are sharded over the processes and
-gathered; the samples equal a single process's for the same seeds. (Run as a module only: inside the
-package, `ditengine.sample` is the sampling function.)
+gathered; the samples equal a single process's for the same seeds.
+
+`ditengine.sample` is also the sampling function. Importing this module rebinds the package attribute
+to the module, so the module is made callable and forwards to `ditengine.sampling.sample`:
+`ditengine.sample(model, ...)` works either way.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from .distributed import close_distributed, init_distributed
 from .generate import SCHEDULERS, generate, load_model, make_scheduler
+from .sampling import sample as _sample
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,12 +62,7 @@ def save_grid(samples: torch.Tensor, labels: list[int], names: list[str], path: 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device(args.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device, rank, _ = init_distributed(torch.device(args.device))
     model = load_model(args.checkpoint).to(device)
     classes = model.config.num_classes
     wanted = [int(v) for v in args.labels.split(",")] if args.labels else list(range(classes))
@@ -73,17 +73,23 @@ def main(argv=None) -> int:
     sched = make_scheduler(args.scheduler, args.steps, model)
     samples = generate(model, sched, labels, seed=args.seed, cfg_scale=args.cfg_scale, backend=args.backend,
                        dtype=DTYPES[args.dtype], batch_size=args.batch_size)
-    if not distributed or dist.get_rank() == 0:
+    if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out.with_suffix(".npy"), samples.numpy())
         save_grid(samples, labels.tolist(), [str(i) for i in range(classes)], out, columns=args.per_class)
         print(f"wrote {out} and {out.with_suffix('.npy')} ({len(samples)} samples, {args.scheduler}, "
               f"{args.steps} steps, cfg {args.cfg_scale}, {args.backend})")
-    if distributed:
-        dist.destroy_process_group()
+    close_distributed()
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return _sample(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -117,6 +117,10 @@ def test_two_gloo_processes_train_and_sample_like_one(tmp_path):
 
 def test_sample_cli_writes_grid_and_npy(tmp_path, capsys):
     from ditengine.sample import main
+
+    model = de.load_pretrained("digits")
+    x = de.sample(model, de.schedulers.DDIM(2), torch.randn(1, 1, 8, 8), torch.tensor([3]), progress=False)
+    assert x.shape == (1, 1, 8, 8)  # importing the CLI module leaves `ditengine.sample` callable
     assert main(["--per-class", "1", "--steps", "3", "--out", str(tmp_path / "grid.png"), "--labels", "1,2"]) == 0
     samples = np.load(tmp_path / "grid.npy")
     assert samples.shape == (2, 1, 8, 8) and (tmp_path / "grid.png").stat().st_size > 1000
