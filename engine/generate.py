@@ -37,10 +37,21 @@ def load_model(checkpoint: str) -> DiT:
     return load_pretrained(checkpoint) if (WEIGHTS / f"{checkpoint}.pt").exists() else load_checkpoint(checkpoint)
 
 
-def make_scheduler(name: str, steps: int, model: DiT) -> S.Scheduler:
-    """The engine's schedulers, set up for a DiT trained on the 1000-step linear schedule (or flow)."""
+DDIM_CLIPS = ("paper", "diffusers", "none")
+
+
+def make_scheduler(name: str, steps: int, model: DiT, ddim_clip: str = "paper") -> S.Scheduler:
+    """The engine's schedulers, set up for a DiT trained on the 1000-step linear schedule (or flow).
+
+    `ddim_clip`: "paper" clips x0 and re-derives the noise from it (DDIM's and facebookresearch/DiT's form,
+    the default), "diffusers" clips x0 but keeps the unclipped noise (diffusers' default, which breaks
+    down under strong guidance: see `ditengine.schedulers.DDIM`), "none" does not clip.
+    """
+    if ddim_clip not in DDIM_CLIPS:
+        raise ValueError(f"ddim_clip={ddim_clip!r}: expected one of {DDIM_CLIPS}")
     if name == "ddim":
-        return S.DDIM(steps, timestep_spacing="trailing", clip_sample=True)
+        return S.DDIM(steps, timestep_spacing="trailing", clip_sample=ddim_clip != "none",
+                      use_clipped_model_output=ddim_clip == "paper")
     if name == "ddpm":
         variance = "learned_range" if model.config.learn_sigma else "fixed_small"
         return S.DDPM(steps, variance_type=variance, timestep_spacing="trailing")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .distributed import close_distributed, init_distributed
-from .generate import SCHEDULERS, generate, load_model, make_scheduler
+from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler
 from .sampling import sample as _sample
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,6 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg-scale", type=float, default=2.0)
+    p.add_argument("--ddim-clip", choices=DDIM_CLIPS, default="paper",
+                   help="how DDIM clips (see ditengine.schedulers.DDIM; default: %(default)s)")
     p.add_argument("--labels", help="comma-separated class ids (default: every class)")
     p.add_argument("--per-class", type=int, default=8, help="samples per label")
     p.add_argument("--seed", type=int, default=0)
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"--labels: {bad} outside the model's classes 0..{classes - 1}")
     labels = torch.tensor(wanted).repeat_interleave(args.per_class)
-    sched = make_scheduler(args.scheduler, args.steps, model)
+    sched = make_scheduler(args.scheduler, args.steps, model, args.ddim_clip)
     samples = generate(model, sched, labels, seed=args.seed, cfg_scale=args.cfg_scale, backend=args.backend,
                        dtype=DTYPES[args.dtype], batch_size=args.batch_size)
     if rank == 0:

@@ -220,15 +220,31 @@ class DDPM(Scheduler):
 class DDIM(Scheduler):
     """DDIM (Song et al. 2021), as diffusers' `DDIMScheduler`, with `eta` for the stochastic variant.
 
+    Clipping (`clip_sample=True`, diffusers' default) clamps the predicted x0 to [-clip_sample_range,
+    clip_sample_range]. What the update then points along is `use_clipped_model_output`:
+
+    - False (diffusers' default): the direction term uses the model's own, *unclipped* noise estimate, so
+      clipped x0 and the noise it is combined with disagree. Guidance pushes the estimate far out, and the
+      disagreement grows with cfg: the shipped digits model (50 steps, 200 samples) falls to 77% conditional
+      accuracy at cfg 2 and 8.5% at cfg 4.
+    - True (the DDIM paper's and facebookresearch/DiT's `ddim_sample`): the noise is re-derived from the
+      clipped x0, eps = (x - sqrt(a_t) x0) / sqrt(1 - a_t), so the step stays on the line through x and
+      x0. The same model gives 100% at cfg 2 and cfg 4 (as does sampling without clipping).
+
+    It equals diffusers' `DDIMScheduler.step(..., use_clipped_model_output=True)`; being part of the
+    precomputed table, it is a constructor argument here, not a `step` argument.
+
     Unlike diffusers, the previous timestep is the next entry of `timesteps`, not `t - T // N`: the two
     agree for uniform spacings ("leading", and "trailing" when N divides T) and diffusers is wrong for the
     others ("linspace"), where it steps to timesteps the schedule never visits.
     """
 
     def __init__(self, num_inference_steps: int = 50, *, eta: float = 0.0, clip_sample: bool = True,
-                 clip_sample_range: float = 1.0, set_alpha_to_one: bool = True, **kwargs):
+                 clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
+                 use_clipped_model_output: bool = False, **kwargs):
         self.eta, self.clip_sample, self.clip_sample_range = eta, clip_sample, clip_sample_range
         self.set_alpha_to_one = set_alpha_to_one
+        self.use_clipped_model_output = use_clipped_model_output
         super().__init__(num_inference_steps, **kwargs)
 
     def _rows(self):
@@ -242,8 +258,14 @@ class DDIM(Scheduler):
             (p, q), (ex, em) = vp_prediction_coefs(self.prediction_type, a_t)
             std = self.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
             direction = math.sqrt(max(1 - a_prev - std**2, 0.0))
-            rows.append(self._row(p=p, q=q, clip=self.clip_sample_range if self.clip_sample else math.inf,
-                                  r=math.sqrt(a_prev), s=direction * ex, w=direction * em, u=std))
+            clip = self.clip_sample_range if self.clip_sample else math.inf
+            if self.use_clipped_model_output:  # eps = (x - sqrt(a_t) x0) / sqrt(1 - a_t) folds into r and s
+                sa, sb = math.sqrt(a_t), math.sqrt(1 - a_t)
+                rows.append(self._row(p=p, q=q, clip=clip, r=math.sqrt(a_prev) - direction * sa / sb,
+                                      s=direction / sb, u=std))
+            else:
+                rows.append(self._row(p=p, q=q, clip=clip, r=math.sqrt(a_prev), s=direction * ex,
+                                      w=direction * em, u=std))
         return ts, rows, 1.0
 
 

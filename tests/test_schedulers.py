@@ -5,8 +5,12 @@ import torch
 import ditengine as de
 from ditengine.schedulers import COL
 
-diffusers = pytest.importorskip("diffusers")
 S = de.schedulers
+
+
+@pytest.fixture
+def diffusers():
+    return pytest.importorskip("diffusers")
 
 # (ours, diffusers class, shared kwargs, diffusers-only step kwargs)
 CASES = [
@@ -32,7 +36,7 @@ CASES = [
 ]
 
 
-def diffusers_trajectory(theirs, ours, seed=0, C=4, learned=False):
+def diffusers_trajectory(theirs, ours, seed=0, C=4, learned=False, output_scale=1.0):
     """Run both schedulers over a whole trajectory on the same model outputs and noise."""
     theirs.set_timesteps(len(ours))
     g = torch.Generator().manual_seed(seed)
@@ -40,15 +44,15 @@ def diffusers_trajectory(theirs, ours, seed=0, C=4, learned=False):
     x_theirs = x_ours.clone()
     worst = 0.0
     for i, t in enumerate(theirs.timesteps):
-        m = torch.randn(2, 2 * C if learned else C, 8, 8, generator=g)
+        m = torch.randn(2, 2 * C if learned else C, 8, 8, generator=g) * output_scale
         m[:, C:] = m[:, C:].tanh()
         z = torch.randn(2, C, 8, 8, generator=torch.Generator().manual_seed(1000 + i))
         kwargs = {}
-        if isinstance(theirs, diffusers.DDPMScheduler):
+        if type(theirs).__name__ == "DDPMScheduler":
             kwargs["generator"] = torch.Generator().manual_seed(1000 + i)  # draws exactly z
-        elif isinstance(theirs, diffusers.DDIMScheduler):
-            kwargs = dict(eta=ours.eta, variance_noise=z)
-        if hasattr(theirs, "scale_model_input") and isinstance(theirs, diffusers.EulerDiscreteScheduler):
+        elif type(theirs).__name__ == "DDIMScheduler":
+            kwargs = dict(eta=ours.eta, variance_noise=z, use_clipped_model_output=ours.use_clipped_model_output)
+        if type(theirs).__name__ == "EulerDiscreteScheduler":
             theirs.scale_model_input(x_theirs, t)
         x_theirs = theirs.step(m, t, x_theirs, **kwargs).prev_sample
         x_ours = ours.step(i, x_ours, m, noise=z)
@@ -58,7 +62,7 @@ def diffusers_trajectory(theirs, ours, seed=0, C=4, learned=False):
 
 @pytest.mark.parametrize("ours_name, theirs_name, kwargs, steps", CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_matches_diffusers_over_a_trajectory(ours_name, theirs_name, kwargs, steps):
+def test_matches_diffusers_over_a_trajectory(diffusers, ours_name, theirs_name, kwargs, steps):
     theirs = getattr(diffusers, theirs_name)(**{k: v for k, v in kwargs.items() if k != "eta"})
     ours = getattr(S, ours_name)(steps, **kwargs)
     theirs.set_timesteps(steps)
@@ -68,9 +72,27 @@ def test_matches_diffusers_over_a_trajectory(ours_name, theirs_name, kwargs, ste
     assert diffusers_trajectory(theirs, ours, learned=learned) <= 1e-5
 
 
+@pytest.mark.parametrize("eta, spacing", [(0.0, "leading"), (0.0, "trailing"), (0.5, "leading"), (1.0, "trailing")])
+def test_ddim_clipped_model_output_matches_diffusers(diffusers, eta, spacing):
+    """The DDIM paper's clipping: the noise is re-derived from the clipped x0, as diffusers' step does with
+    use_clipped_model_output=True. Model outputs of scale 3 push x0 far past the clip range."""
+    kwargs = dict(clip_sample=True, timestep_spacing=spacing)
+    ours = S.DDIM(50, eta=eta, use_clipped_model_output=True, **kwargs)
+    assert diffusers_trajectory(diffusers.DDIMScheduler(**kwargs), ours, output_scale=3.0) <= 1e-5
+    # Clipping acted, and the two clipping modes differ: otherwise the comparison above proves nothing.
+    x, m = torch.randn(2, 4, 8, 8), 3 * torch.randn(2, 4, 8, 8)
+    p, q = ours.table[0, COL["p"]], ours.table[0, COL["q"]]
+    assert (p * x + q * m).abs().max() > 2 * ours.clip_sample_range
+    unclipped_eps = S.DDIM(50, eta=eta, **kwargs)
+    assert not torch.allclose(ours.step(0, x, m, noise=torch.zeros_like(x)),
+                              unclipped_eps.step(0, x, m, noise=torch.zeros_like(x)))
+    converted = S.from_diffusers(diffusers.DDIMScheduler(**kwargs), 50, eta=eta, use_clipped_model_output=True)
+    assert torch.equal(converted.table, ours.table)
+
+
 @pytest.mark.parametrize("ours_name, theirs_name, kwargs, steps", CASES[:3] + CASES[9:10] + CASES[12:13] + CASES[16:17],
                          ids=lambda v: str(v) if isinstance(v, str) else None)
-def test_from_diffusers_builds_the_same_table(ours_name, theirs_name, kwargs, steps):
+def test_from_diffusers_builds_the_same_table(diffusers, ours_name, theirs_name, kwargs, steps):
     theirs = getattr(diffusers, theirs_name)(**kwargs)
     converted = S.from_diffusers(theirs, steps)
     direct = getattr(S, ours_name)(steps, **kwargs)
@@ -78,7 +100,7 @@ def test_from_diffusers_builds_the_same_table(ours_name, theirs_name, kwargs, st
     assert torch.equal(converted.table, direct.table) and torch.equal(converted.timesteps, direct.timesteps)
 
 
-def test_from_diffusers_overrides_and_refusals():
+def test_from_diffusers_overrides_and_refusals(diffusers):
     ddim = S.from_diffusers(diffusers.DDIMScheduler(), 20, eta=0.5)
     assert ddim.eta == 0.5 and ddim.needs_noise[0]
     with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
@@ -105,8 +127,11 @@ def test_ddim_nonuniform_spacing_follows_the_closed_form():
         got = sched.step(i, x.float(), eps.float())
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
         x = expected
-    diff = S.from_diffusers(diffusers.DDIMScheduler(timestep_spacing="linspace"), 7)
-    assert torch.equal(diff.timesteps, sched.timesteps)
+
+
+def test_ddim_nonuniform_spacing_converts_from_diffusers(diffusers):
+    converted = S.from_diffusers(diffusers.DDIMScheduler(timestep_spacing="linspace"), 7)
+    assert torch.equal(converted.timesteps, S.DDIM(7, timestep_spacing="linspace").timesteps)
 
 
 def test_step_never_syncs_with_the_host():
