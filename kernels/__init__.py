@@ -3,12 +3,12 @@
 Each op dispatches on the device of its inputs: CUDA tensors launch the Triton kernel; CPU tensors run
 the PyTorch reference, or the Triton interpreter when `TRITON_INTERPRET=1` is set before import.
 """
-from ._backend import interpreting, triton_available, triton_mode
+from ._backend import interpreter_numpy_bug, interpreting, triton_available, triton_mode
 from .attention import attention, attention_ref
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 
 __all__ = [
     "attention", "attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
-    "scheduler_step", "scheduler_step_ref", "interpreting", "triton_available", "triton_mode",
+    "scheduler_step", "scheduler_step_ref", "interpreter_numpy_bug", "interpreting", "triton_available", "triton_mode",
 ]

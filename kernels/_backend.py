@@ -65,6 +65,27 @@ def use_triton(op: str, *tensors: torch.Tensor) -> bool:
     return choice.startswith("triton")
 
 
+def interpreter_numpy_bug(triton_version: str | None = None, numpy_version: str | None = None) -> str | None:
+    """Why Triton's interpreter fails here, when it is the known Triton < 3.7 bug under numpy >= 2.4 (its
+    error: "only 0-dimensional arrays can be converted to Python scalars"); None when that pair is absent."""
+    import numpy
+
+    if triton_version is None:
+        if not triton_available():
+            return None
+        triton_version = triton.__version__
+    numpy_version = numpy_version or numpy.__version__
+
+    def major_minor(version: str) -> tuple[int, int]:
+        major, minor = version.split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter fails under numpy {numpy_version} (fixed in Triton 3.7): "
+                "only 0-dimensional arrays can be converted to Python scalars")
+    return None
+
+
 def triton_mode() -> str:
     if not triton_available():
         return "unavailable"

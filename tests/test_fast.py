@@ -170,7 +170,7 @@ def test_gpu_graph_paths_equal_eager_bitwise(make):
 
 def test_accelerate_matches_the_diffusers_pipeline(reference_ops):
     diffusers = pytest.importorskip("diffusers")
-    from test_model import tied_diffusers_dit
+    from diffusers_models import tied_diffusers_dit
 
     transformer = tied_diffusers_dit(num_classes=1000)  # DiTPipeline's null label is 1000
     vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,

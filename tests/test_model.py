@@ -4,25 +4,7 @@ import torch
 import ditengine as de
 from ditengine.model import sincos_pos_embed, timestep_embedding
 
-diffusers = pytest.importorskip("diffusers")
-
-
-def tied_diffusers_dit(sample_size=8, heads=2, head_dim=16, layers=2, learn_sigma=True, seed=0, num_classes=10):
-    """A random diffusers DiT whose per-block embedders are tied, as in every converted DiT checkpoint."""
-    torch.manual_seed(seed)
-    model = diffusers.DiTTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=8 if learn_sigma else 4,
-        num_layers=layers, sample_size=sample_size, patch_size=2, num_embeds_ada_norm=num_classes).eval()
-    first = model.transformer_blocks[0].norm1.emb.state_dict()
-    for block in model.transformer_blocks[1:]:
-        block.norm1.emb.load_state_dict(first)
-    return model
-
-
-def inputs(batch=3, size=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, size, size, generator=g), torch.tensor([3.0, 500.0, 999.0])[:batch],
-            torch.tensor([1, 5, 10])[:batch])
+from diffusers_models import inputs, tied_diffusers_dit
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False])
@@ -68,7 +50,7 @@ def test_facebook_checkpoint_roundtrip(tmp_path):
 
 
 def test_pos_embed_matches_diffusers_table():
-    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+    get_2d_sincos_pos_embed = pytest.importorskip("diffusers.models.embeddings").get_2d_sincos_pos_embed
     for dim, grid in ((32, 4), (1152, 16)):
         theirs = torch.as_tensor(get_2d_sincos_pos_embed(dim, grid, base_size=grid, output_type="pt")).float()
         torch.testing.assert_close(sincos_pos_embed(dim, grid), theirs)
