@@ -81,6 +81,17 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def format_kernel_row(r: dict, metric: str, baseline: str | None) -> str:
+    if "error" in r:
+        return f"| {r['shape']} | {r['dtype']} | {r['provider']} | unsupported: {r['error']} | | | | |"
+    if metric == "bandwidth":
+        return (f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
+                f"{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% |")
+    ratio = r.get(f"vs_best_{baseline}")
+    return (f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
+            f"{r['p80_ms']:.4f} | {r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
+
+
 def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", baseline: str | None = None) -> int:
     """Shared driver of the per-op microbenchmarks.
 
@@ -102,6 +113,18 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
         print(f"{name}: no GPU here; GPU figures need a GPU. CPU timings below run small shapes through the "
               "PyTorch reference and say nothing about the kernels' speed.")
     peak = copy_bandwidth(device) if metric == "bandwidth" else None
+    env = environment(device)
+    print(f"{name} | {env['device']} | torch {env['torch']}, triton {env['triton']}"
+          + (f" | copy bandwidth {peak:.0f} GB/s" if peak else "") + "\n")
+    if metric == "bandwidth":
+        print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
+    else:
+        print(f"| shape | dtype | provider | ms (median) | p20 | p80 | TFLOP/s | vs best {baseline} |")
+        print("|---|---|---|---:|---:|---:|---:|---:|")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     rows = []
     for label, dtype, work, providers in cases(device):
         group = []
@@ -124,29 +147,9 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
             for r in group:
                 if "tflops" in r and best:
                     r[f"vs_best_{baseline}"] = r["tflops"] / best
+        for r in group:  # printed and saved case by case: a run cut short keeps what it measured
+            print(format_kernel_row(r, metric, baseline), flush=True)
         rows.extend(group)
-    env = environment(device)
-    print(f"{name} | {env['device']} | torch {env['torch']}, triton {env['triton']}"
-          + (f" | copy bandwidth {peak:.0f} GB/s" if peak else "") + "\n")
-    if metric == "bandwidth":
-        print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy |")
-        print("|---|---|---|---:|---:|---:|---:|---:|")
-    else:
-        print(f"| shape | dtype | provider | ms (median) | p20 | p80 | TFLOP/s | vs best {baseline} |")
-        print("|---|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | unsupported: {r['error']} | | | | |")
-        elif metric == "bandwidth":
-            print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
-                  f"{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% |")
-        else:
-            ratio = r.get(f"vs_best_{baseline}")
-            print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
-                  f"{r['p80_ms']:.4f} | {r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"env": env, "copy_gb_per_s": peak, "results": rows}, indent=2))
+        path.write_text(json.dumps({"env": env, "copy_gb_per_s": peak, "results": rows}, indent=2))
     print(f"\nresults: {path}")
     return 0
