@@ -92,15 +92,27 @@ struct Elem<c10::Half> {  // fp16: c10's IEEE conversions, correct everywhere; n
   static DITENGINE_INLINE float round(float v) { return static_cast<float>(c10::Half(v)); }
 };
 
-// Number of independent partial sums in a row reduction: one AVX-512 register of fp32. Explicit lanes let
-// the compiler vectorise the sum without reassociating (no -ffast-math), and make the order of additions,
-// hence the bits, the same for every ISA variant and every run.
-constexpr int kLanes = 16;
+// Number of independent partial sums in a row reduction. Explicit lanes let the compiler vectorise the sum
+// without reassociating (no -ffast-math) and make the order of additions, hence the bits, the same for
+// every ISA variant and every run. 64 lanes are 4 AVX-512 or 8 AVX2 accumulators: enough independent
+// chains to hide the add/FMA latency, which 16 lanes (1 or 2 chains) do not.
+constexpr int kLanes = 64;
 
-DITENGINE_INLINE float sum_lanes(const float* acc) {
-  float s = 0.f;
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
+template <int W>
+DITENGINE_INLINE void fold(float* acc) {
+  for (int j = 0; j < W; ++j) acc[j] += acc[j + W];
+}
+
+// Pairwise (tree) sum of the lanes: vectorised halvings of constant width instead of a 64-long chain.
+DITENGINE_INLINE float sum_lanes(float* acc) {
+  static_assert(kLanes == 64, "sum_lanes folds 64 lanes");
+  fold<32>(acc);
+  fold<16>(acc);
+  fold<8>(acc);
+  fold<4>(acc);
+  fold<2>(acc);
+  fold<1>(acc);
+  return acc[0];
 }
 
 }  // namespace cpu

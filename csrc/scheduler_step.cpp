@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -250,5 +251,11 @@ void scheduler_step(const at::Tensor& x, const at::Tensor& model_out, const at::
 
 // The schema is defined in Python (kernels/scheduler_step.py); this adds the CPU kernel.
 TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("scheduler_step", &scheduler_step); }
+
+// No derivative: torch's C++ fallback instead of the Python op's autograd kernel on every CPU call (see
+// adaln.cpp).
+TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
+  m.impl("scheduler_step", torch::autograd::autogradNotImplementedFallback());
+}
 
 }  // namespace ditengine

@@ -85,10 +85,15 @@ def choose(op: str, device: torch.device, backend: str | None = None) -> str:
     """What runs `op` on `device`: "native", "triton", "triton-interpreter", "reference" or "reference (no
     Triton)"; logged once. `backend` None or "auto" is the dispatcher's default; an explicit backend that
     cannot run here raises a ValueError saying why."""
-    backend = backend or "auto"
+    return _choose(op, device.type, backend or "auto")
+
+
+# Cached: what can run is fixed once the extension is loaded and Triton imported (TRITON_INTERPRET must be
+# set before that), and this runs on every call of an op, where Python time is a real share on CPU.
+@functools.lru_cache(maxsize=None)
+def _choose(op: str, device_type: str, backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    device_type = device.type
     if backend == "reference":
         choice = "reference"
     elif backend == "native":

@@ -278,6 +278,17 @@ def test_native_ops_pass_opcheck():
 
 
 @requires_native
+def test_native_ops_have_no_derivative():
+    x, o, (shift, scale, gate, *_) = make_inputs(1, 3, 16, torch.float32)
+    y = adaln_modulate(x.requires_grad_(), shift, scale, backend="native")
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()
+    with torch.no_grad():
+        assert not adaln_modulate(x, shift, scale, backend="native").requires_grad
+
+
+@requires_native
 def test_native_isa_variants_agree(tmp_path):
     """The AVX2 and baseline variants (DITENGINE_ISA caps the choice) against what this CPU picked."""
     code = """
