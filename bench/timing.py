@@ -1,6 +1,7 @@
 """Timing and provenance helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import itertools
 import platform
 import statistics
 import subprocess
@@ -129,6 +130,8 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
     parser.add_argument("--out", default="bench-out", help="directory for the JSON results")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for every provider (torch.set_num_threads); default: torch's")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the first two cases only, few timed rounds (what the tests use)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="CPU runs: wall time, or this process's CPU time (robust on a shared machine; "
                              "use with --threads 1)")
@@ -143,7 +146,7 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     peak = copy_bandwidth(device, clock=clock) if metric == "bandwidth" else None
     rows = []
-    for label, dtype, work, providers in cases(device):
+    for label, dtype, work, providers in itertools.islice(cases(device), 2 if args.quick else None):
         group = []
         for provider, fn in providers.items():
             row = {"op": name, "shape": label, "dtype": str(dtype).removeprefix("torch."), "provider": provider}
@@ -157,7 +160,7 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
             group.append(row)
         if cpu:
             timings = measure_interleaved({r["provider"]: providers[r["provider"]] for r in group if "error" not in r},
-                                          clock=clock)
+                                          clock=clock, **(dict(warmup=1, rounds=3, inner=1) if args.quick else {}))
             for r in group:
                 r.update(timings.get(r["provider"], {}))
         for row in group:

@@ -85,13 +85,13 @@ def choose(op: str, device: torch.device, backend: str | None = None) -> str:
     """What runs `op` on `device`: "native", "triton", "triton-interpreter", "reference" or "reference (no
     Triton)"; logged once. `backend` None or "auto" is the dispatcher's default; an explicit backend that
     cannot run here raises a ValueError saying why."""
-    return _choose(op, device.type, backend or "auto")
+    return _choose(op, device.type, backend or "auto", interpreting())
 
 
-# Cached: what can run is fixed once the extension is loaded and Triton imported (TRITON_INTERPRET must be
-# set before that), and this runs on every call of an op, where Python time is a real share on CPU.
+# Cached: what can run is fixed once the extension is loaded and Triton imported, and this runs on every
+# call of an op, where Python time is a real share on CPU.
 @functools.lru_cache(maxsize=None)
-def _choose(op: str, device_type: str, backend: str) -> str:
+def _choose(op: str, device_type: str, backend: str, interpret: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
@@ -104,7 +104,7 @@ def _choose(op: str, device_type: str, backend: str) -> str:
             raise ValueError(f"backend='native': {op} has no native kernel here: {reason}")
         choice = "native"
     elif backend == "triton":
-        if device_type == "cpu" and not interpreting():
+        if device_type == "cpu" and not interpret:
             raise ValueError("backend='triton' on CPU needs Triton's interpreter: set TRITON_INTERPRET=1 before "
                              "importing ditengine")
         if not triton_available():
@@ -113,9 +113,20 @@ def _choose(op: str, device_type: str, backend: str) -> str:
     elif device_type == "cpu" and _native.serves(op):
         choice = "native"
     else:
-        choice = _python_choice(device_type)
+        choice = _python_choice(device_type)  # what the op's Python implementation will run
     _log_choice(op, device_type, choice)
     return choice
+
+
+def route(op: str, device: torch.device, backend: str | None) -> str:
+    """For the public functions: "op" (call the registered op and let the dispatcher choose) when `backend`
+    is None or "auto", else `choose(op, device, backend)`. Explicit backends are for eager calls (tests,
+    benchmarks); under torch.compile the default path is the op alone, so the graph has no break."""
+    if backend in (None, "auto"):
+        if not torch.compiler.is_compiling():
+            choose(op, device)  # logs once what serves this op on this device
+        return "op"
+    return choose(op, device, backend)
 
 
 def triton_mode() -> str:

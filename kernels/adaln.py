@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import choose, tl, triton, use_triton
+from ._backend import route, tl, triton, use_triton
 from ._checks import check_tensor
 
 MAX_D = 16384
@@ -196,12 +196,11 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     _check_modulation(x, (("shift", shift), ("scale", scale)))
     out_dtype = out_dtype or x.dtype
-    choice = choose("adaln_modulate", x.device, backend)
-    if backend not in (None, "auto"):
-        if choice.startswith("reference"):
-            return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
-        if choice == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
-            return _launch_adaln_modulate(x, shift, scale, float(eps), out_dtype)
+    how = route("adaln_modulate", x.device, backend)
+    if how.startswith("reference"):
+        return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
+    if how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
+        return _launch_adaln_modulate(x, shift, scale, float(eps), out_dtype)
     return _adaln_modulate_op(x, shift, scale, float(eps), out_dtype)
 
 
@@ -220,18 +219,16 @@ def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, s
     check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
     _check_modulation(x, (("gate", gate), ("shift", shift), ("scale", scale)))
     out_dtype = out_dtype or o.dtype
-    op = "gated_residual_adaln_" if inplace else "gated_residual_adaln"
-    choice = choose(op, x.device, backend)
-    if backend not in (None, "auto"):
-        if choice.startswith("reference"):
-            x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
-            if inplace:
-                x.copy_(x_new)
-                return x, y.contiguous()
-            return x_new.contiguous(), y.contiguous()
-        if choice == "triton-interpreter":
-            x_new = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
-            return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, float(eps), out_dtype, x_new)
+    how = route("gated_residual_adaln_" if inplace else "gated_residual_adaln", x.device, backend)
+    if how.startswith("reference"):
+        x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
+        if inplace:
+            x.copy_(x_new)
+            return x, y.contiguous()
+        return x_new.contiguous(), y.contiguous()
+    if how == "triton-interpreter":
+        x_new = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, float(eps), out_dtype, x_new)
     if inplace:
         return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, float(eps), out_dtype)
     return _gated_residual_adaln_op(x, gate, o, shift, scale, float(eps), out_dtype)

@@ -29,7 +29,7 @@ NUM_COLUMNS = len(COLUMNS)
 # The kernel reads a row by fixed offsets in this order.
 if COLUMNS != ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next"):
     raise ImportError("scheduler table columns changed: update _scheduler_step_kernel's row offsets")
-from ._backend import choose, tl, triton, use_triton
+from ._backend import route, tl, triton, use_triton
 from ._checks import check_tensor
 
 BLOCK = 1024
@@ -215,12 +215,12 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
         raise ValueError(f"guided_channels={guided_channels}: expected 0..{C}")
     if out is None:
         out = torch.empty_like(x)
-    choice = choose("scheduler_step", dev, backend)
-    if backend not in (None, "auto") and choice.startswith("reference"):
+    how = route("scheduler_step", dev, backend)
+    if how.startswith("reference"):
         step_ref = step_tensor.reshape(()) if step_tensor is not None else step_int
         scheduler_step_ref(x, model_out, table, step_ref, cfg_scale=cfg_scale, guided_channels=k, history=history,
                            noise=noise, clip=clip, learned_variance=learned_variance, out=out, next_input=next_input)
-    elif backend not in (None, "auto") and choice == "triton-interpreter":  # the CPU slot may be the native kernel
+    elif how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
         _launch(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, cfg_scale, k, clip,
                 learned_variance)
     else:
