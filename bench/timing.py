@@ -1,6 +1,7 @@
 """Timing and provenance helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import itertools
 import platform
 import statistics
 import subprocess
@@ -41,6 +42,32 @@ def measure(fn, device: torch.device, warmup: int = 3, repeats: int = 10) -> dic
     return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[3], "runs": len(times)}
 
 
+def measure_interleaved(providers: dict, warmup: int = 10, rounds: int = 60, inner: int = 5,
+                        clock=time.perf_counter) -> dict:
+    """CPU timing of several providers of one case, round-robin: each round times `inner` back-to-back calls
+    of every provider, so load from other processes on a shared machine falls on all of them alike. Returns
+    {provider: {"median_ms", "p20_ms", "p80_ms", "runs"}} over the rounds (per-call times). `clock` may be
+    time.process_time: CPU time of this process, which time slices lost to other processes do not inflate
+    (exact with one thread; with several it also counts threads spinning at barriers)."""
+    if not providers:
+        return {}
+    for fn in providers.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in providers}
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            t0 = clock()
+            for _ in range(inner):
+                fn()
+            times[name].append((clock() - t0) * 1e3 / inner)
+    result = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=5)
+        result[name] = {"median_ms": statistics.median(ts), "p20_ms": q[0], "p80_ms": q[3], "runs": len(ts) * inner}
+    return result
+
+
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -71,25 +98,32 @@ def bench_kernel(fn, device: torch.device) -> dict:
     return timing
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Measured device-to-device copy bandwidth in GB/s (read + write), the memory-bound ceiling."""
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, clock=time.perf_counter) -> float:
+    """Measured device-to-device copy bandwidth in GB/s (read + write), the memory-bound ceiling (on CPU:
+    64 MiB, past the caches, timed with `clock`)."""
     if device.type != "cuda":
         nbytes = 1 << 26
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = bench_kernel(lambda: dst.copy_(src), device)["median_ms"]
+    if device.type == "cuda":
+        ms = bench_kernel(lambda: dst.copy_(src), device)["median_ms"]
+    else:
+        ms = measure_interleaved({"copy": lambda: dst.copy_(src)}, warmup=2, rounds=15, inner=1,
+                                 clock=clock)["copy"]["median_ms"]
     return 2 * nbytes / ms / 1e6
 
 
 def format_kernel_row(r: dict, metric: str, baseline: str | None) -> str:
     if "error" in r:
-        return f"| {r['shape']} | {r['dtype']} | {r['provider']} | unsupported: {r['error']} | | | | |"
+        return (f"| {r['shape']} | {r['dtype']} | {r['provider']} | unsupported: {r['error']} | | | | |"
+                + (" | |" if metric == "bandwidth" else ""))
+    head = (f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
+            f"{r['p80_ms']:.4f}")
     if metric == "bandwidth":
-        return (f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
-                f"{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% |")
+        ratios = " | ".join(f"{r[k]:.2f}x" if k in r else "" for k in ("vs_eager", "vs_torch.compile"))
+        return f"{head} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% | {ratios} |"
     ratio = r.get(f"vs_best_{baseline}")
-    return (f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
-            f"{r['p80_ms']:.4f} | {r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
+    return f"{head} | {r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |"
 
 
 def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", baseline: str | None = None) -> int:
@@ -107,18 +141,31 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
     parser = argparse.ArgumentParser(prog=f"python -m ditengine.bench.{name}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="bench-out", help="directory for the JSON results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for every provider (torch.set_num_threads); default: torch's")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the first two cases only, few timed rounds (what the tests use)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="CPU runs: wall time, or this process's CPU time (robust on a shared machine; "
+                             "use with --threads 1)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type != "cuda":
-        print(f"{name}: no GPU here; GPU figures need a GPU. CPU timings below run small shapes through the "
-              "PyTorch reference and say nothing about the kernels' speed.")
-    peak = copy_bandwidth(device) if metric == "bandwidth" else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = device.type != "cuda"
+    if cpu:
+        print(f"{name}: CPU run; providers of a case are timed round-robin (warm-up, then the median over "
+              f"rounds), so that other load on the machine falls on all of them alike; {args.clock} clock.")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    peak = copy_bandwidth(device, clock=clock) if metric == "bandwidth" else None
     env = environment(device)
-    print(f"{name} | {env['device']} | torch {env['torch']}, triton {env['triton']}"
+    env["threads"] = torch.get_num_threads()
+    env["clock"] = args.clock
+    print(f"{name} | {env['device']} | torch {env['torch']}, triton {env['triton']} | {env['threads']} threads"
           + (f" | copy bandwidth {peak:.0f} GB/s" if peak else "") + "\n")
     if metric == "bandwidth":
-        print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy |")
-        print("|---|---|---|---:|---:|---:|---:|---:|")
+        print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy | vs eager | vs compile |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     else:
         print(f"| shape | dtype | provider | ms (median) | p20 | p80 | TFLOP/s | vs best {baseline} |")
         print("|---|---|---|---:|---:|---:|---:|---:|")
@@ -126,22 +173,36 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     rows = []
-    for label, dtype, work, providers in cases(device):
+    for label, dtype, work, providers in itertools.islice(cases(device), 2 if args.quick else None):
         group = []
         for provider, fn in providers.items():
             row = {"op": name, "shape": label, "dtype": str(dtype).removeprefix("torch."), "provider": provider}
             try:
-                row.update(bench_kernel(fn, device))
+                if cpu:
+                    fn()  # a first call (and compile) here; timed below, round-robin with the other providers
+                else:
+                    row.update(bench_kernel(fn, device))
             except Exception as err:  # e.g. an SDPA backend that does not take this head dim
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
-                group.append(row)
+            group.append(row)
+        if cpu:
+            timings = measure_interleaved({r["provider"]: providers[r["provider"]] for r in group if "error" not in r},
+                                          clock=clock, **(dict(warmup=1, rounds=3, inner=1) if args.quick else {}))
+            for r in group:
+                r.update(timings.get(r["provider"], {}))
+        for row in group:
+            if "error" in row:
                 continue
             if metric == "bandwidth":
                 row["gb_per_s"] = work / row["median_ms"] / 1e6
                 row["pct_of_copy"] = 100 * row["gb_per_s"] / peak
             else:
                 row["tflops"] = work / row["median_ms"] / 1e9
-            group.append(row)
+        for ref in ("eager", "torch.compile"):
+            ref_ms = next((r["median_ms"] for r in group if r["provider"] == ref and "median_ms" in r), None)
+            for r in group:
+                if ref_ms and "median_ms" in r:
+                    r[f"vs_{ref}"] = ref_ms / r["median_ms"]  # speed-up over that provider (> 1: faster)
         if baseline:
             best = max((r["tflops"] for r in group if r["provider"].startswith(baseline) and "tflops" in r), default=0)
             for r in group:

@@ -8,7 +8,7 @@ import torch
 
 def collect() -> dict:
     from ditengine import __version__
-    from ditengine.kernels import triton_available, triton_mode
+    from ditengine.kernels import _native, triton_available, triton_mode
 
     info = {
         "ditengine": __version__,
@@ -27,8 +27,20 @@ def collect() -> dict:
         info["flash_attn"] = flash_attn.__version__
     except ImportError:
         info["flash_attn"] = "not installed (optional)"
+    build = _native.build_info()
+    if build:
+        ops = [op for op in ("adaln_modulate", "gated_residual_adaln", "gated_residual_adaln_", "scheduler_step",
+                             "attention") if _native.serves(op)]
+        info["native"] = (f"loaded: {build['isa']} kernels (variants: {build['isa_variants']}), "
+                          f"{build['threads']} threads, OpenMP {build['openmp']}")
+        info["native_build"] = f"{build['compiler']}, {build['flags']}, against torch {build['torch']}"
+        info["native_ops"] = ", ".join(ops) or "none"
+    else:
+        info["native"] = f"not loaded: {_native.unavailable_reason()}"
+    cpu_fused = "native C++ where built, else " + ("the Triton interpreter" if triton_mode().startswith("interp")
+                                                  else "reference ops")
     info["backends"] = "reference" + (", fused (Triton)" if triton_available() and torch.cuda.is_available() else
-                                      ", fused (reference ops on CPU)")
+                                      f", fused on CPU ({cpu_fused})")
     return info
 
 

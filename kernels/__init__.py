@@ -1,14 +1,21 @@
-"""Fused Triton kernels for DiT sampling, one op per module.
+"""Fused kernels for DiT sampling, one op per module.
 
-Each op dispatches on the device of its inputs: CUDA tensors launch the Triton kernel; CPU tensors run
-the PyTorch reference, or the Triton interpreter when `TRITON_INTERPRET=1` is set before import.
+Each op dispatches on the device of its inputs: CUDA tensors launch the Triton kernel; CPU tensors run the
+native extension's C++ kernel where it is built, else the Triton interpreter when `TRITON_INTERPRET=1` is
+set before import, else the PyTorch reference. `backend=` picks one explicitly (see `_backend.choose`).
 """
-from ._backend import interpreter_numpy_bug, interpreting, triton_available, triton_mode
+from ._backend import choose, interpreter_numpy_bug, interpreting, triton_available, triton_mode
 from .attention import attention, attention_ref
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
+from . import _native
+from ._native import native_available
+
+# After the modules above have defined the ops: the extension adds C++ CPU kernels to them.
+_native.load()
 
 __all__ = [
     "attention", "attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
-    "scheduler_step", "scheduler_step_ref", "interpreter_numpy_bug", "interpreting", "triton_available", "triton_mode",
+    "scheduler_step", "scheduler_step_ref", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
+    "triton_mode",
 ]

@@ -1,8 +1,14 @@
-"""Where Triton kernels can run, decided in one place and logged once.
+"""Which implementation runs an op, decided in one place and logged once per op, device and choice.
 
-CUDA tensors run Triton natively. CPU tensors run the reference, or Triton's interpreter when
-`TRITON_INTERPRET=1` was set before Triton was imported. Without an importable Triton every call
-routes to the reference.
+CUDA tensors run Triton natively. CPU tensors run the native extension's C++ kernel where it serves the op
+(`kernels/_native.py`), else Triton's interpreter when `TRITON_INTERPRET=1` was set before Triton was
+imported, else the PyTorch reference. Without an importable Triton, Triton calls route to the reference.
+
+The default choice is made by the dispatcher: a C++ CPU kernel registered for `ditengine::<op>` wins over
+the Python implementation on CPU tensors, so the Python implementation (`use_triton`) only decides between
+Triton and the reference. The public functions also take an explicit `backend=` ("native", "triton",
+"reference"), resolved by `choose`; that is how the interpreter stays reachable on a CPU that has the
+native kernels (the Triton tests use it).
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import logging
 import os
 
 import torch
+
+from . import _native
 
 log = logging.getLogger("ditengine")
 
@@ -52,15 +60,20 @@ def _log_choice(op: str, device_type: str, choice: str) -> None:
     log.info("ditengine: %s on %s runs %s", op, device_type, choice)
 
 
-def use_triton(op: str, *tensors: torch.Tensor) -> bool:
-    """True when `op` should launch its Triton kernel for these tensors; the choice is logged once."""
-    device_type = tensors[0].device.type
+def _python_choice(device_type: str) -> str:
     if device_type == "cuda":
-        choice = "triton" if triton_available() else "reference (no Triton)"
-    elif device_type == "cpu" and interpreting():
-        choice = "triton-interpreter" if triton_available() else "reference (no Triton)"
-    else:
-        choice = "reference"
+        return "triton" if triton_available() else "reference (no Triton)"
+    if device_type == "cpu" and interpreting():
+        return "triton-interpreter" if triton_available() else "reference (no Triton)"
+    return "reference"
+
+
+def use_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """In an op's Python implementation: True when it should launch its Triton kernel for these tensors.
+
+    On CPU this runs only where no native kernel serves the op. The choice is logged once."""
+    device_type = tensors[0].device.type
+    choice = _python_choice(device_type)
     _log_choice(op, device_type, choice)
     return choice.startswith("triton")
 
@@ -86,9 +99,62 @@ def interpreter_numpy_bug(triton_version: str | None = None, numpy_version: str 
     return None
 
 
+BACKENDS = ("auto", "native", "triton", "reference")
+
+
+def choose(op: str, device: torch.device, backend: str | None = None) -> str:
+    """What runs `op` on `device`: "native", "triton", "triton-interpreter", "reference" or "reference (no
+    Triton)"; logged once. `backend` None or "auto" is the dispatcher's default; an explicit backend that
+    cannot run here raises a ValueError saying why."""
+    return _choose(op, device.type, backend or "auto", interpreting())
+
+
+# Cached: what can run is fixed once the extension is loaded and Triton imported, and this runs on every
+# call of an op, where Python time is a real share on CPU.
+@functools.lru_cache(maxsize=None)
+def _choose(op: str, device_type: str, backend: str, interpret: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        choice = "reference"
+    elif backend == "native":
+        if device_type != "cpu":
+            raise ValueError(f"backend='native': the native kernels run on CPU tensors, got {device_type}")
+        if not _native.serves(op):
+            reason = _native.unavailable_reason() or f"no C++ CPU kernel is registered for ditengine::{op}"
+            raise ValueError(f"backend='native': {op} has no native kernel here: {reason}")
+        choice = "native"
+    elif backend == "triton":
+        if device_type == "cpu" and not interpret:
+            raise ValueError("backend='triton' on CPU needs Triton's interpreter: set TRITON_INTERPRET=1 before "
+                             "importing ditengine")
+        if not triton_available():
+            raise ValueError(f"backend='triton': Triton is not importable ({_IMPORT_ERROR})")
+        choice = "triton" if device_type == "cuda" else "triton-interpreter"
+    elif device_type == "cpu" and _native.serves(op):
+        choice = "native"
+    else:
+        choice = _python_choice(device_type)  # what the op's Python implementation will run
+    _log_choice(op, device_type, choice)
+    return choice
+
+
+def route(op: str, device: torch.device, backend: str | None) -> str:
+    """For the public functions: "op" (call the registered op and let the dispatcher choose) when `backend`
+    is None or "auto", else `choose(op, device, backend)`. Explicit backends are for eager calls (tests,
+    benchmarks); under torch.compile the default path is the op alone, so the graph has no break."""
+    if backend in (None, "auto"):
+        if not torch.compiler.is_compiling():
+            choose(op, device)  # logs once what serves this op on this device
+        return "op"
+    return choose(op, device, backend)
+
+
 def triton_mode() -> str:
     if not triton_available():
         return "unavailable"
     if torch.cuda.is_available():
         return "native (CUDA)"
-    return "interpreter (TRITON_INTERPRET=1)" if interpreting() else "CPU: kernels run the PyTorch reference"
+    if interpreting():
+        return "interpreter (TRITON_INTERPRET=1)"
+    return "CPU: Triton unused (native kernels or the PyTorch reference)"

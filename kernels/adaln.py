@@ -15,13 +15,17 @@ dim of every tensor must be contiguous. dtypes fp32 / fp16 / bf16 in and out; st
 in fp32. `x` in K3 is the residual stream and keeps its own dtype: pass it in fp32 with a bf16 `o` to
 hold the residual in fp32 (fp16 residual streams overflow in DiT-like models) while `y` is bf16.
 Limits: D <= 16384 (one row per program); NaN or Inf in a row makes that row NaN and no other.
+
+On CPU the ops run the C++ kernels of csrc/adaln.cpp when the native extension is built (registered for
+the CPU dispatch key of the ops defined below); this file's Triton kernel then runs on CUDA, and on CPU
+through the interpreter only when asked for (`backend="triton"`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import tl, triton, use_triton
+from ._backend import route, tl, triton, use_triton
 from ._checks import check_tensor
 
 MAX_D = 16384
@@ -182,19 +186,28 @@ def _(x, gate, o, shift, scale, eps, out_dtype):
 
 
 # -- public API ------------------------------------------------------------------------------------------
+# backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
+# "triton" (on CPU: the interpreter) or "reference" force one, and raise a ValueError where it cannot run.
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
-                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                   out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
     """y = LayerNorm(x) * (1 + scale) + shift; x (B, T, D), shift and scale (B, D). Returns (B, T, D)."""
     check_tensor("x", x, ndim=3, layout="(B, T, D)")
     if x.shape[-1] > MAX_D:
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     _check_modulation(x, (("shift", shift), ("scale", scale)))
-    return _adaln_modulate_op(x, shift, scale, float(eps), out_dtype or x.dtype)
+    out_dtype = out_dtype or x.dtype
+    how = route("adaln_modulate", x.device, backend)
+    if how.startswith("reference"):
+        return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
+    if how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
+        return _launch_adaln_modulate(x, shift, scale, float(eps), out_dtype)
+    return _adaln_modulate_op(x, shift, scale, float(eps), out_dtype)
 
 
 def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                          scale: torch.Tensor, eps: float = 1e-6, inplace: bool = False,
-                         out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         out_dtype: torch.dtype | None = None, backend: str | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_new = x + gate * o and y = LayerNorm(x_new) * (1 + scale) + shift, in one pass.
 
     x, o (B, T, D); gate, shift, scale (B, D). Returns (x_new, y); with `inplace=True` x_new is x itself,
@@ -206,6 +219,16 @@ def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, s
     check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
     _check_modulation(x, (("gate", gate), ("shift", shift), ("scale", scale)))
     out_dtype = out_dtype or o.dtype
+    how = route("gated_residual_adaln_" if inplace else "gated_residual_adaln", x.device, backend)
+    if how.startswith("reference"):
+        x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
+        if inplace:
+            x.copy_(x_new)
+            return x, y.contiguous()
+        return x_new.contiguous(), y.contiguous()
+    if how == "triton-interpreter":
+        x_new = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, float(eps), out_dtype, x_new)
     if inplace:
         return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, float(eps), out_dtype)
     return _gated_residual_adaln_op(x, gate, o, shift, scale, float(eps), out_dtype)

@@ -15,6 +15,9 @@ captured CUDA graph serves every step. One read of x, the model output, history 
 x_next, history and the next input. fp32 state; the model output and next input may be bf16/fp16.
 The history buffer must be initialised (zeros) before the first step: its coefficient is 0 there, and
 0 * garbage may be NaN.
+
+On CPU the op runs the C++ kernel of csrc/scheduler_step.cpp when the native extension is built; the
+Triton kernel below then runs on CUDA, and on CPU through the interpreter only with `backend="triton"`.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ NUM_COLUMNS = len(COLUMNS)
 # The kernel reads a row by fixed offsets in this order.
 if COLUMNS != ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next"):
     raise ImportError("scheduler table columns changed: update _scheduler_step_kernel's row offsets")
-from ._backend import tl, triton, use_triton
+from ._backend import route, tl, triton, use_triton
 from ._checks import check_tensor
 
 BLOCK = 1024
@@ -165,13 +168,15 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
                    cfg_scale: float | None = None, guided_channels: int | None = None,
                    history: torch.Tensor | None = None, noise: torch.Tensor | None = None, clip: bool = False,
                    learned_variance: bool = False, out: torch.Tensor | None = None,
-                   next_input: torch.Tensor | None = None) -> torch.Tensor:
+                   next_input: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """One fused scheduler step; returns x_next (written into `out` when given, which may be `x`).
 
     x (B, C, H, W) contiguous; model_out (2B if `cfg_scale` is not None else B, C or 2C, H, W); table the
     scheduler's (S, 12) float32 device table; step an int or a one-element integer tensor on the device.
     history (B, C, H, W) float32 is read and overwritten with x0; noise (B, C, H, W) is added with the
     row's u; next_input (B or 2B, C, H, W) receives x_next * c_in_next (twice when 2B).
+    backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
+    "triton" (on CPU: the interpreter) or "reference" force one.
     """
     check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W)")
     B, C, H, W = x.shape
@@ -210,7 +215,16 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
         raise ValueError(f"guided_channels={guided_channels}: expected 0..{C}")
     if out is None:
         out = torch.empty_like(x)
-    _scheduler_step_op(x, model_out, table, step_tensor, step_int, out, history, noise, next_input,
-                       1.0 if cfg_scale is None else float(cfg_scale), cfg_scale is not None, k, clip,
-                       learned_variance)
+    how = route("scheduler_step", dev, backend)
+    if how.startswith("reference"):
+        step_ref = step_tensor.reshape(()) if step_tensor is not None else step_int
+        scheduler_step_ref(x, model_out, table, step_ref, cfg_scale=cfg_scale, guided_channels=k, history=history,
+                           noise=noise, clip=clip, learned_variance=learned_variance, out=out, next_input=next_input)
+    elif how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
+        _launch(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, cfg_scale, k, clip,
+                learned_variance)
+    else:
+        _scheduler_step_op(x, model_out, table, step_tensor, step_int, out, history, noise, next_input,
+                           1.0 if cfg_scale is None else float(cfg_scale), cfg_scale is not None, k, clip,
+                           learned_variance)
     return out

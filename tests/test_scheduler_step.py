@@ -2,9 +2,14 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine.kernels import scheduler_step, scheduler_step_ref
+from ditengine.kernels import interpreting, scheduler_step, scheduler_step_ref
 
+from native_helpers import requires_native, run_python
 from tolerance import assert_within_tolerance
+
+# The Triton kernel on CPU tensors: the interpreter, asked for explicitly because the native kernel (where
+# built) is the CPU default; on a GPU machine (no interpreter) the CPU cases run the default instead.
+TRITON_CPU = "triton" if interpreting() else "auto"
 
 S = de.schedulers
 SCHEDULERS = [
@@ -32,7 +37,7 @@ def reference_step(sched, i, x, model_out, cfg_scale, k, noise, B):
 
 
 def trajectory(sched, dtype=torch.float32, cfg_scale=2.5, guided_channels=None, step_as_tensor=False,
-               device="cpu", B=2, C=4, H=6, W=6):
+               device="cpu", B=2, C=4, H=6, W=6, backend=None):
     """Step through the whole schedule with the kernel and `sched.step` side by side; at each step both start
     from the reference state, and the kernel is checked under the tolerance rule."""
     g = torch.Generator(device).manual_seed(0)
@@ -48,7 +53,7 @@ def trajectory(sched, dtype=torch.float32, cfg_scale=2.5, guided_channels=None, 
         step = torch.tensor(i, device=device) if step_as_tensor else i
         out = scheduler_step(x, model_out.to(dtype), sched.table, step, cfg_scale=cfg_scale, guided_channels=k,
                              history=history, noise=noise, clip=sched.clip_sample,
-                             learned_variance=sched.learned_variance, next_input=next_input)
+                             learned_variance=sched.learned_variance, next_input=next_input, backend=backend)
         # As in flash-attention's rule, both references see the kernel's (rounded) inputs: ref32 upcasts
         # them, ref_lp also guides in the low precision.
         ref_lp, _ = reference_step(sched, i, x, model_out.to(dtype), cfg_scale, k, noise, B)
@@ -66,12 +71,12 @@ def trajectory(sched, dtype=torch.float32, cfg_scale=2.5, guided_channels=None, 
 
 @pytest.mark.parametrize("make", SCHEDULERS, ids=IDS)
 def test_matches_sched_step_over_a_trajectory(make):
-    trajectory(make())
+    trajectory(make(), backend=TRITON_CPU)
 
 
 @pytest.mark.parametrize("make", SCHEDULERS[2:4] + SCHEDULERS[6:7], ids=["ddpm-learned", "ddim-eta", "dpm++2m"])
 def test_half_precision_model_output_and_device_step_index(make):
-    trajectory(make(), dtype=torch.float16, step_as_tensor=True, guided_channels=3)
+    trajectory(make(), dtype=torch.float16, step_as_tensor=True, guided_channels=3, backend=TRITON_CPU)
 
 
 def test_in_place_update_equals_out_of_place():
@@ -127,6 +132,164 @@ def test_registered_op_passes_opcheck():
     args = (x, out, sched.table, torch.tensor([1]), 0, torch.empty_like(x), torch.zeros_like(x), torch.randn_like(x),
             torch.empty(2, 4, 2, 2), 2.0, True, 4, False, False)
     torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
+
+
+# -- the native CPU kernel (csrc/scheduler_step.cpp) ---------------------------------------------------------
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("make", SCHEDULERS, ids=IDS)
+def test_native_matches_sched_step(make, dtype):
+    trajectory(make(), dtype=dtype, step_as_tensor=True, backend="native")
+
+
+@requires_native
+@pytest.mark.parametrize("B, C, H, W, guided, dtype", [
+    (2, 4, 32, 32, 3, torch.bfloat16),  # DiT-XL/2 256 px latent: planes of 1024 (two chunks)
+    (1, 3, 7, 5, None, torch.float16),  # odd plane, fp16 model output
+    (2, 4, 23, 29, 0, torch.float32),   # no channel guided
+])
+def test_native_latent_shapes(B, C, H, W, guided, dtype):
+    trajectory(S.DDPM(6, variance_type="learned_range"), dtype=dtype, guided_channels=guided, B=B, C=C, H=H, W=W,
+               backend="native")
+    trajectory(S.DPMSolverPP(5), dtype=dtype, guided_channels=guided, B=B, C=C, H=H, W=W, backend="native")
+
+
+@requires_native
+def test_native_without_cfg_and_with_bf16_state():
+    sched = S.DDIM(5, eta=0.5)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 4, 9, 9, generator=g)
+    model_out, noise = torch.randn(2, 4, 9, 9, generator=g), torch.randn(2, 4, 9, 9, generator=g)
+    for step in (0, 3, torch.tensor([2], dtype=torch.int32)):
+        out = scheduler_step(x, model_out, sched.table, step, noise=noise, backend="native")
+        ref = scheduler_step_ref(x, model_out, sched.table, step.reshape(()) if torch.is_tensor(step) else step,
+                                 noise=noise)
+        torch.testing.assert_close(out, ref)
+    xb = x.bfloat16()
+    out = scheduler_step(xb, model_out, sched.table, 1, noise=noise, backend="native")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, scheduler_step_ref(xb, model_out, sched.table, 1, noise=noise))
+
+
+@requires_native
+def test_native_is_what_cpu_calls_dispatch_to():
+    import ditengine.kernels._backend as backend
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("ditengine::scheduler_step", "CPU")
+    assert backend.choose("scheduler_step", torch.device("cpu")) == "native"
+
+
+@requires_native
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_native_nan_stays_in_its_element():
+    sched = S.DDPM(5, variance_type="learned_range")
+    x, model_out = torch.randn(2, 4, 8, 8), torch.randn(4, 8, 8, 8).tanh()
+    model_out[0, 1, 2, 3] = float("nan")  # conditional prediction
+    model_out[1, 4, 5, 6] = float("nan")  # learned variance of sample 1, channel 0
+    out = scheduler_step(x, model_out, sched.table, 2, cfg_scale=3.0, noise=torch.randn(2, 4, 8, 8),
+                         learned_variance=True, backend="native")
+    assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out[1, 0, 5, 6]) and torch.isnan(out).sum() == 2
+    clipped = S.DDIM(5, clip_sample=True)
+    out = scheduler_step(x, model_out, clipped.table, 2, cfg_scale=3.0, backend="native")
+    assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out).sum() == 1
+
+
+@requires_native
+def test_native_same_inputs_same_bits():
+    sched = S.DPMSolverPP(10)
+    g = torch.Generator().manual_seed(9)
+    x, out = torch.randn(8, 4, 32, 32, generator=g), torch.randn(16, 8, 32, 32, generator=g).bfloat16()
+    results = []
+    for _ in range(2):
+        history = torch.ones_like(x)
+        next_input = torch.empty(16, 4, 32, 32, dtype=torch.bfloat16)
+        x_next = scheduler_step(x, out, sched.table, torch.tensor(4), cfg_scale=4.0, history=history,
+                                next_input=next_input, backend="native")
+        results.append((x_next, history, next_input))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@requires_native
+def test_native_errors_name_the_argument():
+    sched = S.DDIM(5)
+    x, out = torch.randn(2, 4, 4, 4), torch.randn(4, 4, 4, 4)
+    op = torch.ops.ditengine.scheduler_step
+
+    def call(**kw):
+        args = dict(x=x, model_out=out, table=sched.table, step_tensor=None, step_int=0, out=torch.empty_like(x),
+                    history=None, noise=None, next_input=None, cfg_scale=2.0, has_cfg=True, guided_channels=4,
+                    clip=False, learned=False)
+        args.update(kw)
+        return op(*args.values())
+
+    with pytest.raises(ValueError, match=r"scheduler_step: model_out: expected shape \(4, 4 or 8, 4, 4\) with CFG"):
+        call(model_out=out[:2])
+    with pytest.raises(ValueError, match="x: expected a contiguous tensor"):
+        call(x=x.transpose(2, 3))
+    with pytest.raises(ValueError, match=r"x: expected 4 dimensions \(B, C, H, W\)"):
+        call(x=x[0])
+    with pytest.raises(TypeError, match="table: expected dtype float32, got Double"):
+        call(table=sched.table.double())
+    with pytest.raises(ValueError, match=r"table: expected shape \(steps, 12\)"):
+        call(table=sched.table[:, :5].contiguous())
+    with pytest.raises(IndexError, match="step=5 out of range for a table of 5 steps"):
+        call(step_int=5)
+    with pytest.raises(IndexError, match="step=-1 out of range"):
+        call(step_tensor=torch.tensor([-1]))
+    with pytest.raises(TypeError, match="step_tensor: expected dtype int32 or int64, got Float"):
+        call(step_tensor=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="step_tensor: expected one element"):
+        call(step_tensor=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"history: expected shape \[2, 4, 4, 4\] like x, got \[1, 4, 4, 4\]"):
+        call(history=torch.zeros(1, 4, 4, 4))
+    with pytest.raises(TypeError, match="history: expected dtype float32, got BFloat16"):
+        call(history=torch.zeros(2, 4, 4, 4, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="noise: expected dtype float32, got Half"):
+        call(noise=torch.zeros(2, 4, 4, 4, dtype=torch.half))
+    with pytest.raises(ValueError, match="learned needs 8 channels"):
+        call(learned=True)
+    with pytest.raises(ValueError, match=r"next_input: expected shape \(2 or 4, 4, 4, 4\)"):
+        call(next_input=torch.empty(3, 4, 4, 4))
+    with pytest.raises(ValueError, match="guided_channels=5: expected 0..4"):
+        call(guided_channels=5)
+    with pytest.raises(TypeError, match="out: expected dtype float32, float16 or bfloat16, got Int"):
+        call(out=torch.empty(2, 4, 4, 4, dtype=torch.int32))
+
+
+@requires_native
+def test_native_op_passes_opcheck():
+    sched = S.DDPM(4, variance_type="learned_range")
+    x, out = torch.randn(1, 4, 3, 5), torch.randn(2, 8, 3, 5).bfloat16()
+    args = (x, out, sched.table, torch.tensor([1]), 0, torch.empty_like(x), torch.zeros_like(x), torch.randn_like(x),
+            torch.empty(2, 4, 3, 5, dtype=torch.bfloat16), 2.0, True, 3, True, True)
+    torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
+    args = (x, out[:1], sched.table, None, 2, torch.empty_like(x), None, None, None, 1.0, False, 4, False, False)
+    torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
+
+
+@requires_native
+def test_native_isa_variants_agree(tmp_path):
+    """The AVX2 and baseline variants (DITENGINE_ISA caps the choice) against what this CPU picked."""
+    code = """
+        import torch, ditengine as de
+        from ditengine.kernels import scheduler_step
+        g = torch.Generator().manual_seed(0)
+        sched = de.schedulers.DDPM(6, variance_type="learned_range", clip_sample=True)
+        x, out = torch.randn(2, 4, 23, 29, generator=g), torch.randn(4, 8, 23, 29, generator=g).tanh()
+        noise, history = torch.randn(2, 4, 23, 29, generator=g), torch.randn(2, 4, 23, 29, generator=g)
+        nxt = torch.empty(4, 4, 23, 29, dtype=torch.bfloat16)
+        res = scheduler_step(x, out.bfloat16(), sched.table, 3, cfg_scale=2.0, guided_channels=3, history=history,
+                             noise=noise, clip=True, learned_variance=True, next_input=nxt, backend="native")
+        torch.save([res, history, nxt], "{path}")
+    """
+    results = {}
+    for isa in ("avx512", "avx2", "baseline"):
+        path = tmp_path / f"{isa}.pt"
+        run_python(code.replace("{path}", str(path)), DITENGINE_ISA=isa)
+        results[isa] = torch.load(path)
+    for isa in ("avx2", "baseline"):
+        for a, b in zip(results["avx512"], results[isa]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

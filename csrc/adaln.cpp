@@ -1,0 +1,319 @@
+// Native CPU kernels of adaLN modulation (K1) and gated residual + adaLN (K3); see kernels/adaln.py for
+// the formulas, shapes and the Python definition of the ops.
+//
+//     adaln_modulate:        y = LayerNorm(x) * (1 + scale) + shift
+//     gated_residual_adaln:  x_new = x + gate * o ;  y = LayerNorm(x_new) * (1 + scale) + shift
+//
+// One row of D elements at a time, rows spread over threads by at::parallel_for. Each row is read once
+// from memory into an fp32 scratch row that stays in L1/L2; the statistics (two-pass mean and variance, in
+// fp32) and the modulation then run over that scratch, and each output is written once. Registered as the
+// CPU kernels of the ops that kernels/adaln.py defines, so torch.ops.ditengine.* on CPU tensors run here.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "cpu.h"
+
+namespace ditengine {
+namespace {
+
+using cpu::Elem;
+using cpu::kLanes;
+
+struct Strided {  // a (B, D) modulation vector or a (B, T, D) activation, last dim contiguous
+  const void* data;
+  at::ScalarType dtype;
+  int64_t stride_b;
+  int64_t stride_t;
+};
+
+struct AdalnParams {
+  int64_t T, D;
+  float eps;
+  bool gated;
+  Strided x, o, gate, shift, scale;
+  void* x_out;  // gated only: x_new, in x's dtype (may be x itself)
+  int64_t x_out_stride_b, x_out_stride_t;
+  void* y;  // contiguous (B, T, D)
+  at::ScalarType y_dtype;
+};
+
+template <class T>
+DITENGINE_INLINE void widen(const T* src, int64_t D, float* __restrict__ dst) {
+  for (int64_t i = 0; i < D; ++i) dst[i] = Elem<T>::load(src, i);
+}
+
+// An fp32 view of a row: fp32 rows are read in place, bf16/fp16 rows are widened into `scratch`.
+DITENGINE_INLINE const float* float_row(const void* src, at::ScalarType dtype, int64_t D, float* scratch) {
+  switch (dtype) {
+    case at::kFloat: return static_cast<const float*>(src);
+    case at::kBFloat16: widen(static_cast<const uint16_t*>(src), D, scratch); return scratch;
+    default: widen(static_cast<const c10::Half*>(src), D, scratch); return scratch;
+  }
+}
+
+DITENGINE_INLINE const float* modulation_row(const Strided& m, int64_t b, int64_t D, float* scratch) {
+  const char* base = static_cast<const char*>(m.data) + b * m.stride_b * c10::elementSize(m.dtype);
+  return float_row(base, m.dtype, D, scratch);
+}
+
+// Sum of value(0), ..., value(D-1) in kLanes partial sums; value(i) may also store (the widened row), so
+// that widening and the first statistics pass share one loop. The partial sums start from the first block
+// rather than from zero: a 256-byte memset per row is measurable here.
+template <class Value>
+DITENGINE_INLINE float lane_sum(int64_t D, Value value) {
+  const int64_t full = D - D % kLanes;
+  float acc[kLanes];
+  if (full) {
+    for (int j = 0; j < kLanes; ++j) acc[j] = value(j);
+  } else {
+    for (int j = 0; j < kLanes; ++j) acc[j] = 0.f;
+  }
+  for (int64_t i = full ? kLanes : 0; i < full; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += value(i + j);
+  for (int64_t i = full; i < D; ++i) acc[i - full] += value(i);
+  return cpu::sum_lanes(acc);
+}
+
+// 1/std of an fp32 row around its mean: the second pass of a two-pass variance, over L1-resident data.
+DITENGINE_INLINE float row_rstd(const float* __restrict__ x, int64_t D, float mean, float eps) {
+  const float sq = lane_sum(D, [&](int64_t i) {
+    const float d = x[i] - mean;
+    return d * d;
+  });
+  // NaN or Inf anywhere in the row makes mean or variance NaN, hence the whole row, and only this row.
+  return 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
+}
+
+// Widens a bf16/fp16 row into `dst` and returns its sum, in one loop.
+template <class T>
+DITENGINE_INLINE float widen_sum(const T* __restrict__ src, int64_t D, float* __restrict__ dst) {
+  return lane_sum(D, [&](int64_t i) {
+    const float v = Elem<T>::load(src, i);
+    dst[i] = v;
+    return v;
+  });
+}
+
+template <class TY>
+DITENGINE_INLINE void modulate(const float* __restrict__ x, float mean, float rstd, const float* __restrict__ shift,
+                               const float* __restrict__ scale, int64_t D, TY* __restrict__ y) {
+  for (int64_t i = 0; i < D; ++i) Elem<TY>::store(y, i, (x[i] - mean) * rstd * (1.f + scale[i]) + shift[i]);
+}
+
+// x_new = x + gate * o, rounded to x's dtype and stored; its fp32 value (as stored) goes to xf, so that y
+// normalises exactly the residual that the next block reads.
+template <class TX, class TO>
+DITENGINE_INLINE void residual(const TX* x, const float* __restrict__ gate, const TO* __restrict__ o, int64_t D,
+                               TX* x_out, float* __restrict__ xf) {
+  // x_out may be x (the in-place op): element i is read before it is written, no other element is touched.
+#pragma GCC ivdep
+  for (int64_t i = 0; i < D; ++i) {
+    const float v = Elem<TX>::load(x, i) + gate[i] * Elem<TO>::load(o, i);
+    Elem<TX>::store(x_out, i, v);
+    xf[i] = Elem<TX>::round(v);
+  }
+}
+
+DITENGINE_INLINE void adaln_rows(const AdalnParams& p, int64_t begin, int64_t end, float* scratch) {
+  const int64_t D = p.D;
+  float* xs = scratch;          // (D,) the row, widened or recomputed
+  float* os = scratch + D;      // (D,) o widened
+  float* mods = scratch + 2 * D;  // (3, D) shift, scale, gate widened (bf16/fp16 modulation only)
+  const size_t x_elem = c10::elementSize(p.x.dtype), o_elem = c10::elementSize(p.o.dtype);
+  const size_t y_elem = c10::elementSize(p.y_dtype);
+  int64_t cur_b = -1;
+  const float *shift = nullptr, *scale = nullptr, *gate = nullptr;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / p.T, t = row % p.T;
+    if (b != cur_b) {  // modulation is per sample: widened once per run of rows of the same sample
+      shift = modulation_row(p.shift, b, D, mods);
+      scale = modulation_row(p.scale, b, D, mods + D);
+      if (p.gated) gate = modulation_row(p.gate, b, D, mods + 2 * D);
+      cur_b = b;
+    }
+    const char* x_row = static_cast<const char*>(p.x.data) + (b * p.x.stride_b + t * p.x.stride_t) * x_elem;
+    const float* xf;
+    float sum;
+    if (p.gated) {
+      const char* o_row = static_cast<const char*>(p.o.data) + (b * p.o.stride_b + t * p.o.stride_t) * o_elem;
+      char* xo_row = static_cast<char*>(p.x_out) + (b * p.x_out_stride_b + t * p.x_out_stride_t) * x_elem;
+      // The common pairings read o in its own type inside the residual loop; the others widen it first.
+      if (p.x.dtype == at::kFloat && p.o.dtype == at::kBFloat16) {
+        residual(reinterpret_cast<const float*>(x_row), gate, reinterpret_cast<const uint16_t*>(o_row), D,
+                 reinterpret_cast<float*>(xo_row), xs);
+      } else if (p.x.dtype == at::kBFloat16 && p.o.dtype == at::kBFloat16) {
+        residual(reinterpret_cast<const uint16_t*>(x_row), gate, reinterpret_cast<const uint16_t*>(o_row), D,
+                 reinterpret_cast<uint16_t*>(xo_row), xs);
+      } else {
+        const float* of = float_row(o_row, p.o.dtype, D, os);
+        switch (p.x.dtype) {
+          case at::kFloat:
+            residual(reinterpret_cast<const float*>(x_row), gate, of, D, reinterpret_cast<float*>(xo_row), xs);
+            break;
+          case at::kBFloat16:
+            residual(reinterpret_cast<const uint16_t*>(x_row), gate, of, D, reinterpret_cast<uint16_t*>(xo_row),
+                     xs);
+            break;
+          default:
+            residual(reinterpret_cast<const c10::Half*>(x_row), gate, of, D, reinterpret_cast<c10::Half*>(xo_row),
+                     xs);
+        }
+      }
+      xf = xs;
+      sum = lane_sum(D, [&](int64_t i) { return xs[i]; });
+    } else {
+      switch (p.x.dtype) {
+        case at::kFloat: {
+          const float* xr = reinterpret_cast<const float*>(x_row);
+          sum = lane_sum(D, [&](int64_t i) { return xr[i]; });
+          xf = xr;
+          break;
+        }
+        case at::kBFloat16: sum = widen_sum(reinterpret_cast<const uint16_t*>(x_row), D, xs); xf = xs; break;
+        default: sum = widen_sum(reinterpret_cast<const c10::Half*>(x_row), D, xs); xf = xs;
+      }
+    }
+    const float mean = sum / static_cast<float>(D);
+    const float rstd = row_rstd(xf, D, mean, p.eps);
+    char* y_row = static_cast<char*>(p.y) + row * D * y_elem;
+    switch (p.y_dtype) {
+      case at::kFloat: modulate(xf, mean, rstd, shift, scale, D, reinterpret_cast<float*>(y_row)); break;
+      case at::kBFloat16: modulate(xf, mean, rstd, shift, scale, D, reinterpret_cast<uint16_t*>(y_row)); break;
+      default: modulate(xf, mean, rstd, shift, scale, D, reinterpret_cast<c10::Half*>(y_row));
+    }
+  }
+}
+
+using RowsFn = void (*)(const AdalnParams&, int64_t, int64_t, float*);
+DITENGINE_TARGET_AVX512 void adaln_rows_avx512(const AdalnParams& p, int64_t b, int64_t e, float* s) {
+  adaln_rows(p, b, e, s);
+}
+DITENGINE_TARGET_AVX2 void adaln_rows_avx2(const AdalnParams& p, int64_t b, int64_t e, float* s) {
+  adaln_rows(p, b, e, s);
+}
+void adaln_rows_baseline(const AdalnParams& p, int64_t b, int64_t e, float* s) { adaln_rows(p, b, e, s); }
+
+void run(const AdalnParams& p, int64_t rows) {
+  static const RowsFn rows_fn = cpu::pick<RowsFn>(adaln_rows_avx512, adaln_rows_avx2, adaln_rows_baseline);
+  if (rows == 0 || p.D == 0) return;
+  // Enough elements per task that thread start-up (a few microseconds) stays small next to the work.
+  const int64_t grain = std::max<int64_t>(1, 16384 / p.D);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(5 * p.D);  // (5, D) per task, reused by all its rows
+    rows_fn(p, begin, end, scratch.data());
+  });
+}
+
+// -- argument checks: every failure names the op, the argument and what was expected -------------------------
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+void check_float_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, ": expected a tensor, got None");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), op, ": ", name, ": expected dtype float32, float16 or bfloat16, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
+                    ": the last dimension must be contiguous (stride 1), got strides ", t.strides());
+}
+
+Strided activation(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape) {
+  check_float_cpu(op, name, t);
+  TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, ": expected shape ", shape, " (B, T, D), got ", t.sizes());
+  return {t.data_ptr(), t.scalar_type(), t.stride(0), t.stride(1)};
+}
+
+Strided modulation(const char* op, const char* name, const at::Tensor& t, int64_t B, int64_t D) {
+  check_float_cpu(op, name, t);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == B && t.size(1) == D, op, ": ", name, ": expected shape (", B, ", ",
+                    D, ") (B, D), got ", t.sizes());
+  return {t.data_ptr(), t.scalar_type(), t.stride(0), 0};
+}
+
+AdalnParams prepare(const char* op, const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                    double eps, at::ScalarType out_dtype) {
+  check_float_cpu(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() == 3, op, ": x: expected 3 dimensions (B, T, D), got shape ", x.sizes());
+  TORCH_CHECK_TYPE(is_float(out_dtype), op, ": out_dtype: expected float32, float16 or bfloat16, got ", out_dtype);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps: expected a finite number >= 0, got ", eps);
+  AdalnParams p{};
+  const int64_t B = x.size(0);
+  p.T = x.size(1);
+  p.D = x.size(2);
+  p.eps = static_cast<float>(eps);
+  p.x = activation(op, "x", x, x.sizes());
+  p.shift = modulation(op, "shift", shift, B, p.D);
+  p.scale = modulation(op, "scale", scale, B, p.D);
+  p.y_dtype = out_dtype;
+  return p;
+}
+
+at::Tensor adaln_modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
+                          at::ScalarType out_dtype) {
+  AdalnParams p = prepare("ditengine::adaln_modulate", x, shift, scale, eps, out_dtype);
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));  // (B, T, D)
+  p.gated = false;
+  p.y = y.data_ptr();
+  run(p, x.size(0) * x.size(1));
+  return y;
+}
+
+// Shared by the functional and the in-place op: x_out is a fresh tensor or x itself.
+at::Tensor gated(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& o,
+                 const at::Tensor& shift, const at::Tensor& scale, double eps, at::ScalarType out_dtype,
+                 const at::Tensor& x_out) {
+  AdalnParams p = prepare(op, x, shift, scale, eps, out_dtype);
+  p.gated = true;
+  p.o = activation(op, "o", o, x.sizes());
+  p.gate = modulation(op, "gate", gate, x.size(0), p.D);
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));  // (B, T, D)
+  p.y = y.data_ptr();
+  p.x_out = x_out.data_ptr();
+  p.x_out_stride_b = x_out.stride(0);
+  p.x_out_stride_t = x_out.stride(1);
+  run(p, x.size(0) * x.size(1));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_residual_adaln(const at::Tensor& x, const at::Tensor& gate,
+                                                        const at::Tensor& o, const at::Tensor& shift,
+                                                        const at::Tensor& scale, double eps,
+                                                        at::ScalarType out_dtype) {
+  const char* op = "ditengine::gated_residual_adaln";
+  check_float_cpu(op, "x", x);
+  at::Tensor x_new = at::empty(x.sizes(), x.options());  // (B, T, D), contiguous like the Python op's
+  at::Tensor y = gated(op, x, gate, o, shift, scale, eps, out_dtype, x_new);
+  return {x_new, y};
+}
+
+at::Tensor gated_residual_adaln_(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& o,
+                                 const at::Tensor& shift, const at::Tensor& scale, double eps,
+                                 at::ScalarType out_dtype) {
+  return gated("ditengine::gated_residual_adaln_", x, gate, o, shift, scale, eps, out_dtype, x);
+}
+
+}  // namespace
+
+// The schemas are defined in Python (kernels/adaln.py, torch.library.custom_op); this only adds the CPU kernel,
+// which the dispatcher prefers to the Python op's CompositeExplicitAutograd implementation on CPU tensors.
+TORCH_LIBRARY_IMPL(ditengine, CPU, m) {
+  m.impl("adaln_modulate", &adaln_modulate);
+  m.impl("gated_residual_adaln", &gated_residual_adaln);
+  m.impl("gated_residual_adaln_", &gated_residual_adaln_);
+}
+
+// The ops have no derivative. torch's C++ not-implemented fallback gives CPU tensors the same behaviour as
+// the Python op's autograd kernel (outputs whose backward raises) without a trip through Python on every
+// call, which costs more than the kernel at DiT-S sizes.
+TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
+  m.impl("adaln_modulate", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gated_residual_adaln", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gated_residual_adaln_", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace ditengine
