@@ -1,0 +1,303 @@
+// CPU attention for DiT, registered as the CPU kernel of `ditengine::attention` (defined in
+// kernels/attention.py, whose Python body stays the fallback and the reference of its semantics).
+//
+//     out = softmax(q k^T * softmax_scale) v        non-causal, softmax in fp32
+//
+// q, k, v arrive as (B, H, T, Dh) strided views; in DiT they view the qkv projection's packed
+// (B, T, 3, H, Dh) output, so a head's rows are 3*H*Dh elements apart. The GEMMs read them in place
+// through their leading dimension: no permute, no copy. The output is written (B, T, H, Dh) when
+// `tokens_first` (the output projection's input layout), else (B, H, T, Dh).
+//
+// Blocking: one task per (batch, head, tile of BLOCK_M queries), spread with at::parallel_for. A task
+// walks the keys in blocks of BLOCK_N with an online softmax (running max and sum in fp32), so the score
+// tile (BLOCK_M x BLOCK_N fp32) stays in L2 for any T. Inside a parallel region ATen's BLAS calls run on
+// the calling thread, which is the intent: the parallelism is across tiles.
+//
+// Dot products run in fp32: bf16 (and fp16) blocks are widened as they are loaded. On CPUs without bf16 dot
+// instructions (AVX2: no avx512_bf16, no AMX) a bf16 GEMM is emulated through fp32 and measures ~3x slower
+// than the fp32 GEMM, so fp32 dots are both the fastest and the most precise choice there; the output is
+// rounded to the input dtype once, at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DITENGINE_X86 1
+#endif
+
+namespace ditengine {
+namespace {
+
+constexpr int64_t BLOCK_M = 64;   // queries per task: 4 tasks per head at T = 256
+constexpr int64_t BLOCK_N = 512;  // keys per online-softmax step: one step for DiT's T = 256
+
+// -- fp32 row operations of the softmax --------------------------------------------------------------
+// exp() dominates the non-GEMM time (T^2 per head), so it is vectorised: AVX2 + FMA, chosen at run time
+// (no -march flags at build time). The scalar loops are the portable fallback.
+
+float row_max_scalar(const float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// s[j] = exp(s[j] - m); returns the row sum. A NaN score stays NaN (so does the row's sum).
+float exp_sum_scalar(float* s, int64_t n, float m) {
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - m);
+    sum += s[j];
+  }
+  return sum;
+}
+
+#ifdef DITENGINE_X86
+#define DITENGINE_AVX2 __attribute__((target("avx2,fma")))
+
+// exp on 8 lanes: Cody-Waite range reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial (Cephes
+// expf, ~1 ulp), scaled by 2^n through the exponent bits. Inputs are clamped to [-87.3, 88.7] with the
+// input as the second operand of max/min, which returns it when it is NaN: NaN propagates.
+DITENGINE_AVX2 inline __m256 exp256(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.7f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+DITENGINE_AVX2 float row_max_avx2(const float* s, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float out = lanes[0];
+  for (int i = 1; i < 8; ++i) out = std::max(out, lanes[i]);
+  for (; j < n; ++j) out = std::max(out, s[j]);
+  return out;
+}
+
+DITENGINE_AVX2 float exp_sum_avx2(float* s, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  if (j < n) {  // the tail through a masked load: same polynomial as the body
+    alignas(32) int32_t mask_bits[8];
+    for (int i = 0; i < 8; ++i) mask_bits[i] = (j + i < n) ? -1 : 0;
+    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(mask_bits));
+    __m256 p = exp256(_mm256_sub_ps(_mm256_maskload_ps(s + j, mask), mv));
+    p = _mm256_and_ps(p, _mm256_castsi256_ps(mask));
+    _mm256_maskstore_ps(s + j, mask, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+#else
+bool cpu_has_avx2_fma() { return false; }
+#endif
+
+struct RowOps {
+  float (*row_max)(const float*, int64_t);
+  float (*exp_sum)(float*, int64_t, float);
+};
+
+RowOps row_ops() {
+#ifdef DITENGINE_X86
+  if (cpu_has_avx2_fma()) return {row_max_avx2, exp_sum_avx2};
+#endif
+  return {row_max_scalar, exp_sum_scalar};
+}
+
+// -- row-major fp32 GEMMs -----------------------------------------------------------------------------
+// Straight to the BLAS torch links (MKL or OpenBLAS export the Fortran sgemm_): a tile's GEMM is tens of
+// microseconds, and ATen's addmm adds several microseconds of dispatch and view bookkeeping per call.
+// The symbol is weak, so a torch built without BLAS still loads this file and runs at::addmm_out.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+at::Tensor matrix_view(const float* p, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride) {
+  return at::from_blob(const_cast<float*>(p), {rows, cols}, {row_stride, col_stride}, at::kFloat);
+}
+
+// C (m x n, row stride ldc) = alpha * A (m x k, row stride lda) . B^T + beta * C, B stored (n x k) with row
+// stride ldb when `b_transposed`, else C = alpha * A . B with B stored (k x n). With beta = 0, C is not read.
+void gemm(bool b_transposed, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    // Column-major BLAS sees the row-major C as C^T = B^T-or-B . A^T.
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    sgemm_(b_transposed ? "T" : "N", "N", &mi, &ni, &ki, &alpha, b, &la, a, &lb, &beta, c, &lc);
+    return;
+  }
+  at::Tensor out = matrix_view(c, m, n, ldc, 1);
+  at::Tensor b_view = b_transposed ? matrix_view(b, n, k, ldb, 1).t() : matrix_view(b, k, n, ldb, 1);
+  at::addmm_out(out, out, matrix_view(a, m, k, lda, 1), b_view, beta, alpha);
+}
+
+// -- the kernel ----------------------------------------------------------------------------------------
+struct Strides {
+  int64_t b, h, t;
+};
+
+Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Rows of a (rows, Dh) block with row stride `ld` as contiguous fp32 (the GEMMs' operand); fp32 input is
+// read in place. Widening bf16 / fp16 here, block by block, keeps the copies in L1/L2 and costs no pass
+// over memory: a key block is widened once per query tile, against 4 * BLOCK_M * Dh FLOPs per key.
+template <typename in_t>
+const float* as_fp32(const in_t* src, int64_t rows, int64_t Dh, int64_t ld, float* scratch, int64_t& ld_out) {
+  if constexpr (std::is_same_v<in_t, float>) {
+    ld_out = ld;
+    return src;
+  } else {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t d = 0; d < Dh; ++d) scratch[i * Dh + d] = static_cast<float>(src[i * ld + d]);
+    ld_out = Dh;
+    return scratch;
+  }
+}
+
+// q (B, H, T_q, Dh), k and v (B, H, T_k, Dh), o (B, H, T_q, Dh): strided, last dim contiguous, one dtype.
+template <typename scalar_t>
+void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, const scalar_t* v, Strides sv,
+                      scalar_t* o, Strides so, int64_t B, int64_t H, int64_t T_q, int64_t T_k, int64_t Dh,
+                      float scale) {
+  constexpr bool widen = !std::is_same_v<scalar_t, float>;
+  const RowOps ops = row_ops();
+  const int64_t q_tiles = (T_q + BLOCK_M - 1) / BLOCK_M;
+  const int64_t block_n = std::min(BLOCK_N, T_k);
+  at::parallel_for(0, B * H * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch (64-byte aligned by ATen's allocator), reused by every task of the range.
+    at::Tensor s_buf = at::empty({BLOCK_M, block_n}, at::kFloat);  // scores, then probabilities
+    at::Tensor acc_buf = at::empty({BLOCK_M, Dh}, at::kFloat);     // unnormalised p v
+    at::Tensor wide_buf = at::empty({widen ? BLOCK_M + 2 * block_n : 0, Dh}, at::kFloat);  // q, k, v widened
+    float* s = s_buf.data_ptr<float>();
+    float* acc = acc_buf.data_ptr<float>();
+    float* q_wide = wide_buf.data_ptr<float>();
+    float* k_wide = q_wide + BLOCK_M * Dh;
+    float* v_wide = k_wide + block_n * Dh;
+    std::vector<float> row_m(BLOCK_M), row_l(BLOCK_M);
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_tiles, tile = task % q_tiles;
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t r0 = tile * BLOCK_M, rows = std::min(BLOCK_M, T_q - r0);
+      const scalar_t* k_head = k + b * sk.b + h * sk.h;  // (T_k, Dh), row stride sk.t
+      const scalar_t* v_head = v + b * sv.b + h * sv.h;  // (T_k, Dh), row stride sv.t
+      int64_t ldq, ldk, ldv;
+      const float* q_tile = as_fp32(q + b * sq.b + h * sq.h + r0 * sq.t, rows, Dh, sq.t, q_wide, ldq);  // (rows, Dh)
+
+      for (int64_t n0 = 0; n0 < T_k; n0 += block_n) {
+        const int64_t cols = std::min(block_n, T_k - n0);
+        const bool first = n0 == 0;
+        const float* k_blk = as_fp32(k_head + n0 * sk.t, cols, Dh, sk.t, k_wide, ldk);  // (cols, Dh)
+        gemm(true, rows, cols, Dh, scale, q_tile, ldq, k_blk, ldk, 0.f, s, block_n);    // (rows, cols)
+        for (int64_t i = 0; i < rows; ++i) {
+          float* s_row = s + i * block_n;
+          const float m_blk = ops.row_max(s_row, cols);
+          const float m_new = first ? m_blk : std::max(row_m[i], m_blk);
+          const float sum = ops.exp_sum(s_row, cols, m_new);
+          if (first) {
+            row_l[i] = sum;
+          } else {  // rescale what earlier key blocks accumulated to the new running max
+            const float alpha = std::exp(row_m[i] - m_new);
+            row_l[i] = row_l[i] * alpha + sum;
+            float* acc_row = acc + i * Dh;
+            for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= alpha;
+          }
+          row_m[i] = m_new;
+        }
+        const float* v_blk = as_fp32(v_head + n0 * sv.t, cols, Dh, sv.t, v_wide, ldv);  // (cols, Dh)
+        // beta = 0 on the first block: the scratch is not read, so stale values (or NaN) never leak in.
+        gemm(false, rows, Dh, cols, 1.f, s, block_n, v_blk, ldv, first ? 0.f : 1.f, acc, Dh);  // (rows, Dh)
+      }
+
+      scalar_t* o_tile = o + b * so.b + h * so.h + r0 * so.t;
+      for (int64_t i = 0; i < rows; ++i) {
+        const float inv_l = 1.f / row_l[i];
+        const float* acc_row = acc + i * Dh;
+        scalar_t* o_row = o_tile + i * so.t;
+        for (int64_t d = 0; d < Dh; ++d) o_row[d] = static_cast<scalar_t>(acc_row[d] * inv_l);
+      }
+    }
+  });
+}
+
+void check_input(const char* name, const at::Tensor& t, const at::Tensor& q) {
+  TORCH_CHECK(t.dim() == 4, "ditengine::attention: ", name, " must be (B, H, T, Dh), got ", t.dim(),
+              " dimensions with shape ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "ditengine::attention (CPU kernel): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "ditengine::attention: ", name, " has dtype ", t.scalar_type(),
+              " but q has ", q.scalar_type());
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "ditengine::attention: ", name,
+              ": the last dimension (Dh) must be contiguous, got strides ", t.strides());
+}
+
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
+                         bool tokens_first, bool head_split) {
+  (void)head_split;  // a Triton block choice; the CPU GEMMs take any head dim
+  check_input("q", q, q);
+  check_input("k", k, q);
+  check_input("v", v, q);
+  const int64_t B = q.size(0), H = q.size(1), T_q = q.size(2), Dh = q.size(3), T_k = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dh, "ditengine::attention: k ", k.sizes(),
+              " must match q ", q.sizes(), " in batch, heads and head dim");
+  TORCH_CHECK(v.sizes() == k.sizes(), "ditengine::attention: v ", v.sizes(), " must have k's shape ", k.sizes());
+  TORCH_CHECK(T_k > 0, "ditengine::attention: k and v need at least one token");
+  TORCH_CHECK(Dh > 0, "ditengine::attention: the head dim must be positive");
+
+  const auto dtype = q.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
+    // float64 and anything else: the op's Python fallback runs SDPA; so does this kernel.
+    at::Tensor out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, softmax_scale);
+    return tokens_first ? out.transpose(1, 2).contiguous() : out.contiguous();
+  }
+  at::Tensor out = tokens_first ? at::empty({B, T_q, H, Dh}, q.options()) : at::empty({B, H, T_q, Dh}, q.options());
+  if (out.numel() == 0) return out;
+  at::Tensor o = tokens_first ? out.transpose(1, 2) : out;  // (B, H, T, Dh) view of the output
+  const float scale = static_cast<float>(softmax_scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ditengine_attention_cpu", [&] {
+    attention_kernel<scalar_t>(q.data_ptr<scalar_t>(), strides_of(q), k.data_ptr<scalar_t>(), strides_of(k),
+                               v.data_ptr<scalar_t>(), strides_of(v), o.data_ptr<scalar_t>(), strides_of(o), B, H,
+                               T_q, T_k, Dh, scale);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("attention", &attention_cpu); }
+
+}  // namespace ditengine
