@@ -108,12 +108,15 @@ at::Tensor linear_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(weight.size(1) == K, "ditengine::linear_gelu: weight ", weight.sizes(), " does not take x's last ",
               "dimension ", K);
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "ditengine::linear_gelu (CPU kernel): x must be float32, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == dtype,
               "ditengine::linear_gelu: weight must be float32 or x's dtype ", dtype, ", got ", weight.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "ditengine::linear_gelu (CPU kernel): x and weight ",
               "must be CPU tensors, got ", x.device(), " and ", weight.device());
+  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
+    // float64 and the rest: the op's Python form, in the weight's dtype.
+    at::Tensor y = at::linear(x.to(weight.scalar_type()), weight, bias);
+    return (apply_gelu ? at::gelu(y, "tanh") : y).to(dtype);
+  }
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "ditengine::linear_gelu: bias must be (", N, "), got shape ",
