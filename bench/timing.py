@@ -59,14 +59,14 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def bench_kernel(fn, device: torch.device) -> dict:
+def bench_kernel(fn, device: torch.device, cpu_repeats: int = 5) -> dict:
     """Median and p20/p80 ms of a kernel-sized call: triton's do_bench on CUDA (flushes L2 between runs),
-    the generic `measure` elsewhere."""
+    the generic `measure` elsewhere (`cpu_repeats` timed calls after two warm-up calls)."""
     if device.type == "cuda":
         from triton.testing import do_bench
         median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
-    timing = measure(fn, device, warmup=1, repeats=5)
+    timing = measure(fn, device, warmup=2 if cpu_repeats > 5 else 1, repeats=cpu_repeats)
     timing.pop("runs")
     return timing
 
@@ -81,14 +81,16 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
-def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", baseline: str | None = None) -> int:
+def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", baseline: str | None = None,
+                     cpu_note: str | None = None, cpu_repeats: int = 5) -> int:
     """Shared driver of the per-op microbenchmarks.
 
     `cases(device)` yields (shape label, dtype, work, {provider: fn}), where work is bytes moved
     (metric "bandwidth": GB/s and % of the measured copy bandwidth) or FLOPs (metric "flops": TFLOP/s,
     and the ratio to the best provider whose name starts with `baseline`). Every provider of a case is
     timed in the same process; a provider that raises (unsupported shape or backend) is reported as such.
-    Prints a markdown table and writes JSON.
+    Prints a markdown table and writes JSON. On a CPU, FLOP rates print as GFLOP/s; `cpu_note` replaces the
+    default remark that CPU timings say nothing about the kernels (true where a case times native kernels).
     """
     import argparse
     import json
@@ -99,8 +101,8 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda":
-        print(f"{name}: no GPU here; GPU figures need a GPU. CPU timings below run small shapes through the "
-              "PyTorch reference and say nothing about the kernels' speed.")
+        print(cpu_note or f"{name}: no GPU here; GPU figures need a GPU. CPU timings below run small shapes "
+              "through the PyTorch reference and say nothing about the kernels' speed.")
     peak = copy_bandwidth(device) if metric == "bandwidth" else None
     rows = []
     for label, dtype, work, providers in cases(device):
@@ -108,7 +110,7 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
         for provider, fn in providers.items():
             row = {"op": name, "shape": label, "dtype": str(dtype).removeprefix("torch."), "provider": provider}
             try:
-                row.update(bench_kernel(fn, device))
+                row.update(bench_kernel(fn, device, cpu_repeats))
             except Exception as err:  # e.g. an SDPA backend that does not take this head dim
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                 group.append(row)
@@ -132,7 +134,8 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
         print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy |")
         print("|---|---|---|---:|---:|---:|---:|---:|")
     else:
-        print(f"| shape | dtype | provider | ms (median) | p20 | p80 | TFLOP/s | vs best {baseline} |")
+        rate = "TFLOP/s" if device.type == "cuda" else "GFLOP/s"
+        print(f"| shape | dtype | provider | ms (median) | p20 | p80 | {rate} | vs best {baseline} |")
         print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
@@ -142,8 +145,9 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
                   f"{r['p80_ms']:.4f} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% |")
         else:
             ratio = r.get(f"vs_best_{baseline}")
+            value = r["tflops"] if device.type == "cuda" else 1e3 * r["tflops"]
             print(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['median_ms']:.4f} | {r['p20_ms']:.4f} | "
-                  f"{r['p80_ms']:.4f} | {r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
+                  f"{r['p80_ms']:.4f} | {value:.1f} | {f'{ratio:.2f}x' if ratio else ''} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"

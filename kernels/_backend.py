@@ -71,3 +71,8 @@ def triton_mode() -> str:
     if torch.cuda.is_available():
         return "native (CUDA)"
     return "interpreter (TRITON_INTERPRET=1)" if interpreting() else "CPU: kernels run the PyTorch reference"
+
+
+def has_native_kernel(op: str) -> bool:
+    """Whether the native extension (csrc/) registered a CPU kernel of its own for `ditengine::<op>`."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"ditengine::{op}", "CPU")

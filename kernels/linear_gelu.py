@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._backend import has_native_kernel
+
 log = logging.getLogger("ditengine")
 
 BACKENDS = ("auto", "mkldnn", "native", "reference")
@@ -63,7 +65,7 @@ def _(x, weight, bias, apply_gelu):
 
 def native_available() -> bool:
     """Whether the native extension registered its CPU kernel for the op."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("ditengine::linear_gelu", "CPU")
+    return has_native_kernel("linear_gelu")
 
 
 # -- the oneDNN form and its probe -----------------------------------------------------------------------
