@@ -8,9 +8,11 @@ ready for the output projection", PyTorch's permutes and copies included.
 On a CPU it times the native kernel (csrc/attention.cpp, when the extension is built) against SDPA in
 bf16 and fp32 at DiT-S/2 (H=6, Dh=64) and DiT-XL/2 (H=16, Dh=72) shapes, T=256, batch 2 (CFG), in
 GFLOP/s, plus the explicit-softmax bf16 reference and, for bf16, SDPA on fp32 copies of the same values.
-`python -m ditengine.bench.attention`.
+`python -m ditengine.bench.attention` (`--quick`: one small fp32 shape on a CPU, for smoke tests).
 """
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +43,7 @@ def flash_attn_provider():
 
 
 CPU_SHAPES = [(2, 6, 256, 64), (2, 16, 256, 72)]  # DiT-S/2 and DiT-XL/2, 256 px, batch 1 + CFG
+CPU_QUICK = [(1, 2, 64, 64)]
 
 
 def shapes(device):
@@ -49,10 +52,10 @@ def shapes(device):
     return [(B, 16, T, Dh) for Dh in (64, 72) for T in (256, 1024, 4096) for B in (2, 16)], torch.bfloat16
 
 
-def cpu_kernel_cases():
+def cpu_kernel_cases(quick: bool = False):
     native = has_native_kernel("attention")
-    for B, H, T, Dh in CPU_SHAPES:
-        for dtype in (torch.bfloat16, torch.float32):
+    for B, H, T, Dh in CPU_QUICK if quick else CPU_SHAPES:
+        for dtype in (torch.float32,) if quick else (torch.bfloat16, torch.float32):
             qkv = torch.randn(B, T, 3, H, Dh, dtype=dtype)
             q, k, v = (t.contiguous() for t in qkv.permute(2, 0, 3, 1, 4))
             providers = {}
@@ -67,9 +70,9 @@ def cpu_kernel_cases():
             yield f"B={B} H={H} T={T} Dh={Dh}", dtype, 4 * B * H * T * T * Dh, providers
 
 
-def kernel_cases(device):
+def kernel_cases(device, quick: bool = False):
     if device.type != "cuda":
-        yield from cpu_kernel_cases()
+        yield from cpu_kernel_cases(quick)
         return
     gpu = device.type == "cuda"
     flash_attn = flash_attn_provider()
@@ -88,10 +91,10 @@ def kernel_cases(device):
         yield f"B={B} H={H} T={T} Dh={Dh}", dtype, 4 * B * H * T * T * Dh, providers
 
 
-def end_to_end_cases(device):
+def end_to_end_cases(device, quick: bool = False):
     """From the qkv GEMM output (B, T, 3*D) to the projection input (B, T, D)."""
     configs, dtype = shapes(device)
-    if device.type != "cuda":
+    if device.type != "cuda" and not quick:
         configs, dtype = CPU_SHAPES, torch.bfloat16
     for B, H, T, Dh in configs:
         if Dh != 72 and device.type == "cuda":
@@ -119,9 +122,12 @@ def cpu_note() -> str:
 
 
 def main(argv=None) -> int:
-    kw = dict(metric="flops", baseline="sdpa", cpu_note=cpu_note(), cpu_repeats=15)
-    run_kernel_bench("attention", kernel_cases, argv, **kw)
-    return run_kernel_bench("attention_end_to_end", end_to_end_cases, argv, **kw)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--quick", action="store_true")
+    opts, rest = pre.parse_known_args(argv)
+    kw = dict(metric="flops", baseline="sdpa", cpu_note=cpu_note(), cpu_repeats=5 if opts.quick else 15)
+    run_kernel_bench("attention", lambda device: kernel_cases(device, opts.quick), rest, **kw)
+    return run_kernel_bench("attention_end_to_end", lambda device: end_to_end_cases(device, opts.quick), rest, **kw)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ On a CPU `_addmm_activation` computes the exact GELU instead, so the CPU cases t
 (512 x 1152 -> 4608) shapes: the native kernel on fp32 weights (when the extension is built), oneDNN's
 prepacked linear with its GELU-tanh post-op (where its probe passes) and the reference on fp32 weights,
 against `F.gelu(F.linear(...), approximate="tanh")`. A second table times the block's other GEMMs (qkv, proj,
-fc2) on the same prepacked weights against `F.linear`.
+fc2) on the same prepacked weights against `F.linear`. `--quick`: DiT-S/2 fp32 at 128 tokens only, for smoke tests.
 """
 from __future__ import annotations
 
@@ -38,30 +38,31 @@ def cpu_providers(x, w, b, apply_gelu: bool):
     return providers
 
 
-def cpu_cases(device):
-    for name, D in CPU_MODELS.items():
-        for dtype in (torch.bfloat16, torch.float32):
-            x = torch.randn(CPU_TOKENS, D, dtype=dtype)
+def cpu_cases(device, quick: bool = False):
+    tokens = 128 if quick else CPU_TOKENS
+    for name, D in list(CPU_MODELS.items())[:1 if quick else None]:
+        for dtype in (torch.float32,) if quick else (torch.bfloat16, torch.float32):
+            x = torch.randn(tokens, D, dtype=dtype)
             w = (torch.randn(4 * D, D) * D**-0.5).to(dtype)
             b = torch.randn(4 * D).to(dtype)
-            yield (f"{name} fc1+gelu {CPU_TOKENS}x{D}->{4 * D}", dtype, 2 * CPU_TOKENS * D * 4 * D,
+            yield (f"{name} fc1+gelu {tokens}x{D}->{4 * D}", dtype, 2 * tokens * D * 4 * D,
                    cpu_providers(x, w, b, True))
 
 
-def cpu_gemm_cases(device):
-    """The block's GEMMs without a GELU, bf16: (K, N) of qkv, proj and fc2."""
-    for name, D in CPU_MODELS.items():
+def cpu_gemm_cases(device, quick: bool = False):
+    """The block's GEMMs without a GELU, bf16 (fp32 when quick): (K, N) of qkv, proj and fc2."""
+    tokens, dtype = (128, torch.float32) if quick else (CPU_TOKENS, torch.bfloat16)
+    for name, D in list(CPU_MODELS.items())[:1 if quick else None]:
         for gemm, (K, N) in {"qkv": (D, 3 * D), "proj": (D, D), "fc2": (4 * D, D)}.items():
-            x = torch.randn(CPU_TOKENS, K, dtype=torch.bfloat16)
-            w = (torch.randn(N, K) * K**-0.5).to(torch.bfloat16)
-            b = torch.randn(N).to(torch.bfloat16)
-            yield (f"{name} {gemm} {CPU_TOKENS}x{K}->{N}", torch.bfloat16, 2 * CPU_TOKENS * K * N,
-                   cpu_providers(x, w, b, False))
+            x = torch.randn(tokens, K, dtype=dtype)
+            w = (torch.randn(N, K) * K**-0.5).to(dtype)
+            b = torch.randn(N).to(dtype)
+            yield (f"{name} {gemm} {tokens}x{K}->{N}", dtype, 2 * tokens * K * N, cpu_providers(x, w, b, False))
 
 
-def cases(device):
+def cases(device, quick: bool = False):
     if device.type != "cuda":
-        yield from cpu_cases(device)
+        yield from cpu_cases(device, quick)
         return
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -82,13 +83,17 @@ def cases(device):
 def main(argv=None) -> int:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(pre.parse_known_args(argv)[0].device).type == "cuda":
-        return run_kernel_bench("mlp_epilogue", cases, argv, metric="flops", baseline="linear")
+    pre.add_argument("--quick", action="store_true")
+    opts, argv = pre.parse_known_args(argv)
+    if torch.device(opts.device).type == "cuda":
+        return run_kernel_bench("mlp_epilogue", cases, argv + ["--device", opts.device], metric="flops",
+                                baseline="linear")
     note = ("mlp_epilogue: no GPU here; CPU rows time the CPU forms of linear_gelu"
             + ("" if native_available() else " (native extension not built: native rows left out)") + ".")
     kw = dict(metric="flops", baseline="linear", cpu_note=note, cpu_repeats=3)  # bf16 F.linear is slow here
-    run_kernel_bench("mlp_epilogue", cases, argv, **kw)
-    return run_kernel_bench("cpu_prepacked_linear", cpu_gemm_cases, argv, **kw)
+    argv = argv + ["--device", opts.device]
+    run_kernel_bench("mlp_epilogue", lambda device: cases(device, opts.quick), argv, **kw)
+    return run_kernel_bench("cpu_prepacked_linear", lambda device: cpu_gemm_cases(device, opts.quick), argv, **kw)
 
 
 if __name__ == "__main__":
