@@ -120,15 +120,15 @@ Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.st
 
 // Rows of a (rows, Dh) block with row stride `ld` as contiguous fp32 (the GEMMs' operand); fp32 input is
 // read in place. Widening bf16 / fp16 here, block by block, keeps the copies in L1/L2 and costs no pass
-// over memory: a key block is widened once per query tile, against 4 * BLOCK_M * Dh FLOPs per key.
+// over memory: a key block is widened once per query tile (AVX2: a shift per 8 values), against
+// 4 * BLOCK_M * Dh FLOPs per key.
 template <typename in_t>
 const float* as_fp32(const in_t* src, int64_t rows, int64_t Dh, int64_t ld, float* scratch, int64_t& ld_out) {
   if constexpr (std::is_same_v<in_t, float>) {
     ld_out = ld;
     return src;
   } else {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t d = 0; d < Dh; ++d) scratch[i * Dh + d] = static_cast<float>(src[i * ld + d]);
+    for (int64_t i = 0; i < rows; ++i) cpu::widen(src + i * ld, scratch + i * Dh, Dh);
     ld_out = Dh;
     return scratch;
   }
@@ -139,7 +139,7 @@ template <typename scalar_t>
 void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, const scalar_t* v, Strides sv,
                       scalar_t* o, Strides so, int64_t B, int64_t H, int64_t T_q, int64_t T_k, int64_t Dh,
                       float scale) {
-  constexpr bool widen = !std::is_same_v<scalar_t, float>;
+  constexpr bool widened = !std::is_same_v<scalar_t, float>;
   const RowOps ops = row_ops();
   const int64_t q_tiles = (T_q + BLOCK_M - 1) / BLOCK_M;
   const int64_t block_n = std::min(BLOCK_N, T_k);
@@ -147,7 +147,7 @@ void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides 
     // Per-thread scratch (64-byte aligned by ATen's allocator), reused by every task of the range.
     at::Tensor s_buf = at::empty({BLOCK_M, block_n}, at::kFloat);  // scores, then probabilities
     at::Tensor acc_buf = at::empty({BLOCK_M, Dh}, at::kFloat);     // unnormalised p v
-    at::Tensor wide_buf = at::empty({widen ? BLOCK_M + 2 * block_n : 0, Dh}, at::kFloat);  // q, k, v widened
+    at::Tensor wide_buf = at::empty({widened ? BLOCK_M + 2 * block_n : 0, Dh}, at::kFloat);  // q, k, v widened
     float* s = s_buf.data_ptr<float>();
     float* acc = acc_buf.data_ptr<float>();
     float* q_wide = wide_buf.data_ptr<float>();
@@ -192,9 +192,9 @@ void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides 
       scalar_t* o_tile = o + b * so.b + h * so.h + r0 * so.t;
       for (int64_t i = 0; i < rows; ++i) {
         const float inv_l = 1.f / row_l[i];
-        const float* acc_row = acc + i * Dh;
-        scalar_t* o_row = o_tile + i * so.t;
-        for (int64_t d = 0; d < Dh; ++d) o_row[d] = static_cast<scalar_t>(acc_row[d] * inv_l);
+        float* acc_row = acc + i * Dh;
+        for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= inv_l;
+        cpu::narrow(acc_row, o_tile + i * so.t, Dh);
       }
     }
   });

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -76,6 +77,60 @@ inline bool cpu_has_avx2_fma() {
 #else
 inline bool cpu_has_avx2_fma() { return false; }
 #endif
+
+// -- dtype conversion of contiguous runs --------------------------------------------------------------
+// Widening bf16 is a 16-bit shift and narrowing is round-to-nearest-even on the bits (NaN kept quiet), the
+// same results as c10::BFloat16's scalar conversions, so vector bodies and scalar tails agree bit for bit.
+#ifdef DITENGINE_X86
+DITENGINE_AVX2 inline void widen_bf16_avx2(const at::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+DITENGINE_AVX2 inline void narrow_bf16_avx2(const float* src, at::BFloat16* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 8 x u16 in the low half
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+}
+#endif
+
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+#ifdef DITENGINE_X86
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (cpu_has_avx2_fma()) return widen_bf16_avx2(src, dst, n);
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void narrow(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+    return;
+  } else {
+#ifdef DITENGINE_X86
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (cpu_has_avx2_fma()) return narrow_bf16_avx2(src, dst, n);
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+  }
+}
 
 }  // namespace cpu
 }  // namespace ditengine

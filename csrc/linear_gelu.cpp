@@ -89,12 +89,7 @@ void linear_gelu_kernel(const float* x, const float* w, const float* bias, out_t
       for (int64_t i = 0; i < rows; ++i) {
         float* t_row = tile + i * TILE_N;
         finish(t_row, bias ? bias + c0 : nullptr, cols, apply_gelu);
-        out_t* o_row = out + (r0 + i) * N + c0;
-        if constexpr (std::is_same_v<out_t, float>) {
-          std::copy(t_row, t_row + cols, o_row);
-        } else {
-          for (int64_t j = 0; j < cols; ++j) o_row[j] = static_cast<out_t>(t_row[j]);  // round to nearest even
-        }
+        cpu::narrow(t_row, out + (r0 + i) * N + c0, cols);  // bf16: round to nearest even
       }
     }
   });

@@ -200,3 +200,19 @@ def test_native_passes_opcheck(dtype):
     x, w, b = layer(6, 16, 24, dtype, seed=8, lead=(2,))
     torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w.float(), b.float(), True))
     torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w, None, False))
+
+
+@native
+def test_native_bf16_rounding_is_torchs():
+    """With K = 1 each output is one exact fp32 product, so the kernel's bf16 rounding (vectorised) must
+    give torch's bits: round to nearest even, ties included, inf kept, NaN kept (its payload may differ)."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(67, 1, generator=g).bfloat16()
+    x[5, 0], x[6, 0], x[7, 0] = float("nan"), float("inf"), -float("inf")
+    w = torch.randn(45, 1, generator=g)
+    w[3, 0] = 1.0 + 2.0**-8  # products exactly halfway between two bf16 values
+    out = torch.ops.ditengine.linear_gelu(x, w, None, False)
+    expected = (x.float() * w.t()).bfloat16()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(out), nan) and nan.sum() == 45
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
