@@ -11,13 +11,13 @@
 // Blocking: tasks of (batch, head, query tiles of BLOCK_M rows) spread with at::parallel_for: all of a
 // head's tiles when there are heads enough for every thread (a key block is then loaded once per head),
 // else one tile. Each tile walks the keys in blocks of BLOCK_N with an online softmax (running max and sum
-// in fp32), so the score tile (BLOCK_M x BLOCK_N fp32) stays in L2 for any T. Inside a parallel region ATen's BLAS calls run on
-// the calling thread, which is the intent: the parallelism is across tiles.
+// in fp32), so the score tile (BLOCK_M x BLOCK_N fp32) stays in L2 for any T. A BLAS called inside the
+// OpenMP region runs on the calling thread, which is the intent: the parallelism is across tiles.
 //
 // Dot products run in fp32: bf16 (and fp16) blocks are widened as they are loaded. On CPUs without bf16 dot
-// instructions (AVX2: no avx512_bf16, no AMX) a bf16 GEMM is emulated through fp32 and measures ~3x slower
-// than the fp32 GEMM, so fp32 dots are both the fastest and the most precise choice there; the output is
-// rounded to the input dtype once, at the end.
+// instructions (AVX2: no avx512_bf16, no AMX) a bf16 GEMM is emulated through fp32 and measures ~6x slower
+// than the fp32 GEMM at DiT shapes, so fp32 dots are both the fastest and the most precise choice there;
+// the output is rounded to the input dtype once, at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -110,7 +110,6 @@ RowOps row_ops() {
 #endif
   return {row_max_scalar, exp_sum_scalar};
 }
-
 
 // -- the kernel ----------------------------------------------------------------------------------------
 struct Strides {
@@ -235,6 +234,10 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(T_k > 0, "ditengine::attention: k and v need at least one token");
   TORCH_CHECK(Dh > 0, "ditengine::attention: the head dim must be positive");
 
+  // Rows overlapping in memory (a token stride below Dh, e.g. an expanded k) are materialised: BLAS needs
+  // a leading dimension of at least Dh.
+  auto rows_apart = [Dh](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) >= Dh ? t : t.contiguous(); };
+  const at::Tensor qr = rows_apart(q), kr = rows_apart(k), vr = rows_apart(v);
   const auto dtype = q.scalar_type();
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
     // float64 and anything else: the op's Python fallback runs SDPA; so does this kernel.
@@ -246,8 +249,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   at::Tensor o = tokens_first ? out.transpose(1, 2) : out;  // (B, H, T, Dh) view of the output
   const float scale = static_cast<float>(softmax_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ditengine_attention_cpu", [&] {
-    attention_kernel<scalar_t>(q.data_ptr<scalar_t>(), strides_of(q), k.data_ptr<scalar_t>(), strides_of(k),
-                               v.data_ptr<scalar_t>(), strides_of(v), o.data_ptr<scalar_t>(), strides_of(o), B, H,
+    attention_kernel<scalar_t>(qr.data_ptr<scalar_t>(), strides_of(qr), kr.data_ptr<scalar_t>(), strides_of(kr),
+                               vr.data_ptr<scalar_t>(), strides_of(vr), o.data_ptr<scalar_t>(), strides_of(o), B, H,
                                T_q, T_k, Dh, scale);
   });
   return out;

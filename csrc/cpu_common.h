@@ -34,6 +34,10 @@ inline at::Tensor matrix_view(const float* p, int64_t rows, int64_t cols, int64_
 // stride ldb when `b_transposed`, else C = alpha * A . B with B stored (k x n). With beta = 0, C is not read.
 inline void gemm(bool b_transposed, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  // A single row's stride is never used; BLAS still checks it against the row length (as ATen does,
+  // normalise it so that a 1-row view with any stride is accepted).
+  if (m == 1) lda = std::max(lda, k), ldc = std::max(ldc, n);
+  if (b_transposed ? n == 1 : k == 1) ldb = std::max(ldb, b_transposed ? k : n);
   const bool fits_int = std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX;
   if (sgemm_ != nullptr && fits_int) {
     // Column-major BLAS sees the row-major C as C^T = B^T-or-B . A^T.

@@ -281,3 +281,18 @@ def test_native_passes_opcheck(dtype):
     torch.library.opcheck(torch.ops.ditengine.attention, (q, k, v, 0.2, True, True))
     torch.library.opcheck(torch.ops.ditengine.attention, (q.contiguous(), k.contiguous(), v.contiguous(), 0.2, False,
                                                          True))
+
+
+@native
+def test_native_single_rows_and_overlapping_rows():
+    """A one-token q with an arbitrary token stride, and k, v expanded over tokens (stride 0): BLAS leading
+    dimensions must still be valid."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 2, 1, 40, generator=g)[..., :32]  # (B, H, 1, Dh) with token stride 40 irrelevant
+    q = q.as_strided(q.shape, (q.stride(0), q.stride(1), 3, 1))
+    k = torch.randn(2, 2, 1, 32, generator=g).expand(2, 2, 7, 32)
+    v = torch.randn(2, 2, 7, 32, generator=g)
+    out = native_attention(q, k, v)
+    torch.testing.assert_close(out, attention_ref(q, k, v), rtol=1e-5, atol=1e-5)
+    k1, v1 = k[:, :, :1], v[:, :, :1]  # a single key: the output is v
+    torch.testing.assert_close(native_attention(q, k1, v1), v1.expand_as(q), rtol=1e-6, atol=1e-6)
