@@ -4,13 +4,13 @@
 
 In DiT every block's MLP runs fc1 (D -> 4D) then GELU-tanh (then fc2); the GELU reads and writes the
 4D-wide activation once more. On CUDA the fast path fuses it as cuBLASLt's GEMM epilogue; on the CPU
-there are two ways, chosen once per weight by `prepack_linear`:
+there are three forms, chosen once per weight by `prepack_linear` (`choose_backend`):
 
 - "mkldnn": oneDNN's inner product with a GELU-tanh post-op on a prepacked weight
   (`torch.ops.mkldnn._reorder_linear_weight` + `torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [],
   "tanh")`, what torch.compile's CPU backend emits). Used for bf16 where a probe shows it runs and computes
   the tanh GELU: that needs a CPU with bf16 support in oneDNN (avx512 bf16 / AMX), where bf16 GEMMs are
-  faster than fp32 ones.
+  faster than fp32 ones; for fp32 only when the native kernel is not built (it is not faster there).
 - "native": `torch.ops.ditengine.linear_gelu` (csrc/linear_gelu.cpp), an fp32 GEMM per L2-sized tile with
   bias + GELU applied while the tile is in cache, on an fp32 copy of the weight (x widened per call, output
   in x's dtype). On AVX2 CPUs, where a bf16 GEMM is emulated and ~7x slower than fp32, this is the fast
