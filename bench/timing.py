@@ -86,14 +86,14 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def bench_kernel(fn, device: torch.device) -> dict:
+def bench_kernel(fn, device: torch.device, cpu_repeats: int = 5) -> dict:
     """Median and p20/p80 ms of a kernel-sized call: triton's do_bench on CUDA (flushes L2 between runs),
-    the generic `measure` elsewhere."""
+    the generic `measure` elsewhere (`cpu_repeats` timed calls after two warm-up calls)."""
     if device.type == "cuda":
         from triton.testing import do_bench
         median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
         return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
-    timing = measure(fn, device, warmup=1, repeats=5)
+    timing = measure(fn, device, warmup=2 if cpu_repeats > 5 else 1, repeats=cpu_repeats)
     timing.pop("runs")
     return timing
 
@@ -113,7 +113,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, clock=time.perf_
     return 2 * nbytes / ms / 1e6
 
 
-def format_kernel_row(r: dict, metric: str, baseline: str | None) -> str:
+def format_kernel_row(r: dict, metric: str, baseline: str | None, flops_scale: float = 1.0) -> str:
     if "error" in r:
         return (f"| {r['shape']} | {r['dtype']} | {r['provider']} | unsupported: {r['error']} | | | | |"
                 + (" | |" if metric == "bandwidth" else ""))
@@ -123,17 +123,19 @@ def format_kernel_row(r: dict, metric: str, baseline: str | None) -> str:
         ratios = " | ".join(f"{r[k]:.2f}x" if k in r else "" for k in ("vs_eager", "vs_torch.compile"))
         return f"{head} | {r['gb_per_s']:.0f} | {r['pct_of_copy']:.0f}% | {ratios} |"
     ratio = r.get(f"vs_best_{baseline}")
-    return f"{head} | {r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |"
+    return f"{head} | {flops_scale * r['tflops']:.1f} | {f'{ratio:.2f}x' if ratio else ''} |"
 
 
-def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", baseline: str | None = None) -> int:
+def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", baseline: str | None = None,
+                     cpu_note: str | None = None, cpu_repeats: int | None = None) -> int:
     """Shared driver of the per-op microbenchmarks.
 
     `cases(device)` yields (shape label, dtype, work, {provider: fn}), where work is bytes moved
     (metric "bandwidth": GB/s and % of the measured copy bandwidth) or FLOPs (metric "flops": TFLOP/s,
     and the ratio to the best provider whose name starts with `baseline`). Every provider of a case is
     timed in the same process; a provider that raises (unsupported shape or backend) is reported as such.
-    Prints a markdown table and writes JSON.
+    Prints a markdown table and writes JSON. On a CPU, FLOP rates print as GFLOP/s; `cpu_note` replaces the
+    default remark that CPU timings say nothing about the kernels (true where a case times native kernels).
     """
     import argparse
     import json
@@ -156,6 +158,8 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
     if cpu:
         print(f"{name}: CPU run; providers of a case are timed round-robin (warm-up, then the median over "
               f"rounds), so that other load on the machine falls on all of them alike; {args.clock} clock.")
+        if cpu_note:
+            print(cpu_note)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     peak = copy_bandwidth(device, clock=clock) if metric == "bandwidth" else None
     env = environment(device)
@@ -167,7 +171,8 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
         print("| shape | dtype | provider | ms (median) | p20 | p80 | GB/s | % of copy | vs eager | vs compile |")
         print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     else:
-        print(f"| shape | dtype | provider | ms (median) | p20 | p80 | TFLOP/s | vs best {baseline} |")
+        print(f"| shape | dtype | provider | ms (median) | p20 | p80 | {'GFLOP/s' if cpu else 'TFLOP/s'} | "
+              f"vs best {baseline} |")
         print("|---|---|---|---:|---:|---:|---:|---:|")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +192,8 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
             group.append(row)
         if cpu:
             timings = measure_interleaved({r["provider"]: providers[r["provider"]] for r in group if "error" not in r},
-                                          clock=clock, **(dict(warmup=1, rounds=3, inner=1) if args.quick else {}))
+                                          clock=clock, **(dict(warmup=1, rounds=3, inner=1) if args.quick else
+                                                          dict(rounds=cpu_repeats) if cpu_repeats else {}))
             for r in group:
                 r.update(timings.get(r["provider"], {}))
         for row in group:
@@ -209,7 +215,7 @@ def run_kernel_bench(name: str, cases, argv=None, metric: str = "bandwidth", bas
                 if "tflops" in r and best:
                     r[f"vs_best_{baseline}"] = r["tflops"] / best
         for r in group:  # printed and saved case by case: a run cut short keeps what it measured
-            print(format_kernel_row(r, metric, baseline), flush=True)
+            print(format_kernel_row(r, metric, baseline, 1e3 if cpu else 1.0), flush=True)
         rows.extend(group)
         path.write_text(json.dumps({"env": env, "copy_gb_per_s": peak, "results": rows}, indent=2))
     print(f"\nresults: {path}")

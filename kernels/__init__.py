@@ -8,6 +8,7 @@ from ._backend import choose, interpreter_numpy_bug, interpreting, triton_availa
 from .attention import attention, attention_ref
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
+from .linear_gelu import PackedLinear, linear, linear_gelu, linear_gelu_ref, prepack_linear
 from . import _native
 from ._native import native_available
 
@@ -16,6 +17,7 @@ _native.load()
 
 __all__ = [
     "attention", "attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
-    "scheduler_step", "scheduler_step_ref", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
+    "scheduler_step", "scheduler_step_ref", "linear_gelu", "linear_gelu_ref", "linear", "prepack_linear",
+    "PackedLinear", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
     "triton_mode",
 ]

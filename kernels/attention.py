@@ -23,7 +23,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._backend import tl, triton, use_triton
+from ._backend import route, tl, triton, use_triton
 from ._checks import check_tensor
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -184,12 +184,14 @@ def _(q, k, v, softmax_scale, tokens_first, head_split):
 
 # -- public API ------------------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
-              softmax_scale: float | None = None, head_split: bool = True) -> torch.Tensor:
+              softmax_scale: float | None = None, head_split: bool = True, backend: str | None = None) -> torch.Tensor:
     """Non-causal attention.
 
     `attention(qkv)`: qkv (B, T, 3, H, Dh), the qkv projection's output viewed as such (any strides with a
     contiguous last dim) -> (B, T, H, Dh), contiguous, so `.reshape(B, T, H*Dh)` is free.
     `attention(q, k, v)`: each (B, H, T, Dh), like `scaled_dot_product_attention` -> (B, H, T, Dh).
+    `backend`: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA);
+    "native", "triton" (on CPU: the interpreter) or "reference" (SDPA) force one.
     """
     if k is None and v is None:
         check_tensor("qkv", q, ndim=5, layout="(B, T, 3, H, Dh)")
@@ -213,4 +215,13 @@ def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | 
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"attention: sequence length must be at least 1, got q {q.shape[2]}, k {k.shape[2]}")
     scale = Dh**-0.5 if softmax_scale is None else float(softmax_scale)
+    how = route("attention", q.device, backend)
+    if how.startswith("reference"):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, T, Dh)
+        return out.transpose(1, 2).contiguous() if tokens_first else out.contiguous()
+    if how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
+        B, H, T, Dh = q.shape
+        out = q.new_empty((B, T, H, Dh) if tokens_first else (B, H, T, Dh))
+        _launch(q, k, v, out.transpose(1, 2) if tokens_first else out, scale, head_split)
+        return out
     return _attention_op(q, k, v, scale, tokens_first, head_split)

@@ -22,3 +22,9 @@ def run_python(code: str, **env) -> str:
                           env=full_env, timeout=300)
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def needs_native(op: str):
+    """Skip unless the extension registered a C++ CPU kernel for ditengine::<op>."""
+    return pytest.mark.skipif(not _native.serves(op), reason=f"native extension has no kernel for {op}: "
+                                                             f"{_native.unavailable_reason() or 'not registered'}")

@@ -2,11 +2,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import attention, attention_ref
+from ditengine.kernels import attention, attention_ref, interpreting
 from ditengine.kernels.attention import head_blocks
 
 from tolerance import assert_within_tolerance
 
+TRITON_CPU = "triton" if interpreting() else "auto"  # on CPU the Triton kernel runs in the interpreter
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 # (B, H, T, Dh); T = 1, 16, 97, 256; every supported DiT-relevant head dim; interpreter-sized.
 CASES = [(2, 1, 16, 32), (1, 2, 16, 64), (1, 2, 16, 72), (1, 2, 16, 96), (1, 2, 16, 128), (2, 2, 1, 72),
@@ -24,13 +25,13 @@ def split(qkv):
 
 def check(B, H, T, Dh, dtype, device="cpu", head_split=True):
     qkv = packed_qkv(B, H, T, Dh, dtype, device)
-    out = attention(qkv, head_split=head_split)
+    out = attention(qkv, head_split=head_split, backend=TRITON_CPU)
     assert out.shape == (B, T, H, Dh) and out.is_contiguous() and out.dtype == dtype
     q, k, v = split(qkv)
     ref32 = attention_ref(q, k, v).transpose(1, 2)
     ref_lp = attention_ref(q, k, v, upcast=False).transpose(1, 2) if dtype != torch.float32 else ref32
     assert_within_tolerance(out, ref32, ref_lp, FLOOR[dtype], f"packed B={B} H={H} T={T} Dh={Dh}")
-    separate = attention(q, k, v, head_split=head_split)
+    separate = attention(q, k, v, head_split=head_split, backend=TRITON_CPU)
     assert separate.shape == (B, H, T, Dh)
     assert_within_tolerance(separate.transpose(1, 2), ref32, ref_lp, FLOOR[dtype], "separate")
 
@@ -54,7 +55,7 @@ def test_reads_the_qkv_projection_output_directly():
     x = torch.randn(B, T, H * Dh)
     with torch.no_grad():
         qkv = qkv_linear(x).view(B, T, 3, H, Dh)
-        ours = attention(qkv).view(B, T, H * Dh)
+        ours = attention(qkv, backend=TRITON_CPU).view(B, T, H * Dh)
         q, k, v = split(qkv)
         expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, H * Dh)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
@@ -65,7 +66,7 @@ def test_cross_lengths_scale_and_strided_views():
     q = torch.randn(1, 20, 2, 64, generator=g).transpose(1, 2)  # (B, H, T, Dh) view of (B, T, H, Dh)
     k = torch.randn(1, 2, 37, 64, generator=g)
     v = torch.randn(1, 2, 37, 64, generator=g)
-    out = attention(q, k, v, softmax_scale=0.3)
+    out = attention(q, k, v, softmax_scale=0.3, backend=TRITON_CPU)
     torch.testing.assert_close(out, attention_ref(q, k, v, softmax_scale=0.3), rtol=1e-5, atol=1e-5)
 
 
@@ -73,7 +74,7 @@ def test_large_logits_stay_finite():
     qkv = packed_qkv(1, 1, 40, 64, torch.float32, seed=4)
     qkv[:, :, 0] *= 100.0
     qkv[:, :, 1] *= 100.0  # logits ~ 1e4 / 8
-    out = attention(qkv)
+    out = attention(qkv, backend=TRITON_CPU)
     assert torch.isfinite(out).all()
     q, k, v = split(qkv)
     torch.testing.assert_close(out, attention_ref(q.double(), k.double(), v.double()).transpose(1, 2).float(),
@@ -85,7 +86,7 @@ def test_nan_does_not_leak():
     qkv = packed_qkv(2, 2, 40, 64, torch.float32, seed=5)
     qkv[0, 7, 0, 1, 3] = float("nan")  # one query row of batch 0, head 1
     qkv[1, 9, 1, 0, 0] = float("nan")  # one key of batch 1, head 0: poisons that head only
-    out = attention(qkv)
+    out = attention(qkv, backend=TRITON_CPU)
     bad = torch.zeros(2, 40, 2, dtype=torch.bool)
     bad[0, 7, 1] = True
     bad[1, :, 0] = True
@@ -98,7 +99,7 @@ def test_nan_does_not_leak():
 
 def test_same_inputs_same_bits():
     qkv = packed_qkv(1, 2, 33, 72, torch.float16, seed=6)
-    assert torch.equal(attention(qkv), attention(qkv))
+    assert torch.equal(attention(qkv, backend=TRITON_CPU), attention(qkv, backend=TRITON_CPU))
 
 
 def test_errors():
@@ -144,3 +145,155 @@ def test_gpu_dit_shapes(T, Dh, head_split, dtype):
 @pytest.mark.parametrize("B, H, T, Dh", [(1, 2, 97, 32), (3, 2, 257, 96), (2, 4, 1, 128), (1, 1, 129, 72)])
 def test_gpu_odd_shapes_fp32(B, H, T, Dh):
     check(B, H, T, Dh, torch.float32, "cuda")
+
+
+# -- the native CPU kernel (csrc/attention.cpp) ------------------------------------------------------------
+# The C++ kernel is the CPU kernel of torch.ops.ditengine.attention once the extension is loaded; these
+# tests call the op through the dispatcher on CPU tensors, so they test it and nothing else.
+from native_helpers import needs_native  # noqa: E402
+
+native = needs_native("attention")
+NATIVE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def native_attention(q, k, v, softmax_scale=None, tokens_first=False):
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    return torch.ops.ditengine.attention(q, k, v, scale, tokens_first, True)
+
+
+def check_native(qkv, dtype, name):
+    q, k, v = split(qkv)
+    ref32 = attention_ref(q, k, v)  # (B, H, T, Dh), fp32 math
+    ref_lp = attention_ref(q, k, v, upcast=False) if dtype != torch.float32 else ref32
+    packed = native_attention(q, k, v, tokens_first=True)
+    assert packed.shape == qkv[:, :, 0].shape and packed.is_contiguous() and packed.dtype == dtype
+    assert_within_tolerance(packed.transpose(1, 2), ref32, ref_lp, FLOOR[dtype], f"{name} packed")
+    separate = native_attention(*(t.contiguous() for t in (q, k, v)))
+    assert separate.shape == q.shape and separate.is_contiguous()
+    assert_within_tolerance(separate, ref32, ref_lp, FLOOR[dtype], f"{name} separate")
+
+
+@native
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 97, 256])
+@pytest.mark.parametrize("Dh", [16, 64, 72, 128])
+@pytest.mark.parametrize("B", [1, 2])
+def test_native_matches_reference(B, Dh, T, dtype):
+    qkv = packed_qkv(B, 3, T, Dh, dtype, seed=B * 1000 + Dh * 10 + T)
+    check_native(qkv, dtype, f"B={B} T={T} Dh={Dh}")
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_long_keys_and_cross_lengths(dtype):
+    """More keys than one online-softmax block (512), unequal query / key lengths, a custom scale, and
+    logits far apart so the running max changes between key blocks."""
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 2, 70, 16, generator=g).to(dtype)
+    k = torch.randn(2, 2, 1100, 16, generator=g)
+    k[:, :, 900:] *= 4.0  # the largest logits sit in the last key block
+    k = k.to(dtype)
+    v = torch.randn(2, 2, 1100, 16, generator=g).to(dtype)
+    out = native_attention(q, k, v, softmax_scale=0.7)
+    ref32 = attention_ref(q, k, v, softmax_scale=0.7)
+    ref_lp = attention_ref(q, k, v, softmax_scale=0.7, upcast=False) if dtype != torch.float32 else ref32
+    assert_within_tolerance(out, ref32, ref_lp, FLOOR[dtype], "long keys")
+
+
+@native
+def test_native_reads_strided_views_and_writes_tokens_first():
+    """q as a (B, H, T, Dh) view of (B, T, H, Dh), k and v from a wider buffer: strides, not copies."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 33, 3, 72, generator=g).transpose(1, 2)
+    kv = torch.randn(2, 3, 40, 2 * 72 + 8, generator=g)
+    k, v = kv[..., :72], kv[..., 80:152]
+    out = native_attention(q, k, v, tokens_first=True)  # (B, T, H, Dh)
+    torch.testing.assert_close(out, attention_ref(q, k, v).transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@native
+def test_native_large_logits_stay_finite():
+    qkv = packed_qkv(1, 1, 40, 64, torch.float32, seed=4)
+    qkv[:, :, 0] *= 100.0
+    qkv[:, :, 1] *= 100.0
+    q, k, v = split(qkv)
+    out = native_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, attention_ref(q.double(), k.double(), v.double()).float(), rtol=1e-4, atol=1e-4)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_nan_stays_in_its_row(dtype):
+    qkv = packed_qkv(2, 2, 40, 64, torch.float32, seed=5)
+    qkv[0, 7, 0, 1, 3] = float("nan")  # one query row of batch 0, head 1
+    qkv[1, 9, 1, 0, 0] = float("nan")  # one key of batch 1, head 0: poisons that head only
+    qkv = qkv.to(dtype)
+    q, k, v = split(qkv)
+    out = native_attention(q, k, v, tokens_first=True)  # (B, T, H, Dh)
+    bad = torch.zeros(2, 40, 2, dtype=torch.bool)
+    bad[0, 7, 1] = True
+    bad[1, :, 0] = True
+    assert torch.isnan(out[bad]).all()
+    assert torch.isfinite(out[~bad]).all()
+    ref32 = attention_ref(q, k, v).transpose(1, 2)
+    ref_lp = attention_ref(q, k, v, upcast=False).transpose(1, 2) if dtype != torch.float32 else ref32
+    assert_within_tolerance(out[~bad], ref32[~bad], ref_lp[~bad], FLOOR[dtype], "rows without NaN")
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_same_inputs_same_bits(dtype):
+    q, k, v = split(packed_qkv(2, 3, 200, 72, dtype, seed=6))
+    first = native_attention(q, k, v, tokens_first=True)
+    assert all(torch.equal(first, native_attention(q, k, v, tokens_first=True)) for _ in range(3))
+
+
+@native
+def test_native_float64_runs_sdpa():
+    q, k, v = split(packed_qkv(1, 2, 9, 16, torch.float64, seed=7))
+    out = native_attention(q, k, v, tokens_first=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, attention_ref(q, k, v).transpose(1, 2))
+
+
+@native
+def test_native_errors():
+    q, k, v = (t.contiguous() for t in split(packed_qkv(1, 2, 8, 64, torch.float32)))
+    op = torch.ops.ditengine.attention
+    with pytest.raises(RuntimeError, match=r"q must be \(B, H, T, Dh\), got 3 dimensions"):
+        op(q[0], k, v, 0.1, False, True)
+    with pytest.raises(RuntimeError, match="k has dtype BFloat16 but q has Float"):
+        op(q, k.bfloat16(), v, 0.1, False, True)
+    with pytest.raises(RuntimeError, match=r"v: the last dimension \(Dh\) must be contiguous"):
+        op(q, k, v.transpose(2, 3).contiguous().transpose(2, 3), 0.1, False, True)
+    with pytest.raises(RuntimeError, match="must match q"):
+        op(q, k[:, :1], v[:, :1], 0.1, False, True)
+    with pytest.raises(RuntimeError, match="v .* must have k's shape"):
+        op(q, k, v[:, :, :5], 0.1, False, True)
+    with pytest.raises(RuntimeError, match="k and v need at least one token"):
+        op(q, k[:, :, :0], v[:, :, :0], 0.1, False, True)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_passes_opcheck(dtype):
+    q, k, v = split(packed_qkv(1, 2, 8, 32, dtype))
+    torch.library.opcheck(torch.ops.ditengine.attention, (q, k, v, 0.2, True, True))
+    torch.library.opcheck(torch.ops.ditengine.attention, (q.contiguous(), k.contiguous(), v.contiguous(), 0.2, False,
+                                                         True))
+
+
+@native
+def test_native_single_rows_and_overlapping_rows():
+    """A one-token q with an arbitrary token stride, and k, v expanded over tokens (stride 0): BLAS leading
+    dimensions must still be valid."""
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 2, 1, 40, generator=g)[..., :32]  # (B, H, 1, Dh) with token stride 40 irrelevant
+    q = q.as_strided(q.shape, (q.stride(0), q.stride(1), 3, 1))
+    k = torch.randn(2, 2, 1, 32, generator=g).expand(2, 2, 7, 32)
+    v = torch.randn(2, 2, 7, 32, generator=g)
+    out = native_attention(q, k, v)
+    torch.testing.assert_close(out, attention_ref(q, k, v), rtol=1e-5, atol=1e-5)
+    k1, v1 = k[:, :, :1], v[:, :, :1]  # a single key: the output is v
+    torch.testing.assert_close(native_attention(q, k1, v1), v1.expand_as(q), rtol=1e-6, atol=1e-6)

@@ -46,19 +46,19 @@ def test_module_entry_points():
 
 def test_kernel_benchmarks_run_on_cpu(tmp_path, capsys):
     from ditengine.bench import adaln, attention, mlp_epilogue, scheduler_step
-    for module in (adaln, scheduler_step):
+    for module in (adaln, scheduler_step, attention, mlp_epilogue):  # --quick: DiT shapes take too long here
         assert module.main(["--out", str(tmp_path), "--quick"]) == 0
-    for module in (attention, mlp_epilogue):
-        assert module.main(["--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "CPU run; providers of a case are timed round-robin" in printed
     for row in ("| adaln_modulate B=2 T=256 D=384 | bfloat16 | native |",
                 "| gated_residual_adaln B=2 T=256 D=384 | bfloat16 | eager |",
-                "| B=1 4x32x32 | bfloat16 | torch.compile |"):
+                "| B=1 4x32x32 | bfloat16 | torch.compile |",
+                "| B=1 H=2 T=64 Dh=64 | float32 | sdpa |",
+                "| DiT-S/2 fc1+gelu 128x384->1536 | float32 | linear + gelu |",
+                "| DiT-S/2 fc2 128x1536->384 | float32 | torch on fp32 weights |"):
         assert row in printed, row
-    assert "| B=1 H=2 T=64 Dh=64 | float32 | sdpa-math |" in printed and "| 1.00x |" in printed
-    assert "| fc1 128 tokens 1152->4608 | float32 | fused epilogue |" in printed
-    assert len(list(tmp_path.glob("*.json"))) == 5
+    assert "| 1.00x |" in printed
+    assert len(list(tmp_path.glob("*.json"))) == 6
 
 
 def test_every_kernel_compiles_for_the_h100_without_a_gpu(tmp_path):

@@ -1,0 +1,189 @@
+"""DiT's fc1 and its tanh GELU in one op, for the CPU fast path.
+
+    out = gelu_tanh(x @ w^T + b),   gelu_tanh(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))
+
+In DiT every block's MLP runs fc1 (D -> 4D) then GELU-tanh (then fc2); the GELU reads and writes the
+4D-wide activation once more. On CUDA the fast path fuses it as cuBLASLt's GEMM epilogue; on the CPU
+there are three forms, chosen once per weight by `prepack_linear` (`choose_backend`):
+
+- "mkldnn": oneDNN's inner product with a GELU-tanh post-op on a prepacked weight
+  (`torch.ops.mkldnn._reorder_linear_weight` + `torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [],
+  "tanh")`, what torch.compile's CPU backend emits). Used for bf16 where a probe shows it runs and computes
+  the tanh GELU: that needs a CPU with bf16 support in oneDNN (avx512 bf16 / AMX), where bf16 GEMMs are
+  faster than fp32 ones; for fp32 only when the native kernel is not built (it is not faster there).
+- "native": `torch.ops.ditengine.linear_gelu` (csrc/linear_gelu.cpp), an fp32 GEMM per L2-sized tile with
+  bias + GELU applied while the tile is in cache, on an fp32 copy of the weight (x widened per call, output
+  in x's dtype). On AVX2 CPUs, where a bf16 GEMM is emulated and ~7x slower than fp32, this is the fast
+  form for bf16 too.
+- "reference": the op's Python body, `gelu_tanh(linear(x.to(w.dtype), w, b))` on the prepacked
+  (fp32) weight: still the fp32-weight GEMM, with a separate GELU.
+
+`linear(x, packed)` is the plain linear on the same prepacked weights (qkv, proj, fc2).
+Shapes: x (..., K), w (N, K), b (N); out (..., N) in x's dtype. dtypes: fp32, bf16 (fp16 through the
+native / reference forms).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import _native
+
+log = logging.getLogger("ditengine")
+
+BACKENDS = ("auto", "mkldnn", "native", "reference")
+
+
+# -- reference -------------------------------------------------------------------------------------------
+def linear_gelu_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, upcast: bool = False):
+    """gelu_tanh(linear(x, w, b)); math in fp32 when `upcast` (output in x's dtype)."""
+    if upcast:
+        return F.gelu(F.linear(x.float(), w.float(), None if b is None else b.float()), approximate="tanh").to(x.dtype)
+    return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+
+# -- the op: native CPU kernel in csrc/linear_gelu.cpp, this body as the fallback ------------------------
+def _linear_gelu_torch(x, weight, bias, apply_gelu: bool) -> torch.Tensor:
+    y = F.linear(x.to(weight.dtype), weight, bias)
+    return (F.gelu(y, approximate="tanh") if apply_gelu else y).to(x.dtype)
+
+
+@torch.library.custom_op("ditengine::linear_gelu", mutates_args=())
+def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, apply_gelu: bool) -> torch.Tensor:
+    """x (..., K); weight (N, K) and bias (N) in fp32 or x's dtype -> (..., N) in x's dtype, math in weight's."""
+    return _linear_gelu_torch(x, weight, bias, apply_gelu)
+
+
+@_linear_gelu_op.register_fake
+def _(x, weight, bias, apply_gelu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def native_available() -> bool:
+    """Whether the native extension registered its CPU kernel for the op."""
+    return _native.serves("linear_gelu")
+
+
+# -- the oneDNN form and its probe -----------------------------------------------------------------------
+def _mkldnn_pack(w: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w, batch_size)
+
+
+def _mkldnn_call(x, packed_w, b, apply_gelu: bool):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out = (torch.ops.mkldnn._linear_pointwise(x2, packed_w, b, "gelu", [], "tanh") if apply_gelu
+           else torch.ops.mkldnn._linear_pointwise(x2, packed_w, b, "none", [], ""))
+    return out.view(*lead, out.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def mkldnn_gelu_is_tanh(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's prepacked linear with a GELU-tanh post-op runs in `dtype` and computes the tanh GELU.
+
+    Two small probes, decided once per dtype and logged: fp32, where the tanh and erf GELUs differ by up
+    to 5e-4 while fp32 is good to 1e-5, proves the algorithm; `dtype` itself must run (bf16 needs oneDNN
+    bf16 support in the CPU) and match the fp32 reference within bf16 rounding.
+    """
+    if not torch.backends.mkldnn.is_available():
+        log.info("ditengine: oneDNN (mkldnn) is not available; linear+GELU uses the native or reference form")
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g) for shape in ((64, 32), (48, 32), (48,)))
+    x = x * 2.0  # spread pre-activations over the range where tanh and erf GELUs differ
+    ref = linear_gelu_ref(x, w, b)
+    try:
+        exact = _mkldnn_call(x, _mkldnn_pack(w, 64), b, True)
+        ok = torch.allclose(exact, ref, rtol=1e-4, atol=2e-5)
+        if ok and dtype != torch.float32:
+            low = _mkldnn_call(x.to(dtype), _mkldnn_pack(w.to(dtype), 64), b.to(dtype), True)
+            ok = low.dtype == dtype and torch.allclose(low.float(), linear_gelu_ref(x.to(dtype), w.to(dtype),
+                                                                                    b.to(dtype), upcast=True).float(),
+                                                       rtol=2e-2, atol=2e-2)
+    except RuntimeError as err:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+        log.info("ditengine: oneDNN linear+GELU-tanh is not usable in %s here (%s)", dtype,
+                 str(err).splitlines()[0][:160])
+        return False
+    log.info("ditengine: oneDNN linear+GELU-tanh in %s %s", dtype,
+             "matches the tanh GELU" if ok else "does not match the tanh GELU; not used")
+    return ok
+
+
+# -- prepacking and the calls ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedLinear:
+    """A linear layer's weights in the form its backend wants, made once per sampler by `prepack_linear`."""
+
+    backend: str                # "mkldnn", "native" or "reference"
+    weight: torch.Tensor        # mkldnn: oneDNN's packed (N, K); native / reference: (N, K) fp32 or dtype
+    bias: torch.Tensor | None   # (N,)
+    dtype: torch.dtype          # the activations' dtype
+    out_features: int
+
+
+def choose_backend(dtype: torch.dtype) -> str:
+    """bf16 with oneDNN bf16 support: mkldnn (bf16 dots beat fp32 there); else native when built; else
+    mkldnn where its probe passes (fp32); else the reference."""
+    if dtype == torch.bfloat16 and mkldnn_gelu_is_tanh(dtype):
+        return "mkldnn"
+    if native_available():
+        return "native"
+    if dtype == torch.float32 and mkldnn_gelu_is_tanh(dtype):
+        return "mkldnn"
+    return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_backend(dtype: torch.dtype, backend: str) -> None:
+    log.info("ditengine: CPU linear (+GELU) in %s runs %s", dtype, backend)
+
+
+def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
+                   batch_size: int = 512, backend: str = "auto") -> PackedLinear:
+    """Prepare (w (N, K), b (N)) for `linear_gelu` / `linear` on CPU activations of `dtype` (default w's).
+
+    `batch_size` is the expected number of rows of x (tokens x batch), a hint for oneDNN's weight layout.
+    Once per sampler: the returned weights are copies, later changes to w are not seen.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+    if w.dim() != 2 or (b is not None and b.shape != (w.shape[0],)):
+        raise ValueError(f"w: expected (N, K) and b (N,), got {tuple(w.shape)} and "
+                         f"{None if b is None else tuple(b.shape)}")
+    if w.device.type != "cpu":
+        raise ValueError(f"prepack_linear is for CPU weights, got {w.device}")
+    dtype = dtype or w.dtype
+    if backend == "auto":
+        backend = choose_backend(dtype)
+    _log_backend(dtype, backend)
+    if backend == "mkldnn":
+        wd = w.detach().to(dtype).contiguous()
+        return PackedLinear("mkldnn", _mkldnn_pack(wd, batch_size), None if b is None else b.detach().to(dtype),
+                            dtype, w.shape[0])
+    # native / reference: fp32 weights, widened once here rather than every call (see the module docstring).
+    w32 = w.detach().float().contiguous()
+    return PackedLinear(backend, w32, None if b is None else b.detach().float().contiguous(), dtype, w.shape[0])
+
+
+def _call(x: torch.Tensor, p: PackedLinear, apply_gelu: bool) -> torch.Tensor:
+    if x.dtype != p.dtype:
+        raise TypeError(f"x: expected dtype {p.dtype} (what the weights were packed for), got {x.dtype}")
+    if p.backend == "mkldnn":
+        return _mkldnn_call(x, p.weight, p.bias, apply_gelu)
+    if p.backend == "native":
+        return torch.ops.ditengine.linear_gelu(x, p.weight, p.bias, apply_gelu)
+    return _linear_gelu_torch(x, p.weight, p.bias, apply_gelu)
+
+
+def linear_gelu(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    """gelu_tanh(x @ w^T + b) for x (..., K) -> (..., N) in x's dtype, with `packed = prepack_linear(w, b)`."""
+    return _call(x, packed, True)
+
+
+def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+    """x @ w^T + b on the prepacked weights (the GEMMs without a GELU: qkv, proj, fc2)."""
+    return _call(x, packed, False)
