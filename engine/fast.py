@@ -31,7 +31,7 @@ from ditengine.kernels import adaln_modulate, attention, gated_residual_adaln, s
 
 from .graphs import GraphRunner
 from .model import DiT, timestep_embedding
-from .sampling import check_inputs, draw_noise, guided_labels
+from .inputs import check_inputs, draw_noise, guided_labels
 from .schedulers import COL, Scheduler
 
 log = logging.getLogger("ditengine")
