@@ -124,29 +124,74 @@ class FastDiT:
             return torch._addmm_activation(b, h.flatten(0, 1), w.t(), use_gelu=True).view(*h.shape[:2], -1)
         return F.gelu(F.linear(h, w, b), approximate="tanh")
 
-    def forward(self, x: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) in `dtype`; block_mod (N, depth, 6, D); final_mod (N, 2, D) -> (N, C_out, H, W)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) in `dtype` -> the residual stream (N, T, D) after the patch embedding."""
         cfg = self.config
-        N, H, Dh = x.shape[0], cfg.num_heads, cfg.head_dim
-        p = cfg.patch_size
+        N, p = x.shape[0], cfg.patch_size
         side = cfg.input_size // p
         patches = x.view(N, -1, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(N, side * side, -1)
-        resid = F.linear(patches, self.patch_w).to(self.residual_dtype).add_(self.pos_bias)  # (N, T, D)
-        T, D = resid.shape[1:]
-        h = adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype)
-        for i, (w_qkv, b_qkv, w_proj, b_proj, w_fc1, b_fc1, w_fc2, b_fc2) in enumerate(self.blocks):
-            mod = block_mod[:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
-            qkv = F.linear(h, w_qkv, b_qkv).view(N, T, 3, H, Dh)
-            o = F.linear(attention(qkv).view(N, T, D), w_proj, b_proj)
-            resid, h = gated_residual_adaln(resid, mod[:, 2], o, mod[:, 3], mod[:, 4], eps=cfg.mlp_norm_eps,
-                                            inplace=True, out_dtype=self.dtype)
-            o = F.linear(self.mlp_in(h, w_fc1, b_fc1), w_fc2, b_fc2)
-            nxt = block_mod[:, i + 1, :2] if i + 1 < cfg.depth else final_mod  # (N, 2, D): shift, scale
-            resid, h = gated_residual_adaln(resid, mod[:, 5], o, nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
-                                            out_dtype=self.dtype)
-        out = F.linear(h, *self.final_linear)  # (N, T, p*p*C_out)
-        out = out.view(N, side, side, p, p, cfg.out_channels)
+        return F.linear(patches, self.patch_w).to(self.residual_dtype).add_(self.pos_bias)
+
+    def first_norm(self, resid: torch.Tensor, block_mod: torch.Tensor) -> torch.Tensor:
+        """K1: block 0's adaLN input; every later one comes out of the previous block's last K3."""
+        return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype)
+
+    def _next_mod(self, i: int, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
+        """(N, 2, D): the shift and scale of the adaLN that follows block i (the next block's, or the final's)."""
+        return block_mod[:, i + 1, :2] if i + 1 < self.config.depth else final_mod
+
+    def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, block_mod: torch.Tensor,
+              final_mod: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i on the residual stream (updated in place) and its adaLN input h; returns (resid, h), h now
+        the input of whatever follows. `keep` (2, N, T, D), when given, receives the attention and MLP
+        outputs before their gates (what a cache reuses on a later step)."""
+        cfg = self.config
+        N, T, D = resid.shape
+        w_qkv, b_qkv, w_proj, b_proj, w_fc1, b_fc1, w_fc2, b_fc2 = self.blocks[i]
+        mod = block_mod[:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
+        qkv = F.linear(h, w_qkv, b_qkv).view(N, T, 3, cfg.num_heads, cfg.head_dim)
+        o = F.linear(attention(qkv).view(N, T, D), w_proj, b_proj)
+        if keep is not None:
+            keep[0].copy_(o)
+        resid, h = gated_residual_adaln(resid, mod[:, 2], o, mod[:, 3], mod[:, 4], eps=cfg.mlp_norm_eps,
+                                        inplace=True, out_dtype=self.dtype)
+        o = F.linear(self.mlp_in(h, w_fc1, b_fc1), w_fc2, b_fc2)
+        if keep is not None:
+            keep[1].copy_(o)
+        nxt = self._next_mod(i, block_mod, final_mod)
+        return gated_residual_adaln(resid, mod[:, 5], o, nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
+                                    out_dtype=self.dtype)
+
+    def reuse_block(self, i: int, resid: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor,
+                    kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i with its attention and MLP outputs taken from `kept` (2, N, T, D) instead of computed:
+        only the two gated residual adds (with this step's gates) and the adaLN after them run."""
+        mod = block_mod[:, i]
+        resid, _ = gated_residual_adaln(resid, mod[:, 2], kept[0], mod[:, 3], mod[:, 4],
+                                        eps=self.config.mlp_norm_eps, inplace=True, out_dtype=self.dtype)
+        nxt = self._next_mod(i, block_mod, final_mod)
+        return gated_residual_adaln(resid, mod[:, 5], kept[1], nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
+                                    out_dtype=self.dtype)
+
+    def final_norm(self, resid: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
+        """The final layer's adaLN, for a residual stream that did not come out of the last block's K3."""
+        return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """The final linear on the final adaLN output h (N, T, D), unpatchified to (N, C_out, H, W)."""
+        cfg = self.config
+        N, p = h.shape[0], cfg.patch_size
+        side = cfg.input_size // p
+        out = F.linear(h, *self.final_linear).view(N, side, side, p, p, cfg.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(N, cfg.out_channels, side * p, side * p)
+
+    def forward(self, x: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) in `dtype`; block_mod (N, depth, 6, D); final_mod (N, 2, D) -> (N, C_out, H, W)."""
+        resid = self.embed(x)
+        h = self.first_norm(resid, block_mod)
+        for i in range(self.config.depth):
+            resid, h = self.block(i, resid, h, block_mod, final_mod)
+        return self.unembed(h)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Same contract as `DiT.forward`, through the fused path."""
