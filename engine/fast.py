@@ -42,7 +42,8 @@ MLP_EPILOGUES = ("auto", "cublaslt", "separate")
 CACHE_DECISIONS = ("auto", "cond", "split", "eager")
 
 
-def decision_mode(device_type: str, cuda_graph: str | None, graphs_on: bool, conditional_capture, requested: str = "auto") -> str:
+def decision_mode(device_type: str, cuda_graph: str | None, graphs_on: bool, conditional_capture,
+                  requested: str = "auto") -> str:
     """Where a first-block cache takes its per-step decision (a bool device tensor):
 
     "cond"   inside the captured graph, as CUDA-graph conditional nodes (`torch.cond`): no host read;
