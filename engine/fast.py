@@ -16,6 +16,11 @@ timestep and the label, so `FastSampler` computes it for all steps in one batche
 unless the table would pass a memory budget, in which case each step computes its own. The loop (one step,
 or all of them) is captured as a CUDA graph and replayed; the scheduler step is the fused K4 kernel, which
 also writes the next, CFG-doubled model input.
+
+With a step cache (`ditengine.cache`), a step is split into a head (the patch embedding and, for the
+first-block cache, block 0 and the skip decision as a device tensor) and one of two tails: the remaining
+blocks, refreshing the cache, or the cached stand-in for them. A static schedule picks the tail on the host
+before the loop; the first-block decision picks it on the device (see `decision_mode`).
 """
 from __future__ import annotations
 
