@@ -46,9 +46,8 @@ def test_nothing_cached_gives_exactly_the_uncached_samples(reference_ops, make):
     model = model_for()
     sched = make()
     uncached, _ = fused(model, sched, None)
-    runs = [(StaticCache(interval=1), mode, "auto") for mode in (None, "step", "loop")]
-    runs += [(FirstBlockCache(threshold=0), mode, decision) for mode in (None, "loop")
-             for decision in ("eager", "cond", "split")]
+    runs = [(StaticCache(interval=1), mode, "auto") for mode in (None, "step")]
+    runs += [(FirstBlockCache(threshold=0), "loop", decision) for decision in ("eager", "cond", "split")]
     for policy, mode, decision in runs:
         got, sampler = fused(model, sched, policy, mode, decision)
         assert torch.equal(got, uncached), (policy, mode, decision)  # bitwise
@@ -67,7 +66,7 @@ def test_cached_fast_sampler_matches_the_cached_reference(reference_ops, make, p
     sched = make()
     expected, expected_stats = reference(model, sched, policy)
     uncached, _ = fused(model, sched, None)
-    for mode, decision in ((None, "auto"), ("step", "auto"), ("loop", "auto"), ("loop", "cond"), ("step", "split")):
+    for mode, decision in ((None, "eager"), ("step", "split"), ("loop", "cond")):  # static: its graph modes
         got, sampler = fused(model, sched, policy, mode, decision)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * (1 + expected.abs().max().item()))
         stats = sampler.stats
@@ -79,14 +78,14 @@ def test_cached_fast_sampler_matches_the_cached_reference(reference_ops, make, p
 def test_cached_run_through_the_kernels_equals_the_reference_ops(monkeypatch):
     """The same cached run through the Triton interpreter and through the kernels' PyTorch references."""
     model = model_for()
-    sched = S.DDIM(5, eta=0.5)
+    sched = S.DDIM(4, eta=0.5)
     policy = FirstBlockCache(threshold=10.0)  # far from any change seen: both runs take the same decisions
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     expected, ref_sampler = fused(model, sched, policy, mode=None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     got, sampler = fused(model, sched, policy, mode="loop")
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert sampler.stats == ref_sampler.stats and sampler.stats["cached_steps"] == [1, 2, 3]
+    assert sampler.stats == ref_sampler.stats and sampler.stats["cached_steps"] == [1, 2]
 
 
 def count_calls(modules):
