@@ -141,6 +141,9 @@ class ReferenceCachedForward:
     """
 
     def __init__(self, model: DiT, policy: CachePolicy, steps: int):
+        if not isinstance(policy, (FirstBlockCache, StaticCache)):
+            raise TypeError(f"cache: expected a ditengine.cache policy (FirstBlockCache, StaticCache) or None, "
+                            f"got {type(policy).__name__}")
         policy.check(steps)
         self.model, self.policy, self.steps = model, policy, steps
         self.depth = model.config.depth

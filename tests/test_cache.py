@@ -201,6 +201,8 @@ def test_bad_arguments():
             de.sample(model, S.DDIM(5), *draw(), backend=backend, cache=too_long, progress=False)
     with pytest.raises(TypeError, match="cache: expected a ditengine.cache policy"):
         FastSampler(model, S.DDIM(5), cache="static")
+    with pytest.raises(TypeError, match="cache: expected a ditengine.cache policy"):
+        de.sample(model, S.DDIM(5), *draw(), cache="static", progress=False)
 
 
 def test_parse_cache():
