@@ -12,6 +12,10 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
     fused+precond     ... conditioning precomputed for all steps
     fused+graph-step  ... one step captured as a CUDA graph, replayed per step
     fused+graph-loop  ... the whole loop captured, replayed once (ms/step = loop / steps)
+    fused+graph-loop+cache-first-block, fused+graph-loop+cache-static
+                      ... with step caching (ditengine.cache, each policy's defaults): ms/step averages the
+                      full and the cached steps of the loop; `block share` is the share of the transformer
+                      blocks computed, and the quality columns show what the skipped work cost
 
 Each row also reports images/s, peak memory, setup time (compile or capture), achieved TFLOP/s, the
 share of DESIGN.md's H100 floor, and the quality of a full sampling run from the same noise against the
@@ -33,13 +37,15 @@ import torch
 from tqdm.auto import tqdm
 
 import ditengine as de
+from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.sampling import denoise_step, guided_labels
 
 from .timing import environment, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("eager-fp32", "eager-lp", "eager-lp-sdpa", "compile", "fused", "fused+precond", "fused+graph-step",
-            "fused+graph-loop")
+            "fused+graph-loop", "fused+graph-loop+cache-first-block", "fused+graph-loop+cache-static")
+CACHE_VARIANTS = {"fused+graph-loop+cache-first-block": FirstBlockCache, "fused+graph-loop+cache-static": StaticCache}
 # DESIGN.md section 8: measured on an H100, the floor of a step is max(FLOPs / peak, bytes / bandwidth).
 H100_BF16_TFLOPS, H100_COPY_TBPS = 790.0, 3.0
 
@@ -91,9 +97,11 @@ class Variant:
             with torch.inference_mode():
                 self.step()  # compile (or warm) here, so setup_s carries the compile time
         else:
-            mode = {"fused+graph-step": "step", "fused+graph-loop": "loop"}.get(key)
+            graph_modes = {"fused+graph-step": "step", "fused+graph-loop": "loop"}
+            mode = "loop" if key in CACHE_VARIANTS else graph_modes.get(key)
+            cache = CACHE_VARIANTS[key]() if key in CACHE_VARIANTS else None
             self.sampler = de.FastSampler(self._base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
-                                          cuda_graph=mode, precompute_conditioning=key != "fused")
+                                          cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache)
             plan = self.sampler.plan(self.batch)
             plan.prepare(noise, labels)
             if mode == "loop":
@@ -125,7 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="sampling steps of the quality run and the loop graph "
                                              "(default: 50 on GPU, 5 on CPU)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all; on a "
-                                      "CPU all but compile)")
+                                      "CPU all but compile and the +cache rows)")
     p.add_argument("--depth", type=int, help="override the number of blocks (quick runs)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=10)
@@ -136,7 +144,7 @@ def parse_args(argv=None):
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     args.steps = args.steps or (50 if gpu else 5)
-    default = [v for v in VARIANTS if gpu or v != "compile"]
+    default = [v for v in VARIANTS if gpu or (v != "compile" and v not in CACHE_VARIANTS)]
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -197,6 +205,7 @@ def main(argv=None) -> int:
                 "pct_of_h100_floor": 100 * floor_ms(cfg, model_batch, weight_bytes) / ms,
                 "max_err": (latents - reference).abs().max().item(), "sqnr_db": sqnr_db(latents, reference),
                 "conditioning": getattr(getattr(variant, "sampler", None), "conditioning_mode", None),
+                **cache_columns(variant),
             })
             bar.update()
             del variant
@@ -208,6 +217,13 @@ def main(argv=None) -> int:
     return 0
 
 
+def cache_columns(variant: Variant) -> dict:
+    """The share of transformer blocks the last full sampling run computed, and how a first-block cache
+    took its decision (None for the reference rows)."""
+    stats = getattr(getattr(variant, "sampler", None), "stats", None) or {}
+    return {"block_share": stats.get("block_share"), "cache_decision": stats.get("decision")}
+
+
 def format_table(report: dict) -> str:
     env = report["env"]
     head = (f"{report['model']}, latent {report['config']['input_size']}, cfg {report['args']['cfg_scale']}, "
@@ -215,13 +231,15 @@ def format_table(report: dict) -> str:
             f"commit {env['commit']}")
     lines = [head, "",
              "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | setup s | TFLOP/s | % H100 floor "
-             "| max err | SQNR dB |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| max err | SQNR dB | block share |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        share = f"{100 * r['block_share']:.0f}%" if r.get("block_share") is not None else "-"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | "
-                     f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {r['max_err']:.2e} | {r['sqnr_db']:.1f} |")
+                     f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {r['max_err']:.2e} | {r['sqnr_db']:.1f} | "
+                     f"{share} |")
     return "\n".join(lines)
 
 

@@ -16,6 +16,8 @@ import json
 import numpy as np
 import torch
 
+from . import schedulers as S
+from .cache import FirstBlockCache, StaticCache, parse_cache
 from .data import digits
 from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler
 
@@ -99,7 +101,149 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--cache", help="step caching: first-block[:threshold], static[:interval] or none")
+    p.add_argument("--cache-sweep", action="store_true",
+                   help="fused backend: quality and speed of both cache policies across their parameters, "
+                        "against the uncached sampler; writes a CSV and a PNG (--out)")
+    p.add_argument("--sweep-grid", choices=("full", "defaults"), default="full",
+                   help="the sweep's points: every parameter value, or the uncached run and the two defaults")
+    p.add_argument("--repeats", type=int, default=1, help="cache sweep: timed runs per point (median)")
+    p.add_argument("--batch-size", type=int, default=100, help="samples per sampler call")
+    p.add_argument("--out", default="cache-sweep", help="cache sweep: path stem of the CSV and PNG")
     return p.parse_args(argv)
+
+
+def eval_scheduler(spec: str, steps: int, model, ddim_clip: str = "paper"):
+    """`name[:steps]`: the engine's schedulers, plus "ddim-noclip" (DDIM without clipping x0)."""
+    name, _, own_steps = spec.partition(":")
+    steps = int(own_steps) if own_steps else steps
+    if name == "ddim-noclip":
+        return S.DDIM(steps, timestep_spacing="trailing", clip_sample=False)
+    return make_scheduler(name, steps, model, ddim_clip)
+
+
+def sweep_policies(grid: str) -> list:
+    """The cache sweep's points: None (uncached) first, then each policy across its parameter."""
+    if grid == "defaults":
+        return [None, FirstBlockCache(), StaticCache()]
+    return ([None] + [FirstBlockCache(t) for t in (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)]
+            + [StaticCache(i) for i in (2, 3, 4, 6)] + [StaticCache(i, reuse="blocks") for i in (2, 3, 4, 6)])
+
+
+def policy_label(policy) -> str:
+    if policy is None:
+        return "uncached"
+    if isinstance(policy, StaticCache) and policy.reuse != "residual":
+        return f"{policy} ({policy.reuse})"
+    return str(policy)
+
+
+def cache_sweep(args) -> list[dict]:
+    """Per scheduler, each sweep point on the same labels and seeds: the share of block evaluations, the
+    wall-clock of the whole generation (median of `repeats`, points interleaved within each repeat so load
+    drifts hit them alike), the conditional accuracy and the pixel Fréchet distance."""
+    import time
+
+    model = load_model(args.checkpoint).to(args.device)
+    labels = torch.arange(model.config.num_classes).repeat_interleave(args.per_class)
+    rows = []
+    for spec in args.schedulers.split(","):
+        policies = sweep_policies(args.sweep_grid)
+        times = {i: [] for i in range(len(policies))}
+        results = {}
+        for policy in policies:  # untimed: first-call set-up (lazy initialisation, allocator) stays out
+            generate(model, eval_scheduler(spec, args.steps, model), labels[:: args.per_class], seed=args.seed,
+                     cfg_scale=args.cfg_scale, backend="fused", progress=False, cache=policy)
+        for _ in range(args.repeats):
+            for i, policy in enumerate(policies):
+                stats = []
+                sched = eval_scheduler(spec, args.steps, model)
+                start = time.perf_counter()
+                samples = generate(model, sched, labels, seed=args.seed, cfg_scale=args.cfg_scale, backend="fused",
+                                   batch_size=args.batch_size, progress=False, cache=policy, stats=stats)
+                times[i].append(time.perf_counter() - start)
+                evals = sum(s["block_evals"] for s in stats)
+                results[i] = (samples, evals / sum(s["block_evals_uncached"] for s in stats), len(sched))
+        base = None
+        for i, policy in enumerate(policies):
+            samples, share, steps = results[i]
+            seconds = float(np.median(times[i]))
+            row = {"scheduler": spec.partition(":")[0], "steps": steps, "policy": policy_label(policy),
+                   "kind": "uncached" if policy is None else type(policy).__name__,
+                   "block_share": share, "seconds": seconds, "runs": len(times[i]), **score(samples, labels)}
+            base = base or row
+            row["speedup"] = base["seconds"] / seconds
+            row["accuracy_delta"] = row["accuracy"] - base["accuracy"]
+            row["pixel_fd_ratio"] = row["pixel_fd"] / base["pixel_fd"]
+            rows.append(row)
+    return rows
+
+
+SWEEP_COLUMNS = ("scheduler", "steps", "policy", "block_share", "seconds", "runs", "speedup", "accuracy",
+                 "accuracy_delta", "pixel_fd", "pixel_fd_ratio")
+
+
+def write_sweep(rows: list[dict], stem: str, title: str) -> None:
+    import csv
+
+    from pathlib import Path
+
+    Path(stem).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"wrote {stem}.csv (install matplotlib for the PNG)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    schedulers = list(dict.fromkeys(r["scheduler"] for r in rows))
+    fig, axes = plt.subplots(2, len(schedulers), figsize=(5 * len(schedulers), 7), squeeze=False)
+    styles = {"FirstBlockCache": ("tab:blue", "o", "first-block (threshold)"),
+              "StaticCache": ("tab:orange", "s", "static (interval)")}
+    for col, spec in enumerate(schedulers):
+        mine = [r for r in rows if r["scheduler"] == spec]
+        for ax, key, label in ((axes[0, col], "accuracy", "conditional accuracy"),
+                               (axes[1, col], "pixel_fd", "pixel Fréchet distance")):
+            for r in mine:
+                if r["kind"] == "uncached":
+                    ax.axhline(r[key], color="gray", ls=":", lw=1)
+                    ax.plot([1.0], [r[key]], "k*", ms=12, label="uncached")
+            for kind, (color, marker, name) in styles.items():
+                for reuse, fill in (("", color), (" (blocks)", "none")):
+                    pts = sorted((r["block_share"], r[key], r["policy"]) for r in mine
+                                 if r["kind"] == kind and r["policy"].endswith(reuse) == bool(reuse))
+                    if not pts:
+                        continue
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, mfc=fill,
+                            label=name + (", per-block reuse" if reuse else ""))
+                    for x, y, policy in pts:
+                        ax.annotate(policy.split(":")[1].split(" ")[0], (x, y), fontsize=7,
+                                    textcoords="offset points", xytext=(3, 3))
+            ax.set_xlabel("share of block evaluations")
+            ax.set_ylabel(label)
+            ax.set_title(f"{spec}, {mine[0]['steps']} steps", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0, col].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(f"{stem}.png", dpi=110)
+    plt.close(fig)
+    print(f"wrote {stem}.csv and {stem}.png")
+
+
+def print_sweep(rows: list[dict]) -> None:
+    print("| scheduler | policy | blocks computed | wall-clock s (median) | speed-up | accuracy | "
+          "pixel FD | FD vs uncached |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['scheduler']} {r['steps']} | {r['policy']} | {100 * r['block_share']:.0f}% | "
+              f"{r['seconds']:.1f} | {r['speedup']:.2f}x | {r['accuracy']:.3f} | {r['pixel_fd']:.3f} | "
+              f"{100 * (r['pixel_fd_ratio'] - 1):+.1f}% |")
 
 
 def evaluate(args) -> list[dict]:
@@ -108,24 +252,40 @@ def evaluate(args) -> list[dict]:
     rows = []
     for name in args.schedulers.split(","):
         for backend in args.backends.split(","):
-            sched = make_scheduler(name, args.steps, model, args.ddim_clip)
+            sched = eval_scheduler(name, args.steps, model, args.ddim_clip)
+            stats = []
             samples = generate(model, sched, labels, seed=args.seed, cfg_scale=args.cfg_scale, backend=backend,
-                               progress=False)
-            rows.append({"scheduler": name, "backend": backend, "samples": len(samples), **score(samples, labels)})
+                               progress=False, cache=parse_cache(args.cache), batch_size=args.batch_size,
+                               stats=stats)
+            share = sum(s["block_evals"] for s in stats) / sum(s["block_evals_uncached"] for s in stats)
+            rows.append({"scheduler": name, "backend": backend, "samples": len(samples), "cache": args.cache,
+                         "block_share": share, **score(samples, labels)})
     return rows
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.cache_sweep:
+        rows = cache_sweep(args)
+        title = (f"{args.checkpoint}: {args.per_class} samples per class, cfg {args.cfg_scale}, seed {args.seed}, "
+                 f"fused backend on {args.device}")
+        print(title + "\n")
+        print_sweep(rows)
+        write_sweep(rows, args.out, title)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return 0
     rows = evaluate(args)
     print(f"{args.checkpoint}: {args.per_class} samples per class, {args.steps} steps, cfg {args.cfg_scale}, "
           f"DDIM clipping {args.ddim_clip!r}, seed {args.seed}\n")
-    print("| scheduler | backend | accuracy | pixel FD | pixel mean (data) | pixel std (data) | class-mean MSE |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| scheduler | backend | accuracy | pixel mean (data) | pixel std (data) | class-mean MSE | pixel FD "
+          "| blocks computed |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['scheduler']} | {r['backend']} | {r['accuracy']:.3f} | {r['pixel_fd']:.3f} | {r['pixel_mean']:.3f} "
+        print(f"| {r['scheduler']} | {r['backend']} | {r['accuracy']:.3f} | {r['pixel_mean']:.3f} "
               f"({r['data_pixel_mean']:.3f}) | {r['pixel_std']:.3f} ({r['data_pixel_std']:.3f}) | "
-              f"{r['class_mean_image_mse']:.4f} |")
+              f"{r['class_mean_image_mse']:.4f} | {r['pixel_fd']:.3f} | {100 * r['block_share']:.0f}% |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -16,6 +16,11 @@ timestep and the label, so `FastSampler` computes it for all steps in one batche
 unless the table would pass a memory budget, in which case each step computes its own. The loop (one step,
 or all of them) is captured as a CUDA graph and replayed; the scheduler step is the fused K4 kernel, which
 also writes the next, CFG-doubled model input.
+
+With a step cache (`ditengine.cache`), a step is split into a head (the patch embedding and, for the
+first-block cache, block 0 and the skip decision as a device tensor) and one of two tails: the remaining
+blocks, refreshing the cache, or the cached stand-in for them. A static schedule picks the tail on the host
+before the loop; the first-block decision picks it on the device (see `decision_mode`).
 """
 from __future__ import annotations
 
@@ -29,15 +34,46 @@ from tqdm.auto import tqdm
 
 from ditengine.kernels import adaln_modulate, attention, gated_residual_adaln, scheduler_step
 
-from .graphs import GraphRunner
+from .cache import FirstBlockCache, StaticCache, skip_decision, stats_dict
+from .graphs import GraphRunner, conditional_capture_supported, graphs_enabled
 from .model import DiT, timestep_embedding
-from .sampling import check_inputs, draw_noise, guided_labels
+from .inputs import check_inputs, draw_noise, guided_labels
 from .schedulers import COL, Scheduler
 
 log = logging.getLogger("ditengine")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MLP_EPILOGUES = ("auto", "cublaslt", "separate")
+CACHE_DECISIONS = ("auto", "cond", "split", "eager")
+
+
+def decision_mode(device_type: str, cuda_graph: str | None, graphs_on: bool, conditional_capture,
+                  requested: str = "auto") -> str:
+    """Where a first-block cache takes its per-step decision (a bool device tensor):
+
+    "cond"   inside the captured graph, as CUDA-graph conditional nodes (`torch.cond`): no host read;
+    "split"  a head graph (block 0 and the decision), one host read, then a full or a cached tail graph;
+    "eager"  no graph: one host read per step (the CPU, or capture turned off).
+
+    `conditional_capture()` probes whether this torch captures `torch.cond`; it is only called when the
+    answer matters. `requested` other than "auto" forces a mode (tests, or to compare them).
+    """
+    if requested not in CACHE_DECISIONS:
+        raise ValueError(f"cache_decision={requested!r}: expected one of {CACHE_DECISIONS}")
+    if requested != "auto":
+        return requested
+    if device_type != "cuda" or cuda_graph is None or not graphs_on:
+        return "eager"
+    return "cond" if conditional_capture() else "split"
+
+
+@functools.lru_cache(maxsize=None)
+def _log_decision(mode: str, cuda_graph: str | None, graph_mode: str | None) -> None:
+    log.info("ditengine: first-block cache decides %s (cuda_graph=%s requested, %s ran)", {
+        "cond": "on the device, in CUDA-graph conditional nodes",
+        "split": "with one host read per step between a head graph and two tail graphs",
+        "eager": "with one host read per step, eagerly",
+    }[mode], cuda_graph, graph_mode)
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,29 +160,74 @@ class FastDiT:
             return torch._addmm_activation(b, h.flatten(0, 1), w.t(), use_gelu=True).view(*h.shape[:2], -1)
         return F.gelu(F.linear(h, w, b), approximate="tanh")
 
-    def forward(self, x: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
-        """x (N, C, H, W) in `dtype`; block_mod (N, depth, 6, D); final_mod (N, 2, D) -> (N, C_out, H, W)."""
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) in `dtype` -> the residual stream (N, T, D) after the patch embedding."""
         cfg = self.config
-        N, H, Dh = x.shape[0], cfg.num_heads, cfg.head_dim
-        p = cfg.patch_size
+        N, p = x.shape[0], cfg.patch_size
         side = cfg.input_size // p
         patches = x.view(N, -1, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(N, side * side, -1)
-        resid = F.linear(patches, self.patch_w).to(self.residual_dtype).add_(self.pos_bias)  # (N, T, D)
-        T, D = resid.shape[1:]
-        h = adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype)
-        for i, (w_qkv, b_qkv, w_proj, b_proj, w_fc1, b_fc1, w_fc2, b_fc2) in enumerate(self.blocks):
-            mod = block_mod[:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
-            qkv = F.linear(h, w_qkv, b_qkv).view(N, T, 3, H, Dh)
-            o = F.linear(attention(qkv).view(N, T, D), w_proj, b_proj)
-            resid, h = gated_residual_adaln(resid, mod[:, 2], o, mod[:, 3], mod[:, 4], eps=cfg.mlp_norm_eps,
-                                            inplace=True, out_dtype=self.dtype)
-            o = F.linear(self.mlp_in(h, w_fc1, b_fc1), w_fc2, b_fc2)
-            nxt = block_mod[:, i + 1, :2] if i + 1 < cfg.depth else final_mod  # (N, 2, D): shift, scale
-            resid, h = gated_residual_adaln(resid, mod[:, 5], o, nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
-                                            out_dtype=self.dtype)
-        out = F.linear(h, *self.final_linear)  # (N, T, p*p*C_out)
-        out = out.view(N, side, side, p, p, cfg.out_channels)
+        return F.linear(patches, self.patch_w).to(self.residual_dtype).add_(self.pos_bias)
+
+    def first_norm(self, resid: torch.Tensor, block_mod: torch.Tensor) -> torch.Tensor:
+        """K1: block 0's adaLN input; every later one comes out of the previous block's last K3."""
+        return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype)
+
+    def _next_mod(self, i: int, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
+        """(N, 2, D): the shift and scale of the adaLN that follows block i (the next block's, or the final's)."""
+        return block_mod[:, i + 1, :2] if i + 1 < self.config.depth else final_mod
+
+    def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, block_mod: torch.Tensor,
+              final_mod: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i on the residual stream (updated in place) and its adaLN input h; returns (resid, h), h now
+        the input of whatever follows. `keep` (2, N, T, D), when given, receives the attention and MLP
+        outputs before their gates (what a cache reuses on a later step)."""
+        cfg = self.config
+        N, T, D = resid.shape
+        w_qkv, b_qkv, w_proj, b_proj, w_fc1, b_fc1, w_fc2, b_fc2 = self.blocks[i]
+        mod = block_mod[:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
+        qkv = F.linear(h, w_qkv, b_qkv).view(N, T, 3, cfg.num_heads, cfg.head_dim)
+        o = F.linear(attention(qkv).view(N, T, D), w_proj, b_proj)
+        if keep is not None:
+            keep[0].copy_(o)
+        resid, h = gated_residual_adaln(resid, mod[:, 2], o, mod[:, 3], mod[:, 4], eps=cfg.mlp_norm_eps,
+                                        inplace=True, out_dtype=self.dtype)
+        o = F.linear(self.mlp_in(h, w_fc1, b_fc1), w_fc2, b_fc2)
+        if keep is not None:
+            keep[1].copy_(o)
+        nxt = self._next_mod(i, block_mod, final_mod)
+        return gated_residual_adaln(resid, mod[:, 5], o, nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
+                                    out_dtype=self.dtype)
+
+    def reuse_block(self, i: int, resid: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor,
+                    kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i with its attention and MLP outputs taken from `kept` (2, N, T, D) instead of computed:
+        only the two gated residual adds (with this step's gates) and the adaLN after them run."""
+        mod = block_mod[:, i]
+        resid, _ = gated_residual_adaln(resid, mod[:, 2], kept[0], mod[:, 3], mod[:, 4],
+                                        eps=self.config.mlp_norm_eps, inplace=True, out_dtype=self.dtype)
+        nxt = self._next_mod(i, block_mod, final_mod)
+        return gated_residual_adaln(resid, mod[:, 5], kept[1], nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
+                                    out_dtype=self.dtype)
+
+    def final_norm(self, resid: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
+        """The final layer's adaLN, for a residual stream that did not come out of the last block's K3."""
+        return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """The final linear on the final adaLN output h (N, T, D), unpatchified to (N, C_out, H, W)."""
+        cfg = self.config
+        N, p = h.shape[0], cfg.patch_size
+        side = cfg.input_size // p
+        out = F.linear(h, *self.final_linear).view(N, side, side, p, p, cfg.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(N, cfg.out_channels, side * p, side * p)
+
+    def forward(self, x: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
+        """x (N, C, H, W) in `dtype`; block_mod (N, depth, 6, D); final_mod (N, 2, D) -> (N, C_out, H, W)."""
+        resid = self.embed(x)
+        h = self.first_norm(resid, block_mod)
+        for i in range(self.config.depth):
+            resid, h = self.block(i, resid, h, block_mod, final_mod)
+        return self.unembed(h)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Same contract as `DiT.forward`, through the fused path."""
@@ -163,6 +244,18 @@ class _Plan:
         S, C, L = len(sched), cfg.in_channels, cfg.input_size
         N = batch * (2 if s.use_cfg else 1)
         self.batch, self.rows = batch, N
+        self.sampler = s
+        self.cache = s.cache
+        self.decision = None  # how a first-block cache decides: see `decision_mode`
+        self.graph_mode = s.cuda_graph
+        if isinstance(self.cache, FirstBlockCache):
+            self.decision = decision_mode(dev.type, s.cuda_graph, graphs_enabled(),
+                                          lambda: conditional_capture_supported(dev), s.cache_decision)
+            if self.decision == "split" and s.cuda_graph == "loop":
+                self.graph_mode = "step"  # a host read per step cannot sit inside one captured loop
+            elif self.decision == "eager" and dev.type == "cuda" and graphs_enabled():
+                self.graph_mode = None  # nor inside any captured graph
+            _log_decision(self.decision, s.cuda_graph, self.graph_mode)
         self.x = torch.zeros(batch, C, L, L, device=dev)  # the sampler's state, fp32
         self.x_in = torch.zeros(N, C, L, L, device=dev, dtype=s.fast.dtype)  # the model input
         self.history = torch.zeros_like(self.x) if sched.uses_history else None
@@ -170,7 +263,7 @@ class _Plan:
         self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
         stochastic = any(sched.needs_noise)
         # Zero-initialised: a step with u = 0 still reads the buffer in a graph, and 0 * garbage may be NaN.
-        noise_steps = S if s.cuda_graph == "loop" else 1
+        noise_steps = S if self.graph_mode == "loop" else 1
         self.noise = torch.zeros(noise_steps, batch, C, L, L, device=dev) if stochastic else None
         table_bytes = S * N * (cfg.depth * 6 + 2) * cfg.hidden_size * s.fast.dtype.itemsize
         self.precomputed = s.precompute_conditioning and table_bytes <= s.conditioning_budget
@@ -181,44 +274,182 @@ class _Plan:
         else:
             self.y_emb = torch.zeros(N, cfg.hidden_size, device=dev)
         self.conditioning_mode = "precomputed" if self.precomputed else "per-step"
-        log.info("ditengine: FastSampler batch %d: conditioning %s (%.1f MB table), cuda_graph=%s", batch,
-                 self.conditioning_mode, table_bytes / 2**20, s.cuda_graph)
-        self.sampler = s
-        self.runner = None
-        if s.cuda_graph == "step":
-            self.runner = GraphRunner(lambda: self.step_body(self.step_idx), dev, s.pool)
-        elif s.cuda_graph == "loop":
-            self.runner = GraphRunner(lambda: [self.step_body(i) for i in range(S)], dev, s.pool)
+        log.info("ditengine: FastSampler batch %d: conditioning %s (%.1f MB table), cuda_graph=%s, cache=%s", batch,
+                 self.conditioning_mode, table_bytes / 2**20, s.cuda_graph, self.cache)
+        if self.cache is not None:
+            self._allocate_cache()
+        self.runner = self.full_runner = self.cached_runner = None
+        pool = s.pool
+        if self.cache is None:
+            if s.cuda_graph == "step":
+                self.runner = GraphRunner(lambda: self.step_body(self.step_idx), dev, pool)
+            elif s.cuda_graph == "loop":
+                self.runner = GraphRunner(lambda: [self.step_body(i) for i in range(S)], dev, pool)
+        elif self.decision == "split" and self.graph_mode == "step":
+            # The head (block 0 and the decision), then one host read chooses which tail graph to replay.
+            self.runner = GraphRunner(lambda: self.head(self.step_idx), dev, pool)
+            self.full_runner = GraphRunner(lambda: self.finish_full(self.step_idx), dev, pool)
+            self.cached_runner = GraphRunner(lambda: self.finish_cached(self.step_idx), dev, pool)
+        elif isinstance(self.cache, StaticCache) and self.graph_mode == "step":
+            # The schedule is known on the host: a full-step graph and a cached-step graph, no host read.
+            self.full_runner = GraphRunner(lambda: self.cached_step(self.step_idx, full=True), dev, pool)
+            self.cached_runner = GraphRunner(lambda: self.cached_step(self.step_idx, full=False), dev, pool)
+        else:
+            control_flow = self.decision == "cond"  # torch.cond captured as conditional nodes
+            if self.graph_mode == "step":
+                self.runner = GraphRunner(lambda: self.cached_step(self.step_idx), dev, pool,
+                                          control_flow=control_flow)
+            elif self.graph_mode == "loop":
+                self.runner = GraphRunner(lambda: [self.cached_step(i) for i in range(S)], dev, pool,
+                                          control_flow=control_flow)
 
     def noise_for(self, step: int | torch.Tensor):
         s = self.sampler
         if self.noise is None:
             return None
         if isinstance(step, int):
-            if s.cuda_graph == "loop":
+            if self.graph_mode == "loop":
                 return self.noise[step]
             return self.noise[0] if s.sched.needs_noise[step] else None
         return self.noise[0]  # step graph: always read; u = 0 on steps without noise
 
-    def step_body(self, step: int | torch.Tensor) -> None:
-        """One denoising step on the static buffers; `step` an int, or the device index (step graph)."""
+    def modulation(self, step: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's adaLN modulation (N, depth, 6, D) and final modulation (N, 2, D)."""
         s = self.sampler
         fast, sched = s.fast, s.sched
         if self.precomputed:
             if isinstance(step, int):
-                block_mod, final_mod = self.block_mod[step], self.final_mod[step]
-            else:
-                block_mod, final_mod = self.block_mod.index_select(0, step)[0], self.final_mod.index_select(0, step)[0]
-        else:
-            t = sched.timesteps[step] if isinstance(step, int) else sched.timesteps.index_select(0, step)
-            c = fast.timestep_embedding(t.expand(self.rows)) + self.y_emb
-            block_mod, final_mod = fast.modulation(c)
-        out = fast.forward(self.x_in, block_mod, final_mod)
+                return self.block_mod[step], self.final_mod[step]
+            return self.block_mod.index_select(0, step)[0], self.final_mod.index_select(0, step)[0]
+        t = sched.timesteps[step] if isinstance(step, int) else sched.timesteps.index_select(0, step)
+        c = fast.timestep_embedding(t.expand(self.rows)) + self.y_emb
+        return fast.modulation(c)
+
+    def scheduler_update(self, step: int | torch.Tensor, out: torch.Tensor) -> None:
+        """K4: guidance, the update of x (and history), and the next CFG-doubled model input."""
+        s = self.sampler
+        sched = s.sched
         scheduler_step(self.x, out, sched.table, step, cfg_scale=s.cfg_scale if s.use_cfg else None,
                        guided_channels=s.guided_channels, history=self.history, noise=self.noise_for(step),
                        clip=sched.clip_sample, learned_variance=sched.learned_variance, out=self.x,
                        next_input=self.x_in)
 
+    def step_body(self, step: int | torch.Tensor) -> None:
+        """One denoising step on the static buffers; `step` an int, or the device index (step graph)."""
+        block_mod, final_mod = self.modulation(step)
+        self.scheduler_update(step, self.sampler.fast.forward(self.x_in, block_mod, final_mod))
+
+    # -- step caching (ditengine.cache) --------------------------------------------------------------------
+    def _allocate_cache(self) -> None:
+        s = self.sampler
+        fast, cfg, dev, S = s.fast, s.fast.config, s.device, len(s.sched)
+        shape = (self.rows, cfg.num_tokens, cfg.hidden_size)
+        self.block_evals = torch.zeros((), device=dev, dtype=torch.long)  # counted as each block runs
+        self.full_mask = torch.zeros(S, device=dev, dtype=torch.bool)  # written by the branch that ran
+        self.resid = torch.zeros(shape, device=dev, dtype=fast.residual_dtype)  # this step's residual stream
+        self.h = torch.zeros(shape, device=dev, dtype=fast.dtype)  # the adaLN output the next op reads
+        self.rest = self.kept = None
+        if isinstance(self.cache, FirstBlockCache):
+            self.skippable = torch.tensor(self.cache.skippable(S), device=dev)
+            self.skip = torch.zeros((), device=dev, dtype=torch.bool)
+            self.first_residual = torch.zeros(shape, device=dev, dtype=fast.residual_dtype)
+            self.last_first_residual = torch.zeros_like(self.first_residual)  # at the last full step
+            self.rest = torch.zeros_like(self.resid)
+        else:
+            self.schedule = self.cache.schedule(S)
+            if self.cache.reuse == "blocks":
+                self.kept = torch.zeros(cfg.depth, 2, *shape, device=dev, dtype=fast.dtype)
+            else:
+                self.rest = torch.zeros_like(self.resid)
+
+    def _count_block(self) -> None:
+        self.block_evals.add_(1)
+
+    def _mark(self, step: int | torch.Tensor, full: bool) -> None:
+        if isinstance(step, int):
+            self.full_mask[step] = full
+        else:
+            self.full_mask.index_fill_(0, step, full)
+
+    def head(self, step: int | torch.Tensor) -> None:
+        """The patch embedding into `resid`; with the first-block cache also block 0 and the decision."""
+        fast = self.sampler.fast
+        self.resid.copy_(fast.embed(self.x_in))
+        if not isinstance(self.cache, FirstBlockCache):
+            return
+        block_mod, final_mod = self.modulation(step)
+        before = self.resid.clone()
+        _, h = fast.block(0, self.resid, fast.first_norm(self.resid, block_mod), block_mod, final_mod)
+        self._count_block()
+        self.h.copy_(h)
+        torch.sub(self.resid, before, out=self.first_residual)
+        skippable = self.skippable[step] if isinstance(step, int) else self.skippable.index_select(0, step)[0]
+        self.skip.copy_(skip_decision(self.first_residual, self.last_first_residual, self.cache.threshold,
+                                      skippable))
+
+    def tail_full(self, step: int | torch.Tensor):
+        """Every block not yet run, refreshing the cache; leaves the final adaLN output in `h`."""
+        fast = self.sampler.fast
+        block_mod, final_mod = self.modulation(step)
+        start = 1 if isinstance(self.cache, FirstBlockCache) else 0
+        before = self.resid.clone() if self.rest is not None else None
+        h = self.h if start else fast.first_norm(self.resid, block_mod)
+        for i in range(start, fast.config.depth):
+            keep = self.kept[i] if self.kept is not None else None
+            _, h = fast.block(i, self.resid, h, block_mod, final_mod, keep=keep)
+            self._count_block()
+        self.h.copy_(h)
+        if before is not None:
+            torch.sub(self.resid, before, out=self.rest)
+        if start:
+            self.last_first_residual.copy_(self.first_residual)
+        self._mark(step, True)
+        return ()  # a torch.cond branch returns a (here empty) tuple of tensors
+
+    def tail_cached(self, step: int | torch.Tensor):
+        """The blocks not yet run, stood in for by the cache; leaves the final adaLN output in `h`."""
+        fast = self.sampler.fast
+        block_mod, final_mod = self.modulation(step)
+        if self.kept is not None:
+            for i in range(fast.config.depth):
+                _, h = fast.reuse_block(i, self.resid, block_mod, final_mod, self.kept[i])
+        else:
+            h = fast.final_norm(self.resid.add_(self.rest), final_mod)
+        self.h.copy_(h)
+        self._mark(step, False)
+        return ()
+
+    def finish_full(self, step: int | torch.Tensor) -> None:
+        self.tail_full(step)
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h))
+
+    def finish_cached(self, step: int | torch.Tensor) -> None:
+        self.tail_cached(step)
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h))
+
+    def cached_step(self, step: int | torch.Tensor, full: bool | None = None) -> None:
+        """One step under the cache policy. Static: `full` from the schedule (given for a step graph).
+        First-block: the device decision picks the tail, through torch.cond or one host read."""
+        self.head(step)
+        if isinstance(self.cache, StaticCache):
+            run_full = self.schedule[step] if full is None else full
+            (self.tail_full if run_full else self.tail_cached)(step)
+        elif self.decision == "cond":
+            torch.ops.higher_order.cond(self.skip, lambda: self.tail_cached(step), lambda: self.tail_full(step), ())
+        else:
+            (self.tail_cached if bool(self.skip) else self.tail_full)(step)  # the one host read of the step
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h))
+
+    def stats(self) -> dict:
+        S, depth = len(self.sampler.sched), self.sampler.fast.config.depth
+        if self.cache is None:
+            return stats_dict(S, depth, [True] * S, S * depth)
+        stats = stats_dict(S, depth, self.full_mask.tolist(), int(self.block_evals))
+        if self.decision is not None:
+            stats["decision"] = self.decision
+        return stats
+
+    # -- a run -----------------------------------------------------------------------------------------------
     def prepare(self, noise: torch.Tensor, class_labels: torch.Tensor) -> None:
         s = self.sampler
         sched, fast = s.sched, s.fast
@@ -226,6 +457,9 @@ class _Plan:
         self.x_in.copy_((self.x * sched.table[0, COL["c_in"]]).repeat(self.rows // self.batch, 1, 1, 1))
         if self.history is not None:
             self.history.zero_()
+        if self.cache is not None:
+            self.block_evals.zero_()
+            self.full_mask.zero_()
         self.y.copy_(guided_labels(class_labels, fast.config.num_classes, s.use_cfg))
         if self.precomputed:
             S = len(sched)
@@ -236,10 +470,27 @@ class _Plan:
         else:
             self.y_emb.copy_(fast.y_table[self.y])
 
+    def run_step(self, i: int) -> None:
+        """Step i through the runners (step graphs) or eagerly."""
+        if self.runner is None and self.full_runner is None:
+            if self.cache is None:
+                self.step_body(i)
+            else:
+                self.cached_step(i)
+            return
+        self.step_idx.fill_(i)
+        if self.full_runner is None:
+            self.runner()
+        elif self.decision == "split":
+            self.runner()
+            (self.cached_runner if bool(self.skip) else self.full_runner)()  # the one host read of the step
+        else:
+            (self.full_runner if self.schedule[i] else self.cached_runner)()
+
     def run(self, generator: torch.Generator | None, progress: bool) -> None:
         s = self.sampler
         S = len(s.sched)
-        if s.cuda_graph == "loop":
+        if self.graph_mode == "loop":
             for i in range(S):  # the same draws, in the same order, as the step-by-step paths
                 z = draw_noise(s.sched, i, self.x, generator)
                 if z is not None:
@@ -250,11 +501,7 @@ class _Plan:
             z = draw_noise(s.sched, i, self.x, generator)
             if z is not None:
                 self.noise[0].copy_(z)
-            if self.runner is None:
-                self.step_body(i)
-            else:
-                self.step_idx.fill_(i)
-                self.runner()
+            self.run_step(i)
 
 
 class FastSampler:
@@ -264,17 +511,30 @@ class FastSampler:
     captured, replayed once). Graphs are cached by input shape and re-captured when the batch changes;
     DITENGINE_CUDA_GRAPHS=0 turns capture off. On a CPU the same buffers run eagerly. `dtype` is the
     compute dtype of the weights and activations (converted once); the sampler state stays fp32.
+
+    `cache`: a `ditengine.cache` policy (`FirstBlockCache`, `StaticCache`) or None. A static schedule is
+    unrolled into the loop (the captured loop stays one static graph); the first-block cache decides on
+    the device (`cache_decision`, see `decision_mode`). `sampler.stats` says what the last call computed.
     """
 
     def __init__(self, model: DiT, sched: Scheduler, cfg_scale: float = 4.0, dtype: torch.dtype = torch.bfloat16,
                  cuda_graph: str | None = "loop", guided_channels: int | None = None,
                  precompute_conditioning: bool = True, conditioning_budget: int = 1 << 30,
-                 mlp_epilogue: str = "auto"):
+                 mlp_epilogue: str = "auto", cache: FirstBlockCache | StaticCache | None = None,
+                 cache_decision: str = "auto"):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
         if not isinstance(sched, Scheduler):
             raise TypeError(f"sched: expected a ditengine scheduler, got {type(sched).__name__} "
                             "(convert a diffusers scheduler with ditengine.schedulers.from_diffusers)")
+        if cache is not None and not isinstance(cache, (FirstBlockCache, StaticCache)):
+            raise TypeError(f"cache: expected a ditengine.cache policy (FirstBlockCache, StaticCache) or None, "
+                            f"got {type(cache).__name__}")
+        if cache is not None:
+            cache.check(len(sched))
+        if cache_decision not in CACHE_DECISIONS:
+            raise ValueError(f"cache_decision={cache_decision!r}: expected one of {CACHE_DECISIONS}")
+        self.cache, self.cache_decision = cache, cache_decision
         self.model, self.sched = model, sched
         self.fast = FastDiT(model, dtype, mlp_epilogue)
         self.device = self.fast.device
@@ -287,6 +547,7 @@ class FastSampler:
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and cuda_graph else None
         self._plans: dict[tuple, _Plan] = {}
         self.captures = 0  # how many plans (graph captures, on CUDA) were built
+        self.stats: dict = {}  # what the last call computed (see ditengine.cache.stats_dict)
 
     def _signature(self) -> str:
         """What a captured graph bakes in from the scheduler: its table (host copy, no device sync)."""
@@ -312,4 +573,5 @@ class FastSampler:
         self.conditioning_mode = plan.conditioning_mode
         plan.prepare(noise, class_labels)
         plan.run(generator, progress)
+        self.stats = plan.stats()
         return plan.x.clone()  # a later call must not overwrite what this one returned

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import schedulers as S
+from .cache import CachePolicy
 from .checkpoints import load_checkpoint
 from .fast import FastSampler
 from .model import DiT
@@ -66,9 +67,10 @@ def make_scheduler(name: str, steps: int, model: DiT, ddim_clip: str = "paper") 
 
 def generate(model: DiT, sched: S.Scheduler, labels: torch.Tensor, seed: int = 0, cfg_scale: float = 2.0,
              backend: str = "reference", dtype: torch.dtype = torch.float32, batch_size: int = 100,
-             progress: bool = True) -> torch.Tensor:
+             progress: bool = True, cache: CachePolicy | None = None, stats: list | None = None) -> torch.Tensor:
     """Samples (N, C, H, W) in the model's data range for `labels` (N,); sample j uses seed `seed + j`.
-    `dtype` is the fused backend's compute dtype; the reference runs in the model's own.
+    `dtype` is the fused backend's compute dtype; the reference runs in the model's own. `cache`: a
+    `ditengine.cache` policy for either backend; `stats`, a list, receives each chunk's sampler stats.
 
     Under torch.distributed, each process generates its share of the chunks and every process returns
     the whole gathered result.
@@ -79,7 +81,8 @@ def generate(model: DiT, sched: S.Scheduler, labels: torch.Tensor, seed: int = 0
         raise ValueError(f"labels: values must lie in [0, {cfg.num_classes}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    fast = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph="loop") if backend == "fused" else None
+    fast = (FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph="loop", cache=cache)
+            if backend == "fused" else None)
     chunks = list(range(0, len(labels), batch_size))
     mine = {}
     for start in tqdm(chunks[rank::world], desc="sampling", disable=not progress or rank > 0, leave=False):
@@ -88,10 +91,15 @@ def generate(model: DiT, sched: S.Scheduler, labels: torch.Tensor, seed: int = 0
                                          generator=torch.Generator().manual_seed(seed + start + j))
                              for j in range(len(ys))]).to(device)
         g = torch.Generator().manual_seed(seed + start)
+        chunk_stats = {}
         if fast is not None:
             mine[start] = fast(noise, ys, generator=g).cpu()
+            chunk_stats = fast.stats
         else:
-            mine[start] = sample(model, sched, noise, ys, cfg_scale=cfg_scale, generator=g, progress=False).cpu()
+            mine[start] = sample(model, sched, noise, ys, cfg_scale=cfg_scale, generator=g, progress=False,
+                                 cache=cache, stats=chunk_stats).cpu()
+        if stats is not None:
+            stats.append(chunk_stats)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import parse_cache
 from .distributed import close_distributed, init_distributed
 from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler
 from .sampling import sample as _sample
@@ -40,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype of the fused backend")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="grid.png", help="PNG grid; the samples go to the same name with .npy")
+    p.add_argument("--cache", help="step caching: first-block[:threshold], static[:interval] or none")
     return p.parse_args(argv)
 
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     labels = torch.tensor(wanted).repeat_interleave(args.per_class)
     sched = make_scheduler(args.scheduler, args.steps, model, args.ddim_clip)
     samples = generate(model, sched, labels, seed=args.seed, cfg_scale=args.cfg_scale, backend=args.backend,
-                       dtype=DTYPES[args.dtype], batch_size=args.batch_size)
+                       dtype=DTYPES[args.dtype], batch_size=args.batch_size, cache=parse_cache(args.cache))
     if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,49 @@
+"""What the reference loop and the fast loop share: input checks, guidance labels and noise drawing.
+
+Both sampling front doors (`ditengine.sampling` and `ditengine.fast`) import from here, so the route of a
+call stays one-way: sampling -> fast -> inputs, never back up.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import DiT
+from .schedulers import Scheduler
+
+
+def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor) -> None:
+    """Clear errors for the inputs of a sampling run (one host sync for the label range, before the loop)."""
+    cfg = model.config
+    expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or tuple(noise.shape[1:]) != expected:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise: expected shape (B, {', '.join(map(str, expected))}) for this model, got {shape}")
+    if not noise.dtype.is_floating_point:
+        raise TypeError(f"noise: expected a floating-point tensor, got {noise.dtype}")
+    if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (noise.shape[0],):
+        shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
+        raise ValueError(f"class_labels: expected shape ({noise.shape[0]},) to match the noise batch, got {shape}")
+    if class_labels.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"class_labels: expected an int64 or int32 tensor, got {class_labels.dtype}")
+    if class_labels.device != noise.device:
+        raise ValueError(f"class_labels: on {class_labels.device}, expected the noise's device {noise.device}")
+    device = next(model.parameters()).device
+    if device != noise.device:
+        raise ValueError(f"noise: on {noise.device}, expected the model's device {device}")
+    if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= cfg.num_classes):
+        raise ValueError(f"class_labels: values must lie in [0, {cfg.num_classes}), got "
+                         f"[{int(class_labels.min())}, {int(class_labels.max())}]")
+
+
+def draw_noise(sched: Scheduler, i: int, like: torch.Tensor, generator: torch.Generator | None):
+    """The step's noise, drawn in float32 from the user's generator: both backends consume it identically."""
+    if not sched.needs_noise[i]:
+        return None
+    device = generator.device if generator is not None else like.device  # e.g. a CPU generator for CUDA
+    return torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+
+
+def guided_labels(class_labels: torch.Tensor, num_classes: int, use_cfg: bool) -> torch.Tensor:
+    if not use_cfg:
+        return class_labels.long()
+    return torch.cat([class_labels.long(), torch.full_like(class_labels.long(), num_classes)])  # (2B,)
