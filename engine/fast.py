@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ditengine.kernels import adaln_modulate, attention, gated_residual_adaln, scheduler_step
+from ditengine.kernels import (adaln_modulate, attention, gated_residual_adaln, linear, linear_gelu, prepack_linear,
+                               scheduler_step)
 
 from .cache import FirstBlockCache, StaticCache, skip_decision, stats_dict
 from .graphs import GraphRunner, conditional_capture_supported, graphs_enabled
@@ -136,6 +137,16 @@ class FastDiT:
         self.y_table = cast(model.y_embedder.embedding_table.weight, torch.float32)  # (classes + 1, D)
         want_epilogue = mlp_epilogue == "cublaslt" or (mlp_epilogue == "auto" and self.device.type == "cuda")
         self.gelu_epilogue = want_epilogue and cublaslt_gelu_is_tanh(str(self.device))
+        # On the CPU every token GEMM runs on weights prepacked once (kernels/linear_gelu.py), fc1 with its
+        # GELU fused: fp32 weight copies where the CPU has no bf16 dot instructions (a bf16 F.linear is
+        # emulated there, ~7x slower), oneDNN's bf16 layout where it has them.
+        self.packed = None
+        if self.device.type == "cpu":
+            def pack(w, b=None):
+                return prepack_linear(w, b, dtype=dtype, batch_size=2 * cfg.num_tokens)
+
+            self.packed = {"patch": pack(self.patch_w), "final": pack(*self.final_linear),
+                           "blocks": [tuple(pack(w, b) for w, b in zip(blk[0::2], blk[1::2])) for blk in self.blocks]}
 
     # -- conditioning ------------------------------------------------------------------------------------
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
@@ -155,10 +166,19 @@ class FastDiT:
         return blocks, final
 
     # -- forward -----------------------------------------------------------------------------------------
-    def mlp_in(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self.gelu_epilogue:
-            return torch._addmm_activation(b, h.flatten(0, 1), w.t(), use_gelu=True).view(*h.shape[:2], -1)
-        return F.gelu(F.linear(h, w, b), approximate="tanh")
+    LAYERS = ("qkv", "proj", "fc1", "fc2")
+
+    def linear(self, i: int, layer: str, x: torch.Tensor) -> torch.Tensor:
+        """Linear `layer` of block i on x (N, T, K); fc1 comes out with its tanh GELU applied."""
+        j = self.LAYERS.index(layer)
+        gelu = layer == "fc1"
+        if self.packed is not None:
+            return (linear_gelu if gelu else linear)(x, self.packed["blocks"][i][j])
+        w, b = self.blocks[i][2 * j], self.blocks[i][2 * j + 1]
+        if gelu and self.gelu_epilogue:
+            return torch._addmm_activation(b, x.flatten(0, 1), w.t(), use_gelu=True).view(*x.shape[:2], -1)
+        y = F.linear(x, w, b)
+        return F.gelu(y, approximate="tanh") if gelu else y
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, C, H, W) in `dtype` -> the residual stream (N, T, D) after the patch embedding."""
@@ -166,7 +186,8 @@ class FastDiT:
         N, p = x.shape[0], cfg.patch_size
         side = cfg.input_size // p
         patches = x.view(N, -1, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(N, side * side, -1)
-        return F.linear(patches, self.patch_w).to(self.residual_dtype).add_(self.pos_bias)
+        tokens = linear(patches, self.packed["patch"]) if self.packed else F.linear(patches, self.patch_w)
+        return tokens.to(self.residual_dtype).add_(self.pos_bias)
 
     def first_norm(self, resid: torch.Tensor, block_mod: torch.Tensor) -> torch.Tensor:
         """K1: block 0's adaLN input; every later one comes out of the previous block's last K3."""
@@ -183,15 +204,14 @@ class FastDiT:
         outputs before their gates (what a cache reuses on a later step)."""
         cfg = self.config
         N, T, D = resid.shape
-        w_qkv, b_qkv, w_proj, b_proj, w_fc1, b_fc1, w_fc2, b_fc2 = self.blocks[i]
         mod = block_mod[:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
-        qkv = F.linear(h, w_qkv, b_qkv).view(N, T, 3, cfg.num_heads, cfg.head_dim)
-        o = F.linear(attention(qkv).view(N, T, D), w_proj, b_proj)
+        qkv = self.linear(i, "qkv", h).view(N, T, 3, cfg.num_heads, cfg.head_dim)
+        o = self.linear(i, "proj", attention(qkv).view(N, T, D))
         if keep is not None:
             keep[0].copy_(o)
         resid, h = gated_residual_adaln(resid, mod[:, 2], o, mod[:, 3], mod[:, 4], eps=cfg.mlp_norm_eps,
                                         inplace=True, out_dtype=self.dtype)
-        o = F.linear(self.mlp_in(h, w_fc1, b_fc1), w_fc2, b_fc2)
+        o = self.linear(i, "fc2", self.linear(i, "fc1", h))
         if keep is not None:
             keep[1].copy_(o)
         nxt = self._next_mod(i, block_mod, final_mod)
@@ -218,7 +238,8 @@ class FastDiT:
         cfg = self.config
         N, p = h.shape[0], cfg.patch_size
         side = cfg.input_size // p
-        out = F.linear(h, *self.final_linear).view(N, side, side, p, p, cfg.out_channels)
+        out = linear(h, self.packed["final"]) if self.packed else F.linear(h, *self.final_linear)
+        out = out.view(N, side, side, p, p, cfg.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(N, cfg.out_channels, side * p, side * p)
 
     def forward(self, x: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
