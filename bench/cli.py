@@ -12,6 +12,9 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
     fused+precond     ... conditioning precomputed for all steps
     fused+graph-step  ... one step captured as a CUDA graph, replayed per step
     fused+graph-loop  ... the whole loop captured, replayed once (ms/step = loop / steps)
+    gemm-floor        the fused path's token GEMMs alone (patch embedding, every block's qkv, proj, fc1 and
+                      fc2, the final linear) at the same shapes and weights: the practical floor of a CPU
+                      step; every row reports its % of it
     fused+graph-loop+cache-first-block, fused+graph-loop+cache-static
                       ... with step caching (ditengine.cache, each policy's defaults): ms/step averages the
                       full and the cached steps of the loop; `block share` is the share of the transformer
@@ -20,8 +23,10 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
 Each row also reports images/s, peak memory, setup time (compile or capture), achieved TFLOP/s, the
 share of DESIGN.md's H100 floor, and the quality of a full sampling run from the same noise against the
 fp32 reference (max error and SQNR of the final latents). Results go to JSON, CSV, a markdown table and
-a PNG bar chart. The default is CPU-sized (DiT-S/2, 32x32 latent, batch 1 with CFG); the GPU case is
-`--model DiT-XL/2 --image-size 256 --batch 1,8`.
+a PNG bar chart. The default is CPU-sized (DiT-S/2, 32x32 latent, batch 1 with CFG, bf16, on a CPU the rows
+eager-fp32, eager-lp-sdpa, fused+precond and gemm-floor); the GPU case is
+`--model DiT-XL/2 --image-size 256 --batch 1,8`. On a CPU `compile` is torch.compile's default mode (its
+max-autotune GEMM templates take many minutes to tune there).
 """
 from __future__ import annotations
 
@@ -44,7 +49,8 @@ from .timing import environment, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = ("eager-fp32", "eager-lp", "eager-lp-sdpa", "compile", "fused", "fused+precond", "fused+graph-step",
-            "fused+graph-loop", "fused+graph-loop+cache-first-block", "fused+graph-loop+cache-static")
+            "fused+graph-loop", "gemm-floor", "fused+graph-loop+cache-first-block", "fused+graph-loop+cache-static")
+CPU_DEFAULT = ("eager-fp32", "eager-lp-sdpa", "fused+precond", "gemm-floor")
 CACHE_VARIANTS = {"fused+graph-loop+cache-first-block": FirstBlockCache, "fused+graph-loop+cache-static": StaticCache}
 # DESIGN.md section 8: measured on an H100, the floor of a step is max(FLOPs / peak, bytes / bandwidth).
 H100_BF16_TFLOPS, H100_COPY_TBPS = 790.0, 3.0
@@ -90,12 +96,15 @@ class Variant:
         if key.startswith("eager") or key == "compile":
             model = copy.deepcopy(self._base).to(self.dtype).use_sdpa(key not in ("eager-fp32", "eager-lp"))
             if key == "compile":
-                model = torch.compile(model, mode="max-autotune")
+                model = torch.compile(model, mode="max-autotune" if noise.device.type == "cuda" else None)
             self.model = model
             x = noise * self.sched.init_noise_sigma
             self.step = reference_step(model, self.sched, x, labels, args.cfg_scale)
             with torch.inference_mode():
                 self.step()  # compile (or warm) here, so setup_s carries the compile time
+        elif key == "gemm-floor":
+            rows = self.batch * (2 if args.cfg_scale != 1.0 else 1)
+            self.step = gemm_floor_step(de.FastDiT(self._base, self.dtype), rows)
         else:
             graph_modes = {"fused+graph-step": "step", "fused+graph-loop": "loop"}
             mode = "loop" if key in CACHE_VARIANTS else graph_modes.get(key)
@@ -114,11 +123,36 @@ class Variant:
         self.setup_s = time.perf_counter() - start
 
     def sample(self, noise, labels):
+        if self.key == "gemm-floor":
+            return None  # GEMMs on random activations: no sample to judge
         g = torch.Generator(noise.device).manual_seed(self.args.seed)
         if hasattr(self, "sampler"):
             return self.sampler(noise, labels, generator=g)
         return de.sample(self.model, self.sched, noise, labels, cfg_scale=self.args.cfg_scale, generator=g,
                          progress=False)
+
+
+def gemm_floor_step(fast: de.FastDiT, rows: int):
+    """A closure running the fused step's token GEMMs alone, through the same calls and weights."""
+    cfg = fast.config
+    T, D, dtype, device = cfg.num_tokens, cfg.hidden_size, fast.dtype, fast.device
+
+    def act(width):
+        return torch.randn(rows, T, width, device=device, dtype=dtype)
+
+    h, wide = act(D), act(cfg.mlp_hidden)
+    patches = act(cfg.in_channels * cfg.patch_size**2)
+
+    def step():
+        fast.embed_tokens(patches)
+        for i in range(cfg.depth):
+            fast.linear(i, "qkv", h)
+            fast.linear(i, "proj", h)
+            fast.linear(i, "fc1", h)
+            fast.linear(i, "fc2", wide)
+        fast.final_tokens(h)
+
+    return step
 
 
 def parse_args(argv=None):
@@ -142,9 +176,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
-    args.dtype = args.dtype or ("bf16" if gpu else "fp32")
+    args.dtype = args.dtype or "bf16"
     args.steps = args.steps or (50 if gpu else 5)
-    default = [v for v in VARIANTS if gpu or (v != "compile" and v not in CACHE_VARIANTS)]
+    default = [v for v in VARIANTS if v != "gemm-floor" and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -203,12 +237,17 @@ def main(argv=None) -> int:
                 "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                 "setup_s": variant.setup_s, "tflops": flops / ms / 1e9,
                 "pct_of_h100_floor": 100 * floor_ms(cfg, model_batch, weight_bytes) / ms,
-                "max_err": (latents - reference).abs().max().item(), "sqnr_db": sqnr_db(latents, reference),
+                "max_err": None if latents is None else (latents - reference).abs().max().item(),
+                "sqnr_db": None if latents is None else sqnr_db(latents, reference),
                 "conditioning": getattr(getattr(variant, "sampler", None), "conditioning_mode", None),
                 **cache_columns(variant),
             })
             bar.update()
             del variant
+            floor = next((r["median_ms"] for r in results if r["variant"] == "gemm-floor" and r["batch"] == batch), None)
+            for r in results:
+                if floor and r["batch"] == batch:
+                    r["pct_of_gemm_floor"] = 100 * floor / r["median_ms"]
             report["results"] = results
             partial.write_text(json.dumps(report, indent=2, default=str))  # survives a run cut short
     bar.close()
@@ -231,15 +270,17 @@ def format_table(report: dict) -> str:
             f"commit {env['commit']}")
     lines = [head, "",
              "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | setup s | TFLOP/s | % H100 floor "
-             "| max err | SQNR dB | block share |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| % GEMM floor | max err | SQNR dB | block share |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
         share = f"{100 * r['block_share']:.0f}%" if r.get("block_share") is not None else "-"
+        gemm = f"{r['pct_of_gemm_floor']:.0f}" if r.get("pct_of_gemm_floor") else "-"
+        err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
+        sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | "
-                     f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {r['max_err']:.2e} | {r['sqnr_db']:.1f} | "
-                     f"{share} |")
+                     f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")
     return "\n".join(lines)
 
 

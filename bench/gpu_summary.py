@@ -29,7 +29,8 @@ def ladder_table(reports: list[dict]) -> list[str]:
             mem = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") is not None else "-"
             lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} "
                          f"| {r['p80_ms']:.3f} | {r['images_per_s']:.1f} | {mem} | {r['setup_s']:.1f} | "
-                         f"{r['tflops']:.1f} | {r['pct_of_h100_floor']:.1f} | {r['sqnr_db']:.1f} |")
+                         f"{r['tflops']:.1f} | {r['pct_of_h100_floor']:.1f} | "
+                         f"{'-' if r['sqnr_db'] is None else format(r['sqnr_db'], '.1f')} |")
     return lines
 
 

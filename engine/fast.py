@@ -186,8 +186,15 @@ class FastDiT:
         N, p = x.shape[0], cfg.patch_size
         side = cfg.input_size // p
         patches = x.view(N, -1, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(N, side * side, -1)
-        tokens = linear(patches, self.packed["patch"]) if self.packed else F.linear(patches, self.patch_w)
-        return tokens.to(self.residual_dtype).add_(self.pos_bias)
+        return self.embed_tokens(patches).to(self.residual_dtype).add_(self.pos_bias)
+
+    def embed_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """The patch embedding's GEMM: (N, T, C*p*p) -> (N, T, D), without the position table."""
+        return linear(patches, self.packed["patch"]) if self.packed else F.linear(patches, self.patch_w)
+
+    def final_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """The final linear's GEMM: (N, T, D) -> (N, T, p*p*C_out)."""
+        return linear(h, self.packed["final"]) if self.packed else F.linear(h, *self.final_linear)
 
     def first_norm(self, resid: torch.Tensor, block_mod: torch.Tensor) -> torch.Tensor:
         """K1: block 0's adaLN input; every later one comes out of the previous block's last K3."""
@@ -238,8 +245,7 @@ class FastDiT:
         cfg = self.config
         N, p = h.shape[0], cfg.patch_size
         side = cfg.input_size // p
-        out = linear(h, self.packed["final"]) if self.packed else F.linear(h, *self.final_linear)
-        out = out.view(N, side, side, p, p, cfg.out_channels)
+        out = self.final_tokens(h).view(N, side, side, p, p, cfg.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(N, cfg.out_channels, side * p, side * p)
 
     def forward(self, x: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
