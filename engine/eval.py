@@ -202,7 +202,7 @@ def write_sweep(rows: list[dict], stem: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     schedulers = list(dict.fromkeys(r["scheduler"] for r in rows))
-    fig, axes = plt.subplots(2, len(schedulers), figsize=(5 * len(schedulers), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(schedulers), figsize=(6.5 * len(schedulers), 7), squeeze=False)
     styles = {"FirstBlockCache": ("tab:blue", "o", "first-block (threshold)"),
               "StaticCache": ("tab:orange", "s", "static (interval)")}
     for col, spec in enumerate(schedulers):
@@ -216,7 +216,7 @@ def write_sweep(rows: list[dict], stem: str, title: str) -> None:
             for kind, (color, marker, name) in styles.items():
                 for reuse, fill in (("", color), (" (blocks)", "none")):
                     pts = sorted((r["block_share"], r[key], r["policy"]) for r in mine
-                                 if r["kind"] == kind and r["policy"].endswith(reuse) == bool(reuse))
+                                 if r["kind"] == kind and r["policy"].endswith(" (blocks)") == bool(reuse))
                     if not pts:
                         continue
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, mfc=fill,
@@ -229,7 +229,7 @@ def write_sweep(rows: list[dict], stem: str, title: str) -> None:
             ax.set_title(f"{spec}, {mine[0]['steps']} steps", fontsize=9)
             ax.grid(alpha=0.3)
         axes[0, col].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(f"{stem}.png", dpi=110)
     plt.close(fig)

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -257,6 +259,21 @@ def test_cli_cache_options(tmp_path, reference_ops):
     assert sample_main(["--steps", "6", "--per-class", "1", "--labels", "1,2", "--backend", "fused",
                         "--cache", "static:2", "--device", "cpu", "--out", str(out)]) == 0
     assert out.exists()
+
+
+def test_bench_cache_rows(tmp_path, capsys, reference_ops):
+    from ditengine.bench.cli import main as bench_main
+
+    assert bench_main(["--model", "DiT-T/2", "--input-size", "8", "--repeats", "3", "--warmup", "1", "--steps", "6",
+                       "--variants", "fused+graph-loop,fused+graph-loop+cache-first-block,"
+                       "fused+graph-loop+cache-static", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| fused+graph-loop+cache-static | 1 | float32 |" in printed
+    rows = {r["variant"]: r for r in json.loads(next(tmp_path.glob("bench-*.json")).read_text())["results"]}
+    assert rows["fused+graph-loop"]["block_share"] == 1.0
+    assert rows["fused+graph-loop+cache-static"]["block_share"] == pytest.approx(4 / 6)  # steps 2, 3 reuse step 1
+    assert rows["fused+graph-loop+cache-first-block"]["cache_decision"] == "eager"
+    assert rows["fused+graph-loop+cache-static"]["sqnr_db"] < rows["fused+graph-loop"]["sqnr_db"]
 
 
 @pytest.mark.gpu
