@@ -265,6 +265,7 @@ def test_bench_cache_rows(tmp_path, capsys, reference_ops):
     from ditengine.bench.cli import main as bench_main
 
     assert bench_main(["--model", "DiT-T/2", "--input-size", "8", "--repeats", "3", "--warmup", "1", "--steps", "6",
+                       "--dtype", "fp32",
                        "--variants", "fused+graph-loop,fused+graph-loop+cache-first-block,"
                        "fused+graph-loop+cache-static", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out

@@ -3,7 +3,9 @@ import os
 import subprocess
 import sys
 
-from ditengine.bench.cli import CACHE_VARIANTS, VARIANTS, dit_flops, main
+import pytest
+
+from ditengine.bench.cli import CACHE_VARIANTS, CPU_DEFAULT, VARIANTS, dit_flops, main, parse_args
 from ditengine.bench.sm90 import SHARED_LIMIT
 
 import ditengine as de
@@ -11,23 +13,33 @@ import ditengine as de
 
 def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ladder's logic is under test; kernels run their references
+    variants = [v for v in VARIANTS if v != "compile" and v not in CACHE_VARIANTS]
     assert main(["--model", "DiT-T/2", "--input-size", "8", "--batch", "1,2", "--repeats", "3", "--warmup", "1",
-                 "--dtype", "bf16", "--steps", "3", "--out", str(tmp_path)]) == 0
+                 "--dtype", "bf16", "--steps", "3", "--variants", ",".join(variants), "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| eager-fp32 | 1 | float32 |" in printed and "| fused+graph-loop | 2 | bfloat16 |" in printed
     report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
     assert {"torch", "device", "commit", "triton"} <= set(report["env"])
     rows = report["results"]
-    expected = [v for v in VARIANTS if v != "compile" and v not in CACHE_VARIANTS]  # the CPU default
-    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 2) for v in expected]
+    assert [(r["variant"], r["batch"]) for r in rows] == [(v, b) for b in (1, 2) for v in variants]
     for r in rows:
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["median_ms"] > 0
-        assert r["sqnr_db"] > (100 if r["dtype"] == "float32" else 20), r  # same noise, same answer
+        assert r["pct_of_gemm_floor"] > 0
+        if r["variant"] == "gemm-floor":  # GEMMs alone: no sample, and it is its own 100%
+            assert r["sqnr_db"] is None and r["pct_of_gemm_floor"] == pytest.approx(100)
+        else:
+            assert r["sqnr_db"] > (100 if r["dtype"] == "float32" else 20), r  # same noise, same answer
     by = {(r["variant"], r["batch"]): r for r in rows}
     assert by[("fused+precond", 1)]["conditioning"] == "precomputed" and by[("fused", 1)]["conditioning"] == "per-step"
     for ext in ("csv", "md", "png"):
         assert len(list(tmp_path.glob(f"bench-*.{ext}"))) == 1
     assert not list(tmp_path.glob("bench-partial-*"))  # the partial file is replaced by the full report
+
+
+def test_cpu_default_ladder_is_bf16_against_eager_and_the_gemm_floor():
+    args = parse_args(["--device", "cpu"])
+    assert args.dtype == "bf16" and args.variants == list(CPU_DEFAULT)
+    assert {"eager-fp32", "eager-lp-sdpa", "gemm-floor"} <= set(CPU_DEFAULT) and "compile" not in CPU_DEFAULT
 
 
 def test_flops_match_the_design_figure():
