@@ -20,8 +20,8 @@ def draw(batch=2, seed=0):
 
 @pytest.fixture
 def reference_ops(monkeypatch):
-    """Kernels route to their PyTorch references: the sampler's structure and buffers are under test,
-    not the kernels (those have their own tests, and one interpreter run below)."""
+    """Kernels run their native CPU kernels where the extension is built (CI builds it), else their PyTorch
+    references; not the Triton interpreter, which has its own tests (and one sampler run below)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
