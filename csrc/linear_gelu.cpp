@@ -16,6 +16,7 @@
 // instead of writing the GEMM result to memory and reading it back for a separate GELU.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -144,5 +145,11 @@ at::Tensor linear_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("linear_gelu", &linear_gelu_cpu); }
+
+// The ops have no backward; torch's C++ fallback keeps autograd out of the per-call path (the Python one costs
+// far more than these kernels on small inputs).
+TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
+  m.impl("linear_gelu", torch::autograd::autogradNotImplementedFallback());
+}
 
 }  // namespace ditengine
