@@ -147,6 +147,7 @@ class FastDiT:
 
             self.packed = {"patch": pack(self.patch_w), "final": pack(*self.final_linear),
                            "blocks": [tuple(pack(w, b) for w, b in zip(blk[0::2], blk[1::2])) for blk in self.blocks]}
+            self.patch_w = self.final_linear = self.blocks = None  # the packed copies serve every CPU GEMM
 
     # -- conditioning ------------------------------------------------------------------------------------
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
