@@ -86,16 +86,12 @@ def environment(device: torch.device) -> dict:
     return info
 
 
-def bench_kernel(fn, device: torch.device, cpu_repeats: int = 5) -> dict:
-    """Median and p20/p80 ms of a kernel-sized call: triton's do_bench on CUDA (flushes L2 between runs),
-    the generic `measure` elsewhere (`cpu_repeats` timed calls after two warm-up calls)."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-        median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
-        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
-    timing = measure(fn, device, warmup=2 if cpu_repeats > 5 else 1, repeats=cpu_repeats)
-    timing.pop("runs")
-    return timing
+def bench_kernel(fn, device: torch.device) -> dict:
+    """Median and p20/p80 ms of a kernel-sized call on CUDA: triton's do_bench (flushes L2 between runs).
+    CPU timings go through `measure_interleaved`."""
+    from triton.testing import do_bench
+    median, p20, p80 = do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return {"median_ms": median, "p20_ms": p20, "p80_ms": p80}
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, clock=time.perf_counter) -> float:
