@@ -1,6 +1,14 @@
 import os
+import sys
+from pathlib import Path
 
-import torch  # importing torch does not import Triton
+# `python -m pytest` puts the working directory on sys.path. From the repository root that makes the source
+# folders importable as top-level modules, and `kernels` then shadows the PyPI package of that name, which
+# diffusers imports when it finds it. The project is imported as `ditengine` (installed) only.
+_REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
+
+import torch  # noqa: E402  (importing torch does not import Triton)
 
 # Triton's interpreter must be chosen before any kernel module imports Triton: without a GPU the kernels
 # run through it (DESIGN.md section 6). On a GPU machine they run natively.
