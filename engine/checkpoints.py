@@ -29,6 +29,27 @@ def _read_file(path: Path) -> dict:
         raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
 
 
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"could not read {path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of config fields, got {type(config).__name__}")
+    return config
+
+
+def check_finite(state: dict) -> None:
+    """A ValueError naming every tensor of `state` that holds a NaN or Inf (a corrupt or diverged
+    checkpoint would otherwise give NaN samples with no hint of why)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"checkpoint: {len(bad)} tensors hold NaN or Inf values: {', '.join(sorted(bad))} "
+                         "(pass allow_nonfinite=True to load it anyway)")
+
+
 def _read(source) -> tuple[dict, dict, dict]:
     """(state dict, diffusers config or {}, ditengine config or {}) from a path, a directory, or a dict."""
     if isinstance(source, dict):
@@ -41,8 +62,7 @@ def _read(source) -> tuple[dict, dict, dict]:
             weights = next((path / f for f in _DIFFUSERS_WEIGHTS if (path / f).exists()), None)
             if weights is None:
                 raise FileNotFoundError(f"{path}: no {' or '.join(_DIFFUSERS_WEIGHTS)} in this directory")
-            config_file = path / "config.json"
-            config = json.loads(config_file.read_text()) if config_file.exists() else {}
+            config = _read_config(path / "config.json")
             state = _read_file(weights)
         elif path.exists():
             state, config = _read_file(path), {}
@@ -56,6 +76,22 @@ def _read(source) -> tuple[dict, dict, dict]:
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("checkpoint: expected a state dict of tensors (or one under 'ema' / 'model')")
     return dict(state), config, own_config
+
+
+SUPPORTED_CHECKPOINTS = "facebookresearch/DiT .pt files and diffusers DiTTransformer2DModel checkpoints"
+SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel",)
+# Keys that name another model family's checkpoint, so that it is refused by name rather than as a broken DiT.
+_OTHER_FAMILIES = {
+    "adaln_single.linear.weight": "a diffusers PixArtTransformer2DModel (PixArt-alpha/sigma)",
+    "context_embedder.weight": "a diffusers SD3Transformer2DModel or FluxTransformer2DModel (MMDiT)",
+}
+
+
+def _refuse_other_families(state: dict) -> None:
+    for key, family in _OTHER_FAMILIES.items():
+        if key in state:
+            raise ValueError(f"checkpoint: this is {family} state dict (it has {key!r}), which this version does "
+                             f"not load; load_checkpoint reads {SUPPORTED_CHECKPOINTS}")
 
 
 def _is_diffusers(state: dict) -> bool:
@@ -135,7 +171,8 @@ def infer_config(state: dict, **overrides) -> DiTConfig:
             frequency_embedding_size=state["t_embedder.mlp.0.weight"].shape[1],
         )
     except KeyError as err:
-        raise ValueError(f"checkpoint: cannot infer the DiT config, missing key {err.args[0]!r}") from err
+        raise ValueError(f"checkpoint: cannot infer the DiT config, missing key {err.args[0]!r}; load_checkpoint "
+                         f"reads {SUPPORTED_CHECKPOINTS}") from err
     if "pos_embed" in state:
         fields["input_size"] = round(state["pos_embed"].shape[-2] ** 0.5) * p
     fields["num_heads"] = heads_for(depth, D)
@@ -168,11 +205,15 @@ def load_state(model: DiT, state: dict) -> DiT:
     return model
 
 
-def load_checkpoint(source: str | os.PathLike | dict, **config_overrides) -> DiT:
+def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = False, **config_overrides) -> DiT:
     """A DiT from a facebookresearch `.pt` (plain, or under "ema"/"model"; a "config" dict beside them, as
     `ditengine.train` writes, is used), a diffusers directory, safetensors file or state dict. The model
-    is float32 on the CPU; `.to()` it where it should run."""
+    is float32 on the CPU; `.to()` it where it should run. Tensors holding NaN or Inf are refused, naming
+    them, unless `allow_nonfinite`."""
     state, dconfig, own_config = _read(source)
+    if not allow_nonfinite:
+        check_finite(state)
+    _refuse_other_families(state)
     config_overrides = {**own_config, **config_overrides}
     if _is_diffusers(state):
         state = convert_diffusers(state)
@@ -192,6 +233,10 @@ def _diffusers_fields(config: dict) -> dict:
 
 def from_diffusers(transformer) -> DiT:
     """A `ditengine.DiT` with the weights of a live diffusers `DiTTransformer2DModel` (float32, CPU)."""
+    name = type(transformer).__name__
+    if name not in SUPPORTED_DIFFUSERS:
+        raise TypeError(f"from_diffusers: expected a diffusers {' or '.join(SUPPORTED_DIFFUSERS)} instance, got "
+                        f"{name}")
     config = dict(transformer.config)
     state = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
     return load_checkpoint(state, **_diffusers_fields(config))

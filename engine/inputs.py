@@ -5,14 +5,39 @@ call stays one-way: sampling -> fast -> inputs, never back up.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .model import DiT
 from .schedulers import Scheduler
 
 
+def check_scheduler(sched) -> None:
+    if not isinstance(sched, Scheduler):
+        raise TypeError(f"sched: expected a ditengine scheduler, got {type(sched).__name__} "
+                        "(convert a diffusers scheduler with ditengine.schedulers.from_diffusers)")
+
+
+def check_cfg_scale(cfg_scale) -> None:
+    if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}")
+
+
+def check_guided_channels(guided_channels: int | None, channels: int) -> int:
+    """The number of guided prediction channels (default: all `channels` of the model's input)."""
+    if guided_channels is None:
+        return channels
+    if isinstance(guided_channels, bool) or not isinstance(guided_channels, int) or not 1 <= guided_channels <= channels:
+        raise ValueError(f"guided_channels: expected an int in [1, {channels}] (the model's {channels} input "
+                         f"channels; the variance channels are never guided), got {guided_channels!r}")
+    return guided_channels
+
+
 def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor) -> None:
-    """Clear errors for the inputs of a sampling run (one host sync for the label range, before the loop)."""
+    """Clear errors for the inputs of a sampling run (one host sync for the label range and for finite
+    noise, before the loop: a NaN or Inf in the noise would silently become a NaN sample)."""
     cfg = model.config
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or tuple(noise.shape[1:]) != expected:
@@ -30,6 +55,9 @@ def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor) ->
     device = next(model.parameters()).device
     if device != noise.device:
         raise ValueError(f"noise: on {noise.device}, expected the model's device {device}")
+    if noise.numel() and not bool(torch.isfinite(noise).all()):
+        raise ValueError(f"noise: contains {int((~torch.isfinite(noise)).sum())} NaN or Inf values; expected "
+                         "finite samples of N(0, I)")
     if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= cfg.num_classes):
         raise ValueError(f"class_labels: values must lie in [0, {cfg.num_classes}), got "
                          f"[{int(class_labels.min())}, {int(class_labels.max())}]")

@@ -6,7 +6,7 @@ from tqdm.auto import tqdm
 
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
-from .inputs import check_inputs, draw_noise, guided_labels
+from .inputs import check_cfg_scale, check_guided_channels, check_inputs, check_scheduler, draw_noise, guided_labels
 from .model import DiT, guide
 from .schedulers import COL, Scheduler
 
@@ -47,6 +47,7 @@ def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torc
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if cuda_graph not in CUDA_GRAPH_MODES:
         raise ValueError(f"cuda_graph={cuda_graph!r}: expected one of {CUDA_GRAPH_MODES}")
+    check_scheduler(sched)
     if backend == "fused":
         sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=next(model.parameters()).dtype,
                               cuda_graph=cuda_graph, guided_channels=guided_channels, cache=cache)
@@ -56,11 +57,12 @@ def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torc
         return latents
     if cuda_graph is not None:
         raise ValueError("cuda_graph needs backend='fused'")
+    check_cfg_scale(cfg_scale)
+    k = check_guided_channels(guided_channels, model.config.in_channels)
     check_inputs(model, noise, class_labels)
     cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
     cfg = model.config
     use_cfg = cfg_scale != 1.0
-    k = cfg.in_channels if guided_channels is None else guided_channels
     sched.to(noise.device).reset()
     y = guided_labels(class_labels, cfg.num_classes, use_cfg)
     x = noise.float() * sched.init_noise_sigma  # (B, C, H, W), the sampler's state stays fp32

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -66,6 +67,22 @@ def vp_prediction_coefs(prediction_type: str, alpha_bar: float):
     raise ValueError(f"prediction_type={prediction_type!r}: expected 'epsilon', 'v_prediction' or 'sample'")
 
 
+def check_number(name: str, value, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """`value` as a float, or a ValueError naming the argument when it is not a finite number in the range
+    (a NaN or Inf argument would otherwise become a table of non-finite coefficients, and NaN samples)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}" \
+                 f"{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name}={value!r}: expected a finite number in {bounds}")
+    return float(value)
+
+
 class Scheduler:
     """Base: subclasses fill `_rows()`; this class holds the table and runs the reference step."""
 
@@ -81,6 +98,12 @@ class Scheduler:
                              f"[1, num_train_timesteps={num_train_timesteps}]")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r}: expected one of {SPACINGS}")
+        if beta_schedule in ("linear", "scaled_linear"):
+            check_number("beta_start", beta_start, 0.0, 1.0, low_open=True, high_open=True)
+            check_number("beta_end", beta_end, 0.0, 1.0, low_open=True, high_open=True)
+            if beta_start > beta_end:
+                raise ValueError(f"beta_start={beta_start!r} > beta_end={beta_end!r}: expected beta_start <= beta_end "
+                                 "(noise grows along the forward process)")
         self.num_inference_steps = num_inference_steps
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
@@ -92,6 +115,12 @@ class Scheduler:
         rows = np.asarray(rows, dtype=np.float64)
         rows[:-1, COL["c_in_next"]] = rows[1:, COL["c_in"]]
         rows[-1, COL["c_in_next"]] = 1.0
+        bad = ~np.isfinite(rows)
+        bad[:, COL["clip"]] = np.isnan(rows[:, COL["clip"]])  # +inf there means "no clipping"
+        if bad.any():
+            i, col = (int(v) for v in np.argwhere(bad)[0])
+            raise ValueError(f"{type(self).__name__}: the arguments give a non-finite coefficient ({COLUMNS[col]} at "
+                             f"step {i}); check them against the scheduler's documented ranges")
         self.table_f64 = rows
         self.needs_noise = [bool(u != 0) for u in rows[:, COL["u"]]]  # host-side: decides where noise is drawn
         self._timesteps = torch.tensor(np.array(timesteps, dtype=np.float64), dtype=torch.float32)
@@ -188,6 +217,7 @@ class DDPM(Scheduler):
         if variance_type not in ("fixed_small", "fixed_large", "learned_range"):
             raise ValueError(f"variance_type={variance_type!r}: expected 'fixed_small', 'fixed_large' or "
                              "'learned_range'")
+        check_number("clip_sample_range", clip_sample_range, 0.0, low_open=True)
         self.variance_type, self.clip_sample, self.clip_sample_range = variance_type, clip_sample, clip_sample_range
         self.learned_variance = variance_type == "learned_range"
         super().__init__(num_inference_steps, **kwargs)
@@ -242,6 +272,8 @@ class DDIM(Scheduler):
     def __init__(self, num_inference_steps: int = 50, *, eta: float = 0.0, clip_sample: bool = True,
                  clip_sample_range: float = 1.0, set_alpha_to_one: bool = True,
                  use_clipped_model_output: bool = False, **kwargs):
+        check_number("eta", eta, 0.0)
+        check_number("clip_sample_range", clip_sample_range, 0.0, low_open=True)
         self.eta, self.clip_sample, self.clip_sample_range = eta, clip_sample, clip_sample_range
         self.set_alpha_to_one = set_alpha_to_one
         self.use_clipped_model_output = use_clipped_model_output
@@ -375,7 +407,7 @@ class FlowMatchEuler(Scheduler):
                  prediction_type: str = "flow"):
         if prediction_type != "flow":
             raise ValueError(f"prediction_type={prediction_type!r}: FlowMatchEuler expects 'flow'")
-        self.shift = shift
+        self.shift = check_number("shift", shift, 0.0, low_open=True)
         super().__init__(num_inference_steps, num_train_timesteps=num_train_timesteps, prediction_type="flow")
 
     def _rows(self):

@@ -77,3 +77,37 @@ def test_untied_diffusers_embedders_are_refused():
         theirs.transformer_blocks[1].norm1.emb.timestep_embedder.linear_1.bias.add_(1.0)
     with pytest.raises(ValueError, match="transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias differs"):
         de.from_diffusers(theirs)
+
+
+def test_non_finite_weights_are_refused_by_key(fb_state, tmp_path):
+    fb_state["blocks.1.mlp.fc2.weight"][3, 4] = float("nan")
+    fb_state["final_layer.linear.bias"][0] = float("inf")
+    with pytest.raises(ValueError, match=r"2 tensors hold NaN or Inf values: blocks.1.mlp.fc2.weight, "
+                                         r"final_layer.linear.bias \(pass allow_nonfinite=True"):
+        de.load_checkpoint(fb_state)
+    model = de.load_checkpoint(fb_state, allow_nonfinite=True)  # on request, loaded as it is
+    assert model.blocks[1].mlp.fc2.weight.isnan().any()
+
+
+def test_a_malformed_config_json_names_its_path(tmp_path, fb_state):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in fb_state.items()}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    (tmp_path / "config.json").write_text('{"sample_size": 8,')
+    with pytest.raises(ValueError, match=f"could not read {tmp_path / 'config.json'}: not valid JSON"):
+        de.load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object of config fields, got list"):
+        de.load_checkpoint(tmp_path)
+
+
+def test_from_diffusers_of_an_unsupported_module_names_the_supported_ones():
+    with pytest.raises(TypeError, match="from_diffusers: expected a diffusers DiTTransformer2DModel instance, got "
+                                        "Linear"):
+        de.from_diffusers(torch.nn.Linear(2, 2))
+
+
+def test_another_familys_state_dict_is_refused_by_name():
+    state = {"adaln_single.linear.weight": torch.randn(12, 2), "pos_embed.proj.weight": torch.randn(2, 4, 2, 2)}
+    with pytest.raises(ValueError, match="this is a diffusers PixArtTransformer2DModel"):
+        de.load_checkpoint(state)

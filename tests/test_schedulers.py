@@ -178,3 +178,37 @@ def test_bad_arguments():
         S.DDPM(10, variance_type="learned_range").step(0, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
     with pytest.raises(IndexError, match="out of range"):
         S.DDIM(10).step(10, torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2))
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: S.DDIM(10, eta=NAN), "eta=nan"),
+    (lambda: S.DDIM(10, eta=-0.5), "eta=-0.5"),
+    (lambda: S.DDIM(10, clip_sample_range=INF), "clip_sample_range=inf"),
+    (lambda: S.DDPM(10, clip_sample_range=0.0), "clip_sample_range=0.0"),
+    (lambda: S.FlowMatchEuler(10, shift=-1.0), "shift=-1.0"),
+    (lambda: S.FlowMatchEuler(10, shift=NAN), "shift=nan"),
+    (lambda: S.FlowMatchEuler(10, shift=0.0), "shift=0.0"),
+    (lambda: S.DDPM(10, beta_start=NAN), "beta_start=nan"),
+    (lambda: S.Euler(10, beta_end=1.5), "beta_end=1.5"),
+    (lambda: S.DPMSolverPP(10, beta_start=0.0), "beta_start=0.0"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_non_finite_or_out_of_range_arguments_are_refused_by_name(make, name):
+    with pytest.raises(ValueError, match=f"^{name}: expected a finite number in"):
+        make()
+
+
+@pytest.mark.parametrize("make", [S.DDPM, S.DDIM, S.Euler, S.DPMSolverPP])
+def test_beta_start_above_beta_end_is_refused(make):
+    with pytest.raises(ValueError, match=r"beta_start=0.02 > beta_end=0.0001"):
+        make(10, beta_start=0.02, beta_end=0.0001)
+
+
+@pytest.mark.parametrize("make", [S.DDPM, S.DDIM, S.Euler, S.DPMSolverPP, lambda n: S.FlowMatchEuler(n, shift=3.0)])
+def test_every_table_is_finite_at_the_defaults(make):
+    table = make(25).table
+    finite = torch.isfinite(table)
+    finite[:, COL["clip"]] = ~torch.isnan(table[:, COL["clip"]])  # +inf there means "no clipping"
+    assert finite.all()
