@@ -32,19 +32,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ditengine.kernels import (adaln_modulate, attention, gated_residual_adaln, linear, linear_gelu, prepack_linear,
-                               scheduler_step)
+from ditengine.kernels import (adaln_modulate, attention, choose, gated_residual_adaln, linear, linear_gelu,
+                               prepack_linear, scheduler_step)
 
 from .cache import FirstBlockCache, StaticCache, skip_decision, stats_dict
 from .graphs import GraphRunner, conditional_capture_supported, graphs_enabled
 from .model import DiT, timestep_embedding
-from .inputs import check_inputs, draw_noise, guided_labels
+from .inputs import check_cfg_scale, check_guided_channels, check_inputs, check_scheduler, draw_noise, guided_labels
 from .schedulers import COL, Scheduler
 
 log = logging.getLogger("ditengine")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MLP_EPILOGUES = ("auto", "cublaslt", "separate")
+KERNEL_BACKENDS = (None, "auto", "native", "triton", "reference")
+# The ops of one fused step, each run on the backend a sampler asks for (kernels/_backend.py `choose`).
+STEP_OPS = ("adaln_modulate", "gated_residual_adaln", "attention", "scheduler_step")
 CACHE_DECISIONS = ("auto", "cond", "split", "eager")
 
 
@@ -101,18 +104,29 @@ class FastDiT:
     Weights are copied (converted once) at construction: later changes to the model are not seen.
     `residual_dtype` is the residual stream's dtype (default: fp32 when `dtype` is fp16, whose range DiT's
     residual stream can overflow; else `dtype`).
+
+    `backend` runs every op of the forward on one implementation: None or "auto" (the dispatcher's choice:
+    Triton on CUDA, the native C++ kernels on CPU where built, with the token GEMMs on prepacked weights),
+    "native", "triton" (on CPU, Triton's interpreter: `TRITON_INTERPRET=1` before import) or "reference"
+    (the ops' PyTorch references). With "triton" or "reference" the GEMMs are plain `F.linear`, as on CUDA.
+    A backend that cannot run here raises a ValueError at construction.
     """
 
     def __init__(self, model: DiT, dtype: torch.dtype = torch.bfloat16, mlp_epilogue: str = "auto",
-                 residual_dtype: torch.dtype | None = None):
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None):
         if dtype not in DTYPES:
             raise TypeError(f"dtype: expected one of {[str(d) for d in DTYPES]}, got {dtype}")
         if mlp_epilogue not in MLP_EPILOGUES:
             raise ValueError(f"mlp_epilogue={mlp_epilogue!r}: expected one of {MLP_EPILOGUES}")
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {KERNEL_BACKENDS}")
         cfg = self.config = model.config
         self.dtype = dtype
         self.residual_dtype = residual_dtype or (torch.float32 if dtype == torch.float16 else dtype)
         self.device = next(model.parameters()).device
+        self.backend = None if backend == "auto" else backend
+        for op in STEP_OPS:  # fail here, naming the op, rather than inside the first step
+            choose(op, self.device, self.backend)
 
         def cast(t, to=dtype):
             return t.detach().to(device=self.device, dtype=to).contiguous()
@@ -141,7 +155,7 @@ class FastDiT:
         # GELU fused: fp32 weight copies where the CPU has no bf16 dot instructions (a bf16 F.linear is
         # emulated there, ~7x slower), oneDNN's bf16 layout where it has them.
         self.packed = None
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.backend in (None, "native"):
             def pack(w, b=None):
                 return prepack_linear(w, b, dtype=dtype, batch_size=2 * cfg.num_tokens)
 
@@ -199,7 +213,8 @@ class FastDiT:
 
     def first_norm(self, resid: torch.Tensor, block_mod: torch.Tensor) -> torch.Tensor:
         """K1: block 0's adaLN input; every later one comes out of the previous block's last K3."""
-        return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype)
+        return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype,
+                              backend=self.backend)
 
     def _next_mod(self, i: int, block_mod: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
         """(N, 2, D): the shift and scale of the adaLN that follows block i (the next block's, or the final's)."""
@@ -214,17 +229,17 @@ class FastDiT:
         N, T, D = resid.shape
         mod = block_mod[:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
         qkv = self.linear(i, "qkv", h).view(N, T, 3, cfg.num_heads, cfg.head_dim)
-        o = self.linear(i, "proj", attention(qkv).view(N, T, D))
+        o = self.linear(i, "proj", attention(qkv, backend=self.backend).view(N, T, D))
         if keep is not None:
             keep[0].copy_(o)
         resid, h = gated_residual_adaln(resid, mod[:, 2], o, mod[:, 3], mod[:, 4], eps=cfg.mlp_norm_eps,
-                                        inplace=True, out_dtype=self.dtype)
+                                        inplace=True, out_dtype=self.dtype, backend=self.backend)
         o = self.linear(i, "fc2", self.linear(i, "fc1", h))
         if keep is not None:
             keep[1].copy_(o)
         nxt = self._next_mod(i, block_mod, final_mod)
         return gated_residual_adaln(resid, mod[:, 5], o, nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
-                                    out_dtype=self.dtype)
+                                    out_dtype=self.dtype, backend=self.backend)
 
     def reuse_block(self, i: int, resid: torch.Tensor, block_mod: torch.Tensor, final_mod: torch.Tensor,
                     kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,14 +247,16 @@ class FastDiT:
         only the two gated residual adds (with this step's gates) and the adaLN after them run."""
         mod = block_mod[:, i]
         resid, _ = gated_residual_adaln(resid, mod[:, 2], kept[0], mod[:, 3], mod[:, 4],
-                                        eps=self.config.mlp_norm_eps, inplace=True, out_dtype=self.dtype)
+                                        eps=self.config.mlp_norm_eps, inplace=True, out_dtype=self.dtype,
+                                        backend=self.backend)
         nxt = self._next_mod(i, block_mod, final_mod)
         return gated_residual_adaln(resid, mod[:, 5], kept[1], nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
-                                    out_dtype=self.dtype)
+                                    out_dtype=self.dtype, backend=self.backend)
 
     def final_norm(self, resid: torch.Tensor, final_mod: torch.Tensor) -> torch.Tensor:
         """The final layer's adaLN, for a residual stream that did not come out of the last block's K3."""
-        return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype)
+        return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype,
+                              backend=self.backend)
 
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """The final linear on the final adaLN output h (N, T, D), unpatchified to (N, C_out, H, W)."""
@@ -360,7 +377,7 @@ class _Plan:
         scheduler_step(self.x, out, sched.table, step, cfg_scale=s.cfg_scale if s.use_cfg else None,
                        guided_channels=s.guided_channels, history=self.history, noise=self.noise_for(step),
                        clip=sched.clip_sample, learned_variance=sched.learned_variance, out=self.x,
-                       next_input=self.x_in)
+                       next_input=self.x_in, backend=s.fast.backend)
 
     def step_body(self, step: int | torch.Tensor) -> None:
         """One denoising step on the static buffers; `step` an int, or the device index (step graph)."""
@@ -543,18 +560,20 @@ class FastSampler:
     `cache`: a `ditengine.cache` policy (`FirstBlockCache`, `StaticCache`) or None. A static schedule is
     unrolled into the loop (the captured loop stays one static graph); the first-block cache decides on
     the device (`cache_decision`, see `decision_mode`). `sampler.stats` says what the last call computed.
+
+    `backend` runs every kernel of the loop on one implementation (see `FastDiT`): e.g. "triton" on a CPU
+    runs the whole fast path through Triton's interpreter, "reference" through the ops' PyTorch references.
     """
 
     def __init__(self, model: DiT, sched: Scheduler, cfg_scale: float = 4.0, dtype: torch.dtype = torch.bfloat16,
                  cuda_graph: str | None = "loop", guided_channels: int | None = None,
                  precompute_conditioning: bool = True, conditioning_budget: int = 1 << 30,
                  mlp_epilogue: str = "auto", cache: FirstBlockCache | StaticCache | None = None,
-                 cache_decision: str = "auto"):
+                 cache_decision: str = "auto", backend: str | None = None):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
-        if not isinstance(sched, Scheduler):
-            raise TypeError(f"sched: expected a ditengine scheduler, got {type(sched).__name__} "
-                            "(convert a diffusers scheduler with ditengine.schedulers.from_diffusers)")
+        check_scheduler(sched)
+        check_cfg_scale(cfg_scale)
         if cache is not None and not isinstance(cache, (FirstBlockCache, StaticCache)):
             raise TypeError(f"cache: expected a ditengine.cache policy (FirstBlockCache, StaticCache) or None, "
                             f"got {type(cache).__name__}")
@@ -564,12 +583,11 @@ class FastSampler:
             raise ValueError(f"cache_decision={cache_decision!r}: expected one of {CACHE_DECISIONS}")
         self.cache, self.cache_decision = cache, cache_decision
         self.model, self.sched = model, sched
-        self.fast = FastDiT(model, dtype, mlp_epilogue)
+        self.guided_channels = check_guided_channels(guided_channels, model.config.in_channels)
+        self.fast = FastDiT(model, dtype, mlp_epilogue, backend=backend)
         self.device = self.fast.device
         self.sched.to(self.device)
         self.cfg_scale, self.use_cfg = float(cfg_scale), cfg_scale != 1.0
-        C = model.config.in_channels
-        self.guided_channels = C if guided_channels is None else guided_channels
         self.cuda_graph = cuda_graph
         self.precompute_conditioning, self.conditioning_budget = precompute_conditioning, conditioning_budget
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and cuda_graph else None
@@ -597,6 +615,10 @@ class FastSampler:
                  progress: bool = False) -> torch.Tensor:
         """Latents (B, C, H, W) fp32 from `noise` ~ N(0, I) (B, C, H, W) and `class_labels` (B,)."""
         check_inputs(self.model, noise, class_labels)
+        if noise.shape[0] == 0:  # nothing to sample: the reference loop's answer, without building a plan
+            self.stats = stats_dict(len(self.sched), self.fast.config.depth, [True] * len(self.sched),
+                                    len(self.sched) * self.fast.config.depth)
+            return torch.zeros(noise.shape, device=noise.device)
         plan = self.plan(noise.shape[0])
         self.conditioning_mode = plan.conditioning_mode
         plan.prepare(noise, class_labels)

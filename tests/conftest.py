@@ -58,3 +58,26 @@ def tiny_model(tiny_cfg):
     import ditengine as de
     torch.manual_seed(0)
     return de.DiT(tiny_cfg).eval()
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """Counts the Triton kernels launched through the interpreter, by kernel name: a test that says it runs
+    the Triton kernels asserts they actually ran (with the native extension built, CPU tensors go to C++
+    unless `backend="triton"` is asked for)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1 (a GPU machine tests them on CUDA)")
+    from collections import Counter
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    counts = Counter()
+    run = InterpretedFunction.run
+
+    def counting_run(self, *args, **kwargs):
+        if not kwargs.get("warmup"):
+            counts[self.fn.__name__] += 1
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", counting_run)
+    return counts

@@ -43,3 +43,22 @@ def assert_within_tolerance(out: torch.Tensor, ref32: torch.Tensor, ref_lp: torc
             f"{name}: max|out - ref32| = {worst:.3e} exceeds 2 * max|ref_lp - ref32| + floor = {bound:.3e} "
             f"(max|ref_lp - ref32| = {torch_worst:.3e}); first bad index {index}: "
             f"out={out[index].item():.6g}, ref32={ref32[index].item():.6g}")
+
+
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def fp32_floor(ref: torch.Tensor, ulps: float = 4.0) -> float:
+    """A floor of a few fp32 roundings at the reference's magnitude, for kernels that compute in fp32."""
+    return ulps * FP32_EPS * (1.0 + ref.detach().abs().max().item())
+
+
+def assert_fp32_run_within_tolerance(out: torch.Tensor, run, model: torch.nn.Module, name: str = "output") -> None:
+    """The rule for an fp32 run of a whole model or sampling loop: `run(model)` gives the reference, so
+    ref32 is `run` on a float64 copy of the model and ref_lp `run` on the model itself in fp32. A fused
+    fp32 path may then be at most twice as far from the float64 answer as PyTorch's own fp32 is."""
+    import copy
+
+    ref64 = run(copy.deepcopy(model).double())
+    ref32 = run(model)
+    assert_within_tolerance(out, ref64, ref32, fp32_floor(ref64), name)
