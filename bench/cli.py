@@ -112,7 +112,7 @@ class Variant:
             self.sampler = de.FastSampler(self._base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
                                           cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache)
             plan = self.sampler.plan(self.batch)
-            plan.prepare(noise, labels)
+            plan.prepare(noise, self.sampler.fast.inputs(self._base, noise, labels))
             if mode == "loop":
                 self.step = lambda: plan.run(None, False)
                 self.per_call_steps = len(self.sched)
@@ -132,25 +132,14 @@ class Variant:
                          progress=False)
 
 
-def gemm_floor_step(fast: de.FastDiT, rows: int):
+def gemm_floor_step(fast, rows: int):
     """A closure running the fused step's token GEMMs alone, through the same calls and weights."""
-    cfg = fast.config
-    T, D, dtype, device = cfg.num_tokens, cfg.hidden_size, fast.dtype, fast.device
-
-    def act(width):
-        return torch.randn(rows, T, width, device=device, dtype=dtype)
-
-    h, wide = act(D), act(cfg.mlp_hidden)
-    patches = act(cfg.in_channels * cfg.patch_size**2)
+    gemms = fast.step_gemms(rows)
+    acts = {shape: torch.randn(shape, device=fast.device, dtype=fast.dtype) for _, shape in gemms}
 
     def step():
-        fast.embed_tokens(patches)
-        for i in range(cfg.depth):
-            fast.linear(i, "qkv", h)
-            fast.linear(i, "proj", h)
-            fast.linear(i, "fc1", h)
-            fast.linear(i, "fc2", wide)
-        fast.final_tokens(h)
+        for gemm, shape in gemms:
+            gemm(acts[shape])
 
     return step
 

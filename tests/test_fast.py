@@ -43,10 +43,10 @@ def test_fused_forward_compiles_as_one_graph(reference_ops):
     model = model_for("DiT-T/2")
     fast = FastDiT(model, torch.float32)
     x, y = draw()
-    block_mod, final_mod = fast.modulation(fast.conditioning(torch.tensor([3.0, 500.0]), y))
+    mod = fast.modulate_all(fast.conditioning(torch.tensor([3.0, 500.0]), y))
     compiled = torch.compile(fast.forward, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, block_mod, final_mod), fast.forward(x, block_mod, final_mod))
+        torch.testing.assert_close(compiled(x, mod), fast.forward(x, mod))
 
 
 def test_fp16_forward_within_tolerance_with_fp32_residual():

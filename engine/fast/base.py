@@ -1,0 +1,149 @@
+"""What every family's fused denoiser shares: weights converted once, the token GEMMs (prepacked on a CPU),
+one kernel backend for every op, and the checks that fail at construction rather than in the first step.
+
+A fused denoiser is what `FastSampler`'s loop (`sampler.py`) drives; the contract it relies on is written
+out in `Denoiser` below and in the README's layout section. The loop never names a family.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ditengine.kernels import choose, linear, linear_gelu, prepack_linear
+
+log = logging.getLogger("ditengine")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MLP_EPILOGUES = ("auto", "cublaslt", "separate")
+KERNEL_BACKENDS = (None, "auto", "native", "triton", "reference")
+# The ops of one fused step, each run on the backend a sampler asks for (kernels/_backend.py `choose`).
+STEP_OPS = ("adaln_modulate", "gated_residual_adaln", "attention", "scheduler_step")
+
+
+@functools.lru_cache(maxsize=None)
+def cublaslt_gelu_is_tanh(device: str) -> bool:
+    """Whether `torch._addmm_activation(..., use_gelu=True)` computes the tanh GELU on this device.
+
+    On CUDA it maps to cuBLASLt's GELU epilogue (the tanh approximation DiTs use); on the CPU it is the
+    exact erf GELU. A small fp32 probe decides, so a device where it differs never silently changes the
+    model's math.
+    """
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(device) for shape in ((64, 32), (48, 32), (48,)))
+    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    reference = F.gelu(F.linear(x, w, b), approximate="tanh")
+    ok = torch.allclose(fused, reference, rtol=1e-4, atol=1e-5)
+    if not ok:
+        log.info("ditengine: the GELU GEMM epilogue on %s is not the tanh GELU; using a separate GELU", device)
+    return ok
+
+
+class TokenLinear:
+    """One linear layer of the token stream in the fast path's form.
+
+    On a CPU (native or default backend) the weight is prepacked once (`kernels.prepack_linear`: fp32
+    copies where the CPU has no bf16 dot instructions, oneDNN's layout where it has them) and the GELU
+    is fused into the GEMM; elsewhere it is `F.linear` on a copy in the compute dtype, with cuBLASLt's
+    GELU epilogue where it computes the tanh GELU.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, owner: "FusedDenoiser", rows: int):
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = None
+        if owner.prepacked:
+            # Rounded to the compute dtype first: the fast path's weights are the model's in that dtype.
+            self.packed = prepack_linear(owner.cast(weight), None if bias is None else owner.cast(bias),
+                                         dtype=owner.dtype, batch_size=rows)
+            self.weight = self.bias = None
+        else:
+            self.weight = owner.cast(weight)
+            self.bias = None if bias is None else owner.cast(bias)
+        self.gelu_epilogue = owner.gelu_epilogue
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        return linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight, self.bias)
+
+    def gelu(self, x: torch.Tensor) -> torch.Tensor:
+        """The GEMM with its tanh GELU applied (fc1)."""
+        if self.packed is not None:
+            return linear_gelu(x, self.packed)
+        if self.gelu_epilogue and self.bias is not None:
+            flat = torch._addmm_activation(self.bias, x.flatten(0, -2), self.weight.t(), use_gelu=True)
+            return flat.view(*x.shape[:-1], -1)
+        return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+
+
+class FusedDenoiser:
+    """Base of the families' fused denoisers: dtype, backend and device choices, and weight conversion.
+
+    `residual_dtype` is the residual stream's dtype (default: fp32 when `dtype` is fp16, whose range a
+    DiT's residual stream can overflow; else `dtype`).
+
+    `backend` runs every op of the forward on one implementation: None or "auto" (the dispatcher's choice:
+    Triton on CUDA, the native C++ kernels on CPU where built, with the token GEMMs on prepacked weights),
+    "native", "triton" (on CPU, Triton's interpreter: `TRITON_INTERPRET=1` before import) or "reference"
+    (the ops' PyTorch references). With "triton" or "reference" the GEMMs are plain `F.linear`, as on CUDA.
+    A backend that cannot run here raises a ValueError at construction.
+
+    The contract the sampling loop relies on (every family implements it):
+
+    - geometry: `depth` (blocks a cache policy may stand in for), `branches` (outputs per block that the
+      per-block cache reuse keeps), `latent_shape` (C, ...) of the sampler's state, `out_channels`,
+      `token_shape` (T, D) of the residual stream, `residual_dtype`, `dtype`, `device`, `backend`;
+    - per call: `inputs(noise, *args, **kwargs)` checks and gathers the conditioning into a dict;
+      `context_buffers(rows)` allocates the static per-call context (label embeddings, or a prompt's
+      projected caption and every block's cross-attention K/V with the valid lengths) and
+      `write_context(ctx, cond, use_cfg)` fills it before the loop, conditional rows first;
+    - per step: `modulation(t, ctx)` gives every modulation vector for timesteps t (S,) as a tuple of
+      tensors with leading dim S (all steps at once before the loop, or one per step when the table
+      passes the memory budget; `modulation_shapes` sizes it);
+    - the forward as embed -> blocks -> unembed, so a cache policy can stand in for the blocks:
+      `embed(x_in, ctx)`, `first_norm(resid, mod)`, `block(i, resid, h, mod, ctx, keep)`,
+      `reuse_block(i, resid, mod, ctx, kept)`, `final_norm(resid, mod)`, `unembed(h)`;
+    - `step_gemms(rows)`: the token GEMMs of one step with their row counts (the benchmark's GEMM floor).
+    """
+
+    branches = 2
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, mlp_epilogue: str = "auto",
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None):
+        if dtype not in DTYPES:
+            raise TypeError(f"dtype: expected one of {[str(d) for d in DTYPES]}, got {dtype}")
+        if mlp_epilogue not in MLP_EPILOGUES:
+            raise ValueError(f"mlp_epilogue={mlp_epilogue!r}: expected one of {MLP_EPILOGUES}")
+        if backend not in KERNEL_BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {KERNEL_BACKENDS}")
+        self.config = model.config
+        self.dtype = dtype
+        self.residual_dtype = residual_dtype or (torch.float32 if dtype == torch.float16 else dtype)
+        self.device = next(model.parameters()).device
+        self.backend = None if backend == "auto" else backend
+        for op in STEP_OPS:  # fail here, naming the op, rather than inside the first step
+            choose(op, self.device, self.backend)
+        want_epilogue = mlp_epilogue == "cublaslt" or (mlp_epilogue == "auto" and self.device.type == "cuda")
+        self.gelu_epilogue = want_epilogue and cublaslt_gelu_is_tanh(str(self.device))
+        self.prepacked = self.device.type == "cpu" and self.backend in (None, "native")
+
+    def cast(self, t: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
+        return t.detach().to(device=self.device, dtype=to or self.dtype).contiguous()
+
+    def token_linear(self, layer: torch.nn.Linear | tuple, rows: int) -> TokenLinear:
+        """A model's linear layer (or a (weight, bias) pair) as a token GEMM over `rows` rows."""
+        weight, bias = (layer.weight, layer.bias) if isinstance(layer, torch.nn.Module) else layer
+        return TokenLinear(weight, bias, self, rows)
+
+    @property
+    def depth(self) -> int:
+        return self.config.depth
+
+    def modulation_shapes(self, steps: int, rows: int) -> list[tuple]:
+        """The shapes of `modulation`'s tensors for `steps` timesteps and `rows` context rows (in `dtype`)."""
+        raise NotImplementedError
+
+    def modulation_bytes(self, steps: int, rows: int) -> int:
+        return sum(math.prod(shape) for shape in self.modulation_shapes(steps, rows)) * self.dtype.itemsize
