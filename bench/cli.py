@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 import ditengine as de
 from ditengine.cache import FirstBlockCache, StaticCache
-from ditengine.sampling import denoise_step, guided_labels
+from ditengine.sampling import denoise_step, reference_forward
 
 from .timing import environment, measure
 
@@ -76,8 +76,9 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def reference_step(model, sched, x, labels, cfg_scale, i=0):
     """One eager step as `ditengine.sample` runs it; returns a closure (the state is not advanced)."""
-    y = guided_labels(labels, model.config.num_classes, cfg_scale != 1.0)
-    return lambda: denoise_step(model, sched, i, x, y, cfg_scale, model.config.in_channels)
+    forward = reference_forward(model, x, cfg_scale != 1.0, labels)
+    dtype = next(model.parameters()).dtype
+    return lambda: denoise_step(forward, sched, i, x, cfg_scale, model.config.in_channels, dtype)
 
 
 class Variant:
@@ -111,8 +112,9 @@ class Variant:
             cache = CACHE_VARIANTS[key]() if key in CACHE_VARIANTS else None
             self.sampler = de.FastSampler(self._base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
                                           cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache)
-            plan = self.sampler.plan(self.batch)
-            plan.prepare(noise, self.sampler.fast.inputs(self._base, noise, labels))
+            cond = self.sampler.fast.inputs(self._base, noise, self.sampler.use_cfg, labels)
+            plan = self.sampler.plan(noise.shape, cond)
+            plan.prepare(noise, cond)
             if mode == "loop":
                 self.step = lambda: plan.run(None, False)
                 self.per_call_steps = len(self.sched)

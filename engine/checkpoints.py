@@ -1,5 +1,8 @@
-"""Loading facebookresearch/DiT and diffusers checkpoints into `ditengine.DiT`.
+"""Loading checkpoints into ditengine's reference models: facebookresearch/DiT and diffusers DiT checkpoints
+into `ditengine.DiT`, diffusers and original PixArt-alpha/sigma checkpoints into
+`ditengine.models.pixart.PixArt`.
 
+For the DiT:
 The config is inferred from tensor shapes (the head count, which shapes do not fix, from the known DiT
 sizes or a 64-wide head; pass `num_heads=` to override). The fixed position table is recomputed,
 checked against the checkpoint's copy and dropped.
@@ -78,11 +81,11 @@ def _read(source) -> tuple[dict, dict, dict]:
     return dict(state), config, own_config
 
 
-SUPPORTED_CHECKPOINTS = "facebookresearch/DiT .pt files and diffusers DiTTransformer2DModel checkpoints"
-SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel",)
+SUPPORTED_CHECKPOINTS = ("facebookresearch/DiT .pt files, diffusers DiTTransformer2DModel and PixArtTransformer2DModel "
+                         "checkpoints, and original PixArt-alpha/sigma .pth files (with pixart_config=)")
+SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
 # Keys that name another model family's checkpoint, so that it is refused by name rather than as a broken DiT.
 _OTHER_FAMILIES = {
-    "adaln_single.linear.weight": "a diffusers PixArtTransformer2DModel (PixArt-alpha/sigma)",
     "context_embedder.weight": "a diffusers SD3Transformer2DModel or FluxTransformer2DModel (MMDiT)",
 }
 
@@ -205,15 +208,33 @@ def load_state(model: DiT, state: dict) -> DiT:
     return model
 
 
-def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = False, **config_overrides) -> DiT:
-    """A DiT from a facebookresearch `.pt` (plain, or under "ema"/"model"; a "config" dict beside them, as
-    `ditengine.train` writes, is used), a diffusers directory, safetensors file or state dict. The model
-    is float32 on the CPU; `.to()` it where it should run. Tensors holding NaN or Inf are refused, naming
-    them, unless `allow_nonfinite`."""
+def _is_diffusers_pixart(state: dict) -> bool:
+    return "adaln_single.linear.weight" in state
+
+
+def _is_original_pixart(state: dict) -> bool:
+    return "t_block.1.weight" in state and any(k.startswith("blocks.0.cross_attn.") for k in state)
+
+
+def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = False,
+                    pixart_config: dict | None = None, **config_overrides):
+    """A reference model from a checkpoint, float32 on the CPU (`.to()` it where it should run):
+
+    - a `ditengine.DiT` from a facebookresearch `.pt` (plain, or under "ema"/"model"; a "config" dict beside
+      them, as `ditengine.train` writes, is used), a diffusers `DiTTransformer2DModel` directory,
+      safetensors file or state dict (config inferred from shapes; `config_overrides` win);
+    - a `ditengine.models.pixart.PixArt` from a diffusers `PixArtTransformer2DModel` directory (its
+      config.json) or state dict with `pixart_config=` (the diffusers config dict), or from an original
+      PixArt-alpha/sigma `.pth` with `pixart_config=` (a diffusers config dict or a `PixArtConfig`: shapes
+      do not give the head count or the position-embedding scale).
+
+    Tensors holding NaN or Inf are refused, naming them, unless `allow_nonfinite`."""
     state, dconfig, own_config = _read(source)
     if not allow_nonfinite:
         check_finite(state)
     _refuse_other_families(state)
+    if _is_diffusers_pixart(state) or _is_original_pixart(state):
+        return _load_pixart(state, pixart_config or dconfig, original=not _is_diffusers_pixart(state))
     config_overrides = {**own_config, **config_overrides}
     if _is_diffusers(state):
         state = convert_diffusers(state)
@@ -231,12 +252,31 @@ def _diffusers_fields(config: dict) -> dict:
     return fields
 
 
-def from_diffusers(transformer) -> DiT:
-    """A `ditengine.DiT` with the weights of a live diffusers `DiTTransformer2DModel` (float32, CPU)."""
+def _load_pixart(state: dict, config, original: bool):
+    from .models import pixart
+
+    kind = "an original PixArt" if original else "a diffusers PixArtTransformer2DModel"
+    if not config:
+        raise ValueError(f"checkpoint: {kind} state dict needs its config: pass pixart_config= (the diffusers "
+                         "config dict; shapes do not give the head count or the position-embedding scale)")
+    cfg = config if isinstance(config, pixart.PixArtConfig) else pixart.PixArtConfig.from_diffusers(config)
+    if original:
+        return pixart.load_original_state_dict(state, cfg)
+    return pixart.load_diffusers_state_dict(state, cfg)
+
+
+def from_diffusers(transformer):
+    """ditengine's reference model with the weights of a live diffusers transformer (float32, CPU):
+    `DiTTransformer2DModel` -> `ditengine.DiT`, `PixArtTransformer2DModel` -> `ditengine.models.pixart.PixArt`.
+    The returned model's `forward` takes the keyword arguments the diffusers pipeline passes."""
     name = type(transformer).__name__
     if name not in SUPPORTED_DIFFUSERS:
         raise TypeError(f"from_diffusers: expected a diffusers {' or '.join(SUPPORTED_DIFFUSERS)} instance, got "
                         f"{name}")
+    if name == "PixArtTransformer2DModel":
+        from .models import pixart
+
+        return pixart.from_diffusers(transformer)
     config = dict(transformer.config)
     state = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
     return load_checkpoint(state, **_diffusers_fields(config))

@@ -1,5 +1,8 @@
-"""The sampling loop: classifier-free guidance around a DiT, one scheduler step per denoising step."""
+"""The reference sampling loop: classifier-free guidance around a model of any served family, one scheduler
+step per denoising step, in plain PyTorch. `backend="fused"` hands the same call to `FastSampler`."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -8,50 +11,96 @@ from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .inputs import check_cfg_scale, check_guided_channels, check_inputs, check_scheduler, draw_noise, guided_labels
 from .model import DiT, guide
+from .models.pixart import PixArt
 from .schedulers import COL, Scheduler
 
 BACKENDS = ("reference", "fused")
 CUDA_GRAPH_MODES = (None, "step", "loop")
 
+# forward(x_in, t, step) -> model output on the CFG-doubled rows ([conditional; unconditional])
+Forward = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-def denoise_step(model: DiT, sched: Scheduler, i: int, x: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                 guided_channels: int, noise: torch.Tensor | None = None,
-                 cached: ReferenceCachedForward | None = None) -> torch.Tensor:
-    """One reference step: the model on the (CFG-doubled when `y` is twice the batch) scaled input, guidance,
-    then `sched.step`. x (B, C, H, W) fp32 -> x_next. `cached`: the model's forward under a cache policy."""
+
+def _doubled(cond: torch.Tensor | None, uncond: torch.Tensor | None, use_cfg: bool) -> torch.Tensor | None:
+    return torch.cat([cond, uncond]) if use_cfg and cond is not None else cond
+
+
+def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool, *conditioning,
+                      cache: ReferenceCachedForward | None = None, **named) -> Forward:
+    """The model's own forward on the CFG-doubled conditioning (conditional rows first), checked once.
+
+    DiT: `class_labels` (B,), doubled with the null label. PixArt: `prompt_embeds`, `prompt_attention_mask`,
+    `negative_prompt_embeds`, `negative_prompt_attention_mask`, `added_cond_kwargs` (the diffusers
+    pipelines' names), the negative prompt as the unconditional half.
+    """
+    if isinstance(model, DiT):
+        (class_labels,) = conditioning or (named.pop("class_labels"),)
+        check_inputs(model, noise, class_labels)
+        y = guided_labels(class_labels, model.config.num_classes, use_cfg)
+        if cache is not None:
+            return lambda x_in, t, step: cache(x_in, t, y, step)
+        return lambda x_in, t, step: model(x_in, t, y)
+    if isinstance(model, PixArt):
+        from .fast.pixart import FastPixArt
+
+        FastPixArt.check_noise(model.config, noise, next(model.parameters()).device)
+        if use_cfg and named.get("negative_prompt_embeds") is None:
+            raise ValueError("negative_prompt_embeds: required with guidance (cfg_scale != 1)")
+        text = _doubled(named.get("prompt_embeds"), named.get("negative_prompt_embeds"), use_cfg)
+        mask = named.get("prompt_attention_mask")
+        if mask is not None and use_cfg:
+            neg = named.get("negative_prompt_attention_mask")
+            mask = torch.cat([mask, torch.ones_like(mask) if neg is None else neg])
+        added = named.get("added_cond_kwargs")
+        if added is not None:
+            added = {k: None if v is None else _doubled(v, v, use_cfg) for k, v in added.items()}
+        dtype = next(model.parameters()).dtype
+        return lambda x_in, t, step: model(x_in, encoder_hidden_states=text.to(dtype), timestep=t,
+                                           encoder_attention_mask=mask, added_cond_kwargs=added)
+    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt), got {type(model).__name__} "
+                    "(convert a diffusers transformer with ditengine.from_diffusers)")
+
+
+def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cfg_scale: float, guided_channels: int,
+                 dtype: torch.dtype, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One reference step: the model on the (CFG-doubled when guiding) scaled input, guidance, then
+    `sched.step`. x (B, C, ...) fp32 -> x_next."""
     x_in = x * sched.table[i, COL["c_in"]]
-    use_cfg = len(y) == 2 * len(x)
+    use_cfg = cfg_scale != 1.0
     if use_cfg:
         x_in = torch.cat([x_in, x_in])
-    x_in, t = x_in.to(next(model.parameters()).dtype), sched.timesteps[i].expand(len(x_in))
-    out = (model(x_in, t, y) if cached is None else cached(x_in, t, y, i)).float()
+    x_in, t = x_in.to(dtype), sched.timesteps[i].expand(len(x_in))
+    out = forward(x_in, t, i).float()
     if use_cfg:
         out = guide(out, cfg_scale, guided_channels)[: len(x)]
     return sched.step(i, x, out, noise=noise)
 
 
 @torch.no_grad()
-def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torch.Tensor, cfg_scale: float = 4.0,
+def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *conditioning, cfg_scale: float = 4.0,
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, guided_channels: int | None = None, cache: CachePolicy | None = None,
-           stats: dict | None = None) -> torch.Tensor:
-    """Generate latents from `noise` (B, C, H, W) ~ N(0, I) for `class_labels` (B,).
+           stats: dict | None = None, **named_conditioning) -> torch.Tensor:
+    """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
+    (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
+    `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024).
 
-    Guidance is on when `cfg_scale != 1`: the batch is doubled with the null label and the first
-    `guided_channels` prediction channels are guided (default: all). Noise for stochastic samplers comes
-    from `generator`. `backend="fused"` runs the fast path (`FastSampler`); `cuda_graph` applies to it.
-    `cache` (a `ditengine.cache` policy) skips transformer work on either backend; `stats`, a dict, is
-    filled with what the run computed (`FastSampler.stats`).
+    Guidance is on when `cfg_scale != 1`: the batch is doubled with the unconditional input (the null
+    label, the negative prompt) and the first `guided_channels` prediction channels are guided (default:
+    all). Noise for stochastic samplers comes from `generator`. `backend="fused"` runs the fast path
+    (`FastSampler`); `cuda_graph` applies to it. `cache` (a `ditengine.cache` policy) skips transformer work
+    (on the reference backend for the DiT); `stats`, a dict, is filled with what the run computed.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if cuda_graph not in CUDA_GRAPH_MODES:
         raise ValueError(f"cuda_graph={cuda_graph!r}: expected one of {CUDA_GRAPH_MODES}")
     check_scheduler(sched)
+    dtype = next(model.parameters()).dtype
     if backend == "fused":
-        sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=next(model.parameters()).dtype,
-                              cuda_graph=cuda_graph, guided_channels=guided_channels, cache=cache)
-        latents = sampler(noise, class_labels, generator=generator, progress=progress)
+        sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph=cuda_graph,
+                              guided_channels=guided_channels, cache=cache)
+        latents = sampler(noise, *conditioning, generator=generator, progress=progress, **named_conditioning)
         if stats is not None:
             stats.update(sampler.stats)
         return latents
@@ -59,17 +108,17 @@ def sample(model: DiT, sched: Scheduler, noise: torch.Tensor, class_labels: torc
         raise ValueError("cuda_graph needs backend='fused'")
     check_cfg_scale(cfg_scale)
     k = check_guided_channels(guided_channels, model.config.in_channels)
-    check_inputs(model, noise, class_labels)
-    cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
-    cfg = model.config
     use_cfg = cfg_scale != 1.0
+    if cache is not None and not isinstance(model, DiT):
+        raise ValueError("cache: the reference form of step caching is the DiT's (ReferenceCachedForward); for "
+                         f"{type(model).__name__} use backend='fused'")
+    cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
+    forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
     sched.to(noise.device).reset()
-    y = guided_labels(class_labels, cfg.num_classes, use_cfg)
-    x = noise.float() * sched.init_noise_sigma  # (B, C, H, W), the sampler's state stays fp32
+    x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
     for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
-        x = denoise_step(model, sched, i, x, y, cfg_scale, k, draw_noise(sched, i, x, generator), cached)
+        x = denoise_step(forward, sched, i, x, cfg_scale, k, dtype, draw_noise(sched, i, x, generator))
     if stats is not None:
-        S = len(sched)
-        stats.update(cached.stats if cached is not None else stats_dict(S, cfg.depth, [True] * S, S * cfg.depth))
+        S, depth = len(sched), len(model.blocks)
+        stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))
     return x
-

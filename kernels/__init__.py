@@ -6,6 +6,7 @@ set before import, else the PyTorch reference. `backend=` picks one explicitly (
 """
 from ._backend import choose, interpreter_numpy_bug, interpreting, triton_available, triton_mode
 from .attention import attention, attention_ref
+from .cross_attention import cross_attention, cross_attention_ref
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 from .linear_gelu import PackedLinear, linear, linear_gelu, linear_gelu_ref, prepack_linear
@@ -16,7 +17,7 @@ from ._native import native_available
 _native.load()
 
 __all__ = [
-    "attention", "attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
+    "attention", "attention_ref", "cross_attention", "cross_attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
     "scheduler_step", "scheduler_step_ref", "linear_gelu", "linear_gelu_ref", "linear", "prepack_linear",
     "PackedLinear", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
     "triton_mode",

@@ -93,18 +93,21 @@ class FusedDenoiser:
     The contract the sampling loop relies on (every family implements it):
 
     - geometry: `depth` (blocks a cache policy may stand in for), `branches` (outputs per block that the
-      per-block cache reuse keeps), `latent_shape` (C, ...) of the sampler's state, `out_channels`,
-      `token_shape` (T, D) of the residual stream, `residual_dtype`, `dtype`, `device`, `backend`;
-    - per call: `inputs(noise, *args, **kwargs)` checks and gathers the conditioning into a dict;
-      `context_buffers(rows)` allocates the static per-call context (label embeddings, or a prompt's
-      projected caption and every block's cross-attention K/V with the valid lengths) and
+      per-block cache reuse keeps), `latent_shape` (C, ...) of the sampler's state at the model's native
+      size, `out_channels`, `token_shape(latent_shape)` (T, D) of the residual stream, `residual_dtype`,
+      `dtype`, `device`, `backend`;
+    - per call: `inputs(model, noise, use_cfg, *args, **kwargs)` checks and gathers the conditioning into
+      a dict; `context_key(cond)` says what the context's shapes depend on beyond the batch (a prompt's
+      length), so a plan (static buffers, graphs) is kept per (noise shape, context key);
+      `context_buffers(rows, latent_shape, cond)` allocates the static per-call context (label
+      embeddings, or every block's cross-attention K/V of a prompt with its valid lengths) and
       `write_context(ctx, cond, use_cfg)` fills it before the loop, conditional rows first;
     - per step: `modulation(t, ctx)` gives every modulation vector for timesteps t (S,) as a tuple of
       tensors with leading dim S (all steps at once before the loop, or one per step when the table
       passes the memory budget; `modulation_shapes` sizes it);
     - the forward as embed -> blocks -> unembed, so a cache policy can stand in for the blocks:
       `embed(x_in, ctx)`, `first_norm(resid, mod)`, `block(i, resid, h, mod, ctx, keep)`,
-      `reuse_block(i, resid, mod, ctx, kept)`, `final_norm(resid, mod)`, `unembed(h)`;
+      `reuse_block(i, resid, mod, ctx, kept)`, `final_norm(resid, mod)`, `unembed(h, ctx)`;
     - `step_gemms(rows)`: the token GEMMs of one step with their row counts (the benchmark's GEMM floor).
     """
 

@@ -43,7 +43,6 @@ class FastDiT(FusedDenoiser):
         rows = 2 * cfg.num_tokens  # a CFG pair: what the prepacked layouts are tuned for
         self.latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
         self.out_channels = cfg.out_channels
-        self.token_shape = (cfg.num_tokens, cfg.hidden_size)
         # The patch embedding as a GEMM over flattened patches, its bias folded into the position table.
         self.patch = self.token_linear((model.x_embedder.proj.weight.flatten(1), None), rows)  # (D, C*p*p)
         self.pos_bias = self.cast(model.pos_embed[0] + model.x_embedder.proj.bias, self.residual_dtype)  # (T, D)
@@ -63,11 +62,17 @@ class FastDiT(FusedDenoiser):
         self.y_table = self.cast(model.y_embedder.embedding_table.weight, torch.float32)  # (classes + 1, D)
 
     # -- conditioning ------------------------------------------------------------------------------------
-    def inputs(self, model: DiT, noise: torch.Tensor, class_labels: torch.Tensor) -> dict:
+    def token_shape(self, latent_shape: tuple | None = None) -> tuple[int, int]:
+        return self.config.num_tokens, self.config.hidden_size
+
+    def inputs(self, model: DiT, noise: torch.Tensor, use_cfg: bool, class_labels: torch.Tensor) -> dict:
         check_inputs(model, noise, class_labels)
         return {"class_labels": class_labels}
 
-    def context_buffers(self, rows: int) -> dict:
+    def context_key(self, cond: dict) -> tuple:
+        return ()
+
+    def context_buffers(self, rows: int, latent_shape: tuple, cond: dict) -> dict:
         return {"y_emb": torch.zeros(rows, self.config.hidden_size, device=self.device)}  # (N, D) fp32
 
     def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
@@ -157,7 +162,7 @@ class FastDiT(FusedDenoiser):
         return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype,
                               backend=self.backend)
 
-    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+    def unembed(self, h: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
         """The final linear on the final adaLN output h (N, T, D), unpatchified to (N, C_out, H, W)."""
         cfg = self.config
         N, p = h.shape[0], cfg.patch_size
@@ -171,7 +176,7 @@ class FastDiT(FusedDenoiser):
         h = self.first_norm(resid, mod)
         for i in range(self.config.depth):
             resid, h = self.block(i, resid, h, mod, ctx)
-        return self.unembed(h)
+        return self.unembed(h, ctx)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Same contract as `DiT.forward`, through the fused path."""
@@ -181,7 +186,7 @@ class FastDiT(FusedDenoiser):
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them (fc1 with
         its GELU, as the step runs it)."""
         cfg = self.config
-        T, D = self.token_shape
+        T, D = self.token_shape()
         gemms = [(self.patch, (rows, T, self.patch.in_features))]
         for layers in self.blocks:
             gemms += [(layers["qkv"], (rows, T, D)), (layers["proj"], (rows, T, D)),

@@ -70,8 +70,9 @@ def _at(tensors: tuple, step: int | torch.Tensor) -> tuple:
 class _Plan:
     """Static buffers and captured runners for one batch size."""
 
-    def __init__(self, sampler: "FastSampler", batch: int):
+    def __init__(self, sampler: "FastSampler", noise_shape: tuple, cond: dict):
         s = sampler
+        batch = noise_shape[0]
         fast, sched, dev = s.fast, s.sched, s.device
         S = len(sched)
         N = batch * (2 if s.use_cfg else 1)
@@ -88,11 +89,12 @@ class _Plan:
             elif self.decision == "eager" and dev.type == "cuda" and graphs_enabled():
                 self.graph_mode = None  # nor inside any captured graph
             _log_decision(self.decision, s.cuda_graph, self.graph_mode)
-        shape = fast.latent_shape
+        shape = tuple(noise_shape[1:])
+        self.token_shape = fast.token_shape(shape)
         self.x = torch.zeros(batch, *shape, device=dev)  # the sampler's state, fp32
         self.x_in = torch.zeros(N, *shape, device=dev, dtype=fast.dtype)  # the model input
         self.history = torch.zeros_like(self.x) if sched.uses_history else None
-        self.ctx = fast.context_buffers(N)  # per call: label embeddings, or a prompt's K/V and lengths
+        self.ctx = fast.context_buffers(N, shape, cond)  # per call: label embeddings, or a prompt's K/V and lengths
         self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
         stochastic = any(sched.needs_noise)
         # Zero-initialised: a step with u = 0 still reads the buffer in a graph, and 0 * garbage may be NaN.
@@ -169,7 +171,7 @@ class _Plan:
     def _allocate_cache(self) -> None:
         s = self.sampler
         fast, dev, S = s.fast, s.device, len(s.sched)
-        shape = (self.rows, *fast.token_shape)
+        shape = (self.rows, *self.token_shape)
         self.block_evals = torch.zeros((), device=dev, dtype=torch.long)  # counted as each block runs
         self.full_mask = torch.zeros(S, device=dev, dtype=torch.bool)  # written by the branch that ran
         self.resid = torch.zeros(shape, device=dev, dtype=fast.residual_dtype)  # this step's residual stream
@@ -247,11 +249,11 @@ class _Plan:
 
     def finish_full(self, step: int | torch.Tensor) -> None:
         self.tail_full(step)
-        self.scheduler_update(step, self.sampler.fast.unembed(self.h))
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
 
     def finish_cached(self, step: int | torch.Tensor) -> None:
         self.tail_cached(step)
-        self.scheduler_update(step, self.sampler.fast.unembed(self.h))
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
 
     def cached_step(self, step: int | torch.Tensor, full: bool | None = None) -> None:
         """One step under the cache policy. Static: `full` from the schedule (given for a step graph).
@@ -264,7 +266,7 @@ class _Plan:
             torch.ops.higher_order.cond(self.skip, lambda: self.tail_cached(step), lambda: self.tail_full(step), ())
         else:
             (self.tail_cached if bool(self.skip) else self.tail_full)(step)  # the one host read of the step
-        self.scheduler_update(step, self.sampler.fast.unembed(self.h))
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
 
     def stats(self) -> dict:
         S, depth = len(self.sampler.sched), self.sampler.fast.depth
@@ -349,7 +351,9 @@ class FastSampler:
 
     `model` is a ditengine reference model of any served family; its fused denoiser is built once (weights
     converted to `dtype`, the compute dtype of the weights and activations; the sampler state stays fp32).
-    Called as the family's conditioning asks: `sampler(noise, class_labels)` for a DiT.
+    Called as the family's conditioning asks: `sampler(noise, class_labels)` for a DiT,
+    `sampler(noise, prompt_embeds=..., prompt_attention_mask=..., negative_prompt_embeds=...,
+    negative_prompt_attention_mask=...)` for PixArt (the diffusers pipelines' names).
 
     `cuda_graph`: None (eager), "step" (one captured step replayed per step) or "loop" (the whole loop
     captured, replayed once). Graphs are cached by batch size and re-captured when it changes;
@@ -398,10 +402,11 @@ class FastSampler:
         """What a captured graph bakes in from the scheduler: its table (host copy, no device sync)."""
         return hashlib.sha1(self.sched.table_f64.tobytes()).hexdigest()
 
-    def plan(self, batch: int) -> _Plan:
-        key = (batch, self._signature())
+    def plan(self, noise_shape: tuple, cond: dict) -> _Plan:
+        """The static buffers and graphs for this noise shape and conditioning geometry (built once)."""
+        key = (tuple(noise_shape), self.fast.context_key(cond), self._signature())
         if key not in self._plans:
-            self._plans[key] = _Plan(self, batch)
+            self._plans[key] = _Plan(self, tuple(noise_shape), cond)
             self.captures += 1
         return self._plans[key]
 
@@ -413,13 +418,13 @@ class FastSampler:
     def __call__(self, noise: torch.Tensor, *conditioning, generator: torch.Generator | None = None,
                  progress: bool = False, **named_conditioning) -> torch.Tensor:
         """Latents (B, C, ...) fp32 from `noise` ~ N(0, I) (B, C, ...) and the family's conditioning
-        (`class_labels` (B,) for a DiT)."""
-        cond = self.fast.inputs(self.model, noise, *conditioning, **named_conditioning)
+        (`class_labels` (B,) for a DiT; the prompt embeddings and masks for PixArt)."""
+        cond = self.fast.inputs(self.model, noise, self.use_cfg, *conditioning, **named_conditioning)
         depth, S = self.fast.depth, len(self.sched)
         if noise.shape[0] == 0:  # nothing to sample: the reference loop's answer, without building a plan
             self.stats = stats_dict(S, depth, [True] * S, S * depth)
             return torch.zeros(noise.shape, device=noise.device)
-        plan = self.plan(noise.shape[0])
+        plan = self.plan(noise.shape, cond)
         self.conditioning_mode = plan.conditioning_mode
         plan.prepare(noise, cond)
         plan.run(generator, progress)

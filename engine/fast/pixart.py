@@ -1,0 +1,335 @@
+"""PixArt-alpha / sigma's fused denoiser: adaLN-single modulation precomputed per step, the caption's
+cross-attention K/V precomputed per prompt for every block, and the fused forward.
+
+Per block (the reference is `ditengine.models.pixart.PixArtBlock`):
+
+    qkv = h @ W_qkv ; o = attention(qkv) @ W_proj        h from the previous K3 (block 0: K1)
+    x += gate_msa * o                                    the next op reads x itself: no norm to fuse
+    o = cross_attention(x @ W_q, kv[block], kv_lens) @ W_o   K/V of the caption, computed before the loop
+    K3 x += o ; h = adaLN(x; shift_mlp, scale_mlp)       ungated: the K3 kernel with a unit gate
+    o = gelu_tanh(h @ W_fc1) @ W_fc2
+    K3 x += gate_mlp * o ; h = adaLN(x; next block's shift_msa, scale_msa, or the final layer's)
+
+Modulation: t6 = t_block(emb) is shared by all blocks, each adds its own (6, D) table; the final layer's
+shift and scale are the raw embedding plus a (2, D) table. emb is the timestep embedding plus, for
+PixArt-alpha 1024, the micro-conditions (resolution, aspect ratio): they are per call, so they live in the
+context beside the text. Rows are ordered [conditional; unconditional] (the scheduler step's convention;
+the diffusers pipeline orders them the other way, which no row's result depends on).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ditengine.kernels import (adaln_modulate, attention, choose, cross_attention, cross_attention_ref,
+                               gated_residual_adaln)
+
+from ..model import timestep_embedding
+from ..models.pixart import PixArt, pixart_pos_embed
+from .base import FusedDenoiser
+
+log = logging.getLogger("ditengine")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_reference_attention(head_dim: int) -> None:
+    log.info("ditengine: PixArt head dim %d is below the attention kernels' 16: its attention runs the PyTorch "
+             "reference", head_dim)
+
+
+def prompt_lengths(mask: torch.Tensor | None, batch: int, L: int, name: str) -> torch.Tensor:
+    """Valid tokens per row of a right-padded (B, L) keep-mask (1 keep, 0 padding), checked to be a prefix
+    of at least one token; all L when the mask is None."""
+    if mask is None:
+        return torch.full((batch,), L, dtype=torch.int32)
+    if not isinstance(mask, torch.Tensor) or mask.shape != (batch, L):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name}: expected a (B, L) = ({batch}, {L}) keep-mask like the tokenizer's, got {shape}")
+    keep = mask.detach().cpu() != 0
+    lengths = keep.sum(dim=1)
+    if not torch.equal(keep, torch.arange(L)[None] < lengths[:, None]):
+        raise ValueError(f"{name}: only right-padded masks (each row 1...1 then 0...0, as the tokenizer pads) are "
+                         "supported; this one masks tokens in the middle or at the start of a row")
+    if int(lengths.min()) < 1:
+        raise ValueError(f"{name}: every row needs at least one valid token, got a row of padding only")
+    return lengths.to(torch.int32)
+
+
+class FastPixArt(FusedDenoiser):
+    """The weights of a `ditengine.models.pixart.PixArt` in the fast path's layout, and the fused forward.
+
+    Called by `FastSampler` as `sampler(noise, prompt_embeds=..., prompt_attention_mask=...,
+    negative_prompt_embeds=..., negative_prompt_attention_mask=..., added_cond_kwargs=None)`, the names
+    of the diffusers pipelines (the negative prompt is the unconditional half, needed with guidance).
+    Latents of any grid the model accepts (PixArt is multi-aspect): a plan per shape and prompt length.
+    """
+
+    branches = 3  # self-attention, cross-attention, MLP: what the per-block cache reuse keeps
+
+    def __init__(self, model: PixArt, dtype: torch.dtype = torch.bfloat16, mlp_epilogue: str = "auto",
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None):
+        super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend)
+        cfg = self.config
+        D = cfg.hidden_size
+        self.small_heads = cfg.head_dim < 16 or cfg.head_dim % 8  # e.g. diffusers' test config (head dim 2)
+        if self.small_heads:
+            _log_reference_attention(cfg.head_dim)
+        else:
+            choose("cross_attention", self.device, self.backend)
+        rows = 2 * cfg.num_tokens
+        self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        self.out_channels = cfg.out_channels
+        self.patch = self.token_linear((model.x_embedder.proj.weight.flatten(1), None), rows)  # (D, C*p*p)
+        self.patch_bias = self.cast(model.x_embedder.proj.bias, torch.float32)
+        self.blocks = [{"qkv": self.token_linear(b.attn.qkv, rows), "proj": self.token_linear(b.attn.proj, rows),
+                        "q": self.token_linear(b.cross_attn.q_linear, rows),
+                        "cross_proj": self.token_linear(b.cross_attn.proj, rows),
+                        "fc1": self.token_linear(b.mlp.fc1, rows), "fc2": self.token_linear(b.mlp.fc2, rows)}
+                       for b in model.blocks]
+        # Per prompt: the caption projection, then every block's k/v projection stacked into one GEMM.
+        y_proj = model.y_embedder.y_proj if model.y_embedder is not None else None
+        self.caption_mlp = None if y_proj is None else tuple(
+            self.cast(p) for p in (y_proj.fc1.weight, y_proj.fc1.bias, y_proj.fc2.weight, y_proj.fc2.bias))
+        kv = [b.cross_attn.kv_linear for b in model.blocks]
+        self.kv_w = self.cast(torch.cat([m.weight for m in kv]))  # (depth*2D, C_ctx)
+        self.kv_b = None if kv[0].bias is None else self.cast(torch.cat([m.bias for m in kv]))
+        # Per step: fp32 embedders (tiny; the modulation they feed scales every activation).
+        self.t_mlp = self._mlp(model.t_embedder)
+        self.micro = None
+        if cfg.use_additional_conditions:
+            self.micro = (self._mlp(model.csize_embedder), self._mlp(model.ar_embedder))
+        self.t_block = (self.cast(model.t_block[1].weight, torch.float32), self.cast(model.t_block[1].bias, torch.float32))
+        self.tables = self.cast(torch.stack([b.scale_shift_table for b in model.blocks]), torch.float32)  # (depth, 6, D)
+        self.final_table = self.cast(model.final_layer.scale_shift_table, torch.float32)  # (2, D)
+        self.final = self.token_linear(model.final_layer.linear, rows)
+        self._pos = {}  # (h, w) grid -> position table plus the patch bias, (T, D) in the residual dtype
+        self.hidden = D
+
+    def _mlp(self, embedder) -> tuple:
+        mlp = embedder.mlp
+        return tuple(self.cast(p, torch.float32) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
+
+    @staticmethod
+    def _embed_scalar(mlp: tuple, values: torch.Tensor) -> torch.Tensor:
+        w0, b0, w2, b2 = mlp
+        return F.linear(F.silu(F.linear(timestep_embedding(values, w0.shape[1]), w0, b0)), w2, b2)
+
+    @property
+    def depth(self) -> int:
+        return self.config.num_layers
+
+    def grid(self, latent_shape: tuple) -> tuple[int, int]:
+        p = self.config.patch_size
+        return latent_shape[-2] // p, latent_shape[-1] // p
+
+    def token_shape(self, latent_shape: tuple) -> tuple[int, int]:
+        h, w = self.grid(latent_shape)
+        return h * w, self.hidden
+
+    # -- conditioning ------------------------------------------------------------------------------------
+    @staticmethod
+    def check_noise(cfg, noise: torch.Tensor, device: torch.device) -> None:
+        """Clear errors for the noise of a PixArt run (any grid of whole patches; finite values)."""
+        p = cfg.patch_size
+        if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or noise.shape[1] != cfg.in_channels \
+                or noise.shape[2] % p or noise.shape[3] % p:
+            shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise: expected shape (B, {cfg.in_channels}, H, W) with H and W multiples of the "
+                             f"patch size {p}, got {shape}")
+        if not noise.dtype.is_floating_point:
+            raise TypeError(f"noise: expected a floating-point tensor, got {noise.dtype}")
+        if noise.device != device:
+            raise ValueError(f"noise: on {noise.device}, expected the model's device {device}")
+        if noise.numel() and not bool(torch.isfinite(noise).all()):
+            raise ValueError(f"noise: contains {int((~torch.isfinite(noise)).sum())} NaN or Inf values; expected "
+                             "finite samples of N(0, I)")
+
+    def inputs(self, model: PixArt, noise: torch.Tensor, use_cfg: bool, prompt_embeds: torch.Tensor | None = None,
+               prompt_attention_mask: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+               negative_prompt_attention_mask: torch.Tensor | None = None,
+               added_cond_kwargs: dict | None = None) -> dict:
+        cfg = self.config
+        self.check_noise(cfg, noise, self.device)
+        B = noise.shape[0]
+        named = [("prompt_embeds", prompt_embeds, prompt_attention_mask, "prompt_attention_mask")]
+        if use_cfg:
+            if negative_prompt_embeds is None:
+                raise ValueError("negative_prompt_embeds: required with guidance (cfg_scale != 1): the "
+                                 "unconditional half (the pipeline encodes the negative prompt, \"\" by default)")
+            named.append(("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_attention_mask,
+                          "negative_prompt_attention_mask"))
+        width = cfg.caption_channels or cfg.cross_attention_dim  # the text encoder's width
+        cond = {}
+        for name, embeds, mask, mask_name in named:
+            if not isinstance(embeds, torch.Tensor) or embeds.dim() != 3 or embeds.shape[0] != B \
+                    or embeds.shape[2] != width:
+                shape = tuple(embeds.shape) if isinstance(embeds, torch.Tensor) else type(embeds).__name__
+                raise ValueError(f"{name}: expected shape ({B}, L, {width}) (one text per "
+                                 f"noise row), got {shape}")
+            cond[name] = embeds
+            cond[mask_name] = prompt_lengths(mask, B, embeds.shape[1], mask_name)
+        if use_cfg and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+            raise ValueError(f"negative_prompt_embeds: {negative_prompt_embeds.shape[1]} tokens, expected "
+                             f"{prompt_embeds.shape[1]} like prompt_embeds (pad both to one length)")
+        if self.micro is not None:
+            res, ar = (added_cond_kwargs or {}).get("resolution"), (added_cond_kwargs or {}).get("aspect_ratio")
+            if res is None or ar is None:
+                raise ValueError("added_cond_kwargs: this PixArt uses micro-conditions: pass {'resolution': (B, 2) "
+                                 "[h, w] in pixels, 'aspect_ratio': (B, 1) h / w}")
+            cond["resolution"], cond["aspect_ratio"] = res.reshape(-1, 2)[:B], ar.reshape(-1, 1)[:B]
+        return cond
+
+    def context_key(self, cond: dict) -> tuple:
+        """What the static context buffers' shapes depend on beyond the batch: the prompt length."""
+        return (cond["prompt_embeds"].shape[1],)
+
+    def context_buffers(self, rows: int, latent_shape: tuple, cond: dict) -> dict:
+        cfg = self.config
+        L, H, Dh = cond["prompt_embeds"].shape[1], cfg.num_attention_heads, cfg.head_dim
+        dev = self.device
+        return {"kv": torch.zeros(self.depth, rows, L, 2, H, Dh, device=dev, dtype=self.dtype),
+                "kv_lens": torch.zeros(rows, device=dev, dtype=torch.int32),
+                "cond_emb": torch.zeros(rows, self.hidden, device=dev),  # the micro-conditions, fp32
+                "unit_gate": torch.ones(rows, self.hidden, device=dev, dtype=self.dtype),
+                "grid": self.grid(latent_shape)}
+
+    def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
+        """Once per call: the caption projection and every block's cross-attention K/V, lengths, micro-conditions."""
+        cfg = self.config
+        halves = [("prompt_embeds", "prompt_attention_mask")]
+        if use_cfg:
+            halves.append(("negative_prompt_embeds", "negative_prompt_attention_mask"))
+        text = torch.cat([cond[e].to(self.device, self.dtype) for e, _ in halves])  # (N, L, C_cap)
+        lengths = torch.cat([cond[m] for _, m in halves])
+        if self.caption_mlp is not None:
+            w1, b1, w2, b2 = self.caption_mlp
+            text = F.linear(F.gelu(F.linear(text, w1, b1), approximate="tanh"), w2, b2)  # (N, L, D)
+        N, L, _ = text.shape
+        kv = F.linear(text, self.kv_w, self.kv_b).view(N, L, self.depth, 2, cfg.num_attention_heads, cfg.head_dim)
+        ctx["kv"].copy_(kv.permute(2, 0, 1, 3, 4, 5))  # (depth, N, L, 2, H, Dh)
+        ctx["kv_lens"].copy_(lengths)
+        if self.micro is not None:
+            csize, ar = self.micro
+            res = cond["resolution"].to(self.device, torch.float32)
+            aspect = cond["aspect_ratio"].to(self.device, torch.float32)
+            B = res.shape[0]
+            emb = torch.cat([self._embed_scalar(csize, res.flatten()).reshape(B, -1),
+                             self._embed_scalar(ar, aspect.flatten()).reshape(B, -1)], dim=1)  # (B, D)
+            ctx["cond_emb"].copy_(emb.repeat(N // B, 1))
+
+    def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps t (S,) -> every block's modulation (S, N, depth, 6, D) and the final one (S, N, 2, D)."""
+        cond_emb = ctx["cond_emb"]  # (N, D)
+        emb = self._embed_scalar(self.t_mlp, t)[:, None] + cond_emb  # (S, N, D) fp32
+        t6 = F.linear(F.silu(emb), *self.t_block).view(*emb.shape[:2], 1, 6, self.hidden)
+        return (t6 + self.tables).to(self.dtype), (emb[:, :, None] + self.final_table).to(self.dtype)
+
+    def modulation_shapes(self, steps: int, rows: int) -> list[tuple]:
+        return [(steps, rows, self.depth, 6, self.hidden), (steps, rows, 2, self.hidden)]
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def _position_bias(self, grid: tuple[int, int]) -> torch.Tensor:
+        if grid not in self._pos:
+            cfg = self.config
+            pos = pixart_pos_embed(self.hidden, *grid, cfg.grid_size, cfg.interpolation_scale, self.device)
+            self._pos[grid] = (pos + self.patch_bias).to(self.residual_dtype)  # (T, D)
+        return self._pos[grid]
+
+    def embed(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """x (N, C, H, W) in `dtype` -> the residual stream (N, T, D), row-major over the patch grid."""
+        p = self.config.patch_size
+        N, C, H, W = x.shape
+        h, w = H // p, W // p
+        patches = x.view(N, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(N, h * w, -1)
+        return self.patch(patches).to(self.residual_dtype).add_(self._position_bias((h, w)))
+
+    def first_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+        block_mod = mod[0]
+        return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=self.config.norm_eps,
+                              out_dtype=self.dtype, backend=self.backend)
+
+    def _next(self, i: int, mod: tuple) -> tuple[torch.Tensor, float]:
+        """(N, 2, D) shift and scale of the adaLN after block i, and its eps (the final norm's is 1e-6)."""
+        block_mod, final_mod = mod
+        if i + 1 < self.depth:
+            return block_mod[:, i + 1, :2], self.config.norm_eps
+        return final_mod, 1e-6
+
+    def _cross(self, i: int, resid: torch.Tensor, ctx: dict) -> torch.Tensor:
+        cfg, layers = self.config, self.blocks[i]
+        N, T, D = resid.shape
+        q = layers["q"](resid.to(self.dtype)).view(N, T, cfg.num_attention_heads, cfg.head_dim)
+        if self.small_heads:
+            o = cross_attention_ref(q, ctx["kv"][i], ctx["kv_lens"])
+        else:
+            o = cross_attention(q, ctx["kv"][i], ctx["kv_lens"], backend=self.backend)
+        return layers["cross_proj"](o.reshape(N, T, D))
+
+    def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i on the residual stream (in place) and its adaLN input h -> (resid, the next adaLN input).
+        `keep` (3, N, T, D) receives the self-attention, cross-attention and MLP outputs (a cache reuses them)."""
+        cfg, layers = self.config, self.blocks[i]
+        N, T, D = resid.shape
+        m = mod[0][:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
+        qkv = layers["qkv"](h).view(N, T, 3, cfg.num_attention_heads, cfg.head_dim)
+        if self.small_heads:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, T, Dh) each
+            attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        else:
+            attended = attention(qkv, backend=self.backend)
+        o = layers["proj"](attended.reshape(N, T, D))
+        resid.addcmul_(m[:, 2, None], o)  # (N, T, D)
+        c = self._cross(i, resid, ctx)
+        if keep is not None:
+            keep[0].copy_(o)
+            keep[1].copy_(c)
+        resid, h = gated_residual_adaln(resid, ctx["unit_gate"], c, m[:, 3], m[:, 4], eps=cfg.norm_eps, inplace=True,
+                                        out_dtype=self.dtype, backend=self.backend)
+        o = layers["fc2"](layers["fc1"].gelu(h))
+        if keep is not None:
+            keep[2].copy_(o)
+        nxt, eps = self._next(i, mod)
+        return gated_residual_adaln(resid, m[:, 5], o, nxt[:, 0], nxt[:, 1], eps=eps, inplace=True,
+                                    out_dtype=self.dtype, backend=self.backend)
+
+    def reuse_block(self, i: int, resid: torch.Tensor, mod: tuple, ctx: dict,
+                    kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i with its three branch outputs from `kept` (3, N, T, D): only the residual adds (this step's
+        gates) and the adaLN after them run."""
+        m = mod[0][:, i]
+        resid.addcmul_(m[:, 2, None], kept[0]).add_(kept[1])
+        nxt, eps = self._next(i, mod)
+        return gated_residual_adaln(resid, m[:, 5], kept[2], nxt[:, 0], nxt[:, 1], eps=eps, inplace=True,
+                                    out_dtype=self.dtype, backend=self.backend)
+
+    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+        final_mod = mod[1]
+        return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype,
+                              backend=self.backend)
+
+    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The final linear on the final adaLN output h (N, T, D), unpatchified to (N, C_out, H, W)."""
+        (gh, gw), p, c = ctx["grid"], self.config.patch_size, self.out_channels
+        out = self.final(h).view(h.shape[0], gh, gw, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(h.shape[0], c, gh * p, gw * p)
+
+    def forward(self, x: torch.Tensor, mod: tuple, ctx: dict) -> torch.Tensor:
+        resid = self.embed(x, ctx)
+        h = self.first_norm(resid, mod)
+        for i in range(self.depth):
+            resid, h = self.block(i, resid, h, mod, ctx)
+        return self.unembed(h, ctx)
+
+    def step_gemms(self, rows: int, latent_shape: tuple | None = None) -> list[tuple]:
+        """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
+        T, D = self.token_shape(latent_shape or self.latent_shape)
+        gemms = [(self.patch, (rows, T, self.patch.in_features))]
+        for layers in self.blocks:
+            gemms += [(layers["qkv"], (rows, T, D)), (layers["proj"], (rows, T, D)), (layers["q"], (rows, T, D)),
+                      (layers["cross_proj"], (rows, T, D)), (layers["fc1"].gelu, (rows, T, D)),
+                      (layers["fc2"], (rows, T, self.config.mlp_hidden))]
+        return gemms + [(self.final, (rows, T, D))]
