@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import DiT, modulate
+from .models.dit import DiT, modulate
 
 REUSE_MODES = ("residual", "blocks")
 

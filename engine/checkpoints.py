@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .configs import DiTConfig, heads_for
-from .model import DiT
+from .models.dit import DiT
 
 _DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 

@@ -17,7 +17,7 @@ from . import schedulers as S
 from .cache import CachePolicy
 from .checkpoints import load_checkpoint
 from .fast import FastSampler
-from .model import DiT
+from .models.dit import DiT
 from .sampling import sample
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"

@@ -29,8 +29,7 @@ def collect() -> dict:
         info["flash_attn"] = "not installed (optional)"
     build = _native.build_info()
     if build:
-        ops = [op for op in ("adaln_modulate", "gated_residual_adaln", "gated_residual_adaln_", "scheduler_step",
-                             "attention") if _native.serves(op)]
+        ops = _native.native_ops()
         info["native"] = (f"loaded: {build['isa']} kernels (variants: {build['isa_variants']}), "
                           f"{build['threads']} threads, OpenMP {build['openmp']}")
         info["native_build"] = f"{build['compiler']}, {build['flags']}, against torch {build['torch']}"

@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from .model import DiT
+from .models.dit import DiT
 from .schedulers import Scheduler
 
 

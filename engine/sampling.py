@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .inputs import check_cfg_scale, check_guided_channels, check_inputs, check_scheduler, draw_noise, guided_labels
-from .model import DiT, guide
+from .models.dit import DiT, guide
 from .models.pixart import PixArt
 from .schedulers import COL, Scheduler
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .configs import DiTConfig
 from .data import load_dataset
 from .distributed import close_distributed, init_distributed
-from .model import DiT
+from .models.dit import DiT
 from .schedulers import make_betas
 
 NUM_TRAIN_TIMESTEPS = 1000

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine.model import sincos_pos_embed, timestep_embedding
+from ditengine.models.dit import sincos_pos_embed, timestep_embedding
 
 from diffusers_models import inputs, tied_diffusers_dit
 

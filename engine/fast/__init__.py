@@ -7,7 +7,7 @@
 | `pixart.py` | PixArt-alpha / sigma's fused denoiser (cross-attention K/V precomputed per prompt) |
 | `sampler.py` | `FastSampler`: static buffers, graph capture, step caching, the fused scheduler step |
 """
-from ..model import DiT
+from ..models.dit import DiT
 from ..models.pixart import PixArt
 from .base import DTYPES, FusedDenoiser, cublaslt_gelu_is_tanh
 from .dit import FastDiT

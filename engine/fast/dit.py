@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ditengine.kernels import adaln_modulate, attention, gated_residual_adaln
 
 from ..inputs import check_inputs, guided_labels
-from ..model import DiT, timestep_embedding
+from ..models.dit import DiT, timestep_embedding
 from .base import FusedDenoiser
 
 

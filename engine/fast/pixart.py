@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ditengine.kernels import (adaln_modulate, attention, choose, cross_attention, cross_attention_ref,
                                gated_residual_adaln)
 
-from ..model import timestep_embedding
+from ..models.dit import timestep_embedding
 from ..models.pixart import PixArt, pixart_pos_embed
 from .base import FusedDenoiser
 

@@ -3,7 +3,7 @@
 Computes what diffusers' `PixArtTransformer2DModel` computes (0.42.1: models/transformers/pixart_transformer_2d.py,
 the "ada_norm_single" branch of models/attention.py's `BasicTransformerBlock`), checked in fp32 by
 tests/test_pixart_model.py. Parameter names are the original PixArt-alpha repo's (diffusion/model/nets/PixArt.py,
-PixArtMS.py, PixArt_blocks.py), as engine/model.py uses facebookresearch/DiT's: an original `.pth` loads as it is,
+PixArtMS.py, PixArt_blocks.py), as engine/models/dit.py uses facebookresearch/DiT's: an original `.pth` loads as it is,
 and self-attention `qkv` (rows q; k; v) and cross-attention `kv_linear` (rows k; v) are packed the way the fast path
 reads them. diffusers checkpoints go through the explicit key map at the end of this file.
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import timestep_embedding
+from .dit import timestep_embedding
 
 _GELU = {"gelu-approximate": "tanh", "gelu": "none"}  # diffusers activation_fn -> F.gelu(approximate=)
 

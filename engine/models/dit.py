@@ -1,7 +1,7 @@
 """The DiT, as a readable spec in plain PyTorch.
 
 Parameter names and semantics follow facebookresearch/DiT (`models.py`), so its checkpoints load as they
-are. Nothing here is tuned for speed: the fast path (`ditengine.fast`) reads these same parameters and
+are. Nothing here is tuned for speed: the fast path (`ditengine.fast.dit`) reads these same parameters and
 applies fused kernels from outside. The default initialisation is PyTorch's (every output path is live,
 which the tests rely on); `initialize_weights()` gives the paper's (zeroed adaLN and output layers) for
 training.
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configs import DiTConfig
+from ..configs import DiTConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, freq_shift: int = 0, max_period: float = 10000.0):
