@@ -22,6 +22,9 @@ through the interpreter only when asked for (`backend="triton"`).
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -112,6 +115,16 @@ def _launch_config(D: int) -> dict:
 
 
 # -- launchers -------------------------------------------------------------------------------------------
+def _check_eps(eps) -> float:
+    """LayerNorm's eps as the kernels take it, checked here for every backend: a NaN turns every row NaN, and
+    0 divides a constant row by zero."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a finite number > 0, got {type(eps).__name__}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
 def _check_modulation(x, names_and_tensors):
     B, _, D = x.shape
     for name, t in names_and_tensors:
@@ -145,6 +158,7 @@ def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out
 @torch.library.custom_op("ditengine::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                        out_dtype: torch.dtype) -> torch.Tensor:
+    _check_eps(eps)  # called as the op, past the public function's checks
     if use_triton("adaln_modulate", x):
         return _launch_adaln_modulate(x, shift, scale, eps, out_dtype)
     return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
@@ -158,6 +172,7 @@ def _(x, shift, scale, eps, out_dtype):
 @torch.library.custom_op("ditengine::gated_residual_adaln", mutates_args=())
 def _gated_residual_adaln_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                              scale: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_eps(eps)
     if use_triton("gated_residual_adaln", x):
         x_new = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new)
@@ -173,6 +188,7 @@ def _(x, gate, o, shift, scale, eps, out_dtype):
 @torch.library.custom_op("ditengine::gated_residual_adaln_", mutates_args=("x",))
 def _gated_residual_adaln_inplace_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                                      scale: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    _check_eps(eps)
     if use_triton("gated_residual_adaln", x):
         return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x)
     x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
@@ -190,18 +206,20 @@ def _(x, gate, o, shift, scale, eps, out_dtype):
 # "triton" (on CPU: the interpreter) or "reference" force one, and raise a ValueError where it cannot run.
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
                    out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
-    """y = LayerNorm(x) * (1 + scale) + shift; x (B, T, D), shift and scale (B, D). Returns (B, T, D)."""
+    """y = LayerNorm(x) * (1 + scale) + shift; x (B, T, D), shift and scale (B, D). Returns (B, T, D).
+    eps: a finite number > 0 (a ValueError otherwise, on every backend)."""
     check_tensor("x", x, ndim=3, layout="(B, T, D)")
     if x.shape[-1] > MAX_D:
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     _check_modulation(x, (("shift", shift), ("scale", scale)))
+    eps = _check_eps(eps)
     out_dtype = out_dtype or x.dtype
     how = route("adaln_modulate", x.device, backend)
     if how.startswith("reference"):
         return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
     if how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
-        return _launch_adaln_modulate(x, shift, scale, float(eps), out_dtype)
-    return _adaln_modulate_op(x, shift, scale, float(eps), out_dtype)
+        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype)
+    return _adaln_modulate_op(x, shift, scale, eps, out_dtype)
 
 
 def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
@@ -212,12 +230,14 @@ def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, s
 
     x, o (B, T, D); gate, shift, scale (B, D). Returns (x_new, y); with `inplace=True` x_new is x itself,
     updated. x_new keeps x's dtype (the residual stream), y has `out_dtype` (default: o's dtype).
+    eps: a finite number > 0 (a ValueError otherwise, on every backend).
     """
     check_tensor("x", x, ndim=3, layout="(B, T, D)")
     if x.shape[-1] > MAX_D:
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
     _check_modulation(x, (("gate", gate), ("shift", shift), ("scale", scale)))
+    eps = _check_eps(eps)
     out_dtype = out_dtype or o.dtype
     how = route("gated_residual_adaln_" if inplace else "gated_residual_adaln", x.device, backend)
     if how.startswith("reference"):
@@ -228,7 +248,7 @@ def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, s
         return x_new.contiguous(), y.contiguous()
     if how == "triton-interpreter":
         x_new = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, float(eps), out_dtype, x_new)
+        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new)
     if inplace:
-        return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, float(eps), out_dtype)
-    return _gated_residual_adaln_op(x, gate, o, shift, scale, float(eps), out_dtype)
+        return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, eps, out_dtype)
+    return _gated_residual_adaln_op(x, gate, o, shift, scale, eps, out_dtype)

@@ -107,12 +107,18 @@ def _attention_fwd_kernel(
                  mask=row_ok[:, None] & d2_ok[None, :])
 
 
+# What the autotuner chooses from on CUDA (fp16 / bf16), as launch parameters: `attention(..., config=c)`
+# launches exactly one of them, so each can be checked against the reference.
+AUTOTUNE_CONFIGS = tuple(dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+                         for block_m, block_n, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
+                                                                 (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 4),
+                                                                 (64, 32, 4, 4)))
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+
 def _autotune_configs():
-    configs = []
-    for block_m, block_n, warps, stages in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                            (64, 128, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)):
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages))
-    return configs
+    return [triton.Config({"BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"],
+                          num_stages=c["num_stages"]) for c in AUTOTUNE_CONFIGS]
 
 
 _attention_fwd_autotuned = (
@@ -142,8 +148,25 @@ def head_blocks(head_dim: int, head_split: bool = True) -> tuple[int, int]:
     return d1, max(16, 1 << (head_dim - d1 - 1).bit_length())  # tl.dot needs K >= 16
 
 
-def _launch(q, k, v, out, softmax_scale, head_split):
-    """q, k, v, out: (B, H, T, Dh) views with any batch / head / token strides, last dim contiguous."""
+def check_config(config: dict) -> dict:
+    """A launch config for the Triton kernel: BLOCK_M and BLOCK_N powers of two >= 16 (tl.dot's minimum),
+    num_warps and num_stages positive; returns it."""
+    if not isinstance(config, dict) or set(config) - set(CONFIG_KEYS) or not {"BLOCK_M", "BLOCK_N"} <= set(config):
+        raise ValueError(f"config: expected a dict with BLOCK_M and BLOCK_N (and optionally num_warps, num_stages), "
+                         f"e.g. one of AUTOTUNE_CONFIGS, got {config!r}")
+    for key in ("BLOCK_M", "BLOCK_N"):
+        block = config[key]
+        if not isinstance(block, int) or block < 16 or block & (block - 1):
+            raise ValueError(f"config: {key} must be a power of two >= 16, got {block!r}")
+    for key in ("num_warps", "num_stages"):
+        if key in config and (not isinstance(config[key], int) or config[key] < 1):
+            raise ValueError(f"config: {key} must be a positive int, got {config[key]!r}")
+    return config
+
+
+def _launch(q, k, v, out, softmax_scale, head_split, config=None):
+    """q, k, v, out: (B, H, T, Dh) views with any batch / head / token strides, last dim contiguous.
+    `config` (see `check_config`) launches that one config instead of the autotuned or pinned choice."""
     B, H, T_Q, Dh = q.shape
     T_K = k.shape[2]
     d1, d2 = head_blocks(Dh, head_split)
@@ -151,7 +174,9 @@ def _launch(q, k, v, out, softmax_scale, head_split):
     args = (q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             H, T_Q, T_K, softmax_scale * math.log2(math.e))
     meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
-    if q.device.type == "cuda" and autotune_enabled() and q.dtype != torch.float32:
+    if config is not None:
+        _attention_fwd_kernel[(triton.cdiv(T_Q, config["BLOCK_M"]), B * H)](*args, **meta, **config)
+    elif q.device.type == "cuda" and autotune_enabled() and q.dtype != torch.float32:
         grid = lambda cfg: (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)  # noqa: E731
         _attention_fwd_autotuned[grid](*args, **meta)
     else:
@@ -184,7 +209,8 @@ def _(q, k, v, softmax_scale, tokens_first, head_split):
 
 # -- public API ------------------------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | None = None, *,
-              softmax_scale: float | None = None, head_split: bool = True, backend: str | None = None) -> torch.Tensor:
+              softmax_scale: float | None = None, head_split: bool = True, backend: str | None = None,
+              config: dict | None = None) -> torch.Tensor:
     """Non-causal attention.
 
     `attention(qkv)`: qkv (B, T, 3, H, Dh), the qkv projection's output viewed as such (any strides with a
@@ -192,6 +218,9 @@ def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | 
     `attention(q, k, v)`: each (B, H, T, Dh), like `scaled_dot_product_attention` -> (B, H, T, Dh).
     `backend`: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA);
     "native", "triton" (on CPU: the interpreter) or "reference" (SDPA) force one.
+    `config`: with backend="triton" only, launch the Triton kernel with this config (BLOCK_M, BLOCK_N,
+    num_warps, num_stages; e.g. one of `AUTOTUNE_CONFIGS`) instead of the autotuned or pinned one: for
+    tests and benchmarks. An eager call outside the registered op.
     """
     if k is None and v is None:
         check_tensor("qkv", q, ndim=5, layout="(B, T, 3, H, Dh)")
@@ -216,12 +245,18 @@ def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | 
         raise ValueError(f"attention: sequence length must be at least 1, got q {q.shape[2]}, k {k.shape[2]}")
     scale = Dh**-0.5 if softmax_scale is None else float(softmax_scale)
     how = route("attention", q.device, backend)
+    if config is not None:
+        if backend != "triton":
+            raise ValueError(f"config: only the Triton kernel takes a launch config; pass backend='triton', got "
+                             f"backend={backend!r}")
+        check_config(config)
     if how.startswith("reference"):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, T, Dh)
         return out.transpose(1, 2).contiguous() if tokens_first else out.contiguous()
-    if how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
+    # The interpreter: the dispatcher's CPU slot may belong to the native kernel. A config: the op has none.
+    if how == "triton-interpreter" or config is not None:
         B, H, T, Dh = q.shape
         out = q.new_empty((B, T, H, Dh) if tokens_first else (B, H, T, Dh))
-        _launch(q, k, v, out.transpose(1, 2) if tokens_first else out, scale, head_split)
+        _launch(q, k, v, out.transpose(1, 2) if tokens_first else out, scale, head_split, config)
         return out
     return _attention_op(q, k, v, scale, tokens_first, head_split)

@@ -21,6 +21,8 @@ Triton kernel below then runs on CUDA, and on CPU through the interpreter only w
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..schedulers import COL, COLUMNS
@@ -140,6 +142,15 @@ def _launch(x, model_out, table, step_tensor, step_int, out, history, noise, nex
         STEP_FROM_PTR=step_tensor is not None, NCOL=NUM_COLUMNS, BLOCK=BLOCK, num_warps=4)
 
 
+def _check_step(step, steps: int) -> int:
+    """An int step, checked against the table: the kernels read row `step` without a bound."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step: expected an int or a one-element integer tensor, got {type(step).__name__}")
+    if not 0 <= step < steps:
+        raise IndexError(f"step={step} out of range for a table of {steps} steps")
+    return int(step)
+
+
 # -- torch.library registration --------------------------------------------------------------------------
 @torch.library.custom_op("ditengine::scheduler_step", mutates_args=("out", "history", "next_input"))
 def _scheduler_step_op(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor,
@@ -147,6 +158,8 @@ def _scheduler_step_op(x: torch.Tensor, model_out: torch.Tensor, table: torch.Te
                        history: torch.Tensor | None, noise: torch.Tensor | None, next_input: torch.Tensor | None,
                        cfg_scale: float, has_cfg: bool, guided_channels: int, clip: bool, learned: bool) -> None:
     scale = cfg_scale if has_cfg else None
+    if step_tensor is None:  # called as the op, past the public function's checks
+        _check_step(step_int, table.shape[0])
     if use_triton("scheduler_step", x):
         _launch(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, scale,
                 guided_channels, clip, learned)
@@ -173,6 +186,9 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
 
     x (B, C, H, W) contiguous; model_out (2B if `cfg_scale` is not None else B, C or 2C, H, W); table the
     scheduler's (S, 12) float32 device table; step an int or a one-element integer tensor on the device.
+    An int step must be in 0..S-1 (IndexError otherwise). A tensor step is not checked here: that would
+    need a device sync and could not be captured in a CUDA graph, so the caller must keep it in 0..S-1; out
+    of range, the Triton kernel reads past the table (the native CPU kernel raises an IndexError).
     history (B, C, H, W) float32 is read and overwritten with x0; noise (B, C, H, W) is added with the
     row's u; next_input (B or 2B, C, H, W) receives x_next * c_in_next (twice when 2B).
     backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
@@ -197,9 +213,7 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
             raise ValueError(f"step: expected a one-element tensor, got shape {tuple(step.shape)}")
         step_tensor, step_int = step.reshape(1), 0
     else:
-        if not 0 <= step < table.shape[0]:
-            raise IndexError(f"step={step} out of range for a table of {table.shape[0]} steps")
-        step_tensor, step_int = None, int(step)
+        step_tensor, step_int = None, _check_step(step, table.shape[0])
     for name, t, dtypes in (("history", history, (torch.float32,)), ("noise", noise, (torch.float32,)),
                             ("out", out, (x.dtype,))):
         if t is not None:

@@ -4,12 +4,10 @@ import torch
 from ditengine.kernels import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref,
                                interpreting)
 
-from native_helpers import requires_native, run_python
-from tolerance import assert_within_tolerance
+from native_helpers import (isa_runner, needs_native, requires_native, run_python, skip_unless_cpu_runs,
+                            triton_cpu)
+from tolerance import assert_within_tolerance, fp32_floor
 
-# The Triton kernel on CPU tensors: the interpreter, asked for explicitly because the native kernel (where
-# built) is the CPU default; on a GPU machine (no interpreter) the CPU cases run the default instead.
-TRITON_CPU = "triton" if interpreting() else "auto"
 
 # (B, T, D): DiT widths (384, 768, 1024, 1152), odd widths (59, 341), T = 1, 97, 256, B = 1 and 3;
 # kept small for Triton's interpreter (about 5 ms per row on a CPU).
@@ -47,16 +45,18 @@ def check_gated(B, T, D, dtype, device="cpu", backend=None, seed=0, inplace=Fals
     assert_within_tolerance(y, ref_y32, lp_y, FLOOR[dtype], "y")
 
 
+@triton_cpu
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("B, T, D", SHAPES)
 def test_adaln_modulate_matches_reference(B, T, D, dtype):
-    check_adaln(B, T, D, dtype, backend=TRITON_CPU)
+    check_adaln(B, T, D, dtype, backend="triton")
 
 
+@triton_cpu
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("B, T, D", SHAPES)
 def test_gated_residual_adaln_matches_reference(B, T, D, dtype):
-    check_gated(B, T, D, dtype, backend=TRITON_CPU)
+    check_gated(B, T, D, dtype, backend="triton")
 
 
 def test_rows_of_a_precomputed_modulation_table_and_strided_x():
@@ -76,32 +76,52 @@ def test_rows_of_a_precomputed_modulation_table_and_strided_x():
     torch.testing.assert_close(y, ref_y)
 
 
-def test_inplace_and_fp32_residual_with_half_output():
+# The default (native where built) and the Triton kernel: each must keep its dtypes, values and NaN rows.
+DEFAULT_AND_TRITON = [None, pytest.param("triton", marks=triton_cpu)]
+
+
+@pytest.mark.parametrize("backend", DEFAULT_AND_TRITON)
+def test_inplace_and_fp32_residual_with_half_output(backend):
     x, o, (_, _, gate, shift, scale, _) = make_inputs(2, 9, 96, torch.float32)
     o16 = o.half()
     ref_x, ref_y = gated_residual_adaln_ref(x, gate, o16, shift, scale)
     residual = x.clone()
-    x_new, y = gated_residual_adaln(residual, gate, o16, shift, scale, inplace=True)
+    x_new, y = gated_residual_adaln(residual, gate, o16, shift, scale, inplace=True, backend=backend)
     assert x_new is residual and x_new.dtype == torch.float32 and y.dtype == torch.float16
     torch.testing.assert_close(residual, ref_x)
     torch.testing.assert_close(y, ref_y)
-    y32 = adaln_modulate(x.half(), shift, scale, out_dtype=torch.float32)
+    x16 = x.half()
+    y32 = adaln_modulate(x16, shift, scale, out_dtype=torch.float32, backend=backend)
     assert y32.dtype == torch.float32
+    # fp32 math and output from fp16 inputs: as close to the fp64 reference as torch's own fp32 is.
+    ref_hi = adaln_modulate_ref(x16.double(), shift.double(), scale.double(), upcast=False)
+    ref_lp = adaln_modulate_ref(x16, shift, scale, out_dtype=torch.float32)
+    assert_within_tolerance(y32, ref_hi, ref_lp, fp32_floor(ref_hi), "fp32 y from fp16 x")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_nan_and_inf_stay_in_their_row():
+@pytest.mark.parametrize("backend", DEFAULT_AND_TRITON)
+def test_nan_and_inf_stay_in_their_row(backend):
     x, o, (shift, scale, gate, *_) = make_inputs(2, 6, 64, torch.float32)
     x[0, 1, 5] = float("nan")
     x[1, 3, 0] = float("inf")
-    y = adaln_modulate(x, shift, scale)
+    y = adaln_modulate(x, shift, scale, backend=backend)
     assert torch.isnan(y[0, 1]).all() and torch.isnan(y[1, 3]).all()
     bad = torch.zeros(2, 6, dtype=torch.bool)
     bad[0, 1] = bad[1, 3] = True
     assert torch.isfinite(y[~bad]).all()
     torch.testing.assert_close(y[~bad], adaln_modulate_ref(x, shift, scale)[~bad])
-    x_new, y = gated_residual_adaln(x, gate, o, shift, scale)
-    assert torch.isnan(y[0, 1]).all() and torch.isfinite(y[~bad]).all()
+    x_new, y = gated_residual_adaln(x, gate, o, shift, scale, backend=backend)
+    # x_new is element-wise: the NaN and the Inf stay in their element, every other element is x + gate * o.
+    nan, inf = torch.zeros_like(x, dtype=torch.bool), torch.zeros_like(x, dtype=torch.bool)
+    nan[0, 1, 5] = inf[1, 3, 0] = True
+    assert torch.equal(torch.isnan(x_new), nan), f"x_new is NaN at {torch.isnan(x_new).nonzero().tolist()}"
+    assert torch.equal(torch.isposinf(x_new), inf), f"x_new is +Inf at {torch.isposinf(x_new).nonzero().tolist()}"
+    ref_x, ref_y = gated_residual_adaln_ref(x, gate, o, shift, scale)
+    torch.testing.assert_close(x_new, ref_x, equal_nan=True)
+    # y normalises whole rows: the two rows with a NaN or an Inf are NaN, the others match the reference.
+    assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
+    torch.testing.assert_close(y[~bad], ref_y[~bad])
 
 
 def test_same_inputs_same_bits():
@@ -131,6 +151,39 @@ def test_errors_name_the_argument():
         gated_residual_adaln(x, gate, o[:, :3], shift, scale)
     with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
         adaln_modulate([1.0], shift, scale)
+
+
+# Every backend that runs on CPU tensors; each skips only where it cannot run here.
+CPU_BACKENDS = ["reference", pytest.param("triton", marks=triton_cpu),
+                pytest.param("native", marks=needs_native("adaln_modulate"))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eps_must_be_a_finite_positive_number(backend):
+    x, o, (shift, scale, gate, *_) = make_inputs(1, 2, 16, torch.float32)
+    calls = [lambda eps: adaln_modulate(x, shift, scale, eps=eps, backend=backend),
+             lambda eps: gated_residual_adaln(x, gate, o, shift, scale, eps=eps, backend=backend),
+             lambda eps: gated_residual_adaln(x.clone(), gate, o, shift, scale, eps=eps, inplace=True, backend=backend)]
+    for call in calls:
+        for eps in (float("nan"), float("inf"), -1e-6, 0.0):
+            with pytest.raises(ValueError, match=rf"eps: expected a finite number > 0, got {eps!r}"):
+                call(eps)
+        with pytest.raises(TypeError, match="eps: expected a finite number > 0, got str"):
+            call("1e-6")
+        call(1e-5)  # and a valid eps runs
+    torch.testing.assert_close(calls[0](1e-2), adaln_modulate_ref(x, shift, scale, eps=1e-2))
+
+
+def test_registered_ops_check_eps():
+    """The ops' Python implementation (the CUDA path, and CPU without the extension) checks eps too,
+    reached here past the native CPU kernels."""
+    x, o, (shift, scale, gate, *_) = make_inputs(1, 2, 16, torch.float32)
+    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    ops = torch.ops.ditengine
+    for op, args in ((ops.adaln_modulate, (x, shift, scale)), (ops.gated_residual_adaln, (x, gate, o, shift, scale)),
+                     (ops.gated_residual_adaln_, (x.clone(), gate, o, shift, scale))):
+        with pytest.raises(ValueError, match="eps: expected a finite number > 0, got nan"):
+            op.default.redispatch(python_impl, *args, float("nan"), torch.float32)
 
 
 def test_registered_ops_pass_opcheck():
@@ -182,17 +235,20 @@ def test_native_mixed_dtypes(x_dtype, o_dtype, mod_dtype, y_dtype):
     x, o, mods = make_inputs(B, T, D, torch.float32, seed=11)
     x, o = x.to(x_dtype), o.to(o_dtype)
     shift, scale, gate = (m.to(mod_dtype) for m in mods[:3])
-    ref_x, ref_y = gated_residual_adaln_ref(x, gate, o, shift, scale, out_dtype=y_dtype)
     x_new, y = gated_residual_adaln(x, gate, o, shift, scale, out_dtype=y_dtype, backend="native")
     assert x_new.dtype == x_dtype and y.dtype == y_dtype
-    # Both in fp32 from the same rounded inputs: at most one rounding of the output apart.
-    torch.testing.assert_close(x_new, ref_x)
-    torch.testing.assert_close(y.float(), ref_y.float(), atol=2e-2 if y_dtype != torch.float32 else 1e-4,
-                               rtol=1e-2 if y_dtype != torch.float32 else 1e-5)
+    # The inputs are rounded already and the math is fp32, so the one low-precision step is storing the
+    # outputs: ref_lp is the fp32 reference in the outputs' dtypes, ref_hi the same in fp64 (an fp32 y must
+    # then be as close as torch's own fp32). y is checked from x_new as the kernel stored it.
+    hi_x = x.double() + gate.double()[:, None] * o.double()
+    lp_x = (x.float() + gate.float()[:, None] * o.float()).to(x_dtype)
+    assert_within_tolerance(x_new, hi_x, lp_x, fp32_floor(hi_x), "x_new")
+    hi_y = adaln_modulate_ref(x_new.double(), shift.double(), scale.double(), upcast=False)
+    assert_within_tolerance(y, hi_y, adaln_modulate_ref(x_new, shift, scale, out_dtype=y_dtype), fp32_floor(hi_y), "y")
     y1 = adaln_modulate(x, shift, scale, out_dtype=y_dtype, backend="native")
-    torch.testing.assert_close(y1.float(), adaln_modulate_ref(x, shift, scale, out_dtype=y_dtype).float(),
-                               atol=2e-2 if y_dtype != torch.float32 else 1e-4,
-                               rtol=1e-2 if y_dtype != torch.float32 else 1e-5)
+    hi_y1 = adaln_modulate_ref(x.double(), shift.double(), scale.double(), upcast=False)
+    assert_within_tolerance(y1, hi_y1, adaln_modulate_ref(x, shift, scale, out_dtype=y_dtype), fp32_floor(hi_y1),
+                            "adaln_modulate y")
 
 
 @requires_native
@@ -288,11 +344,12 @@ def test_native_ops_have_no_derivative():
         assert not adaln_modulate(x, shift, scale, backend="native").requires_grad
 
 
-@requires_native
-def test_native_isa_variants_agree(tmp_path):
-    """The AVX2 and baseline variants (DITENGINE_ISA caps the choice) against what this CPU picked."""
+@pytest.fixture(scope="module")
+def isa_variant(tmp_path_factory):
+    """isa -> the native outputs with DITENGINE_ISA=isa, computed once per ISA in a fresh interpreter, after
+    checking that the extension ran that ISA (or, for one this CPU lacks, the best it has)."""
     code = """
-        import sys, torch, ditengine
+        import torch
         from ditengine.kernels import adaln_modulate, gated_residual_adaln, _native
         g = torch.Generator().manual_seed(0)
         x, o = torch.randn(2, 97, 341, generator=g), torch.randn(2, 97, 341, generator=g)
@@ -301,20 +358,20 @@ def test_native_isa_variants_agree(tmp_path):
         for dt in (torch.float32, torch.bfloat16):
             outs += [adaln_modulate(x.to(dt), shift, scale, backend="native"),
                      *gated_residual_adaln(x.to(dt), gate, o.to(dt), shift, scale, backend="native")]
-        torch.save(outs, sys.argv[-1] if len(sys.argv) > 1 else "{path}")
+        torch.save(outs, "{path}")
     """
-    results = {}
-    for isa in ("avx512", "avx2", "baseline"):
-        path = tmp_path / f"{isa}.pt"
-        run_python(code.replace("{path}", str(path)), DITENGINE_ISA=isa)
-        results[isa] = torch.load(path)
-    best = results["avx512"]
-    assert results["baseline"][0] == "baseline"
-    for isa in ("avx2", "baseline"):
-        for a, b in zip(best[1:], results[isa][1:]):
-            # fp32 arithmetic in the same order; only FMA contraction (absent from baseline) may differ.
-            torch.testing.assert_close(a.float(), b.float(), atol=1e-5 if a.dtype == torch.float32 else 1e-2,
-                                       rtol=1e-5 if a.dtype == torch.float32 else 1e-2)
+    return isa_runner(tmp_path_factory, code)
+
+
+@requires_native
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_native_isa_variants_agree(isa, isa_variant):
+    """Each vector variant against the scalar baseline: three different code paths on an AVX-512 CPU."""
+    skip_unless_cpu_runs(isa)
+    for a, b in zip(isa_variant(isa), isa_variant("baseline")):
+        # fp32 arithmetic in the same order; only FMA contraction (absent from baseline) may differ.
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-5 if a.dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if a.dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.gpu

@@ -1,14 +1,27 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ditengine.kernels import attention, attention_ref, interpreting
-from ditengine.kernels.attention import head_blocks
+from ditengine.kernels.attention import AUTOTUNE_CONFIGS, CONFIG_KEYS, head_blocks
 
-from tolerance import assert_within_tolerance
+from native_helpers import needs_native, triton_cpu
+from tolerance import assert_within_tolerance, fp32_floor
 
-TRITON_CPU = "triton" if interpreting() else "auto"  # on CPU the Triton kernel runs in the interpreter
-FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+attn = importlib.import_module("ditengine.kernels.attention")  # the module; the package exports the function
+
+
+def references(q, k, v, softmax_scale=None):
+    """(ref_hi, ref_lp) for the tolerance rule: the reference one precision above the inputs' (fp32 math for
+    fp16 / bf16, fp64 for fp32, where an fp32 reference against itself would leave only the floor) and the
+    same reference in the inputs' precision."""
+    if q.dtype == torch.float32:
+        return attention_ref(q.double(), k.double(), v.double(), softmax_scale), attention_ref(q, k, v, softmax_scale)
+    return attention_ref(q, k, v, softmax_scale), attention_ref(q, k, v, softmax_scale, upcast=False)
+
+
 # (B, H, T, Dh); T = 1, 16, 97, 256; every supported DiT-relevant head dim; interpreter-sized.
 CASES = [(2, 1, 16, 32), (1, 2, 16, 64), (1, 2, 16, 72), (1, 2, 16, 96), (1, 2, 16, 128), (2, 2, 1, 72),
          (1, 2, 97, 64), (2, 1, 97, 72), (1, 1, 97, 128), (1, 1, 256, 64)]
@@ -23,31 +36,81 @@ def split(qkv):
     return qkv.permute(2, 0, 3, 1, 4)  # q, k, v, each (B, H, T, Dh) views
 
 
-def check(B, H, T, Dh, dtype, device="cpu", head_split=True):
+def check(B, H, T, Dh, dtype, device="cpu", head_split=True, config=None, separate=True):
+    """The Triton kernel (named, never the default: on CPU that is the native kernel) against the reference,
+    from the packed qkv and, with `separate`, from q, k, v; `config` forces one launch config."""
     qkv = packed_qkv(B, H, T, Dh, dtype, device)
-    out = attention(qkv, head_split=head_split, backend=TRITON_CPU)
+    out = attention(qkv, head_split=head_split, backend="triton", config=config)
     assert out.shape == (B, T, H, Dh) and out.is_contiguous() and out.dtype == dtype
     q, k, v = split(qkv)
-    ref32 = attention_ref(q, k, v).transpose(1, 2)
-    ref_lp = attention_ref(q, k, v, upcast=False).transpose(1, 2) if dtype != torch.float32 else ref32
-    assert_within_tolerance(out, ref32, ref_lp, FLOOR[dtype], f"packed B={B} H={H} T={T} Dh={Dh}")
-    separate = attention(q, k, v, head_split=head_split, backend=TRITON_CPU)
-    assert separate.shape == (B, H, T, Dh)
-    assert_within_tolerance(separate.transpose(1, 2), ref32, ref_lp, FLOOR[dtype], "separate")
+    ref_hi, ref_lp = (r.transpose(1, 2) for r in references(q, k, v))
+    name = f"B={B} H={H} T={T} Dh={Dh}{f' config {config}' if config else ''}"
+    assert_within_tolerance(out, ref_hi, ref_lp, fp32_floor(ref_hi), f"packed {name}")
+    if separate:
+        out = attention(q, k, v, head_split=head_split, backend="triton", config=config)
+        assert out.shape == (B, H, T, Dh)
+        assert_within_tolerance(out.transpose(1, 2), ref_hi, ref_lp, fp32_floor(ref_hi), f"separate {name}")
 
 
+@triton_cpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("B, H, T, Dh", CASES)
 def test_matches_reference(B, H, T, Dh, dtype):
     check(B, H, T, Dh, dtype)
 
 
+@triton_cpu
+@pytest.mark.parametrize("B, H, T, Dh", [(1, 1, 257, 96), (1, 1, 129, 72)])
+def test_fp32_past_one_block_of_256(B, H, T, Dh):
+    """The GPU fp32 shapes on CPU: T = 257 leaves one valid query row and one key in the last blocks."""
+    check(B, H, T, Dh, torch.float32, separate=False)
+
+
+@triton_cpu
+def test_forced_configs_launch_as_asked(monkeypatch):
+    """Every autotune config, forced, through the interpreter (fp32, tiny shape): the launch uses that config's
+    blocks and grid, and the output matches the reference."""
+    launches = []
+    kernel = attn._attention_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, {key: kwargs[key] for key in CONFIG_KEYS if key in kwargs}))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attn, "_attention_fwd_kernel", Spy())
+    B, H, T, Dh = 1, 2, 97, 72  # 97 tokens: a partial last block for every BLOCK_M and BLOCK_N
+    for config in AUTOTUNE_CONFIGS:
+        launches.clear()
+        check(B, H, T, Dh, torch.float32, config=config, separate=False)
+        assert launches == [((-(-T // config["BLOCK_M"]), B * H), config)], launches
+
+
+def test_config_errors_name_the_argument():
+    qkv = packed_qkv(1, 1, 8, 32, torch.float32)
+    with pytest.raises(ValueError, match="config: only the Triton kernel takes a launch config; pass "
+                                         "backend='triton', got backend=None"):
+        attention(qkv, config=AUTOTUNE_CONFIGS[0])
+    with pytest.raises(ValueError, match="config: expected a dict with BLOCK_M and BLOCK_N"):
+        attention(qkv, backend="triton", config=dict(BLOCK_M=32))
+    with pytest.raises(ValueError, match="config: expected a dict with BLOCK_M and BLOCK_N"):
+        attention(qkv, backend="triton", config=dict(BLOCK_M=32, BLOCK_N=32, warps=4))
+    with pytest.raises(ValueError, match="config: BLOCK_N must be a power of two >= 16, got 48"):
+        attention(qkv, backend="triton", config=dict(BLOCK_M=32, BLOCK_N=48))
+    with pytest.raises(ValueError, match="config: num_stages must be a positive int, got 0"):
+        attention(qkv, backend="triton", config=dict(BLOCK_M=32, BLOCK_N=32, num_stages=0))
+
+
+@triton_cpu
 def test_padded_head_dim_matches_split():
     check(1, 2, 33, 72, torch.float32, head_split=False)
     assert head_blocks(72) == (64, 16) and head_blocks(72, head_split=False) == (128, 0)
     assert head_blocks(96) == (64, 32) and head_blocks(40) == (32, 16) and head_blocks(64) == (64, 0)
 
 
+@triton_cpu
 def test_reads_the_qkv_projection_output_directly():
     """From a real qkv Linear to the projection input, as in the DiT block, with no copies in between."""
     B, T, H, Dh = 2, 20, 2, 72
@@ -55,38 +118,41 @@ def test_reads_the_qkv_projection_output_directly():
     x = torch.randn(B, T, H * Dh)
     with torch.no_grad():
         qkv = qkv_linear(x).view(B, T, 3, H, Dh)
-        ours = attention(qkv, backend=TRITON_CPU).view(B, T, H * Dh)
+        ours = attention(qkv, backend="triton").view(B, T, H * Dh)
         q, k, v = split(qkv)
         expected = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, H * Dh)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+@triton_cpu
 def test_cross_lengths_scale_and_strided_views():
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 20, 2, 64, generator=g).transpose(1, 2)  # (B, H, T, Dh) view of (B, T, H, Dh)
     k = torch.randn(1, 2, 37, 64, generator=g)
     v = torch.randn(1, 2, 37, 64, generator=g)
-    out = attention(q, k, v, softmax_scale=0.3, backend=TRITON_CPU)
+    out = attention(q, k, v, softmax_scale=0.3, backend="triton")
     torch.testing.assert_close(out, attention_ref(q, k, v, softmax_scale=0.3), rtol=1e-5, atol=1e-5)
 
 
+@triton_cpu
 def test_large_logits_stay_finite():
     qkv = packed_qkv(1, 1, 40, 64, torch.float32, seed=4)
     qkv[:, :, 0] *= 100.0
     qkv[:, :, 1] *= 100.0  # logits ~ 1e4 / 8
-    out = attention(qkv, backend=TRITON_CPU)
+    out = attention(qkv, backend="triton")
     assert torch.isfinite(out).all()
     q, k, v = split(qkv)
     torch.testing.assert_close(out, attention_ref(q.double(), k.double(), v.double()).transpose(1, 2).float(),
                                rtol=1e-4, atol=1e-4)
 
 
+@triton_cpu
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_nan_does_not_leak():
     qkv = packed_qkv(2, 2, 40, 64, torch.float32, seed=5)
     qkv[0, 7, 0, 1, 3] = float("nan")  # one query row of batch 0, head 1
     qkv[1, 9, 1, 0, 0] = float("nan")  # one key of batch 1, head 0: poisons that head only
-    out = attention(qkv, backend=TRITON_CPU)
+    out = attention(qkv, backend="triton")
     bad = torch.zeros(2, 40, 2, dtype=torch.bool)
     bad[0, 7, 1] = True
     bad[1, :, 0] = True
@@ -97,9 +163,10 @@ def test_nan_does_not_leak():
     torch.testing.assert_close(out[~bad], expected[~bad], rtol=1e-5, atol=1e-5)
 
 
+@triton_cpu
 def test_same_inputs_same_bits():
     qkv = packed_qkv(1, 2, 33, 72, torch.float16, seed=6)
-    assert torch.equal(attention(qkv, backend=TRITON_CPU), attention(qkv, backend=TRITON_CPU))
+    assert torch.equal(attention(qkv, backend="triton"), attention(qkv, backend="triton"))
 
 
 def test_errors():
@@ -147,10 +214,20 @@ def test_gpu_odd_shapes_fp32(B, H, T, Dh):
     check(B, H, T, Dh, torch.float32, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("T, Dh", [(1024, 72), (97, 64)])
+@pytest.mark.parametrize("config", AUTOTUNE_CONFIGS,
+                         ids=lambda c: "m{BLOCK_M}-n{BLOCK_N}-w{num_warps}-s{num_stages}".format(**c))
+def test_gpu_every_autotune_config(config, T, Dh, dtype):
+    """The suite pins one config (DITENGINE_AUTOTUNE=0); the autotuner may pick any of these on a real run."""
+    check(2, 16, T, Dh, dtype, "cuda", config=config)
+
+
 # -- the native CPU kernel (csrc/attention.cpp) ------------------------------------------------------------
 # The C++ kernel is the CPU kernel of torch.ops.ditengine.attention once the extension is loaded; these
 # tests call the op through the dispatcher on CPU tensors, so they test it and nothing else.
-from native_helpers import needs_native  # noqa: E402
+
 
 native = needs_native("attention")
 NATIVE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -163,14 +240,13 @@ def native_attention(q, k, v, softmax_scale=None, tokens_first=False):
 
 def check_native(qkv, dtype, name):
     q, k, v = split(qkv)
-    ref32 = attention_ref(q, k, v)  # (B, H, T, Dh), fp32 math
-    ref_lp = attention_ref(q, k, v, upcast=False) if dtype != torch.float32 else ref32
+    ref_hi, ref_lp = references(q, k, v)  # (B, H, T, Dh)
     packed = native_attention(q, k, v, tokens_first=True)
     assert packed.shape == qkv[:, :, 0].shape and packed.is_contiguous() and packed.dtype == dtype
-    assert_within_tolerance(packed.transpose(1, 2), ref32, ref_lp, FLOOR[dtype], f"{name} packed")
+    assert_within_tolerance(packed.transpose(1, 2), ref_hi, ref_lp, fp32_floor(ref_hi), f"{name} packed")
     separate = native_attention(*(t.contiguous() for t in (q, k, v)))
     assert separate.shape == q.shape and separate.is_contiguous()
-    assert_within_tolerance(separate, ref32, ref_lp, FLOOR[dtype], f"{name} separate")
+    assert_within_tolerance(separate, ref_hi, ref_lp, fp32_floor(ref_hi), f"{name} separate")
 
 
 @native
@@ -195,9 +271,8 @@ def test_native_long_keys_and_cross_lengths(dtype):
     k = k.to(dtype)
     v = torch.randn(2, 2, 1100, 16, generator=g).to(dtype)
     out = native_attention(q, k, v, softmax_scale=0.7)
-    ref32 = attention_ref(q, k, v, softmax_scale=0.7)
-    ref_lp = attention_ref(q, k, v, softmax_scale=0.7, upcast=False) if dtype != torch.float32 else ref32
-    assert_within_tolerance(out, ref32, ref_lp, FLOOR[dtype], "long keys")
+    ref_hi, ref_lp = references(q, k, v, softmax_scale=0.7)
+    assert_within_tolerance(out, ref_hi, ref_lp, fp32_floor(ref_hi), "long keys")
 
 
 @native
@@ -236,9 +311,8 @@ def test_native_nan_stays_in_its_row(dtype):
     bad[1, :, 0] = True
     assert torch.isnan(out[bad]).all()
     assert torch.isfinite(out[~bad]).all()
-    ref32 = attention_ref(q, k, v).transpose(1, 2)
-    ref_lp = attention_ref(q, k, v, upcast=False).transpose(1, 2) if dtype != torch.float32 else ref32
-    assert_within_tolerance(out[~bad], ref32[~bad], ref_lp[~bad], FLOOR[dtype], "rows without NaN")
+    ref_hi, ref_lp = (r.transpose(1, 2) for r in references(q, k, v))
+    assert_within_tolerance(out[~bad], ref_hi[~bad], ref_lp[~bad], fp32_floor(ref_hi[~bad]), "rows without NaN")
 
 
 @native

@@ -1,17 +1,29 @@
 """The native extension's loader (kernels/_native.py): load order, absence, build facts, `ditengine-info`.
-The per-op checks of the C++ kernels live in the op's own test file (test_adaln.py, test_scheduler_step.py)."""
+The per-op checks of the C++ kernels live in the op's own test file (test_<op>.py)."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from ditengine.kernels import _native
 
 from native_helpers import requires_native, run_python
 
-NATIVE_OPS = ("adaln_modulate", "gated_residual_adaln", "gated_residual_adaln_", "scheduler_step")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def csrc_cpu_ops() -> set[str]:
+    """The ops csrc/*.cpp gives a C++ CPU kernel, read from its `TORCH_LIBRARY_IMPL(ditengine, CPU, m)` blocks:
+    the ground truth the registry-derived lists are checked against."""
+    ops = set()
+    for path in (ROOT / "csrc").glob("*.cpp"):
+        for block in re.findall(r"TORCH_LIBRARY_IMPL\(ditengine,\s*CPU,\s*m\)\s*\{(.*?)\}", path.read_text(), re.S):
+            ops.update(re.findall(r'm\.impl\("(\w+)"', block))
+    return ops
 
 
 def test_package_works_without_the_extension():
@@ -20,8 +32,9 @@ def test_package_works_without_the_extension():
         logging.basicConfig(level=logging.INFO)
         import ditengine as de
         from ditengine.kernels import _native, adaln_modulate, adaln_modulate_ref, choose, scheduler_step
-        assert not _native.native_available() and _native.build_info() == {}
-        for op in %r:
+        assert not _native.native_available() and _native.build_info() == {} and _native.native_ops() == ()
+        assert set(_native.defined_ops()) >= %r, _native.defined_ops()  # every op with a C++ kernel, and more
+        for op in _native.defined_ops():
             assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"ditengine::{op}", "CPU"), op
             assert choose(op, torch.device("cpu")) != "native"
         x, shift, scale = torch.randn(2, 7, 59), torch.randn(2, 59), torch.randn(2, 59)
@@ -36,7 +49,7 @@ def test_package_works_without_the_extension():
         from ditengine.info import collect
         print(collect()["native"])
         assert not torch.cuda.is_initialized()
-    """ % (NATIVE_OPS,), DITENGINE_NATIVE="0")
+    """ % (csrc_cpu_ops(),), DITENGINE_NATIVE="0")
     assert "adaln_modulate has no native kernel here: disabled by DITENGINE_NATIVE=0" in out
     assert "not loaded: disabled by DITENGINE_NATIVE=0" in out
 
@@ -55,7 +68,10 @@ def test_absence_is_logged_once():
 
 @requires_native
 def test_the_cpu_kernels_are_registered_and_build_facts_reported():
-    for op in NATIVE_OPS:
+    expected = csrc_cpu_ops()
+    assert {"adaln_modulate", "attention", "linear_gelu", "scheduler_step"} <= expected, expected  # the parse works
+    assert set(_native.native_ops()) == expected, "the ops the extension serves are not the ones csrc/ registers"
+    for op in expected:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ditengine::{op}", "CPU"), op
         assert _native.serves(op)
     info = _native.build_info()
@@ -65,7 +81,51 @@ def test_the_cpu_kernels_are_registered_and_build_facts_reported():
     from ditengine.info import collect
     facts = collect()
     assert facts["native"].startswith(f"loaded: {info['isa']} kernels")
-    assert "adaln_modulate" in facts["native_ops"] and "scheduler_step" in facts["native_ops"]
+    assert facts["native_ops"] == ", ".join(sorted(expected))
+
+
+def test_isa_request_accepts_only_the_kernel_variants(monkeypatch):
+    for value, expected in (("avx512", "avx512"), ("avx2", "avx2"), ("baseline", "baseline"), ("", None)):
+        monkeypatch.setenv("DITENGINE_ISA", value)
+        assert _native.requested_isa() == expected
+    monkeypatch.delenv("DITENGINE_ISA")
+    assert _native.requested_isa() is None
+    for value in ("AVX2", "avx512f", "sse4", " avx2"):  # csrc/cpu.cpp would ignore each and run the best
+        monkeypatch.setenv("DITENGINE_ISA", value)
+        with pytest.raises(ValueError, match=rf"DITENGINE_ISA={value!r}: expected one of avx512, avx2, baseline"):
+            _native.requested_isa()
+
+
+def test_unknown_isa_fails_the_import():
+    out = run_python("""
+        try:
+            import ditengine
+        except ValueError as err:
+            print(f"refused: {err}")
+        else:
+            raise SystemExit("import ditengine succeeded with DITENGINE_ISA=avx512f")
+    """, DITENGINE_ISA="avx512f")
+    assert out.strip() == ("refused: DITENGINE_ISA='avx512f': expected one of avx512, avx2, baseline (or unset for "
+                           "the best this CPU runs)")
+
+
+def test_isa_the_cpu_lacks_is_capped_with_one_warning():
+    """An extension that capped DITENGINE_ISA=avx512 at avx2 (what an AVX2-only CPU does), stood in for by a
+    fake ditengine._C so the warning path runs on any CPU."""
+    out = run_python("""
+        import logging, sys, types
+        logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="%(message)s")
+        fake = types.ModuleType("ditengine._C")
+        fake.isa = lambda: "avx2"
+        fake.build_info = lambda: {"isa": "avx2"}
+        sys.modules["ditengine._C"] = fake
+        import ditengine
+        from ditengine.kernels import _native
+        assert _native.load() is fake and _native.native_available()
+        _native.build_info()
+    """, DITENGINE_ISA="avx512")
+    warning = "ditengine: DITENGINE_ISA=avx512 asks for kernels this CPU cannot run; the native kernels use avx2"
+    assert out.count(warning) == 1, out
 
 
 @requires_native

@@ -4,12 +4,10 @@ import torch
 import ditengine as de
 from ditengine.kernels import interpreting, scheduler_step, scheduler_step_ref
 
-from native_helpers import requires_native, run_python
+from native_helpers import (isa_runner, needs_native, requires_native, run_python, skip_unless_cpu_runs,
+                            triton_cpu)
 from tolerance import assert_within_tolerance
 
-# The Triton kernel on CPU tensors: the interpreter, asked for explicitly because the native kernel (where
-# built) is the CPU default; on a GPU machine (no interpreter) the CPU cases run the default instead.
-TRITON_CPU = "triton" if interpreting() else "auto"
 
 S = de.schedulers
 SCHEDULERS = [
@@ -38,8 +36,9 @@ def reference_step(sched, i, x, model_out, cfg_scale, k, noise, B):
 
 def trajectory(sched, dtype=torch.float32, cfg_scale=2.5, guided_channels=None, step_as_tensor=False,
                device="cpu", B=2, C=4, H=6, W=6, backend=None):
-    """Step through the whole schedule with the kernel and `sched.step` side by side; at each step both start
-    from the reference state, and the kernel is checked under the tolerance rule."""
+    """Step through the whole schedule with the kernel and `sched.step` side by side. At each step both start
+    from the kernel's state (x and, for DPM-Solver++, the history), and x_next and the history the kernel
+    wrote are checked under the tolerance rule: a history write that goes wrong fails at that step."""
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(B, C, H, W, generator=g, device=device) * sched.init_noise_sigma
     history = torch.zeros_like(x) if sched.uses_history else None
@@ -56,27 +55,30 @@ def trajectory(sched, dtype=torch.float32, cfg_scale=2.5, guided_channels=None, 
                              learned_variance=sched.learned_variance, next_input=next_input, backend=backend)
         # As in flash-attention's rule, both references see the kernel's (rounded) inputs: ref32 upcasts
         # them, ref_lp also guides in the low precision.
-        ref_lp, _ = reference_step(sched, i, x, model_out.to(dtype), cfg_scale, k, noise, B)
-        ref32, new_history = reference_step(sched, i, x, model_out.to(dtype).float(), cfg_scale, k, noise, B)
+        ref_lp, history_lp = reference_step(sched, i, x, model_out.to(dtype), cfg_scale, k, noise, B)
+        ref32, history32 = reference_step(sched, i, x, model_out.to(dtype).float(), cfg_scale, k, noise, B)
         assert_within_tolerance(out, ref32, ref_lp, 1e-5 * (1 + ref32.abs().max().item()), f"step {i}")
+        if history is not None:
+            assert_within_tolerance(history, history32, history_lp, 1e-5 * (1 + history32.abs().max().item()),
+                                    f"step {i} history")
+            sched._history = history.clone()  # the next reference step reads what the kernel wrote
         scale = sched.table[i, S.COL["c_in_next"]]
         torch.testing.assert_close(next_input[:B].float(), (out * scale).to(dtype).float())
         assert torch.equal(next_input[:B], next_input[B:])
-        x = ref32
-        if history is not None:
-            sched._history = new_history
-            history.copy_(new_history)
+        x = out
     return x
 
 
+@triton_cpu
 @pytest.mark.parametrize("make", SCHEDULERS, ids=IDS)
 def test_matches_sched_step_over_a_trajectory(make):
-    trajectory(make(), backend=TRITON_CPU)
+    trajectory(make(), backend="triton")
 
 
+@triton_cpu
 @pytest.mark.parametrize("make", SCHEDULERS[2:4] + SCHEDULERS[6:7], ids=["ddpm-learned", "ddim-eta", "dpm++2m"])
 def test_half_precision_model_output_and_device_step_index(make):
-    trajectory(make(), dtype=torch.float16, step_as_tensor=True, guided_channels=3, backend=TRITON_CPU)
+    trajectory(make(), dtype=torch.float16, step_as_tensor=True, guided_channels=3, backend="triton")
 
 
 def test_in_place_update_equals_out_of_place():
@@ -124,6 +126,40 @@ def test_errors_name_the_argument():
         scheduler_step(x, out, sched.table, 0, cfg_scale=2.0, next_input=torch.empty(3, 4, 4, 4))
     with pytest.raises(ValueError, match="noise: on meta, expected cpu"):
         scheduler_step(x, out, sched.table, 0, cfg_scale=2.0, noise=torch.empty(2, 4, 4, 4, device="meta"))
+
+
+# Every backend that runs on CPU tensors; each skips only where it cannot run here.
+CPU_BACKENDS = ["reference", pytest.param("triton", marks=triton_cpu),
+                pytest.param("native", marks=needs_native("scheduler_step"))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_int_step_out_of_range_is_refused(backend):
+    """The kernels read row `step` of the table unchecked: an int step is checked before any launch."""
+    sched = S.DDIM(5)
+    x, out = torch.randn(1, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    for step in (5, 17, -1):  # -1: the last row by the reference's indexing, memory before the table in the kernels
+        with pytest.raises(IndexError, match=rf"step={step} out of range for a table of 5 steps"):
+            scheduler_step(x, out, sched.table, step, cfg_scale=2.0, backend=backend)
+    for step in (1.0, True):
+        with pytest.raises(TypeError, match="step: expected an int or a one-element integer tensor, got "
+                                            f"{type(step).__name__}"):
+            scheduler_step(x, out, sched.table, step, cfg_scale=2.0, backend=backend)
+    expected = scheduler_step_ref(x, out, sched.table, 4, cfg_scale=2.0)
+    torch.testing.assert_close(scheduler_step(x, out, sched.table, 4, cfg_scale=2.0, backend=backend), expected)
+
+
+def test_registered_op_checks_an_int_step():
+    """The op's Python implementation (the CUDA path, and CPU without the extension) checks an int step too:
+    torch.compile's graph calls the op past the public function. Reached here past the native CPU kernel."""
+    sched = S.DDIM(5)
+    x = torch.randn(1, 4, 2, 2)
+    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    for step in (5, -1):
+        args = (x, torch.randn(1, 4, 2, 2), sched.table, None, step, torch.empty_like(x), None, None, None, 1.0,
+                False, 4, False, False)
+        with pytest.raises(IndexError, match=rf"step={step} out of range for a table of 5 steps"):
+            torch.ops.ditengine.scheduler_step.default.redispatch(python_impl, *args)
 
 
 def test_registered_op_passes_opcheck():
@@ -267,12 +303,13 @@ def test_native_op_passes_opcheck():
     torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
 
 
-@requires_native
-def test_native_isa_variants_agree(tmp_path):
-    """The AVX2 and baseline variants (DITENGINE_ISA caps the choice) against what this CPU picked."""
+@pytest.fixture(scope="module")
+def isa_variant(tmp_path_factory):
+    """isa -> the native outputs with DITENGINE_ISA=isa, computed once per ISA in a fresh interpreter, after
+    checking that the extension ran that ISA (or, for one this CPU lacks, the best it has)."""
     code = """
         import torch, ditengine as de
-        from ditengine.kernels import scheduler_step
+        from ditengine.kernels import scheduler_step, _native
         g = torch.Generator().manual_seed(0)
         sched = de.schedulers.DDPM(6, variance_type="learned_range", clip_sample=True)
         x, out = torch.randn(2, 4, 23, 29, generator=g), torch.randn(4, 8, 23, 29, generator=g).tanh()
@@ -280,16 +317,18 @@ def test_native_isa_variants_agree(tmp_path):
         nxt = torch.empty(4, 4, 23, 29, dtype=torch.bfloat16)
         res = scheduler_step(x, out.bfloat16(), sched.table, 3, cfg_scale=2.0, guided_channels=3, history=history,
                              noise=noise, clip=True, learned_variance=True, next_input=nxt, backend="native")
-        torch.save([res, history, nxt], "{path}")
+        torch.save([_native.build_info()["isa"], res, history, nxt], "{path}")
     """
-    results = {}
-    for isa in ("avx512", "avx2", "baseline"):
-        path = tmp_path / f"{isa}.pt"
-        run_python(code.replace("{path}", str(path)), DITENGINE_ISA=isa)
-        results[isa] = torch.load(path)
-    for isa in ("avx2", "baseline"):
-        for a, b in zip(results["avx512"], results[isa]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    return isa_runner(tmp_path_factory, code)
+
+
+@requires_native
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_native_isa_variants_agree(isa, isa_variant):
+    """Each vector variant against the scalar baseline: three different code paths on an AVX-512 CPU."""
+    skip_unless_cpu_runs(isa)
+    for a, b in zip(isa_variant(isa), isa_variant("baseline")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
