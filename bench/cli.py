@@ -36,15 +36,19 @@ import csv
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 import ditengine as de
 from ditengine.cache import FirstBlockCache, StaticCache
+from ditengine.inputs import draw_noise
 from ditengine.sampling import denoise_step, reference_forward
 
+from .pixart import is_pixart, pixart_setup
 from .timing import environment, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,8 +69,8 @@ def dit_flops(cfg: de.DiTConfig, batch: int) -> float:
     return batch * (cfg.depth * per_block + patch + final)
 
 
-def floor_ms(cfg: de.DiTConfig, model_batch: int, weight_bytes: int) -> float:
-    return 1e3 * max(dit_flops(cfg, model_batch) / (H100_BF16_TFLOPS * 1e12), weight_bytes / (H100_COPY_TBPS * 1e12))
+def floor_ms(flops: float, weight_bytes: int) -> float:
+    return 1e3 * max(flops / (H100_BF16_TFLOPS * 1e12), weight_bytes / (H100_COPY_TBPS * 1e12))
 
 
 def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -74,47 +78,79 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     return math.inf if noise == 0 else 10 * math.log10(ref.double().pow(2).sum().item() / noise)
 
 
-def reference_step(model, sched, x, labels, cfg_scale, i=0):
+@dataclass
+class Workload:
+    """What one ladder runs, for any model family: the ditengine reference model (fp32), the scheduler, one
+    batch's noise and conditioning, and the eager peer (a model to copy into each dtype, and its forward on
+    the CFG-doubled batch, the form `ditengine.sampling.denoise_step` drives)."""
+
+    base: torch.nn.Module
+    sched: object
+    noise: torch.Tensor
+    conditioning: tuple = ()
+    named: dict = field(default_factory=dict)
+    eager_model: Callable = None  # (dtype, sdpa) -> the eager peer in that dtype
+    eager_forward: Callable = None  # (model, use_cfg) -> forward(x_in, t, step)
+    eager_label: str = "ditengine reference"
+
+    def sample(self, **kwargs):
+        return de.sample(self.base, self.sched, self.noise, *self.conditioning, progress=False, **kwargs,
+                         **self.named)
+
+
+def dit_workload(base, sched, noise, labels) -> Workload:
+    def eager_model(dtype, sdpa):
+        return copy.deepcopy(base).to(dtype).use_sdpa(sdpa)
+
+    return Workload(base, sched, noise, (labels,), eager_model=eager_model,
+                    eager_forward=lambda model, use_cfg: reference_forward(model, noise, use_cfg, labels))
+
+
+def reference_step(workload: Workload, model, cfg_scale: float, i: int = 0):
     """One eager step as `ditengine.sample` runs it; returns a closure (the state is not advanced)."""
-    forward = reference_forward(model, x, cfg_scale != 1.0, labels)
+    forward = workload.eager_forward(model, cfg_scale != 1.0)
+    x = workload.noise * workload.sched.init_noise_sigma
     dtype = next(model.parameters()).dtype
-    return lambda: denoise_step(forward, sched, i, x, cfg_scale, model.config.in_channels, dtype)
+    channels = workload.noise.shape[1]
+    return lambda: denoise_step(forward, workload.sched, i, x, cfg_scale, channels, dtype)
 
 
 class Variant:
     """One ladder row: `setup()` builds it (timed), `step()` is the timed unit, `sample()` a full run."""
 
-    def __init__(self, key, base, sched, args, dtype, batch):
-        self.key, self.sched, self.args, self.batch = key, sched, args, batch
+    def __init__(self, key, workload: Workload, args, dtype, batch):
+        self.key, self.workload, self.sched, self.args, self.batch = key, workload, workload.sched, args, batch
         self.dtype = torch.float32 if key == "eager-fp32" else dtype
         self.per_call_steps = 1
         self.setup_s = 0.0
-        self._base = base
+        self.prompt_ms = None  # fused rows: the per-prompt precompute (text side), timed apart from the steps
 
-    def setup(self, noise, labels):
-        key, args = self.key, self.args
+    def setup(self):
+        key, args, w = self.key, self.args, self.workload
+        noise = w.noise
         start = time.perf_counter()
         if key.startswith("eager") or key == "compile":
-            model = copy.deepcopy(self._base).to(self.dtype).use_sdpa(key not in ("eager-fp32", "eager-lp"))
+            model = w.eager_model(self.dtype, key not in ("eager-fp32", "eager-lp"))
             if key == "compile":
                 model = torch.compile(model, mode="max-autotune" if noise.device.type == "cuda" else None)
             self.model = model
-            x = noise * self.sched.init_noise_sigma
-            self.step = reference_step(model, self.sched, x, labels, args.cfg_scale)
+            self.step = reference_step(w, model, args.cfg_scale)
             with torch.inference_mode():
                 self.step()  # compile (or warm) here, so setup_s carries the compile time
         elif key == "gemm-floor":
             rows = self.batch * (2 if args.cfg_scale != 1.0 else 1)
-            self.step = gemm_floor_step(de.FastDiT(self._base, self.dtype), rows)
+            self.step = gemm_floor_step(de.fast.fused_denoiser(w.base, self.dtype), rows)
         else:
             graph_modes = {"fused+graph-step": "step", "fused+graph-loop": "loop"}
             mode = "loop" if key in CACHE_VARIANTS else graph_modes.get(key)
             cache = CACHE_VARIANTS[key]() if key in CACHE_VARIANTS else None
-            self.sampler = de.FastSampler(self._base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
+            self.sampler = de.FastSampler(w.base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
                                           cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache)
-            cond = self.sampler.fast.inputs(self._base, noise, self.sampler.use_cfg, labels)
+            cond = self.sampler.fast.inputs(w.base, noise, self.sampler.use_cfg, *w.conditioning, **w.named)
             plan = self.sampler.plan(noise.shape, cond)
             plan.prepare(noise, cond)
+            timing = measure(lambda: plan.write_context(cond), noise.device, 1, 5)
+            self.prompt_ms = timing["median_ms"]
             if mode == "loop":
                 self.step = lambda: plan.run(None, False)
                 self.per_call_steps = len(self.sched)
@@ -124,14 +160,20 @@ class Variant:
                 self.step = lambda: plan.step_body(0)
         self.setup_s = time.perf_counter() - start
 
-    def sample(self, noise, labels):
+    def sample(self):
         if self.key == "gemm-floor":
             return None  # GEMMs on random activations: no sample to judge
-        g = torch.Generator(noise.device).manual_seed(self.args.seed)
+        w = self.workload
+        g = torch.Generator(w.noise.device).manual_seed(self.args.seed)
         if hasattr(self, "sampler"):
-            return self.sampler(noise, labels, generator=g)
-        return de.sample(self.model, self.sched, noise, labels, cfg_scale=self.args.cfg_scale, generator=g,
-                         progress=False)
+            return self.sampler(w.noise, *w.conditioning, generator=g, **w.named)
+        forward = w.eager_forward(self.model, self.args.cfg_scale != 1.0)
+        x = w.noise.float() * self.sched.init_noise_sigma
+        dtype = next(self.model.parameters()).dtype
+        for i in range(len(self.sched)):  # ditengine.sample's loop, around the eager peer's forward
+            z = draw_noise(self.sched, i, x, g)
+            x = denoise_step(forward, self.sched, i, x, self.args.cfg_scale, x.shape[1], dtype, z)
+        return x
 
 
 def gemm_floor_step(fast, rows: int):
@@ -179,55 +221,71 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
+def dit_setup(args, device):
+    """(config, fp32 reference model, FLOPs of one forward per model batch, workload per batch) for a DiT."""
     input_size = args.image_size // 8 if args.image_size else (args.input_size or 32)
     overrides = {"input_size": input_size} | ({"depth": args.depth} if args.depth else {})
     cfg = de.DiTConfig.from_name(args.model, **overrides)
-    dtype = DTYPES[args.dtype]
-    batches = [int(b) for b in args.batch.split(",")]
     torch.manual_seed(args.seed)
     base = de.DiT(cfg).eval().to(device)
     sched = de.schedulers.DDIM(args.steps, timestep_spacing="trailing", clip_sample=False).to(device)
+
+    def workload(batch):
+        g = torch.Generator(device).manual_seed(args.seed)
+        noise = torch.randn(batch, cfg.in_channels, input_size, input_size, device=device, generator=g)
+        labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
+        return dit_workload(base, sched, noise, labels)
+
+    return cfg, base, lambda model_batch: dit_flops(cfg, model_batch), workload
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    batches = [int(b) for b in args.batch.split(",")]
+    if is_pixart(args.model):
+        cfg, base, flops_of, workload_for = pixart_setup(args, device)
+    else:
+        cfg, base, flops_of, workload_for = dit_setup(args, device)
     weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize
     results = []
-    report = {"env": environment(device), "model": args.model, "config": cfg.__dict__, "args": vars(args),
-              "scheduler": repr(sched), "flops_per_step": {b: dit_flops(cfg, b * 2) for b in batches},
-              "results": results}
+    report = {"env": environment(device), "model": args.model, "config": dict(cfg.__dict__), "args": vars(args),
+              "scheduler": None, "flops_per_step": {b: flops_of(b * 2) for b in batches}, "results": results}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"bench-partial-{time.strftime('%Y%m%d-%H%M%S')}.json"
     bar = tqdm(total=len(args.variants) * len(batches), desc="benchmark", leave=False)
     for batch in batches:
-        g = torch.Generator(device).manual_seed(args.seed)
-        noise = torch.randn(batch, cfg.in_channels, input_size, input_size, device=device, generator=g)
-        labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
+        workload = workload_for(batch)
+        report["scheduler"] = repr(workload.sched)
+        report["latent"] = "x".join(str(d) for d in workload.noise.shape[2:])
+        report["eager"] = workload.eager_label
         model_batch = batch * (2 if args.cfg_scale != 1.0 else 1)
-        flops = dit_flops(cfg, model_batch)
+        flops = flops_of(model_batch)
         with torch.inference_mode():
-            reference = de.sample(base, sched, noise, labels, cfg_scale=args.cfg_scale,
-                                  generator=torch.Generator(device).manual_seed(args.seed), progress=False)
+            reference = workload.sample(cfg_scale=args.cfg_scale,
+                                        generator=torch.Generator(device).manual_seed(args.seed))
         for key in args.variants:
             bar.set_postfix_str(f"{key}, batch {batch}")
-            variant = Variant(key, base, sched, args, dtype, batch)
+            variant = Variant(key, workload, args, dtype, batch)
             with torch.inference_mode():
-                variant.setup(noise, labels)
+                variant.setup()
                 loops = variant.per_call_steps > 1  # one call runs the whole loop: fewer calls
                 timing = measure(variant.step, device, 1 if loops else args.warmup,
                                  max(3, args.repeats // variant.per_call_steps) if loops else args.repeats)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                latents = variant.sample(noise, labels)
+                latents = variant.sample()
             per_step = {k: v / variant.per_call_steps for k, v in timing.items() if k.endswith("_ms")}
             ms = per_step["median_ms"]
             results.append({
                 "variant": key, "batch": batch, "model_batch": model_batch,
                 "dtype": str(variant.dtype).removeprefix("torch."), **per_step, "runs": timing["runs"],
-                "images_per_s": batch * 1e3 / (ms * len(sched)),
+                "images_per_s": batch * 1e3 / (ms * len(workload.sched)),
                 "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-                "setup_s": variant.setup_s, "tflops": flops / ms / 1e9,
-                "pct_of_h100_floor": 100 * floor_ms(cfg, model_batch, weight_bytes) / ms,
+                "setup_s": variant.setup_s, "prompt_ms": variant.prompt_ms, "tflops": flops / ms / 1e9,
+                "pct_of_h100_floor": 100 * floor_ms(flops, weight_bytes) / ms,
                 "max_err": None if latents is None else (latents - reference).abs().max().item(),
                 "sqnr_db": None if latents is None else sqnr_db(latents, reference),
                 "conditioning": getattr(getattr(variant, "sampler", None), "conditioning_mode", None),
@@ -256,21 +314,22 @@ def cache_columns(variant: Variant) -> dict:
 
 def format_table(report: dict) -> str:
     env = report["env"]
-    head = (f"{report['model']}, latent {report['config']['input_size']}, cfg {report['args']['cfg_scale']}, "
-            f"{report['scheduler']} | {env['device']} | torch {env['torch']}, triton {env['triton']} | "
-            f"commit {env['commit']}")
+    head = (f"{report['model']}, latent {report['latent']}, cfg {report['args']['cfg_scale']}, "
+            f"{report['scheduler']}, eager rows: {report['eager']} | {env['device']} | torch {env['torch']}, "
+            f"triton {env['triton']} | commit {env['commit']}")
     lines = [head, "",
-             "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | setup s | TFLOP/s | % H100 floor "
-             "| % GEMM floor | max err | SQNR dB | block share |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | setup s | prompt ms | TFLOP/s "
+             "| % H100 floor | % GEMM floor | max err | SQNR dB | block share |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
         share = f"{100 * r['block_share']:.0f}%" if r.get("block_share") is not None else "-"
         gemm = f"{r['pct_of_gemm_floor']:.0f}" if r.get("pct_of_gemm_floor") else "-"
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
         sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+        prompt = "-" if r.get("prompt_ms") is None else f"{r['prompt_ms']:.3f}"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
-                     f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | "
+                     f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")
     return "\n".join(lines)
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 LADDER_STAGES = ("ladder-batch1", "ladder-batch8", "ladder-compile", "ladder-eager-fp32")
+PIXART_STAGES = ("ladder-pixart-sigma-1024",)
 KERNEL_STAGES = ("bench-attention", "bench-adaln", "bench-scheduler-step", "bench-mlp-epilogue")
 
 
@@ -52,11 +53,13 @@ def summarize(out: Path) -> str:
         failures = [line for line in tests.read_text().splitlines() if line.startswith(("FAILED", "ERROR"))]
         lines += ["", "## gpu tests", "", (counts[-1].strip("= ") if counts else "no result line (cut off?)")]
         lines += [f"- {line}" for line in failures]
-    reports = [r for r in (newest_json(out / name) for name in LADDER_STAGES if (out / name).is_dir()) if r]
-    if reports:
-        env = reports[0]["env"]
-        lines += ["", f"## DiT-XL/2 ladder ({reports[0]['model']}, latent {reports[0]['config']['input_size']}, "
-                      f"{reports[0]['scheduler']}; {env['device']})", "", *ladder_table(reports)]
+    for title, stages in (("DiT-XL/2 ladder", LADDER_STAGES), ("PixArt-Σ 1024 px ladder", PIXART_STAGES)):
+        reports = [r for r in (newest_json(out / name) for name in stages if (out / name).is_dir()) if r]
+        if reports:
+            first = reports[0]
+            latent = first.get("latent") or first["config"].get("input_size")
+            lines += ["", f"## {title} ({first['model']}, latent {latent}, {first['scheduler']}; "
+                          f"{first['env']['device']})", "", *ladder_table(reports)]
     for name in KERNEL_STAGES:
         log = out / f"{name}.log"
         table = [line for line in log.read_text().splitlines() if line.startswith("|")] if log.exists() else []

@@ -1,0 +1,113 @@
+"""The PixArt-alpha / PixArt-sigma workload of `ditengine-bench --model PixArt-Σ` (or `PixArt-α`).
+
+At the models' real width (D 1152, 16 heads of 72, T5 captions of 4096 channels, 120 tokens for alpha and
+300 for sigma, both padded as the pipelines pad them: a 20-token prompt and the 1-token negative ""), with
+`--depth` to reduce the 28 layers for a CPU run. The eager rows are diffusers' own
+`PixArtTransformer2DModel` (its weights those of the ditengine reference, so the same function) on the
+CFG batch, plus the guidance and the scheduler step; where diffusers is not installed (the GPU machine)
+they are ditengine's reference spec, which equals diffusers' in fp32 (tested), and the table says which.
+The fused rows time the per-prompt text side (caption projection and every block's K/V) apart, in the
+`prompt ms` column: it runs once per call, not per step.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import ditengine as de
+from ditengine.models.pixart import PixArt, PixArtConfig, to_diffusers_state_dict
+
+# name -> (text tokens the pipeline pads to, config fields beyond the shared ones)
+FAMILIES = {"alpha": (120, {}), "sigma": (300, {"use_additional_conditions": False})}
+PROMPT_TOKENS = 20  # valid tokens of the timed prompt; the negative prompt "" is one token (EOS)
+
+
+def is_pixart(name: str) -> bool:
+    return name.lower().startswith("pixart")
+
+
+def family(name: str) -> str:
+    key = name.lower().removeprefix("pixart").strip("-_ ")
+    aliases = {"α": "alpha", "a": "alpha", "alpha": "alpha", "σ": "sigma", "s": "sigma", "sigma": "sigma"}
+    if key not in aliases:
+        raise SystemExit(f"--model {name!r}: expected PixArt-α (PixArt-alpha) or PixArt-Σ (PixArt-sigma)")
+    return aliases[key]
+
+
+def pixart_flops(cfg: PixArtConfig, T: int, L: int, model_batch: int) -> float:
+    """FLOPs of one step's forward (2 per multiply-add): the per-prompt K/V projection is not in a step."""
+    D, M = cfg.hidden_size, cfg.mlp_hidden
+    per_block = 2 * T * (4 * D * D + 2 * D * D + 2 * D * M) + 4 * T * T * D + 4 * T * L * D
+    patch = 2 * T * D * cfg.in_channels * cfg.patch_size**2
+    final = 2 * T * D * cfg.patch_size**2 * cfg.out_channels
+    return model_batch * (cfg.num_layers * per_block + patch + final)
+
+
+def _diffusers_transformer(model: PixArt):
+    """diffusers' PixArtTransformer2DModel with the reference model's weights, or None without diffusers."""
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    theirs = diffusers.PixArtTransformer2DModel(**model.config.to_diffusers()).eval()
+    theirs.load_state_dict(to_diffusers_state_dict(model))
+    return theirs.to(next(model.parameters()).device)
+
+
+def pixart_setup(args, device):
+    """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the PixArt ladder."""
+    from .cli import Workload
+
+    kind = family(args.model)
+    tokens, extra = FAMILIES[kind]
+    image = args.image_size or (8 * args.input_size if args.input_size else 256)
+    cfg = PixArtConfig(sample_size=image // 8, num_layers=args.depth or 28, attention_head_dim=72,
+                       num_attention_heads=16, caption_channels=4096, cross_attention_dim=1152, **extra)
+    torch.manual_seed(args.seed)
+    base = PixArt(cfg).eval().to(device)
+    with torch.no_grad():  # the zero-free init of a trained model's tables, so every branch is live
+        for block in base.blocks:
+            block.scale_shift_table.normal_(0, 0.02)
+    sched = de.schedulers.DPMSolverPP(args.steps).to(device)
+    diffusers_model = _diffusers_transformer(base)
+    T = cfg.num_tokens
+
+    def workload(batch):
+        g = torch.Generator(device).manual_seed(args.seed)
+        noise = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size, device=device, generator=g)
+        text = torch.randn(batch, tokens, 4096, device=device, generator=g)
+        negative = torch.randn(batch, tokens, 4096, device=device, generator=g)
+        valid = torch.arange(tokens, device=device)[None]
+        mask = (valid < PROMPT_TOKENS).long().expand(batch, -1)
+        negative_mask = (valid < 1).long().expand(batch, -1)
+        named = dict(prompt_embeds=text, prompt_attention_mask=mask, negative_prompt_embeds=negative,
+                     negative_prompt_attention_mask=negative_mask)
+        if cfg.use_additional_conditions:
+            named["added_cond_kwargs"] = {"resolution": torch.tensor([[image, image]] * batch, device=device).float(),
+                                          "aspect_ratio": torch.ones(batch, 1, device=device)}
+
+        def eager_model(dtype, sdpa):  # diffusers' attention is SDPA in every row
+            return copy.deepcopy(diffusers_model if diffusers_model is not None else base).to(dtype)
+
+        def eager_forward(model, use_cfg):
+            rows = [text, negative] if use_cfg else [text]
+            dtype = next(model.parameters()).dtype
+            hidden = torch.cat(rows).to(dtype)
+            keep = torch.cat([mask, negative_mask] if use_cfg else [mask])
+            added = named.get("added_cond_kwargs")
+            if added is not None:
+                added = {k: torch.cat([v] * len(rows)).to(dtype) for k, v in added.items()}
+
+            def forward(x_in, t, step):  # the pipeline's call of its transformer
+                return model(x_in, encoder_hidden_states=hidden, encoder_attention_mask=keep, timestep=t,
+                             added_cond_kwargs=added, return_dict=False)[0]
+
+            return forward
+
+        label = "diffusers PixArtTransformer2DModel" if diffusers_model is not None else \
+            "ditengine's PixArt reference (diffusers not installed)"
+        return Workload(base, sched, noise, named=named, eager_model=eager_model, eager_forward=eager_forward,
+                        eager_label=label)
+
+    return cfg, base, lambda model_batch: pixart_flops(cfg, T, tokens, model_batch), workload
