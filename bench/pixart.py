@@ -1,8 +1,8 @@
 """The PixArt-alpha / PixArt-sigma workload of `ditengine-bench --model PixArt-Σ` (or `PixArt-α`).
 
 At the models' real width (D 1152, 16 heads of 72, T5 captions of 4096 channels, 120 tokens for alpha and
-300 for sigma, both padded as the pipelines pad them: a 20-token prompt and the 1-token negative ""), with
-`--depth` to reduce the 28 layers for a CPU run. The eager rows are diffusers' own
+300 for sigma, both padded as the pipelines pad them: a 20-token prompt and the 1-token negative ""), 28
+layers on a GPU and 4 on a CPU by default (`--depth` sets it), 256 px unless `--image-size` says otherwise. The eager rows are diffusers' own
 `PixArtTransformer2DModel` (its weights those of the ditengine reference, so the same function) on the
 CFG batch, plus the guidance and the scheduler step; where diffusers is not installed (the GPU machine)
 they are ditengine's reference spec, which equals diffusers' in fp32 (tested), and the table says which.
@@ -21,6 +21,7 @@ from ditengine.models.pixart import PixArt, PixArtConfig, to_diffusers_state_dic
 # name -> (text tokens the pipeline pads to, config fields beyond the shared ones)
 FAMILIES = {"alpha": (120, {}), "sigma": (300, {"use_additional_conditions": False})}
 PROMPT_TOKENS = 20  # valid tokens of the timed prompt; the negative prompt "" is one token (EOS)
+CPU_DEPTH = 4  # the CPU default: 4 of the 28 layers at the real width, a ladder of about a minute
 
 
 def is_pixart(name: str) -> bool:
@@ -62,7 +63,8 @@ def pixart_setup(args, device):
     kind = family(args.model)
     tokens, extra = FAMILIES[kind]
     image = args.image_size or (8 * args.input_size if args.input_size else 256)
-    cfg = PixArtConfig(sample_size=image // 8, num_layers=args.depth or 28, attention_head_dim=72,
+    depth = args.depth or (28 if device.type == "cuda" else CPU_DEPTH)
+    cfg = PixArtConfig(sample_size=image // 8, num_layers=depth, attention_head_dim=72,
                        num_attention_heads=16, caption_channels=4096, cross_attention_dim=1152, **extra)
     torch.manual_seed(args.seed)
     base = PixArt(cfg).eval().to(device)
