@@ -2,12 +2,13 @@
 
 At the models' real width (D 1152, 16 heads of 72, T5 captions of 4096 channels, 120 tokens for alpha and
 300 for sigma, both padded as the pipelines pad them: a 20-token prompt and the 1-token negative ""), 28
-layers on a GPU and 4 on a CPU by default (`--depth` sets it), 256 px unless `--image-size` says otherwise. The eager rows are diffusers' own
-`PixArtTransformer2DModel` (its weights those of the ditengine reference, so the same function) on the
-CFG batch, plus the guidance and the scheduler step; where diffusers is not installed (the GPU machine)
-they are ditengine's reference spec, which equals diffusers' in fp32 (tested), and the table says which.
-The fused rows time the per-prompt text side (caption projection and every block's K/V) apart, in the
-`prompt ms` column: it runs once per call, not per step.
+layers on a GPU and 4 on a CPU by default (`--depth` sets it), 256 px unless `--image-size` says
+otherwise. The eager rows are diffusers' own `PixArtTransformer2DModel` (its weights those of the
+ditengine reference, so the same function) on the CFG batch, plus the guidance and the scheduler step;
+where diffusers is not installed (the GPU machine) they are ditengine's reference spec, which equals
+diffusers' in fp32 (tested), and the table says which. The fused rows time the per-prompt text side
+(caption projection and every block's K/V) apart, in the `prompt ms` column: it runs once per call, not
+per step.
 """
 from __future__ import annotations
 
