@@ -8,7 +8,11 @@ ready for the output projection", PyTorch's permutes and copies included.
 On a CPU it times the native kernel (csrc/attention.cpp, when the extension is built) against SDPA in
 bf16 and fp32 at DiT-S/2 (H=6, Dh=64) and DiT-XL/2 (H=16, Dh=72) shapes, T=256, batch 2 (CFG), in
 GFLOP/s, plus the explicit-softmax bf16 reference and, for bf16, SDPA on fp32 copies of the same values.
-`python -m ditengine.bench.attention` (`--quick`: one small fp32 shape on a CPU, for smoke tests).
+Cross-attention rows (`cross_attention`, PixArt's attention to a caption padded to L = 300 with 20 valid
+tokens, and a 1-token negative prompt) time ours against SDPA with the boolean key mask the op's Python
+body uses; their FLOPs count the valid keys only (what the kernels compute), so SDPA's rate is lower by the
+padding it computes. `python -m ditengine.bench.attention` (`--quick`: one small fp32 shape of each on a
+CPU, for smoke tests).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ditengine.kernels import _native
 from ditengine.kernels.attention import attention, attention_ref
+from ditengine.kernels.cross_attention import cross_attention, cross_attention_ref, key_padding_mask
 
 from .timing import run_kernel_bench
 
@@ -70,9 +75,56 @@ def cpu_kernel_cases(quick: bool = False):
             yield f"B={B} H={H} T={T} Dh={Dh}", dtype, 4 * B * H * T * T * Dh, providers
 
 
+# (B, Tq, H, Dh, L, lens): PixArt-alpha/sigma (H=16, Dh=72), caption padded to L with a prompt and the
+# negative prompt (CFG); Tq = 256 (256 px), 1024 (512 px), 4096 (1024 px).
+CROSS_CPU = [(2, 256, 16, 72, 300, (20, 1))]
+CROSS_CPU_QUICK = [(2, 64, 2, 64, 40, (20, 1))]
+CROSS_GPU = [(2, Tq, 16, 72, L, lens) for Tq in (1024, 4096) for L, lens in ((300, (20, 1)), (120, (120, 120)))]
+
+
+def sdpa_masked(q, kv, kv_lens, backend=None):
+    """What the op's Python body runs: SDPA on the (B, H, T, Dh) views with a boolean key mask."""
+    k, v = kv.unbind(2)
+    valid = key_padding_mask(kv_lens, kv.shape[1])[:, None, None]
+
+    def run():
+        args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        if backend is None:
+            return F.scaled_dot_product_attention(*args, attn_mask=valid).transpose(1, 2).contiguous()
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(*args, attn_mask=valid).transpose(1, 2).contiguous()
+    return run
+
+
+def cross_attention_cases(device, quick: bool = False):
+    cpu = device.type != "cuda"
+    shapes_ = (CROSS_CPU_QUICK if quick else CROSS_CPU) if cpu else CROSS_GPU
+    dtypes = ((torch.float32,) if quick else (torch.bfloat16, torch.float32)) if cpu else (torch.bfloat16,)
+    for B, Tq, H, Dh, L, lens in shapes_:
+        for dtype in dtypes:
+            # q and kv as the projections give them: (B, Tq, H*Dh) and (B, L, 2*H*Dh) viewed per head.
+            q = torch.randn(B, Tq, H * Dh, device=device, dtype=dtype).view(B, Tq, H, Dh)
+            kv = torch.randn(B, L, 2 * H * Dh, device=device, dtype=dtype).view(B, L, 2, H, Dh)
+            kv_lens = torch.tensor(lens, device=device)
+            providers = {}
+            if not cpu:
+                providers["triton"] = lambda q=q, kv=kv, kv_lens=kv_lens: cross_attention(q, kv, kv_lens)
+            elif _native.serves("cross_attention"):
+                providers["native"] = lambda q=q, kv=kv, kv_lens=kv_lens: cross_attention(q, kv, kv_lens)
+            sdpa = [("sdpa (boolean mask)", None)] if cpu else [
+                (f"sdpa (boolean mask) {name.removeprefix('sdpa-')}", backend) for name, backend in SDPA_BACKENDS.items()]
+            for name, backend in sdpa:
+                providers[name] = sdpa_masked(q, kv, kv_lens, backend)
+            providers["explicit masked softmax (reference)"] = (
+                lambda q=q, kv=kv, kv_lens=kv_lens: cross_attention_ref(q, kv, kv_lens))
+            yield (f"cross B={B} Tq={Tq} H={H} Dh={Dh} L={L} lens={list(lens)}", dtype, 4 * Tq * H * Dh * sum(lens),
+                   providers)
+
+
 def kernel_cases(device, quick: bool = False):
     if device.type != "cuda":
         yield from cpu_kernel_cases(quick)
+        yield from cross_attention_cases(device, quick)
         return
     gpu = device.type == "cuda"
     flash_attn = flash_attn_provider()
@@ -89,6 +141,7 @@ def kernel_cases(device, quick: bool = False):
         if flash_attn is not None:
             providers["flash-attn"] = lambda: flash_attn(qkv)
         yield f"B={B} H={H} T={T} Dh={Dh}", dtype, 4 * B * H * T * T * Dh, providers
+    yield from cross_attention_cases(device, quick)
 
 
 def end_to_end_cases(device, quick: bool = False):
@@ -115,8 +168,8 @@ def end_to_end_cases(device, quick: bool = False):
 
 def cpu_note() -> str:
     if _native.serves("attention"):
-        return ("attention: no GPU here; CPU rows time the native kernel (csrc/attention.cpp) against SDPA "
-                "at DiT shapes.")
+        return ("attention: no GPU here; CPU rows time the native kernels (csrc/attention.cpp, "
+                "csrc/cross_attention.cpp) against SDPA at DiT and PixArt shapes.")
     return ("attention: no GPU here, and the native extension is not built (native rows left out); CPU rows "
             "time SDPA and the reference only.")
 

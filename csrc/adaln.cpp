@@ -240,7 +240,8 @@ AdalnParams prepare(const char* op, const at::Tensor& x, const at::Tensor& shift
   check_float_cpu(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x: expected 3 dimensions (B, T, D), got shape ", x.sizes());
   TORCH_CHECK_TYPE(is_float(out_dtype), op, ": out_dtype: expected float32, float16 or bfloat16, got ", out_dtype);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps: expected a finite number >= 0, got ", eps);
+  // As the Python launchers (kernels/adaln.py `_check_eps`): 0 would divide a constant row by zero.
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, op, ": eps: expected a finite number > 0, got ", eps);
   AdalnParams p{};
   const int64_t B = x.size(0);
   p.T = x.size(1);

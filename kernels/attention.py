@@ -42,22 +42,16 @@ def attention_ref(q, k, v, softmax_scale: float | None = None, upcast: bool = Tr
 
 # -- kernel ----------------------------------------------------------------------------------------------
 @triton.jit
-def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-    H, T_Q, T_K, qk_scale,
+def attention_tile(
+    q_base, k_base, v_base, o_base, stride_qt, stride_kt, stride_vt, stride_ot, pid_m, T_Q, T_K, qk_scale,
     HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
-    b, h = bh // H, bh % H
-    q_base = q_ptr + b * stride_qb + h * stride_qh
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
-    o_base = o_ptr + b * stride_ob + h * stride_oh
-
+    """Query tile `pid_m` (BLOCK_M rows of T_Q) of one (batch, head) against its keys [0, T_K): the online
+    softmax over key blocks, then the normalised tile stored. The bases point at the head's first row; T_K
+    may be a value loaded in the kernel (cross-attention's per-row key count): the loop runs cdiv(T_K,
+    BLOCK_N) blocks and masks the keys past T_K in the last one. Shared by the self- and cross-attention
+    kernels."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T_Q
     offs_n = tl.arange(0, BLOCK_N)
@@ -99,12 +93,30 @@ def _attention_fwd_kernel(
         m_i = m_new
 
     inv_l = 1.0 / l_i
-    out_ty = o_ptr.dtype.element_ty
+    out_ty = o_base.dtype.element_ty
     tl.store(o_base + rows[:, None] * stride_ot + d1[None, :], (acc1 * inv_l[:, None]).to(out_ty),
              mask=row_ok[:, None] & d1_ok[None, :])
     if D2 > 0:
         tl.store(o_base + rows[:, None] * stride_ot + d2[None, :], (acc2 * inv_l[:, None]).to(out_ty),
                  mask=row_ok[:, None] & d2_ok[None, :])
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    H, T_Q, T_K, qk_scale,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
+    b, h = bh // H, bh % H
+    attention_tile(q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
+                   v_ptr + b * stride_vb + h * stride_vh, o_ptr + b * stride_ob + h * stride_oh,
+                   stride_qt, stride_kt, stride_vt, stride_ot, pid_m, T_Q, T_K, qk_scale,
+                   HEAD_DIM, D1, D2, PRECISION, BLOCK_M, BLOCK_N)
 
 
 # What the autotuner chooses from on CUDA (fp16 / bf16), as launch parameters: `attention(..., config=c)`

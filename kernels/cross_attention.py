@@ -12,14 +12,28 @@ reach this op). The lengths are a device tensor, so a captured graph does not ba
 Layouts: q (B, Tq, H, Dh), the q projection's output viewed per head (any strides, last dim contiguous);
 kv (B, L, 2, H, Dh), the packed k/v projection of the caption; kv_lens (B,) int32 or int64 in [1, L];
 out (B, Tq, H, Dh), contiguous, so `.reshape(B, Tq, H*Dh)` feeds the output projection without a copy.
+Head dims as `attention`'s: multiples of 8 from 16 to 256 (PixArt: 72, split 64 + 16 in the Triton kernel).
+
+Implementations: on CUDA the Triton kernel below, the self-attention kernel's tile (`attention_tile`: online
+softmax in fp32 with exp2, tensor-core dots for fp16 / bf16, IEEE fp32 dots for fp32) over a grid of
+(query tiles, B*H), each program loading its row's length from the device tensor and running only
+cdiv(len_b, BLOCK_N) key blocks (the keys past the length in the last block masked): a one-token negative
+prompt costs one block, whatever the padding. On CPU the native kernel (csrc/cross_attention.cpp) where the
+extension is built: fp32 GEMMs over the first len_b keys only. The op's Python body (SDPA with a boolean
+key mask) is the fallback. A NaN in one query row stays in that row; keys past a row's length are never
+read by either kernel, so whatever they hold (NaN included) cannot reach the output.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import route
+from ._backend import route, tl, triton, use_triton
 from ._checks import check_tensor
+from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, PINNED_GPU, PINNED_GPU_FP32, PINNED_INTERPRETER, _autotune_configs,
+                        attention_tile, autotune_enabled, check_config, head_blocks)
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -42,9 +56,71 @@ def cross_attention_ref(q, kv, kv_lens, softmax_scale: float | None = None, upca
     return torch.einsum("bhqk,bkhd->bqhd", weights, v).to(dtype)  # (B, Tq, H, Dh)
 
 
+# -- kernel ----------------------------------------------------------------------------------------------
+@triton.jit
+def _cross_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lens_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lens,
+    H, T_Q, L, qk_scale,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
+    b, h = bh // H, bh % H
+    # This row's valid keys, read on the device (no host sync; a captured graph keeps reading the tensor).
+    # Clamped to [0, L] so that an out-of-range length (unchecked on CUDA) cannot read past the rows of kv
+    # (a length of 0 or less gives NaN rows, as SDPA does with an all-False mask).
+    n_keys = tl.minimum(tl.maximum(tl.load(lens_ptr + b * stride_lens), 0), L).to(tl.int32)
+    attention_tile(q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
+                   v_ptr + b * stride_vb + h * stride_vh, o_ptr + b * stride_ob + h * stride_oh,
+                   stride_qt, stride_kt, stride_vt, stride_ot, pid_m, T_Q, n_keys, qk_scale,
+                   HEAD_DIM, D1, D2, PRECISION, BLOCK_M, BLOCK_N)
+
+
+# The attention kernel's configs, keyed on the padded length L, not on the valid lengths (a device tensor):
+# one choice per caption padding.
+_cross_attention_fwd_autotuned = (
+    triton.autotune(_autotune_configs(), key=["T_Q", "L", "HEAD_DIM", "D1", "D2", "PRECISION"])(
+        _cross_attention_fwd_kernel)
+    if hasattr(triton, "autotune") else None
+)
+
+
+def _launch(q, kv, kv_lens, out, softmax_scale, config=None):
+    """q (B, Tq, H, Dh), kv (B, L, 2, H, Dh) with any strides (last dim contiguous), out (B, Tq, H, Dh).
+    `config` (see `attention.check_config`) launches that one config instead of the autotuned or pinned one."""
+    B, T_Q, H, Dh = q.shape
+    L = kv.shape[1]
+    k, v = kv[:, :, 0], kv[:, :, 1]  # (B, L, H, Dh) views
+    d1, d2 = head_blocks(Dh)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16 / bf16 dots
+    # (batch, head, token) strides of each operand, as the shared tile reads them.
+    args = (q, k, v, out, kv_lens, q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
+            v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1), kv_lens.stride(0),
+            H, T_Q, L, softmax_scale * math.log2(math.e))
+    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
+    if config is not None:
+        _cross_attention_fwd_kernel[(triton.cdiv(T_Q, config["BLOCK_M"]), B * H)](*args, **meta, **config)
+    elif q.device.type == "cuda" and autotune_enabled() and q.dtype != torch.float32:
+        grid = lambda cfg: (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)  # noqa: E731
+        _cross_attention_fwd_autotuned[grid](*args, **meta)
+    else:
+        if q.device.type != "cuda":
+            pinned = PINNED_INTERPRETER
+        else:
+            pinned = PINNED_GPU_FP32 if q.dtype == torch.float32 else PINNED_GPU
+        _cross_attention_fwd_kernel[(triton.cdiv(T_Q, pinned["BLOCK_M"]), B * H)](*args, **meta, **pinned)
+
+
 # -- torch.library registration --------------------------------------------------------------------------
 @torch.library.custom_op("ditengine::cross_attention", mutates_args=())
 def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    if use_triton("cross_attention", q):
+        out = q.new_empty(q.shape)
+        _launch(q, kv, kv_lens, out, softmax_scale)
+        return out
     k, v = kv.unbind(2)  # (B, L, H, Dh) views
     valid = key_padding_mask(kv_lens, kv.shape[1])[:, None, None]  # (B, 1, 1, L)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=valid,
@@ -59,12 +135,15 @@ def _(q, kv, kv_lens, softmax_scale):
 
 # -- public API ------------------------------------------------------------------------------------------
 def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, *, softmax_scale: float | None = None,
-                    backend: str | None = None) -> torch.Tensor:
+                    backend: str | None = None, config: dict | None = None) -> torch.Tensor:
     """Attention of q (B, Tq, H, Dh) to the first kv_lens[b] keys of kv (B, L, 2, H, Dh) -> (B, Tq, H, Dh).
 
     `kv_lens` must lie in [1, L]: on a CPU this is checked; on CUDA it is not (that would sync with the
     host every call), and the caller keeps it in range (`FastSampler` checks the masks it derives it from).
-    `backend`: None / "auto" lets the dispatcher choose, "reference" forces the PyTorch form.
+    `backend`: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
+    "triton" (on CPU: the interpreter) or "reference" (`cross_attention_ref`) force one.
+    `config`: with backend="triton" only, launch the Triton kernel with this config (as `attention`'s: BLOCK_M,
+    BLOCK_N, num_warps, num_stages, e.g. one of `attention.AUTOTUNE_CONFIGS`): for tests and benchmarks.
     """
     check_tensor("q", q, ndim=4, layout="(B, Tq, H, Dh)")
     B, Tq, H, Dh = q.shape
@@ -73,6 +152,9 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, *,
     check_tensor("kv_lens", kv_lens, shape=(B,), dtypes=(torch.int32, torch.int64), device=q.device,
                  last_dim_contiguous=False, layout="(B,): valid keys per row")
     L = kv.shape[1]
+    if not (MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM and Dh % 8 == 0):
+        raise ValueError(f"head dim {Dh} is not supported: expected a multiple of 8 from {MIN_HEAD_DIM} to "
+                         f"{MAX_HEAD_DIM} (cross_attention_ref takes any)")
     if Tq == 0 or L == 0:
         raise ValueError(f"cross_attention: sequence lengths must be at least 1, got q {Tq}, kv {L}")
     if q.device.type == "cpu" and B and (int(kv_lens.min()) < 1 or int(kv_lens.max()) > L):
@@ -80,6 +162,16 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, *,
                          f"[{int(kv_lens.min())}, {int(kv_lens.max())}]")
     scale = Dh**-0.5 if softmax_scale is None else float(softmax_scale)
     how = route("cross_attention", q.device, backend)
+    if config is not None:
+        if backend != "triton":
+            raise ValueError(f"config: only the Triton kernel takes a launch config; pass backend='triton', got "
+                             f"backend={backend!r}")
+        check_config(config)
     if how.startswith("reference"):
         return cross_attention_ref(q, kv, kv_lens, scale)
+    # The interpreter: the dispatcher's CPU slot may belong to the native kernel. A config: the op has none.
+    if how == "triton-interpreter" or config is not None:
+        out = q.new_empty((B, Tq, H, Dh))
+        _launch(q, kv, kv_lens, out, scale, config)
+        return out
     return _cross_attention_op(q, kv, kv_lens, scale)

@@ -305,8 +305,10 @@ def test_native_errors_name_the_argument():
         ops.adaln_modulate(x.long(), shift, scale, 1e-6, f32)
     with pytest.raises(TypeError, match="out_dtype: expected float32, float16 or bfloat16, got Int"):
         ops.adaln_modulate(x, shift, scale, 1e-6, torch.int32)
-    with pytest.raises(ValueError, match="eps: expected a finite number >= 0, got -1"):
+    with pytest.raises(ValueError, match="eps: expected a finite number > 0, got -1"):
         ops.adaln_modulate(x, shift, scale, -1.0, f32)
+    with pytest.raises(ValueError, match="eps: expected a finite number > 0, got 0"):
+        ops.adaln_modulate(x, shift, scale, 0.0, f32)
     with pytest.raises(ValueError, match="shift: the last dimension must be contiguous"):
         ops.adaln_modulate(x, torch.randn(32, 2).t(), scale, 1e-6, f32)
     with pytest.raises(ValueError, match="x: the last dimension must be contiguous"):
