@@ -33,14 +33,15 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
     `negative_prompt_embeds`, `negative_prompt_attention_mask`, `added_cond_kwargs` (the diffusers
     pipelines' names), the negative prompt as the unconditional half.
     """
-    if isinstance(model, DiT):
+    spec = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: check the model it wraps, call the wrapper
+    if isinstance(spec, DiT):
         (class_labels,) = conditioning or (named.pop("class_labels"),)
         check_inputs(model, noise, class_labels)
         y = guided_labels(class_labels, model.config.num_classes, use_cfg)
         if cache is not None:
             return lambda x_in, t, step: cache(x_in, t, y, step)
         return lambda x_in, t, step: model(x_in, t, y)
-    if isinstance(model, PixArt):
+    if isinstance(spec, PixArt):
         from .fast.pixart import FastPixArt
 
         FastPixArt.check_noise(model.config, noise, next(model.parameters()).device)

@@ -74,7 +74,7 @@ def test_fast_sampler_matches_reference_sampler(reference_ops, make, cfg_scale):
         runs[mode] = sampler(noise, labels, generator=torch.Generator().manual_seed(1))
     assert_fp32_run_within_tolerance(runs[None], lambda m: de.sample(
         m, sched, noise, labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(1), progress=False),
-        model, "fused sampler")
+        model, "fused sampler", steps=len(sched))
     assert torch.equal(runs["step"], runs[None]) and torch.equal(runs["loop"], runs[None])  # bitwise
 
 

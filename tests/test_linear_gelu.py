@@ -81,11 +81,13 @@ def test_probe_decides_from_what_the_op_computes(monkeypatch):
     lg.mkldnn_gelu_is_tanh.cache_clear()
 
 
-def test_choice_follows_the_probe_and_the_extension(monkeypatch):
+@pytest.mark.parametrize("capability, fp32_choice", [("AVX512", "mkldnn"), ("AVX2", "native")])
+def test_choice_follows_the_probe_the_cpu_and_the_extension(monkeypatch, capability, fp32_choice):
     monkeypatch.setattr(lg, "mkldnn_gelu_is_tanh", lambda dtype: True)
     monkeypatch.setattr(lg, "native_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     assert lg.choose_backend(torch.bfloat16) == "mkldnn"  # bf16 dots in oneDNN beat fp32 GEMMs
-    assert lg.choose_backend(torch.float32) == "native"
+    assert lg.choose_backend(torch.float32) == fp32_choice  # oneDNN's AVX-512 fp32 GEMM beats the BLAS
     monkeypatch.setattr(lg, "mkldnn_gelu_is_tanh", lambda dtype: False)
     assert lg.choose_backend(torch.bfloat16) == "native"
     monkeypatch.setattr(lg, "native_available", lambda: False)

@@ -74,3 +74,14 @@ def test_input_errors(tiny_model):
         de.sample(tiny_model, sched, torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), progress=False)
     with pytest.raises(ValueError, match="backend='fast'"):
         de.sample(tiny_model, sched, torch.randn(2, 4, 8, 8), labels, backend="fast")
+
+
+def test_reference_forward_takes_a_compiled_model(tiny_model):
+    """The ladder's compile row hands torch.compile's wrapper to the reference loop's forward."""
+    from ditengine.sampling import reference_forward
+
+    compiled = torch.compile(tiny_model)  # lazy: nothing compiles until it is called
+    forward = reference_forward(compiled, torch.randn(2, 4, 8, 8), True, torch.tensor([1, 2]))
+    assert callable(forward)
+    with pytest.raises(TypeError, match="expected a ditengine reference model"):
+        reference_forward(torch.compile(torch.nn.Linear(2, 2)), torch.randn(2, 4, 8, 8), True, torch.tensor([1, 2]))
