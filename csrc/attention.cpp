@@ -30,87 +30,18 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "softmax_rows.h"
 
 namespace ditengine {
 namespace {
 
-using cpu::cpu_has_avx2_fma;
+using cpu::as_fp32;
 using cpu::gemm;
-#ifdef DITENGINE_X86
-using cpu::exp256;
-#endif
+using cpu::row_ops;
+using cpu::RowOps;
 
 constexpr int64_t BLOCK_M = 64;   // queries per tile: 4 tiles per head at T = 256
 constexpr int64_t BLOCK_N = 512;  // keys per online-softmax step: one step for DiT's T = 256
-
-// -- fp32 row operations of the softmax --------------------------------------------------------------
-// exp() dominates the non-GEMM time (T^2 per head), so it is vectorised: AVX2 + FMA, chosen at run time
-// (no -march flags at build time). The scalar loops are the portable fallback.
-
-float row_max_scalar(const float* s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-  return m;
-}
-
-// s[j] = exp(s[j] - m); returns the row sum. A NaN score stays NaN (so does the row's sum).
-float exp_sum_scalar(float* s, int64_t n, float m) {
-  float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - m);
-    sum += s[j];
-  }
-  return sum;
-}
-
-#ifdef DITENGINE_X86
-DITENGINE_AVX2 float row_max_avx2(const float* s, int64_t n) {
-  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float out = lanes[0];
-  for (int i = 1; i < 8; ++i) out = std::max(out, lanes[i]);
-  for (; j < n; ++j) out = std::max(out, s[j]);
-  return out;
-}
-
-DITENGINE_AVX2 float exp_sum_avx2(float* s, int64_t n, float m) {
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-    _mm256_storeu_ps(s + j, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  if (j < n) {  // the tail through a masked load: same polynomial as the body
-    alignas(32) int32_t mask_bits[8];
-    for (int i = 0; i < 8; ++i) mask_bits[i] = (j + i < n) ? -1 : 0;
-    const __m256i mask = _mm256_load_si256(reinterpret_cast<const __m256i*>(mask_bits));
-    __m256 p = exp256(_mm256_sub_ps(_mm256_maskload_ps(s + j, mask), mv));
-    p = _mm256_and_ps(p, _mm256_castsi256_ps(mask));
-    _mm256_maskstore_ps(s + j, mask, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-#endif
-
-struct RowOps {
-  float (*row_max)(const float*, int64_t);
-  float (*exp_sum)(float*, int64_t, float);
-};
-
-RowOps row_ops() {
-#ifdef DITENGINE_X86
-  if (cpu_has_avx2_fma()) return {row_max_avx2, exp_sum_avx2};
-#endif
-  return {row_max_scalar, exp_sum_scalar};
-}
 
 // -- the kernel ----------------------------------------------------------------------------------------
 struct Strides {
@@ -118,21 +49,6 @@ struct Strides {
 };
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
-
-// Rows of a (rows, Dh) block with row stride `ld` as contiguous fp32 (the GEMMs' operand); fp32 input is
-// read in place. Widening bf16 / fp16 here, block by block, keeps the copies in L1/L2 and costs no pass
-// over memory (AVX2: a shift per 8 values).
-template <typename in_t>
-const float* as_fp32(const in_t* src, int64_t rows, int64_t Dh, int64_t ld, float* scratch, int64_t& ld_out) {
-  if constexpr (std::is_same_v<in_t, float>) {
-    ld_out = ld;
-    return src;
-  } else {
-    for (int64_t i = 0; i < rows; ++i) cpu::widen(src + i * ld, scratch + i * Dh, Dh);
-    ld_out = Dh;
-    return scratch;
-  }
-}
 
 // q (B, H, T_q, Dh), k and v (B, H, T_k, Dh), o (B, H, T_q, Dh): strided, last dim contiguous, one dtype.
 template <typename scalar_t>

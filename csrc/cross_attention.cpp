@@ -34,101 +34,23 @@
 #include <vector>
 
 #include "cpu_common.h"
-#include "cpu.h"  // after cpu_common.h: both define DITENGINE_X86 (cpu.h as 0 off x86-64, so test it with #if)
+#include "softmax_rows.h"
 
 namespace ditengine {
 namespace {
 
+using cpu::as_fp32;
 using cpu::gemm;
+using cpu::row_ops;
+using cpu::RowOps;
 
 constexpr int64_t BLOCK_M = 64;   // queries per tile: 4 tiles per head at PixArt's 256 px (T = 256)
 constexpr int64_t BLOCK_N = 512;  // keys per online-softmax step: one step for any PixArt caption (L <= 300)
-
-// -- fp32 row operations of the softmax --------------------------------------------------------------
-float row_max_scalar(const float* s, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
-  return m;
-}
-
-// s[j] = exp(s[j] - m); returns the row sum. A NaN score stays NaN (so does the row's sum).
-float exp_sum_scalar(float* s, int64_t n, float m) {
-  float sum = 0.f;
-  for (int64_t j = 0; j < n; ++j) {
-    s[j] = std::exp(s[j] - m);
-    sum += s[j];
-  }
-  return sum;
-}
-
-#if DITENGINE_X86
-DITENGINE_AVX2 float row_max_avx2(const float* s, int64_t n) {
-  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float out = lanes[0];
-  for (int i = 1; i < 8; ++i) out = std::max(out, lanes[i]);
-  for (; j < n; ++j) out = std::max(out, s[j]);
-  return out;
-}
-
-// The tail (PixArt's rows are often shorter than 8 keys past a multiple of 8, or shorter than 8 in all)
-// goes through a masked load and the same polynomial as the body.
-DITENGINE_AVX2 float exp_sum_avx2(float* s, int64_t n, float m) {
-  const __m256 mv = _mm256_set1_ps(m);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 p = cpu::exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
-    _mm256_storeu_ps(s + j, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  if (j < n) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)), lane);
-    __m256 p = cpu::exp256(_mm256_sub_ps(_mm256_maskload_ps(s + j, mask), mv));
-    p = _mm256_and_ps(p, _mm256_castsi256_ps(mask));
-    _mm256_maskstore_ps(s + j, mask, p);
-    acc = _mm256_add_ps(acc, p);
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-}
-#endif
-
-struct RowOps {
-  float (*row_max)(const float*, int64_t);
-  float (*exp_sum)(float*, int64_t, float);
-};
-
-RowOps row_ops() {
-#if DITENGINE_X86
-  if (cpu::cpu_has_avx2_fma() && cpu::isa() != cpu::Isa::baseline) return {row_max_avx2, exp_sum_avx2};
-#endif
-  return {row_max_scalar, exp_sum_scalar};
-}
 
 // -- the kernel ----------------------------------------------------------------------------------------
 struct Strides {
   int64_t b, t, h;  // batch, token and head strides of a (B, T, ..., H, Dh) operand
 };
-
-// Rows of a (rows, Dh) block with row stride `ld` as fp32 (the GEMMs' operand): fp32 is read in place,
-// bf16 / fp16 widened into `scratch` (row stride Dh), block by block, so the copy stays in L1/L2.
-template <typename in_t>
-const float* as_fp32(const in_t* src, int64_t rows, int64_t Dh, int64_t ld, float* scratch, int64_t& ld_out) {
-  if constexpr (std::is_same_v<in_t, float>) {
-    ld_out = ld;
-    return src;
-  } else {
-    for (int64_t i = 0; i < rows; ++i) cpu::widen(src + i * ld, scratch + i * Dh, Dh);
-    ld_out = Dh;
-    return scratch;
-  }
-}
 
 // q (B, Tq, H, Dh), k and v (B, L, H, Dh) (the two halves of kv), o (B, Tq, H, Dh): strided, last dim
 // contiguous, one dtype. lens: B values in [1, L], max_len their maximum.
