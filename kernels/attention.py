@@ -186,17 +186,21 @@ def _launch(q, k, v, out, softmax_scale, head_split, config=None):
     args = (q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             H, T_Q, T_K, softmax_scale * math.log2(math.e))
     meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
-    if config is not None:
-        _attention_fwd_kernel[(triton.cdiv(T_Q, config["BLOCK_M"]), B * H)](*args, **meta, **config)
-    elif q.device.type == "cuda" and autotune_enabled() and q.dtype != torch.float32:
-        grid = lambda cfg: (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)  # noqa: E731
-        _attention_fwd_autotuned[grid](*args, **meta)
-    else:
+    launch_tiles(_attention_fwd_kernel, _attention_fwd_autotuned, q, T_Q, B * H, args, meta, config)
+
+
+def launch_tiles(kernel, autotuned, q, T_Q: int, heads: int, args: tuple, meta: dict, config: dict | None = None):
+    """Launch a kernel built on `attention_tile` over (query tiles, batch * heads) with its config: the one
+    given, the autotuned choice (CUDA, fp16 / bf16, autotuning on), or the pinned one for the device."""
+    if config is None and q.device.type == "cuda" and autotune_enabled() and q.dtype != torch.float32:
+        autotuned[lambda cfg: (triton.cdiv(T_Q, cfg["BLOCK_M"]), heads)](*args, **meta)
+        return
+    if config is None:
         if q.device.type != "cuda":
-            pinned = PINNED_INTERPRETER
+            config = PINNED_INTERPRETER
         else:
-            pinned = PINNED_GPU_FP32 if q.dtype == torch.float32 else PINNED_GPU
-        _attention_fwd_kernel[(triton.cdiv(T_Q, pinned["BLOCK_M"]), B * H)](*args, **meta, **pinned)
+            config = PINNED_GPU_FP32 if q.dtype == torch.float32 else PINNED_GPU
+    kernel[(triton.cdiv(T_Q, config["BLOCK_M"]), heads)](*args, **meta, **config)
 
 
 # -- torch.library registration --------------------------------------------------------------------------

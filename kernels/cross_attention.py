@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from ._backend import route, tl, triton, use_triton
 from ._checks import check_tensor
-from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, PINNED_GPU, PINNED_GPU_FP32, PINNED_INTERPRETER, _autotune_configs,
-                        attention_tile, autotune_enabled, check_config, head_blocks)
+from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, _autotune_configs, attention_tile, check_config, head_blocks,
+                        launch_tiles)
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -101,17 +101,7 @@ def _launch(q, kv, kv_lens, out, softmax_scale, config=None):
             v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1), kv_lens.stride(0),
             H, T_Q, L, softmax_scale * math.log2(math.e))
     meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
-    if config is not None:
-        _cross_attention_fwd_kernel[(triton.cdiv(T_Q, config["BLOCK_M"]), B * H)](*args, **meta, **config)
-    elif q.device.type == "cuda" and autotune_enabled() and q.dtype != torch.float32:
-        grid = lambda cfg: (triton.cdiv(T_Q, cfg["BLOCK_M"]), B * H)  # noqa: E731
-        _cross_attention_fwd_autotuned[grid](*args, **meta)
-    else:
-        if q.device.type != "cuda":
-            pinned = PINNED_INTERPRETER
-        else:
-            pinned = PINNED_GPU_FP32 if q.dtype == torch.float32 else PINNED_GPU
-        _cross_attention_fwd_kernel[(triton.cdiv(T_Q, pinned["BLOCK_M"]), B * H)](*args, **meta, **pinned)
+    launch_tiles(_cross_attention_fwd_kernel, _cross_attention_fwd_autotuned, q, T_Q, B * H, args, meta, config)
 
 
 # -- torch.library registration --------------------------------------------------------------------------
