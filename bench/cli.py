@@ -45,8 +45,7 @@ from tqdm.auto import tqdm
 
 import ditengine as de
 from ditengine.cache import FirstBlockCache, StaticCache
-from ditengine.inputs import draw_noise
-from ditengine.sampling import denoise_step, reference_forward
+from ditengine.sampling import denoise_step, reference_forward, run_loop
 
 from .pixart import is_pixart, pixart_setup
 from .timing import environment, measure
@@ -167,13 +166,9 @@ class Variant:
         g = torch.Generator(w.noise.device).manual_seed(self.args.seed)
         if hasattr(self, "sampler"):
             return self.sampler(w.noise, *w.conditioning, generator=g, **w.named)
-        forward = w.eager_forward(self.model, self.args.cfg_scale != 1.0)
-        x = w.noise.float() * self.sched.init_noise_sigma
-        dtype = next(self.model.parameters()).dtype
-        for i in range(len(self.sched)):  # ditengine.sample's loop, around the eager peer's forward
-            z = draw_noise(self.sched, i, x, g)
-            x = denoise_step(forward, self.sched, i, x, self.args.cfg_scale, x.shape[1], dtype, z)
-        return x
+        forward = w.eager_forward(self.model, self.args.cfg_scale != 1.0)  # ditengine.sample's loop around it
+        return run_loop(forward, self.sched, w.noise, self.args.cfg_scale, w.noise.shape[1],
+                        next(self.model.parameters()).dtype, g)
 
 
 def gemm_floor_step(fast, rows: int):

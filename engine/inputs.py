@@ -35,16 +35,26 @@ def check_guided_channels(guided_channels: int | None, channels: int) -> int:
     return guided_channels
 
 
+def check_noise_values(noise: torch.Tensor, device: torch.device) -> None:
+    """The checks every family's noise gets once its shape is right: a floating dtype, the model's device,
+    and finite values (one host sync before the loop: a NaN or Inf would silently become a NaN sample)."""
+    if not noise.dtype.is_floating_point:
+        raise TypeError(f"noise: expected a floating-point tensor, got {noise.dtype}")
+    if device != noise.device:
+        raise ValueError(f"noise: on {noise.device}, expected the model's device {device}")
+    if noise.numel() and not bool(torch.isfinite(noise).all()):
+        raise ValueError(f"noise: contains {int((~torch.isfinite(noise)).sum())} NaN or Inf values; expected "
+                         "finite samples of N(0, I)")
+
+
 def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor) -> None:
-    """Clear errors for the inputs of a sampling run (one host sync for the label range and for finite
-    noise, before the loop: a NaN or Inf in the noise would silently become a NaN sample)."""
+    """Clear errors for the inputs of a DiT sampling run (one host sync for the label range, before the loop)."""
     cfg = model.config
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or tuple(noise.shape[1:]) != expected:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise: expected shape (B, {', '.join(map(str, expected))}) for this model, got {shape}")
-    if not noise.dtype.is_floating_point:
-        raise TypeError(f"noise: expected a floating-point tensor, got {noise.dtype}")
+    check_noise_values(noise, next(model.parameters()).device)
     if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (noise.shape[0],):
         shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
         raise ValueError(f"class_labels: expected shape ({noise.shape[0]},) to match the noise batch, got {shape}")
@@ -52,15 +62,19 @@ def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor) ->
         raise TypeError(f"class_labels: expected an int64 or int32 tensor, got {class_labels.dtype}")
     if class_labels.device != noise.device:
         raise ValueError(f"class_labels: on {class_labels.device}, expected the noise's device {noise.device}")
-    device = next(model.parameters()).device
-    if device != noise.device:
-        raise ValueError(f"noise: on {noise.device}, expected the model's device {device}")
-    if noise.numel() and not bool(torch.isfinite(noise).all()):
-        raise ValueError(f"noise: contains {int((~torch.isfinite(noise)).sum())} NaN or Inf values; expected "
-                         "finite samples of N(0, I)")
     if class_labels.numel() and (int(class_labels.min()) < 0 or int(class_labels.max()) >= cfg.num_classes):
         raise ValueError(f"class_labels: values must lie in [0, {cfg.num_classes}), got "
                          f"[{int(class_labels.min())}, {int(class_labels.max())}]")
+
+
+def check_patch_grid_noise(noise: torch.Tensor, channels: int, patch: int, device: torch.device) -> None:
+    """Noise of a multi-aspect model (PixArt): (B, channels, H, W), any grid of whole patches."""
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or noise.shape[1] != channels \
+            or noise.shape[2] % patch or noise.shape[3] % patch:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise: expected shape (B, {channels}, H, W) with H and W multiples of the patch size "
+                         f"{patch}, got {shape}")
+    check_noise_values(noise, device)
 
 
 def draw_noise(sched: Scheduler, i: int, like: torch.Tensor, generator: torch.Generator | None):

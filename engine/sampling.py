@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
-from .inputs import check_cfg_scale, check_guided_channels, check_inputs, check_scheduler, draw_noise, guided_labels
+from .inputs import (check_cfg_scale, check_guided_channels, check_inputs, check_patch_grid_noise, check_scheduler,
+                     draw_noise, guided_labels)
 from .models.dit import DiT, guide
 from .models.pixart import PixArt
 from .schedulers import COL, Scheduler
@@ -42,9 +43,8 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
             return lambda x_in, t, step: cache(x_in, t, y, step)
         return lambda x_in, t, step: model(x_in, t, y)
     if isinstance(spec, PixArt):
-        from .fast.pixart import FastPixArt
-
-        FastPixArt.check_noise(model.config, noise, next(model.parameters()).device)
+        check_patch_grid_noise(noise, spec.config.in_channels, spec.config.patch_size,
+                               next(model.parameters()).device)
         if use_cfg and named.get("negative_prompt_embeds") is None:
             raise ValueError("negative_prompt_embeds: required with guidance (cfg_scale != 1)")
         text = _doubled(named.get("prompt_embeds"), named.get("negative_prompt_embeds"), use_cfg)
@@ -75,6 +75,16 @@ def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cf
     if use_cfg:
         out = guide(out, cfg_scale, guided_channels)[: len(x)]
     return sched.step(i, x, out, noise=noise)
+
+
+def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale: float, guided_channels: int,
+             dtype: torch.dtype, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """The reference loop around any forward on the CFG-doubled rows: every step of `sched` from `noise`."""
+    sched.to(noise.device).reset()
+    x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
+    for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
+        x = denoise_step(forward, sched, i, x, cfg_scale, guided_channels, dtype, draw_noise(sched, i, x, generator))
+    return x
 
 
 @torch.no_grad()
@@ -115,10 +125,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
                          f"{type(model).__name__} use backend='fused'")
     cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
-    sched.to(noise.device).reset()
-    x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
-    for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
-        x = denoise_step(forward, sched, i, x, cfg_scale, k, dtype, draw_noise(sched, i, x, generator))
+    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress)
     if stats is not None:
         S, depth = len(sched), len(model.blocks)
         stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from ditengine.kernels import choose, linear, linear_gelu, prepack_linear
 
+from ..models.dit import timestep_embedding
+
 log = logging.getLogger("ditengine")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -134,6 +136,17 @@ class FusedDenoiser:
 
     def cast(self, t: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=to or self.dtype).contiguous()
+
+    def sinusoidal_mlp(self, mlp: torch.nn.Sequential) -> tuple:
+        """A timestep (or size) embedder's Linear, SiLU, Linear as fp32 weights: tiny, and the modulation
+        they feed scales every activation."""
+        return tuple(self.cast(p, torch.float32) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
+
+    @staticmethod
+    def embed_sinusoidal(mlp: tuple, values: torch.Tensor, freq_shift: int = 0) -> torch.Tensor:
+        """`sinusoidal_mlp` weights applied to the sinusoidal embedding of `values` (N,) -> (N, D) fp32."""
+        w0, b0, w2, b2 = mlp
+        return F.linear(F.silu(F.linear(timestep_embedding(values, w0.shape[1], freq_shift), w0, b0)), w2, b2)
 
     def token_linear(self, layer: torch.nn.Linear | tuple, rows: int) -> TokenLinear:
         """A model's linear layer (or a (weight, bias) pair) as a token GEMM over `rows` rows."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ditengine.kernels import adaln_modulate, attention, gated_residual_adaln
 
 from ..inputs import check_inputs, guided_labels
-from ..models.dit import DiT, timestep_embedding
+from ..models.dit import DiT
 from .base import FusedDenoiser
 
 
@@ -55,10 +55,7 @@ class FastDiT(FusedDenoiser):
         final = model.final_layer
         self.final_ada = (self.cast(final.adaLN_modulation[1].weight), self.cast(final.adaLN_modulation[1].bias))
         self.final = self.token_linear(final.linear, rows)
-        # Embedders stay fp32: tiny, and the modulation they feed scales every activation.
-        mlp = model.t_embedder.mlp
-        self.t_mlp = tuple(self.cast(p, torch.float32) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight,
-                                                                  mlp[2].bias))
+        self.t_mlp = self.sinusoidal_mlp(model.t_embedder.mlp)
         self.y_table = self.cast(model.y_embedder.embedding_table.weight, torch.float32)  # (classes + 1, D)
 
     # -- conditioning ------------------------------------------------------------------------------------
@@ -79,9 +76,7 @@ class FastDiT(FusedDenoiser):
         ctx["y_emb"].copy_(self.y_table[guided_labels(cond["class_labels"], self.config.num_classes, use_cfg)])
 
     def timestep_embedding(self, t: torch.Tensor) -> torch.Tensor:
-        w0, b0, w2, b2 = self.t_mlp
-        freqs = timestep_embedding(t, self.config.frequency_embedding_size, self.config.timestep_freq_shift)
-        return F.linear(F.silu(F.linear(freqs, w0, b0)), w2, b2)  # (N, D) fp32
+        return self.embed_sinusoidal(self.t_mlp, t, self.config.timestep_freq_shift)  # (N, D) fp32
 
     def conditioning(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.timestep_embedding(t) + self.y_table[y]  # (N, D) fp32
@@ -97,7 +92,7 @@ class FastDiT(FusedDenoiser):
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps t (S,) -> (S, N, depth, 6, D) and (S, N, 2, D) for the N context rows."""
         y_emb = ctx["y_emb"]  # (N, D)
-        c = self.timestep_embedding(t.repeat_interleave(len(y_emb))).view(len(t), len(y_emb), -1) + y_emb
+        c = self.timestep_embedding(t)[:, None] + y_emb  # (S, N, D): each timestep embedded once, not per row
         return self.modulate_all(c)
 
     def modulation_shapes(self, steps: int, rows: int) -> list[tuple]:

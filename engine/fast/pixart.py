@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ditengine.kernels import (adaln_modulate, attention, choose, cross_attention, cross_attention_ref,
                                gated_residual_adaln)
 
-from ..models.dit import timestep_embedding
+from ..inputs import check_patch_grid_noise
 from ..models.pixart import PixArt, pixart_pos_embed
 from .base import FusedDenoiser
 
@@ -97,25 +97,16 @@ class FastPixArt(FusedDenoiser):
         self.kv_w = self.cast(torch.cat([m.weight for m in kv]))  # (depth*2D, C_ctx)
         self.kv_b = None if kv[0].bias is None else self.cast(torch.cat([m.bias for m in kv]))
         # Per step: fp32 embedders (tiny; the modulation they feed scales every activation).
-        self.t_mlp = self._mlp(model.t_embedder)
+        self.t_mlp = self.sinusoidal_mlp(model.t_embedder.mlp)
         self.micro = None
         if cfg.use_additional_conditions:
-            self.micro = (self._mlp(model.csize_embedder), self._mlp(model.ar_embedder))
+            self.micro = (self.sinusoidal_mlp(model.csize_embedder.mlp), self.sinusoidal_mlp(model.ar_embedder.mlp))
         self.t_block = (self.cast(model.t_block[1].weight, torch.float32), self.cast(model.t_block[1].bias, torch.float32))
         self.tables = self.cast(torch.stack([b.scale_shift_table for b in model.blocks]), torch.float32)  # (depth, 6, D)
         self.final_table = self.cast(model.final_layer.scale_shift_table, torch.float32)  # (2, D)
         self.final = self.token_linear(model.final_layer.linear, rows)
         self._pos = {}  # (h, w) grid -> position table plus the patch bias, (T, D) in the residual dtype
         self.hidden = D
-
-    def _mlp(self, embedder) -> tuple:
-        mlp = embedder.mlp
-        return tuple(self.cast(p, torch.float32) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
-
-    @staticmethod
-    def _embed_scalar(mlp: tuple, values: torch.Tensor) -> torch.Tensor:
-        w0, b0, w2, b2 = mlp
-        return F.linear(F.silu(F.linear(timestep_embedding(values, w0.shape[1]), w0, b0)), w2, b2)
 
     @property
     def depth(self) -> int:
@@ -130,29 +121,12 @@ class FastPixArt(FusedDenoiser):
         return h * w, self.hidden
 
     # -- conditioning ------------------------------------------------------------------------------------
-    @staticmethod
-    def check_noise(cfg, noise: torch.Tensor, device: torch.device) -> None:
-        """Clear errors for the noise of a PixArt run (any grid of whole patches; finite values)."""
-        p = cfg.patch_size
-        if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or noise.shape[1] != cfg.in_channels \
-                or noise.shape[2] % p or noise.shape[3] % p:
-            shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-            raise ValueError(f"noise: expected shape (B, {cfg.in_channels}, H, W) with H and W multiples of the "
-                             f"patch size {p}, got {shape}")
-        if not noise.dtype.is_floating_point:
-            raise TypeError(f"noise: expected a floating-point tensor, got {noise.dtype}")
-        if noise.device != device:
-            raise ValueError(f"noise: on {noise.device}, expected the model's device {device}")
-        if noise.numel() and not bool(torch.isfinite(noise).all()):
-            raise ValueError(f"noise: contains {int((~torch.isfinite(noise)).sum())} NaN or Inf values; expected "
-                             "finite samples of N(0, I)")
-
     def inputs(self, model: PixArt, noise: torch.Tensor, use_cfg: bool, prompt_embeds: torch.Tensor | None = None,
                prompt_attention_mask: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
                negative_prompt_attention_mask: torch.Tensor | None = None,
                added_cond_kwargs: dict | None = None) -> dict:
         cfg = self.config
-        self.check_noise(cfg, noise, self.device)
+        check_patch_grid_noise(noise, cfg.in_channels, cfg.patch_size, self.device)
         B = noise.shape[0]
         named = [("prompt_embeds", prompt_embeds, prompt_attention_mask, "prompt_attention_mask")]
         if use_cfg:
@@ -216,14 +190,14 @@ class FastPixArt(FusedDenoiser):
             res = cond["resolution"].to(self.device, torch.float32)
             aspect = cond["aspect_ratio"].to(self.device, torch.float32)
             B = res.shape[0]
-            emb = torch.cat([self._embed_scalar(csize, res.flatten()).reshape(B, -1),
-                             self._embed_scalar(ar, aspect.flatten()).reshape(B, -1)], dim=1)  # (B, D)
+            emb = torch.cat([self.embed_sinusoidal(csize, res.flatten()).reshape(B, -1),
+                             self.embed_sinusoidal(ar, aspect.flatten()).reshape(B, -1)], dim=1)  # (B, D)
             ctx["cond_emb"].copy_(emb.repeat(N // B, 1))
 
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps t (S,) -> every block's modulation (S, N, depth, 6, D) and the final one (S, N, 2, D)."""
         cond_emb = ctx["cond_emb"]  # (N, D)
-        emb = self._embed_scalar(self.t_mlp, t)[:, None] + cond_emb  # (S, N, D) fp32
+        emb = self.embed_sinusoidal(self.t_mlp, t)[:, None] + cond_emb  # (S, N, D) fp32
         t6 = F.linear(F.silu(emb), *self.t_block).view(*emb.shape[:2], 1, 6, self.hidden)
         return (t6 + self.tables).to(self.dtype), (emb[:, :, None] + self.final_table).to(self.dtype)
 
