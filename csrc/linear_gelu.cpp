@@ -24,54 +24,13 @@
 #include <type_traits>
 
 #include "cpu_common.h"
+#include "gelu_epilogue.h"
 
 namespace ditengine {
 namespace {
 
 constexpr int64_t TILE_M = 128;  // rows of x per task
 constexpr int64_t TILE_N = 256;  // output columns per task: a 128 KB fp32 tile
-
-constexpr float GELU_K0 = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float GELU_K1 = 0.044715f;
-
-// y[j] = gelu_tanh(y[j] + bias[j]) in place (bias may be null). As y * sigmoid(2u): no cancellation near
-// zero, and a NaN input stays NaN.
-void bias_gelu_scalar(float* y, const float* bias, int64_t n, bool apply_gelu) {
-  for (int64_t j = 0; j < n; ++j) {
-    float v = y[j] + (bias ? bias[j] : 0.f);
-    if (apply_gelu) v = 0.5f * v * (1.f + std::tanh(GELU_K0 * (v + GELU_K1 * v * v * v)));
-    y[j] = v;
-  }
-}
-
-#ifdef DITENGINE_X86
-DITENGINE_AVX2 inline __m256 gelu_tanh256(__m256 y) {
-  const __m256 y3 = _mm256_mul_ps(_mm256_mul_ps(y, y), y);
-  const __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(-2.f * GELU_K0), _mm256_fmadd_ps(_mm256_set1_ps(GELU_K1), y3, y));
-  // y / (1 + exp(-2u)); exp saturates at ~1e38 for very negative y, giving -0 rather than NaN.
-  return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), cpu::exp256(u2)));
-}
-
-DITENGINE_AVX2 void bias_gelu_avx2(float* y, const float* bias, int64_t n, bool apply_gelu) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_loadu_ps(y + j);
-    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
-    if (apply_gelu) v = gelu_tanh256(v);
-    _mm256_storeu_ps(y + j, v);
-  }
-  bias_gelu_scalar(y + j, bias ? bias + j : nullptr, n - j, apply_gelu);
-}
-#endif
-
-using EpilogueFn = void (*)(float*, const float*, int64_t, bool);
-
-EpilogueFn epilogue() {
-#ifdef DITENGINE_X86
-  if (cpu::cpu_has_avx2_fma()) return bias_gelu_avx2;
-#endif
-  return bias_gelu_scalar;
-}
 
 template <typename out_t>
 void linear_gelu_kernel(const float* x, const float* w, const float* bias, out_t* out, int64_t M, int64_t K,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import time
 
 import numpy as np
 import torch
@@ -109,8 +110,19 @@ def parse_args(argv=None):
                    help="the sweep's points: every parameter value, or the uncached run and the two defaults")
     p.add_argument("--repeats", type=int, default=1, help="cache sweep: timed runs per point (median)")
     p.add_argument("--batch-size", type=int, default=100, help="samples per sampler call")
+    p.add_argument("--quantize", choices=("int8", "fp8"), help="the fused backend's block GEMMs as W8A8")
+    p.add_argument("--cfg-interval", type=parse_interval, metavar="LO,HI",
+                   help="guidance only at timesteps in [LO, HI] (e.g. 0,600; 'inf' allowed)")
     p.add_argument("--out", default="cache-sweep", help="cache sweep: path stem of the CSV and PNG")
     return p.parse_args(argv)
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    return lo, hi
 
 
 def eval_scheduler(spec: str, steps: int, model, ddim_clip: str = "paper"):
@@ -142,8 +154,6 @@ def cache_sweep(args) -> list[dict]:
     """Per scheduler, each sweep point on the same labels and seeds: the share of block evaluations, the
     wall-clock of the whole generation (median of `repeats`, points interleaved within each repeat so load
     drifts hit them alike), the conditional accuracy and the pixel Fréchet distance."""
-    import time
-
     model = load_model(args.checkpoint).to(args.device)
     labels = torch.arange(model.config.num_classes).repeat_interleave(args.per_class)
     rows = []
@@ -254,12 +264,16 @@ def evaluate(args) -> list[dict]:
         for backend in args.backends.split(","):
             sched = eval_scheduler(name, args.steps, model, args.ddim_clip)
             stats = []
+            start = time.perf_counter()
             samples = generate(model, sched, labels, seed=args.seed, cfg_scale=args.cfg_scale, backend=backend,
                                progress=False, cache=parse_cache(args.cache), batch_size=args.batch_size,
-                               stats=stats)
+                               stats=stats, quantize=args.quantize if backend == "fused" else None,
+                               cfg_interval=args.cfg_interval)
+            seconds = time.perf_counter() - start
             share = sum(s["block_evals"] for s in stats) / sum(s["block_evals_uncached"] for s in stats)
             rows.append({"scheduler": name, "backend": backend, "samples": len(samples), "cache": args.cache,
-                         "block_share": share, **score(samples, labels)})
+                         "quantize": args.quantize if backend == "fused" else None, "cfg_interval": args.cfg_interval,
+                         "block_share": share, "seconds": seconds, **score(samples, labels)})
     return rows
 
 
@@ -278,14 +292,16 @@ def main(argv=None) -> int:
         return 0
     rows = evaluate(args)
     print(f"{args.checkpoint}: {args.per_class} samples per class, {args.steps} steps, cfg {args.cfg_scale}, "
-          f"DDIM clipping {args.ddim_clip!r}, seed {args.seed}\n")
+          f"DDIM clipping {args.ddim_clip!r}, seed {args.seed}, quantize {args.quantize}, "
+          f"cfg interval {args.cfg_interval}\n")
     print("| scheduler | backend | accuracy | pixel mean (data) | pixel std (data) | class-mean MSE | pixel FD "
-          "| blocks computed |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+          "| blocks computed | seconds |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['scheduler']} | {r['backend']} | {r['accuracy']:.3f} | {r['pixel_mean']:.3f} "
               f"({r['data_pixel_mean']:.3f}) | {r['pixel_std']:.3f} ({r['data_pixel_std']:.3f}) | "
-              f"{r['class_mean_image_mse']:.4f} | {r['pixel_fd']:.3f} | {100 * r['block_share']:.0f}% |")
+              f"{r['class_mean_image_mse']:.4f} | {r['pixel_fd']:.3f} | {100 * r['block_share']:.0f}% | "
+              f"{r['seconds']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -67,10 +67,12 @@ def make_scheduler(name: str, steps: int, model: DiT, ddim_clip: str = "paper") 
 
 def generate(model: DiT, sched: S.Scheduler, labels: torch.Tensor, seed: int = 0, cfg_scale: float = 2.0,
              backend: str = "reference", dtype: torch.dtype = torch.float32, batch_size: int = 100,
-             progress: bool = True, cache: CachePolicy | None = None, stats: list | None = None) -> torch.Tensor:
+             progress: bool = True, cache: CachePolicy | None = None, stats: list | None = None,
+             quantize: str | None = None, cfg_interval: tuple | None = None) -> torch.Tensor:
     """Samples (N, C, H, W) in the model's data range for `labels` (N,); sample j uses seed `seed + j`.
     `dtype` is the fused backend's compute dtype; the reference runs in the model's own. `cache`: a
     `ditengine.cache` policy for either backend; `stats`, a list, receives each chunk's sampler stats.
+    `quantize` (fused backend) and `cfg_interval` as in `FastSampler`.
 
     Under torch.distributed, each process generates its share of the chunks and every process returns
     the whole gathered result.
@@ -81,7 +83,8 @@ def generate(model: DiT, sched: S.Scheduler, labels: torch.Tensor, seed: int = 0
         raise ValueError(f"labels: values must lie in [0, {cfg.num_classes}), got "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    fast = (FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph="loop", cache=cache)
+    fast = (FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph="loop", cache=cache,
+                        quantize=quantize, cfg_interval=cfg_interval)
             if backend == "fused" else None)
     chunks = list(range(0, len(labels), batch_size))
     mine = {}
@@ -97,7 +100,7 @@ def generate(model: DiT, sched: S.Scheduler, labels: torch.Tensor, seed: int = 0
             chunk_stats = fast.stats
         else:
             mine[start] = sample(model, sched, noise, ys, cfg_scale=cfg_scale, generator=g, progress=False,
-                                 cache=cache, stats=chunk_stats).cpu()
+                                 cache=cache, stats=chunk_stats, quantize=quantize, cfg_interval=cfg_interval).cpu()
         if stats is not None:
             stats.append(chunk_stats)
     if world > 1:

@@ -25,6 +25,25 @@ def check_cfg_scale(cfg_scale) -> None:
         raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}")
 
 
+def guided_steps(timesteps, cfg_interval) -> list[bool]:
+    """Which steps guidance applies to: those whose model timestep t lies in `cfg_interval` = (lo, hi),
+    both ends included (None: every step). Outside it a step runs the conditional half alone.
+
+    The interval is over the timestep the model sees (0..1000 for the DiT and PixArt schedules; for a VP
+    schedule the EDM noise level is sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t), monotone in t, so an
+    interval in sigma (Kynkaanniemi et al. 2024) maps to one in t).
+    """
+    if cfg_interval is None:
+        return [True] * len(timesteps)
+    ok = (isinstance(cfg_interval, (tuple, list)) and len(cfg_interval) == 2
+          and all(isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isnan(v) for v in cfg_interval))
+    if not ok or cfg_interval[0] > cfg_interval[1]:
+        raise ValueError(f"cfg_interval: expected (lo, hi) with lo <= hi, over the model's timestep, got "
+                         f"{cfg_interval!r}")
+    lo, hi = cfg_interval
+    return [lo <= float(t) <= hi for t in timesteps]
+
+
 def check_guided_channels(guided_channels: int | None, channels: int) -> int:
     """The number of guided prediction channels (default: all `channels` of the model's input)."""
     if guided_channels is None:

@@ -21,10 +21,14 @@ BACKENDS = ("fused", "reference")
 class _Accelerated:
     """What every accelerated pipeline shares: the converted model, scheduler conversion and the loop."""
 
-    def __init__(self, pipe, dtype: torch.dtype | None, cuda_graph: str | None, backend: str):
+    def __init__(self, pipe, dtype: torch.dtype | None, cuda_graph: str | None, backend: str,
+                 quantize: str | None = None, cfg_interval: tuple | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        if quantize is not None and backend != "fused":
+            raise ValueError(f"quantize={quantize!r} needs backend='fused'")
         self.pipe, self.backend, self.cuda_graph = pipe, backend, cuda_graph
+        self.quantize, self.cfg_interval = quantize, cfg_interval
         self.device = pipe._execution_device
         self.model = from_diffusers(pipe.transformer).to(self.device).eval()
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -41,12 +45,13 @@ class _Accelerated:
         if self.backend == "reference":
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             return sample(self.model, sched, noise.float(), *conditioning, cfg_scale=guidance_scale,
-                          generator=generator, progress=False, **named)
+                          generator=generator, progress=False, cfg_interval=self.cfg_interval, **named)
         key = (num_inference_steps, guidance_scale, tuple(sorted(scheduler_overrides.items())))
         if key not in self._samplers:
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             self._samplers[key] = FastSampler(self.model, sched, cfg_scale=guidance_scale, dtype=self.dtype,
-                                              cuda_graph=self.cuda_graph)
+                                              cuda_graph=self.cuda_graph, quantize=self.quantize,
+                                              cfg_interval=self.cfg_interval)
         return self._samplers[key](noise.float(), *conditioning, generator=generator, **named)
 
 
@@ -190,11 +195,14 @@ _PIPELINES = {"DiTPipeline": AcceleratedDiTPipeline, "PixArtAlphaPipeline": Acce
               "PixArtSigmaPipeline": AcceleratedPixArtPipeline}
 
 
-def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = "loop", backend: str = "fused"):
+def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = "loop", backend: str = "fused",
+               quantize: str | None = None, cfg_interval: tuple | None = None):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`) so that its
     denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged.
-    `dtype`: the compute dtype (default bf16 on CUDA, fp32 on a CPU); `backend`: "fused" or "reference"."""
+    `dtype`: the compute dtype (default bf16 on CUDA, fp32 on a CPU); `backend`: "fused" or "reference";
+    `quantize` ("int8", "fp8") and `cfg_interval` as in `FastSampler`."""
     name = type(pipe).__name__
     if name not in _PIPELINES:
         raise TypeError(f"accelerate: expected a diffusers {', '.join(_PIPELINES)}, got {name}")
-    return _PIPELINES[name](pipe, dtype=dtype, cuda_graph=cuda_graph, backend=backend)
+    return _PIPELINES[name](pipe, dtype=dtype, cuda_graph=cuda_graph, backend=backend, quantize=quantize,
+                            cfg_interval=cfg_interval)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .inputs import (check_cfg_scale, check_guided_channels, check_inputs, check_patch_grid_noise, check_scheduler,
-                     draw_noise, guided_labels)
+                     draw_noise, guided_labels, guided_steps)
 from .models.dit import DiT, guide
 from .models.pixart import PixArt
 from .schedulers import COL, Scheduler
@@ -18,7 +18,8 @@ from .schedulers import COL, Scheduler
 BACKENDS = ("reference", "fused")
 CUDA_GRAPH_MODES = (None, "step", "loop")
 
-# forward(x_in, t, step) -> model output on the CFG-doubled rows ([conditional; unconditional])
+# forward(x_in, t, step) -> model output on the CFG-doubled rows ([conditional; unconditional]), or on the
+# conditional rows alone (a step outside the guidance interval): the conditioning's first len(x_in) rows
 Forward = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
@@ -41,7 +42,7 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
         y = guided_labels(class_labels, model.config.num_classes, use_cfg)
         if cache is not None:
             return lambda x_in, t, step: cache(x_in, t, y, step)
-        return lambda x_in, t, step: model(x_in, t, y)
+        return lambda x_in, t, step: model(x_in, t, y[:len(x_in)])
     if isinstance(spec, PixArt):
         check_patch_grid_noise(noise, spec.config.in_channels, spec.config.patch_size,
                                next(model.parameters()).device)
@@ -56,18 +57,27 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
         if added is not None:
             added = {k: None if v is None else _doubled(v, v, use_cfg) for k, v in added.items()}
         dtype = next(model.parameters()).dtype
-        return lambda x_in, t, step: model(x_in, encoder_hidden_states=text.to(dtype), timestep=t,
-                                           encoder_attention_mask=mask, added_cond_kwargs=added)
+        text = None if text is None else text.to(dtype)
+
+        def forward(x_in, t, step):
+            n = len(x_in)
+            return model(x_in, encoder_hidden_states=None if text is None else text[:n], timestep=t,
+                         encoder_attention_mask=None if mask is None else mask[:n],
+                         added_cond_kwargs=None if added is None else
+                         {k: None if v is None else v[:n] for k, v in added.items()})
+
+        return forward
     raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt), got {type(model).__name__} "
                     "(convert a diffusers transformer with ditengine.from_diffusers)")
 
 
 def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cfg_scale: float, guided_channels: int,
-                 dtype: torch.dtype, noise: torch.Tensor | None = None) -> torch.Tensor:
+                 dtype: torch.dtype, noise: torch.Tensor | None = None, guided: bool = True) -> torch.Tensor:
     """One reference step: the model on the (CFG-doubled when guiding) scaled input, guidance, then
-    `sched.step`. x (B, C, ...) fp32 -> x_next."""
+    `sched.step`. x (B, C, ...) fp32 -> x_next. `guided=False` (outside the guidance interval) runs the
+    conditional half alone."""
     x_in = x * sched.table[i, COL["c_in"]]
-    use_cfg = cfg_scale != 1.0
+    use_cfg = cfg_scale != 1.0 and guided
     if use_cfg:
         x_in = torch.cat([x_in, x_in])
     x_in, t = x_in.to(dtype), sched.timesteps[i].expand(len(x_in))
@@ -78,12 +88,16 @@ def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cf
 
 
 def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale: float, guided_channels: int,
-             dtype: torch.dtype, generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """The reference loop around any forward on the CFG-doubled rows: every step of `sched` from `noise`."""
+             dtype: torch.dtype, generator: torch.Generator | None = None, progress: bool = False,
+             cfg_interval: tuple | None = None) -> torch.Tensor:
+    """The reference loop around any forward on the CFG-doubled rows: every step of `sched` from `noise`,
+    guided at the steps `cfg_interval` admits (`inputs.guided_steps`)."""
     sched.to(noise.device).reset()
+    guided = guided_steps(sched.timesteps.tolist(), cfg_interval)
     x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
     for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
-        x = denoise_step(forward, sched, i, x, cfg_scale, guided_channels, dtype, draw_noise(sched, i, x, generator))
+        x = denoise_step(forward, sched, i, x, cfg_scale, guided_channels, dtype, draw_noise(sched, i, x, generator),
+                         guided[i])
     return x
 
 
@@ -91,16 +105,19 @@ def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale:
 def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *conditioning, cfg_scale: float = 4.0,
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, guided_channels: int | None = None, cache: CachePolicy | None = None,
-           stats: dict | None = None, **named_conditioning) -> torch.Tensor:
+           stats: dict | None = None, cfg_interval: tuple | None = None, quantize: str | None = None,
+           **named_conditioning) -> torch.Tensor:
     """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
     (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
     `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024).
 
     Guidance is on when `cfg_scale != 1`: the batch is doubled with the unconditional input (the null
     label, the negative prompt) and the first `guided_channels` prediction channels are guided (default:
-    all). Noise for stochastic samplers comes from `generator`. `backend="fused"` runs the fast path
+    all), at the steps whose timestep lies in `cfg_interval` = (lo, hi) (default: every step; the others
+    run the conditional half alone, see `inputs.guided_steps`). Noise for stochastic samplers comes from `generator`. `backend="fused"` runs the fast path
     (`FastSampler`); `cuda_graph` applies to it. `cache` (a `ditengine.cache` policy) skips transformer work
     (on the reference backend for the DiT); `stats`, a dict, is filled with what the run computed.
+    `quantize` ("int8", "fp8"; fused backend only) runs the blocks' GEMMs as W8A8 (see `FastSampler`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -110,22 +127,27 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     dtype = next(model.parameters()).dtype
     if backend == "fused":
         sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph=cuda_graph,
-                              guided_channels=guided_channels, cache=cache)
+                              guided_channels=guided_channels, cache=cache, cfg_interval=cfg_interval,
+                              quantize=quantize)
         latents = sampler(noise, *conditioning, generator=generator, progress=progress, **named_conditioning)
         if stats is not None:
             stats.update(sampler.stats)
         return latents
     if cuda_graph is not None:
         raise ValueError("cuda_graph needs backend='fused'")
+    if quantize is not None:
+        raise ValueError(f"quantize={quantize!r} needs backend='fused' (the reference is the model's own precision)")
     check_cfg_scale(cfg_scale)
     k = check_guided_channels(guided_channels, model.config.in_channels)
     use_cfg = cfg_scale != 1.0
     if cache is not None and not isinstance(model, DiT):
         raise ValueError("cache: the reference form of step caching is the DiT's (ReferenceCachedForward); for "
                          f"{type(model).__name__} use backend='fused'")
+    if cache is not None and cfg_interval is not None:
+        raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
     cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
-    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress)
+    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval)
     if stats is not None:
         S, depth = len(sched), len(model.blocks)
         stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))

@@ -10,6 +10,8 @@ from .cross_attention import cross_attention, cross_attention_ref
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 from .linear_gelu import PackedLinear, linear, linear_gelu, linear_gelu_ref, prepack_linear
+from .linear_int8 import Int8Linear, linear_int8, prepack_int8
+from .linear_fp8 import Fp8Linear, fp8_supported, linear_fp8, prepack_fp8
 from . import _native
 from ._native import native_available
 
@@ -19,6 +21,7 @@ _native.load()
 __all__ = [
     "attention", "attention_ref", "cross_attention", "cross_attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
     "scheduler_step", "scheduler_step_ref", "linear_gelu", "linear_gelu_ref", "linear", "prepack_linear",
-    "PackedLinear", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
+    "PackedLinear", "Int8Linear", "linear_int8", "prepack_int8", "Fp8Linear", "fp8_supported", "linear_fp8",
+    "prepack_fp8", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
     "triton_mode",
 ]

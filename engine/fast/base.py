@@ -13,7 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import choose, linear, linear_gelu, prepack_linear
+from ditengine.kernels import (choose, fp8_supported, linear, linear_fp8, linear_gelu, linear_int8, prepack_fp8,
+                               prepack_int8, prepack_linear)
 
 from ..models.dit import timestep_embedding
 
@@ -22,6 +23,7 @@ log = logging.getLogger("ditengine")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MLP_EPILOGUES = ("auto", "cublaslt", "separate")
 KERNEL_BACKENDS = (None, "auto", "native", "triton", "reference")
+QUANTIZE = (None, "int8", "fp8")
 # The ops of one fused step, each run on the backend a sampler asks for (kernels/_backend.py `choose`).
 STEP_OPS = ("adaln_modulate", "gated_residual_adaln", "attention", "scheduler_step")
 
@@ -50,30 +52,36 @@ class TokenLinear:
     On a CPU (native or default backend) the weight is prepacked once (`kernels.prepack_linear`: fp32
     copies where the CPU has no bf16 dot instructions, oneDNN's layout where it has them) and the GELU
     is fused into the GEMM; elsewhere it is `F.linear` on a copy in the compute dtype, with cuBLASLt's
-    GELU epilogue where it computes the tanh GELU.
+    GELU epilogue where it computes the tanh GELU. `quantize` ("int8", "fp8") quantises the weight once
+    per output channel and the activations per token in every call (`kernels.linear_int8`, `linear_fp8`).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, owner: "FusedDenoiser", rows: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, owner: "FusedDenoiser", rows: int,
+                 quantize: str | None = None):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = None
-        if owner.prepacked:
-            # Rounded to the compute dtype first: the fast path's weights are the model's in that dtype.
-            self.packed = prepack_linear(owner.cast(weight), None if bias is None else owner.cast(bias),
-                                         dtype=owner.dtype, batch_size=rows)
-            self.weight = self.bias = None
+        self.packed = self.weight = self.bias = None
+        # Rounded to the compute dtype first: the fast path's weights are the model's in that dtype.
+        weight, bias = owner.cast(weight), None if bias is None else owner.cast(bias)
+        reference = owner.backend == "reference"
+        if quantize == "int8":
+            self.packed, self.run = prepack_int8(weight, bias, native=not reference), linear_int8
+        elif quantize == "fp8":
+            self.packed, self.run = prepack_fp8(weight, bias, emulate=reference), linear_fp8
+        elif owner.prepacked:
+            self.packed = prepack_linear(weight, bias, dtype=owner.dtype, batch_size=rows)
+            self.run = lambda x, packed, gelu: (linear_gelu if gelu else linear)(x, packed)
         else:
-            self.weight = owner.cast(weight)
-            self.bias = None if bias is None else owner.cast(bias)
+            self.weight, self.bias = weight, bias
         self.gelu_epilogue = owner.gelu_epilogue
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
-        return linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight, self.bias)
+        return self.run(x, self.packed, False) if self.packed is not None else F.linear(x, self.weight, self.bias)
 
     def gelu(self, x: torch.Tensor) -> torch.Tensor:
         """The GEMM with its tanh GELU applied (fc1)."""
         if self.packed is not None:
-            return linear_gelu(x, self.packed)
+            return self.run(x, self.packed, True)
         if self.gelu_epilogue and self.bias is not None:
             flat = torch._addmm_activation(self.bias, x.flatten(0, -2), self.weight.t(), use_gelu=True)
             return flat.view(*x.shape[:-1], -1)
@@ -92,6 +100,12 @@ class FusedDenoiser:
     (the ops' PyTorch references). With "triton" or "reference" the GEMMs are plain `F.linear`, as on CUDA.
     A backend that cannot run here raises a ValueError at construction.
 
+    `quantize` runs every block's token GEMMs (not the patch embedding or the final linear: small, and
+    the first and last layers carry the most quantisation error per FLOP saved) as W8A8: None (the compute
+    dtype), "int8" (`kernels.linear_int8`: oneDNN's VNNI int8 matmul on x86 CPUs) or "fp8" (e4m3 through
+    `torch._scaled_mm`, on CUDA GPUs with fp8 tensor cores; with backend="reference" its numerics run
+    emulated on any device). A form the device cannot run raises a ValueError naming it.
+
     The contract the sampling loop relies on (every family implements it):
 
     - geometry: `depth` (blocks a cache policy may stand in for), `branches` (outputs per block that the
@@ -104,6 +118,8 @@ class FusedDenoiser:
       `context_buffers(rows, latent_shape, cond)` allocates the static per-call context (label
       embeddings, or every block's cross-attention K/V of a prompt with its valid lengths) and
       `write_context(ctx, cond, use_cfg)` fills it before the loop, conditional rows first;
+      `context_rows(ctx, rows)` is the context of the first `rows` rows (the conditional half, for the
+      steps outside a guidance interval);
     - per step: `modulation(t, ctx)` gives every modulation vector for timesteps t (S,) as a tuple of
       tensors with leading dim S (all steps at once before the loop, or one per step when the table
       passes the memory budget; `modulation_shapes` sizes it);
@@ -116,13 +132,16 @@ class FusedDenoiser:
     branches = 2
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype, mlp_epilogue: str = "auto",
-                 residual_dtype: torch.dtype | None = None, backend: str | None = None):
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None,
+                 quantize: str | None = None):
         if dtype not in DTYPES:
             raise TypeError(f"dtype: expected one of {[str(d) for d in DTYPES]}, got {dtype}")
         if mlp_epilogue not in MLP_EPILOGUES:
             raise ValueError(f"mlp_epilogue={mlp_epilogue!r}: expected one of {MLP_EPILOGUES}")
         if backend not in KERNEL_BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {KERNEL_BACKENDS}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
         self.config = model.config
         self.dtype = dtype
         self.residual_dtype = residual_dtype or (torch.float32 if dtype == torch.float16 else dtype)
@@ -133,6 +152,11 @@ class FusedDenoiser:
         want_epilogue = mlp_epilogue == "cublaslt" or (mlp_epilogue == "auto" and self.device.type == "cuda")
         self.gelu_epilogue = want_epilogue and cublaslt_gelu_is_tanh(str(self.device))
         self.prepacked = self.device.type == "cpu" and self.backend in (None, "native")
+        if quantize == "fp8" and self.backend != "reference" and not fp8_supported(self.device):
+            raise ValueError(f"quantize='fp8' needs a CUDA GPU with fp8 tensor cores (compute capability 8.9+), "
+                             f"got {self.device}; use quantize='int8' on a CPU (backend='reference' emulates "
+                             "fp8's numerics anywhere)")
+        self.quantize = quantize
 
     def cast(self, t: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=to or self.dtype).contiguous()
@@ -148,10 +172,15 @@ class FusedDenoiser:
         w0, b0, w2, b2 = mlp
         return F.linear(F.silu(F.linear(timestep_embedding(values, w0.shape[1], freq_shift), w0, b0)), w2, b2)
 
-    def token_linear(self, layer: torch.nn.Linear | tuple, rows: int) -> TokenLinear:
-        """A model's linear layer (or a (weight, bias) pair) as a token GEMM over `rows` rows."""
+    def token_linear(self, layer: torch.nn.Linear | tuple, rows: int, block: bool = False) -> TokenLinear:
+        """A model's linear layer (or a (weight, bias) pair) as a token GEMM over `rows` rows; a `block`'s
+        GEMMs take the sampler's quantisation."""
         weight, bias = (layer.weight, layer.bias) if isinstance(layer, torch.nn.Module) else layer
-        return TokenLinear(weight, bias, self, rows)
+        return TokenLinear(weight, bias, self, rows, self.quantize if block else None)
+
+    def context_rows(self, ctx: dict, rows: int) -> dict:
+        """Views of the context's first `rows` rows: every tensor's leading dim is the row dim here."""
+        return {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in ctx.items()}
 
     @property
     def depth(self) -> int:

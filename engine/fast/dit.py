@@ -17,6 +17,7 @@ into every block's modulation in one batched GEMM.
 """
 from __future__ import annotations
 
+import functools
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +38,9 @@ class FastDiT(FusedDenoiser):
     LAYERS = ("qkv", "proj", "fc1", "fc2")
 
     def __init__(self, model: DiT, dtype: torch.dtype = torch.bfloat16, mlp_epilogue: str = "auto",
-                 residual_dtype: torch.dtype | None = None, backend: str | None = None):
-        super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend)
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None,
+                 quantize: str | None = None):
+        super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         rows = 2 * cfg.num_tokens  # a CFG pair: what the prepacked layouts are tuned for
         self.latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
@@ -46,9 +48,9 @@ class FastDiT(FusedDenoiser):
         # The patch embedding as a GEMM over flattened patches, its bias folded into the position table.
         self.patch = self.token_linear((model.x_embedder.proj.weight.flatten(1), None), rows)  # (D, C*p*p)
         self.pos_bias = self.cast(model.pos_embed[0] + model.x_embedder.proj.bias, self.residual_dtype)  # (T, D)
-        self.blocks = [{"qkv": self.token_linear(b.attn.qkv, rows), "proj": self.token_linear(b.attn.proj, rows),
-                        "fc1": self.token_linear(b.mlp.fc1, rows), "fc2": self.token_linear(b.mlp.fc2, rows)}
-                       for b in model.blocks]
+        gemm = functools.partial(self.token_linear, rows=rows, block=True)
+        self.blocks = [{"qkv": gemm(b.attn.qkv), "proj": gemm(b.attn.proj), "fc1": gemm(b.mlp.fc1),
+                        "fc2": gemm(b.mlp.fc2)} for b in model.blocks]
         # Every block's adaLN linear stacked: one GEMM gives the whole modulation of a conditioning batch.
         self.ada_w = self.cast(torch.cat([b.adaLN_modulation[1].weight for b in model.blocks]))  # (depth*6D, D)
         self.ada_b = self.cast(torch.cat([b.adaLN_modulation[1].bias for b in model.blocks]))

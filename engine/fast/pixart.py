@@ -70,8 +70,9 @@ class FastPixArt(FusedDenoiser):
     branches = 3  # self-attention, cross-attention, MLP: what the per-block cache reuse keeps
 
     def __init__(self, model: PixArt, dtype: torch.dtype = torch.bfloat16, mlp_epilogue: str = "auto",
-                 residual_dtype: torch.dtype | None = None, backend: str | None = None):
-        super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend)
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None,
+                 quantize: str | None = None):
+        super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D = cfg.hidden_size
         self.small_heads = cfg.head_dim < 16 or cfg.head_dim % 8  # e.g. diffusers' test config (head dim 2)
@@ -84,10 +85,9 @@ class FastPixArt(FusedDenoiser):
         self.out_channels = cfg.out_channels
         self.patch = self.token_linear((model.x_embedder.proj.weight.flatten(1), None), rows)  # (D, C*p*p)
         self.patch_bias = self.cast(model.x_embedder.proj.bias, torch.float32)
-        self.blocks = [{"qkv": self.token_linear(b.attn.qkv, rows), "proj": self.token_linear(b.attn.proj, rows),
-                        "q": self.token_linear(b.cross_attn.q_linear, rows),
-                        "cross_proj": self.token_linear(b.cross_attn.proj, rows),
-                        "fc1": self.token_linear(b.mlp.fc1, rows), "fc2": self.token_linear(b.mlp.fc2, rows)}
+        gemm = functools.partial(self.token_linear, rows=rows, block=True)
+        self.blocks = [{"qkv": gemm(b.attn.qkv), "proj": gemm(b.attn.proj), "q": gemm(b.cross_attn.q_linear),
+                        "cross_proj": gemm(b.cross_attn.proj), "fc1": gemm(b.mlp.fc1), "fc2": gemm(b.mlp.fc2)}
                        for b in model.blocks]
         # Per prompt: the caption projection, then every block's k/v projection stacked into one GEMM.
         y_proj = model.y_embedder.y_proj if model.y_embedder is not None else None
@@ -193,6 +193,10 @@ class FastPixArt(FusedDenoiser):
             emb = torch.cat([self.embed_sinusoidal(csize, res.flatten()).reshape(B, -1),
                              self.embed_sinusoidal(ar, aspect.flatten()).reshape(B, -1)], dim=1)  # (B, D)
             ctx["cond_emb"].copy_(emb.repeat(N // B, 1))
+
+    def context_rows(self, ctx: dict, rows: int) -> dict:
+        """The first `rows` rows; the K/V keep their block dim first."""
+        return super().context_rows(ctx, rows) | {"kv": ctx["kv"][:, :rows]}
 
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps t (S,) -> every block's modulation (S, N, depth, 6, D) and the final one (S, N, 2, D)."""

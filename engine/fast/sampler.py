@@ -23,7 +23,7 @@ from ditengine.kernels import scheduler_step
 
 from ..cache import FirstBlockCache, StaticCache, skip_decision, stats_dict
 from ..graphs import GraphRunner, conditional_capture_supported, graphs_enabled
-from ..inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise
+from ..inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise, guided_steps
 from ..schedulers import COL, Scheduler
 
 log = logging.getLogger("ditengine")
@@ -78,6 +78,8 @@ class _Plan:
         N = batch * (2 if s.use_cfg else 1)
         self.batch, self.rows = batch, N
         self.sampler = s
+        # Per step: guided (the CFG-doubled rows) or, outside the guidance interval, the conditional rows alone.
+        self.guided = [s.use_cfg and g for g in guided_steps(sched.timesteps.tolist(), s.cfg_interval)]
         self.cache = s.cache
         self.decision = None  # how a first-block cache decides: see `decision_mode`
         self.graph_mode = s.cuda_graph
@@ -110,11 +112,13 @@ class _Plan:
                  self.conditioning_mode, table_bytes / 2**20, s.cuda_graph, self.cache)
         if self.cache is not None:
             self._allocate_cache()
-        self.runner = self.full_runner = self.cached_runner = None
+        self.runner = self.full_runner = self.cached_runner = self.unguided_runner = None
         pool = s.pool
         if self.cache is None:
             if s.cuda_graph == "step":
-                self.runner = GraphRunner(lambda: self.step_body(self.step_idx), dev, pool)
+                self.runner = GraphRunner(lambda: self.step_body(self.step_idx, s.use_cfg), dev, pool)
+                if s.use_cfg and not all(self.guided):  # a second graph for the steps outside the interval
+                    self.unguided_runner = GraphRunner(lambda: self.step_body(self.step_idx, False), dev, pool)
             elif s.cuda_graph == "loop":
                 self.runner = GraphRunner(lambda: [self.step_body(i) for i in range(S)], dev, pool)
         elif self.decision == "split" and self.graph_mode == "step":
@@ -153,19 +157,28 @@ class _Plan:
         t = s.sched.timesteps[step:step + 1] if isinstance(step, int) else s.sched.timesteps.index_select(0, step)
         return _at(s.fast.modulation(t, self.ctx), 0)
 
-    def scheduler_update(self, step: int | torch.Tensor, out: torch.Tensor) -> None:
+    def scheduler_update(self, step: int | torch.Tensor, out: torch.Tensor, guided: bool | None = None) -> None:
         """K4: guidance, the update of x (and history), and the next CFG-doubled model input."""
         s = self.sampler
         sched = s.sched
-        scheduler_step(self.x, out, sched.table, step, cfg_scale=s.cfg_scale if s.use_cfg else None,
+        guided = s.use_cfg if guided is None else guided
+        scheduler_step(self.x, out, sched.table, step, cfg_scale=s.cfg_scale if guided else None,
                        guided_channels=s.guided_channels, history=self.history, noise=self.noise_for(step),
                        clip=sched.clip_sample, learned_variance=sched.learned_variance, out=self.x,
                        next_input=self.x_in, backend=s.fast.backend)
 
-    def step_body(self, step: int | torch.Tensor) -> None:
-        """One denoising step on the static buffers; `step` an int, or the device index (step graph)."""
+    def step_body(self, step: int | torch.Tensor, guided: bool | None = None) -> None:
+        """One denoising step on the static buffers; `step` an int, or the device index (step graph, with
+        `guided` given: which of the step graphs this is)."""
         fast = self.sampler.fast
-        self.scheduler_update(step, fast.forward(self.x_in, self.modulation(step), self.ctx))
+        guided = self.guided[step] if guided is None else guided
+        if guided or not self.sampler.use_cfg:
+            out = fast.forward(self.x_in, self.modulation(step), self.ctx)
+        else:  # the conditional rows, first in every buffer, alone
+            rows = self.batch
+            mod = tuple(m[:rows] for m in self.modulation(step))
+            out = fast.forward(self.x_in[:rows], mod, fast.context_rows(self.ctx, rows))
+        self.scheduler_update(step, out, guided)
 
     # -- step caching (ditengine.cache) --------------------------------------------------------------------
     def _allocate_cache(self) -> None:
@@ -308,7 +321,9 @@ class _Plan:
                 self.cached_step(i)
             return
         self.step_idx.fill_(i)
-        if self.full_runner is None:
+        if self.unguided_runner is not None and not self.guided[i]:
+            self.unguided_runner()
+        elif self.full_runner is None:
             self.runner()
         elif self.decision == "split":
             self.runner()
@@ -334,13 +349,13 @@ class _Plan:
 
 
 def fused_denoiser(model: torch.nn.Module, dtype: torch.dtype, mlp_epilogue: str = "auto",
-                   backend: str | None = None):
+                   backend: str | None = None, quantize: str | None = None):
     """The fused denoiser of a reference model's family."""
     from . import FAMILIES
 
     for model_type, denoiser in FAMILIES:
         if isinstance(model, model_type):
-            return denoiser(model, dtype, mlp_epilogue, backend=backend)
+            return denoiser(model, dtype, mlp_epilogue, backend=backend, quantize=quantize)
     names = ", ".join(t.__name__ for t, _ in FAMILIES)
     raise TypeError(f"model: expected a ditengine reference model ({names}), got {type(model).__name__} "
                     "(convert a diffusers transformer with ditengine.from_diffusers)")
@@ -365,6 +380,14 @@ class FastSampler:
 
     `backend` runs every kernel of the loop on one implementation (see `FusedDenoiser`): e.g. "triton" on a
     CPU runs the whole fast path through Triton's interpreter, "reference" through the ops' references.
+
+    `cfg_interval` = (lo, hi): guidance only at the steps whose timestep t lies in [lo, hi] (Kynkaanniemi
+    et al. 2024; see `inputs.guided_steps`); the other steps run the conditional rows alone, half the model
+    batch. The schedule is static: the captured loop unrolls it, a step graph is captured once for each kind
+    of step. Not combined with a step cache.
+
+    `quantize`: None, "int8" or "fp8": every block's token GEMMs as W8A8 (weights per output channel,
+    activations per token; see `FusedDenoiser`). "int8" is the CPU's fast form, "fp8" Hopper's.
     """
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, cfg_scale: float = 4.0,
@@ -372,7 +395,7 @@ class FastSampler:
                  guided_channels: int | None = None, precompute_conditioning: bool = True,
                  conditioning_budget: int = 1 << 30, mlp_epilogue: str = "auto",
                  cache: FirstBlockCache | StaticCache | None = None, cache_decision: str = "auto",
-                 backend: str | None = None):
+                 backend: str | None = None, quantize: str | None = None, cfg_interval: tuple | None = None):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
         check_scheduler(sched)
@@ -382,11 +405,15 @@ class FastSampler:
                             f"got {type(cache).__name__}")
         if cache is not None:
             cache.check(len(sched))
+        guided_steps(sched.timesteps.tolist(), cfg_interval)  # checks it
+        if cache is not None and cfg_interval is not None:
+            raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
+        self.cfg_interval = cfg_interval
         if cache_decision not in CACHE_DECISIONS:
             raise ValueError(f"cache_decision={cache_decision!r}: expected one of {CACHE_DECISIONS}")
         self.cache, self.cache_decision = cache, cache_decision
         self.model, self.sched = model, sched
-        self.fast = fused_denoiser(model, dtype, mlp_epilogue, backend)
+        self.fast = fused_denoiser(model, dtype, mlp_epilogue, backend, quantize)
         self.guided_channels = check_guided_channels(guided_channels, self.fast.latent_shape[0])
         self.device = self.fast.device
         self.sched.to(self.device)
