@@ -68,12 +68,13 @@ void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides 
     // Per-thread scratch (64-byte aligned by ATen's allocator), reused by every task of the range.
     at::Tensor s_buf = at::empty({BLOCK_M, block_n}, at::kFloat);    // scores, then probabilities
     at::Tensor acc_buf = at::empty({group_rows, Dh}, at::kFloat);    // unnormalised p v
-    at::Tensor wide_buf = at::empty({widened ? BLOCK_M + 2 * block_n : 0, Dh}, at::kFloat);  // q, k, v widened
+    // q scaled, k transposed (both fp32), v widened (bf16 / fp16 only)
+    at::Tensor wide_buf = at::empty({BLOCK_M + block_n + (widened ? block_n : 0), Dh}, at::kFloat);
     float* s = s_buf.data_ptr<float>();
     float* acc_all = acc_buf.data_ptr<float>();
-    float* q_wide = wide_buf.data_ptr<float>();
-    float* k_wide = q_wide + BLOCK_M * Dh;
-    float* v_wide = k_wide + block_n * Dh;
+    float* q_scaled = wide_buf.data_ptr<float>();
+    float* k_t = q_scaled + BLOCK_M * Dh;
+    float* v_wide = k_t + block_n * Dh;
     std::vector<float> m_all(group_rows), l_all(group_rows);  // running max and sum per query row
 
     for (int64_t task = begin; task < end; ++task) {
@@ -86,16 +87,16 @@ void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides 
       for (int64_t n0 = 0; n0 < T_k; n0 += block_n) {
         const int64_t cols = std::min(block_n, T_k - n0);
         const bool first = n0 == 0;
-        int64_t ldq, ldk, ldv;
-        const float* k_blk = as_fp32(k_head + n0 * sk.t, cols, Dh, sk.t, k_wide, ldk);  // (cols, Dh)
+        int64_t ldv;
+        cpu::load_transposed(k_head + n0 * sk.t, cols, Dh, sk.t, k_t);  // (Dh, cols)
         const float* v_blk = as_fp32(v_head + n0 * sv.t, cols, Dh, sv.t, v_wide, ldv);  // (cols, Dh)
         for (int64_t r0 = g0; r0 < g1; r0 += BLOCK_M) {
           const int64_t rows = std::min(BLOCK_M, g1 - r0);
-          const float* q_tile = as_fp32(q + b * sq.b + h * sq.h + r0 * sq.t, rows, Dh, sq.t, q_wide, ldq);
+          cpu::load_scaled(q + b * sq.b + h * sq.h + r0 * sq.t, rows, Dh, sq.t, scale, q_scaled);
           float* acc = acc_all + (r0 - g0) * Dh;  // (rows, Dh)
           float* row_m = m_all.data() + (r0 - g0);
           float* row_l = l_all.data() + (r0 - g0);
-          gemm(true, rows, cols, Dh, scale, q_tile, ldq, k_blk, ldk, 0.f, s, block_n);  // (rows, cols)
+          gemm(false, rows, cols, Dh, 1.f, q_scaled, Dh, k_t, cols, 0.f, s, block_n);  // (rows, cols)
           for (int64_t i = 0; i < rows; ++i) {
             float* s_row = s + i * block_n;
             const float m_blk = ops.row_max(s_row, cols);

@@ -99,5 +99,22 @@ const float* as_fp32(const in_t* src, int64_t rows, int64_t Dh, int64_t ld, floa
   }
 }
 
+// q (rows x Dh, row stride ld) -> dst (rows x Dh) in fp32, times the softmax scale: the scores GEMM is then a
+// plain A . B (see `gemm`), and for head dims 16, 64 and 256 the scale is a power of two, exact.
+template <typename in_t>
+void load_scaled(const in_t* src, int64_t rows, int64_t Dh, int64_t ld, float scale, float* dst) {
+  for (int64_t i = 0; i < rows; ++i) {
+    widen(src + i * ld, dst + i * Dh, Dh);
+    for (int64_t d = 0; d < Dh; ++d) dst[i * Dh + d] *= scale;
+  }
+}
+
+// k (cols x Dh, row stride ld) -> dst (Dh x cols) in fp32: the scores GEMM's B operand, k transposed.
+template <typename in_t>
+void load_transposed(const in_t* src, int64_t cols, int64_t Dh, int64_t ld, float* dst) {
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t d = 0; d < Dh; ++d) dst[d * cols + j] = static_cast<float>(src[j * ld + d]);
+}
+
 }  // namespace cpu
 }  // namespace ditengine
