@@ -8,6 +8,11 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
     eager-lp          ... in the low-precision dtype (--dtype)
     eager-lp-sdpa     ... with scaled_dot_product_attention
     compile           torch.compile(mode="max-autotune") of eager-lp-sdpa: the peer to beat
+    compile-fp32      ... of the fp32 model with SDPA
+    onnxruntime-fp32, onnxruntime-int8, openvino-fp32, openvino-int8
+                      the CPU runtimes on the reference DiT exported to ONNX (bench/peers.py, the optional
+                      `.[peers]` extra): the same step around their forward; a peer that is not installed is
+                      skipped with the reason, printed and kept in the report's "skipped"
     fused             FastSampler: fused kernels, conditioning computed per step, no graph
     fused+precond     ... conditioning precomputed for all steps
     fused+graph-step  ... one step captured as a CUDA graph, replayed per step
@@ -15,6 +20,8 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
     gemm-floor        the fused path's token GEMMs alone (patch embedding, every block's qkv, proj, fc1 and
                       fc2, the final linear) at the same shapes and weights: the practical floor of a CPU
                       step; every row reports its % of it
+    fused+precond+int8, fused+graph-loop+int8, fused+graph-loop+fp8
+                      ... with the blocks' token GEMMs as W8A8 (`FastSampler(quantize=)`)
     fused+graph-loop+cache-first-block, fused+graph-loop+cache-static
                       ... with step caching (ditengine.cache, each policy's defaults): ms/step averages the
                       full and the cached steps of the loop; `block share` is the share of the transformer
@@ -23,10 +30,10 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
 Each row also reports images/s, peak memory, setup time (compile or capture), achieved TFLOP/s, the
 share of DESIGN.md's H100 floor, and the quality of a full sampling run from the same noise against the
 fp32 reference (max error and SQNR of the final latents). Results go to JSON, CSV, a markdown table and
-a PNG bar chart. The default is CPU-sized (DiT-S/2, 32x32 latent, batch 1 with CFG, bf16, on a CPU the rows
-eager-fp32, eager-lp-sdpa, fused+precond and gemm-floor); the GPU case is
-`--model DiT-XL/2 --image-size 256 --batch 1,8`. On a CPU `compile` is torch.compile's default mode (its
-max-autotune GEMM templates take many minutes to tune there).
+a PNG bar chart. The default is CPU-sized (DiT-S/2, 32x32 latent, batch 1 with CFG, bf16; on a CPU the rows
+`CPU_DEFAULT`: fp32 eager and compile, the installed fp32 and int8 peers, ditengine's exact and int8 rows
+and the GEMM floor); the GPU case is `--model DiT-XL/2 --image-size 256 --batch 1,8`. On a CPU the compile
+rows use torch.compile's default mode (its max-autotune GEMM templates take many minutes to tune there).
 """
 from __future__ import annotations
 
@@ -47,13 +54,17 @@ import ditengine as de
 from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.sampling import denoise_step, reference_forward, run_loop
 
+from . import peers
 from .pixart import is_pixart, pixart_setup
 from .timing import environment, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS = ("eager-fp32", "eager-lp", "eager-lp-sdpa", "compile", "fused", "fused+precond", "fused+graph-step",
-            "fused+graph-loop", "gemm-floor", "fused+graph-loop+cache-first-block", "fused+graph-loop+cache-static")
-CPU_DEFAULT = ("eager-fp32", "eager-lp-sdpa", "fused+precond", "gemm-floor")
+QUANTIZED = {"fused+precond+int8": "int8", "fused+graph-loop+int8": "int8", "fused+graph-loop+fp8": "fp8"}
+VARIANTS = ("eager-fp32", "eager-lp", "eager-lp-sdpa", "compile", "compile-fp32", *peers.PEERS, "fused",
+            "fused+precond", "fused+graph-step", "fused+graph-loop", *QUANTIZED, "gemm-floor",
+            "fused+graph-loop+cache-first-block", "fused+graph-loop+cache-static")
+CPU_DEFAULT = ("eager-fp32", "compile-fp32", *peers.PEERS, "fused+precond", "fused+precond+int8", "gemm-floor")
+GPU_SKIPPED = ("gemm-floor", "compile-fp32", "fused+precond+int8", *peers.PEERS)  # not in the GPU default
 CACHE_VARIANTS = {"fused+graph-loop+cache-first-block": FirstBlockCache, "fused+graph-loop+cache-static": StaticCache}
 # DESIGN.md section 8: measured on an H100, the floor of a step is max(FLOPs / peak, bytes / bandwidth).
 H100_BF16_TFLOPS, H100_COPY_TBPS = 790.0, 3.0
@@ -105,11 +116,12 @@ def dit_workload(base, sched, noise, labels) -> Workload:
                     eager_forward=lambda model, use_cfg: reference_forward(model, noise, use_cfg, labels))
 
 
-def reference_step(workload: Workload, model, cfg_scale: float, i: int = 0):
-    """One eager step as `ditengine.sample` runs it; returns a closure (the state is not advanced)."""
-    forward = workload.eager_forward(model, cfg_scale != 1.0)
+def reference_step(workload: Workload, model, cfg_scale: float, i: int = 0, forward=None):
+    """One eager step as `ditengine.sample` runs it, around the model or a given fp32 `forward` (a peer);
+    returns a closure (the state is not advanced)."""
+    forward = forward or workload.eager_forward(model, cfg_scale != 1.0)
     x = workload.noise * workload.sched.init_noise_sigma
-    dtype = next(model.parameters()).dtype
+    dtype = torch.float32 if model is None else next(model.parameters()).dtype
     channels = workload.noise.shape[1]
     return lambda: denoise_step(forward, workload.sched, i, x, cfg_scale, channels, dtype)
 
@@ -119,7 +131,7 @@ class Variant:
 
     def __init__(self, key, workload: Workload, args, dtype, batch):
         self.key, self.workload, self.sched, self.args, self.batch = key, workload, workload.sched, args, batch
-        self.dtype = torch.float32 if key == "eager-fp32" else dtype
+        self.dtype = torch.float32 if key in ("eager-fp32", "compile-fp32", *peers.PEERS) else dtype
         self.per_call_steps = 1
         self.setup_s = 0.0
         self.prompt_ms = None  # fused rows: the per-prompt precompute (text side), timed apart from the steps
@@ -128,14 +140,18 @@ class Variant:
         key, args, w = self.key, self.args, self.workload
         noise = w.noise
         start = time.perf_counter()
-        if key.startswith("eager") or key == "compile":
+        if key.startswith("eager") or key.startswith("compile"):
             model = w.eager_model(self.dtype, key not in ("eager-fp32", "eager-lp"))
-            if key == "compile":
+            if key.startswith("compile"):
                 model = torch.compile(model, mode="max-autotune" if noise.device.type == "cuda" else None)
             self.model = model
             self.step = reference_step(w, model, args.cfg_scale)
             with torch.inference_mode():
                 self.step()  # compile (or warm) here, so setup_s carries the compile time
+        elif key in peers.PEERS:
+            self.peer = peer_forward(key, w, args)  # raises peers.PeerUnavailable: the row is skipped
+            self.step = reference_step(w, None, args.cfg_scale, forward=self.peer)
+            self.step()
         elif key == "gemm-floor":
             rows = self.batch * (2 if args.cfg_scale != 1.0 else 1)
             self.step = gemm_floor_step(de.fast.fused_denoiser(w.base, self.dtype), rows)
@@ -143,8 +159,11 @@ class Variant:
             graph_modes = {"fused+graph-step": "step", "fused+graph-loop": "loop"}
             mode = "loop" if key in CACHE_VARIANTS else graph_modes.get(key)
             cache = CACHE_VARIANTS[key]() if key in CACHE_VARIANTS else None
+            if key in QUANTIZED:
+                mode = "loop" if "graph-loop" in key else None
             self.sampler = de.FastSampler(w.base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
-                                          cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache)
+                                          cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache,
+                                          quantize=QUANTIZED.get(key))
             cond = self.sampler.fast.inputs(w.base, noise, self.sampler.use_cfg, *w.conditioning, **w.named)
             plan = self.sampler.plan(noise.shape, cond)
             plan.prepare(noise, cond)
@@ -166,9 +185,26 @@ class Variant:
         g = torch.Generator(w.noise.device).manual_seed(self.args.seed)
         if hasattr(self, "sampler"):
             return self.sampler(w.noise, *w.conditioning, generator=g, **w.named)
-        forward = w.eager_forward(self.model, self.args.cfg_scale != 1.0)  # ditengine.sample's loop around it
-        return run_loop(forward, self.sched, w.noise, self.args.cfg_scale, w.noise.shape[1],
-                        next(self.model.parameters()).dtype, g)
+        if hasattr(self, "peer"):
+            forward, dtype = self.peer, torch.float32
+        else:  # ditengine.sample's loop around the eager model
+            forward, dtype = w.eager_forward(self.model, self.args.cfg_scale != 1.0), next(self.model.parameters()).dtype
+        return run_loop(forward, self.sched, w.noise, self.args.cfg_scale, w.noise.shape[1], dtype, g)
+
+
+def peer_forward(name: str, workload: Workload, args):
+    """The peer runtime's forward on the workload's CFG-doubled batch (the class-conditional DiT only)."""
+    if not isinstance(workload.base, de.DiT):
+        raise peers.PeerUnavailable(f"the runtime peers run the class-conditional DiT; {type(workload.base).__name__} "
+                                    "is not exported")
+    from ditengine.inputs import guided_labels
+
+    use_cfg = args.cfg_scale != 1.0
+    (labels,) = workload.conditioning
+    y = guided_labels(labels, workload.base.config.num_classes, use_cfg)
+    x_in = torch.cat([workload.noise] * (2 if use_cfg else 1))
+    t = workload.sched.timesteps[:1].expand(len(x_in)).float()
+    return peers.peer_forward(name, workload.base, x_in, t, y, Path(args.out) / "peers")
 
 
 def gemm_floor_step(fast, rows: int):
@@ -190,7 +226,7 @@ def parse_args(argv=None):
     size.add_argument("--input-size", type=int, help="latent height = width (default 32)")
     size.add_argument("--image-size", type=int, help="pixel size; the latent is image-size / 8 (VAE factor)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes before CFG doubling (default: 1)")
-    p.add_argument("--dtype", choices=DTYPES, help="low-precision dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=DTYPES, help="low-precision dtype (default: bf16)")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="1.0 disables guidance (no batch doubling)")
     p.add_argument("--steps", type=int, help="sampling steps of the quality run and the loop graph "
                                              "(default: 50 on GPU, 5 on CPU)")
@@ -206,7 +242,7 @@ def parse_args(argv=None):
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or "bf16"
     args.steps = args.steps or (50 if gpu else 5)
-    default = [v for v in VARIANTS if v != "gemm-floor" and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
+    default = [v for v in VARIANTS if v not in GPU_SKIPPED and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -244,9 +280,10 @@ def main(argv=None) -> int:
     else:
         cfg, base, flops_of, workload_for = dit_setup(args, device)
     weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize
-    results = []
+    results, skipped = [], {}
     report = {"env": environment(device), "model": args.model, "config": dict(cfg.__dict__), "args": vars(args),
-              "scheduler": None, "flops_per_step": {b: flops_of(b * 2) for b in batches}, "results": results}
+              "scheduler": None, "flops_per_step": {b: flops_of(b * 2) for b in batches}, "results": results,
+              "skipped": skipped}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"bench-partial-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -265,7 +302,13 @@ def main(argv=None) -> int:
             bar.set_postfix_str(f"{key}, batch {batch}")
             variant = Variant(key, workload, args, dtype, batch)
             with torch.inference_mode():
-                variant.setup()
+                try:
+                    variant.setup()
+                except peers.PeerUnavailable as reason:
+                    skipped.setdefault(key, str(reason))
+                    print(f"skipped {key}: {reason}")
+                    bar.update()
+                    continue
                 loops = variant.per_call_steps > 1  # one call runs the whole loop: fewer calls
                 timing = measure(variant.step, device, 1 if loops else args.warmup,
                                  max(3, args.repeats // variant.per_call_steps) if loops else args.repeats)
@@ -326,6 +369,7 @@ def format_table(report: dict) -> str:
         lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")
+    lines += [f"\nskipped {key}: {reason}" for key, reason in report.get("skipped", {}).items()]
     return "\n".join(lines)
 
 

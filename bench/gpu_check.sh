@@ -2,7 +2,8 @@
 # The GPU run, in one command that fits one 600 s device call: prove CUDA and Triton work (before
 # installing anything; else fail within seconds), install, then measure in order of value: the
 # gpu-marked tests, the DiT-XL/2 256 px ladder rows that carry the claim (batch 1, then batch 8), the
-# PixArt-Σ 1024 px rows (28 layers, 300 text tokens), torch.compile(max-autotune) of the DiT reference,
+# PixArt-Σ 1024 px rows (28 layers, 300 text tokens), the fp8 and int8 rows, torch.compile(max-autotune) of
+# the DiT reference,
 # and the kernel microbenchmarks. Every stage has its own
 # time limit (540 s in all), keeps what it measured when cut off, and fails when it measured nothing.
 # Ends with OUTDIR/summary.md: device, driver, versions, commit, and the tables ready for the README.
@@ -26,6 +27,7 @@ done
 
 LADDER=(-m ditengine.bench --model DiT-XL/2 --image-size 256 --dtype bf16 --steps 50)
 CLAIM=eager-lp-sdpa,fused,fused+graph-loop
+QUANTIZED=fused+graph-loop+fp8,fused+graph-loop+int8  # W8A8 rows: fp8 (the Hopper form) and int8 (_int_mm)
 # The machine has no diffusers: its eager PixArt rows are ditengine's reference spec (equal to diffusers' in
 # fp32, tested on CPU). torch.compile of a 4096-token PixArt does not fit this plan.
 PIXART=(-m ditengine.bench --model PixArt-Σ --image-size 1024 --dtype bf16 --steps 20 --repeats 5 --warmup 1)
@@ -38,12 +40,13 @@ STAGES=(
     "ladder-batch1|60|60|rows|$PY ${LADDER[*]} --batch 1 --variants $CLAIM --out \$DIR"
     "ladder-batch8|45|0|rows|$PY ${LADDER[*]} --batch 8 --variants $CLAIM --out \$DIR"
     "ladder-pixart-sigma-1024|55|0|rows|$PY ${PIXART[*]} --batch 1 --variants $CLAIM --out \$DIR"
-    "ladder-compile|80|0|rows|$PY ${LADDER[*]} --batch 1 --variants compile --out \$DIR"
-    "bench-attention|35|0|rows|$PY -m ditengine.bench.attention --out \$DIR"
+    "ladder-quantized|25|0|rows|$PY ${LADDER[*]} --batch 1 --variants $QUANTIZED --out \$DIR"
+    "ladder-compile|65|0|rows|$PY ${LADDER[*]} --batch 1 --variants compile --out \$DIR"
+    "bench-attention|30|0|rows|$PY -m ditengine.bench.attention --out \$DIR"
     "bench-adaln|25|25|rows|$PY -m ditengine.bench.adaln --out \$DIR"
     "bench-scheduler-step|15|0|rows|$PY -m ditengine.bench.scheduler_step --out \$DIR"
     "bench-mlp-epilogue|15|0|rows|$PY -m ditengine.bench.mlp_epilogue --out \$DIR"
-    "ladder-eager-fp32|20|0|rows|$PY ${LADDER[*]} --batch 1 --variants eager-fp32 --repeats 3 --out \$DIR"
+    "ladder-eager-fp32|15|0|rows|$PY ${LADDER[*]} --batch 1 --variants eager-fp32 --repeats 3 --out \$DIR"
 )
 
 selected=()  # name|limit|evidence|command, with this plan's limit

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from ditengine.bench.cli import CACHE_VARIANTS, CPU_DEFAULT, VARIANTS, dit_flops, main, parse_args
+from ditengine.bench.peers import PEERS
 from ditengine.bench.sm90 import SHARED_LIMIT
 
 import ditengine as de
@@ -13,7 +14,9 @@ import ditengine as de
 
 def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the ladder's logic is under test; kernels run their references
-    variants = [v for v in VARIANTS if v != "compile" and v not in CACHE_VARIANTS]
+    # The compile rows take long here, the peers have their own test below, fp8 needs a GPU.
+    variants = [v for v in VARIANTS if not v.startswith("compile") and v not in CACHE_VARIANTS
+                and v not in PEERS and "fp8" not in v]
     assert main(["--model", "DiT-T/2", "--input-size", "8", "--batch", "1,2", "--repeats", "3", "--warmup", "1",
                  "--dtype", "bf16", "--steps", "3", "--variants", ",".join(variants), "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -28,7 +31,7 @@ def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypa
         if r["variant"] == "gemm-floor":  # GEMMs alone: no sample, and it is its own 100%
             assert r["sqnr_db"] is None and r["pct_of_gemm_floor"] == pytest.approx(100)
         else:
-            assert r["sqnr_db"] > (100 if r["dtype"] == "float32" else 20), r  # same noise, same answer
+            assert r["sqnr_db"] > (100 if r["dtype"] == "float32" and "int8" not in r["variant"] else 20), r
     by = {(r["variant"], r["batch"]): r for r in rows}
     assert by[("fused+precond", 1)]["conditioning"] == "precomputed" and by[("fused", 1)]["conditioning"] == "per-step"
     for ext in ("csv", "md", "png"):
@@ -36,10 +39,28 @@ def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypa
     assert not list(tmp_path.glob("bench-partial-*"))  # the partial file is replaced by the full report
 
 
-def test_cpu_default_ladder_is_bf16_against_eager_and_the_gemm_floor():
+def test_cpu_default_ladder_is_against_fp32_eager_compile_the_peers_and_the_gemm_floor():
     args = parse_args(["--device", "cpu"])
     assert args.dtype == "bf16" and args.variants == list(CPU_DEFAULT)
-    assert {"eager-fp32", "eager-lp-sdpa", "gemm-floor"} <= set(CPU_DEFAULT) and "compile" not in CPU_DEFAULT
+    assert {"eager-fp32", "compile-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "fused+precond",
+            "fused+precond+int8", "gemm-floor"} <= set(CPU_DEFAULT)
+    gpu = parse_args(["--device", "cuda"]).variants
+    assert "fused+graph-loop+fp8" in gpu and not set(gpu) & {"onnxruntime-fp32", "gemm-floor"}
+
+
+def test_a_missing_peer_skips_its_row_with_the_reason(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed: importing it raises ImportError
+    assert main(["--model", "DiT-T/2", "--input-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1",
+                 "--dtype", "fp32", "--variants", "onnxruntime-fp32,fused+precond,fused+precond+int8",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped onnxruntime-fp32: onnxruntime is not installed (pip install 'ditengine[peers]')" in printed
+    report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert [r["variant"] for r in report["results"]] == ["fused+precond", "fused+precond+int8"]
+    assert "onnxruntime-fp32" in report["skipped"]
+    int8 = report["results"][1]
+    assert 25 < int8["sqnr_db"] < 100  # quantised, and close to the fp32 reference
 
 
 def test_flops_match_the_design_figure():

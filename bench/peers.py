@@ -1,0 +1,212 @@
+"""CPU runtime peers: the reference DiT (fp32) exported to ONNX and run by other inference runtimes.
+
+    onnxruntime-fp32  ONNX Runtime, CPU provider, every graph optimisation (ORT_ENABLE_ALL)
+    onnxruntime-int8  ... after `quantize_dynamic`: int8 weights per output channel, activations quantised
+                      at run time, MatMul/Gemm only; the rest stays fp32. This is ORT's documented
+                      recipe for transformers on CPU, and it needs no calibration data.
+    openvino-fp32     OpenVINO's CPU plugin on the same ONNX file
+    openvino-int8     ... after nncf's data-free int8 weight compression (INT8_SYM, the mode OpenVINO
+                      pairs with dynamic int8 quantisation of activations), the counterpart of the ORT row
+
+Fairness: every peer runs on the same intra-op thread count as torch (`torch.get_num_threads()` unless
+told otherwise), one inference at a time. The fp32 rows are fp32 throughout: on CPUs with avx512_bf16
+or AMX OpenVINO's plugin silently infers in bf16 unless told otherwise, so f32 is forced and checked.
+The int8 rows quantise only what their runtime's own tooling quantises by default for this recipe.
+
+The runtimes are optional (`pip install 'ditengine[peers]'`): they are imported when a peer is built,
+and a missing one raises `PeerUnavailable` with the reason, for the caller to report and skip.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import pathlib
+import shutil
+import warnings
+from collections import defaultdict
+from typing import Callable
+
+import torch
+
+import ditengine as de
+
+PEERS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8")
+INPUT_NAMES = ("x", "t", "y")
+INSTALL_HINT = "pip install 'ditengine[peers]'"
+NNCF_MISSING = "openvino-int8 needs nncf (pip install nncf), which is not installed"
+
+Forward = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class PeerUnavailable(RuntimeError):
+    """Raised with a one-line human reason (e.g. "onnxruntime is not installed (pip install 'ditengine[peers]')")."""
+
+
+def _require(module: str, reason: str | None = None):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise PeerUnavailable(reason or f"{module} is not installed ({INSTALL_HINT})") from err
+
+
+def _as_numpy(tensor: torch.Tensor, dtype: torch.dtype):
+    """A view, not a copy, whenever the tensor is already a contiguous CPU tensor of `dtype`."""
+    return tensor.detach().to("cpu", dtype).contiguous().numpy()
+
+
+def _feeds(x_in: torch.Tensor, t: torch.Tensor, labels) -> dict:
+    return {"x": _as_numpy(x_in, torch.float32), "t": _as_numpy(t, torch.float32), "y": labels}
+
+
+def _cache_key(model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> str:
+    # The weights are part of the key: two models of one config (a checkpoint, a random init) must not
+    # share a file.
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps({"config": dataclasses.asdict(model.config), "torch": torch.__version__,
+                              "shapes": [list(v.shape) for v in (x_in, t, y)]}, sort_keys=True).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def export_onnx(model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor, workdir: pathlib.Path):
+    """The fp32 ONNX file of `model` at these input shapes, exported once per weights and shapes into
+    `workdir`. Returns (path, exporter) with exporter "dynamo" or "torchscript" (the fallback)."""
+    folder = pathlib.Path(workdir) / f"dit-{_cache_key(model, x_in, t, y)}"
+    if not (folder / "model.onnx").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = folder.with_name(f".{folder.name}.{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        # torch's exporter decomposes SDPA into matmul + softmax anyway; the explicit form does it with
+        # fewer reshapes and scalings.
+        exported = copy.deepcopy(model).float().eval().use_sdpa(False)
+        args = (x_in.detach().float().cpu(), t.detach().float().cpu(), y.detach().long().cpu())
+        exporter = "dynamo"
+        with torch.no_grad():
+            try:
+                torch.onnx.export(exported, args, staging / "model.onnx", input_names=list(INPUT_NAMES),
+                                  output_names=["out"], dynamo=True, verbose=False)
+            except Exception as err:  # the new exporter still misses some graphs the old one handles
+                warnings.warn(f"torch.onnx.export(dynamo=True) failed ({type(err).__name__}: {err}); "
+                              "falling back to the TorchScript exporter")
+                exporter = "torchscript"
+                shutil.rmtree(staging)
+                staging.mkdir()
+                torch.onnx.export(exported, args, staging / "model.onnx", input_names=list(INPUT_NAMES),
+                                  output_names=["out"], dynamo=False, opset_version=18)
+        (staging / "exporter.txt").write_text(exporter)
+        try:
+            os.replace(staging, folder)  # atomic: a concurrent or interrupted export leaves no half file
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another process finished first
+    return folder / "model.onnx", (folder / "exporter.txt").read_text()
+
+
+def quantize_onnx(fp32_path: pathlib.Path) -> pathlib.Path:
+    """ORT's dynamic int8 quantisation of the fp32 file, made once beside it: QInt8 weights per output
+    channel for every MatMul and Gemm with a constant weight (the attention's activation products stay fp32).
+
+    ORT's `quant_pre_process` is not run: torch's exporter already records every shape, so with it the
+    same nodes are quantised (5 per block, 4 outside) at no measurable speed-up, for seconds of setup."""
+    quantization = _require("onnxruntime.quantization", f"onnxruntime is not installed ({INSTALL_HINT})")
+    target = fp32_path.with_name("model.int8.onnx")
+    if not target.exists():
+        partial = target.with_name(f".{os.getpid()}.{target.name}")
+        quantization.quantize_dynamic(fp32_path, partial, op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
+                                      weight_type=quantization.QuantType.QInt8)
+        os.replace(partial, target)
+    return target
+
+
+def _ort_session(ort, path: pathlib.Path, threads: int, profile_prefix: str | None = None):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime_forward(path: pathlib.Path, y: torch.Tensor, threads: int) -> Forward:
+    session = _ort_session(_require("onnxruntime"), path, threads)
+    labels = _as_numpy(y, torch.int64)
+
+    def forward(x_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, _feeds(x_in, t, labels))[0])
+
+    return forward
+
+
+def _openvino_forward(path: pathlib.Path, y: torch.Tensor, threads: int, int8: bool) -> Forward:
+    ov = _require("openvino")
+    core = ov.Core()
+    model = core.read_model(str(path))
+    if int8:
+        nncf = _require("nncf", NNCF_MISSING)
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
+                                                  "PERFORMANCE_HINT": "LATENCY"})
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if precision != ov.Type.f32:
+        raise RuntimeError(f"OpenVINO compiled the model for {precision}, not the f32 that was asked for")
+    request = compiled.create_infer_request()
+    labels = _as_numpy(y, torch.int64)
+
+    def forward(x_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        # share_inputs: the runtime reads the numpy buffers in place; outputs are copied out (the default)
+        # so a caller that keeps an earlier step's output does not see it overwritten.
+        result = request.infer(_feeds(x_in, t, labels), share_inputs=True)
+        return torch.from_numpy(result[0])
+
+    return forward
+
+
+def peer_forward(name: str, model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                 workdir: pathlib.Path, threads: int | None = None) -> Forward:
+    """Export/compile once, return forward(x_in, t, step) -> torch fp32 tensor (same shape as model(x_in, t, y)).
+    x_in (N, C, H, W) fp32, t (N,) float timesteps, y (N,) int64 class labels: the CFG-doubled model batch
+    (the labels are fixed per call, baked as an input fed on every run; t changes per step).
+    threads: intra-op threads (default torch.get_num_threads()), so peers and torch use the same cores."""
+    if name not in PEERS:
+        raise ValueError(f"unknown peer {name!r}; expected one of {', '.join(PEERS)}")
+    runtime, precision = name.split("-")
+    # The runtime (and nncf) are checked before the export, so a missing package costs no export time.
+    _require(runtime)
+    if name == "openvino-int8":
+        _require("nncf", NNCF_MISSING)
+    threads = threads or torch.get_num_threads()
+    path, _ = export_onnx(model, x_in, t, y, workdir)
+    if runtime == "onnxruntime":
+        return _onnxruntime_forward(quantize_onnx(path) if precision == "int8" else path, y, threads)
+    return _openvino_forward(path, y, threads, int8=precision == "int8")
+
+
+def profile_onnxruntime(model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                        workdir: pathlib.Path, quantized: bool, runs: int = 10,
+                        threads: int | None = None) -> dict[str, float]:
+    """Share (%) of ONNX Runtime's total node time by op type over `runs` forwards, largest first.
+    The raw trace (chrome://tracing format) stays in `workdir` as profile-{fp32,int8}_<time>.json."""
+    ort = _require("onnxruntime")
+    path, _ = export_onnx(model, x_in, t, y, workdir)
+    path = quantize_onnx(path) if quantized else path
+    prefix = str(pathlib.Path(workdir) / f"profile-{'int8' if quantized else 'fp32'}")
+    session = _ort_session(ort, path, threads or torch.get_num_threads(), profile_prefix=prefix)
+    feeds = _feeds(x_in, t, _as_numpy(y, torch.int64))
+    for _ in range(runs):
+        session.run(None, feeds)
+    trace = json.loads(pathlib.Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = defaultdict(float)
+    for event in trace:
+        # Each node also logs zero-length fence events; only the kernel time is the node's work.
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    total = sum(by_op.values()) or 1.0
+    return {op: 100.0 * dur / total for op, dur in sorted(by_op.items(), key=lambda kv: -kv[1])}
