@@ -20,7 +20,7 @@ import torch
 from . import schedulers as S
 from .cache import FirstBlockCache, StaticCache, parse_cache
 from .data import digits
-from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler
+from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler, parse_interval
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,14 +115,6 @@ def parse_args(argv=None):
                    help="guidance only at timesteps in [LO, HI] (e.g. 0,600; 'inf' allowed)")
     p.add_argument("--out", default="cache-sweep", help="cache sweep: path stem of the CSV and PNG")
     return p.parse_args(argv)
-
-
-def parse_interval(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
-    return lo, hi
 
 
 def eval_scheduler(spec: str, steps: int, model, ddim_clip: str = "paper"):

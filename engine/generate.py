@@ -7,6 +7,7 @@ produce exactly the samples one process does.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -63,6 +64,15 @@ def make_scheduler(name: str, steps: int, model: DiT, ddim_clip: str = "paper") 
     if name == "flow":
         return S.FlowMatchEuler(steps)
     raise ValueError(f"scheduler {name!r}: expected one of {SCHEDULERS}")
+
+
+def parse_interval(text: str) -> tuple[float, float]:
+    """The CLIs' --cfg-interval LO,HI."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (two numbers), got {text!r}") from None
+    return lo, hi
 
 
 def generate(model: DiT, sched: S.Scheduler, labels: torch.Tensor, seed: int = 0, cfg_scale: float = 2.0,

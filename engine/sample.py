@@ -19,7 +19,7 @@ import torch
 
 from .cache import parse_cache
 from .distributed import close_distributed, init_distributed
-from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler
+from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler, parse_interval
 from .sampling import sample as _sample
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="grid.png", help="PNG grid; the samples go to the same name with .npy")
     p.add_argument("--cache", help="step caching: first-block[:threshold], static[:interval] or none")
+    p.add_argument("--quantize", choices=("int8", "fp8"), help="the fused backend's block GEMMs as W8A8")
+    p.add_argument("--cfg-interval", type=parse_interval, metavar="LO,HI",
+                   help="guidance only at timesteps in [LO, HI] (e.g. 0,700; 'inf' allowed)")
     return p.parse_args(argv)
 
 
@@ -76,7 +79,8 @@ def main(argv=None) -> int:
     labels = torch.tensor(wanted).repeat_interleave(args.per_class)
     sched = make_scheduler(args.scheduler, args.steps, model, args.ddim_clip)
     samples = generate(model, sched, labels, seed=args.seed, cfg_scale=args.cfg_scale, backend=args.backend,
-                       dtype=DTYPES[args.dtype], batch_size=args.batch_size, cache=parse_cache(args.cache))
+                       dtype=DTYPES[args.dtype], batch_size=args.batch_size, cache=parse_cache(args.cache),
+                       quantize=args.quantize, cfg_interval=args.cfg_interval)
     if rank == 0:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ class Fp8Linear:
     scale: torch.Tensor
     bias: torch.Tensor | None
     out_features: int
-    emulate: bool  # the reference numerics (fp32 GEMM on dequantised operands) instead of _scaled_mm
+    emulated_weight: torch.Tensor | None  # the reference numerics: the dequantised weight (fp32) for an fp32 GEMM
 
 
 def prepack_fp8(w: torch.Tensor, b: torch.Tensor | None = None, emulate: bool = False) -> Fp8Linear:
@@ -55,15 +55,15 @@ def prepack_fp8(w: torch.Tensor, b: torch.Tensor | None = None, emulate: bool = 
                          f"{None if b is None else tuple(b.shape)}")
     q, s = quantize_rows_fp8(w.detach())
     return Fp8Linear(q.contiguous(), s.view(-1).contiguous(), None if b is None else b.detach().float().contiguous(),
-                     w.shape[0], emulate)
+                     w.shape[0], q.float() * s if emulate else None)
 
 
 def linear_fp8(x: torch.Tensor, packed: Fp8Linear, gelu: bool = False) -> torch.Tensor:
     """act(x @ w^T + b) through e4m3 for x (..., K) -> (..., N) in x's dtype."""
     K, N = x.shape[-1], packed.out_features
     q, s = quantize_rows_fp8(x.reshape(-1, K))
-    if packed.emulate:
-        y = (q.float() * s) @ (packed.weight.float() * packed.scale[:, None]).t()
+    if packed.emulated_weight is not None:
+        y = (q.float() * s) @ packed.emulated_weight.t()
     else:  # row-wise scaled fp8 GEMMs give bf16 (the tensor-core epilogue's output type)
         y = torch._scaled_mm(q, packed.weight.t(), scale_a=s, scale_b=packed.scale.view(1, N),
                              out_dtype=torch.bfloat16).float()

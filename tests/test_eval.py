@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 import torch
@@ -34,3 +35,19 @@ def test_pixel_frechet_distance_rejects_bad_samples():
         pixel_frechet_distance(torch.rand(4, 1, 16, 16))
     with pytest.raises(ValueError, match="at least 2"):
         pixel_frechet_distance(torch.rand(1, 1, 8, 8))
+
+
+def test_eval_cli_int8_and_guidance_interval_on_the_shipped_model(tmp_path, capsys):
+    """The CLI's --quantize and --cfg-interval reach the sampler: int8 samples stay digits of their class, and the
+    interval run is a different function of the same noise (rows report it)."""
+    from ditengine.eval import main
+
+    out = tmp_path / "rows.json"
+    assert main(["--schedulers", "ddim", "--backends", "fused", "--per-class", "3", "--steps", "10",
+                 "--quantize", "int8", "--cfg-interval", "0,600", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["quantize"] == "int8" and row["cfg_interval"] == [0.0, 600.0] and row["seconds"] > 0
+    assert row["accuracy"] >= 0.8, row
+    with pytest.raises(SystemExit):
+        main(["--cfg-interval", "0-600"])
+    assert "expected LO,HI" in capsys.readouterr().err
