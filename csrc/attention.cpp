@@ -68,13 +68,13 @@ void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides 
     // Per-thread scratch (64-byte aligned by ATen's allocator), reused by every task of the range.
     at::Tensor s_buf = at::empty({BLOCK_M, block_n}, at::kFloat);    // scores, then probabilities
     at::Tensor acc_buf = at::empty({group_rows, Dh}, at::kFloat);    // unnormalised p v
-    // q scaled, k transposed (both fp32), v widened (bf16 / fp16 only)
-    at::Tensor wide_buf = at::empty({BLOCK_M + block_n + (widened ? block_n : 0), Dh}, at::kFloat);
+    // k transposed (fp32); q and v widened (bf16 / fp16 only)
+    at::Tensor wide_buf = at::empty({block_n + (widened ? BLOCK_M + block_n : 0), Dh}, at::kFloat);
     float* s = s_buf.data_ptr<float>();
     float* acc_all = acc_buf.data_ptr<float>();
-    float* q_scaled = wide_buf.data_ptr<float>();
-    float* k_t = q_scaled + BLOCK_M * Dh;
-    float* v_wide = k_t + block_n * Dh;
+    float* k_t = wide_buf.data_ptr<float>();
+    float* q_wide = k_t + block_n * Dh;
+    float* v_wide = q_wide + BLOCK_M * Dh;
     std::vector<float> m_all(group_rows), l_all(group_rows);  // running max and sum per query row
 
     for (int64_t task = begin; task < end; ++task) {
@@ -87,21 +87,21 @@ void attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, Strides 
       for (int64_t n0 = 0; n0 < T_k; n0 += block_n) {
         const int64_t cols = std::min(block_n, T_k - n0);
         const bool first = n0 == 0;
-        int64_t ldv;
+        int64_t ldq, ldv;
         cpu::load_transposed(k_head + n0 * sk.t, cols, Dh, sk.t, k_t);  // (Dh, cols)
         const float* v_blk = as_fp32(v_head + n0 * sv.t, cols, Dh, sv.t, v_wide, ldv);  // (cols, Dh)
         for (int64_t r0 = g0; r0 < g1; r0 += BLOCK_M) {
           const int64_t rows = std::min(BLOCK_M, g1 - r0);
-          cpu::load_scaled(q + b * sq.b + h * sq.h + r0 * sq.t, rows, Dh, sq.t, scale, q_scaled);
+          const float* q_tile = as_fp32(q + b * sq.b + h * sq.h + r0 * sq.t, rows, Dh, sq.t, q_wide, ldq);
           float* acc = acc_all + (r0 - g0) * Dh;  // (rows, Dh)
           float* row_m = m_all.data() + (r0 - g0);
           float* row_l = l_all.data() + (r0 - g0);
-          gemm(false, rows, cols, Dh, 1.f, q_scaled, Dh, k_t, cols, 0.f, s, block_n);  // (rows, cols)
+          gemm(false, rows, cols, Dh, 1.f, q_tile, ldq, k_t, cols, 0.f, s, block_n);  // raw q.k (rows, cols)
           for (int64_t i = 0; i < rows; ++i) {
             float* s_row = s + i * block_n;
-            const float m_blk = ops.row_max(s_row, cols);
+            const float m_blk = ops.row_max(s_row, cols) * scale;  // = the max of the scaled row (scale > 0)
             const float m_new = first ? m_blk : std::max(row_m[i], m_blk);
-            const float sum = ops.exp_sum(s_row, cols, m_new);
+            const float sum = ops.exp_sum(s_row, cols, m_new, scale);
             if (first) {
               row_l[i] = sum;
             } else {  // rescale what earlier key blocks accumulated to the new running max
@@ -157,8 +157,9 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   auto rows_apart = [Dh](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) >= Dh ? t : t.contiguous(); };
   const at::Tensor qr = rows_apart(q), kr = rows_apart(k), vr = rows_apart(v);
   const auto dtype = q.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
-    // float64 and anything else: the op's Python fallback runs SDPA; so does this kernel.
+  if ((dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) || !(softmax_scale > 0)) {
+    // float64 and anything else: the op's Python fallback runs SDPA; so does this kernel. So does a scale that
+    // is not positive (the row max of the scaled scores is taken as the raw max times the scale).
     at::Tensor out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, softmax_scale);
     return tokens_first ? out.transpose(1, 2).contiguous() : out.contiguous();
   }

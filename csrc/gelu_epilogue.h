@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "cpu_common.h"
+#include "cpu.h"  // after cpu_common.h (see softmax_rows.h)
 
 namespace ditengine {
 namespace {
@@ -25,7 +26,7 @@ inline void bias_gelu_scalar(float* y, const float* bias, int64_t n, bool apply_
   }
 }
 
-#ifdef DITENGINE_X86
+#if DITENGINE_X86
 DITENGINE_AVX2 inline __m256 gelu_tanh256(__m256 y) {
   const __m256 y3 = _mm256_mul_ps(_mm256_mul_ps(y, y), y);
   const __m256 u2 = _mm256_mul_ps(_mm256_set1_ps(-2.f * GELU_K0), _mm256_fmadd_ps(_mm256_set1_ps(GELU_K1), y3, y));
@@ -43,13 +44,30 @@ DITENGINE_AVX2 inline void bias_gelu_avx2(float* y, const float* bias, int64_t n
   }
   bias_gelu_scalar(y + j, bias ? bias + j : nullptr, n - j, apply_gelu);
 }
+
+DITENGINE_AVX512F inline void bias_gelu_avx512(float* y, const float* bias, int64_t n, bool apply_gelu) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512 v = _mm512_loadu_ps(y + j);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    if (apply_gelu) {
+      const __m512 v3 = _mm512_mul_ps(_mm512_mul_ps(v, v), v);
+      const __m512 u2 = _mm512_mul_ps(_mm512_set1_ps(-2.f * GELU_K0), _mm512_fmadd_ps(_mm512_set1_ps(GELU_K1), v3, v));
+      v = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), cpu::exp512(u2)));
+    }
+    _mm512_storeu_ps(y + j, v);
+  }
+  bias_gelu_avx2(y + j, bias ? bias + j : nullptr, n - j, apply_gelu);
+}
 #endif
 
 using EpilogueFn = void (*)(float*, const float*, int64_t, bool);
 
+// By the ISA the kernels run (DITENGINE_ISA caps it).
 inline EpilogueFn epilogue() {
-#ifdef DITENGINE_X86
-  if (cpu::cpu_has_avx2_fma()) return bias_gelu_avx2;
+#if DITENGINE_X86
+  if (cpu::isa() == cpu::Isa::avx512) return bias_gelu_avx512;
+  if (cpu::isa() == cpu::Isa::avx2) return bias_gelu_avx2;
 #endif
   return bias_gelu_scalar;
 }

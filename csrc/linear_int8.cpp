@@ -20,8 +20,8 @@
 #include <optional>
 #include <vector>
 
-#include "cpu.h"
-#include "gelu_epilogue.h"
+#include "gelu_epilogue.h"  // cpu_common.h, then cpu.h
+
 
 namespace ditengine {
 namespace {

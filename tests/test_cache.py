@@ -164,8 +164,9 @@ def test_cached_graph_runner_recaptures_on_batch_change_and_does_not_alias(refer
         noise3, labels3 = draw(batch=3)
         third = sampler(noise3, labels3)
         assert sampler.captures == 2 and third.shape == (3, 4, 8, 8)
-        expected = de.sample(model, sampler.sched, noise3, labels3, progress=False, cache=policy)
-        torch.testing.assert_close(third, expected, rtol=1e-4, atol=1e-4)
+        assert_fp32_run_within_tolerance(
+            third, lambda m: de.sample(m, sampler.sched, noise3, labels3, progress=False, cache=policy), model,
+            f"{policy} after recapture", len(sampler.sched))
         assert torch.equal(sampler(noise2, labels2), first)  # the old plan, and its cache state, still good
         assert sampler.captures == 2
 

@@ -146,7 +146,11 @@ def test_conditioning_budget_switches_to_per_step(reference_ops):
     small = FastSampler(model, sched, dtype=torch.float32, cuda_graph="step", conditioning_budget=1024)
     a, b = big(noise, labels), small(noise, labels)
     assert big.conditioning_mode == "precomputed" and small.conditioning_mode == "per-step"
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The same arithmetic but the modulation GEMM's row count (all steps at once, or one), so not bitwise: each
+    # within the fp32 rule of a whole run against the float64 reference.
+    for out, name in ((a, "precomputed"), (b, "per-step")):
+        assert_fp32_run_within_tolerance(out, lambda m: de.sample(m, sched, noise, labels, progress=False), model,
+                                         f"{name} conditioning", len(sched))
 
 
 def test_bad_input(reference_ops):
