@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .linear_gelu import check_linear_weights
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
@@ -50,9 +52,7 @@ class Fp8Linear:
 
 
 def prepack_fp8(w: torch.Tensor, b: torch.Tensor | None = None, emulate: bool = False) -> Fp8Linear:
-    if w.dim() != 2 or (b is not None and b.shape != (w.shape[0],)):
-        raise ValueError(f"w: expected (N, K) and b (N,), got {tuple(w.shape)} and "
-                         f"{None if b is None else tuple(b.shape)}")
+    check_linear_weights(w, b)
     q, s = quantize_rows_fp8(w.detach())
     return Fp8Linear(q.contiguous(), s.view(-1).contiguous(), None if b is None else b.detach().float().contiguous(),
                      w.shape[0], q.float() * s if emulate else None)

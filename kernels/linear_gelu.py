@@ -114,6 +114,13 @@ def mkldnn_gelu_is_tanh(dtype: torch.dtype) -> bool:
 
 
 # -- prepacking and the calls ----------------------------------------------------------------------------
+def check_linear_weights(w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """A linear layer's (weight (N, K), bias (N,) or None), as every prepacked form takes them."""
+    if w.dim() != 2 or (b is not None and b.shape != (w.shape[0],)):
+        raise ValueError(f"w: expected (N, K) and b (N,), got {tuple(w.shape)} and "
+                         f"{None if b is None else tuple(b.shape)}")
+
+
 @dataclass(frozen=True)
 class PackedLinear:
     """A linear layer's weights in the form its backend wants, made once per sampler by `prepack_linear`."""
@@ -155,9 +162,7 @@ def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: tor
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
-    if w.dim() != 2 or (b is not None and b.shape != (w.shape[0],)):
-        raise ValueError(f"w: expected (N, K) and b (N,), got {tuple(w.shape)} and "
-                         f"{None if b is None else tuple(b.shape)}")
+    check_linear_weights(w, b)
     if w.device.type != "cpu":
         raise ValueError(f"prepack_linear is for CPU weights, got {w.device}")
     dtype = dtype or w.dtype

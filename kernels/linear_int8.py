@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _native
+from .linear_gelu import check_linear_weights
 
 QMAX = 127
 
@@ -87,9 +88,7 @@ class Int8Linear:
 
 def prepack_int8(w: torch.Tensor, b: torch.Tensor | None = None, native: bool = True) -> Int8Linear:
     """Quantise w (N, K) per output channel; `native=False` runs the torch body (the "reference" backend)."""
-    if w.dim() != 2 or (b is not None and b.shape != (w.shape[0],)):
-        raise ValueError(f"w: expected (N, K) and b (N,), got {tuple(w.shape)} and "
-                         f"{None if b is None else tuple(b.shape)}")
+    check_linear_weights(w, b)
     q, s = quantize_rows(w.detach())
     return Int8Linear(q.contiguous(), s.view(-1).contiguous(), None if b is None else b.detach().float().contiguous(),
                       w.shape[0], native)

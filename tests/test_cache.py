@@ -9,6 +9,7 @@ from ditengine.cache import FirstBlockCache, StaticCache, parse_cache
 from ditengine.fast import FastDiT, FastSampler, decision_mode
 from ditengine.graphs import conditional_capture_supported
 
+from test_fast import gpu_dit
 from tolerance import assert_fp32_run_within_tolerance
 
 S = de.schedulers
@@ -293,11 +294,7 @@ def test_bench_cache_rows(tmp_path, capsys, reference_ops):
 
 @pytest.mark.gpu
 def test_gpu_static_cache_keeps_one_loop_graph_and_dynamic_reports_its_mode():
-    torch.manual_seed(0)
-    model = de.DiT(de.DiTConfig.from_name("DiT-S/2", input_size=16, depth=4)).cuda().eval()
-    g = torch.Generator("cuda").manual_seed(0)
-    noise = torch.randn(2, 4, 16, 16, device="cuda", generator=g)
-    labels = torch.randint(0, 1000, (2,), device="cuda", generator=g)
+    model, noise, labels = gpu_dit()
     sched = S.DDIM(10)
     sampler = FastSampler(model, sched, dtype=torch.bfloat16, cuda_graph="loop", cache=StaticCache())
     sampler(noise, labels)

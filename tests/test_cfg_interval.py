@@ -9,7 +9,7 @@ import ditengine as de
 from ditengine.fast import FastSampler
 from ditengine.inputs import guided_steps
 
-from test_fast import draw, model_for
+from test_fast import draw, gpu_dit, model_for
 from test_pixart import conditioning, noise as pixart_noise, pixart
 from tolerance import assert_fp32_run_within_tolerance
 
@@ -80,11 +80,7 @@ def test_not_with_a_step_cache():
 
 @pytest.mark.gpu
 def test_gpu_graph_modes_equal_eager_bitwise():
-    torch.manual_seed(0)
-    model = de.DiT(de.DiTConfig.from_name("DiT-S/2", input_size=16, depth=4)).cuda().eval()
-    g = torch.Generator("cuda").manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, device="cuda", generator=g)
-    y = torch.randint(0, 1000, (2,), device="cuda", generator=g)
+    model, x, y = gpu_dit()
     runs = {mode: FastSampler(model, ddim(), dtype=torch.bfloat16, cuda_graph=mode, cfg_interval=(300, 700))(x, y)
             for mode in (None, "step", "loop")}
     assert torch.equal(runs["step"], runs[None]) and torch.equal(runs["loop"], runs[None])

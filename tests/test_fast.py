@@ -18,6 +18,15 @@ def draw(batch=2, seed=0):
     return torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)
 
 
+def gpu_dit(batch=2):
+    """The GPU tests' DiT-S/2 (4 blocks, 16x16 latents) with seeded noise and labels on CUDA."""
+    torch.manual_seed(0)
+    model = de.DiT(de.DiTConfig.from_name("DiT-S/2", input_size=16, depth=4)).cuda().eval()
+    g = torch.Generator("cuda").manual_seed(0)
+    noise = torch.randn(batch, 4, 16, 16, device="cuda", generator=g)
+    return model, noise, torch.randint(0, 1000, (batch,), device="cuda", generator=g)
+
+
 @pytest.fixture
 def reference_ops(monkeypatch):
     """Kernels run their native CPU kernels where the extension is built (CI builds it), else their PyTorch
@@ -188,12 +197,8 @@ def test_gpu_bf16_forward_within_tolerance(name, overrides):
 @pytest.mark.gpu
 @pytest.mark.parametrize("make", SCHEDULERS, ids=IDS)
 def test_gpu_graph_paths_equal_eager_bitwise(make):
-    torch.manual_seed(0)
-    model = de.DiT(de.DiTConfig.from_name("DiT-S/2", input_size=16, depth=4)).cuda().eval()
+    model, noise, labels = gpu_dit(batch=4)
     sched = make()
-    g = torch.Generator("cuda").manual_seed(0)
-    noise = torch.randn(4, 4, 16, 16, device="cuda", generator=g)
-    labels = torch.randint(0, 1000, (4,), device="cuda", generator=g)
     runs = {}
     for mode in (None, "step", "loop"):
         sampler = FastSampler(model, sched, dtype=torch.bfloat16, cuda_graph=mode)

@@ -8,7 +8,7 @@ import ditengine as de
 from ditengine.fast import FastSampler
 from ditengine.kernels import Fp8Linear, Int8Linear
 
-from test_fast import draw, model_for
+from test_fast import draw, gpu_dit, model_for
 from test_pixart import conditioning, noise as pixart_noise, pixart
 
 S = de.schedulers
@@ -82,12 +82,8 @@ def test_the_api_takes_quantize_everywhere_and_refuses_what_cannot_run():
 def test_gpu_quantized_run_within_the_stated_sqnr(quantize):
     if quantize == "fp8" and not de.kernels.fp8_supported(torch.device("cuda")):
         pytest.skip("needs fp8 tensor cores (sm_89+)")
-    torch.manual_seed(0)
-    model = de.DiT(de.DiTConfig.from_name("DiT-S/2", input_size=16, depth=4)).cuda().eval()
+    model, x, y = gpu_dit()
     sched = S.DDIM(10, timestep_spacing="trailing", clip_sample=False)
-    g = torch.Generator("cuda").manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, device="cuda", generator=g)
-    y = torch.randint(0, 1000, (2,), device="cuda", generator=g)
     ref = de.sample(model, sched, x, y, progress=False)
     out = FastSampler(model, sched, dtype=torch.bfloat16, quantize=quantize)(x, y)
     assert sqnr(out, ref) >= SQNR_DB[quantize] - 5  # bf16 around the quantised GEMMs costs a few dB more
