@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 import ditengine as de
 from ditengine.cache import FirstBlockCache, StaticCache
+from ditengine.inputs import guided_labels
 from ditengine.sampling import denoise_step, reference_forward, run_loop
 
 from . import peers
@@ -197,8 +198,6 @@ def peer_forward(name: str, workload: Workload, args):
     if not isinstance(workload.base, de.DiT):
         raise peers.PeerUnavailable(f"the runtime peers run the class-conditional DiT; {type(workload.base).__name__} "
                                     "is not exported")
-    from ditengine.inputs import guided_labels
-
     use_cfg = args.cfg_scale != 1.0
     (labels,) = workload.conditioning
     y = guided_labels(labels, workload.base.config.num_classes, use_cfg)

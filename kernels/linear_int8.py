@@ -87,7 +87,8 @@ class Int8Linear:
 
 
 def prepack_int8(w: torch.Tensor, b: torch.Tensor | None = None, native: bool = True) -> Int8Linear:
-    """Quantise w (N, K) per output channel; `native=False` runs the torch body (the "reference" backend)."""
+    """Quantise w (N, K) per output channel; `native=False` runs the torch body (the "reference" and "triton"
+    backends, which have no int8 kernel of their own)."""
     check_linear_weights(w, b)
     q, s = quantize_rows(w.detach())
     return Int8Linear(q.contiguous(), s.view(-1).contiguous(), None if b is None else b.detach().float().contiguous(),

@@ -62,11 +62,11 @@ class TokenLinear:
         self.packed = self.weight = self.bias = None
         # Rounded to the compute dtype first: the fast path's weights are the model's in that dtype.
         weight, bias = owner.cast(weight), None if bias is None else owner.cast(bias)
-        reference = owner.backend == "reference"
-        if quantize == "int8":
-            self.packed, self.run = prepack_int8(weight, bias, native=not reference), linear_int8
+        if quantize == "int8":  # the op (its native CPU kernel where built), or its torch body on one backend
+            self.packed = prepack_int8(weight, bias, native=owner.backend in (None, "native"))
+            self.run = linear_int8
         elif quantize == "fp8":
-            self.packed, self.run = prepack_fp8(weight, bias, emulate=reference), linear_fp8
+            self.packed, self.run = prepack_fp8(weight, bias, emulate=owner.backend == "reference"), linear_fp8
         elif owner.prepacked:
             self.packed = prepack_linear(weight, bias, dtype=owner.dtype, batch_size=rows)
             self.run = lambda x, packed, gelu: (linear_gelu if gelu else linear)(x, packed)
