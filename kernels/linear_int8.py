@@ -6,8 +6,8 @@ token, quantised on the fly (dynamic), int32 accumulation, dequantisation + bias
     out_mn = act(float(sum_k q_mk wq_nk) * (s_m * ws_n) + b_n)
 
 Symmetric scales (no zero points): the GEMM is a plain s8 x s8 -> s32 product. Per-token activation scales
-follow the activations' spread across tokens (the adaLN-modulated rows of a DiT differ by orders of
-magnitude between timesteps); per-channel weight scales follow the weights'.
+follow each row's own range (the adaLN-modulated rows change scale from step to step with the
+modulation), per-channel weight scales each output channel's.
 
 Error bound (what the tests check): with |x - s q| <= s/2 and |w - ws wq| <= ws/2 per element, and the int32
 sum exact (|sum| <= K 127^2 < 2^31 for K < 133,000),
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import _native
 from .linear_gelu import check_linear_weights
 
 QMAX = 127
@@ -69,10 +68,6 @@ def _linear_int8_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 @_linear_int8_op.register_fake
 def _(x, weight, weight_scale, bias, apply_gelu):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-def native_available() -> bool:
-    return _native.serves("linear_int8")
 
 
 @dataclass(frozen=True)
