@@ -14,14 +14,10 @@
 // captions pad to L = 120 or 300 with often ~20 valid tokens, so this is most of the saving over SDPA
 // with a boolean mask, which computes every padded score.
 //
-// Blocking as csrc/attention.cpp: tasks of (head, batch, query tiles of BLOCK_M rows) spread with
-// at::parallel_for, all of a head's tiles per task when there are heads enough for every thread (its keys
-// are then loaded, and widened, once); heads outermost, so the contiguous task ranges at::parallel_for
-// hands each thread hold every batch row alike (the rows' lengths differ: 20 keys against 1). Each tile
-// walks its row's keys in blocks of up to BLOCK_N with an online softmax (running max and sum in fp32);
-// the GEMMs are the fp32 BLAS tiles of cpu_common.h, the exp its AVX2 polynomial (chosen at run time,
-// capped by DITENGINE_ISA=baseline). bf16 / fp16 blocks are widened to fp32 as they are loaded and the
-// output rounded once, at the end (see csrc/attention.cpp for why fp32 dots are the fast choice here).
+// The tiles and the online softmax are csrc/softmax_rows.h's `attention_tiles`, which self-attention
+// shares: each batch row's tiles walk only its first len_b keys. bf16 / fp16 blocks are widened to fp32 as
+// they are loaded and the output rounded once, at the end (see csrc/attention.cpp for why fp32 dots are the
+// fast choice here).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -38,111 +34,6 @@
 
 namespace ditengine {
 namespace {
-
-using cpu::as_fp32;
-using cpu::gemm;
-using cpu::row_ops;
-using cpu::RowOps;
-
-constexpr int64_t BLOCK_M = 64;   // queries per tile: 4 tiles per head at PixArt's 256 px (T = 256)
-constexpr int64_t BLOCK_N = 512;  // keys per online-softmax step: one step for any PixArt caption (L <= 300)
-
-// -- the kernel ----------------------------------------------------------------------------------------
-struct Strides {
-  int64_t b, t, h;  // batch, token and head strides of a (B, T, ..., H, Dh) operand
-};
-
-// q (B, Tq, H, Dh), k and v (B, L, H, Dh) (the two halves of kv), o (B, Tq, H, Dh): strided, last dim
-// contiguous, one dtype. lens: B values in [1, L], max_len their maximum.
-template <typename scalar_t>
-void cross_attention_kernel(const scalar_t* q, Strides sq, const scalar_t* k, const scalar_t* v, Strides skv,
-                            scalar_t* o, Strides so, const std::vector<int64_t>& lens, int64_t max_len, int64_t B,
-                            int64_t H, int64_t T_q, int64_t Dh, float scale) {
-  constexpr bool widened = !std::is_same_v<scalar_t, float>;
-  const RowOps ops = row_ops();
-  const int64_t q_tiles = (T_q + BLOCK_M - 1) / BLOCK_M;
-  const int64_t block_n = std::min(BLOCK_N, max_len);
-  const int64_t group = B * H >= 2 * at::get_num_threads() ? q_tiles : 1;  // query tiles per task
-  const int64_t groups = (q_tiles + group - 1) / group;
-  const int64_t group_rows = std::min(group * BLOCK_M, T_q);
-  at::parallel_for(0, H * B * groups, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch (64-byte aligned by ATen's allocator), reused by every task of the range.
-    at::Tensor s_buf = at::empty({BLOCK_M, block_n}, at::kFloat);  // scores, then probabilities
-    at::Tensor acc_buf = at::empty({group_rows, Dh}, at::kFloat);  // unnormalised p v
-    // k transposed (fp32); q and v widened (bf16 / fp16 only)
-    at::Tensor wide_buf = at::empty({block_n + (widened ? BLOCK_M + block_n : 0), Dh}, at::kFloat);
-    float* s = s_buf.data_ptr<float>();
-    float* acc_all = acc_buf.data_ptr<float>();
-    float* k_t = wide_buf.data_ptr<float>();
-    float* q_wide = k_t + block_n * Dh;
-    float* v_wide = q_wide + BLOCK_M * Dh;
-    std::vector<float> m_all(group_rows), l_all(group_rows);  // running max and sum per query row
-
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t h = task / (B * groups), b = task / groups % B, g = task % groups;
-      const int64_t n_keys = lens[b];
-      // One key block (any PixArt caption): the probabilities are normalised before p v, whose GEMM then
-      // writes the finished rows, straight into the output for fp32.
-      const bool one_block = n_keys <= block_n;
-      const int64_t g0 = g * group * BLOCK_M, g1 = std::min(T_q, g0 + group * BLOCK_M);  // query rows [g0, g1)
-      const scalar_t* k_head = k + b * skv.b + h * skv.h;  // (n_keys, Dh), row stride skv.t
-      const scalar_t* v_head = v + b * skv.b + h * skv.h;
-      scalar_t* o_head = o + b * so.b + h * so.h;  // (T_q, Dh), row stride so.t
-
-      for (int64_t n0 = 0; n0 < n_keys; n0 += block_n) {
-        const int64_t cols = std::min(block_n, n_keys - n0);
-        const bool first = n0 == 0;
-        int64_t ldq, ldv;
-        cpu::load_transposed(k_head + n0 * skv.t, cols, Dh, skv.t, k_t);  // (Dh, cols)
-        const float* v_blk = as_fp32(v_head + n0 * skv.t, cols, Dh, skv.t, v_wide, ldv);  // (cols, Dh)
-        for (int64_t r0 = g0; r0 < g1; r0 += BLOCK_M) {
-          const int64_t rows = std::min(BLOCK_M, g1 - r0);
-          const float* q_tile = as_fp32(q + b * sq.b + h * sq.h + r0 * sq.t, rows, Dh, sq.t, q_wide, ldq);
-          float* acc = acc_all + (r0 - g0) * Dh;  // (rows, Dh)
-          float* row_m = m_all.data() + (r0 - g0);
-          float* row_l = l_all.data() + (r0 - g0);
-          gemm(false, rows, cols, Dh, 1.f, q_tile, ldq, k_t, cols, 0.f, s, block_n);  // raw q.k (rows, cols)
-          for (int64_t i = 0; i < rows; ++i) {
-            float* s_row = s + i * block_n;
-            const float m_blk = ops.row_max(s_row, cols) * scale;  // = the max of the scaled row (scale > 0)
-            const float m_new = first ? m_blk : std::max(row_m[i], m_blk);
-            const float sum = ops.exp_sum(s_row, cols, m_new, scale);
-            if (one_block) {  // a NaN row (its sum NaN) stays NaN, and only this row
-              const float inv_l = 1.f / sum;
-              for (int64_t j = 0; j < cols; ++j) s_row[j] *= inv_l;
-            } else if (first) {
-              row_l[i] = sum;
-            } else {  // rescale what earlier key blocks accumulated to the new running max
-              const float alpha = std::exp(row_m[i] - m_new);
-              row_l[i] = row_l[i] * alpha + sum;
-              float* acc_row = acc + i * Dh;
-              for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= alpha;
-            }
-            row_m[i] = m_new;
-          }
-          // beta = 0 on the first block: the destination is not read, so stale values (or NaN) never leak in.
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (one_block) {
-              gemm(false, rows, Dh, cols, 1.f, s, block_n, v_blk, ldv, 0.f, o_head + r0 * so.t, so.t);
-              continue;
-            }
-          }
-          gemm(false, rows, Dh, cols, 1.f, s, block_n, v_blk, ldv, first ? 0.f : 1.f, acc, Dh);  // (rows, Dh)
-        }
-      }
-
-      if (one_block && std::is_same_v<scalar_t, float>) continue;  // written by the GEMM
-      for (int64_t r = g0; r < g1; ++r) {
-        float* acc_row = acc_all + (r - g0) * Dh;
-        if (!one_block) {
-          const float inv_l = 1.f / l_all[r - g0];
-          for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= inv_l;
-        }
-        cpu::narrow(acc_row, o_head + r * so.t, Dh);
-      }
-    }
-  });
-}
 
 constexpr const char* OP = "ditengine::cross_attention";
 
@@ -199,15 +90,16 @@ at::Tensor cross_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const 
   // needs a leading dimension of at least Dh.
   const at::Tensor qr = T_q <= 1 || q.stride(1) >= Dh ? q : q.contiguous();
   const at::Tensor kvr = L <= 1 || kv.stride(1) >= Dh ? kv : kv.contiguous();
-  const Strides sq{qr.stride(0), qr.stride(1), qr.stride(2)};
-  const Strides skv{kvr.stride(0), kvr.stride(1), kvr.stride(3)};
-  const Strides so{out.stride(0), out.stride(1), out.stride(2)};
+  // (B, T, H, Dh) operands as the kernel's (B, H, T, Dh) strides; k and v are kv's two halves.
+  const cpu::Strides sq{qr.stride(0), qr.stride(2), qr.stride(1)};
+  const cpu::Strides skv{kvr.stride(0), kvr.stride(3), kvr.stride(1)};
+  const cpu::Strides so{out.stride(0), out.stride(2), out.stride(1)};
   const float scale = static_cast<float>(softmax_scale);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ditengine_cross_attention_cpu", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       const scalar_t* kv_ptr = kvr.data_ptr<scalar_t>();
-      cross_attention_kernel<scalar_t>(qr.data_ptr<scalar_t>(), sq, kv_ptr, kv_ptr + kvr.stride(2), skv,
-                                       out.data_ptr<scalar_t>(), so, lens, max_len, B, H, T_q, Dh, scale);
+      cpu::attention_tiles<scalar_t>(qr.data_ptr<scalar_t>(), sq, kv_ptr, skv, kv_ptr + kvr.stride(2), skv,
+                                     out.data_ptr<scalar_t>(), so, B, H, T_q, L, lens.data(), Dh, scale);
     }
   });
   return out;

@@ -1,5 +1,16 @@
-// What the two CPU attention kernels (attention.cpp, cross_attention.cpp) share: the fp32 row operations
-// of their online softmax, chosen once at run time, and the widening of a block of rows to fp32.
+// The CPU attention both ops run (attention.cpp: every key; cross_attention.cpp: each batch row's valid
+// leading keys): `attention_tiles`, with the fp32 row operations of its online softmax, chosen once at run
+// time, and the loading of its blocks.
+//
+// Blocking: tasks of (head, batch row, query tiles of BLOCK_M rows) spread with at::parallel_for: all of a
+// head's tiles when there are heads enough for every thread (a key block is then loaded, and widened, once
+// per head), else one tile. Heads are outermost, so the contiguous task ranges each thread gets hold every
+// batch row alike (cross-attention's rows differ in length: 20 keys against 1). Each tile walks its keys
+// in blocks of BLOCK_N with an online softmax (running max and sum in fp32), so the score tile stays in L2
+// for any key count; with one block (DiT's T = 256, any PixArt caption) the probabilities are normalised
+// before p v, whose GEMM then writes finished rows, straight into the output for fp32. The GEMMs are
+// cpu_common.h's (oneDNN brgemm), called inside the parallel region: they run on the calling thread, the
+// parallelism is across tiles.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +19,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_common.h"
 #include "cpu.h"  // after cpu_common.h: both define DITENGINE_X86 (cpu.h as 0 off x86-64, so test it with #if)
@@ -144,6 +156,105 @@ void load_transposed(const in_t* src, int64_t cols, int64_t Dh, int64_t ld, floa
       for (int64_t j = j0; j < j1; ++j)
         for (int64_t d = d0; d < d1; ++d) dst[d * cols + j] = static_cast<float>(src[j * ld + d]);
     }
+}
+
+constexpr int64_t BLOCK_M = 64;   // queries per tile: 4 tiles per head at T = 256
+constexpr int64_t BLOCK_N = 512;  // keys per online-softmax step: one step for DiT's T = 256, any PixArt caption
+
+struct Strides {
+  int64_t b, h, t;  // batch, head and token strides of a (B, H, T, Dh) view
+};
+
+// o[b, h] = softmax(q[b, h] k[b, h, :n_b]^T * scale) v[b, h, :n_b], n_b = lens[b] (every T_k keys when lens
+// is null). q, o (B, H, T_q, Dh), k, v (B, H, T_k, Dh): strided views, last dim contiguous, token strides of
+// at least Dh, one dtype; scale > 0; lens in [1, T_k].
+template <typename scalar_t>
+void attention_tiles(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, const scalar_t* v, Strides sv,
+                     scalar_t* o, Strides so, int64_t B, int64_t H, int64_t T_q, int64_t T_k, const int64_t* lens,
+                     int64_t Dh, float scale) {
+  constexpr bool widened = !std::is_same_v<scalar_t, float>;
+  const RowOps ops = row_ops();
+  const int64_t max_keys = lens ? *std::max_element(lens, lens + B) : T_k;
+  const int64_t q_tiles = (T_q + BLOCK_M - 1) / BLOCK_M;
+  const int64_t block_n = std::min(BLOCK_N, max_keys);
+  const int64_t group = B * H >= 2 * at::get_num_threads() ? q_tiles : 1;  // query tiles per task
+  const int64_t groups = (q_tiles + group - 1) / group;
+  const int64_t group_rows = std::min(group * BLOCK_M, T_q);
+  at::parallel_for(0, H * B * groups, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch (64-byte aligned by ATen's allocator), reused by every task of the range.
+    at::Tensor s_buf = at::empty({BLOCK_M, block_n}, at::kFloat);  // scores, then probabilities
+    at::Tensor acc_buf = at::empty({group_rows, Dh}, at::kFloat);  // unnormalised p v
+    // k transposed (fp32); q and v widened (bf16 / fp16 only)
+    at::Tensor wide_buf = at::empty({block_n + (widened ? BLOCK_M + block_n : 0), Dh}, at::kFloat);
+    float* s = s_buf.data_ptr<float>();
+    float* acc_all = acc_buf.data_ptr<float>();
+    float* k_t = wide_buf.data_ptr<float>();
+    float* q_wide = k_t + block_n * Dh;
+    float* v_wide = q_wide + BLOCK_M * Dh;
+    std::vector<float> m_all(group_rows), l_all(group_rows);  // running max and sum per query row
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task / (B * groups), b = task / groups % B, g = task % groups;
+      const int64_t n_keys = lens ? lens[b] : T_k;
+      const bool one_block = n_keys <= block_n;
+      const int64_t g0 = g * group * BLOCK_M, g1 = std::min(T_q, g0 + group * BLOCK_M);  // query rows [g0, g1)
+      const scalar_t* k_head = k + b * sk.b + h * sk.h;  // (n_keys, Dh), row stride sk.t
+      const scalar_t* v_head = v + b * sv.b + h * sv.h;
+      scalar_t* o_head = o + b * so.b + h * so.h;  // (T_q, Dh), row stride so.t
+
+      for (int64_t n0 = 0; n0 < n_keys; n0 += block_n) {
+        const int64_t cols = std::min(block_n, n_keys - n0);
+        const bool first = n0 == 0;
+        int64_t ldq, ldv;
+        load_transposed(k_head + n0 * sk.t, cols, Dh, sk.t, k_t);  // (Dh, cols)
+        const float* v_blk = as_fp32(v_head + n0 * sv.t, cols, Dh, sv.t, v_wide, ldv);  // (cols, Dh)
+        for (int64_t r0 = g0; r0 < g1; r0 += BLOCK_M) {
+          const int64_t rows = std::min(BLOCK_M, g1 - r0);
+          const float* q_tile = as_fp32(q + b * sq.b + h * sq.h + r0 * sq.t, rows, Dh, sq.t, q_wide, ldq);
+          float* acc = acc_all + (r0 - g0) * Dh;  // (rows, Dh)
+          float* row_m = m_all.data() + (r0 - g0);
+          float* row_l = l_all.data() + (r0 - g0);
+          gemm(false, rows, cols, Dh, 1.f, q_tile, ldq, k_t, cols, 0.f, s, block_n);  // raw q.k (rows, cols)
+          for (int64_t i = 0; i < rows; ++i) {
+            float* s_row = s + i * block_n;
+            const float m_blk = ops.row_max(s_row, cols) * scale;  // = the max of the scaled row (scale > 0)
+            const float m_new = first ? m_blk : std::max(row_m[i], m_blk);
+            const float sum = ops.exp_sum(s_row, cols, m_new, scale);
+            if (one_block) {  // a NaN row (its sum NaN) stays NaN, and only this row
+              const float inv_l = 1.f / sum;
+              for (int64_t j = 0; j < cols; ++j) s_row[j] *= inv_l;
+            } else if (first) {
+              row_l[i] = sum;
+            } else {  // rescale what earlier key blocks accumulated to the new running max
+              const float alpha = std::exp(row_m[i] - m_new);
+              row_l[i] = row_l[i] * alpha + sum;
+              float* acc_row = acc + i * Dh;
+              for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= alpha;
+            }
+            row_m[i] = m_new;
+          }
+          // beta = 0 on the first block: the destination is not read, so stale values (or NaN) never leak in.
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (one_block) {
+              gemm(false, rows, Dh, cols, 1.f, s, block_n, v_blk, ldv, 0.f, o_head + r0 * so.t, so.t);
+              continue;
+            }
+          }
+          gemm(false, rows, Dh, cols, 1.f, s, block_n, v_blk, ldv, first ? 0.f : 1.f, acc, Dh);  // (rows, Dh)
+        }
+      }
+
+      if (one_block && std::is_same_v<scalar_t, float>) continue;  // written by the GEMM
+      for (int64_t r = g0; r < g1; ++r) {
+        float* acc_row = acc_all + (r - g0) * Dh;
+        if (!one_block) {
+          const float inv_l = 1.f / l_all[r - g0];
+          for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= inv_l;
+        }
+        narrow(acc_row, o_head + r * so.t, Dh);
+      }
+    }
+  });
 }
 
 }  // namespace cpu
