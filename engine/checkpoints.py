@@ -81,9 +81,10 @@ def _read(source) -> tuple[dict, dict, dict]:
     return dict(state), config, own_config
 
 
-SUPPORTED_CHECKPOINTS = ("facebookresearch/DiT .pt files, diffusers DiTTransformer2DModel and PixArtTransformer2DModel "
-                         "checkpoints, and original PixArt-alpha/sigma .pth files (with pixart_config=)")
-SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+SUPPORTED_CHECKPOINTS = ("facebookresearch/DiT .pt files, diffusers DiTTransformer2DModel, PixArtTransformer2DModel "
+                         "and AceStepTransformer1DModel checkpoints, original PixArt-alpha/sigma .pth files (with "
+                         "pixart_config=) and original ACE-Step 1.5 checkpoints")
+SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "AceStepTransformer1DModel")
 # Keys that name another model family's checkpoint, so that it is refused by name rather than as a broken DiT.
 _OTHER_FAMILIES = {
     "context_embedder.weight": "a diffusers SD3Transformer2DModel or FluxTransformer2DModel (MMDiT)",
@@ -216,6 +217,11 @@ def _is_original_pixart(state: dict) -> bool:
     return "t_block.1.weight" in state and any(k.startswith("blocks.0.cross_attn.") for k in state)
 
 
+def _is_ace_step(state: dict) -> bool:
+    return "condition_embedder.weight" in state and "proj_in_conv.weight" in state \
+        or any(k.startswith("decoder.layers.") for k in state)
+
+
 def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = False,
                     pixart_config: dict | None = None, **config_overrides):
     """A reference model from a checkpoint, float32 on the CPU (`.to()` it where it should run):
@@ -226,13 +232,20 @@ def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = Fa
     - a `ditengine.models.pixart.PixArt` from a diffusers `PixArtTransformer2DModel` directory (its
       config.json) or state dict with `pixart_config=` (the diffusers config dict), or from an original
       PixArt-alpha/sigma `.pth` with `pixart_config=` (a diffusers config dict or a `PixArtConfig`: shapes
-      do not give the head count or the position-embedding scale).
+      do not give the head count or the position-embedding scale);
+    - a `ditengine.models.ace_step.AceStep` from a diffusers `AceStepTransformer1DModel` directory, safetensors
+      file or state dict, or an original ACE-Step 1.5 checkpoint (its `decoder.` part, with the Qwen3 attention
+      names); the config is the directory's config.json, else inferred from shapes (`config_overrides` win).
 
     Tensors holding NaN or Inf are refused, naming them, unless `allow_nonfinite`."""
     state, dconfig, own_config = _read(source)
     if not allow_nonfinite:
         check_finite(state)
     _refuse_other_families(state)
+    if _is_ace_step(state):
+        from .models import ace_step
+
+        return ace_step.load_state_dict(state, {**dconfig, **config_overrides})
     if _is_diffusers_pixart(state) or _is_original_pixart(state):
         return _load_pixart(state, pixart_config or dconfig, original=not _is_diffusers_pixart(state))
     config_overrides = {**own_config, **config_overrides}
@@ -267,7 +280,8 @@ def _load_pixart(state: dict, config, original: bool):
 
 def from_diffusers(transformer):
     """ditengine's reference model with the weights of a live diffusers transformer (float32, CPU):
-    `DiTTransformer2DModel` -> `ditengine.DiT`, `PixArtTransformer2DModel` -> `ditengine.models.pixart.PixArt`.
+    `DiTTransformer2DModel` -> `ditengine.DiT`, `PixArtTransformer2DModel` -> `ditengine.models.pixart.PixArt`,
+    `AceStepTransformer1DModel` -> `ditengine.models.ace_step.AceStep`.
     The returned model's `forward` takes the keyword arguments the diffusers pipeline passes."""
     name = type(transformer).__name__
     if name not in SUPPORTED_DIFFUSERS:
@@ -277,6 +291,10 @@ def from_diffusers(transformer):
         from .models import pixart
 
         return pixart.from_diffusers(transformer)
+    if name == "AceStepTransformer1DModel":
+        from .models import ace_step
+
+        return ace_step.from_diffusers(transformer)
     config = dict(transformer.config)
     state = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
     return load_checkpoint(state, **_diffusers_fields(config))
