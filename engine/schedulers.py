@@ -89,13 +89,15 @@ class Scheduler:
     uses_history = False
     learned_variance = False
     clip_sample = False
+    continuous_time = False  # a flow schedule may take more steps than it has training timesteps
 
     def __init__(self, num_inference_steps: int, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
                  beta_end: float = 0.02, beta_schedule: str = "linear", prediction_type: str = "epsilon",
                  timestep_spacing: str = "leading", steps_offset: int = 0):
-        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= num_train_timesteps:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected an int in "
-                             f"[1, num_train_timesteps={num_train_timesteps}]")
+        most = math.inf if self.continuous_time else num_train_timesteps
+        if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= most:
+            bound = "a positive int" if self.continuous_time else f"an int in [1, num_train_timesteps={num_train_timesteps}]"
+            raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected {bound}")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r}: expected one of {SPACINGS}")
         if beta_schedule in ("linear", "scaled_linear"):
@@ -401,13 +403,29 @@ class DPMSolverPP(Scheduler):
 
 class FlowMatchEuler(Scheduler):
     """Euler for rectified-flow models (x_t = (1 - sigma) x0 + sigma * noise, the model predicts
-    noise - x0), as diffusers' `FlowMatchEulerDiscreteScheduler` with a static `shift`."""
+    noise - x0), as diffusers' `FlowMatchEulerDiscreteScheduler` with a static `shift`.
 
-    def __init__(self, num_inference_steps: int = 50, *, num_train_timesteps: int = 1000, shift: float = 1.0,
-                 prediction_type: str = "flow"):
+    `sigmas`: an explicit grid, as `set_timesteps(sigmas=...)` takes it (ACE-Step passes its own shifted
+    grid, with `num_train_timesteps=1, shift=1`): shifted by `shift` like diffusers does, then the model
+    timesteps are sigma * num_train_timesteps and the last step goes to 0."""
+
+    continuous_time = True
+
+    def __init__(self, num_inference_steps: int | None = None, *, num_train_timesteps: int = 1000, shift: float = 1.0,
+                 prediction_type: str = "flow", sigmas=None):
         if prediction_type != "flow":
             raise ValueError(f"prediction_type={prediction_type!r}: FlowMatchEuler expects 'flow'")
         self.shift = check_number("shift", shift, 0.0, low_open=True)
+        self.sigmas = None
+        if sigmas is not None:
+            grid = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+            if grid.size == 0 or not np.all(np.isfinite(grid)) or grid.min() <= 0 or grid.max() > 1:
+                raise ValueError(f"sigmas: expected a non-empty list of noise levels in (0, 1], got {list(sigmas)!r}")
+            if num_inference_steps not in (None, grid.size):
+                raise ValueError(f"num_inference_steps={num_inference_steps}: sigmas gives {grid.size} steps")
+            self.sigmas, num_inference_steps = grid, grid.size
+        elif num_inference_steps is None:
+            num_inference_steps = 50
         super().__init__(num_inference_steps, num_train_timesteps=num_train_timesteps, prediction_type="flow")
 
     def _rows(self):
@@ -416,9 +434,11 @@ class FlowMatchEuler(Scheduler):
         def shifted(s):
             return shift * s / (1 + (shift - 1) * s)
 
-        # diffusers shifts the training sigmas, then shifts the inference grid spanning them once more.
-        sigma_max, sigma_min = shifted(1.0), shifted(1.0 / T)
-        sigmas = shifted(np.linspace(sigma_max * T, sigma_min * T, n) / T)
+        if self.sigmas is not None:
+            sigmas = shifted(self.sigmas)
+        else:  # diffusers shifts the training sigmas, then shifts the inference grid spanning them once more
+            sigma_max, sigma_min = shifted(1.0), shifted(1.0 / T)
+            sigmas = shifted(np.linspace(sigma_max * T, sigma_min * T, n) / T)
         rows = []
         for sigma, sigma_next in zip(sigmas, np.append(sigmas[1:], 0.0)):
             ratio = sigma_next / sigma

@@ -184,7 +184,8 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
                    next_input: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """One fused scheduler step; returns x_next (written into `out` when given, which may be `x`).
 
-    x (B, C, H, W) contiguous; model_out (2B if `cfg_scale` is not None else B, C or 2C, H, W); table the
+    x (B, C, H, W) contiguous, or (B, C, T) for 1-D sequences (every tensor argument then 3-D alike);
+    model_out (2B if `cfg_scale` is not None else B, C or 2C, H, W); table the
     scheduler's (S, 12) float32 device table; step an int or a one-element integer tensor on the device.
     An int step must be in 0..S-1 (IndexError otherwise). A tensor step is not checked here: that would
     need a device sync and could not be captured in a CUDA graph, so the caller must keep it in 0..S-1; out
@@ -194,7 +195,16 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
     backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
     "triton" (on CPU: the interpreter) or "reference" force one.
     """
-    check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W)")
+    if isinstance(x, torch.Tensor) and x.dim() == 3:  # 1-D sequences (B, C, T): the same op with W = 1
+        def lift(t):
+            return t.unsqueeze(-1) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+
+        result = scheduler_step(lift(x), lift(model_out), table, step, cfg_scale=cfg_scale,
+                                guided_channels=guided_channels, history=lift(history), noise=lift(noise), clip=clip,
+                                learned_variance=learned_variance, out=lift(out), next_input=lift(next_input),
+                                backend=backend)
+        return result.squeeze(-1)
+    check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W) or (B, C, T)")
     B, C, H, W = x.shape
     dev = x.device
     rows = 2 * B if cfg_scale is not None else B

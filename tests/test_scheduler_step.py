@@ -336,3 +336,20 @@ def test_native_isa_variants_agree(isa, isa_variant):
 @pytest.mark.parametrize("make", SCHEDULERS, ids=IDS)
 def test_gpu_matches_sched_step(make, dtype):
     trajectory(make(), dtype=dtype, step_as_tensor=True, device="cuda", B=8, H=32, W=32)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"] + (["triton"] if interpreting() else []))
+def test_one_dimensional_sequences(backend):
+    """(B, C, T) latents (ACE-Step's, channels first) run the same step as (B, C, T, 1), every argument 3-D."""
+    sched = S.FlowMatchEuler(sigmas=[1.0, 0.9, 0.6, 0.3], num_train_timesteps=1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 21, generator=g)
+    for i in range(len(sched)):
+        model_out = torch.randn(4, 8, 21, generator=g)
+        next_input = torch.empty(4, 8, 21)
+        out = scheduler_step(x, model_out, sched.table, i, cfg_scale=3.0, next_input=next_input, backend=backend)
+        assert out.shape == x.shape
+        ref, _ = reference_step(sched, i, x.unsqueeze(-1), model_out.unsqueeze(-1), 3.0, 8, None, 2)
+        torch.testing.assert_close(out, ref.squeeze(-1), rtol=1e-6, atol=1e-6)
+        assert torch.equal(next_input[:2], next_input[2:])
+        x = out

@@ -212,3 +212,40 @@ def test_every_table_is_finite_at_the_defaults(make):
     finite = torch.isfinite(table)
     finite[:, COL["clip"]] = ~torch.isnan(table[:, COL["clip"]])  # +inf there means "no clipping"
     assert finite.all()
+
+
+def ace_step_grid(steps: int, shift: float) -> list[float]:
+    """ACE-Step's own shifted grid (`AceStepPipeline._get_timestep_schedule`)."""
+    t = np.linspace(1.0, 0.0, steps + 1)
+    return list((shift * t / (1 + (shift - 1) * t))[:-1])
+
+
+@pytest.mark.parametrize("steps, shift, sched_shift", [(8, 3.0, 1.0), (50, 3.0, 1.0), (6, 2.0, 1.5)])
+def test_explicit_sigmas_match_diffusers(diffusers, steps, shift, sched_shift):
+    """FlowMatchEuler(sigmas=...) equals `set_timesteps(sigmas=...)`, as ACE-Step configures it (one training
+    timestep, shift 1) and with a scheduler shift of its own."""
+    sigmas = ace_step_grid(steps, shift)
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1, shift=sched_shift)
+    theirs.set_timesteps(sigmas=sigmas)
+    ours = S.FlowMatchEuler(sigmas=sigmas, num_train_timesteps=1, shift=sched_shift)
+    assert len(ours) == steps
+    np.testing.assert_allclose(ours.timesteps.double().numpy(), theirs.timesteps.double().numpy(), rtol=1e-6)
+    theirs.set_timesteps(sigmas=sigmas)
+    g = torch.Generator().manual_seed(0)
+    x_ours = torch.randn(2, 8, 21, generator=g)
+    x_theirs = x_ours.clone()
+    for i, t in enumerate(theirs.timesteps):
+        v = torch.randn(2, 8, 21, generator=g)
+        x_theirs = theirs.step(v, t, x_theirs).prev_sample
+        x_ours = ours.step(i, x_ours, v)
+    assert float((x_ours - x_theirs).abs().max() / x_theirs.abs().max()) <= 1e-6
+    built = S.from_diffusers(theirs, steps, sigmas=sigmas)
+    np.testing.assert_array_equal(built.table_f64, ours.table_f64)
+
+
+def test_explicit_sigmas_are_checked():
+    with pytest.raises(ValueError, match=r"^sigmas: expected"):
+        S.FlowMatchEuler(sigmas=[1.0, 0.0])
+    with pytest.raises(ValueError, match=r"^num_inference_steps=5: sigmas gives 2 steps"):
+        S.FlowMatchEuler(5, sigmas=[1.0, 0.5])
+    assert len(S.FlowMatchEuler(8, num_train_timesteps=1)) == 8  # continuous time: more steps than T
