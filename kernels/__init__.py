@@ -9,6 +9,7 @@ from .attention import attention, attention_ref
 from .cross_attention import cross_attention, cross_attention_ref
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
+from .apg_guidance import apg_guidance, apg_guidance_ref
 from .linear_gelu import PackedLinear, linear, linear_gelu, linear_gelu_ref, prepack_linear
 from .linear_int8 import Int8Linear, linear_int8, prepack_int8
 from .linear_fp8 import Fp8Linear, fp8_supported, linear_fp8, prepack_fp8
@@ -20,7 +21,7 @@ _native.load()
 
 __all__ = [
     "attention", "attention_ref", "cross_attention", "cross_attention_ref", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
-    "scheduler_step", "scheduler_step_ref", "linear_gelu", "linear_gelu_ref", "linear", "prepack_linear",
+    "scheduler_step", "scheduler_step_ref", "apg_guidance", "apg_guidance_ref", "linear_gelu", "linear_gelu_ref", "linear", "prepack_linear",
     "PackedLinear", "Int8Linear", "linear_int8", "prepack_int8", "Fp8Linear", "fp8_supported", "linear_fp8",
     "prepack_fp8", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
     "triton_mode",

@@ -1,0 +1,287 @@
+import pytest
+import torch
+
+from ditengine.kernels import apg_guidance, apg_guidance_ref
+
+from native_helpers import triton_cpu
+from tolerance import assert_within_tolerance, fp32_floor
+
+# ACE-Step 1.5's latent: 64 channels, up to 7500 frames (25 Hz, 300 s).
+ACE_C = 64
+# Every backend that runs on CPU tensors; the Triton kernel runs through the interpreter.
+CPU_BACKENDS = ["reference", pytest.param("triton", marks=triton_cpu)]
+# Asserted against diffusers' fp32 run: max|out - diffusers| <= REL_BOUND * max|diffusers|. Both sides
+# share the fp32 momentum bit for bit; they differ by the fp32 rounding of the clamped diff and of the
+# projection's terms (diffusers rounds them to fp32 before the final combination, the op does not), i.e.
+# a few fp32 ulps at the output's scale.
+REL_BOUND = 1e-6
+
+
+class DiffusersAPG:
+    """diffusers' APG as ACE-Step's pipeline runs it (one MomentumBuffer for the whole loop), fed the
+    (B, C, L) layout transposed to its (B, L, C), with `norm_dim=(1,)`: per (b, c) over time."""
+
+    def __init__(self, guidance_scale, norm_threshold, eta, dtype=torch.float32):
+        self.apg = pytest.importorskip("diffusers.guiders.adaptive_projected_guidance")
+        self.buffer = self.apg.MomentumBuffer(momentum=-0.75)
+        self.kwargs = dict(guidance_scale=guidance_scale, eta=eta, norm_threshold=norm_threshold,
+                           use_original_formulation=True, norm_dim=(1,))
+        self.dtype = dtype
+
+    def __call__(self, model_out):
+        B = model_out.shape[0] // 2
+        blc = model_out.to(self.dtype).transpose(1, 2)  # (2B, L, C)
+        out = self.apg.normalized_guidance(blc[:B], blc[B:], momentum_buffer=self.buffer, **self.kwargs)
+        return out.transpose(1, 2)  # (B, C, L)
+
+    @property
+    def momentum(self):
+        return self.buffer.running_average.transpose(1, 2)  # (B, C, L)
+
+
+def guided_output(B, C, L, gen, spread=(0.01, 0.3)):
+    """(2B, C, L) model output, cond rows first, whose cond - uncond differs in size from channel to channel
+    (log-spaced over `spread`, times ~sqrt(L) in norm), so the clamp at 2.5 triggers on some rows only."""
+    cond = torch.randn(B, C, L, generator=gen)
+    size = torch.logspace(torch.log10(torch.tensor(spread[0])), torch.log10(torch.tensor(spread[1])), C)
+    uncond = cond - size[:, None] * torch.randn(B, C, L, generator=gen)
+    return torch.cat([cond, uncond])
+
+
+DIFFUSERS_CASES = [
+    (1, 16, 97, 2.5, 0.0),    # ACE-Step's settings, odd L: one masked block
+    (2, 16, 333, 2.5, 0.5),
+    (2, 16, 2500, 0.0, 0.0),  # no clamp; three blocks of 1024, the last one partial
+    (1, 16, 1111, 0.0, 0.5),
+]
+
+
+@pytest.mark.parametrize("backend, B, C, L, norm_threshold, eta", [
+    *(("reference", *case) for case in DIFFUSERS_CASES),
+    *(pytest.param("triton", *case, marks=triton_cpu) for case in DIFFUSERS_CASES),
+    ("reference", 1, ACE_C, 7500, 2.5, 0.0),  # a 300 s ACE-Step 1.5 latent (the interpreter: below)
+])
+def test_matches_diffusers_over_four_steps(backend, B, C, L, norm_threshold, eta):
+    """Four consecutive guided steps against diffusers' normalized_guidance + MomentumBuffer: the fp32 run
+    within REL_BOUND, and the flash-attention rule against diffusers in float64 (ref32 there is the float64
+    run, ref_lp the fp32 one)."""
+    gen = torch.Generator().manual_seed(B * 1000 + L)
+    ref32, ref64 = DiffusersAPG(4.0, norm_threshold, eta), DiffusersAPG(4.0, norm_threshold, eta, torch.float64)
+    momentum = torch.zeros(B, C, L)
+    for step in range(4):
+        model_out = guided_output(B, C, L, gen)
+        prev = momentum.clone()
+        out = apg_guidance(model_out, momentum, 4.0, norm_threshold=norm_threshold, eta=eta, backend=backend)
+        expected, expected64 = ref32(model_out), ref64(model_out)
+        err = (out - expected).abs().max().item()
+        assert err <= REL_BOUND * expected.abs().max().item(), f"step {step}: max|out - diffusers| = {err:.3e}"
+        assert torch.equal(momentum, ref32.momentum), f"step {step}: momentum differs from diffusers'"
+        assert_within_tolerance(out, expected64, expected, fp32_floor(expected64), f"step {step}")
+        rows = momentum.norm(dim=-1) > 2.5  # (B, C): the rows a clamp at 2.5 scales down
+        assert rows.any() and not rows.all(), f"step {step}: the inputs must exceed the threshold on some rows only"
+        if norm_threshold > 0:  # the clamp changed exactly those rows
+            unclamped = apg_guidance_ref(model_out, prev, 4.0, norm_threshold=0.0, eta=eta)
+            assert not torch.isclose(out[rows], unclamped[rows], rtol=1e-4, atol=0).all(dim=-1).any()
+            torch.testing.assert_close(out[~rows], unclamped[~rows], rtol=1e-6, atol=1e-6)
+
+
+@triton_cpu
+def test_interpreter_ace_shape():
+    """The Triton kernel at ACE-Step's shape (8 blocks of 1024 per row), two steps, against the reference."""
+    gen = torch.Generator().manual_seed(5)
+    momentum, momentum_ref = torch.zeros(1, ACE_C, 7500), torch.zeros(1, ACE_C, 7500)
+    for _ in range(2):
+        model_out = guided_output(1, ACE_C, 7500, gen)
+        out = apg_guidance(model_out, momentum, 6.0, backend="triton")
+        ref = apg_guidance_ref(model_out, momentum_ref, 6.0)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+        assert torch.equal(momentum, momentum_ref)
+
+
+@triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("norm_threshold, eta", [(2.5, 0.0), (0.0, 0.5), (1.0, 1.0)])
+def test_interpreter_matches_reference(dtype, norm_threshold, eta):
+    gen = torch.Generator().manual_seed(3)
+    momentum = torch.randn(2, 12, 1500, generator=gen)  # a running state from earlier steps
+    momentum_ref = momentum.clone()
+    model_out = guided_output(2, 12, 1500, gen).to(dtype)
+    out = apg_guidance(model_out, momentum, 2.5, norm_threshold=norm_threshold, eta=eta, backend="triton")
+    ref = apg_guidance_ref(model_out, momentum_ref, 2.5, norm_threshold=norm_threshold, eta=eta)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(momentum, momentum_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_half_precision_model_output(backend, dtype):
+    """A bf16/fp16 model output read into fp32 state. The rule: ref32 is diffusers in fp32 on the rounded
+    inputs, ref_lp diffusers in the low precision throughout (its diff, momentum and update). bf16 loads run
+    in the interpreter too: the kernel converts them to fp32 before any arithmetic."""
+    gen = torch.Generator().manual_seed(4)
+    ref32, ref_lp = DiffusersAPG(6.0, 2.5, 0.0), DiffusersAPG(6.0, 2.5, 0.0, dtype)
+    momentum = torch.zeros(2, 16, 333)
+    for step in range(3):
+        model_out = guided_output(2, 16, 333, gen).to(dtype)
+        out = apg_guidance(model_out, momentum, 6.0, backend=backend)
+        expected = ref32(model_out.float())
+        assert_within_tolerance(out, expected, ref_lp(model_out), fp32_floor(expected), f"step {step}")
+        assert torch.equal(momentum, ref32.momentum)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_rows_follow_diffusers(backend):
+    """A zero cond row (F.normalize's eps: no projection) and a zero diff (the clamp's thr / ||m|| is
+    infinite: factor 1), without NaN."""
+    gen = torch.Generator().manual_seed(6)
+    model_out = guided_output(1, 4, 97, gen)
+    model_out[0, 1] = 0.0
+    model_out[1, 1] = torch.randn(97, generator=gen)
+    model_out[1, 2] = model_out[0, 2]
+    momentum = torch.zeros(1, 4, 97)
+    out = apg_guidance(model_out, momentum, 3.0, backend=backend)
+    expected = DiffusersAPG(3.0, 2.5, 0.0)(model_out)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[0, 2], model_out[0, 2])  # no difference: out is the cond prediction
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("norm_threshold", [0.0, 2.5])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_stays_in_its_row(backend, norm_threshold):
+    gen = torch.Generator().manual_seed(7)
+    model_out = guided_output(2, 6, 97, gen)
+    momentum = torch.randn(2, 6, 97, generator=gen)
+    clean_out = apg_guidance_ref(model_out, momentum.clone(), 3.0, norm_threshold=norm_threshold)
+    model_out[0, 3, 10] = float("nan")  # cond of (b=0, c=3)
+    model_out[3, 5, 20] = float("nan")  # uncond of (b=1, c=5)
+    out = apg_guidance(model_out, momentum, 3.0, norm_threshold=norm_threshold, backend=backend)
+    bad = torch.zeros(2, 6, dtype=torch.bool)
+    bad[0, 3] = bad[1, 5] = True
+    assert torch.isnan(out[bad]).all()  # the row's norms and projection are NaN
+    torch.testing.assert_close(out[~bad], clean_out[~bad], rtol=1e-6, atol=1e-6)
+    assert torch.isnan(momentum[0, 3, 10]) and torch.isnan(momentum[1, 5, 20]) and torch.isnan(momentum).sum() == 2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_out_buffer_and_first_step(backend):
+    """The given `out` is written and returned; from zero momentum the stored state is cond - uncond."""
+    gen = torch.Generator().manual_seed(8)
+    model_out = guided_output(1, 4, 65, gen)
+    momentum, out = torch.zeros(1, 4, 65), torch.full((1, 4, 65), 7.0)
+    result = apg_guidance(model_out, momentum, 2.0, out=out, backend=backend)
+    assert result is out
+    assert torch.equal(momentum, model_out[:1] - model_out[1:])
+    torch.testing.assert_close(out, apg_guidance_ref(model_out, torch.zeros(1, 4, 65), 2.0))
+    # guidance_scale 0 (ACE-Step's g = 1): the conditional prediction itself, momentum still updated.
+    before = momentum.clone()
+    torch.testing.assert_close(apg_guidance(model_out, momentum, 0.0, backend=backend), model_out[:1])
+    torch.testing.assert_close(momentum, (model_out[:1] - model_out[1:]) - 0.75 * before)
+
+
+@triton_cpu
+def test_interpreter_same_inputs_same_bits():
+    gen = torch.Generator().manual_seed(9)
+    model_out, state = guided_output(2, 8, 1500, gen), torch.randn(2, 8, 1500, generator=gen)
+    runs = []
+    for _ in range(2):
+        momentum = state.clone()
+        runs.append((apg_guidance(model_out, momentum, 5.0, eta=0.5, backend="triton"), momentum))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_errors_name_the_argument():
+    model_out, momentum = torch.randn(4, 8, 33), torch.zeros(2, 8, 33)
+    with pytest.raises(ValueError, match=r"model_out: expected 3 dimensions \(2B, C, L\), got shape \(4, 8\)"):
+        apg_guidance(model_out[:, :, 0], momentum, 2.0)
+    with pytest.raises(ValueError, match=r"model_out: expected an even, non-zero number of rows.*got shape \(3, 8, 33\)"):
+        apg_guidance(model_out[:3], momentum, 2.0)
+    with pytest.raises(ValueError, match="model_out: expected a contiguous tensor"):
+        apg_guidance(torch.randn(4, 16, 33)[:, ::2], momentum, 2.0)
+    with pytest.raises(TypeError, match=r"model_out: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"):
+        apg_guidance(model_out.double(), momentum, 2.0)
+    with pytest.raises(ValueError, match=r"momentum: expected shape \(2, 8, 33\) \(B, C, L\).*got \(1, 8, 33\)"):
+        apg_guidance(model_out, momentum[:1], 2.0)
+    with pytest.raises(TypeError, match=r"momentum: expected dtype in \['float32'\], got bfloat16"):
+        apg_guidance(model_out, momentum.bfloat16(), 2.0)
+    with pytest.raises(ValueError, match="momentum: on meta, expected cpu"):
+        apg_guidance(model_out, torch.zeros(2, 8, 33, device="meta"), 2.0)
+    with pytest.raises(ValueError, match="momentum: overlaps model_out in memory"):
+        apg_guidance(model_out, model_out[2:], 2.0)
+    with pytest.raises(TypeError, match=r"out: expected dtype in \['float32'\], got float16"):
+        apg_guidance(model_out, momentum, 2.0, out=torch.empty(2, 8, 33, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 8, 33\)"):
+        apg_guidance(model_out, momentum, 2.0, out=torch.empty(2, 8, 32))
+    with pytest.raises(ValueError, match="out: overlaps momentum in memory"):
+        apg_guidance(model_out, momentum, 2.0, out=momentum)
+    with pytest.raises(ValueError, match="out: overlaps model_out in memory"):
+        apg_guidance(model_out, momentum, 2.0, out=model_out[:2])
+    with pytest.raises(TypeError, match="guidance_scale: expected a Python float.*got Tensor"):
+        apg_guidance(model_out, momentum, torch.tensor(2.0))
+    with pytest.raises(TypeError, match="eta: expected a Python float.*got bool"):
+        apg_guidance(model_out, momentum, 2.0, eta=True)
+    with pytest.raises(TypeError, match="norm_threshold: expected a Python float.*got NoneType"):
+        apg_guidance(model_out, momentum, 2.0, norm_threshold=None)
+    with pytest.raises(ValueError, match="backend='native': apg_guidance has no native kernel"):
+        apg_guidance(model_out, momentum, 2.0, backend="native")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        apg_guidance(model_out, momentum, 2.0, backend="cuda")
+
+
+def test_registered_op_passes_opcheck():
+    gen = torch.Generator().manual_seed(10)
+    for dtype, thr in ((torch.float32, 2.5), (torch.float16, 0.0)):
+        args = (guided_output(1, 4, 97, gen).to(dtype), torch.randn(1, 4, 97, generator=gen), torch.empty(1, 4, 97),
+                4.0, -0.75, thr, 0.5)
+        torch.library.opcheck(torch.ops.ditengine.apg_guidance, args)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiles_without_graph_break():
+    """Under torch.compile the public function is the registered op alone (its checks run on fake tensors)."""
+    gen = torch.Generator().manual_seed(13)
+    model_out, state = guided_output(1, 4, 97, gen), torch.randn(1, 4, 97, generator=gen)
+    momentum, momentum_ref = state.clone(), state.clone()
+    step = torch.compile(lambda x, m: apg_guidance(x, m, 4.0, eta=0.5), fullgraph=True)
+    out = step(model_out, momentum)
+    ref = apg_guidance_ref(model_out, momentum_ref, 4.0, eta=0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(momentum, momentum_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_matches_reference_over_steps(dtype):
+    """The compiled kernel (fp64 reductions on the device) over four steps at ACE-Step's shape, B = 2."""
+    gen = torch.Generator().manual_seed(11)
+    momentum, momentum_ref = torch.zeros(2, ACE_C, 7500, device="cuda"), torch.zeros(2, ACE_C, 7500)
+    for step in range(4):
+        model_out = guided_output(2, ACE_C, 7500, gen).to(dtype)
+        out = apg_guidance(model_out.cuda(), momentum, 6.0, eta=0.5)
+        ref = apg_guidance_ref(model_out, momentum_ref, 6.0, eta=0.5)
+        err = (out.cpu() - ref).abs().max().item()
+        assert err <= REL_BOUND * ref.abs().max().item(), f"step {step}: max|out - ref| = {err:.3e}"
+        torch.testing.assert_close(momentum.cpu(), momentum_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_runs_in_a_captured_graph():
+    """No host synchronisation: the step captures into a CUDA graph, and replays advance the momentum."""
+    gen = torch.Generator().manual_seed(12)
+    inputs = [guided_output(1, ACE_C, 7500, gen).cuda() for _ in range(3)]
+    static_in, momentum = inputs[0].clone(), torch.zeros(1, ACE_C, 7500, device="cuda")
+    out = torch.empty(1, ACE_C, 7500, device="cuda")
+    apg_guidance(static_in, momentum.clone(), 6.0, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        apg_guidance(static_in, momentum, 6.0, out=out)
+    momentum_ref = torch.zeros(1, ACE_C, 7500)
+    for x in inputs:
+        static_in.copy_(x)
+        graph.replay()
+        ref = apg_guidance_ref(x.cpu(), momentum_ref, 6.0)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+        torch.testing.assert_close(momentum.cpu(), momentum_ref, rtol=1e-6, atol=1e-6)
