@@ -67,12 +67,16 @@ def adaln_cases(x_dtype, y_dtype):
     from ditengine.kernels.adaln import _adaln_modulate_kernel, _gated_residual_adaln_kernel
 
     for fn, pointers in ((_adaln_modulate_kernel, dict(x_ptr=x_dtype, shift_ptr=y_dtype, scale_ptr=y_dtype,
-                                                       y_ptr=y_dtype)),
+                                                       weight_ptr=y_dtype, y_ptr=y_dtype)),
                          (_gated_residual_adaln_kernel, dict(x_ptr=x_dtype, gate_ptr=y_dtype, o_ptr=y_dtype,
-                                                             shift_ptr=y_dtype, scale_ptr=y_dtype,
+                                                             shift_ptr=y_dtype, scale_ptr=y_dtype, weight_ptr=y_dtype,
                                                              x_out_ptr=x_dtype, y_ptr=y_dtype))):
         scalars = {n: "i64" for n in fn.arg_names if n.startswith("stride")} | {"T": "i32", "D": "i32", "eps": "fp32"}
-        yield fn.__name__, compile_sm90(fn, pointers, scalars, dict(BLOCK_D=2048), num_warps=8)  # D = 1152
+        # DiT's LayerNorm at D = 1152, and ACE-Step 1.5's weighted RMSNorm at D = 2048.
+        yield fn.__name__, compile_sm90(fn, pointers, scalars, dict(BLOCK_D=2048, RMS=False, HAS_WEIGHT=False),
+                                        num_warps=8)
+        yield f"{fn.__name__} rms+weight", compile_sm90(fn, pointers, scalars,
+                                                       dict(BLOCK_D=2048, RMS=True, HAS_WEIGHT=True), num_warps=8)
 
 
 def scheduler_step_case(all_on: bool):

@@ -1,13 +1,15 @@
 // Native CPU kernels of adaLN modulation (K1) and gated residual + adaLN (K3); see kernels/adaln.py for
 // the formulas, shapes and the Python definition of the ops.
 //
-//     adaln_modulate:        y = LayerNorm(x) * (1 + scale) + shift
-//     gated_residual_adaln:  x_new = x + gate * o ;  y = LayerNorm(x_new) * (1 + scale) + shift
+//     adaln_modulate:        y = norm(x) * weight * (1 + scale) + shift
+//     gated_residual_adaln:  x_new = x + gate * o ;  y = norm(x_new) * weight * (1 + scale) + shift
 //
-// One row of D elements at a time, rows spread over threads by at::parallel_for. Each row is read once
-// from memory into an fp32 scratch row that stays in L1/L2; the statistics (two-pass mean and variance, in
-// fp32) and the modulation then run over that scratch, and each output is written once. Registered as the
-// CPU kernels of the ops that kernels/adaln.py defines, so torch.ops.ditengine.* on CPU tensors run here.
+// norm is LayerNorm without affine, or RMSNorm (`rms`: no mean, x * rsqrt(mean(x^2) + eps)); weight (D,) is
+// optional. One row of D elements at a time, rows spread over threads by at::parallel_for. Each row is read
+// once from memory into an fp32 scratch row that stays in L1/L2; the statistics (in fp32: a two-pass mean
+// and variance, or one pass of the sum of squares) and the modulation then run over that scratch, and each
+// output is written once. Registered as the CPU kernels of the ops that kernels/adaln.py defines, so
+// torch.ops.ditengine.* on CPU tensors run here.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "cpu.h"
@@ -37,6 +40,7 @@ struct AdalnParams {
   float eps;
   bool gated;
   Strided x, o, gate, shift, scale;
+  Strided weight;  // (D,); data is null for no weight
   void* x_out;  // gated only: x_new, in x's dtype (may be x itself)
   int64_t x_out_stride_b, x_out_stride_t;
   void* y;  // contiguous (B, T, D)
@@ -80,6 +84,12 @@ DITENGINE_INLINE float lane_sum(int64_t D, Value value) {
   return cpu::sum_lanes(acc);
 }
 
+// What a row's first statistics pass sums: the values (LayerNorm's mean) or their squares (RMSNorm).
+template <bool kRms>
+DITENGINE_INLINE float stat(float v) {
+  return kRms ? v * v : v;
+}
+
 // 1/std of an fp32 row around its mean: the second pass of a two-pass variance, over L1-resident data.
 DITENGINE_INLINE float row_rstd(const float* __restrict__ x, int64_t D, float mean, float eps) {
   const float sq = lane_sum(D, [&](int64_t i) {
@@ -90,20 +100,28 @@ DITENGINE_INLINE float row_rstd(const float* __restrict__ x, int64_t D, float me
   return 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
 }
 
-// Widens a bf16/fp16 row into `dst` and returns its sum, in one loop.
-template <class T>
+// Widens a bf16/fp16 row into `dst` and returns the sum of its values or of their squares, in one loop.
+template <bool kRms, class T>
 DITENGINE_INLINE float widen_sum(const T* __restrict__ src, int64_t D, float* __restrict__ dst) {
   return lane_sum(D, [&](int64_t i) {
     const float v = Elem<T>::load(src, i);
     dst[i] = v;
-    return v;
+    return stat<kRms>(v);
   });
 }
 
+// The multiplications in the order of the reference, ((x - mean) * rstd) * weight * (1 + scale), so that fp32
+// results differ from it only by FMA contraction. Without a weight the loop has no multiply by ones.
 template <class TY>
-DITENGINE_INLINE void modulate(const float* __restrict__ x, float mean, float rstd, const float* __restrict__ shift,
-                               const float* __restrict__ scale, int64_t D, TY* __restrict__ y) {
-  for (int64_t i = 0; i < D; ++i) Elem<TY>::store(y, i, (x[i] - mean) * rstd * (1.f + scale[i]) + shift[i]);
+DITENGINE_INLINE void modulate(const float* __restrict__ x, float mean, float rstd, const float* __restrict__ weight,
+                               const float* __restrict__ shift, const float* __restrict__ scale, int64_t D,
+                               TY* __restrict__ y) {
+  if (weight) {
+    for (int64_t i = 0; i < D; ++i)
+      Elem<TY>::store(y, i, (x[i] - mean) * rstd * weight[i] * (1.f + scale[i]) + shift[i]);
+  } else {
+    for (int64_t i = 0; i < D; ++i) Elem<TY>::store(y, i, (x[i] - mean) * rstd * (1.f + scale[i]) + shift[i]);
+  }
 }
 
 // x_new = x + gate * o, rounded to x's dtype and stored; its fp32 value (as stored) goes to xf, so that y
@@ -120,11 +138,14 @@ DITENGINE_INLINE void residual(const TX* x, const float* __restrict__ gate, cons
   }
 }
 
+template <bool kRms>
 DITENGINE_INLINE void adaln_rows(const AdalnParams& p, int64_t begin, int64_t end, float* scratch) {
   const int64_t D = p.D;
   float* xs = scratch;          // (D,) the row, widened or recomputed
   float* os = scratch + D;      // (D,) o widened
   float* mods = scratch + 2 * D;  // (3, D) shift, scale, gate widened (bf16/fp16 modulation only)
+  // (D,) the weight, the same for every row: widened once per task (read in place when fp32).
+  const float* weight = p.weight.data ? float_row(p.weight.data, p.weight.dtype, D, scratch + 5 * D) : nullptr;
   const size_t x_elem = c10::elementSize(p.x.dtype), o_elem = c10::elementSize(p.o.dtype);
   const size_t y_elem = c10::elementSize(p.y_dtype);
   int64_t cur_b = -1;
@@ -166,46 +187,61 @@ DITENGINE_INLINE void adaln_rows(const AdalnParams& p, int64_t begin, int64_t en
         }
       }
       xf = xs;
-      sum = lane_sum(D, [&](int64_t i) { return xs[i]; });
+      sum = lane_sum(D, [&](int64_t i) { return stat<kRms>(xs[i]); });
     } else {
       switch (p.x.dtype) {
         case at::kFloat: {
           const float* xr = reinterpret_cast<const float*>(x_row);
-          sum = lane_sum(D, [&](int64_t i) { return xr[i]; });
+          sum = lane_sum(D, [&](int64_t i) { return stat<kRms>(xr[i]); });
           xf = xr;
           break;
         }
-        case at::kBFloat16: sum = widen_sum(reinterpret_cast<const uint16_t*>(x_row), D, xs); xf = xs; break;
-        default: sum = widen_sum(reinterpret_cast<const c10::Half*>(x_row), D, xs); xf = xs;
+        case at::kBFloat16: sum = widen_sum<kRms>(reinterpret_cast<const uint16_t*>(x_row), D, xs); xf = xs; break;
+        default: sum = widen_sum<kRms>(reinterpret_cast<const c10::Half*>(x_row), D, xs); xf = xs;
       }
     }
-    const float mean = sum / static_cast<float>(D);
-    const float rstd = row_rstd(xf, D, mean, p.eps);
+    // RMSNorm: the mean of squares is the whole statistic, in one pass. An Inf makes it Inf and rstd 0, so
+    // the row's finite elements give shift and the Inf itself NaN, as the eager x * rsqrt(mean(x^2) + eps).
+    const float mean = kRms ? 0.f : sum / static_cast<float>(D);
+    const float rstd = kRms ? 1.f / std::sqrt(sum / static_cast<float>(D) + p.eps) : row_rstd(xf, D, mean, p.eps);
     char* y_row = static_cast<char*>(p.y) + row * D * y_elem;
     switch (p.y_dtype) {
-      case at::kFloat: modulate(xf, mean, rstd, shift, scale, D, reinterpret_cast<float*>(y_row)); break;
-      case at::kBFloat16: modulate(xf, mean, rstd, shift, scale, D, reinterpret_cast<uint16_t*>(y_row)); break;
-      default: modulate(xf, mean, rstd, shift, scale, D, reinterpret_cast<c10::Half*>(y_row));
+      case at::kFloat: modulate(xf, mean, rstd, weight, shift, scale, D, reinterpret_cast<float*>(y_row)); break;
+      case at::kBFloat16:
+        modulate(xf, mean, rstd, weight, shift, scale, D, reinterpret_cast<uint16_t*>(y_row));
+        break;
+      default: modulate(xf, mean, rstd, weight, shift, scale, D, reinterpret_cast<c10::Half*>(y_row));
     }
   }
 }
 
+// One variant per ISA and statistic: the statistic decides the reduction loops, so it is a template argument
+// rather than a branch inside them.
 using RowsFn = void (*)(const AdalnParams&, int64_t, int64_t, float*);
+template <bool kRms>
 DITENGINE_TARGET_AVX512 void adaln_rows_avx512(const AdalnParams& p, int64_t b, int64_t e, float* s) {
-  adaln_rows(p, b, e, s);
+  adaln_rows<kRms>(p, b, e, s);
 }
+template <bool kRms>
 DITENGINE_TARGET_AVX2 void adaln_rows_avx2(const AdalnParams& p, int64_t b, int64_t e, float* s) {
-  adaln_rows(p, b, e, s);
+  adaln_rows<kRms>(p, b, e, s);
 }
-void adaln_rows_baseline(const AdalnParams& p, int64_t b, int64_t e, float* s) { adaln_rows(p, b, e, s); }
+template <bool kRms>
+void adaln_rows_baseline(const AdalnParams& p, int64_t b, int64_t e, float* s) {
+  adaln_rows<kRms>(p, b, e, s);
+}
 
-void run(const AdalnParams& p, int64_t rows) {
-  static const RowsFn rows_fn = cpu::pick<RowsFn>(adaln_rows_avx512, adaln_rows_avx2, adaln_rows_baseline);
+void run(const AdalnParams& p, bool rms, int64_t rows) {
+  static const RowsFn layer_fn =
+      cpu::pick<RowsFn>(adaln_rows_avx512<false>, adaln_rows_avx2<false>, adaln_rows_baseline<false>);
+  static const RowsFn rms_fn =
+      cpu::pick<RowsFn>(adaln_rows_avx512<true>, adaln_rows_avx2<true>, adaln_rows_baseline<true>);
   if (rows == 0 || p.D == 0) return;
+  const RowsFn rows_fn = rms ? rms_fn : layer_fn;
   // Enough elements per task that thread start-up (a few microseconds) stays small next to the work.
   const int64_t grain = std::max<int64_t>(1, 16384 / p.D);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(5 * p.D);  // (5, D) per task, reused by all its rows
+    std::vector<float> scratch(6 * p.D);  // (6, D) per task, reused by all its rows
     rows_fn(p, begin, end, scratch.data());
   });
 }
@@ -235,8 +271,17 @@ Strided modulation(const char* op, const char* name, const at::Tensor& t, int64_
   return {t.data_ptr(), t.scalar_type(), t.stride(0), 0};
 }
 
+Strided norm_weight(const char* op, const std::optional<at::Tensor>& weight, int64_t D) {
+  if (!weight.has_value()) return {nullptr, at::kFloat, 0, 0};
+  const at::Tensor& w = *weight;
+  check_float_cpu(op, "weight", w);
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == D, op, ": weight: expected shape (", D,
+                    ",) (D,) like x's last dim, got ", w.sizes());
+  return {w.data_ptr(), w.scalar_type(), 0, 0};
+}
+
 AdalnParams prepare(const char* op, const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-                    double eps, at::ScalarType out_dtype) {
+                    double eps, at::ScalarType out_dtype, const std::optional<at::Tensor>& weight) {
   check_float_cpu(op, "x", x);
   TORCH_CHECK_VALUE(x.dim() == 3, op, ": x: expected 3 dimensions (B, T, D), got shape ", x.sizes());
   TORCH_CHECK_TYPE(is_float(out_dtype), op, ": out_dtype: expected float32, float16 or bfloat16, got ", out_dtype);
@@ -250,25 +295,26 @@ AdalnParams prepare(const char* op, const at::Tensor& x, const at::Tensor& shift
   p.x = activation(op, "x", x, x.sizes());
   p.shift = modulation(op, "shift", shift, B, p.D);
   p.scale = modulation(op, "scale", scale, B, p.D);
+  p.weight = norm_weight(op, weight, p.D);
   p.y_dtype = out_dtype;
   return p;
 }
 
 at::Tensor adaln_modulate(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
-                          at::ScalarType out_dtype) {
-  AdalnParams p = prepare("ditengine::adaln_modulate", x, shift, scale, eps, out_dtype);
+                          at::ScalarType out_dtype, bool rms, const std::optional<at::Tensor>& weight) {
+  AdalnParams p = prepare("ditengine::adaln_modulate", x, shift, scale, eps, out_dtype, weight);
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));  // (B, T, D)
   p.gated = false;
   p.y = y.data_ptr();
-  run(p, x.size(0) * x.size(1));
+  run(p, rms, x.size(0) * x.size(1));
   return y;
 }
 
 // Shared by the functional and the in-place op: x_out is a fresh tensor or x itself.
 at::Tensor gated(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& o,
-                 const at::Tensor& shift, const at::Tensor& scale, double eps, at::ScalarType out_dtype,
-                 const at::Tensor& x_out) {
-  AdalnParams p = prepare(op, x, shift, scale, eps, out_dtype);
+                 const at::Tensor& shift, const at::Tensor& scale, double eps, at::ScalarType out_dtype, bool rms,
+                 const std::optional<at::Tensor>& weight, const at::Tensor& x_out) {
+  AdalnParams p = prepare(op, x, shift, scale, eps, out_dtype, weight);
   p.gated = true;
   p.o = activation(op, "o", o, x.sizes());
   p.gate = modulation(op, "gate", gate, x.size(0), p.D);
@@ -277,25 +323,26 @@ at::Tensor gated(const char* op, const at::Tensor& x, const at::Tensor& gate, co
   p.x_out = x_out.data_ptr();
   p.x_out_stride_b = x_out.stride(0);
   p.x_out_stride_t = x_out.stride(1);
-  run(p, x.size(0) * x.size(1));
+  run(p, rms, x.size(0) * x.size(1));
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> gated_residual_adaln(const at::Tensor& x, const at::Tensor& gate,
                                                         const at::Tensor& o, const at::Tensor& shift,
                                                         const at::Tensor& scale, double eps,
-                                                        at::ScalarType out_dtype) {
+                                                        at::ScalarType out_dtype, bool rms,
+                                                        const std::optional<at::Tensor>& weight) {
   const char* op = "ditengine::gated_residual_adaln";
   check_float_cpu(op, "x", x);
   at::Tensor x_new = at::empty(x.sizes(), x.options());  // (B, T, D), contiguous like the Python op's
-  at::Tensor y = gated(op, x, gate, o, shift, scale, eps, out_dtype, x_new);
+  at::Tensor y = gated(op, x, gate, o, shift, scale, eps, out_dtype, rms, weight, x_new);
   return {x_new, y};
 }
 
 at::Tensor gated_residual_adaln_(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& o,
                                  const at::Tensor& shift, const at::Tensor& scale, double eps,
-                                 at::ScalarType out_dtype) {
-  return gated("ditengine::gated_residual_adaln_", x, gate, o, shift, scale, eps, out_dtype, x);
+                                 at::ScalarType out_dtype, bool rms, const std::optional<at::Tensor>& weight) {
+  return gated("ditengine::gated_residual_adaln_", x, gate, o, shift, scale, eps, out_dtype, rms, weight, x);
 }
 
 }  // namespace

@@ -1,20 +1,28 @@
 """adaLN modulation (K1) and gated residual + adaLN (K3): the memory-bound half of a DiT block.
 
-    adaln_modulate:        y = LayerNorm(x) * (1 + scale) + shift
-    gated_residual_adaln:  x_new = x + gate * o ;  y = LayerNorm(x_new) * (1 + scale) + shift
+    adaln_modulate:        y = norm(x) * weight * (1 + scale) + shift
+    gated_residual_adaln:  x_new = x + gate * o ;  y = norm(x_new) * weight * (1 + scale) + shift
 
-LayerNorm has no affine and normalises over the last dim. DiT runs K1 before attention (shift_msa,
-scale_msa) and K3 after each branch: after attention it adds the gated attention output and prepares the
-MLP input, after the MLP it adds the gated MLP output and prepares the next block's attention input.
+norm normalises over the last dim: LayerNorm without affine by default (`rms=False`: x - mean over the
+standard deviation), or RMSNorm with `rms=True` (x * rsqrt(mean(x^2) + eps), no mean subtraction). `weight`
+is the norm's learned elementwise weight (D,), applied to the normalised x before the modulation; None (the
+default) is no weight. DiT runs K1 before attention (shift_msa, scale_msa) and K3 after each branch: after
+attention it adds the gated attention output and prepares the MLP input, after the MLP it adds the gated MLP
+output and prepares the next block's attention input. ACE-Step 1.5 normalises with a weighted RMSNorm
+(`rms=True, weight=...`); its un-modulated cross-attention pre-norm is K3 with a unit gate and zero
+shift and scale rows.
 Eager PyTorch spends 5-7 passes over the activations on this; each kernel makes one read of each input
 and one write of each output.
 
 Shapes: x, o (B, T, D); shift, scale, gate (B, D) with any row stride, so `.chunk(6, dim=1)` columns of
-the adaLN output or rows of a precomputed (steps, B, depth, 6, D) table are read without copies. The last
-dim of every tensor must be contiguous. dtypes fp32 / fp16 / bf16 in and out; statistics and arithmetic
-in fp32. `x` in K3 is the residual stream and keeps its own dtype: pass it in fp32 with a bf16 `o` to
-hold the residual in fp32 (fp16 residual streams overflow in DiT-like models) while `y` is bf16.
-Limits: D <= 16384 (one row per program); NaN or Inf in a row makes that row NaN and no other.
+the adaLN output or rows of a precomputed (steps, B, depth, 6, D) table are read without copies; weight
+(D,) of any of the float dtypes. The last dim of every tensor must be contiguous. dtypes fp32 / fp16 / bf16
+in and out; statistics and arithmetic in fp32. `x` in K3 is the residual stream and keeps its own dtype:
+pass it in fp32 with a bf16 `o` to hold the residual in fp32 (fp16 residual streams overflow in DiT-like
+models) while `y` is bf16.
+Limits: D <= 16384 (one row per program). NaN or Inf in a row touches that row and no other: with LayerNorm
+the row is NaN; with RMSNorm a NaN makes the row NaN, and an Inf gives NaN in its element and `shift` in
+the row's finite ones (x * rsqrt(inf) = 0), as an eager RMSNorm does.
 
 On CPU the ops run the C++ kernels of csrc/adaln.cpp when the native extension is built (registered for
 the CPU dispatch key of the ops defined below); this file's Triton kernel then runs on CUDA, and on CPU
@@ -35,64 +43,86 @@ MAX_D = 16384
 
 
 # -- references ------------------------------------------------------------------------------------------
-def adaln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True):
-    """The plain-PyTorch K1; math in fp32 when `upcast`, else in x's dtype (the low-precision reference)."""
+def _norm_ref(x, eps: float, rms: bool):
+    """LayerNorm without affine, or RMSNorm as diffusers' `RMSNorm` computes it: the mean of squares in fp32
+    whatever x's dtype, the normalised row rounded back to x's dtype."""
+    if rms:
+        return (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def adaln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True, *,
+                       rms: bool = False, weight=None):
+    """The plain-PyTorch K1; math in fp32 when `upcast`, else in x's dtype (the low-precision reference).
+    `rms` picks RMSNorm over LayerNorm; `weight` (D,) or None multiplies the normalised x."""
     out_dtype = out_dtype or x.dtype
     if upcast:
         x, shift, scale = x.float(), shift.float(), scale.float()
     else:
         shift, scale = shift.to(x.dtype), scale.to(x.dtype)
-    y = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
+    h = _norm_ref(x, eps, rms)
+    if weight is not None:
+        h = h * weight.to(x.dtype)
+    y = h * (1 + scale[:, None]) + shift[:, None]
     return y.to(out_dtype)  # (B, T, D)
 
 
-def gated_residual_adaln_ref(x, gate, o, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True):
+def gated_residual_adaln_ref(x, gate, o, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True, *,
+                             rms: bool = False, weight=None):
     """The plain-PyTorch K3: returns (x_new, y). x_new keeps x's dtype; y defaults to o's dtype."""
     out_dtype = out_dtype or o.dtype
     if upcast:
         x_new = (x.float() + gate.float()[:, None] * o.float()).to(x.dtype)
     else:
         x_new = x + gate.to(x.dtype)[:, None] * o.to(x.dtype)
-    return x_new, adaln_modulate_ref(x_new, shift, scale, eps, out_dtype, upcast)
+    return x_new, adaln_modulate_ref(x_new, shift, scale, eps, out_dtype, upcast, rms=rms, weight=weight)
 
 
 # -- kernels ---------------------------------------------------------------------------------------------
 @triton.jit
-def _adaln_row(x, shift_ptr, scale_ptr, cols, mask, D, eps):
-    """LayerNorm of one fp32 row (masked lanes are 0 on entry), then modulation."""
-    mean = tl.sum(x, axis=0) / D
-    xc = tl.where(mask, x - mean, 0.0)
+def _adaln_row(x, weight_ptr, shift_ptr, scale_ptr, cols, mask, D, eps,
+               RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """LayerNorm or RMSNorm of one fp32 row (masked lanes are 0 on entry), the weight, then modulation."""
+    if RMS:
+        xc = x  # no mean: the masked lanes stay 0 and add nothing to the sum of squares
+    else:
+        mean = tl.sum(x, axis=0) / D
+        xc = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
+    h = xc * rstd
+    if HAS_WEIGHT:
+        h = h * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    return xc * rstd * (1.0 + scale) + shift
+    return h * (1.0 + scale) + shift
 
 
 @triton.jit
 def _adaln_modulate_kernel(
-    x_ptr, shift_ptr, scale_ptr, y_ptr,
+    x_ptr, shift_ptr, scale_ptr, weight_ptr, y_ptr,
     T, D,
     stride_xb, stride_xt, stride_shift, stride_scale, stride_yb, stride_yt,
     eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # B*T*D can pass 2**31
     b, t = row // T, row % T
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _adaln_row(x, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale, cols, mask, D, eps)
+    y = _adaln_row(x, weight_ptr, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale, cols, mask, D, eps,
+                   RMS, HAS_WEIGHT)
     tl.store(y_ptr + b * stride_yb + t * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_residual_adaln_kernel(
-    x_ptr, gate_ptr, o_ptr, shift_ptr, scale_ptr, x_out_ptr, y_ptr,
+    x_ptr, gate_ptr, o_ptr, shift_ptr, scale_ptr, weight_ptr, x_out_ptr, y_ptr,
     T, D,
     stride_xb, stride_xt, stride_gate, stride_ob, stride_ot, stride_shift, stride_scale,
     stride_xob, stride_xot, stride_yb, stride_yt,
     eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b, t = row // T, row % T
@@ -103,15 +133,15 @@ def _gated_residual_adaln_kernel(
     gate = tl.load(gate_ptr + b * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
     x_new = (x + gate * o).to(x_out_ptr.dtype.element_ty)
     tl.store(x_out_ptr + b * stride_xob + t * stride_xot + cols, x_new, mask=mask)
-    # Normalise the residual as stored, so y matches an eager LayerNorm of x_new bit for bit in fp32.
-    y = _adaln_row(x_new.to(tl.float32), shift_ptr + b * stride_shift, scale_ptr + b * stride_scale,
-                   cols, mask, D, eps)
+    # Normalise the residual as stored, so y matches an eager norm of x_new bit for bit in fp32.
+    y = _adaln_row(x_new.to(tl.float32), weight_ptr, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale,
+                   cols, mask, D, eps, RMS, HAS_WEIGHT)
     tl.store(y_ptr + b * stride_yb + t * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(D: int) -> dict:
+def _launch_config(D: int, rms: bool, weight) -> dict:
     block = triton.next_power_of_2(D)
-    return dict(BLOCK_D=block, num_warps=min(max(block // 256, 1), 8))
+    return dict(BLOCK_D=block, num_warps=min(max(block // 256, 1), 8), RMS=rms, HAS_WEIGHT=weight is not None)
 
 
 # -- launchers -------------------------------------------------------------------------------------------
@@ -131,73 +161,88 @@ def _check_modulation(x, names_and_tensors):
         check_tensor(name, t, shape=(B, D), device=x.device, layout="(B, D)")
 
 
-def _launch_adaln_modulate(x, shift, scale, eps, out_dtype):
+def _check_norm(x, rms, weight) -> None:
+    """`rms` a bool and `weight` None or (D,) on x's device, checked for every backend (the Triton kernel reads
+    D weights per row without bounds of its own)."""
+    if not isinstance(rms, bool):
+        raise TypeError(f"rms: expected a bool, got {type(rms).__name__}")
+    if weight is not None:
+        check_tensor("weight", weight, shape=(x.shape[-1],), device=x.device, layout="(D,) like x's last dim")
+
+
+def _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight):
     B, T, D = x.shape
     y = torch.empty((B, T, D), device=x.device, dtype=out_dtype)
     if y.numel():
         _adaln_modulate_kernel[(B * T,)](
-            x, shift, scale, y, T, D,
+            x, shift, scale, x if weight is None else weight, y, T, D,  # x: a pointer the kernel never reads
             x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), y.stride(0), y.stride(1),
-            eps, **_launch_config(D))
+            eps, **_launch_config(D, rms, weight))
     return y
 
 
-def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out):
+def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out, rms, weight):
     B, T, D = x.shape
     y = torch.empty((B, T, D), device=x.device, dtype=out_dtype)
     if y.numel():
         _gated_residual_adaln_kernel[(B * T,)](
-            x, gate, o, shift, scale, x_out, y, T, D,
+            x, gate, o, shift, scale, x if weight is None else weight, x_out, y, T, D,
             x.stride(0), x.stride(1), gate.stride(0), o.stride(0), o.stride(1), shift.stride(0), scale.stride(0),
             x_out.stride(0), x_out.stride(1), y.stride(0), y.stride(1),
-            eps, **_launch_config(D))
+            eps, **_launch_config(D, rms, weight))
     return y
 
 
 # -- torch.library registration (composes with torch.compile and CUDA graphs) ---------------------------
+# The norm's arguments come last with defaults, so that calls written before they existed keep their meaning.
 @torch.library.custom_op("ditengine::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                       out_dtype: torch.dtype) -> torch.Tensor:
+                       out_dtype: torch.dtype, rms: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
     _check_eps(eps)  # called as the op, past the public function's checks
+    _check_norm(x, rms, weight)
     if use_triton("adaln_modulate", x):
-        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype)
-    return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
+        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight)
+    return adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight).contiguous()
 
 
 @_adaln_modulate_op.register_fake
-def _(x, shift, scale, eps, out_dtype):
+def _(x, shift, scale, eps, out_dtype, rms=False, weight=None):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("ditengine::gated_residual_adaln", mutates_args=())
 def _gated_residual_adaln_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
-                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
+                             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     _check_eps(eps)
+    _check_norm(x, rms, weight)
     if use_triton("gated_residual_adaln", x):
         x_new = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new)
-    x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
+        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new, rms, weight)
+    x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
     return x_new.contiguous(), y.contiguous()
 
 
 @_gated_residual_adaln_op.register_fake
-def _(x, gate, o, shift, scale, eps, out_dtype):
+def _(x, gate, o, shift, scale, eps, out_dtype, rms=False, weight=None):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("ditengine::gated_residual_adaln_", mutates_args=("x",))
 def _gated_residual_adaln_inplace_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
-                                     scale: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+                                     scale: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
+                                     weight: torch.Tensor | None = None) -> torch.Tensor:
     _check_eps(eps)
+    _check_norm(x, rms, weight)
     if use_triton("gated_residual_adaln", x):
-        return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x)
-    x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
+        return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x, rms, weight)
+    x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
     x.copy_(x_new)
     return y.contiguous()
 
 
 @_gated_residual_adaln_inplace_op.register_fake
-def _(x, gate, o, shift, scale, eps, out_dtype):
+def _(x, gate, o, shift, scale, eps, out_dtype, rms=False, weight=None):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
@@ -205,31 +250,40 @@ def _(x, gate, o, shift, scale, eps, out_dtype):
 # backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
 # "triton" (on CPU: the interpreter) or "reference" force one, and raise a ValueError where it cannot run.
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
-                   out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
-    """y = LayerNorm(x) * (1 + scale) + shift; x (B, T, D), shift and scale (B, D). Returns (B, T, D).
-    eps: a finite number > 0 (a ValueError otherwise, on every backend)."""
+                   out_dtype: torch.dtype | None = None, backend: str | None = None, *, rms: bool = False,
+                   weight: torch.Tensor | None = None) -> torch.Tensor:
+    """y = norm(x) * weight * (1 + scale) + shift; x (B, T, D), shift and scale (B, D). Returns (B, T, D).
+
+    norm: LayerNorm without affine, or RMSNorm with `rms=True`. weight: the norm's learned weight (D,), any
+    float dtype, last dim contiguous, on x's device; None for none. eps: a finite number > 0 (a ValueError
+    otherwise, on every backend).
+    """
     check_tensor("x", x, ndim=3, layout="(B, T, D)")
     if x.shape[-1] > MAX_D:
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     _check_modulation(x, (("shift", shift), ("scale", scale)))
+    _check_norm(x, rms, weight)
     eps = _check_eps(eps)
     out_dtype = out_dtype or x.dtype
     how = route("adaln_modulate", x.device, backend)
     if how.startswith("reference"):
-        return adaln_modulate_ref(x, shift, scale, eps, out_dtype).contiguous()
+        return adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight).contiguous()
     if how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
-        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype)
-    return _adaln_modulate_op(x, shift, scale, eps, out_dtype)
+        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight)
+    return _adaln_modulate_op(x, shift, scale, eps, out_dtype, rms, weight)
 
 
 def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                          scale: torch.Tensor, eps: float = 1e-6, inplace: bool = False,
-                         out_dtype: torch.dtype | None = None, backend: str | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_new = x + gate * o and y = LayerNorm(x_new) * (1 + scale) + shift, in one pass.
+                         out_dtype: torch.dtype | None = None, backend: str | None = None, *, rms: bool = False,
+                         weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_new = x + gate * o and y = norm(x_new) * weight * (1 + scale) + shift, in one pass.
 
     x, o (B, T, D); gate, shift, scale (B, D). Returns (x_new, y); with `inplace=True` x_new is x itself,
     updated. x_new keeps x's dtype (the residual stream), y has `out_dtype` (default: o's dtype).
+    norm: LayerNorm without affine, or RMSNorm with `rms=True`. weight: the norm's learned weight (D,), any
+    float dtype, last dim contiguous, on x's device; None for none. A unit gate with zero shift and scale
+    rows is the un-modulated pre-norm (x_new = x + o, y = norm(x_new) * weight).
     eps: a finite number > 0 (a ValueError otherwise, on every backend).
     """
     check_tensor("x", x, ndim=3, layout="(B, T, D)")
@@ -237,18 +291,19 @@ def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, s
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
     _check_modulation(x, (("gate", gate), ("shift", shift), ("scale", scale)))
+    _check_norm(x, rms, weight)
     eps = _check_eps(eps)
     out_dtype = out_dtype or o.dtype
     how = route("gated_residual_adaln_" if inplace else "gated_residual_adaln", x.device, backend)
     if how.startswith("reference"):
-        x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype)
+        x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
         if inplace:
             x.copy_(x_new)
             return x, y.contiguous()
         return x_new.contiguous(), y.contiguous()
     if how == "triton-interpreter":
         x_new = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new)
+        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new, rms, weight)
     if inplace:
-        return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, eps, out_dtype)
-    return _gated_residual_adaln_op(x, gate, o, shift, scale, eps, out_dtype)
+        return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, eps, out_dtype, rms, weight)
+    return _gated_residual_adaln_op(x, gate, o, shift, scale, eps, out_dtype, rms, weight)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ditengine.kernels import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref,
                                interpreting)
@@ -24,22 +25,38 @@ def make_inputs(B, T, D, dtype, device="cpu", seed=0):
     return x, o, modulation.chunk(6, dim=1)  # strided (B, D) views, row stride 6D
 
 
-def check_adaln(B, T, D, dtype, device="cpu", backend=None, seed=0):
+def make_weight(D, dtype, device="cpu", seed=0):
+    """A learned norm weight (D,): random around 1, as trained RMSNorm weights are, never 0."""
+    g = torch.Generator(device).manual_seed(seed + 7)
+    return (1 + 0.5 * torch.randn(D, generator=g, device=device)).to(dtype)
+
+
+# The norm forms beside the default (LayerNorm, no weight): (rms, weighted).
+NORMS = [(True, True), (True, False), (False, True)]
+NORM_IDS = ["rms+weight", "rms", "layer+weight"]
+
+
+def check_adaln(B, T, D, dtype, device="cpu", backend=None, seed=0, rms=False, weighted=False):
     x, _, (shift, scale, *_) = make_inputs(B, T, D, dtype, device, seed)
-    out = adaln_modulate(x, shift, scale, backend=backend)
+    w = make_weight(D, dtype, device, seed) if weighted else None
+    out = adaln_modulate(x, shift, scale, backend=backend, rms=rms, weight=w)
     assert out.dtype == dtype and out.shape == (B, T, D)
-    ref32 = adaln_modulate_ref(x.float(), shift.float(), scale.float())
-    ref_lp = adaln_modulate_ref(x, shift, scale, upcast=False)
+    w32 = None if w is None else w.float()
+    ref32 = adaln_modulate_ref(x.float(), shift.float(), scale.float(), rms=rms, weight=w32)
+    ref_lp = adaln_modulate_ref(x, shift, scale, upcast=False, rms=rms, weight=w)
     assert_within_tolerance(out, ref32, ref_lp, FLOOR[dtype], "adaln_modulate")
 
 
-def check_gated(B, T, D, dtype, device="cpu", backend=None, seed=0, inplace=False):
+def check_gated(B, T, D, dtype, device="cpu", backend=None, seed=0, inplace=False, rms=False, weighted=False):
     x, o, (_, _, gate, shift, scale, _) = make_inputs(B, T, D, dtype, device, seed)
+    w = make_weight(D, dtype, device, seed) if weighted else None
     x_in = x.clone() if inplace else x
-    x_new, y = gated_residual_adaln(x_in, gate, o, shift, scale, inplace=inplace, backend=backend)
+    x_new, y = gated_residual_adaln(x_in, gate, o, shift, scale, inplace=inplace, backend=backend, rms=rms, weight=w)
     assert x_new is x_in or not inplace
-    ref_x32, ref_y32 = gated_residual_adaln_ref(x.float(), gate.float(), o.float(), shift.float(), scale.float())
-    lp_x, lp_y = gated_residual_adaln_ref(x, gate, o, shift, scale, upcast=False)
+    w32 = None if w is None else w.float()
+    ref_x32, ref_y32 = gated_residual_adaln_ref(x.float(), gate.float(), o.float(), shift.float(), scale.float(),
+                                                rms=rms, weight=w32)
+    lp_x, lp_y = gated_residual_adaln_ref(x, gate, o, shift, scale, upcast=False, rms=rms, weight=w)
     assert x_new.dtype == dtype and y.dtype == dtype
     assert_within_tolerance(x_new, ref_x32, lp_x, FLOOR[dtype], "x_new")
     assert_within_tolerance(y, ref_y32, lp_y, FLOOR[dtype], "y")
@@ -59,6 +76,178 @@ def test_gated_residual_adaln_matches_reference(B, T, D, dtype):
     check_gated(B, T, D, dtype, backend="triton")
 
 
+# -- RMSNorm and the norm's learned weight (ACE-Step 1.5: y = RMSNorm_w(x) * (1 + scale) + shift) ------------
+def max_relative_error(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+def test_rms_reference_is_diffusers_rmsnorm_then_modulation():
+    """The reference against the exact eager computation of ACE-Step 1.5's blocks, in fp32."""
+    normalization = pytest.importorskip("diffusers.models.normalization")
+    B, T, D = 2, 37, 341
+    x, o, (shift, scale, gate, *_) = make_inputs(B, T, D, torch.float32, seed=21)
+    norm = normalization.RMSNorm(D, eps=1e-6)  # elementwise_affine: a learned weight, as in the model
+    weight = make_weight(D, torch.float32, seed=21)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        want_k1 = norm(x) * (1 + scale[:, None]) + shift[:, None]
+        x_new = x + gate[:, None] * o
+        want_k3 = norm(x_new) * (1 + scale[:, None]) + shift[:, None]
+    got_k1 = adaln_modulate_ref(x, shift, scale, eps=1e-6, rms=True, weight=weight)
+    got_x, got_k3 = gated_residual_adaln_ref(x, gate, o, shift, scale, eps=1e-6, rms=True, weight=weight)
+    assert max_relative_error(got_k1, want_k1) <= 1e-5
+    assert torch.equal(got_x, x_new)
+    assert max_relative_error(got_k3, want_k3) <= 1e-5
+    # Without a weight: diffusers' RMSNorm(elementwise_affine=False).
+    plain = normalization.RMSNorm(D, eps=1e-6, elementwise_affine=False)
+    want = plain(x) * (1 + scale[:, None]) + shift[:, None]
+    assert max_relative_error(adaln_modulate_ref(x, shift, scale, rms=True), want) <= 1e-5
+
+
+def test_layernorm_reference_with_weight_is_torch_layer_norm():
+    x, _, (shift, scale, *_) = make_inputs(2, 9, 96, torch.float32, seed=22)
+    weight = make_weight(96, torch.float32, seed=22)
+    want = F.layer_norm(x, (96,), weight=weight, eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    assert max_relative_error(adaln_modulate_ref(x, shift, scale, weight=weight), want) <= 1e-5
+
+
+# Odd D and odd T among them; small for the interpreter. bf16 runs here too: the kernel widens every load to fp32
+# explicitly, which is what the interpreter needs (DESIGN.md section 6).
+NORM_SHAPES = [(1, 1, 384), (2, 16, 1152), (3, 37, 341), (1, 33, 59)]
+
+
+@triton_cpu
+@pytest.mark.parametrize("rms, weighted", NORMS, ids=NORM_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, T, D", NORM_SHAPES)
+def test_norm_forms_match_reference(B, T, D, dtype, rms, weighted):
+    seed = B * 1000 + T * 10 + D
+    check_adaln(B, T, D, dtype, backend="triton", seed=seed, rms=rms, weighted=weighted)
+    check_gated(B, T, D, dtype, backend="triton", seed=seed, rms=rms, weighted=weighted)
+
+
+# The native kernel where built (the default on CPU), the Triton kernel through the interpreter.
+DEFAULT_AND_TRITON = [None, pytest.param("triton", marks=triton_cpu)]
+
+
+@pytest.mark.parametrize("backend", DEFAULT_AND_TRITON)
+@pytest.mark.parametrize("rms, weighted", NORMS, ids=NORM_IDS)
+def test_norm_forms_read_rows_of_a_precomputed_modulation_table(backend, rms, weighted):
+    S, B, depth, T, D = 3, 2, 4, 7, 67
+    g = torch.Generator().manual_seed(23)
+    table = torch.randn(S, B, depth, 6, D, generator=g)  # (steps, B, depth, 6, D)
+    shift, scale, gate = table[2, :, 1, 3], table[2, :, 1, 4], table[2, :, 1, 5]  # (B, D), row stride depth*6*D
+    assert shift.stride(0) == depth * 6 * D
+    x = torch.randn(B, 2 * T, D, generator=g)[:, ::2]  # strided tokens, contiguous last dim
+    o = torch.randn(B, T, D, generator=g)
+    weight = make_weight(D, torch.float32, seed=23) if weighted else None
+    ref = adaln_modulate_ref(x, shift, scale, rms=rms, weight=weight)
+    assert_within_tolerance(adaln_modulate(x, shift, scale, backend=backend, rms=rms, weight=weight), ref, ref,
+                            FLOOR[torch.float32], "y")
+    ref_x, ref_y = gated_residual_adaln_ref(x, gate, o, shift, scale, rms=rms, weight=weight)
+    x_new, y = gated_residual_adaln(x, gate, o, shift, scale, backend=backend, rms=rms, weight=weight)
+    torch.testing.assert_close(x_new, ref_x)  # within FMA contraction of x + gate * o
+    assert_within_tolerance(y, ref_y, ref_y, FLOOR[torch.float32], "y")
+
+
+def check_rms_fp32_residual(backend, y_dtype, weight_dtype, device="cpu"):
+    """ACE-Step's K3 with the residual stream held in fp32 and the branch output and y in `y_dtype`, in place."""
+    B, T, D = 2, 37, 341
+    x, o, (_, _, gate, shift, scale, _) = make_inputs(B, T, D, torch.float32, device, seed=24)
+    o_lp = o.to(y_dtype)
+    gate, shift, scale = (m.to(y_dtype) for m in (gate, shift, scale))
+    weight = make_weight(D, weight_dtype, device, seed=24)
+    residual = x.clone()
+    x_new, y = gated_residual_adaln(residual, gate, o_lp, shift, scale, inplace=True, backend=backend, rms=True,
+                                    weight=weight)
+    assert x_new is residual and x_new.dtype == torch.float32 and y.dtype == y_dtype
+    # x_new: one fp32 multiply-add; y from x_new as stored, in fp64 (ref_hi) and as the fp32 reference with a
+    # low-precision output (ref_lp): the one low-precision step is rounding y.
+    hi_x = x.double() + gate.double()[:, None] * o_lp.double()
+    lp_x = x + gate.float()[:, None] * o_lp.float()
+    assert_within_tolerance(x_new, hi_x, lp_x, fp32_floor(hi_x), "x_new")
+    hi_y = adaln_modulate_ref(x_new.double(), shift.double(), scale.double(), upcast=False, rms=True,
+                              weight=weight.double())
+    lp_y = adaln_modulate_ref(x_new, shift, scale, out_dtype=y_dtype, rms=True, weight=weight)
+    assert_within_tolerance(y, hi_y, lp_y, fp32_floor(hi_y), "y")
+
+
+# The interpreter stores fp32 -> bf16 by truncation (DESIGN.md section 6), up to twice the rounding error this
+# test allows: it runs the fp16 output; bf16 runs natively here and in the Triton kernel on a GPU.
+@pytest.mark.parametrize("backend, y_dtype", [
+    pytest.param("native", torch.bfloat16, marks=needs_native("gated_residual_adaln_")),
+    pytest.param("triton", torch.float16, marks=triton_cpu)], ids=["native-bf16", "triton-fp16"])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_inplace_fp32_residual_with_low_precision_output(backend, y_dtype, weight_dtype):
+    check_rms_fp32_residual(backend, y_dtype, weight_dtype)
+
+
+@pytest.mark.parametrize("backend", DEFAULT_AND_TRITON)
+def test_rms_prenorm_without_modulation(backend):
+    """The cross-attention pre-norm: K3 with a unit gate and zero shift and scale rows (stride-0 rows of one
+    constant vector) is x_new = x + o and y = RMSNorm_w(x_new)."""
+    B, T, D = 2, 19, 200
+    x, o, _ = make_inputs(B, T, D, torch.float32, seed=25)
+    weight = make_weight(D, torch.float32, seed=25)
+    ones, zeros = torch.ones(D).expand(B, D), torch.zeros(D).expand(B, D)  # (B, D), row stride 0
+    x_new, y = gated_residual_adaln(x, ones, o, zeros, zeros, backend=backend, rms=True, weight=weight)
+    want_x = x + o
+    want_y = want_x * torch.rsqrt(want_x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    torch.testing.assert_close(x_new, want_x, rtol=0, atol=0)
+    assert max_relative_error(y, want_y) <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("backend", DEFAULT_AND_TRITON)
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no weight"])
+def test_rms_nan_and_inf_stay_in_their_row(backend, weighted):
+    """RMSNorm has no mean: a NaN makes its row NaN, an Inf makes its element NaN and the row's finite
+    elements `shift` (x * rsqrt(inf) = 0), as the eager reference does; every other row is untouched."""
+    x, o, (shift, scale, gate, *_) = make_inputs(2, 6, 64, torch.float32, seed=26)
+    weight = make_weight(64, torch.float32, seed=26) if weighted else None
+    x[0, 1, 5] = float("nan")
+    x[1, 3, 0] = float("inf")
+    o[1, 4, 9] = float("nan")
+    bad = torch.zeros(2, 6, dtype=torch.bool)
+    bad[0, 1] = bad[1, 3] = True
+    y = adaln_modulate(x, shift, scale, backend=backend, rms=True, weight=weight)
+    ref = adaln_modulate_ref(x, shift, scale, rms=True, weight=weight)
+    assert torch.isnan(y[0, 1]).all() and torch.isnan(y[1, 3, 0])
+    torch.testing.assert_close(y[1, 3, 1:], shift[1, 1:])
+    assert torch.isfinite(y[~bad]).all()
+    torch.testing.assert_close(y, ref, equal_nan=True)
+    x_new, y = gated_residual_adaln(x, gate, o, shift, scale, backend=backend, rms=True, weight=weight)
+    ref_x, ref_y = gated_residual_adaln_ref(x, gate, o, shift, scale, rms=True, weight=weight)
+    torch.testing.assert_close(x_new, ref_x, equal_nan=True)
+    bad[1, 4] = True
+    assert torch.isnan(y[0, 1]).all() and torch.isnan(y[1, 4]).all() and torch.isfinite(y[~bad]).all()
+    torch.testing.assert_close(y, ref_y, equal_nan=True)
+
+
+def test_weight_and_rms_errors_name_the_argument():
+    x, o, (shift, scale, gate, *_) = make_inputs(2, 4, 32, torch.float32)
+    w = make_weight(32, torch.float32)
+    calls = [lambda **kw: adaln_modulate(x, shift, scale, **kw),
+             lambda **kw: gated_residual_adaln(x, gate, o, shift, scale, **kw),
+             lambda **kw: gated_residual_adaln(x.clone(), gate, o, shift, scale, inplace=True, **kw)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"weight: expected shape \(32\) \(D,\) like x's last dim, got \(33,\)"):
+            call(rms=True, weight=torch.randn(33))
+        with pytest.raises(ValueError, match=r"weight: expected shape \(32\) \(D,\) like x's last dim, got \(1, 32\)"):
+            call(weight=w[None])
+        with pytest.raises(ValueError, match="weight: the last dimension must be contiguous"):
+            call(rms=True, weight=torch.randn(64)[::2])
+        with pytest.raises(ValueError, match="weight: on meta, expected cpu"):
+            call(rms=True, weight=w.to("meta"))
+        with pytest.raises(TypeError, match=r"weight: expected dtype in \['float32', 'float16', 'bfloat16'\], "
+                                            r"got int64"):
+            call(rms=True, weight=w.long())
+        with pytest.raises(TypeError, match="weight: expected a torch.Tensor, got list"):
+            call(weight=[1.0] * 32)
+        with pytest.raises(TypeError, match="rms: expected a bool, got int"):
+            call(rms=1)
+
+
 def test_rows_of_a_precomputed_modulation_table_and_strided_x():
     S, B, depth, T, D = 3, 2, 4, 5, 64
     g = torch.Generator().manual_seed(1)
@@ -76,10 +265,7 @@ def test_rows_of_a_precomputed_modulation_table_and_strided_x():
     torch.testing.assert_close(y, ref_y)
 
 
-# The default (native where built) and the Triton kernel: each must keep its dtypes, values and NaN rows.
-DEFAULT_AND_TRITON = [None, pytest.param("triton", marks=triton_cpu)]
-
-
+# The default and the Triton kernel: each must keep its dtypes, values and NaN rows.
 @pytest.mark.parametrize("backend", DEFAULT_AND_TRITON)
 def test_inplace_and_fp32_residual_with_half_output(backend):
     x, o, (_, _, gate, shift, scale, _) = make_inputs(2, 9, 96, torch.float32)
@@ -184,14 +370,34 @@ def test_registered_ops_check_eps():
                      (ops.gated_residual_adaln_, (x.clone(), gate, o, shift, scale))):
         with pytest.raises(ValueError, match="eps: expected a finite number > 0, got nan"):
             op.default.redispatch(python_impl, *args, float("nan"), torch.float32)
+        with pytest.raises(ValueError, match=r"weight: expected shape \(16\)"):
+            op.default.redispatch(python_impl, *args, 1e-6, torch.float32, True, torch.randn(15))
+
+
+def test_registered_ops_python_impl_runs_the_norm_forms():
+    """Past the native CPU kernels, the ops' Python implementation (the CUDA path's) gives the reference."""
+    x, o, (shift, scale, gate, *_) = make_inputs(2, 3, 40, torch.float32, seed=27)
+    w = make_weight(40, torch.bfloat16, seed=27)
+    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    ops = torch.ops.ditengine
+    y = ops.adaln_modulate.default.redispatch(python_impl, x, shift, scale, 1e-6, torch.float32, True, w)
+    torch.testing.assert_close(y, adaln_modulate_ref(x, shift, scale, rms=True, weight=w))
+    x_new, y = ops.gated_residual_adaln.default.redispatch(python_impl, x, gate, o, shift, scale, 1e-6,
+                                                           torch.float32, True, w)
+    ref_x, ref_y = gated_residual_adaln_ref(x, gate, o, shift, scale, rms=True, weight=w)
+    torch.testing.assert_close(x_new, ref_x)
+    torch.testing.assert_close(y, ref_y)
 
 
 def test_registered_ops_pass_opcheck():
     x, o, (shift, scale, gate, *_) = make_inputs(1, 3, 16, torch.float32)
-    torch.library.opcheck(torch.ops.ditengine.adaln_modulate, (x, shift, scale, 1e-6, torch.float32))
-    torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln, (x, gate, o, shift, scale, 1e-6, torch.float32))
-    torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln_,
-                          (x.clone(), gate, o, shift, scale, 1e-6, torch.float32))
+    w = make_weight(16, torch.float32)
+    for norm in ((), (False, None), (True, None), (True, w), (False, w)):  # () is the schema's defaults
+        torch.library.opcheck(torch.ops.ditengine.adaln_modulate, (x, shift, scale, 1e-6, torch.float32, *norm))
+        torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln,
+                              (x, gate, o, shift, scale, 1e-6, torch.float32, *norm))
+        torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln_,
+                              (x.clone(), gate, o, shift, scale, 1e-6, torch.float32, *norm))
 
 
 # -- the native CPU kernels (csrc/adaln.cpp) -------------------------------------------------------------------
@@ -207,6 +413,34 @@ def test_native_matches_reference(B, T, D, dtype):
     check_adaln(B, T, D, dtype, backend="native", seed=seed)
     check_gated(B, T, D, dtype, backend="native", seed=seed)
     check_gated(B, T, D, dtype, backend="native", seed=seed, inplace=True)
+
+
+# ACE-Step 1.5's width (2048) and its 30 s token count (375) beside odd shapes, fp32 and bf16; fp16 at one shape.
+NATIVE_NORM_CASES = [(B, T, D, dtype) for dtype in (torch.float32, torch.bfloat16) for B, T, D in
+                     ((1, 1, 384), (2, 97, 59), (2, 97, 341), (2, 375, 2048))] + [(2, 97, 341, torch.float16)]
+
+
+@requires_native
+@pytest.mark.parametrize("rms, weighted", NORMS, ids=NORM_IDS)
+@pytest.mark.parametrize("B, T, D, dtype", NATIVE_NORM_CASES, ids=str)
+def test_native_norm_forms_match_reference(B, T, D, dtype, rms, weighted):
+    seed = B * 1000 + T * 10 + D + 1
+    check_adaln(B, T, D, dtype, backend="native", seed=seed, rms=rms, weighted=weighted)
+    check_gated(B, T, D, dtype, backend="native", seed=seed, rms=rms, weighted=weighted)
+    check_gated(B, T, D, dtype, backend="native", seed=seed, inplace=True, rms=rms, weighted=weighted)
+
+
+@requires_native
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_native_weight_in_any_float_dtype(weight_dtype):
+    x, o, (shift, scale, gate, *_) = make_inputs(2, 9, 341, torch.bfloat16, seed=28)
+    w = make_weight(341, weight_dtype, seed=28)
+    y = adaln_modulate(x, shift, scale, backend="native", rms=True, weight=w)
+    # The kernel widens the weight to fp32 and rounds once, at the store: the fp32 reference rounded to bf16,
+    # but for fp32 ties of the last bit.
+    ref = adaln_modulate_ref(x, shift, scale, rms=True, weight=w)
+    hi = adaln_modulate_ref(x.double(), shift.double(), scale.double(), upcast=False, rms=True, weight=w.double())
+    assert_within_tolerance(y, hi, ref, fp32_floor(hi), "y")
 
 
 @requires_native
@@ -317,6 +551,18 @@ def test_native_errors_name_the_argument():
         ops.gated_residual_adaln(x, gate, o[:, :3], shift, scale, 1e-6, f32)
     with pytest.raises(TypeError, match="gated_residual_adaln_: gate: expected dtype float32, float16 or bfloat16, got Double"):
         ops.gated_residual_adaln_(x, gate.double(), o, shift, scale, 1e-6, f32)
+    w = make_weight(32, torch.float32)
+    with pytest.raises(ValueError, match=r"adaln_modulate: weight: expected shape \(32,\) \(D,\) like x's last dim, "
+                                         r"got \[33\]"):
+        ops.adaln_modulate(x, shift, scale, 1e-6, f32, True, torch.randn(33))
+    with pytest.raises(ValueError, match=r"gated_residual_adaln: weight: expected shape \(32,\) \(D,\) like x's "
+                                         r"last dim, got \[1, 32\]"):
+        ops.gated_residual_adaln(x, gate, o, shift, scale, 1e-6, f32, False, w[None])
+    with pytest.raises(TypeError, match="gated_residual_adaln_: weight: expected dtype float32, float16 or bfloat16, "
+                                        "got Long"):
+        ops.gated_residual_adaln_(x, gate, o, shift, scale, 1e-6, f32, True, w.long())
+    with pytest.raises(ValueError, match="weight: the last dimension must be contiguous"):
+        ops.adaln_modulate(x, shift, scale, 1e-6, f32, True, torch.randn(64)[::2])
     with pytest.raises(ValueError, match="backend='native': the native kernels run on CPU tensors, got meta"):
         adaln_modulate(x.to("meta"), shift.to("meta"), scale.to("meta"), backend="native")
     with pytest.raises(ValueError, match="backend: expected one of"):
@@ -327,12 +573,15 @@ def test_native_errors_name_the_argument():
 def test_native_ops_pass_opcheck():
     x, o, (shift, scale, gate, *_) = make_inputs(2, 5, 48, torch.float32)  # strided (B, D) modulation views
     xb, ob = x.bfloat16(), o.bfloat16()
-    for args in ((x, shift, scale, 1e-6, torch.float32), (xb, shift, scale, 1e-6, torch.bfloat16)):
-        torch.library.opcheck(torch.ops.ditengine.adaln_modulate, args)
-    for xx, oo in ((x, o), (x, ob), (xb, ob)):
-        torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln, (xx, gate, oo, shift, scale, 1e-6, oo.dtype))
-        torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln_,
-                              (xx.clone(), gate, oo, shift, scale, 1e-6, oo.dtype))
+    w = make_weight(48, torch.bfloat16)
+    for norm in ((), (True, None), (True, w), (False, w)):
+        for args in ((x, shift, scale, 1e-6, torch.float32), (xb, shift, scale, 1e-6, torch.bfloat16)):
+            torch.library.opcheck(torch.ops.ditengine.adaln_modulate, (*args, *norm))
+        for xx, oo in ((x, o), (x, ob), (xb, ob)):
+            torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln,
+                                  (xx, gate, oo, shift, scale, 1e-6, oo.dtype, *norm))
+            torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln_,
+                                  (xx.clone(), gate, oo, shift, scale, 1e-6, oo.dtype, *norm))
 
 
 @requires_native
@@ -356,10 +605,12 @@ def isa_variant(tmp_path_factory):
         g = torch.Generator().manual_seed(0)
         x, o = torch.randn(2, 97, 341, generator=g), torch.randn(2, 97, 341, generator=g)
         shift, scale, gate = torch.randn(2, 3 * 341, generator=g).chunk(3, dim=1)
+        w = 1 + 0.5 * torch.randn(341, generator=g)
         outs = [_native.build_info()["isa"]]
         for dt in (torch.float32, torch.bfloat16):
-            outs += [adaln_modulate(x.to(dt), shift, scale, backend="native"),
-                     *gated_residual_adaln(x.to(dt), gate, o.to(dt), shift, scale, backend="native")]
+            for norm in (dict(), dict(rms=True, weight=w), dict(rms=True), dict(weight=w.to(dt))):
+                outs += [adaln_modulate(x.to(dt), shift, scale, backend="native", **norm),
+                         *gated_residual_adaln(x.to(dt), gate, o.to(dt), shift, scale, backend="native", **norm)]
         torch.save(outs, "{path}")
     """
     return isa_runner(tmp_path_factory, code)
@@ -383,3 +634,19 @@ def test_native_isa_variants_agree(isa, isa_variant):
 def test_gpu_matches_reference(B, T, D, dtype):
     check_adaln(B, T, D, dtype, "cuda")
     check_gated(B, T, D, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rms, weighted", NORMS, ids=NORM_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("B, T, D", [(2, 375, 2048), (2, 3000, 2048), (3, 97, 341), (1, 1, 59)])
+def test_gpu_norm_forms_match_reference(B, T, D, dtype, rms, weighted):
+    check_adaln(B, T, D, dtype, "cuda", rms=rms, weighted=weighted)
+    check_gated(B, T, D, dtype, "cuda", rms=rms, weighted=weighted)
+    check_gated(B, T, D, dtype, "cuda", inplace=True, rms=rms, weighted=weighted)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_rms_inplace_fp32_residual_with_bf16_output(weight_dtype):
+    check_rms_fp32_residual(None, torch.bfloat16, weight_dtype, "cuda")
