@@ -13,6 +13,7 @@ from .apg_guidance import apg_guidance, apg_guidance_ref
 from .linear_gelu import PackedLinear, linear, linear_gelu, linear_gelu_ref, prepack_linear
 from .linear_int8 import Int8Linear, linear_int8, prepack_int8
 from .linear_fp8 import Fp8Linear, fp8_supported, linear_fp8, prepack_fp8
+from .linear_swiglu import PackedSwiGLU, linear_swiglu, linear_swiglu_ref, prepack_swiglu, swiglu, swiglu_ref
 from . import _native
 from ._native import native_available
 
@@ -24,5 +25,5 @@ __all__ = [
     "scheduler_step", "scheduler_step_ref", "apg_guidance", "apg_guidance_ref", "linear_gelu", "linear_gelu_ref", "linear", "prepack_linear",
     "PackedLinear", "Int8Linear", "linear_int8", "prepack_int8", "Fp8Linear", "fp8_supported", "linear_fp8",
     "prepack_fp8", "choose", "interpreter_numpy_bug", "interpreting", "native_available", "triton_available",
-    "triton_mode",
+    "triton_mode", "PackedSwiGLU", "linear_swiglu", "linear_swiglu_ref", "prepack_swiglu", "swiglu", "swiglu_ref",
 ]
