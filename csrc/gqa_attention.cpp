@@ -1,0 +1,400 @@
+// CPU attention with grouped key/value heads, a q/k RMSNorm + RoPE prologue and a sliding window, registered
+// as the CPU kernel of `ditengine::gqa_attention` (defined in kernels/gqa_attention.py, whose Python body stays
+// the fallback and whose reference states the semantics).
+//
+//     q' = rope(rmsnorm(q) * w_q),  k' = rope(rmsnorm(k) * w_k)         each step optional
+//     out[b, i, h] = softmax_j(q'[b, i, h] . k'[b, j, g] * scale) v[b, j, g],  g = h / (Hq / Hkv),  |i - j| <= W
+//
+// q (B, T, Hq, Dh) and k, v (B, S, Hkv, Dh) are per-head views of the projections (ACE-Step: column slices of
+// one fused (B, T, (Hq + 2 Hkv) Dh) output), read in place through their strides; out (B, T, Hq, Dh),
+// contiguous.
+//
+// Blocking: a task is (batch row, kv head, run of query tiles of BLOCK_M rows), spread with at::parallel_for:
+// as many tiles per task as leave two tasks per thread (a kv head's every tile when there are kv heads enough
+// for every thread). A task normalises, rotates and transposes the keys its tiles see once, into an fp32
+// buffer (Dh, keys) that the scores GEMMs read through their leading dimension (csrc/softmax_rows.h's
+// `load_transposed` where there is no prologue), and serves every q head of the kv head's group from it: GQA
+// by indexing, no K/V copy per q head. A q tile's rows go through the prologue once per tile and head, into
+// the GEMM's A operand. With a window, a tile walks only the keys [r0 - W, r1 + W) its rows can see (at
+// W = 128, BLOCK_M = 64: 320 of ACE-Step's 375 tokens at 30 s, 320 of 3000 at 4 min), and each row's softmax
+// runs over its own contiguous slice of a key block, the rest of the row's probabilities set to 0. Key blocks
+// of up to BLOCK_N with an online softmax (running max and sum in fp32); a range of one block normalises the
+// probabilities before p v, whose GEMM then writes finished fp32 rows straight into the output. The GEMMs and
+// the vectorised row operations (exp, max: AVX-512 / AVX2 / scalar by cpu::isa()) are softmax_rows.h's, shared
+// with attention.cpp and cross_attention.cpp.
+//
+// Precision: everything in fp32, bf16 / fp16 rows widened as they are loaded and the output rounded once (see
+// csrc/attention.cpp for why fp32 dots are also the fast choice here). The prologue is a few multiplies per
+// element against the 4 * G * BLOCK_M multiply-adds per key element of the GEMMs, so it is one baseline loop
+// (the compiler's SSE vectorisation) rather than one variant per ISA.
+//
+// NaN: a NaN in a q row stays in that output row; a NaN in a k row reaches the queries whose band holds that
+// key (its score is overwritten by 0 for the others); a NaN in a v row also reaches the other rows of a tile
+// whose key block holds it (0 * NaN in p v).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_common.h"
+#include "softmax_rows.h"
+
+namespace ditengine {
+namespace {
+
+constexpr const char* OP = "ditengine::gqa_attention";
+using cpu::BLOCK_M;
+using cpu::BLOCK_N;
+using cpu::kLanes;
+using cpu::Strides;
+
+// The row transform of q or k: RMSNorm with a weight, then RoPE; either may be absent.
+struct Prologue {
+  const float* weight = nullptr;  // (Dh,) fp32; null: no norm
+  float eps = 0.f;
+  const float* cos = nullptr;  // (T, Dh) fp32 rows, row strides below; null: no RoPE
+  const float* sin = nullptr;
+  int64_t stride_cos = 0, stride_sin = 0;
+  bool interleaved = false;  // pairs (2i, 2i+1) instead of halves
+  bool active() const { return weight != nullptr || cos != nullptr; }
+};
+
+// Rows of q, k, v lie (Hq + 2 Hkv) Dh elements apart in the fused projection (16 KB at ACE-Step's size), a
+// stride the hardware prefetcher does not follow: the prologue stalled on each row's first load (half its
+// time). Rows are requested PREFETCH_AHEAD ahead, one cache line at a time.
+constexpr int64_t PREFETCH_AHEAD = 4;
+
+template <typename in_t>
+inline void prefetch_row(const in_t* row, int64_t Dh) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < Dh * static_cast<int64_t>(sizeof(in_t)); off += 64) __builtin_prefetch(p + off);
+}
+
+// dst (Dh, fp32) = the prologue of the row src at sequence position `pos`; `tmp` (Dh) is scratch. The
+// reference's order of operations: x * rsqrt(mean(x^2) + eps) * w, then x * cos + rot(x) * sin. The tables
+// are read through restrict-qualified locals: through `p`, every store to dst could alias them, and the loops
+// reloaded the pointers instead of vectorising.
+template <typename in_t>
+void prologue_row(const in_t* src, int64_t Dh, const Prologue& p, int64_t pos, float* __restrict__ tmp,
+                  float* __restrict__ dst) {
+  const float* __restrict__ x;  // the row in fp32: fp32 read in place, bf16 / fp16 widened into tmp
+  if constexpr (std::is_same_v<in_t, float>) {
+    x = src;
+  } else {
+    cpu::widen(src, tmp, Dh);
+    x = tmp;
+  }
+  if (p.weight) {
+    const float* __restrict__ w = p.weight;
+    // Explicit lanes: a vectorised sum without -ffast-math, in an order that is the same on every run.
+    float lanes[kLanes] = {};
+    int64_t d = 0;
+    for (; d + kLanes <= Dh; d += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += x[d + l] * x[d + l];
+    for (int l = 0; d + l < Dh; ++l) lanes[l] += x[d + l] * x[d + l];
+    const float rstd = 1.f / std::sqrt(cpu::sum_lanes(lanes) / static_cast<float>(Dh) + p.eps);
+    float* __restrict__ y = p.cos ? tmp : dst;  // RoPE reads the normalised row whole while writing dst
+    for (int64_t i = 0; i < Dh; ++i) y[i] = x[i] * rstd * w[i];
+    x = y;
+  }
+  if (p.cos) {
+    const float* __restrict__ c = p.cos + pos * p.stride_cos;
+    const float* __restrict__ s = p.sin + pos * p.stride_sin;
+    if (p.interleaved) {  // rot(x) = (-x[2i+1], x[2i]) per pair
+      for (int64_t i = 0; i < Dh; i += 2) {
+        dst[i] = x[i] * c[i] - x[i + 1] * s[i];
+        dst[i + 1] = x[i + 1] * c[i + 1] + x[i] * s[i + 1];
+      }
+    } else {  // rot(x) = cat(-x2, x1) for the halves
+      const int64_t half = Dh / 2;
+      for (int64_t i = 0; i < half; ++i) {
+        dst[i] = x[i] * c[i] - x[i + half] * s[i];
+        dst[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+      }
+    }
+  }
+}
+
+// k'[n0, n0 + n) of one kv head, transposed into dst (Dh, n): the scores GEMM's B operand. Rows go through
+// the prologue 16 at a time into `rows` (16, Dh) and are stored transposed from there, so that the 16 columns
+// a store fills are one cache line; without a prologue, softmax_rows.h's tiled transpose.
+template <typename in_t>
+void load_keys(const in_t* k, int64_t ld_k, int64_t n0, int64_t n, int64_t Dh, const Prologue& p, float* rows,
+               float* tmp, float* dst) {
+  if (!p.active()) return cpu::load_transposed(k + n0 * ld_k, n, Dh, ld_k, dst);
+  constexpr int64_t CHUNK = 16;
+  for (int64_t j0 = 0; j0 < n; j0 += CHUNK) {
+    const int64_t m = std::min(CHUNK, n - j0);
+    for (int64_t j = 0; j < m; ++j) {
+      if (j0 + j + PREFETCH_AHEAD < n) prefetch_row(k + (n0 + j0 + j + PREFETCH_AHEAD) * ld_k, Dh);
+      prologue_row(k + (n0 + j0 + j) * ld_k, Dh, p, n0 + j0 + j, tmp, rows + j * Dh);
+    }
+    for (int64_t d = 0; d < Dh; ++d)
+      for (int64_t j = 0; j < m; ++j) dst[d * n + j0 + j] = rows[j * Dh + d];
+  }
+}
+
+struct Problem {
+  int64_t B, T, S, HQ, HKV, Dh;
+  Prologue pq, pk;
+  int64_t window;  // the band |i - j| <= window; -1: every key (also passed when the window hides none)
+  float scale;     // > 0
+};
+
+template <typename scalar_t>
+void gqa_tiles(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, const scalar_t* v, Strides sv,
+               scalar_t* o, Strides so, const Problem& pr) {
+  constexpr bool fp32 = std::is_same_v<scalar_t, float>;
+  const cpu::RowOps ops = cpu::row_ops();
+  const int64_t Dh = pr.Dh, T = pr.T, S = pr.S, W = pr.window, G = pr.HQ / pr.HKV;
+  const bool windowed = W >= 0;
+  const int64_t q_tiles = (T + BLOCK_M - 1) / BLOCK_M;
+  // Query tiles per task: as many as keep two tasks per thread, so that a kv head's keys go through the
+  // prologue once for several tiles (all of them when there are kv heads enough for every thread).
+  const int64_t group = std::clamp<int64_t>(pr.B * pr.HKV * q_tiles / (2 * at::get_num_threads()), 1, q_tiles);
+  const int64_t groups = (q_tiles + group - 1) / group;
+  const int64_t tile_span = windowed ? std::min(S, BLOCK_M + 2 * W) : S;  // the most keys one tile sees
+  const int64_t task_span = windowed ? std::min(S, group * BLOCK_M + 2 * W) : S;  // and one task
+  const int64_t block_n = std::min(BLOCK_N, tile_span);
+  const bool q_plain = !pr.pq.active();
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // Tasks ordered (batch, kv head, tile group): a kv head's groups follow each other on a thread.
+  at::parallel_for(0, pr.B * pr.HKV * groups, 1, [&](int64_t begin, int64_t end) {
+    // Per-thread scratch (64-byte aligned by ATen's allocator), reused by every task of the range.
+    at::Tensor q_buf = at::empty({G * BLOCK_M * Dh}, at::kFloat);  // the group's q tiles, prologue applied
+    at::Tensor acc_buf = at::empty({G * BLOCK_M * Dh}, at::kFloat);  // unnormalised p v per q head
+    at::Tensor s_buf = at::empty({BLOCK_M * block_n}, at::kFloat);  // scores, then probabilities
+    // The task's k' transposed (Dh, task_span); v widened (task_span, Dh, bf16 / fp16 only); 17 rows of scratch
+    at::Tensor wide_buf = at::empty({(fp32 ? 1 : 2) * task_span * Dh + 17 * Dh}, at::kFloat);
+    float* q_all = q_buf.data_ptr<float>();
+    float* acc_all = acc_buf.data_ptr<float>();
+    float* s = s_buf.data_ptr<float>();
+    float* k_all = wide_buf.data_ptr<float>();
+    float* rows_buf = k_all + task_span * Dh;
+    float* tmp = rows_buf + 16 * Dh;
+    float* v_wide = tmp + Dh;
+    std::vector<float> m_all(G * BLOCK_M), l_all(G * BLOCK_M);  // running max and sum per query row
+    std::vector<const float*> q_tile(G);
+    std::vector<int64_t> ldq(G);
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t gi = task % groups, g = task / groups % pr.HKV, b = task / (groups * pr.HKV);
+      const int64_t t0 = gi * group, t1 = std::min(q_tiles, t0 + group);  // tiles [t0, t1)
+      const int64_t R0 = t0 * BLOCK_M, R1 = std::min(T, t1 * BLOCK_M);  // their query rows
+      const int64_t N_lo = windowed ? std::max<int64_t>(0, R0 - W) : 0;
+      const int64_t N_hi = windowed ? std::min(S, R1 + W) : S;  // the keys they see, [N_lo, N_hi)
+      const int64_t span = N_hi - N_lo;
+      const scalar_t* k_head = k + b * sk.b + g * sk.h;  // (S, Dh), row stride sk.t
+      const scalar_t* v_head = v + b * sv.b + g * sv.h;
+      load_keys(k_head, sk.t, N_lo, span, Dh, pr.pk, rows_buf, tmp, k_all);  // (Dh, span)
+      int64_t ldv;
+      const float* v_all = cpu::as_fp32(v_head + N_lo * sv.t, span, Dh, sv.t, v_wide, ldv);  // (span, Dh)
+
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t r0 = tile * BLOCK_M, rows = std::min(BLOCK_M, T - r0);  // query rows [r0, r0 + rows)
+        const int64_t n_lo = windowed ? std::max<int64_t>(0, r0 - W) : 0;
+        const int64_t n_hi = windowed ? std::min(S, r0 + rows + W) : S;  // keys [n_lo, n_hi)
+        const bool one_block = n_hi - n_lo <= block_n;
+
+        for (int64_t hh = 0; hh < G; ++hh) {  // the q tile of each head of the group
+          const scalar_t* src = q + b * sq.b + (g * G + hh) * sq.h + r0 * sq.t;
+          float* buf = q_all + hh * BLOCK_M * Dh;
+          if (q_plain) {
+            q_tile[hh] = cpu::as_fp32(src, rows, Dh, sq.t, buf, ldq[hh]);  // fp32: in place
+          } else {
+            for (int64_t i = 0; i < rows; ++i) {
+              if (i + PREFETCH_AHEAD < rows) prefetch_row(src + (i + PREFETCH_AHEAD) * sq.t, Dh);
+              prologue_row(src + i * sq.t, Dh, pr.pq, r0 + i, tmp, buf + i * Dh);
+            }
+            q_tile[hh] = buf;
+            ldq[hh] = Dh;
+          }
+        }
+
+        for (int64_t n0 = n_lo; n0 < n_hi; n0 += block_n) {
+          const int64_t cols = std::min(block_n, n_hi - n0);
+          const bool first = n0 == n_lo;
+          const float* k_t = k_all + (n0 - N_lo);  // (Dh, cols), row stride span
+          const float* v_blk = v_all + (n0 - N_lo) * ldv;  // (cols, Dh), row stride ldv
+          for (int64_t hh = 0; hh < G; ++hh) {
+            float* acc = acc_all + hh * BLOCK_M * Dh;  // (rows, Dh)
+            float* row_m = m_all.data() + hh * BLOCK_M;
+            float* row_l = l_all.data() + hh * BLOCK_M;
+            cpu::gemm(false, rows, cols, Dh, 1.f, q_tile[hh], ldq[hh], k_t, span, 0.f, s, block_n);  // raw q.k
+            for (int64_t i = 0; i < rows; ++i) {
+              float* s_row = s + i * block_n;
+              int64_t a = 0, e = cols;  // this row's keys in the block: [n0 + a, n0 + e)
+              if (windowed) {
+                const int64_t qi = r0 + i;
+                a = std::clamp<int64_t>(qi - W - n0, 0, cols);
+                e = std::clamp<int64_t>(qi + W + 1 - n0, 0, cols);
+              }
+              if (a >= e) {  // the band misses this row in this block: no weight, nothing to rescale
+                std::fill(s_row, s_row + cols, 0.f);
+                if (first) row_m[i] = neg_inf, row_l[i] = 0.f;
+                continue;
+              }
+              const float m_blk = ops.row_max(s_row + a, e - a) * pr.scale;  // scale > 0
+              const float m_new = first ? m_blk : std::max(row_m[i], m_blk);
+              const float sum = ops.exp_sum(s_row + a, e - a, m_new, pr.scale);
+              std::fill(s_row, s_row + a, 0.f);  // the keys outside the band (their scores, NaN included, dropped)
+              std::fill(s_row + e, s_row + cols, 0.f);
+              if (one_block) {  // a NaN row (its sum NaN) stays NaN, and only this row
+                const float inv_l = 1.f / sum;
+                for (int64_t j = a; j < e; ++j) s_row[j] *= inv_l;
+              } else if (first) {
+                row_l[i] = sum;
+              } else {  // rescale what earlier key blocks accumulated to the new running max
+                const float alpha = std::exp(row_m[i] - m_new);  // 0 when no earlier block held a key of the row
+                row_l[i] = row_l[i] * alpha + sum;
+                float* acc_row = acc + i * Dh;
+                for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= alpha;
+              }
+              row_m[i] = m_new;
+            }
+            // beta = 0 on the first block: the destination is not read, so stale values (or NaN) never leak in.
+            if constexpr (fp32) {
+              if (one_block) {
+                scalar_t* o_rows = o + b * so.b + (g * G + hh) * so.h + r0 * so.t;
+                cpu::gemm(false, rows, Dh, cols, 1.f, s, block_n, v_blk, ldv, 0.f, o_rows, so.t);
+                continue;
+              }
+            }
+            cpu::gemm(false, rows, Dh, cols, 1.f, s, block_n, v_blk, ldv, first ? 0.f : 1.f, acc, Dh);
+          }
+        }
+
+        if (one_block && fp32) continue;  // written by the GEMMs
+        for (int64_t hh = 0; hh < G; ++hh) {
+          scalar_t* o_rows = o + b * so.b + (g * G + hh) * so.h + r0 * so.t;
+          for (int64_t i = 0; i < rows; ++i) {
+            float* acc_row = acc_all + (hh * BLOCK_M + i) * Dh;
+            if (!one_block) {
+              const float inv_l = 1.f / l_all[hh * BLOCK_M + i];
+              for (int64_t d = 0; d < Dh; ++d) acc_row[d] *= inv_l;
+            }
+            cpu::narrow(acc_row, o_rows + i * so.t, Dh);
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_cpu(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), OP, " (CPU kernel): ", name, " must be a CPU tensor, got ", t.device());
+}
+
+// An fp32 contiguous copy of an RMSNorm weight (Dh,), checked; undefined when absent.
+at::Tensor norm_weight(const char* name, const std::optional<at::Tensor>& w, int64_t Dh) {
+  if (!w.has_value()) return {};
+  TORCH_CHECK_VALUE(w->dim() == 1 && w->size(0) == Dh, OP, ": ", name, " must be the (Dh,) = (", Dh,
+                    ",) RMSNorm weight, got shape ", w->sizes());
+  check_cpu(name, *w);
+  TORCH_CHECK_TYPE(at::isFloatingType(w->scalar_type()), OP, ": ", name, " must be a floating-point tensor, got ",
+                   w->scalar_type());
+  return w->to(at::kFloat).contiguous();
+}
+
+void check_rope_table(const char* name, const at::Tensor& t, int64_t T, int64_t Dh) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == T && t.size(1) == Dh, OP, ": rope ", name,
+                    " must be (T, Dh) = (", T, ", ", Dh, "), got shape ", t.sizes());
+  check_cpu(name, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, OP, ": rope ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(Dh <= 1 || t.stride(1) == 1, OP, ": rope ", name,
+                    ": the last dimension must be contiguous, got strides ", t.strides());
+}
+
+at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                             double eps, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                             bool rope_interleaved, std::optional<int64_t> window, double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 4, OP, ": q must be (B, T, Hq, Dh), got ", q.dim(), " dimensions with shape ",
+                    q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), HQ = q.size(2), Dh = q.size(3);
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(3) == Dh, OP,
+                    ": k must be (B, S, Hkv, Dh) with q's batch and head dim (", B, ", *, *, ", Dh, "), got shape ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), OP, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  const int64_t S = k.size(1), HKV = k.size(2);
+  TORCH_CHECK_VALUE(HKV > 0 && HQ % HKV == 0, OP, ": q's ", HQ, " heads must be a multiple of k's ", HKV, " heads");
+  check_cpu("q", q);
+  check_cpu("k", k);
+  check_cpu("v", v);
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, OP,
+                   ": q must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_TYPE(k.scalar_type() == dtype, OP, ": k has dtype ", k.scalar_type(), " but q has ", dtype);
+  TORCH_CHECK_TYPE(v.scalar_type() == dtype, OP, ": v has dtype ", v.scalar_type(), " but q has ", dtype);
+  auto check_last_dim = [Dh](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(Dh <= 1 || t.stride(3) == 1, OP, ": ", name,
+                      ": the last dimension (Dh) must be contiguous, got strides ", t.strides());
+  };
+  check_last_dim("q", q);
+  check_last_dim("k", k);
+  check_last_dim("v", v);
+  TORCH_CHECK_VALUE(Dh > 0, OP, ": the head dim must be positive");
+  TORCH_CHECK_VALUE(S > 0, OP, ": k and v need at least one token (S = 0)");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, OP, ": scale must be a finite softmax scale > 0, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, OP, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(cos.has_value() == sin.has_value(), OP, ": rope needs both cos and sin, or neither");
+  if (cos.has_value()) {
+    TORCH_CHECK_VALUE(S == T, OP, ": rope: RoPE needs k's length S = q's length T, got S=", S, ", T=", T);
+    TORCH_CHECK_VALUE(Dh % 2 == 0, OP, ": rope: the head dim must be even, got ", Dh);
+    check_rope_table("cos", *cos, T, Dh);
+    check_rope_table("sin", *sin, T, Dh);
+  }
+  if (window.has_value()) {
+    TORCH_CHECK_VALUE(*window >= 0, OP, ": window must be >= 0, got ", *window);
+    TORCH_CHECK_VALUE(S == T, OP, ": window: a sliding window needs S = T, got S=", S, ", T=", T);
+  }
+  const at::Tensor wq = norm_weight("q_norm", q_norm, Dh), wk = norm_weight("k_norm", k_norm, Dh);
+
+  at::Tensor out = at::empty({B, T, HQ, Dh}, q.options());
+  if (out.numel() == 0) return out;
+  // Rows overlapping in memory (a token stride below Dh, e.g. an expanded q) are materialised: BLAS needs a
+  // leading dimension of at least Dh.
+  auto rows_apart = [Dh](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) >= Dh ? t : t.contiguous(); };
+  const at::Tensor qr = rows_apart(q), kr = rows_apart(k), vr = rows_apart(v);
+
+  Problem pr{B, T, S, HQ, HKV, Dh, {}, {}, -1, static_cast<float>(scale)};
+  if (window.has_value() && *window < T - 1) pr.window = *window;  // a wider band hides no key
+  auto set_prologue = [&](Prologue& p, const at::Tensor& w) {
+    if (w.defined()) p.weight = w.data_ptr<float>(), p.eps = static_cast<float>(eps);
+    if (cos.has_value()) {
+      p.cos = cos->data_ptr<float>(), p.sin = sin->data_ptr<float>();
+      p.stride_cos = cos->stride(0), p.stride_sin = sin->stride(0);
+      p.interleaved = rope_interleaved;
+    }
+  };
+  set_prologue(pr.pq, wq);
+  set_prologue(pr.pk, wk);
+  // (B, T, H, Dh) operands as the kernel's (batch, head, token) strides.
+  auto strides_of = [](const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(1)}; };
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ditengine_gqa_attention_cpu", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {
+      gqa_tiles<scalar_t>(qr.data_ptr<scalar_t>(), strides_of(qr), kr.data_ptr<scalar_t>(), strides_of(kr),
+                          vr.data_ptr<scalar_t>(), strides_of(vr), out.data_ptr<scalar_t>(), strides_of(out), pr);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("gqa_attention", &gqa_attention_cpu); }
+
+// No backward; torch's C++ fallback keeps autograd out of the per-call path (see csrc/attention.cpp).
+TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
+  m.impl("gqa_attention", torch::autograd::autogradNotImplementedFallback());
+}
+
+}  // namespace ditengine

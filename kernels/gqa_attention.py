@@ -1,0 +1,375 @@
+"""Attention with grouped key/value heads (GQA), a fused q/k RMSNorm + RoPE prologue and a sliding window.
+
+    q' = rope(rmsnorm(q) * w_q),   k' = rope(rmsnorm(k) * w_k)        (each step optional)
+    out[b, i, h] = sum_j softmax_j(q'[b, i, h] . k'[b, j, g] * scale) v[b, j, g],   g = h // (Hq // Hkv)
+    over the keys j with |i - j| <= window (every key without a window); scale = Dh ** -0.5 by default
+
+ACE-Step 1.5 (diffusers `AceStepAttnProcessor2_0`) runs this in every block: self-attention with 16 q heads
+over 8 k/v heads (head dim 128), q and k RMS-normalised over the head dim (a learned (Dh,) weight, eps 1e-6,
+statistic in fp32), rotate-half RoPE (Qwen3's layout, cos/sin from `get_1d_rotary_pos_embed(Dh, positions,
+theta, use_real=True, repeat_interleave_real=False)`, applied in fp32), and on every other layer a band
+|i - j| <= 128; cross-attention to the condition with the same GQA and k-norm but no RoPE and no mask (its K/V
+are projected and k-normed once per call, so that op gets k_norm=None). Eager PyTorch makes a pass over
+memory for each of norm, RoPE, the GQA key/value expansion and the dense band mask; here the norm and the
+rotation run on each q and k tile as it is loaded, kv heads are indexed rather than copied, and the key blocks
+outside the band are never visited.
+
+RMSNorm: x * rsqrt(mean(x**2) + eps) * w, the statistic and product in fp32. RoPE on the normalised rows,
+x' = x * cos + rot(x) * sin with cos, sin (T, Dh) fp32 rows per position: rotate-half (`rope_interleaved=
+False`, diffusers' `use_real_unbind_dim=-2`): rot(x) = cat(-x2, x1) for the halves x1, x2; interleaved pairs
+(True, Flux's `use_real_unbind_dim=-1`): rot(x)[2i] = -x[2i+1], rot(x)[2i+1] = x[2i]. Any (T, Dh) tables
+are taken as they are, so the pairing of cos/sin entries follows the tables given.
+
+Layouts: q (B, T, Hq, Dh), k and v (B, S, Hkv, Dh): per-head views of the projections' outputs, any strides
+with a contiguous last dim (ACE-Step's q, k, v are column slices of one fused (B, T, (Hq+2*Hkv)*Dh)
+projection). fp32 / fp16 / bf16, all one dtype; Hq a multiple of Hkv. Out (B, T, Hq, Dh), contiguous, in
+q's dtype, so `.reshape(B, T, Hq*Dh)` feeds the output projection. RoPE and the window need S == T (self-
+attention). Head dims: multiples of 8 from 16 to 256, as `attention`'s (the caller routes smaller heads to
+`gqa_attention_ref`, which takes any).
+
+Numerics: the prologue in fp32; online softmax (exp2, running max and sum) and accumulation in fp32. The
+Triton kernel rounds the normalised, rotated q and k tiles to the input dtype for fp16 / bf16 tensor-core
+dots (as the eager model rounds them before SDPA), fp32 inputs use IEEE fp32 dots; the native CPU kernel
+(csrc/gqa_attention.cpp) keeps them fp32.
+
+NaN: the norm and the rotation mix the elements of one row only, and softmax rows are independent, so a
+NaN in one query row reaches only that row of the output. A NaN in a key's k row reaches exactly the
+queries that see that key (its kv head's q heads, within the band): its score is NaN there and masked
+elsewhere. A NaN in a value row reaches those queries too and, since a probability of 0 times NaN is NaN,
+possibly the other queries of a tile that loads the same key block (the eager path's masked SDPA spreads it
+to every query of the head).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import route, tl, triton, use_triton
+from ._checks import FLOAT_DTYPES, check_tensor
+from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, _autotune_configs, check_config, head_blocks, launch_tiles
+
+
+# -- reference -------------------------------------------------------------------------------------------
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim as diffusers' `RMSNorm`: the statistic and the scaling in fp32 (float64
+    stays), rounded to x's dtype, then times the weight in x's dtype."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(compute)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.to(x.dtype) * weight.to(x.dtype)
+
+
+def rotate_ref(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """rot(x): cat(-x2, x1) of the halves (rotate-half), or (-x[2i+1], x[2i]) per pair (interleaved)."""
+    if interleaved:
+        x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([-x_odd, x_even], dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x (B, T, H, Dh) rotated by cos, sin (T, Dh) in fp32 (float64 stays), rounded to x's dtype: diffusers'
+    `apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1 if interleaved else -2,
+    sequence_dim=1)`."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = cos.to(compute)[:, None], sin.to(compute)[:, None]  # (T, 1, Dh)
+    return (x.to(compute) * cos + rotate_ref(x, interleaved).to(compute) * sin).to(x.dtype)
+
+
+def band_mask(T: int, S: int, window: int, device=None) -> torch.Tensor:
+    """(T, S) bool, True where |i - j| <= window: the keys query i sees."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return (i - j).abs() <= window
+
+
+def gqa_attention_ref(q, k, v, *, q_norm=None, k_norm=None, eps: float = 1e-6, rope=None,
+                      rope_interleaved: bool = False, window: int | None = None, scale: float | None = None,
+                      upcast: bool = True) -> torch.Tensor:
+    """Plain PyTorch: RMSNorm, RoPE, then SDPA with `enable_gqa` and a boolean band mask, over q (B, T, Hq, Dh),
+    k, v (B, S, Hkv, Dh) -> (B, T, Hq, Dh) contiguous in q's dtype. Math in fp32 when `upcast` (float64 stays);
+    without it, the eager model's roundings in the inputs' dtype. Any head dim."""
+    dtype = q.dtype
+    if upcast and dtype != torch.float64:
+        q, k, v = q.float(), k.float(), v.float()
+    if q_norm is not None:
+        q = rms_norm_ref(q, q_norm, eps)
+    if k_norm is not None:
+        k = rms_norm_ref(k, k_norm, eps)
+    if rope is not None:
+        cos, sin = rope
+        q = rope_ref(q, cos, sin, rope_interleaved)
+        k = rope_ref(k, cos, sin, rope_interleaved)
+    mask = None if window is None else band_mask(q.shape[1], k.shape[1], window, q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         scale=q.shape[-1] ** -0.5 if scale is None else scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])  # (B, Hq, T, Dh)
+    return out.transpose(1, 2).contiguous().to(dtype)
+
+
+# -- kernel ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(base, rows, row_ok, stride_t, cols, col_ok):
+    """rows x cols of one head's (tokens, Dh) view (token stride stride_t) in fp32; 0 where masked."""
+    return tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _prologue(x, base, rows, row_ok, stride_t, cols, rstd, w_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin,
+              HEAD_DIM: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """x, the fp32 tile of `rows` (token positions) x `cols` (head-dim lanes) loaded by `_load_rows`, normalised
+    (per-row rstd, weight) and rotated for those positions, in fp32. RoPE needs each lane's partner lane of
+    the same row, reloaded from `base` (the same cache lines as x) and normalised alike: no pass over memory."""
+    col_ok = cols < HEAD_DIM
+    if NORM:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        x = x * rstd[:, None] * w[None, :]
+    if ROPE:
+        if INTERLEAVED:  # pairs (2i, 2i+1): rot = (-x[2i+1], x[2i])
+            partner = cols ^ 1
+            sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+        else:  # halves: rot = cat(-x2, x1)
+            partner = tl.where(cols < HEAD_DIM // 2, cols + HEAD_DIM // 2, cols - HEAD_DIM // 2)
+            sign = tl.where(cols < HEAD_DIM // 2, -1.0, 1.0)
+        xp = _load_rows(base, rows, row_ok, stride_t, partner, col_ok)
+        if NORM:
+            wp = tl.load(w_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)
+            xp = xp * rstd[:, None] * wp[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        c = tl.load(cos_ptr + rows[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0)
+        s = tl.load(sin_ptr + rows[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0)
+        x = x * c + (xp * sign[None, :]) * s
+    return x
+
+
+@triton.jit
+def _gqa_attention_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_ot, stride_oh, stride_cos, stride_sin,
+    HQ, GROUP, T_Q, T_K, window, eps, qk_scale,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
+    ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Query tile pid_m of q head h (program 1 = b * HQ + h) against kv head h // GROUP: the q tile loaded,
+    normalised and rotated once; each k tile the same as it is loaded; the online softmax over the key blocks
+    that meet the band only (all of them without a window), the band's edge masked in the blocks it cuts."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
+    b, h = bh // HQ, bh % HQ
+    hk = h // GROUP
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + hk * stride_kh
+    v_base = v_ptr + b * stride_vb + hk * stride_vh
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+    in_ty = q_ptr.dtype.element_ty
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < T_Q
+    offs_n = tl.arange(0, BLOCK_N)
+    d1 = tl.arange(0, D1)
+    d1_ok = d1 < HEAD_DIM  # all true unless the head dim is padded to D1
+    q1 = _load_rows(q_base, rows, row_ok, stride_qt, d1, d1_ok)  # (BLOCK_M, D1) fp32
+    ss = tl.sum(q1 * q1, axis=1)
+    if D2 > 0:  # the head dim's tail, e.g. 8 of 72 in a 16-wide block
+        d2 = D1 + tl.arange(0, D2)
+        d2_ok = d2 < HEAD_DIM
+        q2 = _load_rows(q_base, rows, row_ok, stride_qt, d2, d2_ok)
+        ss += tl.sum(q2 * q2, axis=1)
+        acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+    rstd = 1.0 / tl.sqrt(ss / HEAD_DIM + eps)  # used only with Q_NORM
+    q1 = _prologue(q1, q_base, rows, row_ok, stride_qt, d1, rstd, qw_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin,
+                   HEAD_DIM, Q_NORM, ROPE, INTERLEAVED).to(in_ty)
+    if D2 > 0:
+        q2 = _prologue(q2, q_base, rows, row_ok, stride_qt, d2, rstd, qw_ptr, cos_ptr, sin_ptr, stride_cos,
+                       stride_sin, HEAD_DIM, Q_NORM, ROPE, INTERLEAVED).to(in_ty)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+
+    # The keys this tile's rows see: [first row - window, last row + window], from the block holding the first.
+    lo = 0
+    hi = T_K
+    if WINDOWED:
+        lo = tl.maximum(pid_m * BLOCK_M - window, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M + window, T_K)
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + offs_n
+        col_ok = cols < T_K
+        k1 = _load_rows(k_base, cols, col_ok, stride_kt, d1, d1_ok)  # (BLOCK_N, D1) fp32
+        kss = tl.sum(k1 * k1, axis=1)
+        if D2 > 0:
+            k2 = _load_rows(k_base, cols, col_ok, stride_kt, d2, d2_ok)
+            kss += tl.sum(k2 * k2, axis=1)
+        k_rstd = 1.0 / tl.sqrt(kss / HEAD_DIM + eps)  # used only with K_NORM
+        k1 = _prologue(k1, k_base, cols, col_ok, stride_kt, d1, k_rstd, kw_ptr, cos_ptr, sin_ptr, stride_cos,
+                       stride_sin, HEAD_DIM, K_NORM, ROPE, INTERLEAVED).to(in_ty)
+        s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        if D2 > 0:
+            k2 = _prologue(k2, k_base, cols, col_ok, stride_kt, d2, k_rstd, kw_ptr, cos_ptr, sin_ptr, stride_cos,
+                           stride_sin, HEAD_DIM, K_NORM, ROPE, INTERLEAVED).to(in_ty)
+            s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
+        keep = col_ok[None, :]
+        if WINDOWED:
+            dist = rows[:, None] - cols[None, :]
+            keep = keep & (dist <= window) & (dist >= -window)
+        s = tl.where(keep, s * qk_scale, float("-inf"))  # log2 domain: exp2 below
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if WINDOWED:  # a row may have no key yet (a block the band only grazes): no exp2(-inf - -inf)
+            m_new = tl.where(m_new == float("-inf"), -1e30, m_new)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v1 = tl.load(v_base + cols[:, None] * stride_vt + d1[None, :], mask=col_ok[:, None] & d1_ok[None, :],
+                     other=0.0)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p.to(in_ty), v1, input_precision=PRECISION)
+        if D2 > 0:
+            v2 = tl.load(v_base + cols[:, None] * stride_vt + d2[None, :], mask=col_ok[:, None] & d2_ok[None, :],
+                         other=0.0)
+            acc2 = acc2 * alpha[:, None] + tl.dot(p.to(in_ty), v2, input_precision=PRECISION)
+        m_i = m_new
+
+    if WINDOWED:  # query rows past T may see no key at all: nothing is stored for them, nothing divides by 0
+        l_i = tl.where(row_ok, l_i, 1.0)
+    inv_l = 1.0 / l_i
+    out_ty = o_base.dtype.element_ty
+    tl.store(o_base + rows[:, None] * stride_ot + d1[None, :], (acc1 * inv_l[:, None]).to(out_ty),
+             mask=row_ok[:, None] & d1_ok[None, :])
+    if D2 > 0:
+        tl.store(o_base + rows[:, None] * stride_ot + d2[None, :], (acc2 * inv_l[:, None]).to(out_ty),
+                 mask=row_ok[:, None] & d2_ok[None, :])
+
+
+_gqa_attention_fwd_autotuned = (
+    triton.autotune(_autotune_configs(), key=["T_Q", "T_K", "HEAD_DIM", "D1", "D2", "Q_NORM", "K_NORM", "ROPE",
+                                              "WINDOWED", "PRECISION"])(_gqa_attention_fwd_kernel)
+    if hasattr(triton, "autotune") else None
+)
+
+
+def _windowed(window: int | None, T: int) -> bool:
+    """Whether a window hides any key: |i - j| <= T - 1 always holds."""
+    return window is not None and window < T - 1
+
+
+def _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, config=None):
+    """q (B, T, Hq, Dh), k, v (B, S, Hkv, Dh) with any strides (last dim contiguous), out (B, T, Hq, Dh);
+    `config` (see `attention.check_config`) launches that one config instead of the autotuned or pinned one."""
+    B, T_Q, HQ, Dh = q.shape
+    T_K, HKV = k.shape[1], k.shape[2]
+    d1, d2 = head_blocks(Dh)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16 / bf16 dots
+    windowed = _windowed(window, T_Q)
+    # Unused pointers (an absent norm weight or RoPE table) are never read: their constexpr flag is off.
+    args = (q, k, v, out, q if q_norm is None else q_norm, q if k_norm is None else k_norm, q if cos is None else cos,
+            q if sin is None else sin, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            0 if cos is None else cos.stride(0), 0 if sin is None else sin.stride(0),
+            HQ, HQ // HKV, T_Q, T_K, window if windowed else 0, eps, scale * math.log2(math.e))
+    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, Q_NORM=q_norm is not None, K_NORM=k_norm is not None,
+                ROPE=cos is not None, INTERLEAVED=bool(rope_interleaved), WINDOWED=windowed, PRECISION=precision)
+    launch_tiles(_gqa_attention_fwd_kernel, _gqa_attention_fwd_autotuned, q, T_Q, B * HQ, args, meta, config)
+
+
+# -- torch.library registration --------------------------------------------------------------------------
+@torch.library.custom_op("ditengine::gqa_attention", mutates_args=())
+def _gqa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: torch.Tensor | None,
+                      k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                      rope_interleaved: bool, window: int | None, scale: float) -> torch.Tensor:
+    """Checked arguments as `gqa_attention` gives them (rope as cos, sin); returns (B, T, Hq, Dh)."""
+    if use_triton("gqa_attention", q):
+        out = q.new_empty(q.shape)
+        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale)
+        return out
+    return gqa_attention_ref(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=eps, rope=None if cos is None else (cos, sin),
+                             rope_interleaved=rope_interleaved, window=window, scale=scale)
+
+
+@_gqa_attention_op.register_fake
+def _(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale):
+    return q.new_empty(q.shape)
+
+
+# -- public API ------------------------------------------------------------------------------------------
+def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale):
+    check_tensor("q", q, ndim=4, layout="(B, T, Hq, Dh)")
+    B, T, HQ, Dh = q.shape
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, layout="(B, S, Hkv, Dh)")
+    if k.shape[0] != B or k.shape[3] != Dh:
+        raise ValueError(f"k: batch and head dim must match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    check_tensor("v", v, shape=tuple(k.shape), dtypes=(q.dtype,), device=q.device, layout="(B, S, Hkv, Dh) like k")
+    S, HKV = k.shape[1], k.shape[2]
+    if HKV == 0 or HQ % HKV:
+        raise ValueError(f"k: q's {HQ} heads must be a multiple of k's {HKV} heads (GQA: q head h reads kv head "
+                         f"h // (Hq // Hkv))")
+    if not (MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM and Dh % 8 == 0):
+        raise ValueError(f"head dim {Dh} is not supported: expected a multiple of 8 from {MIN_HEAD_DIM} to "
+                         f"{MAX_HEAD_DIM} (gqa_attention_ref takes any)")
+    if T == 0 or S == 0:
+        raise ValueError(f"gqa_attention: sequence lengths must be at least 1, got q {T}, k {S}")
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if w is not None:
+            check_tensor(name, w, shape=(Dh,), dtypes=FLOAT_DTYPES, device=q.device, layout="(Dh,): the RMSNorm weight")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
+        raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
+    cos = sin = None
+    if rope is not None:
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+            raise TypeError(f"rope: expected a (cos, sin) pair of (T, Dh) float32 tensors, got {type(rope).__name__}")
+        cos, sin = rope
+        for name, t in (("rope cos", cos), ("rope sin", sin)):
+            check_tensor(name, t, shape=(T, Dh), dtypes=(torch.float32,), device=q.device,
+                         layout="(T, Dh): one row per query position")
+        if S != T:
+            raise ValueError(f"rope: RoPE is for self-attention and needs k's length S = q's length T, got S={S}, "
+                             f"T={T}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"window: expected None or an int >= 0 (keys with |i - j| <= window), got {window!r}")
+        if S != T:
+            raise ValueError(f"window: a sliding window is for self-attention and needs S = T, got S={S}, T={T}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
+                              or scale == math.inf):
+        raise ValueError(f"scale: expected a finite softmax scale > 0, got {scale!r}")
+    return cos, sin
+
+
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_norm: torch.Tensor | None = None,
+                  k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                  rope: tuple[torch.Tensor, torch.Tensor] | None = None, rope_interleaved: bool = False,
+                  window: int | None = None, scale: float | None = None, backend: str | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """Attention of q (B, T, Hq, Dh) to k, v (B, S, Hkv, Dh) -> (B, T, Hq, Dh), contiguous, in q's dtype.
+
+    `q_norm`, `k_norm`: None or the (Dh,) RMSNorm weight (any float dtype, read as fp32) applied to q / k
+    with `eps`, before RoPE. `rope`: None or (cos, sin), each (T, Dh) float32 (last dim contiguous), needs
+    S == T; `rope_interleaved` picks the pairing (rotate-half when False). `window`: None or an int >= 0, the
+    band |i - j| <= window; needs S == T. `scale`: the softmax scale (> 0), default Dh ** -0.5.
+    `backend`: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
+    "triton" (on CPU: the interpreter) or "reference" (`gqa_attention_ref`) force one.
+    `config`: with backend="triton" only, one launch config (as `attention`'s: BLOCK_M, BLOCK_N, num_warps,
+    num_stages) instead of the autotuned or pinned one: for tests and benchmarks.
+    """
+    cos, sin = _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale)
+    eps = float(eps)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    how = route("gqa_attention", q.device, backend)
+    if config is not None:
+        if backend != "triton":
+            raise ValueError(f"config: only the Triton kernel takes a launch config; pass backend='triton', got "
+                             f"backend={backend!r}")
+        check_config(config)
+    if how.startswith("reference"):
+        return gqa_attention_ref(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=eps, rope=rope,
+                                 rope_interleaved=rope_interleaved, window=window, scale=scale)
+    # The interpreter: the dispatcher's CPU slot may belong to the native kernel. A config: the op has none.
+    if how == "triton-interpreter" or config is not None:
+        out = q.new_empty(q.shape)
+        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, config)
+        return out
+    return _gqa_attention_op(q, k, v, q_norm, k_norm, eps, cos, sin, bool(rope_interleaved), window, scale)

@@ -1,0 +1,612 @@
+"""GQA attention with a fused q/k RMSNorm + RoPE prologue and a sliding window (kernels/gqa_attention.py,
+csrc/gqa_attention.cpp): the reference (and every kernel here) against diffusers' own `AceStepAttention`; the
+Triton kernel through the interpreter (fp32, fp16) and the native CPU kernel (fp32, bf16, fp16) against the
+reference under the tolerance rule, over GQA ratios 1, 2 and 4, odd T and S, cross-attention (S != T),
+windows that cut and that do not, both RoPE forms, q, k, v as strided views of one fused projection; only the
+key blocks inside the band visited; NaN isolation; error paths; opcheck and the fake implementation; the
+native ISA variants; the Triton kernel compiled for the H100 without a GPU; ACE-Step shapes on a GPU."""
+import functools
+import importlib
+import json
+
+import pytest
+import torch
+
+from ditengine.kernels import choose, gqa_attention, gqa_attention_ref, interpreting
+from ditengine.kernels.attention import AUTOTUNE_CONFIGS
+
+from native_helpers import isa_runner, needs_native, run_python, skip_unless_cpu_runs, triton_cpu
+from tolerance import assert_within_tolerance, fp32_floor
+
+gqa = importlib.import_module("ditengine.kernels.gqa_attention")  # the module; the package exports the function
+
+
+# -- inputs and references -----------------------------------------------------------------------------------
+def make_inputs(B, T, S, HQ, HKV, Dh, dtype, seed=0, device="cpu"):
+    """q (B, T, Hq, Dh), k, v (B, S, Hkv, Dh). Self-attention (S == T): column views of one fused projection
+    output (B, T, (Hq + 2*Hkv)*Dh), as ACE-Step's; cross-attention: q a view of a wider (B, T, Hq*Dh + 8)
+    output, k and v the halves of a packed (B, S, 2*Hkv*Dh) one."""
+    g = torch.Generator().manual_seed(seed)
+    if S == T:
+        proj = torch.randn(B, T, (HQ + 2 * HKV) * Dh, generator=g).to(device=device, dtype=dtype)
+        q, k, v = proj.split([HQ * Dh, HKV * Dh, HKV * Dh], dim=-1)
+    else:
+        q = torch.randn(B, T, HQ * Dh + 8, generator=g).to(device=device, dtype=dtype)[..., 8:]
+        k, v = torch.randn(B, S, 2 * HKV * Dh, generator=g).to(device=device, dtype=dtype).chunk(2, dim=-1)
+    return q.unflatten(-1, (HQ, Dh)), k.unflatten(-1, (HKV, Dh)), v.unflatten(-1, (HKV, Dh))
+
+
+def norm_weights(Dh, dtype, seed=1, device="cpu"):
+    """Two (Dh,) RMSNorm weights near 1, as trained ones are, in the activations' dtype (as the model holds them)."""
+    g = torch.Generator().manual_seed(seed)
+    return (1 + 0.3 * torch.randn(2, Dh, generator=g)).to(device=device, dtype=dtype).unbind(0)
+
+
+def rope_tables(T, Dh, interleaved=False, theta=1e4, device="cpu"):
+    """cos, sin (T, Dh) fp32 as diffusers' `get_1d_rotary_pos_embed(Dh, arange(T), theta, use_real=True,
+    repeat_interleave_real=interleaved)` builds them: each angle twice, in the pairing its RoPE form reads."""
+    freqs = 1.0 / theta ** (torch.arange(0, Dh, 2, dtype=torch.float32) / Dh)
+    angles = torch.outer(torch.arange(T, dtype=torch.float32), freqs)  # (T, Dh/2)
+    if interleaved:
+        return angles.cos().repeat_interleave(2, -1).to(device), angles.sin().repeat_interleave(2, -1).to(device)
+    return torch.cat([angles.cos()] * 2, -1).to(device), torch.cat([angles.sin()] * 2, -1).to(device)
+
+
+def options(q, norm="qk", rope=None, window=None):
+    """The keyword arguments of a case: norm "qk", "q" or ""; rope None, "half" or "pairs"; a window."""
+    w_q, w_k = norm_weights(q.shape[-1], q.dtype, device=q.device)
+    kw = dict(q_norm=w_q if "q" in norm else None, k_norm=w_k if "k" in norm else None, window=window)
+    if rope is not None:
+        kw.update(rope=rope_tables(q.shape[1], q.shape[-1], rope == "pairs", device=q.device),
+                  rope_interleaved=rope == "pairs")
+    return kw
+
+
+def references(q, k, v, **kw):
+    """(ref_hi, ref_lp) for the tolerance rule: fp32 inputs against the reference on float64 copies (ref_lp the
+    fp32 reference); fp16 / bf16 against the fp32-math reference (ref_lp: the eager model's roundings in the
+    inputs' dtype)."""
+    if q.dtype == torch.float32:
+        return gqa_attention_ref(q.double(), k.double(), v.double(), **kw), gqa_attention_ref(q, k, v, **kw)
+    return gqa_attention_ref(q, k, v, **kw), gqa_attention_ref(q, k, v, upcast=False, **kw)
+
+
+def check(out, q, k, v, name, **kw):
+    B, T, HQ, Dh = q.shape
+    assert out.shape == (B, T, HQ, Dh) and out.is_contiguous() and out.dtype == q.dtype, name
+    ref_hi, ref_lp = references(q, k, v, **kw)
+    assert_within_tolerance(out, ref_hi, ref_lp, fp32_floor(ref_hi), name)
+
+
+def visible(T, window, device="cpu"):
+    """(T, T) bool: query i sees key j."""
+    return gqa.band_mask(T, T, window if window is not None else T, device)
+
+
+# -- the reference against diffusers ---------------------------------------------------------------------------
+def backends_here():
+    names = ["reference"]
+    if choose("gqa_attention", torch.device("cpu")) == "native":
+        names.append("native")
+    if interpreting():
+        names.append("triton")
+    return names
+
+
+@pytest.mark.parametrize("cross, window, heads, kv_heads", [(False, None, 4, 2), (False, 4, 4, 2), (False, 4, 2, 2),
+                                                            (True, None, 4, 2), (True, None, 4, 1)],
+                         ids=["self", "self-window", "self-window-mha", "cross", "cross-mqa"])
+def test_every_backend_matches_diffusers_ace_step_attention(cross, window, heads, kv_heads):
+    """diffusers' `AceStepAttention` (random weights, norm weights too) with its own RoPE tables and band mask:
+    the projections around `gqa_attention` give the module's output, rel err <= 1e-5 in fp32, from the
+    reference and from every kernel this machine runs (Dh = 16: the smallest head the kernels take)."""
+    ace = pytest.importorskip("diffusers.models.transformers.ace_step_transformer")
+    torch.manual_seed(0)
+    hidden, Dh, B, T, S = 48, 16, 2, 21, 9
+    module = ace.AceStepAttention(hidden, heads, kv_heads, Dh, sliding_window=window, is_cross_attention=cross).eval()
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * hidden**-0.5)
+    h, enc = torch.randn(B, T, hidden), torch.randn(B, S, hidden)
+    with torch.no_grad():
+        if cross:
+            expected = module(h, encoder_hidden_states=enc)
+        else:
+            rope = ace._ace_step_rotary_freqs(T, Dh, 1e6, h.device, h.dtype)
+            mask = None if window is None else ace._create_4d_mask(T, h.dtype, h.device, sliding_window=window,
+                                                                    is_sliding_window=True, is_causal=False)
+            expected = module(h, attention_mask=mask, image_rotary_emb=rope)
+        kv_in = enc if cross else h
+        q = module.to_q(h).unflatten(-1, (heads, Dh))
+        k = module.to_k(kv_in).unflatten(-1, (kv_heads, Dh))
+        v = module.to_v(kv_in).unflatten(-1, (kv_heads, Dh))
+        kw = dict(q_norm=module.norm_q.weight, k_norm=module.norm_k.weight, eps=module.norm_q.eps, scale=module.scaling)
+        if not cross:
+            kw.update(rope=rope, window=window)
+        for backend in backends_here():
+            out = gqa_attention(q, k, v, backend=backend, **kw)
+            ours = module.to_out[0](out.flatten(2))
+            rel = ((ours - expected).abs().max() / expected.abs().max()).item()
+            assert rel <= 1e-5, f"{backend}: rel err {rel:.2e}"
+    if window is not None:  # the band does cut: without it the output differs
+        with torch.no_grad():
+            unbanded = module.to_out[0](gqa_attention_ref(q, k, v, **{**kw, "window": None}).flatten(2))
+        assert ((unbanded - expected).abs().max() / expected.abs().max()).item() > 1e-2
+
+
+# -- the Triton kernel (on CPU: the interpreter) ------------------------------------------------------------------
+# (B, T, S, Hq, Hkv, Dh, norm, rope, window): self-attention with both RoPE forms, windows that cut (4 at T >= 20)
+# and one that does not (30 at T = 20), the split head dim 72 (64 + 16); cross-attention (S != T, no RoPE) with a
+# q norm only and with none, GQA ratios 1, 2 and 4. Interpreter-sized: the pinned tiles are 32 x 32.
+TRITON_CASES = [(2, 37, 37, 4, 2, 64, "qk", "half", None), (1, 45, 45, 2, 2, 32, "qk", "pairs", 4),
+                (1, 33, 33, 2, 1, 72, "qk", "half", 4), (2, 20, 20, 2, 1, 16, "", "pairs", 30),
+                (1, 29, 13, 4, 2, 64, "q", None, None), (1, 17, 50, 4, 1, 32, "", None, None)]
+
+
+@triton_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("B, T, S, HQ, HKV, Dh, norm, rope, window", TRITON_CASES)
+def test_triton_matches_reference(B, T, S, HQ, HKV, Dh, norm, rope, window, dtype, triton_launches):
+    q, k, v = make_inputs(B, T, S, HQ, HKV, Dh, dtype, seed=T + S + Dh)
+    kw = options(q, norm, rope, window)
+    out = gqa_attention(q, k, v, backend="triton", **kw)
+    assert triton_launches["_gqa_attention_fwd_kernel"] == 1
+    check(out, q, k, v, f"triton T={T} S={S} Hq={HQ} Hkv={HKV} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+
+
+def band_blocks(T, window, block_m, block_n):
+    """Key blocks of block_n that some query of each block_m tile sees (|i - j| <= window), summed over tiles."""
+    seen = visible(T, window)
+    return sum(len(set((seen[r0:r0 + block_m].any(0).nonzero()[:, 0] // block_n).tolist()))
+               for r0 in range(0, T, block_m))
+
+
+@triton_cpu
+def test_triton_visits_only_the_key_blocks_in_the_band(monkeypatch):
+    """The key loop runs over the blocks that meet the tile's band only, counted as the interpreter's loads of
+    (BLOCK_N, Dh) k and v tiles (BLOCK_M = 32 makes q tiles another shape): T = 80, window 4, 16-key blocks:
+    9 blocks for the 3 query tiles instead of 15."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    kv_tiles = []
+    load = InterpreterBuilder.create_masked_load
+
+    def counting_load(self, ptrs, *args, **kwargs):
+        kv_tiles.append(tuple(ptrs.data.shape) == (16, 32))
+        return load(self, ptrs, *args, **kwargs)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", counting_load)
+    q, k, v = make_inputs(1, 80, 80, 1, 1, 32, torch.float32, seed=2)
+    out = gqa_attention(q, k, v, window=4, backend="triton", config=dict(BLOCK_M=32, BLOCK_N=16))
+    assert band_blocks(80, 4, 32, 16) == 9
+    assert sum(kv_tiles) == 2 * 9, sum(kv_tiles)
+    check(out, q, k, v, "BLOCK_M=32 BLOCK_N=16 window=4", window=4)
+
+
+@triton_cpu
+def test_triton_forced_config_with_the_band_on_block_edges():
+    """16 x 16 tiles, window 15: a band edge on every block boundary; every q head against its kv head."""
+    q, k, v = make_inputs(1, 50, 50, 4, 2, 32, torch.float32, seed=3)
+    kw = options(q, "qk", "half", 15)
+    out = gqa_attention(q, k, v, backend="triton", config=dict(BLOCK_M=16, BLOCK_N=16), **kw)
+    check(out, q, k, v, "BLOCK_M=16 BLOCK_N=16 window=15", **kw)
+
+
+@triton_cpu
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_triton_keeps_nan_in_the_rows_that_see_it():
+    nan_isolation(functools.partial(gqa_attention, backend="triton"), torch.float32)
+
+
+def nan_isolation(run, dtype):
+    """A NaN in one q element spoils that output row only (the norm spreads it over the row, no further); a NaN
+    in one k element spoils, in the q heads of its kv head, the queries whose band holds that key; every other
+    output is bit for bit the clean one."""
+    B, T, HQ, HKV, Dh, window = 2, 40, 4, 2, 32, 4
+    q, k, v = make_inputs(B, T, T, HQ, HKV, Dh, dtype, seed=5)
+    kw = options(q, "qk", "half", window)
+    clean = run(q, k, v, **kw)
+    q, k = q.clone(), k.clone()
+    q[0, 7, 1, 3] = float("nan")  # batch 0, query 7, q head 1
+    k[1, 20, 0, 5] = float("nan")  # batch 1, key 20, kv head 0: q heads 0 and 1
+    out = run(q, k, v, **kw)
+    bad = torch.zeros(B, T, HQ, dtype=torch.bool)
+    bad[0, 7, 1] = True
+    bad[1, (torch.arange(T) - 20).abs() <= window, :HQ // HKV] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    assert torch.equal(out[~bad], clean[~bad])
+
+
+# -- the native CPU kernel (csrc/gqa_attention.cpp) ---------------------------------------------------------------
+native = needs_native("gqa_attention")
+NATIVE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (B, T, S, Hq, Hkv, Dh, norm, rope, window): ACE-Step's sliding layer at 30 s (T = 375, window 128, Dh = 128,
+# fewer heads), its full layer and its cross-attention (no RoPE, k normed beforehand: q norm only); odd T and S;
+# a single query; more keys than one 512-key block with and without a band (window 250: a row's second block
+# may hold none of its keys; window 300: both do); GQA ratios 1, 2 and 4; both RoPE forms; head dims 16, 72, 128.
+NATIVE_CASES = [(1, 375, 375, 4, 2, 128, "qk", "half", 128), (2, 375, 375, 4, 2, 128, "qk", "half", None),
+                (2, 97, 41, 4, 2, 128, "q", None, None), (2, 97, 97, 2, 2, 72, "qk", "pairs", 4),
+                (1, 33, 33, 4, 1, 16, "k", "half", 0), (1, 1, 1, 2, 1, 64, "qk", "half", None),
+                (1, 1, 300, 2, 1, 64, "", None, None), (1, 1100, 1100, 2, 1, 16, "qk", "half", 250),
+                (1, 1100, 1100, 2, 1, 16, "qk", "pairs", 300), (1, 600, 600, 2, 1, 16, "", "half", None),
+                (1, 70, 70, 4, 2, 64, "qk", None, 1000)]
+
+
+def native_op(q, k, v, q_norm=None, k_norm=None, eps=1e-6, rope=None, rope_interleaved=False, window=None,
+              scale=None):
+    cos, sin = rope if rope is not None else (None, None)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.ditengine.gqa_attention(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale)
+
+
+@native
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.parametrize("B, T, S, HQ, HKV, Dh, norm, rope, window", NATIVE_CASES)
+def test_native_matches_reference(B, T, S, HQ, HKV, Dh, norm, rope, window, dtype):
+    q, k, v = make_inputs(B, T, S, HQ, HKV, Dh, dtype, seed=T + S + Dh)
+    if T > 512:  # the largest logits far along: the running max changes between key blocks
+        k = k.clone()
+        k[:, T // 2:] *= 3.0
+    kw = options(q, norm, rope, window)
+    check(native_op(q, k, v, **kw), q, k, v,
+          f"native T={T} S={S} Hq={HQ} Hkv={HKV} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_is_the_default_on_cpu(dtype, monkeypatch):
+    """With the extension built, `gqa_attention` on CPU tensors is the C++ kernel and nothing else: no attention,
+    norm or RoPE op of ATen shows in the profile, and the reference never runs."""
+    assert choose("gqa_attention", torch.device("cpu")) == "native"
+    q, k, v = make_inputs(2, 40, 40, 4, 2, 64, dtype, seed=6)
+    kw = options(q, "qk", "half", 8)
+    expected = native_op(q, k, v, **kw)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Python implementation ran")
+
+    monkeypatch.setattr(gqa, "gqa_attention_ref", fail)
+    with torch.profiler.profile() as prof:
+        out = gqa_attention(q, k, v, **kw)
+    names = {e.name for e in prof.events()}
+    assert "ditengine::gqa_attention" in names, names
+    assert not [n for n in names if any(w in n for w in ("attention", "softmax", "rsqrt", "mul", "cat", "bmm"))
+                and not n.startswith("ditengine::")], names
+    assert torch.equal(out, expected)
+    assert torch.equal(gqa_attention(q, k, v, backend="native", **kw), expected)
+
+
+@native
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_native_keeps_nan_in_the_rows_that_see_it(dtype):
+    nan_isolation(native_op, dtype)
+
+
+@native
+def test_native_nan_value_stays_in_the_tiles_that_load_it():
+    """A NaN in a value row reaches the queries that see its key and, as 0 * NaN, possibly the other rows of a
+    64-row tile whose key range holds it; the tiles whose range does not are unchanged (T = 200, window 4:
+    key 10 is in the range of tile 0 only)."""
+    q, k, v = make_inputs(1, 200, 200, 2, 1, 32, torch.float32, seed=7)
+    kw = options(q, "qk", "half", 4)
+    clean = native_op(q, k, v, **kw)
+    v = v.clone()
+    v[0, 10, 0, 2] = float("nan")
+    out = native_op(q, k, v, **kw)
+    assert torch.isnan(out[0, 6:15]).any(-1).all()
+    assert torch.equal(out[0, 64:], clean[0, 64:])
+
+
+@native
+def test_native_scale_eps_float_weights_and_overlapping_rows():
+    """A custom scale and eps, fp32 norm weights with bf16 activations (read as fp32 either way), strided RoPE
+    tables, and q, k, v expanded over tokens (stride 0: materialised for BLAS)."""
+    q, k, v = make_inputs(2, 30, 30, 4, 2, 32, torch.float32, seed=8)
+    w_q, w_k = norm_weights(32, torch.float32)
+    cos, sin = rope_tables(30, 32)
+    wide = torch.zeros(30, 2, 40)
+    wide[:, 0, :32], wide[:, 1, :32] = cos, sin
+    kw = dict(q_norm=w_q, k_norm=w_k, eps=1e-3, rope=(wide[:, 0, :32], wide[:, 1, :32]), window=5, scale=0.3)
+    check(native_op(q, k, v, **kw), q, k, v, "scale, eps, strided tables", **kw)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = native_op(qb, kb, vb, **kw)
+    kw_b = {**kw, "q_norm": w_q.bfloat16().float(), "k_norm": w_k.bfloat16().float()}
+    assert not torch.equal(out, native_op(qb, kb, vb, **kw_b))  # the fp32 weights are not rounded to bf16
+    check(out, qb, kb, vb, "bf16 activations, fp32 weights", **kw)
+    q1, k1, v1 = q[:, :1].expand(2, 30, 4, 32), k[:, :1].expand(2, 30, 2, 32), v[:, :1].expand(2, 30, 2, 32)
+    kw1 = dict(q_norm=w_q, window=3)
+    check(native_op(q1, k1, v1, **kw1), q1, k1, v1, "expanded rows", **kw1)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_same_inputs_same_bits(dtype):
+    q, k, v = make_inputs(2, 375, 375, 4, 2, 128, dtype, seed=9)
+    kw = options(q, "qk", "half", 128)
+    first = native_op(q, k, v, **kw)
+    assert all(torch.equal(first, native_op(q, k, v, **kw)) for _ in range(3))
+
+
+@native
+def test_native_errors_name_the_argument():
+    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
+    kw = options(q, "qk", "half", 2)
+    op = torch.ops.ditengine.gqa_attention
+    w_q, w_k, (cos, sin) = kw["q_norm"], kw["k_norm"], kw["rope"]
+
+    def call(**over):
+        """The op on valid arguments (in its schema's order) with `over` replacing some."""
+        args = dict(q=q, k=k, v=v, q_norm=w_q, k_norm=w_k, eps=1e-6, cos=cos, sin=sin, rope_interleaved=False,
+                    window=2, scale=0.25)
+        return op(*{**args, **over}.values())
+
+    with pytest.raises(ValueError, match=r"q must be \(B, T, Hq, Dh\), got 3 dimensions"):
+        call(q=q[0])
+    with pytest.raises(ValueError, match=r"k must be \(B, S, Hkv, Dh\) with q's batch and head dim"):
+        call(k=k[:1], v=v[:1])
+    with pytest.raises(ValueError, match="v must have k's shape"):
+        call(v=v[:, :5])
+    with pytest.raises(ValueError, match="q's 4 heads must be a multiple of k's 3 heads"):
+        call(k=torch.randn(2, 6, 3, 16), v=torch.randn(2, 6, 3, 16))
+    with pytest.raises(TypeError, match="k has dtype BFloat16 but q has Float"):
+        call(k=k.bfloat16())
+    with pytest.raises(TypeError, match="q must be float32, bfloat16 or float16, got Double"):
+        call(q=q.double(), k=k.double(), v=v.double())
+    with pytest.raises(ValueError, match=r"v: the last dimension \(Dh\) must be contiguous"):
+        call(v=v.transpose(2, 3).contiguous().transpose(2, 3))
+    with pytest.raises(ValueError, match=r"q_norm must be the \(Dh,\) = \(16,\) RMSNorm weight, got shape \[8\]"):
+        call(q_norm=w_q[:8])
+    with pytest.raises(TypeError, match="k_norm must be a floating-point tensor, got Long"):
+        call(k_norm=w_k.long())
+    with pytest.raises(ValueError, match=r"rope cos must be \(T, Dh\) = \(6, 16\), got shape \[5, 16\]"):
+        call(cos=cos[:5])
+    with pytest.raises(TypeError, match="rope sin must be float32, got Half"):
+        call(sin=sin.half())
+    with pytest.raises(ValueError, match="rope needs both cos and sin, or neither"):
+        call(sin=None)
+    with pytest.raises(ValueError, match="rope: RoPE needs k's length S = q's length T, got S=5, T=6"):
+        call(k=k[:, :5], v=v[:, :5], window=None)
+    with pytest.raises(ValueError, match="window: a sliding window needs S = T, got S=5, T=6"):
+        call(k=k[:, :5], v=v[:, :5], cos=None, sin=None)
+    with pytest.raises(ValueError, match="window must be >= 0, got -1"):
+        call(window=-1)
+    with pytest.raises(ValueError, match="scale must be a finite softmax scale > 0, got 0"):
+        call(scale=0.0)
+    with pytest.raises(ValueError, match="k and v need at least one token"):
+        call(k=k[:, :0], v=v[:, :0], cos=None, sin=None, window=None)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_passes_opcheck(dtype):
+    q, k, v = make_inputs(2, 9, 9, 4, 2, 16, dtype)
+    kw = options(q, "qk", "pairs", 3)
+    cos, sin = kw["rope"]
+    torch.library.opcheck(torch.ops.ditengine.gqa_attention,
+                          (q, k, v, kw["q_norm"], kw["k_norm"], 1e-6, cos, sin, True, 3, 0.25))
+    qc, kc, vc = make_inputs(1, 5, 7, 2, 1, 16, dtype)
+    torch.library.opcheck(torch.ops.ditengine.gqa_attention,
+                          (qc, kc, vc, None, None, 1e-6, None, None, False, None, 0.3))
+
+
+@pytest.fixture(scope="module")
+def isa_variant(tmp_path_factory):
+    """isa -> the native outputs with DITENGINE_ISA=isa (the softmax's exp and max differ by ISA)."""
+    code = """
+        import torch
+        from ditengine.kernels import gqa_attention, _native
+        g = torch.Generator().manual_seed(0)
+        proj = torch.randn(2, 150, 8 * 64, generator=g)
+        q, k, v = (t.unflatten(-1, (-1, 64)) for t in proj.split([4 * 64, 2 * 64, 2 * 64], dim=-1))
+        w = 1 + 0.3 * torch.randn(64, generator=g)
+        ang = torch.outer(torch.arange(150.0), 1e4 ** -(torch.arange(0, 64, 2) / 64))
+        rope = (torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1))
+        outs = [_native.build_info()["isa"]]
+        for dt in (torch.float32, torch.bfloat16):
+            outs += [gqa_attention(q.to(dt), k.to(dt), v.to(dt), q_norm=w, k_norm=w, rope=rope, window=w_,
+                                   backend="native") for w_ in (None, 20)]
+        torch.save(outs, "{path}")
+    """
+    return isa_runner(tmp_path_factory, code)
+
+
+@native
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_native_isa_variants_agree(isa, isa_variant):
+    """Each vector variant of the softmax's row operations against the scalar baseline."""
+    skip_unless_cpu_runs(isa)
+    for a, b in zip(isa_variant(isa), isa_variant("baseline")):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-5 if a.dtype == torch.float32 else 2e-2,
+                                   rtol=1e-5 if a.dtype == torch.float32 else 2e-2)
+
+
+# -- the public function, the op and its fake implementation ----------------------------------------------------
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_errors_name_the_argument(backend):
+    """Every backend checks its arguments in Python first (on CUDA too, where the C++ checks never run)."""
+    if backend == "triton" and not interpreting():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    run = functools.partial(gqa_attention, backend=backend)
+    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
+    kw = options(q, "qk", "half", None)
+    with pytest.raises(ValueError, match=r"q: expected 4 dimensions \(B, T, Hq, Dh\), got shape \(2, 6, 64\)"):
+        run(q.flatten(2), k, v)
+    with pytest.raises(ValueError, match=r"k: batch and head dim must match q \(2, 6, 4, 16\), got \(1, 6, 2, 16\)"):
+        run(q, k[:1], v[:1])
+    with pytest.raises(ValueError, match=r"v: expected shape \(2, 6, 2, 16\) \(B, S, Hkv, Dh\) like k, got "
+                                         r"\(2, 5, 2, 16\)"):
+        run(q, k, v[:, :5])
+    with pytest.raises(ValueError, match="k: q's 4 heads must be a multiple of k's 3 heads"):
+        run(q, torch.randn(2, 6, 3, 16), torch.randn(2, 6, 3, 16))
+    with pytest.raises(TypeError, match=r"k: expected dtype in \['float32'\], got float16"):
+        run(q, k.half(), v)
+    with pytest.raises(TypeError, match=r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"):
+        run(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="v: on meta, expected cpu like the other inputs"):
+        run(q, k, v.to("meta"))
+    with pytest.raises(ValueError, match="q: the last dimension must be contiguous"):
+        run(q.transpose(2, 3).contiguous().transpose(2, 3), k, v)
+    q12, k12, v12 = make_inputs(1, 4, 4, 2, 1, 12, torch.float32)
+    with pytest.raises(ValueError, match=r"head dim 12 is not supported: expected a multiple of 8 from 16 to 256 "
+                                         r"\(gqa_attention_ref takes any\)"):
+        run(q12, k12, v12)
+    with pytest.raises(ValueError, match="sequence lengths must be at least 1, got q 0, k 6"):
+        run(q[:, :0], k, v)
+    with pytest.raises(ValueError, match=r"q_norm: expected shape \(16\) \(Dh,\): the RMSNorm weight, got \(8,\)"):
+        run(q, k, v, q_norm=kw["q_norm"][:8])
+    with pytest.raises(TypeError, match=r"k_norm: expected dtype in .*, got int64"):
+        run(q, k, v, k_norm=kw["k_norm"].long())
+    with pytest.raises(ValueError, match="eps: expected a finite number >= 0, got -1.0"):
+        run(q, k, v, eps=-1.0)
+    cos, sin = kw["rope"]
+    with pytest.raises(TypeError, match=r"rope: expected a \(cos, sin\) pair of \(T, Dh\) float32 tensors, got Tensor"):
+        run(q, k, v, rope=cos)
+    with pytest.raises(ValueError, match=r"rope cos: expected shape \(6, 16\) \(T, Dh\): one row per query position, "
+                                         r"got \(6, 8\)"):
+        run(q, k, v, rope=(cos[:, :8], sin))
+    with pytest.raises(TypeError, match=r"rope sin: expected dtype in \['float32'\], got bfloat16"):
+        run(q, k, v, rope=(cos, sin.bfloat16()))
+    with pytest.raises(ValueError, match="rope: RoPE is for self-attention and needs k's length S = q's length T, "
+                                         "got S=5, T=6"):
+        run(q, k[:, :5], v[:, :5], rope=(cos, sin))
+    with pytest.raises(ValueError, match="window: a sliding window is for self-attention and needs S = T, got S=5"):
+        run(q, k[:, :5], v[:, :5], window=2)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match=r"window: expected None or an int >= 0 \(keys with \|i - j\| <= window\)"):
+            run(q, k, v, window=bad)
+    for bad in (0.0, -0.1, float("inf")):
+        with pytest.raises(ValueError, match="scale: expected a finite softmax scale > 0"):
+            run(q, k, v, scale=bad)
+    if backend is None:
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            gqa_attention(q, k, v, backend="cuda")
+        with pytest.raises(ValueError, match="config: only the Triton kernel takes a launch config; pass "
+                                             "backend='triton', got backend=None"):
+            run(q, k, v, config=AUTOTUNE_CONFIGS[0])
+    if backend == "triton":
+        with pytest.raises(ValueError, match="config: BLOCK_N must be a power of two >= 16, got 48"):
+            run(q, k, v, config=dict(BLOCK_M=32, BLOCK_N=48))
+
+
+def test_reference_backend_and_fake_implementation():
+    q, k, v = make_inputs(2, 7, 7, 4, 2, 16, torch.float32)
+    kw = options(q, "qk", "half", 2)
+    assert torch.equal(gqa_attention(q, k, v, backend="reference", **kw), gqa_attention_ref(q, k, v, **kw))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cos, sin = kw["rope"]
+    tensors = (q, k, v, kw["q_norm"], kw["k_norm"])
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fwq, fwk = (mode.from_tensor(t) for t in tensors)
+        fake = torch.ops.ditengine.gqa_attention(fq, fk, fv, fwq, fwk, 1e-6, mode.from_tensor(cos),
+                                                 mode.from_tensor(sin), False, 2, 0.25)
+    assert fake.shape == q.shape and fake.dtype == q.dtype and fake.is_contiguous()
+    meta = torch.ops.ditengine.gqa_attention(*(t.to("meta") for t in tensors), 1e-6, cos.to("meta"), sin.to("meta"),
+                                             False, 2, 0.25)
+    assert meta.shape == q.shape and meta.device.type == "meta"
+
+
+def test_reference_pieces_are_diffusers_own():
+    """The reference's RMSNorm and both RoPE forms against diffusers' `RMSNorm` and `apply_rotary_emb`, bit for
+    bit in fp32 and bf16 (the model's dtypes)."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.embeddings import apply_rotary_emb, get_1d_rotary_pos_embed
+    from diffusers.models.normalization import RMSNorm
+
+    for dtype in (torch.float32, torch.bfloat16):
+        q, _, _ = make_inputs(2, 11, 11, 3, 1, 32, dtype, seed=10)
+        norm = RMSNorm(32, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(norm_weights(32, dtype)[0])
+            assert torch.equal(gqa.rms_norm_ref(q, norm.weight, 1e-6), norm(q))
+        for interleaved in (False, True):
+            cos, sin = get_1d_rotary_pos_embed(32, torch.arange(11, dtype=torch.float32), theta=1e6, use_real=True,
+                                               repeat_interleave_real=interleaved)
+            assert torch.equal(gqa.rope_ref(q, cos, sin, interleaved),
+                               apply_rotary_emb(q, (cos, sin), use_real=True, use_real_unbind_dim=-1 if interleaved
+                                                else -2, sequence_dim=1))
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_python_body_matches_reference(triton, monkeypatch):
+    """The op's Python implementation, reached past the native CPU kernel: the reference (the fallback, and the
+    CPU path without the extension or the interpreter), or the Triton kernel where `use_triton` says so (CUDA;
+    here the interpreter)."""
+    if triton and not interpreting():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(gqa, "use_triton", lambda op, *tensors: triton)
+    q, k, v = make_inputs(1, 21, 21, 4, 2, 32, torch.float32, seed=11)
+    kw = options(q, "qk", "pairs", 4)
+    cos, sin = kw["rope"]
+    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    out = torch.ops.ditengine.gqa_attention.default.redispatch(python_impl, q, k, v, kw["q_norm"], kw["k_norm"], 1e-6,
+                                                               cos, sin, True, 4, 32**-0.5)
+    check(out, q, k, v, f"python body ({'triton' if triton else 'reference'})", **kw)
+
+
+def test_registered_op_passes_opcheck():
+    q, k, v = make_inputs(1, 6, 6, 2, 1, 16, torch.float32)
+    kw = options(q, "qk", "half", 2)
+    cos, sin = kw["rope"]
+    torch.library.opcheck(torch.ops.ditengine.gqa_attention,
+                          (q, k, v, kw["q_norm"], kw["k_norm"], 1e-6, cos, sin, False, 2, 0.25))
+
+
+def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
+    """ptxas from Triton's wheel (as bench/sm90.py does for the other kernels): the GPU's pinned bf16 and fp32
+    launches with every prologue step and the window compile for sm_90, bf16 dots on warpgroup tensor cores,
+    nothing spilled, shared memory within the limit; ACE-Step's head dim (128) and a split one (72)."""
+    out = run_python("""
+        import importlib, json
+        import ditengine.kernels
+        from ditengine.bench.sm90 import SHARED_LIMIT, compile_sm90, resources
+        from ditengine.kernels.attention import PINNED_GPU, PINNED_GPU_FP32, head_blocks
+        fn = importlib.import_module("ditengine.kernels.gqa_attention")._gqa_attention_fwd_kernel
+        rows = []
+        for dtype, config in (("bf16", PINNED_GPU), ("fp32", PINNED_GPU_FP32)):
+            for head_dim in (128, 72):
+                d1, d2 = head_blocks(head_dim)
+                pointers = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr", "qw_ptr", "kw_ptr"), dtype),
+                            "cos_ptr": "fp32", "sin_ptr": "fp32"}
+                scalars = {**{n: "i64" for n in fn.arg_names if n.startswith("stride")}, "HQ": "i32", "GROUP": "i32",
+                           "T_Q": "i32", "T_K": "i32", "window": "i32", "eps": "fp32", "qk_scale": "fp32"}
+                kernel = compile_sm90(fn, pointers, scalars, dict(
+                    HEAD_DIM=head_dim, D1=d1, D2=d2, Q_NORM=True, K_NORM=True, ROPE=True, INTERLEAVED=False,
+                    WINDOWED=True, PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=config["BLOCK_M"],
+                    BLOCK_N=config["BLOCK_N"]), config["num_warps"], config["num_stages"])
+                rows.append(dict(dtype=dtype, head_dim=head_dim, limit=SHARED_LIMIT, **resources(kernel)))
+        print(json.dumps(rows))
+    """, TRITON_INTERPRET="0")
+    rows = json.loads(out.strip().splitlines()[-1])
+    for row in rows:
+        assert row["local_bytes"] == 0 and row["shared_bytes"] <= row["limit"], row
+    assert [row["wgmma"] for row in rows] == [True, True, False, False], rows
+
+
+# -- GPU -----------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("T, window", [(375, 128), (375, None), (3000, 128), (3000, None)])
+def test_gpu_ace_step_self_attention(T, window, dtype):
+    q, k, v = make_inputs(2, T, T, 16, 8, 128, dtype, device="cuda")
+    assert choose("gqa_attention", q.device) == "triton"
+    kw = options(q, "qk", "half", window)
+    check(gqa_attention(q, k, v, **kw), q, k, v, f"cuda T={T} window={window}", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, T, S, HQ, HKV, Dh, norm, rope, window", TRITON_CASES + NATIVE_CASES)
+def test_gpu_odd_shapes_fp32(B, T, S, HQ, HKV, Dh, norm, rope, window):
+    q, k, v = make_inputs(B, T, S, HQ, HKV, Dh, torch.float32, device="cuda")
+    kw = options(q, norm, rope, window)
+    check(gqa_attention(q, k, v, **kw), q, k, v, f"cuda fp32 T={T} S={S} Dh={Dh} window={window}", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", AUTOTUNE_CONFIGS,
+                         ids=lambda c: "m{BLOCK_M}-n{BLOCK_N}-w{num_warps}-s{num_stages}".format(**c))
+def test_gpu_every_autotune_config(config):
+    q, k, v = make_inputs(2, 375, 375, 16, 8, 128, torch.bfloat16, device="cuda")
+    kw = options(q, "qk", "half", 128)
+    check(gqa_attention(q, k, v, backend="triton", config=config, **kw), q, k, v, f"config {config}", **kw)
