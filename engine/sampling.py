@@ -9,8 +9,11 @@ from tqdm.auto import tqdm
 
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
+from .fast.ace_step import check_inputs as check_ace_step_inputs
+from .guidance import APG, check_guidance
 from .inputs import (check_cfg_scale, check_guided_channels, check_inputs, check_patch_grid_noise, check_scheduler,
                      draw_noise, guided_labels, guided_steps)
+from .models.ace_step import AceStep
 from .models.dit import DiT, guide
 from .models.pixart import PixArt
 from .schedulers import COL, Scheduler
@@ -67,37 +70,56 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
                          {k: None if v is None else v[:n] for k, v in added.items()})
 
         return forward
-    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt), got {type(model).__name__} "
+    if isinstance(spec, AceStep):
+        # The fused denoiser's checks; the loop is channels-first (B, C, T), the model takes diffusers' (B, T, C).
+        check_ace_step_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
+        enc = _doubled(named["encoder_hidden_states"], named.get("null_encoder_hidden_states"), use_cfg)
+        context = named["context_latents"].transpose(1, 2)
+        context = torch.cat([context, context]) if use_cfg else context
+        dtype = next(model.parameters()).dtype
+        enc, context = enc.to(dtype), context.to(dtype)
+
+        def forward(x_in, t, step):
+            n = len(x_in)
+            return model(x_in.transpose(1, 2), timestep=t, timestep_r=t, encoder_hidden_states=enc[:n],
+                         context_latents=context[:n]).transpose(1, 2).contiguous()
+
+        return forward
+    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt, AceStep), got {type(model).__name__} "
                     "(convert a diffusers transformer with ditengine.from_diffusers)")
 
 
 def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cfg_scale: float, guided_channels: int,
-                 dtype: torch.dtype, noise: torch.Tensor | None = None, guided: bool = True) -> torch.Tensor:
+                 dtype: torch.dtype, noise: torch.Tensor | None = None, guided: bool = True,
+                 guidance: APG | None = None, momentum: torch.Tensor | None = None) -> torch.Tensor:
     """One reference step: the model on the (CFG-doubled when guiding) scaled input, guidance, then
     `sched.step`. x (B, C, ...) fp32 -> x_next. `guided=False` (outside the guidance interval) runs the
-    conditional half alone."""
+    conditional half alone. With `guidance` (APG) the halves are combined by it, `momentum` its state."""
     x_in = x * sched.table[i, COL["c_in"]]
     use_cfg = cfg_scale != 1.0 and guided
     if use_cfg:
         x_in = torch.cat([x_in, x_in])
     x_in, t = x_in.to(dtype), sched.timesteps[i].expand(len(x_in))
     out = forward(x_in, t, i).float()
-    if use_cfg:
+    if use_cfg and guidance is not None:
+        out = guidance(out, momentum, cfg_scale, backend="reference")
+    elif use_cfg:
         out = guide(out, cfg_scale, guided_channels)[: len(x)]
     return sched.step(i, x, out, noise=noise)
 
 
 def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale: float, guided_channels: int,
              dtype: torch.dtype, generator: torch.Generator | None = None, progress: bool = False,
-             cfg_interval: tuple | None = None) -> torch.Tensor:
+             cfg_interval: tuple | None = None, guidance: APG | None = None) -> torch.Tensor:
     """The reference loop around any forward on the CFG-doubled rows: every step of `sched` from `noise`,
-    guided at the steps `cfg_interval` admits (`inputs.guided_steps`)."""
+    guided (by CFG, or `guidance`) at the steps `cfg_interval` admits (`inputs.guided_steps`)."""
     sched.to(noise.device).reset()
     guided = guided_steps(sched.timesteps.tolist(), cfg_interval)
     x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
+    momentum = torch.zeros(x.shape, device=x.device) if guidance is not None else None  # contiguous, fp32
     for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
         x = denoise_step(forward, sched, i, x, cfg_scale, guided_channels, dtype, draw_noise(sched, i, x, generator),
-                         guided[i])
+                         guided[i], guidance, momentum)
     return x
 
 
@@ -106,9 +128,9 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, guided_channels: int | None = None, cache: CachePolicy | None = None,
            stats: dict | None = None, cfg_interval: tuple | None = None, quantize: str | None = None,
-           **named_conditioning) -> torch.Tensor:
+           guidance: APG | None = None, **named_conditioning) -> torch.Tensor:
     """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
-    (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
+    (B,) for a DiT; for ACE-Step see below; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
     `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024).
 
     Guidance is on when `cfg_scale != 1`: the batch is doubled with the unconditional input (the null
@@ -118,6 +140,11 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     (`FastSampler`); `cuda_graph` applies to it. `cache` (a `ditengine.cache` policy) skips transformer work
     (on the reference backend for the DiT); `stats`, a dict, is filled with what the run computed.
     `quantize` ("int8", "fp8"; fused backend only) runs the blocks' GEMMs as W8A8 (see `FastSampler`).
+    `guidance`: None (plain CFG) or `ditengine.guidance.APG()` (ACE-Step's base and SFT models).
+
+    ACE-Step (`ditengine.models.ace_step.AceStep`): noise (B, C, T) channels-first, `encoder_hidden_states=` the
+    packed condition (B, L, C_enc), `context_latents=` (B, C_ctx, T) channels-first, and with guidance
+    `null_encoder_hidden_states=` (the condition encoder's null embedding, broadcast).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
@@ -128,7 +155,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     if backend == "fused":
         sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph=cuda_graph,
                               guided_channels=guided_channels, cache=cache, cfg_interval=cfg_interval,
-                              quantize=quantize)
+                              quantize=quantize, guidance=guidance)
         latents = sampler(noise, *conditioning, generator=generator, progress=progress, **named_conditioning)
         if stats is not None:
             stats.update(sampler.stats)
@@ -138,7 +165,9 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     if quantize is not None:
         raise ValueError(f"quantize={quantize!r} needs backend='fused' (the reference is the model's own precision)")
     check_cfg_scale(cfg_scale)
-    k = check_guided_channels(guided_channels, model.config.in_channels)
+    channels = model.config.audio_acoustic_hidden_dim if isinstance(model, AceStep) else model.config.in_channels
+    k = check_guided_channels(guided_channels, channels)
+    check_guidance(guidance, tuple(noise.shape[1:]))
     use_cfg = cfg_scale != 1.0
     if cache is not None and not isinstance(model, DiT):
         raise ValueError("cache: the reference form of step caching is the DiT's (ReferenceCachedForward); for "
@@ -147,8 +176,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
         raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
     cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
-    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval)
+    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guidance)
     if stats is not None:
-        S, depth = len(sched), len(model.blocks)
+        S, depth = len(sched), len(model.layers if isinstance(model, AceStep) else model.blocks)
         stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))
     return x

@@ -5,6 +5,8 @@ import torch
 import ditengine as de
 from ditengine.models.ace_step import AceStep, AceStepConfig, convert_original_state_dict, load_state_dict
 
+from diffusers_models import randomize
+
 diffusers = pytest.importorskip("diffusers")
 
 # diffusers' unit-test config (head dim 8) and configs the kernels serve (head dims 16 and 32, GQA 2 and 1).
@@ -19,16 +21,6 @@ CONFIGS = {
                                 num_key_value_heads=2, head_dim=32, in_channels=24, audio_acoustic_hidden_dim=8,
                                 sliding_window=6, encoder_hidden_size=48),
 }
-
-
-def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Every parameter random (norm weights and tables too), so that a wrong formula shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            base = 1.0 if name.endswith("norm.weight") or ".norm_" in name or name.startswith("norm_out") else 0.0
-            p.copy_(base + 0.3 * torch.randn(p.shape, generator=g))
-    return module
 
 
 def diffusers_pair(name: str, seed: int = 0):

@@ -103,7 +103,7 @@ def test_a_malformed_config_json_names_its_path(tmp_path, fb_state):
 
 def test_from_diffusers_of_an_unsupported_module_names_the_supported_ones():
     with pytest.raises(TypeError, match="from_diffusers: expected a diffusers DiTTransformer2DModel or "
-                                        "PixArtTransformer2DModel instance, got Linear"):
+                                        "PixArtTransformer2DModel or AceStepTransformer1DModel instance, got Linear"):
         de.from_diffusers(torch.nn.Linear(2, 2))
 
 

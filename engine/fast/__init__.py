@@ -5,18 +5,21 @@
 | `base.py` | what every fused denoiser shares (token GEMMs, backend choice) and the denoiser contract |
 | `dit.py` | the class-conditional DiT's fused denoiser |
 | `pixart.py` | PixArt-alpha / sigma's fused denoiser (cross-attention K/V precomputed per prompt) |
+| `ace_step.py` | ACE-Step 1.5's fused denoiser (GQA, RMSNorm forms, SwiGLU; the condition's K/V precomputed per call) |
 | `sampler.py` | `FastSampler`: static buffers, graph capture, step caching, the fused scheduler step |
 """
 from ..models.dit import DiT
+from ..models.ace_step import AceStep
 from ..models.pixart import PixArt
+from .ace_step import FastAceStep
 from .base import DTYPES, FusedDenoiser, cublaslt_gelu_is_tanh
 from .dit import FastDiT
 from .pixart import FastPixArt
 
 # Which fused denoiser serves which reference model (FastSampler dispatches on it).
-FAMILIES = [(DiT, FastDiT), (PixArt, FastPixArt)]
+FAMILIES = [(DiT, FastDiT), (PixArt, FastPixArt), (AceStep, FastAceStep)]
 
 from .sampler import CACHE_DECISIONS, FastSampler, decision_mode, fused_denoiser  # noqa: E402
 
-__all__ = ["CACHE_DECISIONS", "DTYPES", "FAMILIES", "FastDiT", "FastPixArt", "FastSampler", "FusedDenoiser",
+__all__ = ["CACHE_DECISIONS", "DTYPES", "FAMILIES", "FastAceStep", "FastDiT", "FastPixArt", "FastSampler", "FusedDenoiser",
            "cublaslt_gelu_is_tanh", "decision_mode", "fused_denoiser"]

@@ -13,8 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import (choose, fp8_supported, linear, linear_fp8, linear_gelu, linear_int8, prepack_fp8,
-                               prepack_int8, prepack_linear)
+from ditengine.kernels import (choose, fp8_supported, linear, linear_fp8, linear_gelu, linear_int8, linear_swiglu,
+                               prepack_fp8, prepack_int8, prepack_linear, prepack_swiglu, swiglu)
 
 from ..models.dit import timestep_embedding
 
@@ -86,6 +86,33 @@ class TokenLinear:
             flat = torch._addmm_activation(self.bias, x.flatten(0, -2), self.weight.t(), use_gelu=True)
             return flat.view(*x.shape[:-1], -1)
         return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+
+
+class SwiGLULinear:
+    """A SwiGLU MLP's gate and up projections as one GEMM with the `silu(g) * u` epilogue (`kernels.linear_swiglu`:
+    fused into the GEMM on a CPU, cuBLAS then a Triton epilogue on CUDA). Quantised, the stacked [gate; up]
+    weight is one W8A8 `TokenLinear` and the epilogue runs on its output (`kernels.swiglu`)."""
+
+    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, owner: "FusedDenoiser", rows: int,
+                 quantize: str | None = None):
+        self.in_features, self.out_features = gate.in_features, gate.out_features
+        self.backend = owner.backend
+        biases = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+        if quantize is not None:
+            self.stacked = TokenLinear(torch.cat([gate.weight, up.weight]), biases, owner, rows, quantize)
+            self.packed = None
+        else:
+            self.stacked = None
+            self.packed = prepack_swiglu(owner.cast(gate.weight), owner.cast(up.weight),
+                                         *((None, None) if gate.bias is None else (owner.cast(gate.bias),
+                                                                                    owner.cast(up.bias))),
+                                         dtype=owner.dtype, batch_size=rows, backend=owner.backend or "auto")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> silu(x W_g^T) * (x W_u^T) (..., F)."""
+        if self.packed is not None:
+            return linear_swiglu(x, self.packed)
+        return swiglu(self.stacked(x).to(x.dtype), backend=self.backend)
 
 
 class FusedDenoiser:
@@ -177,6 +204,10 @@ class FusedDenoiser:
         GEMMs take the sampler's quantisation."""
         weight, bias = (layer.weight, layer.bias) if isinstance(layer, torch.nn.Module) else layer
         return TokenLinear(weight, bias, self, rows, self.quantize if block else None)
+
+    def swiglu_linear(self, gate: torch.nn.Linear, up: torch.nn.Linear, rows: int, block: bool = False) -> SwiGLULinear:
+        """A SwiGLU MLP's gate and up layers as one GEMM with the epilogue fused; a `block`'s take the quantisation."""
+        return SwiGLULinear(gate, up, self, rows, self.quantize if block else None)
 
     def context_rows(self, ctx: dict, rows: int) -> dict:
         """Views of the context's first `rows` rows: every tensor's leading dim is the row dim here."""

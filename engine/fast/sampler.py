@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ditengine.kernels import scheduler_step
 
 from ..cache import FirstBlockCache, StaticCache, skip_decision, stats_dict
+from ..guidance import APG, check_guidance
 from ..graphs import GraphRunner, conditional_capture_supported, graphs_enabled
 from ..inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise, guided_steps
 from ..schedulers import COL, Scheduler
@@ -96,6 +97,9 @@ class _Plan:
         self.x = torch.zeros(batch, *shape, device=dev)  # the sampler's state, fp32
         self.x_in = torch.zeros(N, *shape, device=dev, dtype=fast.dtype)  # the model input
         self.history = torch.zeros_like(self.x) if sched.uses_history else None
+        # APG's momentum (the state across guided steps) and its guided prediction, fp32.
+        self.momentum = torch.zeros_like(self.x) if s.guidance is not None and s.use_cfg else None
+        self.apg_out = torch.zeros_like(self.x) if self.momentum is not None else None
         self.ctx = fast.context_buffers(N, shape, cond)  # per call: label embeddings, or a prompt's K/V and lengths
         self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
         stochastic = any(sched.needs_noise)
@@ -162,7 +166,11 @@ class _Plan:
         s = self.sampler
         sched = s.sched
         guided = s.use_cfg if guided is None else guided
-        scheduler_step(self.x, out, sched.table, step, cfg_scale=s.cfg_scale if guided else None,
+        cfg_scale = s.cfg_scale if guided else None
+        if guided and self.momentum is not None:  # APG combines the halves; the step then runs unguided
+            out = s.guidance(out, self.momentum, s.cfg_scale, out=self.apg_out, backend=s.guidance_backend)
+            cfg_scale = None
+        scheduler_step(self.x, out, sched.table, step, cfg_scale=cfg_scale,
                        guided_channels=s.guided_channels, history=self.history, noise=self.noise_for(step),
                        clip=sched.clip_sample, learned_variance=sched.learned_variance, out=self.x,
                        next_input=self.x_in, backend=s.fast.backend)
@@ -304,6 +312,8 @@ class _Plan:
                                                                        *[1] * (self.x.dim() - 1)))
         if self.history is not None:
             self.history.zero_()
+        if self.momentum is not None:
+            self.momentum.zero_()
         if self.cache is not None:
             self.block_evals.zero_()
             self.full_mask.zero_()
@@ -388,6 +398,10 @@ class FastSampler:
 
     `quantize`: None, "int8" or "fp8": every block's token GEMMs as W8A8 (weights per output channel,
     activations per token; see `FusedDenoiser`). "int8" is the CPU's fast form, "fp8" Hopper's.
+
+    `guidance`: None (plain CFG, inside the scheduler step) or `ditengine.guidance.APG()` (ACE-Step's base and
+    SFT models): one fused guidance op on the device, its momentum a static buffer, so the loop stays
+    capturable.
     """
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, cfg_scale: float = 4.0,
@@ -395,7 +409,8 @@ class FastSampler:
                  guided_channels: int | None = None, precompute_conditioning: bool = True,
                  conditioning_budget: int = 1 << 30, mlp_epilogue: str = "auto",
                  cache: FirstBlockCache | StaticCache | None = None, cache_decision: str = "auto",
-                 backend: str | None = None, quantize: str | None = None, cfg_interval: tuple | None = None):
+                 backend: str | None = None, quantize: str | None = None, cfg_interval: tuple | None = None,
+                 guidance: APG | None = None):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
         check_scheduler(sched)
@@ -415,6 +430,12 @@ class FastSampler:
         self.model, self.sched = model, sched
         self.fast = fused_denoiser(model, dtype, mlp_epilogue, backend, quantize)
         self.guided_channels = check_guided_channels(guided_channels, self.fast.latent_shape[0])
+        check_guidance(guidance, self.fast.latent_shape)
+        if guidance is not None and guided_channels is not None:
+            raise ValueError("guided_channels: not used by APG, which guides every channel")
+        self.guidance = guidance
+        # APG has no native kernel: on a CPU its op's own choice (the reference, or Triton's interpreter).
+        self.guidance_backend = self.fast.backend if self.fast.backend in ("triton", "reference") else None
         self.device = self.fast.device
         self.sched.to(self.device)
         self.cfg_scale, self.use_cfg = float(cfg_scale), cfg_scale != 1.0

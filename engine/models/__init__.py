@@ -1,7 +1,9 @@
 """The reference specs, one file a family, each a readable model in plain PyTorch that the fast path reads
 its weights from: `dit.py` (class-conditional DiT, facebookresearch/DiT's names), `pixart.py` (PixArt-alpha
-and PixArt-sigma, the original PixArt names, with their diffusers conversion)."""
+and PixArt-sigma, the original PixArt names, with their diffusers conversion), `ace_step.py` (ACE-Step 1.5's music
+DiT, diffusers' names, with the original checkpoint's conversion)."""
+from .ace_step import AceStep, AceStepConfig
 from .dit import DiT
 from .pixart import PixArt, PixArtConfig
 
-__all__ = ["DiT", "PixArt", "PixArtConfig"]
+__all__ = ["AceStep", "AceStepConfig", "DiT", "PixArt", "PixArtConfig"]

@@ -108,7 +108,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or float64 for a float64 reference
+        y = x * torch.rsqrt(x.to(acc).pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
             y = y.to(self.weight.dtype)
         return (y * self.weight).to(x.dtype)
@@ -123,10 +124,11 @@ def rope_tables(T: int, head_dim: int, theta: float, device=None) -> tuple[torch
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE on x (B, T, H, Dh) in fp32, cast back."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    """Rotate-half RoPE on x (B, T, H, Dh) in fp32 (or float64), cast back."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
 def band_mask(T: int, window: int, device=None) -> torch.Tensor:
