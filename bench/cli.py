@@ -56,6 +56,7 @@ from ditengine.inputs import guided_labels
 from ditengine.sampling import denoise_step, reference_forward, run_loop
 
 from . import peers
+from .ace_step import ace_step_setup, is_ace_step
 from .pixart import is_pixart, pixart_setup
 from .timing import environment, measure
 
@@ -103,10 +104,12 @@ class Workload:
     eager_model: Callable = None  # (dtype, sdpa) -> the eager peer in that dtype
     eager_forward: Callable = None  # (model, use_cfg) -> forward(x_in, t, step)
     eager_label: str = "ditengine reference"
+    sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guidance=APG(), for both loops
+    audio_seconds: float | None = None  # a music workload: the song length one sampling run makes
 
     def sample(self, **kwargs):
         return de.sample(self.base, self.sched, self.noise, *self.conditioning, progress=False, **kwargs,
-                         **self.named)
+                         **self.sampler_kwargs, **self.named)
 
 
 def dit_workload(base, sched, noise, labels) -> Workload:
@@ -164,7 +167,7 @@ class Variant:
                 mode = "loop" if "graph-loop" in key else None
             self.sampler = de.FastSampler(w.base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
                                           cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache,
-                                          quantize=QUANTIZED.get(key))
+                                          quantize=QUANTIZED.get(key), **w.sampler_kwargs)
             cond = self.sampler.fast.inputs(w.base, noise, self.sampler.use_cfg, *w.conditioning, **w.named)
             plan = self.sampler.plan(noise.shape, cond)
             plan.prepare(noise, cond)
@@ -226,7 +229,9 @@ def parse_args(argv=None):
     size.add_argument("--image-size", type=int, help="pixel size; the latent is image-size / 8 (VAE factor)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes before CFG doubling (default: 1)")
     p.add_argument("--dtype", choices=DTYPES, help="low-precision dtype (default: bf16)")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="1.0 disables guidance (no batch doubling)")
+    p.add_argument("--cfg-scale", type=float, help="1.0 disables guidance (no batch doubling); default 4.0, and "
+                                                   "1.0 for ACE-Step (the turbo model; > 1 runs APG)")
+    p.add_argument("--duration", type=float, help="ACE-Step: seconds of music (default: 30 on a CPU, 240 on a GPU)")
     p.add_argument("--steps", type=int, help="sampling steps of the quality run and the loop graph "
                                              "(default: 50 on GPU, 5 on CPU)")
     p.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all; on a "
@@ -240,8 +245,13 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or "bf16"
+    music = is_ace_step(args.model)
+    if args.cfg_scale is None:
+        args.cfg_scale = 1.0 if music else 4.0
     args.steps = args.steps or (50 if gpu else 5)
     default = [v for v in VARIANTS if v not in GPU_SKIPPED and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
+    if music:  # the runtime peers export the class-conditional DiT only
+        default = [v for v in default if v not in peers.PEERS]
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
@@ -276,6 +286,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batch.split(",")]
     if is_pixart(args.model):
         cfg, base, flops_of, workload_for = pixart_setup(args, device)
+    elif is_ace_step(args.model):
+        cfg, base, flops_of, workload_for = ace_step_setup(args, device)
     else:
         cfg, base, flops_of, workload_for = dit_setup(args, device)
     weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize
@@ -290,7 +302,8 @@ def main(argv=None) -> int:
     for batch in batches:
         workload = workload_for(batch)
         report["scheduler"] = repr(workload.sched)
-        report["latent"] = "x".join(str(d) for d in workload.noise.shape[2:])
+        dims = workload.noise.shape[1:] if workload.audio_seconds else workload.noise.shape[2:]  # (C, T) for music
+        report["latent"] = "x".join(str(d) for d in dims)
         report["eager"] = workload.eager_label
         model_batch = batch * (2 if args.cfg_scale != 1.0 else 1)
         flops = flops_of(model_batch)
@@ -326,6 +339,7 @@ def main(argv=None) -> int:
                 "max_err": None if latents is None else (latents - reference).abs().max().item(),
                 "sqnr_db": None if latents is None else sqnr_db(latents, reference),
                 "conditioning": getattr(getattr(variant, "sampler", None), "conditioning_mode", None),
+                **song_columns(workload, ms),
                 **cache_columns(variant),
             })
             bar.update()
@@ -340,6 +354,14 @@ def main(argv=None) -> int:
     write_report(report, out_dir)
     partial.unlink()
     return 0
+
+
+def song_columns(workload: Workload, ms_per_step: float) -> dict:
+    """A music workload: seconds of DiT loop per song, and how many times faster than real time that is."""
+    if workload.audio_seconds is None:
+        return {}
+    seconds = ms_per_step * len(workload.sched) / 1e3
+    return {"s_per_song": seconds, "realtime_x": workload.audio_seconds / seconds}
 
 
 def cache_columns(variant: Variant) -> dict:
@@ -358,6 +380,10 @@ def format_table(report: dict) -> str:
              "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | setup s | prompt ms | TFLOP/s "
              "| % H100 floor | % GEMM floor | max err | SQNR dB | block share |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    music = any("s_per_song" in r for r in report["results"])
+    if music:  # seconds of DiT loop per song and the real-time factor, beside ms/step
+        lines[-2] = lines[-2].replace("| ms/step |", "| ms/step | s/song | x real time |")
+        lines[-1] += "---:|---:|"
     for r in report["results"]:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
         share = f"{100 * r['block_share']:.0f}%" if r.get("block_share") is not None else "-"
@@ -365,7 +391,8 @@ def format_table(report: dict) -> str:
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
         sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         prompt = "-" if r.get("prompt_ms") is None else f"{r['prompt_ms']:.3f}"
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | {r['p20_ms']:.3f} | "
+        song = f" {r['s_per_song']:.2f} | {r['realtime_x']:.1f} |" if music else ""
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} |{song} {r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")
     lines += [f"\nskipped {key}: {reason}" for key, reason in report.get("skipped", {}).items()]

@@ -2,8 +2,8 @@
 # The GPU run, in one command that fits one 600 s device call: prove CUDA and Triton work (before
 # installing anything; else fail within seconds), install, then measure in order of value: the
 # gpu-marked tests, the DiT-XL/2 256 px ladder rows that carry the claim (batch 1, then batch 8), the
-# PixArt-Σ 1024 px rows (28 layers, 300 text tokens), the fp8 and int8 rows, torch.compile(max-autotune) of
-# the DiT reference,
+# PixArt-Σ 1024 px rows (28 layers, 300 text tokens), the ACE-Step 1.5 rows (240 s of music, 24 layers,
+# turbo), the fp8 and int8 rows, torch.compile(max-autotune) of the DiT reference,
 # and the kernel microbenchmarks. Every stage has its own
 # time limit (540 s in all), keeps what it measured when cut off, and fails when it measured nothing.
 # Ends with OUTDIR/summary.md: device, driver, versions, commit, and the tables ready for the README.
@@ -31,6 +31,8 @@ QUANTIZED=fused+graph-loop+fp8,fused+graph-loop+int8  # W8A8 rows: fp8 (the Hopp
 # The machine has no diffusers: its eager PixArt rows are ditengine's reference spec (equal to diffusers' in
 # fp32, tested on CPU). torch.compile of a 4096-token PixArt does not fit this plan.
 PIXART=(-m ditengine.bench --model PixArt-Σ --image-size 1024 --dtype bf16 --steps 20 --repeats 5 --warmup 1)
+# ACE-Step 1.5 turbo: 240 s of music is 3000 tokens; 8 steps, no CFG (guidance distilled).
+ACE_STEP=(-m ditengine.bench --model ACE-Step-1.5 --duration 240 --dtype bf16 --steps 8 --repeats 5 --warmup 1)
 
 # name | limit s | limit in the quick plan (0: left out) | what proves it measured something | command
 STAGES=(
@@ -38,15 +40,16 @@ STAGES=(
     "install|30|30|ok|env DITENGINE_SKIP_EXT=1 $PY -m pip install --no-deps --no-build-isolation -e ."
     "gpu-tests|130|90|passed|$PY -m pytest -m gpu -v -p no:cacheprovider tests"
     "ladder-batch1|60|60|rows|$PY ${LADDER[*]} --batch 1 --variants $CLAIM --out \$DIR"
-    "ladder-batch8|45|0|rows|$PY ${LADDER[*]} --batch 8 --variants $CLAIM --out \$DIR"
+    "ladder-batch8|35|0|rows|$PY ${LADDER[*]} --batch 8 --variants $CLAIM --out \$DIR"
     "ladder-pixart-sigma-1024|55|0|rows|$PY ${PIXART[*]} --batch 1 --variants $CLAIM --out \$DIR"
+    "ladder-ace-step-240s|45|0|rows|$PY ${ACE_STEP[*]} --batch 1 --variants eager-lp-sdpa,fused+graph-loop --out \$DIR"
     "ladder-quantized|25|0|rows|$PY ${LADDER[*]} --batch 1 --variants $QUANTIZED --out \$DIR"
-    "ladder-compile|65|0|rows|$PY ${LADDER[*]} --batch 1 --variants compile --out \$DIR"
-    "bench-attention|30|0|rows|$PY -m ditengine.bench.attention --out \$DIR"
-    "bench-adaln|25|25|rows|$PY -m ditengine.bench.adaln --out \$DIR"
+    "ladder-compile|50|0|rows|$PY ${LADDER[*]} --batch 1 --variants compile --out \$DIR"
+    "bench-attention|20|0|rows|$PY -m ditengine.bench.attention --out \$DIR"
+    "bench-adaln|20|25|rows|$PY -m ditengine.bench.adaln --norm layer --out \$DIR"
     "bench-scheduler-step|15|0|rows|$PY -m ditengine.bench.scheduler_step --out \$DIR"
     "bench-mlp-epilogue|15|0|rows|$PY -m ditengine.bench.mlp_epilogue --out \$DIR"
-    "ladder-eager-fp32|15|0|rows|$PY ${LADDER[*]} --batch 1 --variants eager-fp32 --repeats 3 --out \$DIR"
+    "ladder-eager-fp32|10|0|rows|$PY ${LADDER[*]} --batch 1 --variants eager-fp32 --repeats 3 --out \$DIR"
 )
 
 selected=()  # name|limit|evidence|command, with this plan's limit

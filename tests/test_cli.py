@@ -121,3 +121,31 @@ def test_bench_pixart_ladder_times_the_prompt_side_apart(tmp_path, capsys):
     assert rows["fused+precond"]["prompt_ms"] > 0 and rows["eager-fp32"]["prompt_ms"] is None
     assert rows["fused+precond"]["sqnr_db"] > 100  # fp32: the same function as diffusers' transformer
     assert rows["gemm-floor"]["pct_of_gemm_floor"] == pytest.approx(100)
+
+
+def test_bench_ace_step_ladder_reports_seconds_per_song(tmp_path, capsys):
+    """`--model ACE-Step-1.5` at the real width, one layer, 2 s of music: the eager rows are diffusers' own
+    transformer, every row says how long the DiT loop takes per song and how much faster than real time."""
+    pytest.importorskip("diffusers")
+    assert main(["--model", "ACE-Step-1.5", "--depth", "1", "--duration", "2", "--steps", "2", "--repeats", "2",
+                 "--warmup", "1", "--dtype", "fp32", "--variants", "eager-fp32,fused+precond,gemm-floor",
+                 "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "ACE-Step-1.5, latent 64x50, cfg 1.0" in printed
+    assert "eager rows: diffusers AceStepTransformer1DModel" in printed and "| s/song | x real time |" in printed
+    report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    for r in rows.values():
+        assert r["s_per_song"] == pytest.approx(r["median_ms"] * 2 / 1e3)
+        assert r["realtime_x"] == pytest.approx(2 / r["s_per_song"])
+    assert rows["fused+precond"]["sqnr_db"] > 100  # fp32: the same function as diffusers' transformer
+
+
+def test_ace_step_flops_are_the_issue_figure():
+    """A 4-minute song (3000 tokens) at the full turbo size is about 9.8 TFLOP a step, ~40x DiT-XL/2 at 256 px."""
+    from ditengine.bench.ace_step import ace_step_flops
+    from ditengine.models.ace_step import AceStepConfig
+
+    flops = ace_step_flops(AceStepConfig(), 3000, 320, 1)
+    assert 9.3e12 < flops < 10e12
+    assert 35 < flops / dit_flops(de.DiTConfig.from_name("DiT-XL/2"), 1) < 45
