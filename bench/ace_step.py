@@ -94,7 +94,8 @@ def ace_step_setup(args, device):
             enc = torch.cat(rows).to(dtype)
             ctx = torch.cat([context] * len(rows)).transpose(1, 2).to(dtype)
 
-            def forward(x_in, t, step):  # the pipeline's call of its transformer, on (B, T, C) latents
+            def forward(x_in, t, step):  # the pipeline's call of its transformer: (B, T, C), t in the model dtype
+                t = t.to(dtype)
                 out = model(hidden_states=x_in.transpose(1, 2), timestep=t, timestep_r=t, encoder_hidden_states=enc,
                             context_latents=ctx, return_dict=False)[0]
                 return out.transpose(1, 2).contiguous()
