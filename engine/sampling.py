@@ -130,8 +130,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
            stats: dict | None = None, cfg_interval: tuple | None = None, quantize: str | None = None,
            guidance: APG | None = None, **named_conditioning) -> torch.Tensor:
     """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
-    (B,) for a DiT; for ACE-Step see below; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
-    `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024).
+    (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
+    `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024); for ACE-Step below.
 
     Guidance is on when `cfg_scale != 1`: the batch is doubled with the unconditional input (the null
     label, the negative prompt) and the first `guided_channels` prediction channels are guided (default:

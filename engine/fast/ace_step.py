@@ -300,13 +300,6 @@ class FastAceStep(FusedDenoiser):
         out = self.final(h).view(N, T, self.out_channels, -1)  # (N, T', C, p)
         return out.permute(0, 2, 1, 3).reshape(N, self.out_channels, -1)[..., :ctx["length"]].contiguous()
 
-    def forward(self, x: torch.Tensor, mod: tuple, ctx: dict) -> torch.Tensor:
-        resid = self.embed(x, ctx)
-        h = self.first_norm(resid, mod)
-        for i in range(self.depth):
-            resid, h = self.block(i, resid, h, mod, ctx)
-        return self.unembed(h, ctx)
-
     def step_gemms(self, rows: int, latent_shape: tuple | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
         T, D = self.token_shape(latent_shape or self.latent_shape)

@@ -217,6 +217,15 @@ class FusedDenoiser:
     def depth(self) -> int:
         return self.config.depth
 
+    def forward(self, x: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
+        """The model input x (N, C, ...) in `dtype` and one step's modulation (the `modulation` tuple, rows of
+        one timestep) -> the model output (N, C_out, ...): embed, every block, unembed."""
+        resid = self.embed(x, ctx)
+        h = self.first_norm(resid, mod)
+        for i in range(self.depth):
+            resid, h = self.block(i, resid, h, mod, ctx)
+        return self.unembed(h, ctx)
+
     def modulation_shapes(self, steps: int, rows: int) -> list[tuple]:
         """The shapes of `modulation`'s tensors for `steps` timesteps and `rows` context rows (in `dtype`)."""
         raise NotImplementedError

@@ -167,13 +167,6 @@ class FastDiT(FusedDenoiser):
         out = self.final(h).view(N, side, side, p, p, cfg.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(N, cfg.out_channels, side * p, side * p)
 
-    def forward(self, x: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
-        """x (N, C, H, W) in `dtype`; mod = (block_mod (N, depth, 6, D), final_mod (N, 2, D)) -> (N, C_out, H, W)."""
-        resid = self.embed(x, ctx)
-        h = self.first_norm(resid, mod)
-        for i in range(self.config.depth):
-            resid, h = self.block(i, resid, h, mod, ctx)
-        return self.unembed(h, ctx)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Same contract as `DiT.forward`, through the fused path."""

@@ -295,13 +295,6 @@ class FastPixArt(FusedDenoiser):
         out = self.final(h).view(h.shape[0], gh, gw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(h.shape[0], c, gh * p, gw * p)
 
-    def forward(self, x: torch.Tensor, mod: tuple, ctx: dict) -> torch.Tensor:
-        resid = self.embed(x, ctx)
-        h = self.first_norm(resid, mod)
-        for i in range(self.depth):
-            resid, h = self.block(i, resid, h, mod, ctx)
-        return self.unembed(h, ctx)
-
     def step_gemms(self, rows: int, latent_shape: tuple | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
         T, D = self.token_shape(latent_shape or self.latent_shape)

@@ -378,7 +378,9 @@ class FastSampler:
     converted to `dtype`, the compute dtype of the weights and activations; the sampler state stays fp32).
     Called as the family's conditioning asks: `sampler(noise, class_labels)` for a DiT,
     `sampler(noise, prompt_embeds=..., prompt_attention_mask=..., negative_prompt_embeds=...,
-    negative_prompt_attention_mask=...)` for PixArt (the diffusers pipelines' names).
+    negative_prompt_attention_mask=...)` for PixArt (the diffusers pipelines' names),
+    `sampler(noise, encoder_hidden_states=..., context_latents=..., null_encoder_hidden_states=...)` for
+    ACE-Step (noise and context latents channels-first, (B, C, T); see `FastAceStep`).
 
     `cuda_graph`: None (eager), "step" (one captured step replayed per step) or "loop" (the whole loop
     captured, replayed once). Graphs are cached by batch size and re-captured when it changes;
