@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -285,3 +287,29 @@ def test_gpu_runs_in_a_captured_graph():
         ref = apg_guidance_ref(x.cpu(), momentum_ref, 6.0)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
         torch.testing.assert_close(momentum.cpu(), momentum_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
+    """ptxas from Triton's wheel (as bench/sm90.py does for the other kernels): the float64 reductions and the
+    clamp compile for sm_90 at the launch's block sizes, nothing spilled."""
+    from native_helpers import run_python
+
+    out = run_python("""
+        import json
+        import ditengine.kernels
+        from ditengine.bench.sm90 import compile_sm90, resources
+        from ditengine.kernels.apg_guidance import NORMALIZE_EPS, _apg_guidance_kernel as fn
+        rows = []
+        for dtype in ("bf16", "fp32"):
+            for block, warps in ((1024, 4), (128, 2)):
+                pointers = {"model_ptr": dtype, "mom_ptr": "fp32", "out_ptr": "fp32"}
+                scalars = {"L": "i32", "HALF": "i32", "guidance_scale": "fp32", "momentum_coef": "fp32",
+                           "norm_threshold": "fp32", "eta": "fp32"}
+                kernel = compile_sm90(fn, pointers, scalars, dict(CLAMP=True, EPS=NORMALIZE_EPS, BLOCK=block), warps)
+                rows.append(dict(dtype=dtype, block=block, fp64="f64" in kernel.asm["ptx"], **resources(kernel)))
+        print(json.dumps(rows))
+    """, TRITON_INTERPRET="0")
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert len(rows) == 4
+    for row in rows:
+        assert row["local_bytes"] == 0 and row["fp64"], row

@@ -420,3 +420,26 @@ def test_gpu_matches_reference(M, D, Fo, dtype):
     check(out, x, wg, wu, bg, bu, f"cuda {dtype}")
     gu = gu_rows((M,), Fo, dtype, seed=M)
     check_epilogue(swiglu(gu.cuda()).cpu(), gu, f"cuda swiglu {dtype}")
+
+
+def test_triton_epilogue_compiles_for_the_h100_without_a_gpu():
+    """ptxas from Triton's wheel (as bench/sm90.py does for the other kernels): the epilogue at ACE-Step's
+    F = 6144 in bf16 and fp32 compiles for sm_90, nothing spilled."""
+    import json
+
+    from native_helpers import run_python
+
+    out = run_python("""
+        import json
+        import ditengine.kernels
+        from ditengine.bench.sm90 import compile_sm90, resources
+        from ditengine.kernels.linear_swiglu import _swiglu_kernel as fn
+        rows = []
+        for dtype in ("bf16", "fp32"):
+            kernel = compile_sm90(fn, {"gu_ptr": dtype, "out_ptr": dtype},
+                                  {"F": "i32", "stride_gu": "i64", "stride_out": "i64"}, dict(BLOCK_F=1024), 4)
+            rows.append(dict(dtype=dtype, **resources(kernel)))
+        print(json.dumps(rows))
+    """, TRITON_INTERPRET="0")
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [r["dtype"] for r in rows] == ["bf16", "fp32"] and all(r["local_bytes"] == 0 for r in rows), rows
