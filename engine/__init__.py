@@ -5,11 +5,12 @@ from .configs import DiTConfig
 from .fast import FastAceStep, FastDiT, FastPixArt, FastSampler
 from .generate import load_pretrained
 from .guidance import APG
-from .models import AceStep, AceStepConfig, DiT, PixArt, PixArtConfig
+from .models import AceStep, AceStepConfig, DiT, Flux, FluxConfig, PixArt, PixArtConfig
 from .pipeline import accelerate
 from .sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["APG", "AceStep", "AceStepConfig", "DiT", "DiTConfig", "FastAceStep", "FastDiT", "FastPixArt", "FastSampler",
-           "PixArt", "PixArtConfig", "accelerate", "from_diffusers", "guidance", "load_checkpoint", "load_pretrained", "sample", "schedulers", "__version__"]
+__all__ = ["APG", "AceStep", "AceStepConfig", "DiT", "DiTConfig", "FastAceStep", "FastDiT", "FastPixArt",
+           "FastSampler", "Flux", "FluxConfig", "PixArt", "PixArtConfig", "accelerate", "from_diffusers", "guidance",
+           "load_checkpoint", "load_pretrained", "sample", "schedulers", "__version__"]

@@ -82,12 +82,14 @@ def _read(source) -> tuple[dict, dict, dict]:
 
 
 SUPPORTED_CHECKPOINTS = ("facebookresearch/DiT .pt files, diffusers DiTTransformer2DModel, PixArtTransformer2DModel "
-                         "and AceStepTransformer1DModel checkpoints, original PixArt-alpha/sigma .pth files (with "
-                         "pixart_config=) and original ACE-Step 1.5 checkpoints")
-SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "AceStepTransformer1DModel")
+                         "AceStepTransformer1DModel and FluxTransformer2DModel checkpoints, original PixArt-alpha/sigma "
+                         ".pth files (with pixart_config=), original ACE-Step 1.5 checkpoints and BFL Flux.1 "
+                         ".safetensors")
+SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "AceStepTransformer1DModel",
+                       "FluxTransformer2DModel")
 # Keys that name another model family's checkpoint, so that it is refused by name rather than as a broken DiT.
 _OTHER_FAMILIES = {
-    "context_embedder.weight": "a diffusers SD3Transformer2DModel or FluxTransformer2DModel (MMDiT)",
+    "context_embedder.weight": "a diffusers SD3Transformer2DModel (MMDiT)",
 }
 
 
@@ -235,12 +237,19 @@ def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = Fa
       do not give the head count or the position-embedding scale);
     - a `ditengine.models.ace_step.AceStep` from a diffusers `AceStepTransformer1DModel` directory, safetensors
       file or state dict, or an original ACE-Step 1.5 checkpoint (its `decoder.` part, with the Qwen3 attention
-      names); the config is the directory's config.json, else inferred from shapes (`config_overrides` win).
+      names); the config is the directory's config.json, else inferred from shapes (`config_overrides` win);
+    - a `ditengine.models.flux.Flux` from a diffusers `FluxTransformer2DModel` directory, safetensors file or
+      state dict, or a BFL Flux.1 checkpoint (with or without the `model.diffusion_model.` prefix); the
+      config likewise (`axes_dims_rope` defaults to (16, 56, 56), `patch_size` to 1).
 
     Tensors holding NaN or Inf are refused, naming them, unless `allow_nonfinite`."""
     state, dconfig, own_config = _read(source)
     if not allow_nonfinite:
         check_finite(state)
+    from .models import flux
+
+    if flux.is_flux_state_dict(state):  # before the refusal: Flux has a context_embedder like SD3
+        return flux.load_state_dict(state, {**dconfig, **config_overrides})
     _refuse_other_families(state)
     if _is_ace_step(state):
         from .models import ace_step
@@ -281,7 +290,8 @@ def _load_pixart(state: dict, config, original: bool):
 def from_diffusers(transformer):
     """ditengine's reference model with the weights of a live diffusers transformer (float32, CPU):
     `DiTTransformer2DModel` -> `ditengine.DiT`, `PixArtTransformer2DModel` -> `ditengine.models.pixart.PixArt`,
-    `AceStepTransformer1DModel` -> `ditengine.models.ace_step.AceStep`.
+    `AceStepTransformer1DModel` -> `ditengine.models.ace_step.AceStep`, `FluxTransformer2DModel` ->
+    `ditengine.models.flux.Flux`.
     The returned model's `forward` takes the keyword arguments the diffusers pipeline passes."""
     name = type(transformer).__name__
     if name not in SUPPORTED_DIFFUSERS:
@@ -291,6 +301,10 @@ def from_diffusers(transformer):
         from .models import pixart
 
         return pixart.from_diffusers(transformer)
+    if name == "FluxTransformer2DModel":
+        from .models import flux
+
+        return flux.from_diffusers(transformer)
     if name == "AceStepTransformer1DModel":
         from .models import ace_step
 

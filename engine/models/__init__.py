@@ -1,9 +1,11 @@
 """The reference specs, one file a family, each a readable model in plain PyTorch that the fast path reads
 its weights from: `dit.py` (class-conditional DiT, facebookresearch/DiT's names), `pixart.py` (PixArt-alpha
 and PixArt-sigma, the original PixArt names, with their diffusers conversion), `ace_step.py` (ACE-Step 1.5's music
-DiT, diffusers' names, with the original checkpoint's conversion)."""
+DiT, diffusers' names, with the original checkpoint's conversion), `flux.py` (Flux.1 dev / schnell, diffusers'
+names, with BFL's checkpoint conversion)."""
 from .ace_step import AceStep, AceStepConfig
 from .dit import DiT
+from .flux import Flux, FluxConfig
 from .pixart import PixArt, PixArtConfig
 
-__all__ = ["AceStep", "AceStepConfig", "DiT", "PixArt", "PixArtConfig"]
+__all__ = ["AceStep", "AceStepConfig", "DiT", "Flux", "FluxConfig", "PixArt", "PixArtConfig"]
