@@ -406,16 +406,29 @@ class FlowMatchEuler(Scheduler):
     noise - x0), as diffusers' `FlowMatchEulerDiscreteScheduler` with a static `shift`.
 
     `sigmas`: an explicit grid, as `set_timesteps(sigmas=...)` takes it (ACE-Step passes its own shifted
-    grid, with `num_train_timesteps=1, shift=1`): shifted by `shift` like diffusers does, then the model
-    timesteps are sigma * num_train_timesteps and the last step goes to 0."""
+    grid, with `num_train_timesteps=1, shift=1`; Flux passes linspace(1, 1/n, n)): shifted like diffusers
+    does, then the model timesteps are sigma * num_train_timesteps and the last step goes to 0.
+
+    `use_dynamic_shifting` (Flux's resolution-dependent shift): the grid is shifted by `mu` instead of `shift`,
+    `e^mu / (e^mu + 1/sigma - 1)` (`time_shift_type="exponential"`) or `mu / (mu + 1/sigma - 1)` ("linear"),
+    as diffusers' `set_timesteps(mu=...)`; the pipeline computes mu from the image's token count."""
 
     continuous_time = True
 
     def __init__(self, num_inference_steps: int | None = None, *, num_train_timesteps: int = 1000, shift: float = 1.0,
-                 prediction_type: str = "flow", sigmas=None):
+                 prediction_type: str = "flow", sigmas=None, use_dynamic_shifting: bool = False,
+                 mu: float | None = None, time_shift_type: str = "exponential"):
         if prediction_type != "flow":
             raise ValueError(f"prediction_type={prediction_type!r}: FlowMatchEuler expects 'flow'")
         self.shift = check_number("shift", shift, 0.0, low_open=True)
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type={time_shift_type!r}: expected 'exponential' or 'linear'")
+        if use_dynamic_shifting and mu is None:
+            raise ValueError("mu: required with use_dynamic_shifting (the resolution-dependent shift, which the "
+                             "pipeline computes from the image's token count)")
+        self.mu = None if not use_dynamic_shifting else check_number("mu", mu, 0.0 if time_shift_type == "linear"
+                                                                      else None, low_open=True)
+        self.time_shift_type = time_shift_type
         self.sigmas = None
         if sigmas is not None:
             grid = np.asarray(sigmas, dtype=np.float64).reshape(-1)
@@ -432,12 +445,15 @@ class FlowMatchEuler(Scheduler):
         T, n, shift = self.num_train_timesteps, self.num_inference_steps, self.shift
 
         def shifted(s):
-            return shift * s / (1 + (shift - 1) * s)
+            if self.mu is None:
+                return shift * s / (1 + (shift - 1) * s)
+            scale = math.exp(self.mu) if self.time_shift_type == "exponential" else self.mu
+            return scale / (scale + (1 / s - 1))
 
         if self.sigmas is not None:
             sigmas = shifted(self.sigmas)
-        else:  # diffusers shifts the training sigmas, then shifts the inference grid spanning them once more
-            sigma_max, sigma_min = shifted(1.0), shifted(1.0 / T)
+        else:  # diffusers shifts the training sigmas (statically), then shifts the inference grid spanning them
+            sigma_max, sigma_min = (1.0, 1.0 / T) if self.mu is not None else (shifted(1.0), shifted(1.0 / T))
             sigmas = shifted(np.linspace(sigma_max * T, sigma_min * T, n) / T)
         rows = []
         for sigma, sigma_next in zip(sigmas, np.append(sigmas[1:], 0.0)):
@@ -457,7 +473,7 @@ _FROM_DIFFUSERS = {
 # diffusers options whose non-default values change the math in ways not covered here.
 _UNSUPPORTED = {
     "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-    "use_lu_lambdas": False, "use_flow_sigmas": False, "use_dynamic_shifting": False, "invert_sigmas": False,
+    "use_lu_lambdas": False, "use_flow_sigmas": False, "invert_sigmas": False,
     "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "euler_at_final": False,
     "interpolation_type": "linear", "timestep_type": "discrete", "stochastic_sampling": False,
     "rescale_betas_zero_snr": False, "trained_betas": None, "shift_terminal": None,

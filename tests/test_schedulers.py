@@ -249,3 +249,27 @@ def test_explicit_sigmas_are_checked():
     with pytest.raises(ValueError, match=r"^num_inference_steps=5: sigmas gives 2 steps"):
         S.FlowMatchEuler(5, sigmas=[1.0, 0.5])
     assert len(S.FlowMatchEuler(8, num_train_timesteps=1)) == 8  # continuous time: more steps than T
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["flux-sigmas", "default-grid"])
+@pytest.mark.parametrize("shift_type", ["exponential", "linear"])
+def test_dynamic_shifting_matches_diffusers(diffusers, explicit, shift_type):
+    """Flux's resolution-dependent shift: `set_timesteps(sigmas=linspace(1, 1/n, n), mu=...)` as FluxPipeline
+    calls it (its scheduler config: use_dynamic_shifting, exponential), and the default grid with mu."""
+    steps, mu = 7, 1.15
+    theirs = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                       max_shift=1.15, time_shift_type=shift_type)
+    sigmas = np.linspace(1.0, 1 / steps, steps) if explicit else None
+    theirs.set_timesteps(steps, sigmas=sigmas, mu=mu)
+    ours = S.from_diffusers(theirs, steps, mu=mu, **({"sigmas": tuple(sigmas)} if explicit else {}))
+    np.testing.assert_allclose(ours.timesteps.double().numpy(), theirs.timesteps.double().numpy(), rtol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    x_ours = torch.randn(1, 16, 4, 4, generator=g)
+    x_theirs = x_ours.clone()
+    for i, t in enumerate(theirs.timesteps):
+        v = torch.randn(1, 16, 4, 4, generator=g)
+        x_theirs = theirs.step(v, t, x_theirs).prev_sample
+        x_ours = ours.step(i, x_ours, v)
+    assert float((x_ours - x_theirs).abs().max() / x_theirs.abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="^mu: required with use_dynamic_shifting"):
+        S.FlowMatchEuler(steps, use_dynamic_shifting=True)
