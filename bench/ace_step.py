@@ -72,7 +72,7 @@ def ace_step_setup(args, device):
     base = AceStep(cfg).eval().to(device)
     sched = de.schedulers.FlowMatchEuler(sigmas=turbo_sigmas(args.steps), num_train_timesteps=1).to(device)
     diffusers_model = _diffusers_transformer(base)
-    guidance = de.APG() if args.cfg_scale != 1.0 else None
+    guider = de.APG() if args.cfg_scale != 1.0 else None
     tokens = -(-frames // cfg.patch_size)
 
     def workload(batch):
@@ -81,7 +81,7 @@ def ace_step_setup(args, device):
         condition = torch.randn(batch, CONDITION_TOKENS, cfg.encoder_hidden_size, device=device, generator=g)
         context = torch.randn(batch, cfg.context_channels, frames, device=device, generator=g)
         named = dict(encoder_hidden_states=condition, context_latents=context)
-        if guidance is not None:
+        if guider is not None:
             named["null_encoder_hidden_states"] = torch.randn(1, 1, cfg.encoder_hidden_size, device=device,
                                                               generator=g).expand_as(condition)
 
@@ -105,6 +105,6 @@ def ace_step_setup(args, device):
         label = "diffusers AceStepTransformer1DModel" if diffusers_model is not None else \
             "ditengine's ACE-Step reference (diffusers not installed)"
         return Workload(base, sched, noise, named=named, eager_model=eager_model, eager_forward=eager_forward,
-                        eager_label=label, sampler_kwargs={"guidance": guidance}, audio_seconds=duration)
+                        eager_label=label, sampler_kwargs={"guider": guider}, audio_seconds=duration)
 
     return cfg, base, lambda model_batch: ace_step_flops(cfg, tokens, CONDITION_TOKENS, model_batch), workload

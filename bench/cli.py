@@ -104,7 +104,7 @@ class Workload:
     eager_model: Callable = None  # (dtype, sdpa) -> the eager peer in that dtype
     eager_forward: Callable = None  # (model, use_cfg) -> forward(x_in, t, step)
     eager_label: str = "ditengine reference"
-    sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guidance=APG(), for both loops
+    sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guider=APG(), for both loops
     audio_seconds: float | None = None  # a music workload: the song length one sampling run makes
 
     def sample(self, **kwargs):

@@ -1,7 +1,7 @@
 """Guidance rules beyond plain classifier-free guidance, shared by the reference and the fused loops.
 
 Plain CFG (`u + s (c - u)`) is the default everywhere and runs inside the fused scheduler step. ACE-Step 1.5's
-base and SFT models guide with APG instead: pass `guidance=APG()` to `FastSampler` or `ditengine.sample`.
+base and SFT models guide with APG instead: pass `guider=APG()` to `FastSampler` or `ditengine.sample`.
 """
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ class APG:
                             norm_threshold=self.norm_threshold, eta=self.eta, out=out, backend=backend)
 
 
-def check_guidance(guidance, latent_shape: tuple) -> None:
+def check_guider(guider, latent_shape: tuple) -> None:
     """None (plain CFG) or an `APG` on 1-D sequence latents (C, T)."""
-    if guidance is None:
+    if guider is None:
         return
-    if not isinstance(guidance, APG):
-        raise TypeError(f"guidance: expected None (plain CFG) or ditengine.guidance.APG, got {type(guidance).__name__}")
+    if not isinstance(guider, APG):
+        raise TypeError(f"guider: expected None (plain CFG) or ditengine.guidance.APG, got {type(guider).__name__}")
     if len(latent_shape) != 2:
-        raise ValueError(f"guidance: APG reduces over time per channel and needs (B, C, T) sequence latents; this "
+        raise ValueError(f"guider: APG reduces over time per channel and needs (B, C, T) sequence latents; this "
                          f"model's latents are {len(latent_shape) + 1}-D")

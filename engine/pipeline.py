@@ -47,20 +47,20 @@ class _Accelerated:
 
     def denoise(self, noise: torch.Tensor, num_inference_steps: int, guidance_scale: float, generator,
                 scheduler_overrides: dict, *conditioning, cfg_interval: tuple | None = None,
-                guidance: APG | None = None, **named) -> torch.Tensor:
+                guider: APG | None = None, **named) -> torch.Tensor:
         """The loop on `noise` (unscaled N(0, I) draws), on the chosen backend; fp32 latents. `cfg_interval`
-        (default: the wrapper's) and `guidance` are the call's when its pipeline takes them per call."""
+        (default: the wrapper's) and the `guider` are the call's when its pipeline takes them per call."""
         cfg_interval = cfg_interval or self.cfg_interval
         if self.backend == "reference":
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             return sample(self.model, sched, noise.float(), *conditioning, cfg_scale=guidance_scale,
-                          generator=generator, progress=False, cfg_interval=cfg_interval, guidance=guidance, **named)
-        key = (num_inference_steps, guidance_scale, tuple(sorted(scheduler_overrides.items())), cfg_interval, guidance)
+                          generator=generator, progress=False, cfg_interval=cfg_interval, guider=guider, **named)
+        key = (num_inference_steps, guidance_scale, tuple(sorted(scheduler_overrides.items())), cfg_interval, guider)
         if key not in self._samplers:
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             self._samplers[key] = FastSampler(self.model, sched, cfg_scale=guidance_scale, dtype=self.dtype,
                                               cuda_graph=self.cuda_graph, quantize=self.quantize,
-                                              cfg_interval=cfg_interval, guidance=guidance)
+                                              cfg_interval=cfg_interval, guider=guider)
         return self._samplers[key](noise.float(), *conditioning, generator=generator, **named)
 
 
@@ -302,7 +302,7 @@ class AcceleratedAceStepPipeline(_Accelerated):
         interval = (1.0 - cfg_interval_end, 1.0 - cfg_interval_start) if guided else None
         out = self.denoise(noise.transpose(1, 2).contiguous(), len(sigmas), guidance_scale if guided else 1.0, generator,
                            {"sigmas": tuple(sigmas.tolist())}, cfg_interval=interval,
-                           guidance=APG() if guided else None, **named)
+                           guider=APG() if guided else None, **named)
         latents = out.transpose(1, 2).to(dtype)  # (B, T, C), as the pipeline returns them
         if output_type == "latent":
             pipe.maybe_free_model_hooks()

@@ -10,11 +10,13 @@ from tqdm.auto import tqdm
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .fast.ace_step import check_inputs as check_ace_step_inputs
-from .guidance import APG, check_guidance
+from .fast.flux import check_inputs as check_flux_inputs
+from .guidance import APG, check_guider
 from .inputs import (check_cfg_scale, check_guided_channels, check_inputs, check_patch_grid_noise, check_scheduler,
                      draw_noise, guided_labels, guided_steps)
 from .models.ace_step import AceStep
 from .models.dit import DiT, guide
+from .models.flux import Flux
 from .models.pixart import PixArt
 from .schedulers import COL, Scheduler
 
@@ -85,24 +87,48 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
                          context_latents=context[:n]).transpose(1, 2).contiguous()
 
         return forward
-    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt, AceStep), got {type(model).__name__} "
+    if isinstance(spec, Flux):
+        return _flux_forward(model, spec, noise, use_cfg, named)
+    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt, AceStep, Flux), got {type(model).__name__} "
                     "(convert a diffusers transformer with ditengine.from_diffusers)")
+
+
+def _flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, named: dict) -> Forward:
+    """Flux's call as FluxPipeline makes it: the loop's (B, 16, H, W) latents packed into 2x2 patches, t / 1000
+    in the latents' dtype, the guidance for dev, the negative prompt as the unconditional half (true CFG)."""
+    cond = check_flux_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
+    dtype = next(model.parameters()).dtype
+    text = _doubled(cond["prompt_embeds"], cond.get("negative_prompt_embeds"), use_cfg).to(dtype)
+    pooled = _doubled(cond["pooled_prompt_embeds"], cond.get("negative_pooled_prompt_embeds"), use_cfg).to(dtype)
+    guidance = cond["guidance"]
+    guidance = None if guidance is None else _doubled(guidance, guidance, use_cfg)
+
+    def forward(x_in, t, step):
+        n, C, H, W = x_in.shape
+        packed = x_in.view(n, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 4 * C)
+        out = model(packed, encoder_hidden_states=text[:n], pooled_projections=pooled[:n],
+                    timestep=t.to(dtype) / 1000, img_ids=cond["img_ids"], txt_ids=cond["txt_ids"],
+                    guidance=None if guidance is None else guidance[:n], return_dict=False)[0]
+        C_out = out.shape[-1] // 4
+        return out.view(n, H // 2, W // 2, C_out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C_out, H, W)
+
+    return forward
 
 
 def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cfg_scale: float, guided_channels: int,
                  dtype: torch.dtype, noise: torch.Tensor | None = None, guided: bool = True,
-                 guidance: APG | None = None, momentum: torch.Tensor | None = None) -> torch.Tensor:
+                 guider: APG | None = None, momentum: torch.Tensor | None = None) -> torch.Tensor:
     """One reference step: the model on the (CFG-doubled when guiding) scaled input, guidance, then
     `sched.step`. x (B, C, ...) fp32 -> x_next. `guided=False` (outside the guidance interval) runs the
-    conditional half alone. With `guidance` (APG) the halves are combined by it, `momentum` its state."""
+    conditional half alone. With a `guider` (APG) the halves are combined by it, `momentum` its state."""
     x_in = x * sched.table[i, COL["c_in"]]
     use_cfg = cfg_scale != 1.0 and guided
     if use_cfg:
         x_in = torch.cat([x_in, x_in])
     x_in, t = x_in.to(dtype), sched.timesteps[i].expand(len(x_in))
     out = forward(x_in, t, i).float()
-    if use_cfg and guidance is not None:
-        out = guidance(out, momentum, cfg_scale, backend="reference")
+    if use_cfg and guider is not None:
+        out = guider(out, momentum, cfg_scale, backend="reference")
     elif use_cfg:
         out = guide(out, cfg_scale, guided_channels)[: len(x)]
     return sched.step(i, x, out, noise=noise)
@@ -110,16 +136,16 @@ def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cf
 
 def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale: float, guided_channels: int,
              dtype: torch.dtype, generator: torch.Generator | None = None, progress: bool = False,
-             cfg_interval: tuple | None = None, guidance: APG | None = None) -> torch.Tensor:
+             cfg_interval: tuple | None = None, guider: APG | None = None) -> torch.Tensor:
     """The reference loop around any forward on the CFG-doubled rows: every step of `sched` from `noise`,
-    guided (by CFG, or `guidance`) at the steps `cfg_interval` admits (`inputs.guided_steps`)."""
+    guided (by CFG, or the `guider`) at the steps `cfg_interval` admits (`inputs.guided_steps`)."""
     sched.to(noise.device).reset()
     guided = guided_steps(sched.timesteps.tolist(), cfg_interval)
     x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
-    momentum = torch.zeros(x.shape, device=x.device) if guidance is not None else None  # contiguous, fp32
+    momentum = torch.zeros(x.shape, device=x.device) if guider is not None else None  # contiguous, fp32
     for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
         x = denoise_step(forward, sched, i, x, cfg_scale, guided_channels, dtype, draw_noise(sched, i, x, generator),
-                         guided[i], guidance, momentum)
+                         guided[i], guider, momentum)
     return x
 
 
@@ -128,7 +154,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, guided_channels: int | None = None, cache: CachePolicy | None = None,
            stats: dict | None = None, cfg_interval: tuple | None = None, quantize: str | None = None,
-           guidance: APG | None = None, **named_conditioning) -> torch.Tensor:
+           guider: APG | None = None, **named_conditioning) -> torch.Tensor:
     """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
     (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
     `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024); for ACE-Step below.
@@ -140,7 +166,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     (`FastSampler`); `cuda_graph` applies to it. `cache` (a `ditengine.cache` policy) skips transformer work
     (on the reference backend for the DiT); `stats`, a dict, is filled with what the run computed.
     `quantize` ("int8", "fp8"; fused backend only) runs the blocks' GEMMs as W8A8 (see `FastSampler`).
-    `guidance`: None (plain CFG) or `ditengine.guidance.APG()` (ACE-Step's base and SFT models).
+    `guider`: None (plain CFG) or `ditengine.guidance.APG()` (ACE-Step's base and SFT models).
 
     ACE-Step (`ditengine.models.ace_step.AceStep`): noise (B, C, T) channels-first, `encoder_hidden_states=` the
     packed condition (B, L, C_enc), `context_latents=` (B, C_ctx, T) channels-first, and with guidance
@@ -155,7 +181,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     if backend == "fused":
         sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph=cuda_graph,
                               guided_channels=guided_channels, cache=cache, cfg_interval=cfg_interval,
-                              quantize=quantize, guidance=guidance)
+                              quantize=quantize, guider=guider)
         latents = sampler(noise, *conditioning, generator=generator, progress=progress, **named_conditioning)
         if stats is not None:
             stats.update(sampler.stats)
@@ -167,7 +193,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     check_cfg_scale(cfg_scale)
     channels = model.config.audio_acoustic_hidden_dim if isinstance(model, AceStep) else model.config.in_channels
     k = check_guided_channels(guided_channels, channels)
-    check_guidance(guidance, tuple(noise.shape[1:]))
+    check_guider(guider, tuple(noise.shape[1:]))
     use_cfg = cfg_scale != 1.0
     if cache is not None and not isinstance(model, DiT):
         raise ValueError("cache: the reference form of step caching is the DiT's (ReferenceCachedForward); for "
@@ -176,8 +202,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
         raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
     cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
-    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guidance)
+    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guider)
     if stats is not None:
-        S, depth = len(sched), len(model.layers if isinstance(model, AceStep) else model.blocks)
+        S, depth = len(sched), len(model.layers if isinstance(model, AceStep) else model.blocks)  # caching: DiT
         stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))
     return x

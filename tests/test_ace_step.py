@@ -64,7 +64,7 @@ def test_base_run_with_apg_and_a_cfg_interval_matches_the_reference():
     model, sched = ace_step(seed=3), schedule(6)
     cond, z = conditioning(model, guided=True), noise()
     for interval in (None, (0.2, 0.8)):
-        run = dict(cfg_scale=7.0, guidance=de.APG(), cfg_interval=interval)
+        run = dict(cfg_scale=7.0, guider=de.APG(), cfg_interval=interval)
         got = de.FastSampler(model, sched, dtype=torch.float32, cuda_graph=None, **run)(z, **cond)
         assert_fp32_run_within_tolerance(got, reference(model, sched, z, **run, **cond), model,
                                          f"ACE-Step APG interval={interval}", steps=len(sched))
@@ -164,7 +164,7 @@ def test_step_caching(policy):
 
 def test_bad_inputs_name_the_argument():
     model, sched = ace_step(), schedule(2)
-    sampler = de.FastSampler(model, sched, cfg_scale=3.0, dtype=torch.float32, guidance=de.APG())
+    sampler = de.FastSampler(model, sched, cfg_scale=3.0, dtype=torch.float32, guider=de.APG())
     cond = conditioning(model, guided=True)
     with pytest.raises(ValueError, match=r"noise: expected a channels-first sequence \(B, 8, T\)"):
         sampler(noise().transpose(1, 2), **cond)
@@ -176,6 +176,6 @@ def test_bad_inputs_name_the_argument():
         sampler(noise(), **{**cond, "encoder_hidden_states": torch.randn(2, L, 5)})
     with pytest.raises(ValueError, match="APG reduces over time"):
         de.FastSampler(de.DiT(de.DiTConfig(input_size=8, depth=1, hidden_size=32, num_heads=2, num_classes=4)), sched,
-                       guidance=de.APG())
+                       guider=de.APG())
     with pytest.raises(ValueError, match="APG norm_threshold: expected a finite number"):
         de.APG(norm_threshold=float("nan"))

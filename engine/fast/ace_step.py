@@ -162,7 +162,7 @@ class FastAceStep(FusedDenoiser):
     def tokens(self, T: int) -> int:
         return -(-T // self.config.patch_size)
 
-    def token_shape(self, latent_shape: tuple) -> tuple[int, int]:
+    def token_shape(self, latent_shape: tuple, cond: dict | None = None) -> tuple[int, int]:
         return self.tokens(latent_shape[-1]), self.hidden
 
     def _patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +234,7 @@ class FastAceStep(FusedDenoiser):
         return gated_residual_adaln(resid, gate, o, shift, scale, eps=self.config.rms_norm_eps, inplace=True,
                                     out_dtype=self.dtype, backend=self.backend, weight=weight, rms=True)
 
-    def first_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         m = mod[0][:, 0]
         return adaln_modulate(resid, m[:, 0], m[:, 1], eps=self.config.rms_norm_eps, out_dtype=self.dtype,
                               backend=self.backend, weight=self.blocks[0]["attn_norm"], rms=True)

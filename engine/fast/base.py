@@ -137,7 +137,8 @@ class FusedDenoiser:
 
     - geometry: `depth` (blocks a cache policy may stand in for), `branches` (outputs per block that the
       per-block cache reuse keeps), `latent_shape` (C, ...) of the sampler's state at the model's native
-      size, `out_channels`, `token_shape(latent_shape)` (T, D) of the residual stream, `residual_dtype`,
+      size, `out_channels`, `token_shape(latent_shape, cond)` (T, D) of the residual stream (cond: the call's
+      conditioning, for a joint text + image stream), `residual_dtype`,
       `dtype`, `device`, `backend`;
     - per call: `inputs(model, noise, use_cfg, *args, **kwargs)` checks and gathers the conditioning into
       a dict; `context_key(cond)` says what the context's shapes depend on beyond the batch (a prompt's
@@ -151,7 +152,7 @@ class FusedDenoiser:
       tensors with leading dim S (all steps at once before the loop, or one per step when the table
       passes the memory budget; `modulation_shapes` sizes it);
     - the forward as embed -> blocks -> unembed, so a cache policy can stand in for the blocks:
-      `embed(x_in, ctx)`, `first_norm(resid, mod)`, `block(i, resid, h, mod, ctx, keep)`,
+      `embed(x_in, ctx)`, `first_norm(resid, mod, ctx)`, `block(i, resid, h, mod, ctx, keep)`,
       `reuse_block(i, resid, mod, ctx, kept)`, `final_norm(resid, mod)`, `unembed(h, ctx)`;
     - `step_gemms(rows)`: the token GEMMs of one step with their row counts (the benchmark's GEMM floor).
     """
@@ -221,7 +222,7 @@ class FusedDenoiser:
         """The model input x (N, C, ...) in `dtype` and one step's modulation (the `modulation` tuple, rows of
         one timestep) -> the model output (N, C_out, ...): embed, every block, unembed."""
         resid = self.embed(x, ctx)
-        h = self.first_norm(resid, mod)
+        h = self.first_norm(resid, mod, ctx)
         for i in range(self.depth):
             resid, h = self.block(i, resid, h, mod, ctx)
         return self.unembed(h, ctx)

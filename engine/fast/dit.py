@@ -61,7 +61,7 @@ class FastDiT(FusedDenoiser):
         self.y_table = self.cast(model.y_embedder.embedding_table.weight, torch.float32)  # (classes + 1, D)
 
     # -- conditioning ------------------------------------------------------------------------------------
-    def token_shape(self, latent_shape: tuple | None = None) -> tuple[int, int]:
+    def token_shape(self, latent_shape: tuple | None = None, cond: dict | None = None) -> tuple[int, int]:
         return self.config.num_tokens, self.config.hidden_size
 
     def inputs(self, model: DiT, noise: torch.Tensor, use_cfg: bool, class_labels: torch.Tensor) -> dict:
@@ -110,7 +110,7 @@ class FastDiT(FusedDenoiser):
         patches = x.view(N, -1, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(N, side * side, -1)
         return self.patch(patches).to(self.residual_dtype).add_(self.pos_bias)
 
-    def first_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         """K1: block 0's adaLN input; every later one comes out of the previous block's last K3."""
         block_mod = mod[0]
         return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype,

@@ -116,7 +116,7 @@ class FastPixArt(FusedDenoiser):
         p = self.config.patch_size
         return latent_shape[-2] // p, latent_shape[-1] // p
 
-    def token_shape(self, latent_shape: tuple) -> tuple[int, int]:
+    def token_shape(self, latent_shape: tuple, cond: dict | None = None) -> tuple[int, int]:
         h, w = self.grid(latent_shape)
         return h * w, self.hidden
 
@@ -224,7 +224,7 @@ class FastPixArt(FusedDenoiser):
         patches = x.view(N, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(N, h * w, -1)
         return self.patch(patches).to(self.residual_dtype).add_(self._position_bias((h, w)))
 
-    def first_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         block_mod = mod[0]
         return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=self.config.norm_eps,
                               out_dtype=self.dtype, backend=self.backend)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ditengine.kernels import scheduler_step
 
 from ..cache import FirstBlockCache, StaticCache, skip_decision, stats_dict
-from ..guidance import APG, check_guidance
+from ..guidance import APG, check_guider
 from ..graphs import GraphRunner, conditional_capture_supported, graphs_enabled
 from ..inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise, guided_steps
 from ..schedulers import COL, Scheduler
@@ -93,12 +93,12 @@ class _Plan:
                 self.graph_mode = None  # nor inside any captured graph
             _log_decision(self.decision, s.cuda_graph, self.graph_mode)
         shape = tuple(noise_shape[1:])
-        self.token_shape = fast.token_shape(shape)
+        self.token_shape = fast.token_shape(shape, cond)
         self.x = torch.zeros(batch, *shape, device=dev)  # the sampler's state, fp32
         self.x_in = torch.zeros(N, *shape, device=dev, dtype=fast.dtype)  # the model input
         self.history = torch.zeros_like(self.x) if sched.uses_history else None
         # APG's momentum (the state across guided steps) and its guided prediction, fp32.
-        self.momentum = torch.zeros_like(self.x) if s.guidance is not None and s.use_cfg else None
+        self.momentum = torch.zeros_like(self.x) if s.guider is not None and s.use_cfg else None
         self.apg_out = torch.zeros_like(self.x) if self.momentum is not None else None
         self.ctx = fast.context_buffers(N, shape, cond)  # per call: label embeddings, or a prompt's K/V and lengths
         self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
@@ -168,7 +168,7 @@ class _Plan:
         guided = s.use_cfg if guided is None else guided
         cfg_scale = s.cfg_scale if guided else None
         if guided and self.momentum is not None:  # APG combines the halves; the step then runs unguided
-            out = s.guidance(out, self.momentum, s.cfg_scale, out=self.apg_out, backend=s.guidance_backend)
+            out = s.guider(out, self.momentum, s.cfg_scale, out=self.apg_out, backend=s.guider_backend)
             cfg_scale = None
         scheduler_step(self.x, out, sched.table, step, cfg_scale=cfg_scale,
                        guided_channels=s.guided_channels, history=self.history, noise=self.noise_for(step),
@@ -228,7 +228,7 @@ class _Plan:
             return
         mod = self.modulation(step)
         before = self.resid.clone()
-        _, h = fast.block(0, self.resid, fast.first_norm(self.resid, mod), mod, self.ctx)
+        _, h = fast.block(0, self.resid, fast.first_norm(self.resid, mod, self.ctx), mod, self.ctx)
         self._count_block()
         self.h.copy_(h)
         torch.sub(self.resid, before, out=self.first_residual)
@@ -242,7 +242,7 @@ class _Plan:
         mod = self.modulation(step)
         start = 1 if isinstance(self.cache, FirstBlockCache) else 0
         before = self.resid.clone() if self.rest is not None else None
-        h = self.h if start else fast.first_norm(self.resid, mod)
+        h = self.h if start else fast.first_norm(self.resid, mod, self.ctx)
         for i in range(start, fast.depth):
             keep = self.kept[i] if self.kept is not None else None
             _, h = fast.block(i, self.resid, h, mod, self.ctx, keep=keep)
@@ -401,7 +401,7 @@ class FastSampler:
     `quantize`: None, "int8" or "fp8": every block's token GEMMs as W8A8 (weights per output channel,
     activations per token; see `FusedDenoiser`). "int8" is the CPU's fast form, "fp8" Hopper's.
 
-    `guidance`: None (plain CFG, inside the scheduler step) or `ditengine.guidance.APG()` (ACE-Step's base and
+    `guider`: None (plain CFG, inside the scheduler step) or `ditengine.guidance.APG()` (ACE-Step's base and
     SFT models): one fused guidance op on the device, its momentum a static buffer, so the loop stays
     capturable.
     """
@@ -412,7 +412,7 @@ class FastSampler:
                  conditioning_budget: int = 1 << 30, mlp_epilogue: str = "auto",
                  cache: FirstBlockCache | StaticCache | None = None, cache_decision: str = "auto",
                  backend: str | None = None, quantize: str | None = None, cfg_interval: tuple | None = None,
-                 guidance: APG | None = None):
+                 guider: APG | None = None):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
         check_scheduler(sched)
@@ -432,12 +432,12 @@ class FastSampler:
         self.model, self.sched = model, sched
         self.fast = fused_denoiser(model, dtype, mlp_epilogue, backend, quantize)
         self.guided_channels = check_guided_channels(guided_channels, self.fast.latent_shape[0])
-        check_guidance(guidance, self.fast.latent_shape)
-        if guidance is not None and guided_channels is not None:
+        check_guider(guider, self.fast.latent_shape)
+        if guider is not None and guided_channels is not None:
             raise ValueError("guided_channels: not used by APG, which guides every channel")
-        self.guidance = guidance
+        self.guider = guider
         # APG has no native kernel: on a CPU its op's own choice (the reference, or Triton's interpreter).
-        self.guidance_backend = self.fast.backend if self.fast.backend in ("triton", "reference") else None
+        self.guider_backend = self.fast.backend if self.fast.backend in ("triton", "reference") else None
         self.device = self.fast.device
         self.sched.to(self.device)
         self.cfg_scale, self.use_cfg = float(cfg_scale), cfg_scale != 1.0

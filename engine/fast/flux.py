@@ -1,0 +1,348 @@
+"""Flux.1's fused denoiser: every block's and stream's modulation precomputed per step, the text tokens, the
+guidance and pooled embeddings and the RoPE tables per call, and the fused forward.
+
+The residual stream is the joint sequence s = [text; image] (N, L + T, D) from the start: a double block works
+on its two row ranges in place (each stream its own norms, projections and MLP), a single block on all of it,
+so the sampling loop and a step cache see one tensor, as for every family. Per double block i (the reference is
+`ditengine.models.flux.DoubleBlock`):
+
+    h = [LN(c)(1 + cs1) + ch1 ; LN(x)(1 + s1) + h1]     from the previous block's K3s (block 0: two K1s)
+    qkv = [h_c @ W_add_qkv ; h_x @ W_qkv]               each stream's q, k, v as one GEMM
+    o = gqa_attention(qkv; per-stream q/k RMSNorm, interleaved RoPE over the joint rows)
+    K3 x += g1 * o_x @ W_out ; h_x = LN(x)(1 + s2) + h2   and the same for the text rows
+    K3 x += g2 * ff(h_x) ; h_x = the next block's norm     ff: linear_gelu then the down GEMM; text alike
+
+Per single block: h = LN(s)(1 + sc) + sh; one GEMM [q | k | v | mlp] of 3D + 4D outputs with the GELU on the
+MLP columns only; attention; one output GEMM over [attention | MLP]; K3 s += g * o and the next norm. The final
+norm (scale first) modulates the joint rows, and the image rows go through the output projection.
+
+Latents are the VAE's (B, 16, H, W) grid; the 2x2 patch packing of FluxPipeline (`_pack_latents`) is the
+embedding's reshape, its inverse the output's.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from ditengine.kernels import adaln_modulate, choose, gated_residual_adaln, gqa_attention, gqa_attention_ref
+
+from ..models.dit import timestep_embedding
+from ..models.flux import Flux, rope_tables
+from .base import FusedDenoiser
+
+log = logging.getLogger("ditengine")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_reference_attention(head_dim: int) -> None:
+    log.info("ditengine: Flux head dim %d is outside the attention kernels' (a multiple of 8 in 16..256): its "
+             "attention runs the PyTorch reference", head_dim)
+
+
+def image_ids(h: int, w: int, device=None) -> torch.Tensor:
+    """The pipeline's position ids of an (h, w) grid of packed tokens (`FluxPipeline._prepare_latent_image_ids`):
+    (h * w, 3) = (0, row, column), row-major."""
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None]
+    return ids.reshape(h * w, 3)
+
+
+def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=None, pooled_prompt_embeds=None,
+                 guidance=None, txt_ids=None, img_ids=None, negative_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None) -> dict:
+    """The conditioning of a Flux call, checked and completed: noise (B, C, H, W) on the VAE grid, T5 tokens and
+    pooled CLIP embeddings (and the negative prompt's with true CFG), the guidance as (B,) fp32 (dev only), the
+    position ids (the pipeline's by default)."""
+    C = cfg.in_channels // 4
+    if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or noise.shape[1] != C or noise.shape[2] % 2 \
+            or noise.shape[3] % 2:
+        shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+        raise ValueError(f"noise: expected VAE latents (B, {C}, H, W) with H and W even (2x2 patches), got {shape}")
+    if noise.device.type != torch.device(device).type:
+        raise ValueError(f"noise: on {noise.device}, expected {device} like the model")
+    B, _, H, W = noise.shape
+    named = [("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled_prompt_embeds)]
+    if use_cfg:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds, negative_pooled_prompt_embeds: required with true CFG "
+                             "(cfg_scale != 1): the negative prompt's T5 tokens and pooled CLIP embedding")
+        named.append(("negative_prompt_embeds", negative_prompt_embeds, "negative_pooled_prompt_embeds",
+                      negative_pooled_prompt_embeds))
+    cond = {}
+    for name, text, pooled_name, pooled in named:
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[0] != B \
+                or text.shape[2] != cfg.joint_attention_dim:
+            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"{name}: expected ({B}, L, {cfg.joint_attention_dim}) (T5 tokens, one per noise "
+                             f"row), got {shape}")
+        if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (B, cfg.pooled_projection_dim):
+            shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+            raise ValueError(f"{pooled_name}: expected ({B}, {cfg.pooled_projection_dim}), got {shape}")
+        cond[name], cond[pooled_name] = text, pooled
+    L = prompt_embeds.shape[1]
+    if use_cfg and negative_prompt_embeds.shape[1] != L:
+        raise ValueError(f"negative_prompt_embeds: {negative_prompt_embeds.shape[1]} tokens, expected {L} like "
+                         "prompt_embeds (pad both to one length)")
+    if (guidance is not None) != cfg.guidance_embeds:
+        raise ValueError(f"guidance: {'required' if cfg.guidance_embeds else 'refused'} by this Flux "
+                         f"(guidance_embeds={cfg.guidance_embeds}: {'dev' if cfg.guidance_embeds else 'schnell'})")
+    cond["guidance"] = None if guidance is None else \
+        torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(B).to(device)
+    tokens = (H // 2) * (W // 2)
+    for name, ids, n in (("txt_ids", txt_ids, L), ("img_ids", img_ids, tokens)):
+        if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape[-2:] != (n, 3)):
+            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise ValueError(f"{name}: expected ({n}, 3) position ids, got {shape}")
+    cond["txt_ids"] = torch.zeros(L, 3, device=device) if txt_ids is None else txt_ids.reshape(L, 3)
+    cond["img_ids"] = image_ids(H // 2, W // 2, device) if img_ids is None else img_ids.reshape(tokens, 3)
+    return cond
+
+
+class FastFlux(FusedDenoiser):
+    """The weights of a `ditengine.models.flux.Flux` in the fast path's layout, and the fused forward.
+
+    Called by `FastSampler` as `sampler(noise, prompt_embeds=..., pooled_prompt_embeds=..., guidance=3.5,
+    txt_ids=None, img_ids=None, negative_prompt_embeds=..., negative_pooled_prompt_embeds=...)`, the pipeline's
+    names: noise (B, 16, H, W) on the VAE's latent grid, T5 tokens (B, L, 4096), the pooled CLIP embedding
+    (B, 768); `guidance` (a number, or (B,)) for dev, None for schnell; ids default to the pipeline's; the
+    negative prompt is the unconditional half of "true CFG" (`cfg_scale` > 1).
+    """
+
+    branches = 2  # attention and MLP outputs: what the per-block cache reuse keeps (of every row)
+
+    def __init__(self, model: Flux, dtype: torch.dtype = torch.bfloat16, mlp_epilogue: str = "auto",
+                 residual_dtype: torch.dtype | None = None, backend: str | None = None,
+                 quantize: str | None = None):
+        super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
+        cfg = self.config
+        D, Dh = cfg.hidden_size, cfg.head_dim
+        self.small_heads = not (16 <= Dh <= 256 and Dh % 8 == 0)
+        if self.small_heads:
+            _log_reference_attention(Dh)
+        else:
+            choose("gqa_attention", self.device, self.backend)
+        self.latent_shape = (cfg.in_channels // 4, 128, 128)  # 1024 px: the VAE's 16 channels, 2x2 packed
+        self.out_channels = cfg.out_channels // 4
+        rows = 2 * 4096
+        gemm = functools.partial(self.token_linear, rows=rows, block=True)
+
+        def fused(*layers):
+            return gemm((torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])))
+
+        self.x_embed = self.token_linear(model.x_embedder, rows)
+        self.context = (self.cast(model.context_embedder.weight), self.cast(model.context_embedder.bias))
+        self.double = []
+        for blk in model.transformer_blocks:
+            a = blk.attn
+            self.double.append({
+                "qkv": fused(a.to_q, a.to_k, a.to_v), "add_qkv": fused(a.add_q_proj, a.add_k_proj, a.add_v_proj),
+                "out": gemm(a.to_out[0]), "add_out": gemm(a.to_add_out),
+                "fc1": gemm(blk.ff.net[0].proj), "fc2": gemm(blk.ff.net[2]),
+                "add_fc1": gemm(blk.ff_context.net[0].proj), "add_fc2": gemm(blk.ff_context.net[2]),
+                # (2, Dh): text rows first, as the joint sequence
+                "q_norm": self.cast(torch.stack([a.norm_added_q.weight, a.norm_q.weight]), torch.float32),
+                "k_norm": self.cast(torch.stack([a.norm_added_k.weight, a.norm_k.weight]), torch.float32)})
+        self.single = []
+        for blk in model.single_transformer_blocks:
+            a = blk.attn
+            self.single.append({
+                "qkv_mlp": fused(a.to_q, a.to_k, a.to_v, blk.proj_mlp), "out": gemm(blk.proj_out),
+                "q_norm": self.cast(a.norm_q.weight, torch.float32), "k_norm": self.cast(a.norm_k.weight, torch.float32)})
+        # Per step: fp32 embedders and every block's modulation linear stacked into one GEMM (never in the loop).
+        emb = model.time_text_embed
+        self.t_mlp = self._embedder(emb.timestep_embedder)
+        self.g_mlp = self._embedder(emb.guidance_embedder) if cfg.guidance_embeds else None
+        self.pooled_mlp = self._embedder(emb.text_embedder)
+        mods = [m for blk in model.transformer_blocks for m in (blk.norm1_context.linear, blk.norm1.linear)]
+        mods += [blk.norm.linear for blk in model.single_transformer_blocks] + [model.norm_out.linear]
+        self.mod_w = self.cast(torch.cat([m.weight for m in mods]), torch.float32)  # (rows of every block, D)
+        self.mod_b = self.cast(torch.cat([m.bias for m in mods]), torch.float32)
+        self.final = self.token_linear(model.proj_out, rows)
+        self.hidden = D
+
+    def _embedder(self, e) -> tuple:
+        return tuple(self.cast(p, torch.float32) for p in (e.linear_1.weight, e.linear_1.bias, e.linear_2.weight,
+                                                            e.linear_2.bias))
+
+    @staticmethod
+    def _mlp(mlp: tuple, x: torch.Tensor) -> torch.Tensor:
+        w0, b0, w2, b2 = mlp
+        return F.linear(F.silu(F.linear(x, w0, b0)), w2, b2)
+
+    @property
+    def depth(self) -> int:
+        return self.config.num_layers + self.config.num_single_layers
+
+    def token_shape(self, latent_shape: tuple, cond: dict | None = None) -> tuple[int, int]:
+        """(L + T, D): the joint sequence of the call's text tokens (none without `cond`) and the image tokens."""
+        L = 0 if cond is None else cond["prompt_embeds"].shape[1]
+        return L + (latent_shape[-2] // 2) * (latent_shape[-1] // 2), self.hidden
+
+    # -- conditioning ------------------------------------------------------------------------------------
+    def inputs(self, model: Flux, noise: torch.Tensor, use_cfg: bool, **conditioning) -> dict:
+        return check_inputs(self.config, self.device, noise, use_cfg, **conditioning)
+
+    def context_key(self, cond: dict) -> tuple:
+        return (cond["prompt_embeds"].shape[1],)
+
+    def context_buffers(self, rows: int, latent_shape: tuple, cond: dict) -> dict:
+        L, dev = cond["prompt_embeds"].shape[1], self.device
+        S = self.token_shape(latent_shape, cond)[0]
+        return {"text": torch.zeros(rows, L, self.hidden, device=dev, dtype=self.residual_dtype),
+                "cond_emb": torch.zeros(rows, self.hidden, device=dev),  # pooled (+ guidance) embedding, fp32
+                "rope": (torch.zeros(S, self.config.head_dim, device=dev), torch.zeros(S, self.config.head_dim,
+                                                                                       device=dev)),
+                "text_len": L, "grid": (latent_shape[-2] // 2, latent_shape[-1] // 2)}
+
+    def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
+        """Once per call: the text tokens, the pooled (and guidance) embedding, the RoPE tables."""
+        halves = [("prompt_embeds", "pooled_prompt_embeds")]
+        if use_cfg:
+            halves.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+        text = torch.cat([cond[t].to(self.device, self.dtype) for t, _ in halves])
+        ctx["text"].copy_(F.linear(text, *self.context))
+        emb = self._mlp(self.pooled_mlp, torch.cat([cond[p].to(self.device, torch.float32) for _, p in halves]))
+        if self.g_mlp is not None:  # rounded to the latent dtype, then times 1000 in it, as diffusers does
+            g = (cond["guidance"].to(self.dtype) * 1000).repeat(len(halves))
+            emb = emb + self._mlp(self.g_mlp, timestep_embedding(g, 256))
+        ctx["cond_emb"].copy_(emb)
+        for buffer, table in zip(ctx["rope"], rope_tables(torch.cat([cond["txt_ids"], cond["img_ids"]]),
+                                                          self.config.axes_dims_rope)):
+            buffer.copy_(table)
+
+    def modulation(self, t: torch.Tensor, ctx: dict) -> tuple:
+        """Timesteps t (S,) = sigma * 1000 -> the double blocks' (S, N, depth_d, 12, D) (text stream's 6, then the
+        image's), the single blocks' (S, N, depth_s, 3, D) and the final norm's (S, N, 2, D) (scale first)."""
+        cfg = self.config
+        # The pipeline passes t / 1000 in the latent dtype; the model rounds it to that dtype and multiplies by 1000.
+        v = ((t.to(self.dtype) / 1000).to(self.dtype) * 1000).float()
+        temb = self._mlp(self.t_mlp, timestep_embedding(v, 256))[:, None] + ctx["cond_emb"]  # (S, N, D)
+        mods = F.linear(F.silu(temb), self.mod_w, self.mod_b).to(self.dtype)  # (S, N, rows)
+        S, N = mods.shape[:2]
+        nd, ns, D = cfg.num_layers, cfg.num_single_layers, self.hidden
+        double, single, final = mods.split([nd * 12 * D, ns * 3 * D, 2 * D], dim=-1)
+        return (double.reshape(S, N, nd, 12, D), single.reshape(S, N, ns, 3, D), final.reshape(S, N, 2, D))
+
+    def modulation_shapes(self, steps: int, rows: int) -> list[tuple]:
+        cfg, D = self.config, self.hidden
+        return [(steps, rows, cfg.num_layers, 12, D), (steps, rows, cfg.num_single_layers, 3, D), (steps, rows, 2, D)]
+
+    # -- forward -----------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """x (N, C, H, W) in `dtype` -> the joint residual stream [text; image] (N, L + T, D)."""
+        N, C, H, W = x.shape
+        packed = x.view(N, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, 4 * C)  # (c, dy, dx)
+        return torch.cat([ctx["text"], self.x_embed(packed).to(self.residual_dtype)], dim=1)
+
+    def _norms(self, resid, L, mods, gates=None, outs=None):
+        """The next op's input: each row range normed with its own (shift, scale) of `mods` [(text), (image)],
+        after adding gate * out to it in place when given (K3, else K1)."""
+        parts = []
+        for rows, (shift, scale), gate, o in zip((slice(None, L), slice(L, None)), mods, gates or (None, None),
+                                                 outs or (None, None)):
+            x = resid[:, rows]
+            if o is None:
+                parts.append(adaln_modulate(x, shift, scale, out_dtype=self.dtype, backend=self.backend))
+            else:
+                parts.append(gated_residual_adaln(x, gate, o, shift, scale, inplace=True, out_dtype=self.dtype,
+                                                  backend=self.backend)[1])
+        return torch.cat(parts, dim=1)
+
+    def _next_mods(self, i: int, mod: tuple) -> tuple:
+        """((text shift, scale), (image shift, scale)) of the norm that follows block i."""
+        double, single, final = mod
+        nd = self.config.num_layers
+        if i + 1 < nd:
+            m = double[:, i + 1]
+            return (m[:, 0], m[:, 1]), (m[:, 6], m[:, 7])
+        if i + 1 < self.depth:
+            m = single[:, i + 1 - nd]
+            return ((m[:, 0], m[:, 1]),) * 2
+        return ((final[:, 1], final[:, 0]),) * 2  # the final norm: scale first
+
+    def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
+        """Double block 0's two K1s: the text rows with its text stream's modulation, the image rows with its own."""
+        return self._norms(resid, ctx["text_len"], self._next_mods(-1, mod))
+
+    def _attention(self, qkv, q_norm, k_norm, rope, split):
+        """qkv (N, S, 3D) -> (N, S, D): per-stream (split) or single q/k RMSNorm, interleaved RoPE, no mask."""
+        cfg = self.config
+        N, S, _ = qkv.shape
+        q, k, v = qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim).unbind(2)
+        if split is not None:  # each stream's own norm weights on its row range, then one joint attention
+            q, k = (torch.cat([F.rms_norm(t[:, :split].float(), (cfg.head_dim,), w[0], 1e-6),
+                               F.rms_norm(t[:, split:].float(), (cfg.head_dim,), w[1], 1e-6)], 1).to(t.dtype)
+                    for t, w in ((q, q_norm), (k, k_norm)))
+            q_norm = k_norm = None
+        run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
+        o = run(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=1e-6, rope=rope, rope_interleaved=True)
+        return o.reshape(N, S, -1)
+
+    def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i (double blocks first) on the joint residual (in place) and its norm's output h -> (resid,
+        the next norm's output). `keep` (2, N, L + T, D) receives the gated-in attention and MLP outputs."""
+        L = ctx["text_len"]
+        nxt = self._next_mods(i, mod)
+        if i < self.config.num_layers:
+            layers, m = self.double[i], mod[0][:, i]  # (N, 12, D): text shift, scale, gate x2, then image's
+            qkv = torch.cat([layers["add_qkv"](h[:, :L]), layers["qkv"](h[:, L:])], dim=1)
+            o = self._attention(qkv, layers["q_norm"], layers["k_norm"], ctx["rope"], L)
+            outs = (layers["add_out"](o[:, :L]), layers["out"](o[:, L:]))
+            h = self._norms(resid, L, ((m[:, 3], m[:, 4]), (m[:, 9], m[:, 10])), (m[:, 2], m[:, 8]), outs)
+            if keep is not None:
+                keep[0].copy_(torch.cat(outs, 1))
+            mlp = (layers["add_fc2"](layers["add_fc1"].gelu(h[:, :L])), layers["fc2"](layers["fc1"].gelu(h[:, L:])))
+            if keep is not None:
+                keep[1].copy_(torch.cat(mlp, 1))
+            return resid, self._norms(resid, L, nxt, (m[:, 5], m[:, 11]), mlp)
+        layers, m = self.single[i - self.config.num_layers], mod[1][:, i - self.config.num_layers]  # (N, 3, D)
+        D = self.hidden
+        fused = layers["qkv_mlp"](h)  # (N, S, 7D): q, k, v, then the MLP's 4D
+        attended = self._attention(fused[..., :3 * D], layers["q_norm"], layers["k_norm"], ctx["rope"], None)
+        o = layers["out"](torch.cat([attended, F.gelu(fused[..., 3 * D:], approximate="tanh")], dim=-1))
+        if keep is not None:
+            keep[0].copy_(o)
+        return resid, self._norms(resid, L, nxt, (m[:, 2], m[:, 2]), (o[:, :L], o[:, L:]))
+
+    def reuse_block(self, i: int, resid: torch.Tensor, mod: tuple, ctx: dict,
+                    kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i with its outputs from `kept` (2, N, L + T, D): only the gated residual adds and the next norm."""
+        L = ctx["text_len"]
+        nxt = self._next_mods(i, mod)
+        if i < self.config.num_layers:
+            m = mod[0][:, i]
+            gates = ((m[:, 2], m[:, 5]), (m[:, 8], m[:, 11]))  # (attention, MLP) gates of each stream
+            for rows, (g_attn, g_mlp) in zip((slice(None, L), slice(L, None)), gates):
+                resid[:, rows].addcmul_(g_attn[:, None], kept[0][:, rows])
+            return resid, self._norms(resid, L, nxt, (gates[0][1], gates[1][1]), (kept[1][:, :L], kept[1][:, L:]))
+        g = mod[1][:, i - self.config.num_layers, 2]
+        return resid, self._norms(resid, L, nxt, (g, g), (kept[0][:, :L], kept[0][:, L:]))
+
+    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+        final = mod[2]
+        return adaln_modulate(resid, final[:, 1], final[:, 0], out_dtype=self.dtype, backend=self.backend)
+
+    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The output projection of the image rows of h, unpacked to (N, C_out, H, W)."""
+        (gh, gw), C = ctx["grid"], self.out_channels
+        out = self.final(h[:, ctx["text_len"]:]).view(h.shape[0], gh, gw, C, 2, 2)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(h.shape[0], C, 2 * gh, 2 * gw)
+
+    def step_gemms(self, rows: int, latent_shape: tuple | None = None, text_len: int = 512) -> list[tuple]:
+        """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
+        shape = latent_shape or self.latent_shape
+        T, D, L = (shape[-2] // 2) * (shape[-1] // 2), self.hidden, text_len
+        M = self.config.mlp_hidden
+        gemms = [(self.x_embed, (rows, T, self.x_embed.in_features))]
+        for layers in self.double:
+            for n, prefix in ((L, "add_"), (T, "")):
+                gemms += [(layers[prefix + "qkv"], (rows, n, D)), (layers[prefix + "out"], (rows, n, D)),
+                          (layers[prefix + "fc1"].gelu, (rows, n, D)), (layers[prefix + "fc2"], (rows, n, M))]
+        for layers in self.single:
+            gemms += [(layers["qkv_mlp"], (rows, L + T, D)), (layers["out"], (rows, L + T, D + M))]
+        return gemms + [(self.final, (rows, T, D))]
