@@ -1,6 +1,7 @@
 """`ditengine.accelerate(pipe)`: a diffusers pipeline whose denoising loop runs in ditengine.
 
-Served: `DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline` (ACE-Step 1.5 music). The wrapper is called exactly like the
+Served: `DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline` (ACE-Step 1.5 music),
+`FluxPipeline` (Flux.1 dev and schnell). The wrapper is called exactly like the
 pipeline and returns what it returns; the pipeline's own text encoder (once per call, outside the loop),
 VAE and image processing are used as they are, its scheduler is converted (`schedulers.from_diffusers`)
 and its transformer converted once (`from_diffusers`). `backend="fused"` (the default) samples through
@@ -318,14 +319,104 @@ class AcceleratedAceStepPipeline(_Accelerated):
         return AudioPipelineOutput(audios=audio) if return_dict else (audio,)
 
 
+class AcceleratedFluxPipeline(_Accelerated):
+    """Called like `FluxPipeline` (Flux.1 dev or schnell), returning what it returns; the denoising loop runs in
+    ditengine.
+
+    The prompts go through the pipeline's own `encode_prompt` (T5 and CLIP, or the `prompt_embeds` and
+    `pooled_prompt_embeds` you pass: a pipeline without text encoders works with embeddings), once per call; the
+    latents are drawn and packed as the pipeline does, its resolution-dependent shift mu computed as it does,
+    and the image decoded by its VAE. dev embeds `guidance_scale` (no CFG batch); "true CFG" (a negative prompt
+    with `true_cfg_scale > 1`) runs [prompt; negative] rows. In fp32 the latents equal the pipeline's within 1e-4
+    relative. IP-Adapter inputs, `joint_attention_kwargs`, step callbacks and a list of generators raise a
+    ValueError.
+    """
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 3.5,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
+                 negative_ip_adapter_image_embeds=None, negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
+                 return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift
+
+        pipe = self.pipe
+        for name, value in (("ip_adapter_image", ip_adapter_image), ("ip_adapter_image_embeds", ip_adapter_image_embeds),
+                            ("negative_ip_adapter_image", negative_ip_adapter_image),
+                            ("negative_ip_adapter_image_embeds", negative_ip_adapter_image_embeds),
+                            ("joint_attention_kwargs", joint_attention_kwargs or None),
+                            ("callback_on_step_end", callback_on_step_end)):
+            if value is not None:
+                raise ValueError(f"{name}: not supported by the accelerated pipeline; call the pipeline itself for it")
+        if isinstance(generator, list):
+            raise ValueError("generator: pass one torch.Generator (a list per image is not supported)")
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
+                                                       and negative_pooled_prompt_embeds is not None)
+        true_cfg = true_cfg_scale > 1 and has_negative
+        encode = dict(device=self.device, num_images_per_prompt=num_images_per_prompt,
+                      max_sequence_length=max_sequence_length)
+        prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            **encode)
+        named = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, txt_ids=text_ids)
+        if true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, _ = pipe.encode_prompt(
+                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
+            named.update(negative_prompt_embeds=negative_prompt_embeds,
+                         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        rows, C = batch * num_images_per_prompt, pipe.transformer.config.in_channels // 4
+        packed, image_ids = pipe.prepare_latents(rows, C, height, width, prompt_embeds.dtype, self.device, generator,
+                                                 latents)
+        named["img_ids"] = image_ids
+        h, w = 2 * (int(height) // (pipe.vae_scale_factor * 2)), 2 * (int(width) // (pipe.vae_scale_factor * 2))
+        noise = packed.view(rows, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(rows, C, h, w)
+        if pipe.transformer.config.guidance_embeds:
+            named["guidance"] = guidance_scale
+        config = pipe.scheduler.config
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        mu = calculate_shift(packed.shape[1], config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        out = self.denoise(noise, len(sigmas), true_cfg_scale if true_cfg else 1.0, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, **named)
+        out = out.to(prompt_embeds.dtype)
+        latents = out.view(rows, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(rows, -1, 4 * C)
+        if output_type == "latent":
+            image = latents
+        else:
+            unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+            unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.image_processor.postprocess(pipe.vae.decode(unpacked, return_dict=False)[0],
+                                                     output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
+
+
 _PIPELINES = {"DiTPipeline": AcceleratedDiTPipeline, "PixArtAlphaPipeline": AcceleratedPixArtPipeline,
-              "PixArtSigmaPipeline": AcceleratedPixArtPipeline, "AceStepPipeline": AcceleratedAceStepPipeline}
+              "PixArtSigmaPipeline": AcceleratedPixArtPipeline, "AceStepPipeline": AcceleratedAceStepPipeline,
+              "FluxPipeline": AcceleratedFluxPipeline}
 
 
 def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = "loop", backend: str = "fused",
                quantize: str | None = None, cfg_interval: tuple | None = None):
-    """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`)
-    so that its denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged.
+    """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
+    `FluxPipeline`) so that its denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged.
     `dtype`: the compute dtype (default bf16 on CUDA, fp32 on a CPU); `backend`: "fused" or "reference";
     `quantize` ("int8", "fp8") and `cfg_interval` as in `FastSampler` (ACE-Step takes its interval per call, as
     its pipeline does: `cfg_interval_start` / `cfg_interval_end`)."""
