@@ -1,9 +1,10 @@
 // The GEMM epilogue of the CPU linear kernels (linear_gelu.cpp, linear_int8.cpp): bias and the tanh GELU on
-// an fp32 row while it is in cache,
+// an fp32 row (or a tile's part of one) while it is in cache,
 //
 //     gelu_tanh(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3))) = y * sigmoid(2 sqrt(2/pi) (y + 0.044715 y^3))
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -70,6 +71,15 @@ inline EpilogueFn epilogue() {
   if (cpu::isa() == cpu::Isa::avx2) return bias_gelu_avx2;
 #endif
   return bias_gelu_scalar;
+}
+
+// Bias on y's n columns, GELU on those from `gelu_from` on (relative to y, clamped to 0..n): a tile that
+// straddles the boundary runs the two parts; either may be empty. The GELU part starts at any column, so
+// the vector variants' unaligned loads and scalar tails cover it.
+inline void bias_gelu_cols(EpilogueFn finish, float* y, const float* bias, int64_t n, int64_t gelu_from) {
+  const int64_t split = std::min(std::max(gelu_from, int64_t{0}), n);
+  if (split > 0) finish(y, bias, split, false);
+  if (split < n) finish(y + split, bias ? bias + split : nullptr, n - split, true);
 }
 
 }  // namespace

@@ -2,6 +2,11 @@
 
     out = gelu_tanh(x @ w^T + b),   gelu_tanh(y) = 0.5 y (1 + tanh(sqrt(2/pi) (y + 0.044715 y^3)))
 
+`gelu_from` limits the GELU to the output columns [gelu_from, N) (the bias goes on every column): Flux's
+single-stream block stacks to_q / to_k / to_v (3D outputs, no activation) and proj_mlp (4D outputs, GELU-tanh)
+into one (7D, D) weight, so one GEMM reads the normed input once and its epilogue applies the GELU to the
+MLP's columns only (gelu_from = 3D). gelu_from = 0 is the whole-row GELU, gelu_from = N none.
+
 In DiT every block's MLP runs fc1 (D -> 4D) then GELU-tanh (then fc2); the GELU reads and writes the
 4D-wide activation once more. On CUDA the fast path fuses it as cuBLASLt's GEMM epilogue; on the CPU
 there are three forms, chosen once per weight by `prepack_linear` (`choose_backend`):
@@ -39,27 +44,51 @@ BACKENDS = ("auto", "mkldnn", "native", "reference")
 
 
 # -- reference -------------------------------------------------------------------------------------------
-def linear_gelu_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, upcast: bool = False):
-    """gelu_tanh(linear(x, w, b)); math in fp32 when `upcast` (output in x's dtype)."""
-    if upcast:
-        return F.gelu(F.linear(x.float(), w.float(), None if b is None else b.float()), approximate="tanh").to(x.dtype)
-    return F.gelu(F.linear(x, w, b), approximate="tanh")
+def linear_gelu_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, upcast: bool = False,
+                    gelu_from: int = 0):
+    """linear(x, w, b) with gelu_tanh on the output columns [gelu_from, N); math in fp32 when `upcast`
+    (output in x's dtype)."""
+    y = F.linear(x.float(), w.float(), None if b is None else b.float()) if upcast else F.linear(x, w, b)
+    y = torch.cat([y[..., :gelu_from], F.gelu(y[..., gelu_from:], approximate="tanh")], dim=-1)  # (..., N)
+    return y.to(x.dtype)
 
 
 # -- the op: native CPU kernel in csrc/linear_gelu.cpp, this body as the fallback ------------------------
-def _linear_gelu_torch(x, weight, bias, apply_gelu: bool) -> torch.Tensor:
-    y = F.linear(x.to(weight.dtype), weight, bias)
-    return (F.gelu(y, approximate="tanh") if apply_gelu else y).to(x.dtype)
+def check_gelu_from(gelu_from, out_features: int) -> int:
+    """gelu_from: an int in 0..out_features (out_features: no GELU)."""
+    if isinstance(gelu_from, bool) or not isinstance(gelu_from, (int, torch.SymInt)):
+        raise TypeError(f"gelu_from: expected an int column index, got {type(gelu_from).__name__}")
+    if not 0 <= gelu_from <= out_features:
+        raise ValueError(f"gelu_from: expected 0 <= gelu_from <= out_features = {out_features}, got {gelu_from}")
+    return gelu_from
+
+
+def _gelu_columns_(y: torch.Tensor, gelu_from: int) -> torch.Tensor:
+    """gelu_tanh on y's columns [gelu_from, N), in place (y is the GEMM's fresh output)."""
+    if gelu_from == 0:  # the whole row: one contiguous pass, today's numerics
+        return F.gelu(y, approximate="tanh")
+    if gelu_from < y.shape[-1]:
+        torch.ops.aten.gelu_(y[..., gelu_from:], approximate="tanh")  # (..., N - gelu_from), strided view
+    return y
+
+
+def _linear_gelu_torch(x, weight, bias, apply_gelu: bool, gelu_from: int = 0) -> torch.Tensor:
+    y = F.linear(x.to(weight.dtype), weight, bias)  # (..., N)
+    return (_gelu_columns_(y, gelu_from) if apply_gelu else y).to(x.dtype)
 
 
 @torch.library.custom_op("ditengine::linear_gelu", mutates_args=())
-def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, apply_gelu: bool) -> torch.Tensor:
-    """x (..., K); weight (N, K) and bias (N) in fp32 or x's dtype -> (..., N) in x's dtype, math in weight's."""
-    return _linear_gelu_torch(x, weight, bias, apply_gelu)
+def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, apply_gelu: bool,
+                    gelu_from: int = 0) -> torch.Tensor:
+    """x (..., K); weight (N, K) and bias (N) in fp32 or x's dtype -> (..., N) in x's dtype, math in weight's.
+    With `apply_gelu` the GELU covers columns [gelu_from, N) (0 <= gelu_from <= N); without, none."""
+    check_gelu_from(gelu_from, weight.shape[0])
+    return _linear_gelu_torch(x, weight, bias, apply_gelu, gelu_from)
 
 
 @_linear_gelu_op.register_fake
-def _(x, weight, bias, apply_gelu):
+def _(x, weight, bias, apply_gelu, gelu_from=0):
+    check_gelu_from(gelu_from, weight.shape[0])
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -73,11 +102,16 @@ def _mkldnn_pack(w: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w, batch_size)
 
 
-def _mkldnn_call(x, packed_w, b, apply_gelu: bool):
+def _mkldnn_call(x, packed_w, b, apply_gelu: bool, gelu_from: int = 0):
+    """oneDNN's post-op covers whole rows: a column range runs the plain linear, then the GELU on its slice."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    out = (torch.ops.mkldnn._linear_pointwise(x2, packed_w, b, "gelu", [], "tanh") if apply_gelu
-           else torch.ops.mkldnn._linear_pointwise(x2, packed_w, b, "none", [], ""))
+    if apply_gelu and gelu_from == 0:
+        out = torch.ops.mkldnn._linear_pointwise(x2, packed_w, b, "gelu", [], "tanh")
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(x2, packed_w, b, "none", [], "")
+        if apply_gelu:
+            out = _gelu_columns_(out, gelu_from)
     return out.view(*lead, out.shape[-1])
 
 
@@ -178,19 +212,23 @@ def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: tor
     return PackedLinear(backend, w32, None if b is None else b.detach().float().contiguous(), dtype, w.shape[0])
 
 
-def _call(x: torch.Tensor, p: PackedLinear, apply_gelu: bool) -> torch.Tensor:
+def _call(x: torch.Tensor, p: PackedLinear, apply_gelu: bool, gelu_from: int = 0) -> torch.Tensor:
     if x.dtype != p.dtype:
         raise TypeError(f"x: expected dtype {p.dtype} (what the weights were packed for), got {x.dtype}")
     if p.backend == "mkldnn":
-        return _mkldnn_call(x, p.weight, p.bias, apply_gelu)
+        return _mkldnn_call(x, p.weight, p.bias, apply_gelu, gelu_from)
     if p.backend == "native":
-        return torch.ops.ditengine.linear_gelu(x, p.weight, p.bias, apply_gelu)
-    return _linear_gelu_torch(x, p.weight, p.bias, apply_gelu)
+        if gelu_from == 0:  # the schema's default: the call the whole-row GELU always made
+            return torch.ops.ditengine.linear_gelu(x, p.weight, p.bias, apply_gelu)
+        return torch.ops.ditengine.linear_gelu(x, p.weight, p.bias, apply_gelu, gelu_from)
+    return _linear_gelu_torch(x, p.weight, p.bias, apply_gelu, gelu_from)
 
 
-def linear_gelu(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
-    """gelu_tanh(x @ w^T + b) for x (..., K) -> (..., N) in x's dtype, with `packed = prepack_linear(w, b)`."""
-    return _call(x, packed, True)
+def linear_gelu(x: torch.Tensor, packed: PackedLinear, gelu_from: int = 0) -> torch.Tensor:
+    """x @ w^T + b with gelu_tanh on the output columns [gelu_from, N), for x (..., K) -> (..., N) in x's
+    dtype, with `packed = prepack_linear(w, b)`. gelu_from = 0 (default): the whole row (DiT's fc1);
+    gelu_from = N: no GELU (the same as `linear`); Flux's stacked qkv + proj_mlp weight: gelu_from = 3D."""
+    return _call(x, packed, True, check_gelu_from(gelu_from, packed.out_features))
 
 
 def linear(x: torch.Tensor, packed: PackedLinear) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from ditengine.kernels import linear, linear_gelu, linear_gelu_ref, prepack_linear
 
-from native_helpers import needs_native
+from native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 from tolerance import assert_within_tolerance, fp32_floor
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -219,3 +219,188 @@ def test_native_bf16_rounding_is_torchs():
     nan = torch.isnan(expected)
     assert torch.equal(torch.isnan(out), nan) and nan.sum() == 45
     assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+# -- GELU on a column range (Flux's single-stream block: stacked q / k / v / proj_mlp, GELU from 3D on) ------
+D_FLUX = 24  # a small hidden size: the stacked weight is (3D + 4D, D) = (168, 24), GELU from column 72
+
+
+def check_cols(out, x, w, b, gelu_from, name="out"):
+    """Tolerance rule against F.linear + GELU-tanh on the columns [gelu_from, N), in fp32 and in x's dtype."""
+    def ref(xx, ww, bb):
+        y = torch.nn.functional.linear(xx, ww, bb)
+        y[..., gelu_from:] = torch.nn.functional.gelu(y[..., gelu_from:], approximate="tanh")
+        return y
+    ref32 = ref(x.float(), w.float(), None if b is None else b.float())
+    ref_lp = ref(x, w, b) if x.dtype != torch.float32 else ref32
+    assert out.shape == ref32.shape and out.dtype == x.dtype
+    assert_within_tolerance(out, ref32, ref_lp, FLOOR[x.dtype], name)
+
+
+def flux_layer(M, dtype, seed=0):
+    return layer(M, D_FLUX, 7 * D_FLUX, dtype, seed=seed)
+
+
+@pytest.mark.parametrize("gelu_from", [0, 37, 3 * D_FLUX, 7 * D_FLUX])
+def test_reference_gelu_columns(gelu_from):
+    x, w, b = flux_layer(9, torch.float32, seed=11)
+    y = torch.nn.functional.linear(x, w, b)
+    out = linear_gelu_ref(x, w, b, gelu_from=gelu_from)
+    torch.testing.assert_close(out[:, :gelu_from], y[:, :gelu_from], rtol=0, atol=0)  # the bias alone
+    torch.testing.assert_close(out[:, gelu_from:], torch.nn.functional.gelu(y[:, gelu_from:], approximate="tanh"))
+    torch.testing.assert_close(linear_gelu_ref(x.bfloat16(), w, b, upcast=True, gelu_from=gelu_from).float(),
+                               out, rtol=2e-2, atol=2e-2)
+
+
+def test_flux_block_one_gemm_is_the_four_linears():
+    """The stacked form computes what FluxSingleTransformerBlock does with four separate layers."""
+    x, _, _ = flux_layer(13, torch.float32, seed=12)
+    g = torch.Generator().manual_seed(13)
+    ws = [torch.randn(n, D_FLUX, generator=g) * D_FLUX**-0.5 for n in (D_FLUX,) * 3 + (4 * D_FLUX,)]
+    bs = [torch.randn(w.shape[0], generator=g) for w in ws]
+    packed = prepack_linear(torch.cat(ws), torch.cat(bs))
+    out = linear_gelu(x, packed, gelu_from=3 * D_FLUX)  # (13, 7D)
+    q, k, v, mlp = out.split([D_FLUX] * 3 + [4 * D_FLUX], dim=-1)
+    for got, w, b in zip((q, k, v), ws, bs):
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mlp, torch.nn.functional.gelu(torch.nn.functional.linear(x, ws[3], bs[3]),
+                                                             approximate="tanh"), rtol=1e-5, atol=1e-5)
+
+
+def usable_backends(dtype):
+    return (["reference"] + (["native"] if lg.native_available() else [])
+            + (["mkldnn"] if lg.mkldnn_gelu_is_tanh(dtype) else []))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("gelu_from", [0, 37, 3 * D_FLUX, 7 * D_FLUX - 1, 7 * D_FLUX])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_every_backend_gelu_columns(dtype, gelu_from, with_bias):
+    x, w, b = layer(33, D_FLUX, 7 * D_FLUX, dtype, seed=14 + gelu_from, lead=(3,))  # 99 rows
+    b = b if with_bias else None
+    for backend in usable_backends(dtype):
+        packed = prepack_linear(w, b, dtype=dtype, backend=backend, batch_size=99)
+        check_cols(linear_gelu(x, packed, gelu_from), x, w, b, gelu_from, f"{backend} gelu_from={gelu_from}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gelu_from_edges_are_the_existing_calls(dtype):
+    """gelu_from = 0 is today's whole-row GELU, bit for bit; gelu_from = N is `linear`."""
+    x, w, b = flux_layer(21, dtype, seed=15)
+    for backend in usable_backends(dtype):
+        packed = prepack_linear(w, b, dtype=dtype, backend=backend, batch_size=21)
+        assert torch.equal(linear_gelu(x, packed, 0), linear_gelu(x, packed)), backend
+        assert torch.equal(linear_gelu(x, packed, 7 * D_FLUX), linear(x, packed)), backend
+
+
+def test_gelu_from_errors():
+    x, w, b = flux_layer(4, torch.float32)
+    packed = prepack_linear(w, b, backend="reference")
+    for bad in (-1, 7 * D_FLUX + 1):
+        with pytest.raises(ValueError, match=rf"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}"):
+            linear_gelu(x, packed, bad)
+    for bad in (True, 3.0, torch.tensor(3)):
+        with pytest.raises(TypeError, match="gelu_from: expected an int column index"):
+            linear_gelu(x, packed, bad)
+    # The registered op checks it too, in its fake (meta) form as in its Python body (the same check).
+    meta = [t.to("meta") for t in (x, w, b)]
+    for bad in (-2, 169):
+        with pytest.raises(ValueError, match=f"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}"):
+            torch.ops.ditengine.linear_gelu(*meta, True, bad)
+
+
+@pytest.mark.parametrize("gelu_from", [0, 3 * D_FLUX, 101])
+def test_registered_op_with_gelu_from_passes_opcheck(gelu_from):
+    x, w, b = flux_layer(6, torch.float32, seed=16)
+    torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w, b, True, gelu_from))
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M", [1, 97, 131])  # odd row counts, one beyond a 128-row tile
+@pytest.mark.parametrize("gelu_from", [0, 72, 255, 256, 301, 512, 517, 520])
+def test_native_gelu_columns_cross_the_tiles(M, dtype, gelu_from):
+    """N = 520 spans three 256-column tiles: gelu_from at a tile edge (256, 512), inside one (72, 301, 517),
+    at 0 and at N; fp32 prepacked weights and weights in x's dtype, with and without bias."""
+    x, w, b = layer(M, 40, 520, dtype, seed=M + gelu_from)
+    op = torch.ops.ditengine.linear_gelu
+    for weight, bias in ((w.float(), b.float()), (w, b), (w.float(), None)):
+        out = op(x, weight, bias, True, gelu_from)
+        check_cols(out, x, w, None if bias is None else b, gelu_from, f"native M={M} weight {weight.dtype} "
+                   f"bias={bias is not None} gelu_from={gelu_from}")
+
+
+@native
+def test_native_gelu_from_zero_and_plain_keep_their_bits():
+    x, w, b = layer(97, 72, 300, torch.bfloat16, seed=17)
+    op = torch.ops.ditengine.linear_gelu
+    assert torch.equal(op(x, w.float(), b.float(), True, 0), op(x, w.float(), b.float(), True))
+    assert torch.equal(op(x, w.float(), b.float(), True, 300), op(x, w.float(), b.float(), False))
+    assert torch.equal(op(x, w.float(), b.float(), False, 100), op(x, w.float(), b.float(), False))  # no GELU at all
+
+
+@native
+def test_native_gelu_columns_nan_isolation_and_saturation():
+    x, w, b = layer(16, 8, 300, torch.float32, seed=18)
+    x[0] *= 1e4  # both saturated ends of the GELU, on the GELU columns; the linear columns stay exact
+    x[5, 1] = float("nan")
+    out = torch.ops.ditengine.linear_gelu(x, w, b, True, 131)
+    assert torch.isnan(out[5]).all() and torch.isfinite(out[torch.arange(16) != 5]).all()
+    ref_hi, ref_lp = linear_gelu_ref(x.double(), w.double(), b.double(), gelu_from=131), \
+        linear_gelu_ref(x, w, b, gelu_from=131)
+    for rows, name in (([0], "saturated row"), ([r for r in range(16) if r not in (0, 5)], "ordinary rows")):
+        assert_within_tolerance(out[rows], ref_hi[rows], ref_lp[rows], fp32_floor(ref_hi[rows]), name)
+
+
+@native
+def test_native_gelu_columns_other_paths():
+    """float64 (the torch form inside the kernel) and K = 0 (the bias alone) honour gelu_from too."""
+    x, w, b = layer(5, 8, 12, torch.float64, seed=19)
+    torch.testing.assert_close(torch.ops.ditengine.linear_gelu(x, w, b, True, 7), linear_gelu_ref(x, w, b, gelu_from=7))
+    x0, w0 = torch.empty(5, 0), torch.empty(12, 0)
+    torch.testing.assert_close(torch.ops.ditengine.linear_gelu(x0, w0, b.float(), True, 7),
+                               linear_gelu_ref(x0, w0, b.float(), gelu_from=7))
+
+
+@native
+def test_native_gelu_from_errors():
+    x, w, b = layer(4, 8, 12, torch.float32)
+    for bad in (-1, 13):
+        with pytest.raises(RuntimeError, match=rf"gelu_from must be in 0..12 \(weight's out_features\), got {bad}"):
+            torch.ops.ditengine.linear_gelu(x, w, b, True, bad)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_gelu_columns_pass_opcheck(dtype):
+    x, w, b = layer(6, 16, 300, dtype, seed=20, lead=(2,))
+    torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w.float(), b.float(), True, 259))
+    torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w, None, True, 300))
+
+
+@pytest.fixture(scope="module")
+def isa_variant(tmp_path_factory):
+    """isa -> the native outputs with DITENGINE_ISA=isa (gelu_from at offsets that start the GELU part of a
+    tile off every vector width), computed once per ISA in a fresh interpreter."""
+    code = """
+        import torch
+        from ditengine.kernels import _native
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(37, 40, generator=g), torch.randn(300, 40, generator=g) * 0.3, torch.randn(300, generator=g)
+        outs = [_native.build_info()["isa"]]
+        for gelu_from in (0, 5, 72, 263, 291, 300):
+            for dt in (torch.float32, torch.bfloat16):
+                outs.append(torch.ops.ditengine.linear_gelu(x.to(dt), w, b, True, gelu_from))
+        torch.save(outs, "{path}")
+    """
+    return isa_runner(tmp_path_factory, code)
+
+
+@native
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_native_gelu_columns_isa_variants_agree(isa, isa_variant):
+    """Each vector epilogue against the scalar baseline (the GEMM is the same BLAS call in all three)."""
+    skip_unless_cpu_runs(isa)
+    for a, b in zip(isa_variant(isa), isa_variant("baseline")):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-5 if a.dtype == torch.float32 else 1e-2,
+                                   rtol=1e-5 if a.dtype == torch.float32 else 1e-2)
