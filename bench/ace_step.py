@@ -69,7 +69,8 @@ def ace_step_setup(args, device):
     frames = round(duration * LATENTS_PER_SECOND)
     cfg = AceStepConfig(num_hidden_layers=depth, is_turbo=args.cfg_scale == 1.0)
     torch.manual_seed(args.seed)
-    base = AceStep(cfg).eval().to(device)
+    with torch.device(device):  # initialised where it runs
+        base = AceStep(cfg).eval()
     sched = de.schedulers.FlowMatchEuler(sigmas=turbo_sigmas(args.steps), num_train_timesteps=1).to(device)
     diffusers_model = _diffusers_transformer(base)
     guider = de.APG() if args.cfg_scale != 1.0 else None

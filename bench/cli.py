@@ -57,6 +57,7 @@ from ditengine.sampling import denoise_step, reference_forward, run_loop
 
 from . import peers
 from .ace_step import ace_step_setup, is_ace_step
+from .flux import flux_setup, is_flux
 from .pixart import is_pixart, pixart_setup
 from .timing import environment, measure
 
@@ -106,6 +107,7 @@ class Workload:
     eager_label: str = "ditengine reference"
     sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guider=APG(), for both loops
     audio_seconds: float | None = None  # a music workload: the song length one sampling run makes
+    per_image_seconds: bool = False  # report the seconds per image of a whole loop (Flux)
 
     def sample(self, **kwargs):
         return de.sample(self.base, self.sched, self.noise, *self.conditioning, progress=False, **kwargs,
@@ -158,7 +160,9 @@ class Variant:
             self.step()
         elif key == "gemm-floor":
             rows = self.batch * (2 if args.cfg_scale != 1.0 else 1)
-            self.step = gemm_floor_step(de.fast.fused_denoiser(w.base, self.dtype), rows)
+            fast = de.fast.fused_denoiser(w.base, self.dtype)
+            cond = fast.inputs(w.base, noise, args.cfg_scale != 1.0, *w.conditioning, **w.named)
+            self.step = gemm_floor_step(fast, rows, tuple(noise.shape[1:]), cond)
         else:
             graph_modes = {"fused+graph-step": "step", "fused+graph-loop": "loop"}
             mode = "loop" if key in CACHE_VARIANTS else graph_modes.get(key)
@@ -209,9 +213,9 @@ def peer_forward(name: str, workload: Workload, args):
     return peers.peer_forward(name, workload.base, x_in, t, y, Path(args.out) / "peers")
 
 
-def gemm_floor_step(fast, rows: int):
+def gemm_floor_step(fast, rows: int, latent_shape: tuple, cond: dict):
     """A closure running the fused step's token GEMMs alone, through the same calls and weights."""
-    gemms = fast.step_gemms(rows)
+    gemms = fast.step_gemms(rows, latent_shape, cond)
     acts = {shape: torch.randn(shape, device=fast.device, dtype=fast.dtype) for _, shape in gemms}
 
     def step():
@@ -246,11 +250,11 @@ def parse_args(argv=None):
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or "bf16"
     music = is_ace_step(args.model)
-    if args.cfg_scale is None:
-        args.cfg_scale = 1.0 if music else 4.0
+    if args.cfg_scale is None:  # ACE-Step turbo and Flux (dev embeds its guidance) run no CFG batch
+        args.cfg_scale = 1.0 if music or is_flux(args.model) else 4.0
     args.steps = args.steps or (50 if gpu else 5)
     default = [v for v in VARIANTS if v not in GPU_SKIPPED and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
-    if music:  # the runtime peers export the class-conditional DiT only
+    if music or is_flux(args.model):  # the runtime peers export the class-conditional DiT only
         default = [v for v in default if v not in peers.PEERS]
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
@@ -288,6 +292,8 @@ def main(argv=None) -> int:
         cfg, base, flops_of, workload_for = pixart_setup(args, device)
     elif is_ace_step(args.model):
         cfg, base, flops_of, workload_for = ace_step_setup(args, device)
+    elif is_flux(args.model):
+        cfg, base, flops_of, workload_for = flux_setup(args, device)
     else:
         cfg, base, flops_of, workload_for = dit_setup(args, device)
     weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize
@@ -357,10 +363,13 @@ def main(argv=None) -> int:
 
 
 def song_columns(workload: Workload, ms_per_step: float) -> dict:
-    """A music workload: seconds of DiT loop per song, and how many times faster than real time that is."""
+    """A music workload: seconds of DiT loop per song, and how many times faster than real time that is; an
+    image workload that asks for it: seconds per image of the whole loop."""
+    seconds = ms_per_step * len(workload.sched) / 1e3
+    if workload.per_image_seconds:
+        return {"s_per_image": seconds}
     if workload.audio_seconds is None:
         return {}
-    seconds = ms_per_step * len(workload.sched) / 1e3
     return {"s_per_song": seconds, "realtime_x": workload.audio_seconds / seconds}
 
 
@@ -381,9 +390,13 @@ def format_table(report: dict) -> str:
              "| % H100 floor | % GEMM floor | max err | SQNR dB | block share |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     music = any("s_per_song" in r for r in report["results"])
+    per_image = any("s_per_image" in r for r in report["results"])
     if music:  # seconds of DiT loop per song and the real-time factor, beside ms/step
         lines[-2] = lines[-2].replace("| ms/step |", "| ms/step | s/song | x real time |")
         lines[-1] += "---:|---:|"
+    elif per_image:
+        lines[-2] = lines[-2].replace("| ms/step |", "| ms/step | s/image |")
+        lines[-1] += "---:|"
     for r in report["results"]:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
         share = f"{100 * r['block_share']:.0f}%" if r.get("block_share") is not None else "-"
@@ -391,7 +404,8 @@ def format_table(report: dict) -> str:
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
         sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         prompt = "-" if r.get("prompt_ms") is None else f"{r['prompt_ms']:.3f}"
-        song = f" {r['s_per_song']:.2f} | {r['realtime_x']:.1f} |" if music else ""
+        song = f" {r['s_per_song']:.2f} | {r['realtime_x']:.1f} |" if music else \
+            f" {r['s_per_image']:.2f} |" if per_image else ""
         lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} |{song} {r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")

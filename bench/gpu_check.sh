@@ -10,17 +10,20 @@
 #
 #   bash bench/gpu_check.sh OUTDIR          the full plan
 #   bash bench/gpu_check.sh --quick OUTDIR  a shorter plan (at most 240 s), for a second call after a failure
-#   bash bench/gpu_check.sh --plan [--quick]  print each stage and its limit, then `total N s`; run nothing
+#   bash bench/gpu_check.sh --flux OUTDIR   the second plan, run after the first: Flux.1-dev at 1024 px, full
+#                                           depth, 28 steps (a 12B model does not fit the first plan's budget)
+#   bash bench/gpu_check.sh --plan [--quick | --flux]  print each stage and its limit, then `total N s`
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-plan=0 quick=0 OUT=
+plan=0 quick=0 flux=0 OUT=
 for arg in "$@"; do
     case $arg in
         --plan) plan=1 ;;
         --quick) quick=1 ;;
-        -*) echo "usage: bash bench/gpu_check.sh [--quick] OUTDIR | --plan [--quick]" >&2; exit 2 ;;
+        --flux) flux=1 ;;
+        -*) echo "usage: bash bench/gpu_check.sh [--quick | --flux] OUTDIR | --plan [--quick | --flux]" >&2; exit 2 ;;
         *) OUT=$arg ;;
     esac
 done
@@ -52,6 +55,16 @@ STAGES=(
     "ladder-eager-fp32|10|0|rows|$PY ${LADDER[*]} --batch 1 --variants eager-fp32 --repeats 3 --out \$DIR"
 )
 
+# The second plan: Flux.1-dev 1024 px (4096 image + 512 text tokens), 19 + 38 blocks, 28 steps, bf16, batch 1.
+FLUX=(-m ditengine.bench --model Flux.1-dev --image-size 1024 --dtype bf16 --steps 28 --repeats 3 --warmup 1)
+FLUX_STAGES=(
+    "cuda-check|30|30|ok|$PY bench/cuda_check.py \$OUT/cuda.json"
+    "install|30|30|ok|env DITENGINE_SKIP_EXT=1 $PY -m pip install --no-deps --no-build-isolation -e ."
+    "ladder-flux-dev-1024|330|0|rows|$PY ${FLUX[*]} --batch 1 --variants eager-lp-sdpa,fused+graph-loop --out \$DIR"
+    "ladder-flux-dev-compile|150|0|rows|$PY ${FLUX[*]} --batch 1 --variants compile --out \$DIR"
+)
+[ "$flux" = 1 ] && STAGES=("${FLUX_STAGES[@]}")
+
 selected=()  # name|limit|evidence|command, with this plan's limit
 for s in "${STAGES[@]}"; do
     IFS='|' read -r name limit quick_limit evidence command <<< "$s"
@@ -72,7 +85,7 @@ if [ "$plan" = 1 ]; then
     echo "total $total s"
     exit 0
 fi
-[ -n "$OUT" ] || { echo "usage: bash bench/gpu_check.sh [--quick] OUTDIR | --plan [--quick]" >&2; exit 2; }
+[ -n "$OUT" ] || { echo "usage: bash bench/gpu_check.sh [--quick | --flux] OUTDIR | --plan [--quick | --flux]" >&2; exit 2; }
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 : > "$OUT/stages.tsv"

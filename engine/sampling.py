@@ -88,13 +88,13 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
 
         return forward
     if isinstance(spec, Flux):
-        return _flux_forward(model, spec, noise, use_cfg, named)
+        return flux_forward(model, spec, noise, use_cfg, named)
     raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt, AceStep, Flux), got {type(model).__name__} "
                     "(convert a diffusers transformer with ditengine.from_diffusers)")
 
 
-def _flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, named: dict) -> Forward:
-    """Flux's call as FluxPipeline makes it: the loop's (B, 16, H, W) latents packed into 2x2 patches, t / 1000
+def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, named: dict) -> Forward:
+    """`model` (the reference spec `spec`, or diffusers' transformer with its weights) called as FluxPipeline calls it: the loop's (B, 16, H, W) latents packed into 2x2 patches, t / 1000
     in the latents' dtype, the guidance for dev, the negative prompt as the unconditional half (true CFG)."""
     cond = check_flux_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
     dtype = next(model.parameters()).dtype

@@ -63,3 +63,9 @@ def test_summary_reads_partial_ladder_results_and_kernel_tables(tmp_path):
     assert "1 failed, 80 passed" in summary and "- FAILED tests/test_x.py::test_y" in summary
     assert "| eager-lp-sdpa | 1 |" in summary and "| fused | 1 |" in summary
     assert "## bench-adaln" in summary and "| B=2 | bf16 |" in summary
+
+
+def test_the_flux_plan_is_a_second_call_of_its_own():
+    flux = plan("--flux")
+    assert sum(flux.values()) <= 540 and list(flux)[:2] == ["cuda-check", "install"]
+    assert "ladder-flux-dev-1024" in flux and "ladder-flux-dev-1024" not in plan()

@@ -300,7 +300,7 @@ class FastAceStep(FusedDenoiser):
         out = self.final(h).view(N, T, self.out_channels, -1)  # (N, T', C, p)
         return out.permute(0, 2, 1, 3).reshape(N, self.out_channels, -1)[..., :ctx["length"]].contiguous()
 
-    def step_gemms(self, rows: int, latent_shape: tuple | None = None) -> list[tuple]:
+    def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
         T, D = self.token_shape(latent_shape or self.latent_shape)
         gemms = [(self.patch, (rows, T, self.patch.in_features))]

@@ -73,6 +73,7 @@ class TokenLinear:
         else:
             self.weight, self.bias = weight, bias
         self.gelu_epilogue = owner.gelu_epilogue
+        self.column_gelu = quantize is None and owner.prepacked  # the GELU of `gelu_from` in the GEMM epilogue
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
@@ -86,6 +87,15 @@ class TokenLinear:
             flat = torch._addmm_activation(self.bias, x.flatten(0, -2), self.weight.t(), use_gelu=True)
             return flat.view(*x.shape[:-1], -1)
         return F.gelu(F.linear(x, self.weight, self.bias), approximate="tanh")
+
+    def gelu_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """The GEMM with the tanh GELU on output columns [start, out) only (Flux's single block: q, k, v, then
+        the MLP): in the epilogue on prepacked weights, else in place on the slice."""
+        if self.column_gelu:
+            return linear_gelu(x, self.packed, gelu_from=start)
+        y = self(x)
+        y[..., start:] = F.gelu(y[..., start:], approximate="tanh")
+        return y
 
 
 class SwiGLULinear:
@@ -154,7 +164,8 @@ class FusedDenoiser:
     - the forward as embed -> blocks -> unembed, so a cache policy can stand in for the blocks:
       `embed(x_in, ctx)`, `first_norm(resid, mod, ctx)`, `block(i, resid, h, mod, ctx, keep)`,
       `reuse_block(i, resid, mod, ctx, kept)`, `final_norm(resid, mod)`, `unembed(h, ctx)`;
-    - `step_gemms(rows)`: the token GEMMs of one step with their row counts (the benchmark's GEMM floor).
+    - `step_gemms(rows, latent_shape, cond)`: the token GEMMs of one step with their activation shapes (the
+      benchmark's GEMM floor).
     """
 
     branches = 2

@@ -172,7 +172,7 @@ class FastDiT(FusedDenoiser):
         """Same contract as `DiT.forward`, through the fused path."""
         return self.forward(x.to(self.dtype), self.modulate_all(self.conditioning(t, y)))
 
-    def step_gemms(self, rows: int) -> list[tuple]:
+    def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them (fc1 with
         its GELU, as the step runs it)."""
         cfg = self.config

@@ -302,9 +302,9 @@ class FastFlux(FusedDenoiser):
             return resid, self._norms(resid, L, nxt, (m[:, 5], m[:, 11]), mlp)
         layers, m = self.single[i - self.config.num_layers], mod[1][:, i - self.config.num_layers]  # (N, 3, D)
         D = self.hidden
-        fused = layers["qkv_mlp"](h)  # (N, S, 7D): q, k, v, then the MLP's 4D
+        fused = layers["qkv_mlp"].gelu_from(h, 3 * D)  # (N, S, 7D): q, k, v, then the MLP's 4D, GELU'd
         attended = self._attention(fused[..., :3 * D], layers["q_norm"], layers["k_norm"], ctx["rope"], None)
-        o = layers["out"](torch.cat([attended, F.gelu(fused[..., 3 * D:], approximate="tanh")], dim=-1))
+        o = layers["out"](torch.cat([attended, fused[..., 3 * D:]], dim=-1))
         if keep is not None:
             keep[0].copy_(o)
         return resid, self._norms(resid, L, nxt, (m[:, 2], m[:, 2]), (o[:, :L], o[:, L:]))
@@ -333,10 +333,12 @@ class FastFlux(FusedDenoiser):
         out = self.final(h[:, ctx["text_len"]:]).view(h.shape[0], gh, gw, C, 2, 2)
         return out.permute(0, 3, 1, 4, 2, 5).reshape(h.shape[0], C, 2 * gh, 2 * gw)
 
-    def step_gemms(self, rows: int, latent_shape: tuple | None = None, text_len: int = 512) -> list[tuple]:
-        """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
+    def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
+        """The token GEMMs of one step as (call, activation shape), in the order the step runs them (512 text
+        tokens, dev's padding, without `cond`)."""
         shape = latent_shape or self.latent_shape
-        T, D, L = (shape[-2] // 2) * (shape[-1] // 2), self.hidden, text_len
+        L = 512 if cond is None else cond["prompt_embeds"].shape[1]
+        T, D = (shape[-2] // 2) * (shape[-1] // 2), self.hidden
         M = self.config.mlp_hidden
         gemms = [(self.x_embed, (rows, T, self.x_embed.in_features))]
         for layers in self.double:
@@ -344,5 +346,6 @@ class FastFlux(FusedDenoiser):
                 gemms += [(layers[prefix + "qkv"], (rows, n, D)), (layers[prefix + "out"], (rows, n, D)),
                           (layers[prefix + "fc1"].gelu, (rows, n, D)), (layers[prefix + "fc2"], (rows, n, M))]
         for layers in self.single:
-            gemms += [(layers["qkv_mlp"], (rows, L + T, D)), (layers["out"], (rows, L + T, D + M))]
+            gemms += [(functools.partial(layers["qkv_mlp"].gelu_from, start=3 * D), (rows, L + T, D)),
+                      (layers["out"], (rows, L + T, D + M))]
         return gemms + [(self.final, (rows, T, D))]

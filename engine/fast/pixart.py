@@ -295,7 +295,7 @@ class FastPixArt(FusedDenoiser):
         out = self.final(h).view(h.shape[0], gh, gw, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(h.shape[0], c, gh * p, gw * p)
 
-    def step_gemms(self, rows: int, latent_shape: tuple | None = None) -> list[tuple]:
+    def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
         T, D = self.token_shape(latent_shape or self.latent_shape)
         gemms = [(self.patch, (rows, T, self.patch.in_features))]
