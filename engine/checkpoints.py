@@ -82,24 +82,11 @@ def _read(source) -> tuple[dict, dict, dict]:
 
 
 SUPPORTED_CHECKPOINTS = ("facebookresearch/DiT .pt files, diffusers DiTTransformer2DModel, PixArtTransformer2DModel "
-                         "AceStepTransformer1DModel and FluxTransformer2DModel checkpoints, original PixArt-alpha/sigma "
-                         ".pth files (with pixart_config=), original ACE-Step 1.5 checkpoints and BFL Flux.1 "
-                         ".safetensors")
+                         "AceStepTransformer1DModel, FluxTransformer2DModel and SD3Transformer2DModel checkpoints, "
+                         "original PixArt-alpha/sigma .pth files (with pixart_config=), original ACE-Step 1.5 "
+                         "checkpoints, BFL Flux.1 and SAI SD3 / SD3.5 .safetensors")
 SUPPORTED_DIFFUSERS = ("DiTTransformer2DModel", "PixArtTransformer2DModel", "AceStepTransformer1DModel",
-                       "FluxTransformer2DModel")
-# Keys that name another model family's checkpoint, so that it is refused by name rather than as a broken DiT.
-_OTHER_FAMILIES = {
-    "context_embedder.weight": "a diffusers SD3Transformer2DModel (MMDiT)",
-}
-
-
-def _refuse_other_families(state: dict) -> None:
-    for key, family in _OTHER_FAMILIES.items():
-        if key in state:
-            raise ValueError(f"checkpoint: this is {family} state dict (it has {key!r}), which this version does "
-                             f"not load; load_checkpoint reads {SUPPORTED_CHECKPOINTS}")
-
-
+                       "FluxTransformer2DModel", "SD3Transformer2DModel")
 def _is_diffusers(state: dict) -> bool:
     return "pos_embed.proj.weight" in state or any(k.startswith("transformer_blocks.") for k in state)
 
@@ -240,17 +227,20 @@ def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = Fa
       names); the config is the directory's config.json, else inferred from shapes (`config_overrides` win);
     - a `ditengine.models.flux.Flux` from a diffusers `FluxTransformer2DModel` directory, safetensors file or
       state dict, or a BFL Flux.1 checkpoint (with or without the `model.diffusion_model.` prefix); the
-      config likewise (`axes_dims_rope` defaults to (16, 56, 56), `patch_size` to 1).
+      config likewise (`axes_dims_rope` defaults to (16, 56, 56), `patch_size` to 1);
+    - a `ditengine.models.sd3.SD3` from a diffusers `SD3Transformer2DModel` directory, safetensors file or state
+      dict, or an SAI SD3 / SD3.5 checkpoint (with or without `model.diffusion_model.`); the config likewise.
 
     Tensors holding NaN or Inf are refused, naming them, unless `allow_nonfinite`."""
     state, dconfig, own_config = _read(source)
     if not allow_nonfinite:
         check_finite(state)
-    from .models import flux
+    from .models import flux, sd3
 
-    if flux.is_flux_state_dict(state):  # before the refusal: Flux has a context_embedder like SD3
+    if flux.is_flux_state_dict(state):
         return flux.load_state_dict(state, {**dconfig, **config_overrides})
-    _refuse_other_families(state)
+    if sd3.is_sd3_state_dict(state):  # diffusers (pos_embed.proj + context_embedder) or SAI (joint_blocks.)
+        return sd3.load_state_dict(state, {**dconfig, **config_overrides})
     if _is_ace_step(state):
         from .models import ace_step
 
@@ -291,7 +281,7 @@ def from_diffusers(transformer):
     """ditengine's reference model with the weights of a live diffusers transformer (float32, CPU):
     `DiTTransformer2DModel` -> `ditengine.DiT`, `PixArtTransformer2DModel` -> `ditengine.models.pixart.PixArt`,
     `AceStepTransformer1DModel` -> `ditengine.models.ace_step.AceStep`, `FluxTransformer2DModel` ->
-    `ditengine.models.flux.Flux`.
+    `ditengine.models.flux.Flux`, `SD3Transformer2DModel` -> `ditengine.models.sd3.SD3`.
     The returned model's `forward` takes the keyword arguments the diffusers pipeline passes."""
     name = type(transformer).__name__
     if name not in SUPPORTED_DIFFUSERS:
@@ -301,6 +291,10 @@ def from_diffusers(transformer):
         from .models import pixart
 
         return pixart.from_diffusers(transformer)
+    if name == "SD3Transformer2DModel":
+        from .models import sd3
+
+        return sd3.from_diffusers(transformer)
     if name == "FluxTransformer2DModel":
         from .models import flux
 

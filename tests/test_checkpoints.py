@@ -104,13 +104,14 @@ def test_a_malformed_config_json_names_its_path(tmp_path, fb_state):
 def test_from_diffusers_of_an_unsupported_module_names_the_supported_ones():
     with pytest.raises(TypeError, match="from_diffusers: expected a diffusers DiTTransformer2DModel or ") as err:
         de.from_diffusers(torch.nn.Linear(2, 2))
-    for name in ("PixArtTransformer2DModel", "AceStepTransformer1DModel", "FluxTransformer2DModel", "got Linear"):
+    for name in ("PixArtTransformer2DModel", "AceStepTransformer1DModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
+                 "got Linear"):
         assert name in str(err.value)
 
 
-def test_another_familys_state_dict_is_refused_by_name():
+def test_an_incomplete_sd3_state_dict_is_read_as_sd3_and_says_what_is_missing():
     state = {"context_embedder.weight": torch.randn(12, 2), "pos_embed.proj.weight": torch.randn(2, 4, 2, 2)}
-    with pytest.raises(ValueError, match="this is a diffusers SD3Transformer2DModel"):
+    with pytest.raises(ValueError, match="SD3 state dict: cannot infer the config"):
         de.load_checkpoint(state)
 
 
