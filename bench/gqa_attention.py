@@ -11,6 +11,10 @@ projection gives them. Providers, all timed round-robin in one process:
   model passes an additive one; same keys), the transpose back;
 - "sdpa only": SDPA on q and k already normalised and rotated, the attention alone, for scale.
 
+Joint attention (SD3.5's size, B = 1, 1024 image + 333 text tokens, 24 heads x 64, fp32, with Flux's
+interleaved RoPE over all rows): "native" with (2, Dh) per-stream norm weights split at 1024 against "eager",
+the two streams' norms on their row ranges, the concatenation, RoPE and SDPA.
+
 GFLOP/s count 4 * Dh per visible (query, key) pair and q head (the band's pairs only with the window), the
 work the native kernel does. `python -m ditengine.bench.gqa_attention` (`--quick`: one small case).
 """
@@ -29,13 +33,19 @@ from .timing import run_kernel_bench
 # (B, T, Hq, Hkv, Dh, window)
 CPU_CASES = [(2, 375, 16, 8, 128, None), (2, 375, 16, 8, 128, 128)]
 CPU_QUICK = [(1, 40, 4, 2, 64, 8)]
+# (B, first stream's tokens, second stream's tokens, heads, Dh): one joint attention, per-stream norm weights
+JOINT_CASES = [(1, 1024, 333, 24, 64)]
+JOINT_QUICK = [(1, 30, 11, 2, 64)]
 
 
-def rope_tables(T: int, Dh: int, theta: float = 1e6):
+def rope_tables(T: int, Dh: int, theta: float = 1e6, interleaved: bool = False):
     """ACE-Step's cos, sin (T, Dh): `get_1d_rotary_pos_embed(Dh, arange(T), theta, use_real=True,
-    repeat_interleave_real=False)`, written out (the halves repeat)."""
+    repeat_interleave_real=interleaved)`, written out (the halves repeat; interleaved: each angle twice in a row,
+    Flux's pairing)."""
     freqs = 1.0 / theta ** (torch.arange(0, Dh, 2, dtype=torch.float32) / Dh)
     angles = torch.outer(torch.arange(T, dtype=torch.float32), freqs)  # (T, Dh/2)
+    if interleaved:
+        return angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
     return torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
 
 
@@ -56,6 +66,35 @@ def eager(q, k, v, w_q, w_k, cos, sin, window, eps=1e-6):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
                                          enable_gqa=HQ != k.shape[2])  # (B, Hq, T, Dh)
     return out.transpose(1, 2).reshape(B, T, HQ * Dh)
+
+
+def eager_joint(q, k, v, w_q, w_k, split, cos, sin, eps=1e-6):
+    """Joint attention as diffusers' processors run it: each stream's q / k RMSNorm on its rows, the joint
+    sequence, interleaved RoPE (Flux), SDPA; from the (B, T, H, Dh) views to the (B, T, H*Dh) output."""
+    B, T, H, Dh = q.shape
+    q = torch.cat([rms_norm_ref(q[:, :split], w_q[0], eps), rms_norm_ref(q[:, split:], w_q[1], eps)], dim=1)
+    k = torch.cat([rms_norm_ref(k[:, :split], w_k[0], eps), rms_norm_ref(k[:, split:], w_k[1], eps)], dim=1)
+    q, k = rope_ref(q, cos, sin, True), rope_ref(k, cos, sin, True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, Dh)
+    return out.transpose(1, 2).reshape(B, T, H * Dh)
+
+
+def joint_cases(device, quick: bool = False):
+    for B, first, second, H, Dh in JOINT_QUICK if quick else JOINT_CASES:
+        T = first + second
+        q, k, v = fused_views(B, T, H, H, Dh, torch.float32, device)
+        g = torch.Generator().manual_seed(2)
+        w_q, w_k = (1 + 0.1 * torch.randn(2, 2, Dh, generator=g)).to(device).unbind(0)  # (2, Dh) each
+        cos, sin = (t.to(device) for t in rope_tables(T, Dh, 1e4, interleaved=True))
+        providers = {}
+        if _native.serves("gqa_attention") and device.type == "cpu":
+            providers["native"] = lambda q=q, k=k, v=v, w_q=w_q, w_k=w_k, split=first, cos=cos, sin=sin: (
+                gqa_attention(q, k, v, q_norm=w_q, k_norm=w_k, norm_split=split, rope=(cos, sin),
+                              rope_interleaved=True).flatten(2))
+        providers["eager"] = lambda q=q, k=k, v=v, w_q=w_q, w_k=w_k, split=first, cos=cos, sin=sin: (
+            eager_joint(q, k, v, w_q, w_k, split, cos, sin))
+        label = f"joint B={B} T={first}+{second} H={H} Dh={Dh} interleaved RoPE"
+        yield label, torch.float32, 4 * B * H * Dh * T * T, providers
 
 
 def cases(device, quick: bool = False):
@@ -80,6 +119,7 @@ def cases(device, quick: bool = False):
         pairs = T * T if window is None else int(band_mask(T, T, window).sum())
         label = f"B={B} T={T} Hq={HQ} Hkv={HKV} Dh={Dh} window={window}"
         yield label, dtype, 4 * B * HQ * Dh * pairs, providers
+    yield from joint_cases(device, quick)
 
 
 def main(argv=None) -> int:

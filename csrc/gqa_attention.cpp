@@ -9,6 +9,10 @@
 // one fused (B, T, (Hq + 2 Hkv) Dh) output), read in place through their strides; out (B, T, Hq, Dh),
 // contiguous.
 //
+// Joint attention (SD3.5, Flux.1): a norm weight may be (2, Dh), one per stream of the concatenated sequence;
+// the row at position i < norm_split normalises with weight 0, the others with weight 1. The weight is picked
+// per row inside the prologue, so a tile across the split needs nothing else.
+//
 // Blocking: a task is (batch row, kv head, run of query tiles of BLOCK_M rows), spread with at::parallel_for:
 // as many tiles per task as leave two tasks per thread (a kv head's every tile when there are kv heads enough
 // for every thread). A task normalises, rotates and transposes the keys its tiles see once, into an fp32
@@ -58,6 +62,8 @@ using cpu::Strides;
 // The row transform of q or k: RMSNorm with a weight, then RoPE; either may be absent.
 struct Prologue {
   const float* weight = nullptr;  // (Dh,) fp32; null: no norm
+  const float* weight2 = nullptr;  // the second stream's (Dh,) fp32 weight, for positions >= split; null: none
+  int64_t split = 0;
   float eps = 0.f;
   const float* cos = nullptr;  // (T, Dh) fp32 rows, row strides below; null: no RoPE
   const float* sin = nullptr;
@@ -78,7 +84,8 @@ inline void prefetch_row(const in_t* row, int64_t Dh) {
 }
 
 // dst (Dh, fp32) = the prologue of the row src at sequence position `pos`; `tmp` (Dh) is scratch. The
-// reference's order of operations: x * rsqrt(mean(x^2) + eps) * w, then x * cos + rot(x) * sin. The tables
+// reference's order of operations: x * rsqrt(mean(x^2) + eps) * w (w the stream weight of `pos`), then
+// x * cos + rot(x) * sin. The tables
 // are read through restrict-qualified locals: through `p`, every store to dst could alias them, and the loops
 // reloaded the pointers instead of vectorising.
 template <typename in_t>
@@ -92,7 +99,7 @@ void prologue_row(const in_t* src, int64_t Dh, const Prologue& p, int64_t pos, f
     x = tmp;
   }
   if (p.weight) {
-    const float* __restrict__ w = p.weight;
+    const float* __restrict__ w = p.weight2 && pos >= p.split ? p.weight2 : p.weight;
     // Explicit lanes: a vectorised sum without -ffast-math, in an order that is the same on every run.
     float lanes[kLanes] = {};
     int64_t d = 0;
@@ -293,11 +300,12 @@ void check_cpu(const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), OP, " (CPU kernel): ", name, " must be a CPU tensor, got ", t.device());
 }
 
-// An fp32 contiguous copy of an RMSNorm weight (Dh,), checked; undefined when absent.
+// An fp32 contiguous copy of an RMSNorm weight (Dh,) or per-stream weights (2, Dh), checked; undefined when absent.
 at::Tensor norm_weight(const char* name, const std::optional<at::Tensor>& w, int64_t Dh) {
   if (!w.has_value()) return {};
-  TORCH_CHECK_VALUE(w->dim() == 1 && w->size(0) == Dh, OP, ": ", name, " must be the (Dh,) = (", Dh,
-                    ",) RMSNorm weight, got shape ", w->sizes());
+  TORCH_CHECK_VALUE((w->dim() == 1 && w->size(0) == Dh) || (w->dim() == 2 && w->size(0) == 2 && w->size(1) == Dh),
+                    OP, ": ", name, " must be the (Dh,) = (", Dh, ",) RMSNorm weight, got shape ", w->sizes(),
+                    " (per-stream weights: (2, Dh) = (2, ", Dh, "))");
   check_cpu(name, *w);
   TORCH_CHECK_TYPE(at::isFloatingType(w->scalar_type()), OP, ": ", name, " must be a floating-point tensor, got ",
                    w->scalar_type());
@@ -316,7 +324,8 @@ void check_rope_table(const char* name, const at::Tensor& t, int64_t T, int64_t 
 at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                              double eps, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                             bool rope_interleaved, std::optional<int64_t> window, double scale) {
+                             bool rope_interleaved, std::optional<int64_t> window, double scale,
+                             std::optional<int64_t> norm_split) {
   TORCH_CHECK_VALUE(q.dim() == 4, OP, ": q must be (B, T, Hq, Dh), got ", q.dim(), " dimensions with shape ",
                     q.sizes());
   const int64_t B = q.size(0), T = q.size(1), HQ = q.size(2), Dh = q.size(3);
@@ -357,6 +366,16 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
     TORCH_CHECK_VALUE(S == T, OP, ": window: a sliding window needs S = T, got S=", S, ", T=", T);
   }
   const at::Tensor wq = norm_weight("q_norm", q_norm, Dh), wk = norm_weight("k_norm", k_norm, Dh);
+  const bool split_q = wq.defined() && wq.dim() == 2, split_k = wk.defined() && wk.dim() == 2;
+  if (norm_split.has_value()) {
+    TORCH_CHECK_VALUE(split_q || split_k, OP, ": norm_split is only for (2, Dh) per-stream q_norm / k_norm weights");
+    TORCH_CHECK_VALUE(*norm_split > 0 && *norm_split < T, OP, ": norm_split must satisfy 0 < norm_split < T = ", T,
+                      ", got ", *norm_split);
+    TORCH_CHECK_VALUE(!split_k || S == T, OP, ": k_norm: (2, Dh) weights split k's rows as q's and need S = T, got S=",
+                      S, ", T=", T);
+  } else {
+    TORCH_CHECK_VALUE(!split_q && !split_k, OP, ": (2, Dh) per-stream norm weights need norm_split");
+  }
 
   at::Tensor out = at::empty({B, T, HQ, Dh}, q.options());
   if (out.numel() == 0) return out;
@@ -369,6 +388,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   if (window.has_value() && *window < T - 1) pr.window = *window;  // a wider band hides no key
   auto set_prologue = [&](Prologue& p, const at::Tensor& w) {
     if (w.defined()) p.weight = w.data_ptr<float>(), p.eps = static_cast<float>(eps);
+    if (w.defined() && w.dim() == 2) p.weight2 = p.weight + Dh, p.split = *norm_split;  // contiguous (2, Dh)
     if (cos.has_value()) {
       p.cos = cos->data_ptr<float>(), p.sin = sin->data_ptr<float>();
       p.stride_cos = cos->stride(0), p.stride_sin = sin->stride(0);

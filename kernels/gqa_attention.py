@@ -14,11 +14,20 @@ memory for each of norm, RoPE, the GQA key/value expansion and the dense band ma
 rotation run on each q and k tile as it is loaded, kv heads are indexed rather than copied, and the key blocks
 outside the band are never visited.
 
-RMSNorm: x * rsqrt(mean(x**2) + eps) * w, the statistic and product in fp32. RoPE on the normalised rows,
-x' = x * cos + rot(x) * sin with cos, sin (T, Dh) fp32 rows per position: rotate-half (`rope_interleaved=
-False`, diffusers' `use_real_unbind_dim=-2`): rot(x) = cat(-x2, x1) for the halves x1, x2; interleaved pairs
-(True, Flux's `use_real_unbind_dim=-1`): rot(x)[2i] = -x[2i+1], rot(x)[2i+1] = x[2i]. Any (T, Dh) tables
-are taken as they are, so the pairing of cos/sin entries follows the tables given.
+Joint attention (SD3.5, Flux.1): one attention over two token streams concatenated along the sequence, [image;
+text] (SD3.5, diffusers `JointAttnProcessor2_0`) or [text; image] (Flux, `FluxAttnProcessor`), each stream
+with its own q/k RMSNorm weights (`norm_q` / `norm_k` on one, `norm_added_q` / `norm_added_k` on the other)
+and, for Flux, interleaved RoPE over all the joint rows after the norms. `q_norm` / `k_norm` then hold both
+weights as (2, Dh) and `norm_split` says where the streams meet: row i normalises with weight 0 if i <
+norm_split, weight 1 otherwise (k's rows split at the same index, so a (2, Dh) `k_norm` needs S == T). The
+kernels pick each row's weight as the row is loaded: a tile across the split uses both, no extra pass.
+
+RMSNorm: x * rsqrt(mean(x**2) + eps) * w (w the row's stream weight), the statistic and product in fp32.
+RoPE on the normalised rows, x' = x * cos + rot(x) * sin with cos, sin (T, Dh) fp32 rows per position:
+rotate-half (`rope_interleaved=False`, diffusers' `use_real_unbind_dim=-2`): rot(x) = cat(-x2, x1) for the
+halves x1, x2; interleaved pairs (True, Flux's `use_real_unbind_dim=-1`): rot(x)[2i] = -x[2i+1],
+rot(x)[2i+1] = x[2i]. Any (T, Dh) tables are taken as they are, so the pairing of cos/sin entries follows the
+tables given.
 
 Layouts: q (B, T, Hq, Dh), k and v (B, S, Hkv, Dh): per-head views of the projections' outputs, any strides
 with a contiguous last dim (ACE-Step's q, k, v are column slices of one fused (B, T, (Hq+2*Hkv)*Dh)
@@ -79,6 +88,14 @@ def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved:
     return (x.to(compute) * cos + rotate_ref(x, interleaved).to(compute) * sin).to(x.dtype)
 
 
+def stream_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, split: int | None) -> torch.Tensor:
+    """RMSNorm of x (B, T, H, Dh) with a (Dh,) weight, or with a (2, Dh) one per stream: weight[0] on the rows
+    [0, split), weight[1] on [split, T) (diffusers' two RMSNorm modules, one per row range)."""
+    if weight.dim() == 1:
+        return rms_norm_ref(x, weight, eps)
+    return torch.cat([rms_norm_ref(x[:, :split], weight[0], eps), rms_norm_ref(x[:, split:], weight[1], eps)], dim=1)
+
+
 def band_mask(T: int, S: int, window: int, device=None) -> torch.Tensor:
     """(T, S) bool, True where |i - j| <= window: the keys query i sees."""
     i = torch.arange(T, device=device)[:, None]
@@ -88,17 +105,18 @@ def band_mask(T: int, S: int, window: int, device=None) -> torch.Tensor:
 
 def gqa_attention_ref(q, k, v, *, q_norm=None, k_norm=None, eps: float = 1e-6, rope=None,
                       rope_interleaved: bool = False, window: int | None = None, scale: float | None = None,
-                      upcast: bool = True) -> torch.Tensor:
-    """Plain PyTorch: RMSNorm, RoPE, then SDPA with `enable_gqa` and a boolean band mask, over q (B, T, Hq, Dh),
-    k, v (B, S, Hkv, Dh) -> (B, T, Hq, Dh) contiguous in q's dtype. Math in fp32 when `upcast` (float64 stays);
-    without it, the eager model's roundings in the inputs' dtype. Any head dim."""
+                      norm_split: int | None = None, upcast: bool = True) -> torch.Tensor:
+    """Plain PyTorch: RMSNorm (each stream's on its row range for (2, Dh) weights, split at `norm_split`),
+    RoPE, then SDPA with `enable_gqa` and a boolean band mask, over q (B, T, Hq, Dh), k, v (B, S, Hkv, Dh) ->
+    (B, T, Hq, Dh) contiguous in q's dtype. Math in fp32 when `upcast` (float64 stays); without it, the eager
+    model's roundings in the inputs' dtype. Any head dim."""
     dtype = q.dtype
     if upcast and dtype != torch.float64:
         q, k, v = q.float(), k.float(), v.float()
     if q_norm is not None:
-        q = rms_norm_ref(q, q_norm, eps)
+        q = stream_norm_ref(q, q_norm, eps, norm_split)
     if k_norm is not None:
-        k = rms_norm_ref(k, k_norm, eps)
+        k = stream_norm_ref(k, k_norm, eps, norm_split)
     if rope is not None:
         cos, sin = rope
         q = rope_ref(q, cos, sin, rope_interleaved)
@@ -119,15 +137,27 @@ def _load_rows(base, rows, row_ok, stride_t, cols, col_ok):
 
 
 @triton.jit
-def _prologue(x, base, rows, row_ok, stride_t, cols, rstd, w_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin,
-              HEAD_DIM: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr):
+def _row_weight(w_ptr, stride_w, lanes, lane_ok, rows, split, SPLIT: tl.constexpr):
+    """The RMSNorm weight at each (row, lane) in fp32: (1, lanes) when one (Dh,) weight serves every row; with
+    two streams (SPLIT), row i < split reads weight row 0 and the others row 1 (stride_w apart), (rows, lanes)."""
+    w = tl.load(w_ptr + lanes, mask=lane_ok, other=0.0).to(tl.float32)[None, :]
+    if SPLIT:
+        w1 = tl.load(w_ptr + stride_w + lanes, mask=lane_ok, other=0.0).to(tl.float32)[None, :]
+        w = tl.where(rows[:, None] >= split, w1, w)
+    return w
+
+
+@triton.jit
+def _prologue(x, base, rows, row_ok, stride_t, cols, rstd, w_ptr, stride_w, split, cos_ptr, sin_ptr, stride_cos,
+              stride_sin, HEAD_DIM: tl.constexpr, NORM: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+              INTERLEAVED: tl.constexpr):
     """x, the fp32 tile of `rows` (token positions) x `cols` (head-dim lanes) loaded by `_load_rows`, normalised
-    (per-row rstd, weight) and rotated for those positions, in fp32. RoPE needs each lane's partner lane of
-    the same row, reloaded from `base` (the same cache lines as x) and normalised alike: no pass over memory."""
+    (per-row rstd, each row's stream weight) and rotated for those positions, in fp32. RoPE needs each lane's
+    partner lane of the same row, reloaded from `base` (the same cache lines as x) and normalised alike: no
+    pass over memory."""
     col_ok = cols < HEAD_DIM
     if NORM:
-        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        x = x * rstd[:, None] * w[None, :]
+        x = x * rstd[:, None] * _row_weight(w_ptr, stride_w, cols, col_ok, rows, split, SPLIT)
     if ROPE:
         if INTERLEAVED:  # pairs (2i, 2i+1): rot = (-x[2i+1], x[2i])
             partner = cols ^ 1
@@ -137,8 +167,7 @@ def _prologue(x, base, rows, row_ok, stride_t, cols, rstd, w_ptr, cos_ptr, sin_p
             sign = tl.where(cols < HEAD_DIM // 2, -1.0, 1.0)
         xp = _load_rows(base, rows, row_ok, stride_t, partner, col_ok)
         if NORM:
-            wp = tl.load(w_ptr + partner, mask=col_ok, other=0.0).to(tl.float32)
-            xp = xp * rstd[:, None] * wp[None, :]
+            xp = xp * rstd[:, None] * _row_weight(w_ptr, stride_w, partner, col_ok, rows, split, SPLIT)
         mask = row_ok[:, None] & col_ok[None, :]
         c = tl.load(cos_ptr + rows[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0)
         s = tl.load(sin_ptr + rows[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0)
@@ -150,15 +179,17 @@ def _prologue(x, base, rows, row_ok, stride_t, cols, rstd, w_ptr, cos_ptr, sin_p
 def _gqa_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh, stride_cos, stride_sin,
-    HQ, GROUP, T_Q, T_K, window, eps, qk_scale,
+    stride_ob, stride_ot, stride_oh, stride_cos, stride_sin, stride_qw, stride_kw,
+    HQ, GROUP, T_Q, T_K, window, norm_split, eps, qk_scale,
     HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
-    ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
+    Q_SPLIT: tl.constexpr, K_SPLIT: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Query tile pid_m of q head h (program 1 = b * HQ + h) against kv head h // GROUP: the q tile loaded,
     normalised and rotated once; each k tile the same as it is loaded; the online softmax over the key blocks
-    that meet the band only (all of them without a window), the band's edge masked in the blocks it cuts."""
+    that meet the band only (all of them without a window), the band's edge masked in the blocks it cuts.
+    Q_SPLIT / K_SPLIT: (2, Dh) norm weights, rows before norm_split on weight row 0, the rest on row 1."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
     b, h = bh // HQ, bh % HQ
@@ -183,11 +214,11 @@ def _gqa_attention_fwd_kernel(
         ss += tl.sum(q2 * q2, axis=1)
         acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
     rstd = 1.0 / tl.sqrt(ss / HEAD_DIM + eps)  # used only with Q_NORM
-    q1 = _prologue(q1, q_base, rows, row_ok, stride_qt, d1, rstd, qw_ptr, cos_ptr, sin_ptr, stride_cos, stride_sin,
-                   HEAD_DIM, Q_NORM, ROPE, INTERLEAVED).to(in_ty)
+    q1 = _prologue(q1, q_base, rows, row_ok, stride_qt, d1, rstd, qw_ptr, stride_qw, norm_split, cos_ptr, sin_ptr,
+                   stride_cos, stride_sin, HEAD_DIM, Q_NORM, Q_SPLIT, ROPE, INTERLEAVED).to(in_ty)
     if D2 > 0:
-        q2 = _prologue(q2, q_base, rows, row_ok, stride_qt, d2, rstd, qw_ptr, cos_ptr, sin_ptr, stride_cos,
-                       stride_sin, HEAD_DIM, Q_NORM, ROPE, INTERLEAVED).to(in_ty)
+        q2 = _prologue(q2, q_base, rows, row_ok, stride_qt, d2, rstd, qw_ptr, stride_qw, norm_split, cos_ptr,
+                       sin_ptr, stride_cos, stride_sin, HEAD_DIM, Q_NORM, Q_SPLIT, ROPE, INTERLEAVED).to(in_ty)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
@@ -207,12 +238,12 @@ def _gqa_attention_fwd_kernel(
             k2 = _load_rows(k_base, cols, col_ok, stride_kt, d2, d2_ok)
             kss += tl.sum(k2 * k2, axis=1)
         k_rstd = 1.0 / tl.sqrt(kss / HEAD_DIM + eps)  # used only with K_NORM
-        k1 = _prologue(k1, k_base, cols, col_ok, stride_kt, d1, k_rstd, kw_ptr, cos_ptr, sin_ptr, stride_cos,
-                       stride_sin, HEAD_DIM, K_NORM, ROPE, INTERLEAVED).to(in_ty)
+        k1 = _prologue(k1, k_base, cols, col_ok, stride_kt, d1, k_rstd, kw_ptr, stride_kw, norm_split, cos_ptr,
+                       sin_ptr, stride_cos, stride_sin, HEAD_DIM, K_NORM, K_SPLIT, ROPE, INTERLEAVED).to(in_ty)
         s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         if D2 > 0:
-            k2 = _prologue(k2, k_base, cols, col_ok, stride_kt, d2, k_rstd, kw_ptr, cos_ptr, sin_ptr, stride_cos,
-                           stride_sin, HEAD_DIM, K_NORM, ROPE, INTERLEAVED).to(in_ty)
+            k2 = _prologue(k2, k_base, cols, col_ok, stride_kt, d2, k_rstd, kw_ptr, stride_kw, norm_split, cos_ptr,
+                           sin_ptr, stride_cos, stride_sin, HEAD_DIM, K_NORM, K_SPLIT, ROPE, INTERLEAVED).to(in_ty)
             s += tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
         keep = col_ok[None, :]
         if WINDOWED:
@@ -246,8 +277,8 @@ def _gqa_attention_fwd_kernel(
 
 
 _gqa_attention_fwd_autotuned = (
-    triton.autotune(_autotune_configs(), key=["T_Q", "T_K", "HEAD_DIM", "D1", "D2", "Q_NORM", "K_NORM", "ROPE",
-                                              "WINDOWED", "PRECISION"])(_gqa_attention_fwd_kernel)
+    triton.autotune(_autotune_configs(), key=["T_Q", "T_K", "HEAD_DIM", "D1", "D2", "Q_NORM", "K_NORM", "Q_SPLIT",
+                                              "K_SPLIT", "ROPE", "WINDOWED", "PRECISION"])(_gqa_attention_fwd_kernel)
     if hasattr(triton, "autotune") else None
 )
 
@@ -257,21 +288,27 @@ def _windowed(window: int | None, T: int) -> bool:
     return window is not None and window < T - 1
 
 
-def _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, config=None):
-    """q (B, T, Hq, Dh), k, v (B, S, Hkv, Dh) with any strides (last dim contiguous), out (B, T, Hq, Dh);
-    `config` (see `attention.check_config`) launches that one config instead of the autotuned or pinned one."""
+def _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split=None,
+            config=None):
+    """q (B, T, Hq, Dh), k, v (B, S, Hkv, Dh) with any strides (last dim contiguous), out (B, T, Hq, Dh); norm
+    weights (Dh,) or (2, Dh) split at `norm_split`; `config` (see `attention.check_config`) launches that one
+    config instead of the autotuned or pinned one."""
     B, T_Q, HQ, Dh = q.shape
     T_K, HKV = k.shape[1], k.shape[2]
     d1, d2 = head_blocks(Dh)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16 / bf16 dots
     windowed = _windowed(window, T_Q)
+    q_split, k_split = (w is not None and w.dim() == 2 for w in (q_norm, k_norm))
     # Unused pointers (an absent norm weight or RoPE table) are never read: their constexpr flag is off.
     args = (q, k, v, out, q if q_norm is None else q_norm, q if k_norm is None else k_norm, q if cos is None else cos,
             q if sin is None else sin, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             0 if cos is None else cos.stride(0), 0 if sin is None else sin.stride(0),
-            HQ, HQ // HKV, T_Q, T_K, window if windowed else 0, eps, scale * math.log2(math.e))
-    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, Q_NORM=q_norm is not None, K_NORM=k_norm is not None,
+            q_norm.stride(0) if q_split else 0, k_norm.stride(0) if k_split else 0,
+            HQ, HQ // HKV, T_Q, T_K, window if windowed else 0, norm_split if q_split or k_split else 0, eps,
+            scale * math.log2(math.e))
+    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, Q_NORM=q_norm is not None, K_NORM=k_norm is not None, Q_SPLIT=q_split,
+                K_SPLIT=k_split,
                 ROPE=cos is not None, INTERLEAVED=bool(rope_interleaved), WINDOWED=windowed, PRECISION=precision)
     launch_tiles(_gqa_attention_fwd_kernel, _gqa_attention_fwd_autotuned, q, T_Q, B * HQ, args, meta, config)
 
@@ -280,23 +317,24 @@ def _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, windo
 @torch.library.custom_op("ditengine::gqa_attention", mutates_args=())
 def _gqa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: torch.Tensor | None,
                       k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                      rope_interleaved: bool, window: int | None, scale: float) -> torch.Tensor:
+                      rope_interleaved: bool, window: int | None, scale: float,
+                      norm_split: int | None = None) -> torch.Tensor:
     """Checked arguments as `gqa_attention` gives them (rope as cos, sin); returns (B, T, Hq, Dh)."""
     if use_triton("gqa_attention", q):
         out = q.new_empty(q.shape)
-        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale)
+        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split)
         return out
     return gqa_attention_ref(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=eps, rope=None if cos is None else (cos, sin),
-                             rope_interleaved=rope_interleaved, window=window, scale=scale)
+                             rope_interleaved=rope_interleaved, window=window, scale=scale, norm_split=norm_split)
 
 
 @_gqa_attention_op.register_fake
-def _(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale):
+def _(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split=None):
     return q.new_empty(q.shape)
 
 
 # -- public API ------------------------------------------------------------------------------------------
-def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale):
+def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split):
     check_tensor("q", q, ndim=4, layout="(B, T, Hq, Dh)")
     B, T, HQ, Dh = q.shape
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, layout="(B, S, Hkv, Dh)")
@@ -314,7 +352,25 @@ def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale):
         raise ValueError(f"gqa_attention: sequence lengths must be at least 1, got q {T}, k {S}")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w is not None:
-            check_tensor(name, w, shape=(Dh,), dtypes=FLOAT_DTYPES, device=q.device, layout="(Dh,): the RMSNorm weight")
+            check_tensor(name, w, dtypes=FLOAT_DTYPES, device=q.device)
+            if w.shape not in ((Dh,), (2, Dh)):
+                raise ValueError(f"{name}: expected shape ({Dh}) (Dh,): the RMSNorm weight, got {tuple(w.shape)} "
+                                 f"(per-stream weights: (2, {Dh}) (2, Dh))")
+    split_q, split_k = (w is not None and w.dim() == 2 for w in (q_norm, k_norm))
+    if norm_split is None:
+        if split_q or split_k:
+            raise ValueError(f"norm_split: (2, Dh) {'q_norm' if split_q else 'k_norm'} weights need norm_split, the "
+                             f"first row of the second stream")
+    else:
+        if not (split_q or split_k):
+            raise ValueError("norm_split: only for (2, Dh) per-stream q_norm / k_norm weights; with (Dh,) weights "
+                             "or none, pass norm_split=None")
+        if isinstance(norm_split, bool) or not isinstance(norm_split, int) or not 0 < norm_split < T:
+            raise ValueError(f"norm_split: expected an int with 0 < norm_split < T = {T} (both streams non-empty), "
+                             f"got {norm_split!r}")
+        if split_k and S != T:
+            raise ValueError(f"k_norm: (2, Dh) weights split k's rows at norm_split as q's and need S = T, got S={S}, "
+                             f"T={T}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < math.inf):
         raise ValueError(f"eps: expected a finite number >= 0, got {eps!r}")
     cos = sin = None
@@ -342,20 +398,23 @@ def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale):
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_norm: torch.Tensor | None = None,
                   k_norm: torch.Tensor | None = None, eps: float = 1e-6,
                   rope: tuple[torch.Tensor, torch.Tensor] | None = None, rope_interleaved: bool = False,
-                  window: int | None = None, scale: float | None = None, backend: str | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  window: int | None = None, scale: float | None = None, norm_split: int | None = None,
+                  backend: str | None = None, config: dict | None = None) -> torch.Tensor:
     """Attention of q (B, T, Hq, Dh) to k, v (B, S, Hkv, Dh) -> (B, T, Hq, Dh), contiguous, in q's dtype.
 
     `q_norm`, `k_norm`: None or the (Dh,) RMSNorm weight (any float dtype, read as fp32) applied to q / k
-    with `eps`, before RoPE. `rope`: None or (cos, sin), each (T, Dh) float32 (last dim contiguous), needs
-    S == T; `rope_interleaved` picks the pairing (rotate-half when False). `window`: None or an int >= 0, the
-    band |i - j| <= window; needs S == T. `scale`: the softmax scale (> 0), default Dh ** -0.5.
+    with `eps`, before RoPE; or (2, Dh), one weight per stream of a joint sequence: rows i < `norm_split` use
+    weight 0, the others weight 1. `norm_split`: required with a (2, Dh) weight, refused without one,
+    0 < norm_split < T; a (2, Dh) `k_norm` splits k's rows at the same index and needs S == T.
+    `rope`: None or (cos, sin), each (T, Dh) float32 (last dim contiguous), needs S == T; `rope_interleaved`
+    picks the pairing (rotate-half when False). `window`: None or an int >= 0, the band |i - j| <= window;
+    needs S == T. `scale`: the softmax scale (> 0), default Dh ** -0.5.
     `backend`: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
     "triton" (on CPU: the interpreter) or "reference" (`gqa_attention_ref`) force one.
     `config`: with backend="triton" only, one launch config (as `attention`'s: BLOCK_M, BLOCK_N, num_warps,
     num_stages) instead of the autotuned or pinned one: for tests and benchmarks.
     """
-    cos, sin = _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale)
+    cos, sin = _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split)
     eps = float(eps)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     how = route("gqa_attention", q.device, backend)
@@ -366,10 +425,10 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_norm: 
         check_config(config)
     if how.startswith("reference"):
         return gqa_attention_ref(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=eps, rope=rope,
-                                 rope_interleaved=rope_interleaved, window=window, scale=scale)
+                                 rope_interleaved=rope_interleaved, window=window, scale=scale, norm_split=norm_split)
     # The interpreter: the dispatcher's CPU slot may belong to the native kernel. A config: the op has none.
     if how == "triton-interpreter" or config is not None:
         out = q.new_empty(q.shape)
-        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, config)
+        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split, config)
         return out
-    return _gqa_attention_op(q, k, v, q_norm, k_norm, eps, cos, sin, bool(rope_interleaved), window, scale)
+    return _gqa_attention_op(q, k, v, q_norm, k_norm, eps, cos, sin, bool(rope_interleaved), window, scale, norm_split)

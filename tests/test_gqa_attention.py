@@ -4,7 +4,10 @@ Triton kernel through the interpreter (fp32, fp16) and the native CPU kernel (fp
 reference under the tolerance rule, over GQA ratios 1, 2 and 4, odd T and S, cross-attention (S != T),
 windows that cut and that do not, both RoPE forms, q, k, v as strided views of one fused projection; only the
 key blocks inside the band visited; NaN isolation; error paths; opcheck and the fake implementation; the
-native ISA variants; the Triton kernel compiled for the H100 without a GPU; ACE-Step shapes on a GPU."""
+native ISA variants; the Triton kernel compiled for the H100 without a GPU; ACE-Step shapes on a GPU. Joint
+attention (SD3.5, Flux.1): (2, Dh) per-stream norm weights split at norm_split, against diffusers' RMSNorm
+modules, `apply_rotary_emb` and `FluxPosEmbed`; splits inside a tile and on tile and key-block edges; NaN
+isolation, error paths and opcheck with a split."""
 import functools
 import importlib
 import json
@@ -198,13 +201,14 @@ def test_triton_keeps_nan_in_the_rows_that_see_it():
     nan_isolation(functools.partial(gqa_attention, backend="triton"), torch.float32)
 
 
-def nan_isolation(run, dtype):
+def nan_isolation(run, dtype, split=None):
     """A NaN in one q element spoils that output row only (the norm spreads it over the row, no further); a NaN
     in one k element spoils, in the q heads of its kv head, the queries whose band holds that key; every other
-    output is bit for bit the clean one."""
+    output is bit for bit the clean one. `split`: per-stream norm weights split there (20: the NaN key is the
+    second stream's first row, the NaN query in the first stream)."""
     B, T, HQ, HKV, Dh, window = 2, 40, 4, 2, 32, 4
     q, k, v = make_inputs(B, T, T, HQ, HKV, Dh, dtype, seed=5)
-    kw = options(q, "qk", "half", window)
+    kw = options(q, "qk", "half", window) if split is None else joint_options(q, split, "half", window=window)
     clean = run(q, k, v, **kw)
     q, k = q.clone(), k.clone()
     q[0, 7, 1, 3] = float("nan")  # batch 0, query 7, q head 1
@@ -233,10 +237,11 @@ NATIVE_CASES = [(1, 375, 375, 4, 2, 128, "qk", "half", 128), (2, 375, 375, 4, 2,
 
 
 def native_op(q, k, v, q_norm=None, k_norm=None, eps=1e-6, rope=None, rope_interleaved=False, window=None,
-              scale=None):
+              scale=None, norm_split=None):
     cos, sin = rope if rope is not None else (None, None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.ditengine.gqa_attention(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale)
+    return torch.ops.ditengine.gqa_attention(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale,
+                                             norm_split)
 
 
 @native
@@ -556,7 +561,8 @@ def test_registered_op_passes_opcheck():
 def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
     """ptxas from Triton's wheel (as bench/sm90.py does for the other kernels): the GPU's pinned bf16 and fp32
     launches with every prologue step and the window compile for sm_90, bf16 dots on warpgroup tensor cores,
-    nothing spilled, shared memory within the limit; ACE-Step's head dim (128) and a split one (72)."""
+    nothing spilled, shared memory within the limit; ACE-Step's head dim (128) and a split one (72), and the
+    joint models' per-stream weights with interleaved RoPE (Flux's 128, SD3.5's 64)."""
     out = run_python("""
         import importlib, json
         import ditengine.kernels
@@ -565,14 +571,16 @@ def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
         fn = importlib.import_module("ditengine.kernels.gqa_attention")._gqa_attention_fwd_kernel
         rows = []
         for dtype, config in (("bf16", PINNED_GPU), ("fp32", PINNED_GPU_FP32)):
-            for head_dim in (128, 72):
+            for head_dim, split in ((128, False), (72, False), (128, True), (64, True)):
                 d1, d2 = head_blocks(head_dim)
                 pointers = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr", "qw_ptr", "kw_ptr"), dtype),
                             "cos_ptr": "fp32", "sin_ptr": "fp32"}
                 scalars = {**{n: "i64" for n in fn.arg_names if n.startswith("stride")}, "HQ": "i32", "GROUP": "i32",
-                           "T_Q": "i32", "T_K": "i32", "window": "i32", "eps": "fp32", "qk_scale": "fp32"}
+                           "T_Q": "i32", "T_K": "i32", "window": "i32", "norm_split": "i32", "eps": "fp32",
+                           "qk_scale": "fp32"}
                 kernel = compile_sm90(fn, pointers, scalars, dict(
-                    HEAD_DIM=head_dim, D1=d1, D2=d2, Q_NORM=True, K_NORM=True, ROPE=True, INTERLEAVED=False,
+                    HEAD_DIM=head_dim, D1=d1, D2=d2, Q_NORM=True, K_NORM=True, Q_SPLIT=split, K_SPLIT=split,
+                    ROPE=True, INTERLEAVED=split,
                     WINDOWED=True, PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=config["BLOCK_M"],
                     BLOCK_N=config["BLOCK_N"]), config["num_warps"], config["num_stages"])
                 rows.append(dict(dtype=dtype, head_dim=head_dim, limit=SHARED_LIMIT, **resources(kernel)))
@@ -581,7 +589,250 @@ def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
     rows = json.loads(out.strip().splitlines()[-1])
     for row in rows:
         assert row["local_bytes"] == 0 and row["shared_bytes"] <= row["limit"], row
-    assert [row["wgmma"] for row in rows] == [True, True, False, False], rows
+    assert [row["wgmma"] for row in rows] == [True] * 4 + [False] * 4, rows
+
+
+# -- joint attention: per-stream (2, Dh) norm weights split at norm_split --------------------------------------------
+def stream_weights(Dh, dtype, seed=12, device="cpu"):
+    """Per-stream (2, Dh) q and k RMSNorm weights near 1, the two rows clearly apart."""
+    g = torch.Generator().manual_seed(seed)
+    w = (1 + 0.3 * torch.randn(2, 2, Dh, generator=g))
+    w[:, 1] += 0.5  # the second stream's weights: a wrong row choice is far outside any tolerance
+    return w.to(device=device, dtype=dtype).unbind(0)
+
+
+def joint_options(q, split, rope=None, norm="qk", window=None):
+    """`options` with (2, Dh) weights split at `split`; norm "qk", "q" (k's (Dh,) weight shared by both
+    streams) or "k" (q unnormalised)."""
+    kw = options(q, "qk", rope, window)
+    w_q, w_k = stream_weights(q.shape[-1], q.dtype, device=q.device)
+    kw.update(q_norm=w_q if "q" in norm else None, k_norm=w_k if "k" in norm else kw["k_norm"], norm_split=split)
+    return kw
+
+
+def flux_rope(L, h, w, axes_dim, theta=10000):
+    """Flux's RoPE tables over [text; image]: `FluxPosEmbed` on the pipeline's ids, zeros for the L text tokens
+    and (0, row, col) for the h x w image grid; (L + h*w, sum(axes_dim)) fp32, interleaved pairs."""
+    flux = pytest.importorskip("diffusers.models.transformers.transformer_flux")
+    img = torch.zeros(h, w, 3)
+    img[..., 1] = torch.arange(h)[:, None]
+    img[..., 2] = torch.arange(w)[None, :]
+    ids = torch.cat([torch.zeros(L, 3), img.reshape(h * w, 3)])
+    cos, sin = flux.FluxPosEmbed(theta, list(axes_dim))(ids)
+    return cos.float(), sin.float()
+
+
+@pytest.mark.parametrize("model", ["sd3", "flux", "half"])
+def test_joint_attention_matches_diffusers_pieces(model):
+    """Joint attention composed from diffusers' pieces, as `JointAttnProcessor2_0` (SD3.5: [image; text], no
+    RoPE) and `FluxAttnProcessor` ([text; image], interleaved RoPE from `FluxPosEmbed` over every row) run it:
+    an `RMSNorm` module per stream and per q / k on its row range, the concatenation, `apply_rotary_emb`, SDPA.
+    Every backend here matches it, rel err <= 1e-5 in fp32; the second stream's weights do matter (with the
+    first stream's weights everywhere the output is far off)."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.embeddings import apply_rotary_emb
+    from diffusers.models.normalization import RMSNorm
+
+    torch.manual_seed(3)
+    B, HQ, Dh = 2, 2, 32
+    first, second = (37, 13) if model != "flux" else (13, 36)  # flux: 13 text tokens, a 6 x 6 image grid
+    T = first + second
+    q, k, v = make_inputs(B, T, T, HQ, HQ, Dh, torch.float32, seed=21)
+    norms = {}
+    for name in ("q", "k", "added_q", "added_k"):
+        norms[name] = RMSNorm(Dh, eps=1e-6)
+        with torch.no_grad():
+            norms[name].weight.copy_(1 + 0.3 * torch.randn(Dh))
+    # SD3.5: image rows first (norm_q / norm_k), then the text's (norm_added_*); Flux: text first.
+    a, b = ("q", "added_q"), ("k", "added_k")
+    if model == "flux":
+        a, b = a[::-1], b[::-1]
+    rope, unbind = None, -1
+    if model == "flux":
+        rope = flux_rope(first, 6, 6, (8, 12, 12))
+    elif model == "half":
+        rope, unbind = rope_tables(T, Dh), -2
+    with torch.no_grad():
+        qn = torch.cat([norms[a[0]](q[:, :first]), norms[a[1]](q[:, first:])], dim=1)
+        kn = torch.cat([norms[b[0]](k[:, :first]), norms[b[1]](k[:, first:])], dim=1)
+        if rope is not None:
+            qn = apply_rotary_emb(qn, rope, use_real=True, use_real_unbind_dim=unbind, sequence_dim=1)
+            kn = apply_rotary_emb(kn, rope, use_real=True, use_real_unbind_dim=unbind, sequence_dim=1)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            qn.transpose(1, 2), kn.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        kw = dict(q_norm=torch.stack([norms[a[0]].weight, norms[a[1]].weight]),
+                  k_norm=torch.stack([norms[b[0]].weight, norms[b[1]].weight]), eps=1e-6, norm_split=first,
+                  rope=rope, rope_interleaved=model == "flux")
+        for backend in backends_here():
+            out = gqa_attention(q, k, v, backend=backend, **kw)
+            rel = ((out - expected).abs().max() / expected.abs().max()).item()
+            assert rel <= 1e-5, f"{backend}: rel err {rel:.2e}"
+        one = gqa_attention_ref(q, k, v, **{**kw, "q_norm": kw["q_norm"][0], "k_norm": kw["k_norm"][0],
+                                            "norm_split": None})
+        assert ((one - expected).abs().max() / expected.abs().max()).item() > 1e-2
+
+
+# (B, first, second, Hq, Hkv, Dh, norm, rope, window): the interpreter's 32-row tiles: a split inside a tile
+# (37 + 13) and on a tile boundary (32 + 13, 64 + 7), both RoPE forms and none, the split head dim 72, GQA 2,
+# a q split with k's (Dh,) weight shared, a k split with q unnormalised, a window across the split.
+TRITON_JOINT_CASES = [(1, 37, 13, 2, 2, 64, "qk", "pairs", None), (2, 32, 13, 2, 2, 32, "qk", "half", None),
+                      (1, 37, 13, 2, 2, 72, "qk", None, None), (1, 64, 7, 4, 2, 32, "q", "half", None),
+                      (1, 20, 25, 2, 1, 16, "k", "pairs", 6)]
+
+
+@triton_cpu
+@pytest.mark.parametrize("B, first, second, HQ, HKV, Dh, norm, rope, window", TRITON_JOINT_CASES)
+def test_triton_joint_matches_reference(B, first, second, HQ, HKV, Dh, norm, rope, window, triton_launches):
+    T = first + second
+    q, k, v = make_inputs(B, T, T, HQ, HKV, Dh, torch.float32, seed=T + Dh)
+    kw = joint_options(q, first, rope, norm, window)
+    out = gqa_attention(q, k, v, backend="triton", **kw)
+    assert triton_launches["_gqa_attention_fwd_kernel"] == 1
+    check(out, q, k, v, f"triton joint {first}+{second} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+
+
+@triton_cpu
+def test_triton_joint_split_on_a_key_block_edge():
+    """16 x 16 tiles: the split at 48 is on a query tile's and a key block's edge, at 40 inside both."""
+    q, k, v = make_inputs(1, 61, 61, 2, 1, 32, torch.float32, seed=13)
+    for split in (48, 40):
+        kw = joint_options(q, split, "pairs")
+        out = gqa_attention(q, k, v, backend="triton", config=dict(BLOCK_M=16, BLOCK_N=16), **kw)
+        check(out, q, k, v, f"triton joint split={split} 16 x 16 tiles", **kw)
+
+
+@triton_cpu
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_triton_joint_keeps_nan_in_the_rows_that_see_it():
+    nan_isolation(functools.partial(gqa_attention, backend="triton"), torch.float32, split=20)
+
+
+# (B, first, second, Hq, Hkv, Dh, norm, rope, window): SD3.5's [image; text] at 1024 + 333 (the split on a 64-row
+# tile and, for keys, on a 512-key block boundary), one inside a tile and a key block (1000 + 357), Flux's head
+# dim 128 with interleaved RoPE, a window across the split, a q-only split in cross-attention (S != T), GQA 2.
+NATIVE_JOINT_CASES = [(1, 1024, 333, 2, 2, 64, "qk", None, None), (1, 1000, 357, 2, 2, 64, "qk", "pairs", None),
+                      (2, 77, 120, 2, 2, 128, "qk", "pairs", None), (1, 150, 97, 4, 2, 64, "qk", "half", 40),
+                      (1, 37, 13, 2, 1, 16, "k", "half", None)]
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B, first, second, HQ, HKV, Dh, norm, rope, window", NATIVE_JOINT_CASES)
+def test_native_joint_matches_reference(B, first, second, HQ, HKV, Dh, norm, rope, window, dtype):
+    T = first + second
+    q, k, v = make_inputs(B, T, T, HQ, HKV, Dh, dtype, seed=T + Dh)
+    kw = joint_options(q, first, rope, norm, window)
+    check(native_op(q, k, v, **kw), q, k, v,
+          f"native joint {first}+{second} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_joint_q_split_in_cross_attention(dtype):
+    """A (2, Dh) q_norm over T query rows against S != T keys with a (Dh,) k_norm: only q's rows split."""
+    q, k, v = make_inputs(1, 90, 41, 4, 2, 64, dtype, seed=14)
+    kw = joint_options(q, 70, None, "q")
+    check(native_op(q, k, v, **kw), q, k, v, "native joint q split, cross-attention", **kw)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_native_joint_keeps_nan_in_the_rows_that_see_it(dtype):
+    nan_isolation(native_op, dtype, split=20)
+
+
+@native
+def test_native_joint_errors_name_the_argument():
+    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
+    w_q, w_k = stream_weights(16, torch.float32)
+    op = torch.ops.ditengine.gqa_attention
+
+    def call(**over):
+        args = dict(q=q, k=k, v=v, q_norm=w_q, k_norm=w_k, eps=1e-6, cos=None, sin=None, rope_interleaved=False,
+                    window=None, scale=0.25, norm_split=3)
+        return op(*{**args, **over}.values())
+
+    assert call().shape == q.shape
+    with pytest.raises(ValueError, match="per-stream norm weights need norm_split"):
+        call(norm_split=None)
+    with pytest.raises(ValueError, match=r"norm_split is only for \(2, Dh\) per-stream"):
+        call(q_norm=w_q[0], k_norm=None)
+    for bad in (0, 6, -1):
+        with pytest.raises(ValueError, match=f"norm_split must satisfy 0 < norm_split < T = 6, got {bad}"):
+            call(norm_split=bad)
+    with pytest.raises(ValueError, match=r"q_norm must be the \(Dh,\) = \(16,\) RMSNorm weight, got shape \[3, 16\] "
+                                         r"\(per-stream weights: \(2, Dh\) = \(2, 16\)\)"):
+        call(q_norm=torch.ones(3, 16))
+    with pytest.raises(ValueError, match="k_norm: .2, Dh. weights split k's rows as q's and need S = T, got S=5"):
+        call(k=k[:, :5], v=v[:, :5])
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_native_joint_passes_opcheck(dtype):
+    q, k, v = make_inputs(1, 9, 9, 2, 2, 16, dtype)
+    kw = joint_options(q, 4, "pairs", window=3)
+    cos, sin = kw["rope"]
+    torch.library.opcheck(torch.ops.ditengine.gqa_attention,
+                          (q, k, v, kw["q_norm"], kw["k_norm"], 1e-6, cos, sin, True, 3, 0.25, 4))
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_joint_errors_name_the_argument(backend):
+    if backend == "triton" and not interpreting():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    run = functools.partial(gqa_attention, backend=backend)
+    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
+    w_q, w_k = stream_weights(16, torch.float32)
+    with pytest.raises(ValueError, match=r"norm_split: \(2, Dh\) q_norm weights need norm_split"):
+        run(q, k, v, q_norm=w_q)
+    with pytest.raises(ValueError, match=r"norm_split: \(2, Dh\) k_norm weights need norm_split"):
+        run(q, k, v, q_norm=w_q[0], k_norm=w_k)
+    with pytest.raises(ValueError, match=r"norm_split: only for \(2, Dh\) per-stream q_norm / k_norm weights"):
+        run(q, k, v, q_norm=w_q[0], k_norm=w_k[0], norm_split=3)
+    with pytest.raises(ValueError, match=r"norm_split: only for \(2, Dh\)"):
+        run(q, k, v, norm_split=3)
+    for bad in (0, 6, -2, True, 2.5):
+        with pytest.raises(ValueError, match=r"norm_split: expected an int with 0 < norm_split < T = 6 \(both "
+                                             r"streams non-empty\)"):
+            run(q, k, v, q_norm=w_q, norm_split=bad)
+    with pytest.raises(ValueError, match=r"q_norm: expected shape \(16\) \(Dh,\): the RMSNorm weight, got \(3, 16\) "
+                                         r"\(per-stream weights: \(2, 16\) \(2, Dh\)\)"):
+        run(q, k, v, q_norm=torch.ones(3, 16), norm_split=3)
+    with pytest.raises(ValueError, match=r"k_norm: expected shape \(16\) .*, got \(2, 8\)"):
+        run(q, k, v, k_norm=w_k[:, :8], norm_split=3)
+    with pytest.raises(ValueError, match=r"k_norm: \(2, Dh\) weights split k's rows at norm_split as q's and need "
+                                         r"S = T, got S=5, T=6"):
+        run(q, k[:, :5], v[:, :5], k_norm=w_k, norm_split=3)
+    assert run(q, k[:, :5], v[:, :5], q_norm=w_q, norm_split=3).shape == q.shape  # a q split alone: S may differ
+
+
+def test_joint_reference_fake_and_opcheck():
+    """The reference backend is the reference; the registered op (its Python body here) with a split passes
+    opcheck; the fake implementation takes norm_split."""
+    q, k, v = make_inputs(1, 11, 11, 2, 1, 16, torch.float32, seed=15)
+    kw = joint_options(q, 5, "half")
+    assert torch.equal(gqa_attention(q, k, v, backend="reference", **kw), gqa_attention_ref(q, k, v, **kw))
+    cos, sin = kw["rope"]
+    args = (q, k, v, kw["q_norm"], kw["k_norm"], 1e-6, cos, sin, False, None, 0.25, 5)
+    torch.library.opcheck(torch.ops.ditengine.gqa_attention, args)
+    meta = torch.ops.ditengine.gqa_attention(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+    assert meta.shape == q.shape and meta.device.type == "meta"
+
+
+@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
+def test_joint_python_body_matches_reference(triton, monkeypatch):
+    if triton and not interpreting():
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
+    monkeypatch.setattr(gqa, "use_triton", lambda op, *tensors: triton)
+    q, k, v = make_inputs(1, 45, 45, 2, 2, 32, torch.float32, seed=16)
+    kw = joint_options(q, 37, "pairs")
+    cos, sin = kw["rope"]
+    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    out = torch.ops.ditengine.gqa_attention.default.redispatch(python_impl, q, k, v, kw["q_norm"], kw["k_norm"], 1e-6,
+                                                               cos, sin, True, None, 32**-0.5, 37)
+    check(out, q, k, v, f"joint python body ({'triton' if triton else 'reference'})", **kw)
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------------
@@ -610,3 +861,15 @@ def test_gpu_every_autotune_config(config):
     q, k, v = make_inputs(2, 375, 375, 16, 8, 128, torch.bfloat16, device="cuda")
     kw = options(q, "qk", "half", 128)
     check(gqa_attention(q, k, v, backend="triton", config=config, **kw), q, k, v, f"config {config}", **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("first, second, heads, Dh, rope", [(1024, 333, 24, 64, None), (512, 1536, 24, 128, "pairs"),
+                                                           (1024, 333, 4, 64, "half")], ids=["sd3", "flux", "half"])
+def test_gpu_joint_attention(first, second, heads, Dh, rope, dtype):
+    """SD3.5's [image; text] (24 heads x 64) and Flux's [text; image] (24 x 128, interleaved RoPE) on CUDA."""
+    T = first + second
+    q, k, v = make_inputs(1, T, T, heads, heads, Dh, dtype, device="cuda")
+    kw = joint_options(q, first, rope)
+    check(gqa_attention(q, k, v, **kw), q, k, v, f"cuda joint {first}+{second} Dh={Dh} rope={rope}", **kw)
