@@ -269,17 +269,13 @@ class FastFlux(FusedDenoiser):
         return self._norms(resid, ctx["text_len"], self._next_mods(-1, mod))
 
     def _attention(self, qkv, q_norm, k_norm, rope, split):
-        """qkv (N, S, 3D) -> (N, S, D): per-stream (split) or single q/k RMSNorm, interleaved RoPE, no mask."""
+        """qkv (N, S, 3D) -> (N, S, D): q/k RMSNorm (per stream, (2, Dh) weights split at row `split`, or one
+        (Dh,) weight), interleaved RoPE over the joint rows, no mask: all in the attention kernel's prologue."""
         cfg = self.config
         N, S, _ = qkv.shape
         q, k, v = qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim).unbind(2)
-        if split is not None:  # each stream's own norm weights on its row range, then one joint attention
-            q, k = (torch.cat([F.rms_norm(t[:, :split].float(), (cfg.head_dim,), w[0], 1e-6),
-                               F.rms_norm(t[:, split:].float(), (cfg.head_dim,), w[1], 1e-6)], 1).to(t.dtype)
-                    for t, w in ((q, q_norm), (k, k_norm)))
-            q_norm = k_norm = None
         run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
-        o = run(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=1e-6, rope=rope, rope_interleaved=True)
+        o = run(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=1e-6, rope=rope, rope_interleaved=True, norm_split=split)
         return o.reshape(N, S, -1)
 
     def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
