@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import timestep_embedding
+from .loading import load_strict
 
 
 @dataclass
@@ -323,17 +324,7 @@ def convert_original_state_dict(state: dict) -> dict:
 
 def load_state(model: AceStep, state: dict, source: str = "checkpoint") -> AceStep:
     """Load our (= diffusers) keys strictly; one error lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    problems = [(title, sorted(keys)) for title, keys in (
-        ("missing keys", set(own) - set(state)), ("unexpected keys", set(state) - set(own)),
-        ("mis-shaped", {f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape}))
-        if keys]
-    if problems:
-        raise ValueError("\n".join([f"{source} does not match AceStep({model.config})"]
-                                   + [f"  {t} ({len(k)}): {', '.join(k)}" for t, k in problems]))
-    model.load_state_dict(state)
-    return model
+    return load_strict(model, state, source)
 
 
 def infer_config(state: dict, **overrides) -> AceStepConfig:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import timestep_embedding
+from .loading import load_strict
 
 _FP64_MISSING = ("mps", "npu", "neuron")  # devices without float64, where diffusers computes the RoPE angles in fp32
 
@@ -471,17 +472,7 @@ def convert_original_state_dict(state: dict) -> dict:
 
 def load_state(model: Flux, state: dict, source: str = "checkpoint") -> Flux:
     """Load our (= diffusers) keys strictly; one error lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    problems = [(title, sorted(keys)) for title, keys in (
-        ("missing keys", set(own) - set(state)), ("unexpected keys", set(state) - set(own)),
-        ("mis-shaped", {f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape}))
-        if keys]
-    if problems:
-        raise ValueError("\n".join([f"{source} does not match Flux({model.config})"]
-                                   + [f"  {t} ({len(k)}): {', '.join(k)}" for t, k in problems]))
-    model.load_state_dict(state)
-    return model
+    return load_strict(model, state, source)
 
 
 def infer_config(state: dict, **overrides) -> FluxConfig:

@@ -35,6 +35,7 @@ from torch import nn
 
 from .ace_step import RMSNorm
 from .dit import timestep_embedding
+from .loading import load_strict
 from .pixart import pixart_pos_embed
 
 _EPS = 1e-6  # every LayerNorm and the q/k RMSNorms
@@ -421,17 +422,7 @@ def convert_original_state_dict(state: dict) -> dict:
 
 def load_state(model: SD3, state: dict, source: str = "checkpoint") -> SD3:
     """Load our (= diffusers) keys strictly; one error lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    problems = [(title, sorted(keys)) for title, keys in (
-        ("missing keys", set(own) - set(state)), ("unexpected keys", set(state) - set(own)),
-        ("mis-shaped", {f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape}))
-        if keys]
-    if problems:
-        raise ValueError("\n".join([f"{source} does not match SD3({model.config})"]
-                                   + [f"  {t} ({len(k)}): {', '.join(k)}" for t, k in problems]))
-    model.load_state_dict(state)
-    return model
+    return load_strict(model, state, source)
 
 
 def infer_config(state: dict, **overrides) -> SD3Config:
