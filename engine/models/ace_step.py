@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import timestep_embedding
-from .loading import load_strict
+from .loading import diffusers_state, load_strict, resolve_config
 
 
 @dataclass
@@ -349,18 +349,10 @@ def load_state_dict(state: dict, config=None, source: str = "checkpoint") -> Ace
     diffusers config fields (a config.json) that win over what the shapes give; None infers it all."""
     if is_original_state_dict(state):
         state, source = convert_original_state_dict(state), "original ACE-Step state dict"
-    if isinstance(config, AceStepConfig):
-        cfg = config
-    else:
-        names = {f.name for f in fields(AceStepConfig)}
-        cfg = infer_config(state, **{k: v for k, v in (config or {}).items() if k in names})
-    return load_state(AceStep(cfg), state, source).eval()
+    return load_state(AceStep(resolve_config(AceStepConfig, config, infer_config, state)), state, source).eval()
 
 
 def from_diffusers(transformer) -> AceStep:
     """An AceStep with the weights of a live diffusers `AceStepTransformer1DModel` (float32, CPU; `.to()` it)."""
-    if type(transformer).__name__ != "AceStepTransformer1DModel":
-        raise TypeError(f"from_diffusers: expected a diffusers AceStepTransformer1DModel, got "
-                        f"{type(transformer).__name__}")
-    state = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
+    state = diffusers_state(transformer, "AceStepTransformer1DModel")
     return load_state_dict(state, dict(transformer.config), "diffusers state dict")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import timestep_embedding
+from .loading import diffusers_state
 
 _GELU = {"gelu-approximate": "tanh", "gelu": "none"}  # diffusers activation_fn -> F.gelu(approximate=)
 
@@ -469,11 +470,7 @@ def load_diffusers_state_dict(state: dict, config) -> PixArt:
 
 def from_diffusers(transformer) -> PixArt:
     """A PixArt with the weights of a live diffusers `PixArtTransformer2DModel` (float32, CPU; `.to()` it)."""
-    if type(transformer).__name__ != "PixArtTransformer2DModel":
-        raise TypeError(f"from_diffusers: expected a diffusers PixArtTransformer2DModel, got "
-                        f"{type(transformer).__name__}")
-    state = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
-    return load_diffusers_state_dict(state, dict(transformer.config))
+    return load_diffusers_state_dict(diffusers_state(transformer, "PixArtTransformer2DModel"), dict(transformer.config))
 
 
 def load_original_state_dict(state: dict, cfg: PixArtConfig) -> PixArt:
