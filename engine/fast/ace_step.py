@@ -151,9 +151,8 @@ class FastAceStep(FusedDenoiser):
 
     def _embedder(self, te) -> tuple[tuple, tuple]:
         """A timestep embedder's MLP and its 6-way projection as fp32 weights."""
-        mlp = tuple(self.cast(p, torch.float32) for p in (te.linear_1.weight, te.linear_1.bias, te.linear_2.weight,
-                                                          te.linear_2.bias))
-        return mlp, (self.cast(te.time_proj.weight, torch.float32), self.cast(te.time_proj.bias, torch.float32))
+        proj = (self.cast(te.time_proj.weight, torch.float32), self.cast(te.time_proj.bias, torch.float32))
+        return self.mlp_weights(te.linear_1, te.linear_2), proj
 
     @property
     def depth(self) -> int:

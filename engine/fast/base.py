@@ -200,16 +200,25 @@ class FusedDenoiser:
     def cast(self, t: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=to or self.dtype).contiguous()
 
+    def mlp_weights(self, first: torch.nn.Linear, second: torch.nn.Linear) -> tuple:
+        """An embedder's Linear, SiLU, Linear (timestep, size, guidance, pooled text) as fp32 weights: tiny, and
+        the modulation they feed scales every activation."""
+        return tuple(self.cast(p, torch.float32) for p in (first.weight, first.bias, second.weight, second.bias))
+
     def sinusoidal_mlp(self, mlp: torch.nn.Sequential) -> tuple:
-        """A timestep (or size) embedder's Linear, SiLU, Linear as fp32 weights: tiny, and the modulation
-        they feed scales every activation."""
-        return tuple(self.cast(p, torch.float32) for p in (mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias))
+        """`mlp_weights` of a Sequential(Linear, SiLU, Linear) embedder."""
+        return self.mlp_weights(mlp[0], mlp[2])
+
+    @staticmethod
+    def apply_mlp(mlp: tuple, x: torch.Tensor) -> torch.Tensor:
+        """`mlp_weights` applied to x (N, in) -> (N, D)."""
+        w0, b0, w2, b2 = mlp
+        return F.linear(F.silu(F.linear(x, w0, b0)), w2, b2)
 
     @staticmethod
     def embed_sinusoidal(mlp: tuple, values: torch.Tensor, freq_shift: int = 0) -> torch.Tensor:
-        """`sinusoidal_mlp` weights applied to the sinusoidal embedding of `values` (N,) -> (N, D) fp32."""
-        w0, b0, w2, b2 = mlp
-        return F.linear(F.silu(F.linear(timestep_embedding(values, w0.shape[1], freq_shift), w0, b0)), w2, b2)
+        """`mlp_weights` applied to the sinusoidal embedding of `values` (N,) -> (N, D) fp32."""
+        return FusedDenoiser.apply_mlp(mlp, timestep_embedding(values, mlp[0].shape[1], freq_shift))
 
     def token_linear(self, layer: torch.nn.Linear | tuple, rows: int, block: bool = False) -> TokenLinear:
         """A model's linear layer (or a (weight, bias) pair) as a token GEMM over `rows` rows; a `block`'s

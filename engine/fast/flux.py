@@ -29,7 +29,6 @@ import torch.nn.functional as F
 
 from ditengine.kernels import adaln_modulate, choose, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
-from ..models.dit import timestep_embedding
 from ..models.flux import Flux, rope_tables
 from .base import FusedDenoiser
 
@@ -154,24 +153,16 @@ class FastFlux(FusedDenoiser):
                 "q_norm": self.cast(a.norm_q.weight, torch.float32), "k_norm": self.cast(a.norm_k.weight, torch.float32)})
         # Per step: fp32 embedders and every block's modulation linear stacked into one GEMM (never in the loop).
         emb = model.time_text_embed
-        self.t_mlp = self._embedder(emb.timestep_embedder)
-        self.g_mlp = self._embedder(emb.guidance_embedder) if cfg.guidance_embeds else None
-        self.pooled_mlp = self._embedder(emb.text_embedder)
+        self.t_mlp = self.mlp_weights(emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2)
+        self.g_mlp = None if not cfg.guidance_embeds else \
+            self.mlp_weights(emb.guidance_embedder.linear_1, emb.guidance_embedder.linear_2)
+        self.pooled_mlp = self.mlp_weights(emb.text_embedder.linear_1, emb.text_embedder.linear_2)
         mods = [m for blk in model.transformer_blocks for m in (blk.norm1_context.linear, blk.norm1.linear)]
         mods += [blk.norm.linear for blk in model.single_transformer_blocks] + [model.norm_out.linear]
         self.mod_w = self.cast(torch.cat([m.weight for m in mods]), torch.float32)  # (rows of every block, D)
         self.mod_b = self.cast(torch.cat([m.bias for m in mods]), torch.float32)
         self.final = self.token_linear(model.proj_out, rows)
         self.hidden = D
-
-    def _embedder(self, e) -> tuple:
-        return tuple(self.cast(p, torch.float32) for p in (e.linear_1.weight, e.linear_1.bias, e.linear_2.weight,
-                                                            e.linear_2.bias))
-
-    @staticmethod
-    def _mlp(mlp: tuple, x: torch.Tensor) -> torch.Tensor:
-        w0, b0, w2, b2 = mlp
-        return F.linear(F.silu(F.linear(x, w0, b0)), w2, b2)
 
     @property
     def depth(self) -> int:
@@ -205,10 +196,10 @@ class FastFlux(FusedDenoiser):
             halves.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
         text = torch.cat([cond[t].to(self.device, self.dtype) for t, _ in halves])
         ctx["text"].copy_(F.linear(text, *self.context))
-        emb = self._mlp(self.pooled_mlp, torch.cat([cond[p].to(self.device, torch.float32) for _, p in halves]))
+        emb = self.apply_mlp(self.pooled_mlp, torch.cat([cond[p].to(self.device, torch.float32) for _, p in halves]))
         if self.g_mlp is not None:  # rounded to the latent dtype, then times 1000 in it, as diffusers does
             g = (cond["guidance"].to(self.dtype) * 1000).repeat(len(halves))
-            emb = emb + self._mlp(self.g_mlp, timestep_embedding(g, 256))
+            emb = emb + self.embed_sinusoidal(self.g_mlp, g)
         ctx["cond_emb"].copy_(emb)
         for buffer, table in zip(ctx["rope"], rope_tables(torch.cat([cond["txt_ids"], cond["img_ids"]]),
                                                           self.config.axes_dims_rope)):
@@ -220,7 +211,7 @@ class FastFlux(FusedDenoiser):
         cfg = self.config
         # The pipeline passes t / 1000 in the latent dtype; the model rounds it to that dtype and multiplies by 1000.
         v = ((t.to(self.dtype) / 1000).to(self.dtype) * 1000).float()
-        temb = self._mlp(self.t_mlp, timestep_embedding(v, 256))[:, None] + ctx["cond_emb"]  # (S, N, D)
+        temb = self.embed_sinusoidal(self.t_mlp, v)[:, None] + ctx["cond_emb"]  # (S, N, D)
         mods = F.linear(F.silu(temb), self.mod_w, self.mod_b).to(self.dtype)  # (S, N, rows)
         S, N = mods.shape[:2]
         nd, ns, D = cfg.num_layers, cfg.num_single_layers, self.hidden
