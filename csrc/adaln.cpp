@@ -4,6 +4,8 @@
 //     adaln_modulate:        y = norm(x) * weight * (1 + scale) + shift
 //     gated_residual_adaln:  x_new = x + gate * o ;  y = norm(x_new) * weight * (1 + scale) + shift
 //
+// The *_dual ops (SD3.5's dual-attention layers) also write y2 with a second (shift2, scale2) from the same
+// row statistics.
 // norm is LayerNorm without affine, or RMSNorm (`rms`: no mean, x * rsqrt(mean(x^2) + eps)); weight (D,) is
 // optional. One row of D elements at a time, rows spread over threads by at::parallel_for. Each row is read
 // once from memory into an fp32 scratch row that stays in L1/L2; the statistics (in fp32: a two-pass mean
@@ -45,6 +47,8 @@ struct AdalnParams {
   int64_t x_out_stride_b, x_out_stride_t;
   void* y;  // contiguous (B, T, D)
   at::ScalarType y_dtype;
+  Strided shift2, scale2;  // dual only
+  void* y2;  // dual only: contiguous (B, T, D) in y's dtype; null otherwise
 };
 
 template <class T>
@@ -124,6 +128,15 @@ DITENGINE_INLINE void modulate(const float* __restrict__ x, float mean, float rs
   }
 }
 
+DITENGINE_INLINE void modulate_into(at::ScalarType dtype, char* y, const float* x, float mean, float rstd,
+                                    const float* weight, const float* shift, const float* scale, int64_t D) {
+  switch (dtype) {
+    case at::kFloat: modulate(x, mean, rstd, weight, shift, scale, D, reinterpret_cast<float*>(y)); break;
+    case at::kBFloat16: modulate(x, mean, rstd, weight, shift, scale, D, reinterpret_cast<uint16_t*>(y)); break;
+    default: modulate(x, mean, rstd, weight, shift, scale, D, reinterpret_cast<c10::Half*>(y));
+  }
+}
+
 // x_new = x + gate * o, rounded to x's dtype and stored; its fp32 value (as stored) goes to xf, so that y
 // normalises exactly the residual that the next block reads.
 template <class TX, class TO>
@@ -143,19 +156,23 @@ DITENGINE_INLINE void adaln_rows(const AdalnParams& p, int64_t begin, int64_t en
   const int64_t D = p.D;
   float* xs = scratch;          // (D,) the row, widened or recomputed
   float* os = scratch + D;      // (D,) o widened
-  float* mods = scratch + 2 * D;  // (3, D) shift, scale, gate widened (bf16/fp16 modulation only)
+  float* mods = scratch + 2 * D;  // (5, D) shift, scale, gate, shift2, scale2 widened (bf16/fp16 only)
   // (D,) the weight, the same for every row: widened once per task (read in place when fp32).
-  const float* weight = p.weight.data ? float_row(p.weight.data, p.weight.dtype, D, scratch + 5 * D) : nullptr;
+  const float* weight = p.weight.data ? float_row(p.weight.data, p.weight.dtype, D, scratch + 7 * D) : nullptr;
   const size_t x_elem = c10::elementSize(p.x.dtype), o_elem = c10::elementSize(p.o.dtype);
   const size_t y_elem = c10::elementSize(p.y_dtype);
   int64_t cur_b = -1;
-  const float *shift = nullptr, *scale = nullptr, *gate = nullptr;
+  const float *shift = nullptr, *scale = nullptr, *gate = nullptr, *shift2 = nullptr, *scale2 = nullptr;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / p.T, t = row % p.T;
     if (b != cur_b) {  // modulation is per sample: widened once per run of rows of the same sample
       shift = modulation_row(p.shift, b, D, mods);
       scale = modulation_row(p.scale, b, D, mods + D);
       if (p.gated) gate = modulation_row(p.gate, b, D, mods + 2 * D);
+      if (p.y2) {
+        shift2 = modulation_row(p.shift2, b, D, mods + 3 * D);
+        scale2 = modulation_row(p.scale2, b, D, mods + 4 * D);
+      }
       cur_b = b;
     }
     const char* x_row = static_cast<const char*>(p.x.data) + (b * p.x.stride_b + t * p.x.stride_t) * x_elem;
@@ -204,14 +221,10 @@ DITENGINE_INLINE void adaln_rows(const AdalnParams& p, int64_t begin, int64_t en
     // the row's finite elements give shift and the Inf itself NaN, as the eager x * rsqrt(mean(x^2) + eps).
     const float mean = kRms ? 0.f : sum / static_cast<float>(D);
     const float rstd = kRms ? 1.f / std::sqrt(sum / static_cast<float>(D) + p.eps) : row_rstd(xf, D, mean, p.eps);
-    char* y_row = static_cast<char*>(p.y) + row * D * y_elem;
-    switch (p.y_dtype) {
-      case at::kFloat: modulate(xf, mean, rstd, weight, shift, scale, D, reinterpret_cast<float*>(y_row)); break;
-      case at::kBFloat16:
-        modulate(xf, mean, rstd, weight, shift, scale, D, reinterpret_cast<uint16_t*>(y_row));
-        break;
-      default: modulate(xf, mean, rstd, weight, shift, scale, D, reinterpret_cast<c10::Half*>(y_row));
-    }
+    modulate_into(p.y_dtype, static_cast<char*>(p.y) + row * D * y_elem, xf, mean, rstd, weight, shift, scale, D);
+    if (p.y2)  // the row is still in L1: the second modulation costs its write alone
+      modulate_into(p.y_dtype, static_cast<char*>(p.y2) + row * D * y_elem, xf, mean, rstd, weight, shift2, scale2,
+                    D);
   }
 }
 
@@ -241,7 +254,7 @@ void run(const AdalnParams& p, bool rms, int64_t rows) {
   // Enough elements per task that thread start-up (a few microseconds) stays small next to the work.
   const int64_t grain = std::max<int64_t>(1, 16384 / p.D);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(6 * p.D);  // (6, D) per task, reused by all its rows
+    std::vector<float> scratch(8 * p.D);  // (8, D) per task, reused by all its rows
     rows_fn(p, begin, end, scratch.data());
   });
 }
@@ -310,11 +323,35 @@ at::Tensor adaln_modulate(const at::Tensor& x, const at::Tensor& shift, const at
   return y;
 }
 
-// Shared by the functional and the in-place op: x_out is a fresh tensor or x itself.
-at::Tensor gated(const char* op, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& o,
-                 const at::Tensor& shift, const at::Tensor& scale, double eps, at::ScalarType out_dtype, bool rms,
-                 const std::optional<at::Tensor>& weight, const at::Tensor& x_out) {
+// The second modulation of the dual ops: y2 (B, T, D) in out_dtype, returned.
+at::Tensor add_second(const char* op, AdalnParams& p, const at::Tensor& x, const at::Tensor& shift2,
+                      const at::Tensor& scale2) {
+  p.shift2 = modulation(op, "shift2", shift2, x.size(0), p.D);
+  p.scale2 = modulation(op, "scale2", scale2, x.size(0), p.D);
+  at::Tensor y2 = at::empty(x.sizes(), x.options().dtype(p.y_dtype));
+  p.y2 = y2.data_ptr();
+  return y2;
+}
+
+std::tuple<at::Tensor, at::Tensor> adaln_modulate_dual(const at::Tensor& x, const at::Tensor& shift,
+                                                       const at::Tensor& scale, const at::Tensor& shift2,
+                                                       const at::Tensor& scale2, double eps, at::ScalarType out_dtype,
+                                                       bool rms, const std::optional<at::Tensor>& weight) {
+  const char* op = "ditengine::adaln_modulate_dual";
   AdalnParams p = prepare(op, x, shift, scale, eps, out_dtype, weight);
+  at::Tensor y2 = add_second(op, p, x, shift2, scale2);
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));  // (B, T, D)
+  p.gated = false;
+  p.y = y.data_ptr();
+  run(p, rms, x.size(0) * x.size(1));
+  return {y, y2};
+}
+
+// Shared by the functional and the in-place op: x_out is a fresh tensor or x itself.
+// `p` comes prepared (with a second modulation or without).
+at::Tensor gated(const char* op, AdalnParams& p, const at::Tensor& x, const at::Tensor& gate, const at::Tensor& o,
+                 bool rms, const at::Tensor& x_out) {
+  const at::ScalarType out_dtype = p.y_dtype;
   p.gated = true;
   p.o = activation(op, "o", o, x.sizes());
   p.gate = modulation(op, "gate", gate, x.size(0), p.D);
@@ -335,14 +372,30 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_adaln(const at::Tensor& x, con
   const char* op = "ditengine::gated_residual_adaln";
   check_float_cpu(op, "x", x);
   at::Tensor x_new = at::empty(x.sizes(), x.options());  // (B, T, D), contiguous like the Python op's
-  at::Tensor y = gated(op, x, gate, o, shift, scale, eps, out_dtype, rms, weight, x_new);
+  AdalnParams p = prepare(op, x, shift, scale, eps, out_dtype, weight);
+  at::Tensor y = gated(op, p, x, gate, o, rms, x_new);
   return {x_new, y};
 }
 
 at::Tensor gated_residual_adaln_(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& o,
                                  const at::Tensor& shift, const at::Tensor& scale, double eps,
                                  at::ScalarType out_dtype, bool rms, const std::optional<at::Tensor>& weight) {
-  return gated("ditengine::gated_residual_adaln_", x, gate, o, shift, scale, eps, out_dtype, rms, weight, x);
+  const char* op = "ditengine::gated_residual_adaln_";
+  AdalnParams p = prepare(op, x, shift, scale, eps, out_dtype, weight);
+  return gated(op, p, x, gate, o, rms, x);
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_residual_adaln_dual_(const at::Tensor& x, const at::Tensor& gate,
+                                                              const at::Tensor& o, const at::Tensor& shift,
+                                                              const at::Tensor& scale, const at::Tensor& shift2,
+                                                              const at::Tensor& scale2, double eps,
+                                                              at::ScalarType out_dtype, bool rms,
+                                                              const std::optional<at::Tensor>& weight) {
+  const char* op = "ditengine::gated_residual_adaln_dual_";
+  AdalnParams p = prepare(op, x, shift, scale, eps, out_dtype, weight);
+  at::Tensor y2 = add_second(op, p, x, shift2, scale2);
+  at::Tensor y = gated(op, p, x, gate, o, rms, x);
+  return {y, y2};
 }
 
 }  // namespace
@@ -353,6 +406,8 @@ TORCH_LIBRARY_IMPL(ditengine, CPU, m) {
   m.impl("adaln_modulate", &adaln_modulate);
   m.impl("gated_residual_adaln", &gated_residual_adaln);
   m.impl("gated_residual_adaln_", &gated_residual_adaln_);
+  m.impl("adaln_modulate_dual", &adaln_modulate_dual);
+  m.impl("gated_residual_adaln_dual_", &gated_residual_adaln_dual_);
 }
 
 // The ops have no derivative. torch's C++ not-implemented fallback gives CPU tensors the same behaviour as
@@ -362,6 +417,8 @@ TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
   m.impl("adaln_modulate", torch::autograd::autogradNotImplementedFallback());
   m.impl("gated_residual_adaln", torch::autograd::autogradNotImplementedFallback());
   m.impl("gated_residual_adaln_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("adaln_modulate_dual", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gated_residual_adaln_dual_", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace ditengine

@@ -10,7 +10,8 @@ default) is no weight. DiT runs K1 before attention (shift_msa, scale_msa) and K
 attention it adds the gated attention output and prepares the MLP input, after the MLP it adds the gated MLP
 output and prepares the next block's attention input. ACE-Step 1.5 normalises with a weighted RMSNorm
 (`rms=True, weight=...`); its un-modulated cross-attention pre-norm is K3 with a unit gate and zero
-shift and scale rows.
+shift and scale rows. SD3.5's dual-attention layers modulate one norm twice (`second=(shift2, scale2)`:
+a second output y2 from the same row statistics, for the layer's second attention).
 Eager PyTorch spends 5-7 passes over the activations on this; each kernel makes one read of each input
 and one write of each output.
 
@@ -52,37 +53,37 @@ def _norm_ref(x, eps: float, rms: bool):
 
 
 def adaln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True, *,
-                       rms: bool = False, weight=None):
+                       rms: bool = False, weight=None, second=None):
     """The plain-PyTorch K1; math in fp32 when `upcast`, else in x's dtype (the low-precision reference).
-    `rms` picks RMSNorm over LayerNorm; `weight` (D,) or None multiplies the normalised x."""
+    `rms` picks RMSNorm over LayerNorm; `weight` (D,) or None multiplies the normalised x. `second` (shift2,
+    scale2) also returns the same normalised x under that modulation: (y, y2)."""
     out_dtype = out_dtype or x.dtype
-    if upcast:
-        x, shift, scale = x.float(), shift.float(), scale.float()
-    else:
-        shift, scale = shift.to(x.dtype), scale.to(x.dtype)
-    h = _norm_ref(x, eps, rms)
+    compute = torch.float32 if upcast else x.dtype
+    h = _norm_ref(x.to(compute), eps, rms)
     if weight is not None:
-        h = h * weight.to(x.dtype)
-    y = h * (1 + scale[:, None]) + shift[:, None]
-    return y.to(out_dtype)  # (B, T, D)
+        h = h * weight.to(compute)
+    outs = tuple((h * (1 + sc.to(compute)[:, None]) + sh.to(compute)[:, None]).to(out_dtype)  # (B, T, D)
+                 for sh, sc in ((shift, scale),) + ((tuple(second),) if second is not None else ()))
+    return outs if second is not None else outs[0]
 
 
 def gated_residual_adaln_ref(x, gate, o, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True, *,
-                             rms: bool = False, weight=None):
-    """The plain-PyTorch K3: returns (x_new, y). x_new keeps x's dtype; y defaults to o's dtype."""
+                             rms: bool = False, weight=None, second=None):
+    """The plain-PyTorch K3: returns (x_new, y), or (x_new, y, y2) with `second`. x_new keeps x's dtype; y
+    defaults to o's dtype."""
     out_dtype = out_dtype or o.dtype
     if upcast:
         x_new = (x.float() + gate.float()[:, None] * o.float()).to(x.dtype)
     else:
         x_new = x + gate.to(x.dtype)[:, None] * o.to(x.dtype)
-    return x_new, adaln_modulate_ref(x_new, shift, scale, eps, out_dtype, upcast, rms=rms, weight=weight)
+    y = adaln_modulate_ref(x_new, shift, scale, eps, out_dtype, upcast, rms=rms, weight=weight, second=second)
+    return (x_new, *y) if second is not None else (x_new, y)
 
 
 # -- kernels ---------------------------------------------------------------------------------------------
 @triton.jit
-def _adaln_row(x, weight_ptr, shift_ptr, scale_ptr, cols, mask, D, eps,
-               RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
-    """LayerNorm or RMSNorm of one fp32 row (masked lanes are 0 on entry), the weight, then modulation."""
+def _norm_row(x, weight_ptr, cols, mask, D, eps, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """LayerNorm or RMSNorm of one fp32 row (masked lanes are 0 on entry), times the weight."""
     if RMS:
         xc = x  # no mean: the masked lanes stay 0 and add nothing to the sum of squares
     else:
@@ -92,6 +93,11 @@ def _adaln_row(x, weight_ptr, shift_ptr, scale_ptr, cols, mask, D, eps,
     h = xc * rstd
     if HAS_WEIGHT:
         h = h * tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _modulate(h, shift_ptr, scale_ptr, cols, mask):
     shift = tl.load(shift_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return h * (1.0 + scale) + shift
@@ -99,30 +105,33 @@ def _adaln_row(x, weight_ptr, shift_ptr, scale_ptr, cols, mask, D, eps,
 
 @triton.jit
 def _adaln_modulate_kernel(
-    x_ptr, shift_ptr, scale_ptr, weight_ptr, y_ptr,
+    x_ptr, shift_ptr, scale_ptr, weight_ptr, y_ptr, shift2_ptr, scale2_ptr, y2_ptr,
     T, D,
-    stride_xb, stride_xt, stride_shift, stride_scale, stride_yb, stride_yt,
+    stride_xb, stride_xt, stride_shift, stride_scale, stride_yb, stride_yt, stride_shift2, stride_scale2,
     eps,
-    BLOCK_D: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_D: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SECOND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # B*T*D can pass 2**31
     b, t = row // T, row % T
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     x = tl.load(x_ptr + b * stride_xb + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _adaln_row(x, weight_ptr, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale, cols, mask, D, eps,
-                   RMS, HAS_WEIGHT)
+    h = _norm_row(x, weight_ptr, cols, mask, D, eps, RMS, HAS_WEIGHT)
+    y = _modulate(h, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale, cols, mask)
     tl.store(y_ptr + b * stride_yb + t * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SECOND:  # y2 (contiguous like y) shares the row's statistics
+        y2 = _modulate(h, shift2_ptr + b * stride_shift2, scale2_ptr + b * stride_scale2, cols, mask)
+        tl.store(y2_ptr + b * stride_yb + t * stride_yt + cols, y2.to(y2_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_residual_adaln_kernel(
-    x_ptr, gate_ptr, o_ptr, shift_ptr, scale_ptr, weight_ptr, x_out_ptr, y_ptr,
+    x_ptr, gate_ptr, o_ptr, shift_ptr, scale_ptr, weight_ptr, x_out_ptr, y_ptr, shift2_ptr, scale2_ptr, y2_ptr,
     T, D,
     stride_xb, stride_xt, stride_gate, stride_ob, stride_ot, stride_shift, stride_scale,
-    stride_xob, stride_xot, stride_yb, stride_yt,
+    stride_xob, stride_xot, stride_yb, stride_yt, stride_shift2, stride_scale2,
     eps,
-    BLOCK_D: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    BLOCK_D: tl.constexpr, RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SECOND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     b, t = row // T, row % T
@@ -134,9 +143,12 @@ def _gated_residual_adaln_kernel(
     x_new = (x + gate * o).to(x_out_ptr.dtype.element_ty)
     tl.store(x_out_ptr + b * stride_xob + t * stride_xot + cols, x_new, mask=mask)
     # Normalise the residual as stored, so y matches an eager norm of x_new bit for bit in fp32.
-    y = _adaln_row(x_new.to(tl.float32), weight_ptr, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale,
-                   cols, mask, D, eps, RMS, HAS_WEIGHT)
+    h = _norm_row(x_new.to(tl.float32), weight_ptr, cols, mask, D, eps, RMS, HAS_WEIGHT)
+    y = _modulate(h, shift_ptr + b * stride_shift, scale_ptr + b * stride_scale, cols, mask)
     tl.store(y_ptr + b * stride_yb + t * stride_yt + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SECOND:
+        y2 = _modulate(h, shift2_ptr + b * stride_shift2, scale2_ptr + b * stride_scale2, cols, mask)
+        tl.store(y2_ptr + b * stride_yb + t * stride_yt + cols, y2.to(y2_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_config(D: int, rms: bool, weight) -> dict:
@@ -170,27 +182,40 @@ def _check_norm(x, rms, weight) -> None:
         check_tensor("weight", weight, shape=(x.shape[-1],), device=x.device, layout="(D,) like x's last dim")
 
 
-def _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight):
+def _second_args(x, y, second):
+    """The kernels' (shift2, scale2, y2) pointers and (shift2, scale2) strides; without a second modulation,
+    pointers the kernel never reads."""
+    if second is None:
+        return (x, x, y), (0, 0)
+    shift2, scale2 = second
+    return (shift2, scale2, torch.empty_like(y)), (shift2.stride(0), scale2.stride(0))
+
+
+def _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight, second=None):
+    """y, or (y, y2) with `second`."""
     B, T, D = x.shape
     y = torch.empty((B, T, D), device=x.device, dtype=out_dtype)
+    pointers, strides = _second_args(x, y, second)
     if y.numel():
         _adaln_modulate_kernel[(B * T,)](
-            x, shift, scale, x if weight is None else weight, y, T, D,  # x: a pointer the kernel never reads
-            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), y.stride(0), y.stride(1),
-            eps, **_launch_config(D, rms, weight))
-    return y
+            x, shift, scale, x if weight is None else weight, y, *pointers, T, D,  # x: a pointer never read
+            x.stride(0), x.stride(1), shift.stride(0), scale.stride(0), y.stride(0), y.stride(1), *strides,
+            eps, SECOND=second is not None, **_launch_config(D, rms, weight))
+    return (y, pointers[2]) if second is not None else y
 
 
-def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out, rms, weight):
+def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out, rms, weight, second=None):
+    """y, or (y, y2) with `second`; x_new goes to x_out."""
     B, T, D = x.shape
     y = torch.empty((B, T, D), device=x.device, dtype=out_dtype)
+    pointers, strides = _second_args(x, y, second)
     if y.numel():
         _gated_residual_adaln_kernel[(B * T,)](
-            x, gate, o, shift, scale, x if weight is None else weight, x_out, y, T, D,
+            x, gate, o, shift, scale, x if weight is None else weight, x_out, y, *pointers, T, D,
             x.stride(0), x.stride(1), gate.stride(0), o.stride(0), o.stride(1), shift.stride(0), scale.stride(0),
-            x_out.stride(0), x_out.stride(1), y.stride(0), y.stride(1),
-            eps, **_launch_config(D, rms, weight))
-    return y
+            x_out.stride(0), x_out.stride(1), y.stride(0), y.stride(1), *strides,
+            eps, SECOND=second is not None, **_launch_config(D, rms, weight))
+    return (y, pointers[2]) if second is not None else y
 
 
 # -- torch.library registration (composes with torch.compile and CUDA graphs) ---------------------------
@@ -246,37 +271,92 @@ def _(x, gate, o, shift, scale, eps, out_dtype, rms=False, weight=None):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
+# SD3.5's dual-attention layers modulate one norm of the residual twice (the MLP's input and the second
+# attention's); these two ops write both outputs from one pass over each row.
+@torch.library.custom_op("ditengine::adaln_modulate_dual", mutates_args=())
+def _adaln_modulate_dual_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, shift2: torch.Tensor,
+                            scale2: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
+                            weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_eps(eps)
+    _check_norm(x, rms, weight)
+    if use_triton("adaln_modulate_dual", x):
+        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight, (shift2, scale2))
+    y, y2 = adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight, second=(shift2, scale2))
+    return y.contiguous(), y2.contiguous()
+
+
+@_adaln_modulate_dual_op.register_fake
+def _(x, shift, scale, shift2, scale2, eps, out_dtype, rms=False, weight=None):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("ditengine::gated_residual_adaln_dual_", mutates_args=("x",))
+def _gated_residual_adaln_dual_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
+                                  scale: torch.Tensor, shift2: torch.Tensor, scale2: torch.Tensor, eps: float,
+                                  out_dtype: torch.dtype, rms: bool = False,
+                                  weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_eps(eps)
+    _check_norm(x, rms, weight)
+    if use_triton("gated_residual_adaln_dual_", x):
+        return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x, rms, weight, (shift2, scale2))
+    x_new, y, y2 = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight,
+                                            second=(shift2, scale2))
+    x.copy_(x_new)
+    return y.contiguous(), y2.contiguous()
+
+
+@_gated_residual_adaln_dual_op.register_fake
+def _(x, gate, o, shift, scale, shift2, scale2, eps, out_dtype, rms=False, weight=None):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _check_second(x, second):
+    """`second` None or a (shift2, scale2) pair of (B, D) tensors; returned as a tuple."""
+    if second is None:
+        return None
+    if not isinstance(second, (tuple, list)) or len(second) != 2:
+        raise TypeError(f"second: expected None or a (shift2, scale2) pair of (B, D) tensors, got "
+                        f"{type(second).__name__}")
+    _check_modulation(x, (("second[0] (shift2)", second[0]), ("second[1] (scale2)", second[1])))
+    return tuple(second)
+
+
 # -- public API ------------------------------------------------------------------------------------------
 # backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
 # "triton" (on CPU: the interpreter) or "reference" force one, and raise a ValueError where it cannot run.
 def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
                    out_dtype: torch.dtype | None = None, backend: str | None = None, *, rms: bool = False,
-                   weight: torch.Tensor | None = None) -> torch.Tensor:
+                   weight: torch.Tensor | None = None, second: tuple | None = None):
     """y = norm(x) * weight * (1 + scale) + shift; x (B, T, D), shift and scale (B, D). Returns (B, T, D).
 
     norm: LayerNorm without affine, or RMSNorm with `rms=True`. weight: the norm's learned weight (D,), any
     float dtype, last dim contiguous, on x's device; None for none. eps: a finite number > 0 (a ValueError
-    otherwise, on every backend).
+    otherwise, on every backend). second: a (shift2, scale2) pair of (B, D) tensors to return also
+    y2 = norm(x) * weight * (1 + scale2) + shift2 from the same pass: (y, y2).
     """
     check_tensor("x", x, ndim=3, layout="(B, T, D)")
     if x.shape[-1] > MAX_D:
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     _check_modulation(x, (("shift", shift), ("scale", scale)))
+    second = _check_second(x, second)
     _check_norm(x, rms, weight)
     eps = _check_eps(eps)
     out_dtype = out_dtype or x.dtype
-    how = route("adaln_modulate", x.device, backend)
+    how = route("adaln_modulate" if second is None else "adaln_modulate_dual", x.device, backend)
     if how.startswith("reference"):
-        return adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight).contiguous()
+        y = adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight, second=second)
+        return tuple(t.contiguous() for t in y) if second is not None else y.contiguous()
     if how == "triton-interpreter":  # the dispatcher's CPU slot may belong to the native kernel
-        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight)
+        return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight, second)
+    if second is not None:
+        return _adaln_modulate_dual_op(x, shift, scale, *second, eps, out_dtype, rms, weight)
     return _adaln_modulate_op(x, shift, scale, eps, out_dtype, rms, weight)
 
 
 def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                          scale: torch.Tensor, eps: float = 1e-6, inplace: bool = False,
                          out_dtype: torch.dtype | None = None, backend: str | None = None, *, rms: bool = False,
-                         weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         weight: torch.Tensor | None = None, second: tuple | None = None) -> tuple:
     """x_new = x + gate * o and y = norm(x_new) * weight * (1 + scale) + shift, in one pass.
 
     x, o (B, T, D); gate, shift, scale (B, D). Returns (x_new, y); with `inplace=True` x_new is x itself,
@@ -284,26 +364,36 @@ def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, s
     norm: LayerNorm without affine, or RMSNorm with `rms=True`. weight: the norm's learned weight (D,), any
     float dtype, last dim contiguous, on x's device; None for none. A unit gate with zero shift and scale
     rows is the un-modulated pre-norm (x_new = x + o, y = norm(x_new) * weight).
-    eps: a finite number > 0 (a ValueError otherwise, on every backend).
+    eps: a finite number > 0 (a ValueError otherwise, on every backend). second: a (shift2, scale2) pair of
+    (B, D) tensors to return also y2 = norm(x_new) * weight * (1 + scale2) + shift2 from the same pass:
+    (x_new, y, y2). (Its fused op works in place; without `inplace` x is copied first.)
     """
     check_tensor("x", x, ndim=3, layout="(B, T, D)")
     if x.shape[-1] > MAX_D:
         raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
     check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
     _check_modulation(x, (("gate", gate), ("shift", shift), ("scale", scale)))
+    second = _check_second(x, second)
     _check_norm(x, rms, weight)
     eps = _check_eps(eps)
     out_dtype = out_dtype or o.dtype
-    how = route("gated_residual_adaln_" if inplace else "gated_residual_adaln", x.device, backend)
+    if second is not None:
+        how = route("gated_residual_adaln_dual_", x.device, backend)
+    else:
+        how = route("gated_residual_adaln_" if inplace else "gated_residual_adaln", x.device, backend)
     if how.startswith("reference"):
-        x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
-        if inplace:
-            x.copy_(x_new)
-            return x, y.contiguous()
-        return x_new.contiguous(), y.contiguous()
+        x_new, *ys = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight,
+                                              second=second)
+        x_new = x.copy_(x_new) if inplace else x_new.contiguous()
+        return (x_new, *(y.contiguous() for y in ys))
     if how == "triton-interpreter":
         x_new = x if inplace else torch.empty(x.shape, device=x.device, dtype=x.dtype)
-        return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new, rms, weight)
+        ys = _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new, rms, weight, second)
+        return (x_new, *ys) if second is not None else (x_new, ys)
+    if second is not None:
+        x_new = x if inplace else x.clone(memory_format=torch.contiguous_format)
+        return (x_new, *_gated_residual_adaln_dual_op(x_new, gate, o, shift, scale, *second, eps, out_dtype, rms,
+                                                      weight))
     if inplace:
         return x, _gated_residual_adaln_inplace_op(x, gate, o, shift, scale, eps, out_dtype, rms, weight)
     return _gated_residual_adaln_op(x, gate, o, shift, scale, eps, out_dtype, rms, weight)

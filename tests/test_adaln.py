@@ -400,6 +400,134 @@ def test_registered_ops_pass_opcheck():
                               (x.clone(), gate, o, shift, scale, 1e-6, torch.float32, *norm))
 
 
+# -- SD3.5's second modulation: one norm, two (shift, scale) pairs ------------------------------------------
+def check_second(B, T, D, dtype, device="cpu", backend=None, seed=0, gated=False, inplace=False, rms=False,
+                 weighted=False):
+    """The fused pair against the reference under the tolerance rule, and against two single-modulation calls
+    of the same backend (the same row statistics: equal to the last bit but for FMA contraction)."""
+    x, o, (shift, scale, gate, shift2, scale2, _) = make_inputs(B, T, D, dtype, device, seed)
+    w = make_weight(D, dtype, device, seed) if weighted else None
+    kw = dict(rms=rms, weight=w)
+    if gated:
+        x_in = x.clone() if inplace else x
+        x_new, y, y2 = gated_residual_adaln(x_in, gate, o, shift, scale, inplace=inplace, backend=backend,
+                                            second=(shift2, scale2), **kw)
+        assert (x_new is x_in) == inplace and (inplace or torch.equal(x_in, x))
+        refs = gated_residual_adaln_ref(*(t.float() for t in (x, gate, o, shift, scale)), rms=rms,
+                                        weight=None if w is None else w.float(), second=(shift2.float(), scale2.float()))
+        lps = gated_residual_adaln_ref(x, gate, o, shift, scale, upcast=False, second=(shift2, scale2), **kw)
+        singles = gated_residual_adaln(x, gate, o, shift, scale, backend=backend, **kw)
+        singles += (gated_residual_adaln(x, gate, o, shift2, scale2, backend=backend, **kw)[1],)
+        outs = (x_new, y, y2)
+    else:
+        outs = adaln_modulate(x, shift, scale, backend=backend, second=(shift2, scale2), **kw)
+        refs = adaln_modulate_ref(*(t.float() for t in (x, shift, scale)), rms=rms,
+                                  weight=None if w is None else w.float(), second=(shift2.float(), scale2.float()))
+        lps = adaln_modulate_ref(x, shift, scale, upcast=False, second=(shift2, scale2), **kw)
+        singles = tuple(adaln_modulate(x, sh, sc, backend=backend, **kw) for sh, sc in ((shift, scale), (shift2, scale2)))
+    for name, out, ref32, lp, single in zip(("x_new", "y", "y2")[-len(outs):], outs, refs, lps, singles):
+        assert out.dtype == dtype and out.shape == (B, T, D), name
+        assert_within_tolerance(out, ref32, lp, FLOOR[dtype], name)
+        torch.testing.assert_close(out, single, rtol=1e-5, atol=FLOOR[dtype], msg=name)
+
+
+# Both forms of each: K1 and K3 (functional, in place), LayerNorm and weighted RMSNorm.
+SECOND_FORMS = [(False, False), (True, False), (True, True)]
+SECOND_IDS = ["K1", "K3", "K3 in place"]
+
+
+@pytest.mark.parametrize("backend", [None, "reference", pytest.param("triton", marks=triton_cpu)])
+@pytest.mark.parametrize("gated, inplace", SECOND_FORMS, ids=SECOND_IDS)
+@pytest.mark.parametrize("rms, weighted", [(False, False), (True, True)], ids=["layer", "rms+weight"])
+@pytest.mark.parametrize("B, T, D", [(2, 16, 64), (1, 33, 59), (3, 5, 1152)])
+def test_second_modulation_matches_reference(B, T, D, backend, gated, inplace, rms, weighted):
+    check_second(B, T, D, torch.float32, backend=backend, gated=gated, inplace=inplace, rms=rms, weighted=weighted)
+
+
+@requires_native
+@pytest.mark.parametrize("gated, inplace", SECOND_FORMS, ids=SECOND_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_native_second_modulation_in_low_precision(dtype, gated, inplace):
+    check_second(2, 97, 341, dtype, backend="native", gated=gated, inplace=inplace, rms=True, weighted=True)
+
+
+def test_second_modulation_reads_strided_residual_rows():
+    """FastSD3's use: the image rows of a joint [image; text] residual, normed in place, y2 into a buffer."""
+    x, o, (shift, scale, gate, shift2, scale2, _) = make_inputs(2, 24, 64, torch.float32, seed=3)
+    resid = x.clone()
+    x_new, y, y2 = gated_residual_adaln(resid[:, :16], gate, o[:, :16], shift, scale, inplace=True,
+                                        second=(shift2, scale2))
+    ref_x, ref_y, ref_y2 = gated_residual_adaln_ref(x[:, :16], gate, o[:, :16], shift, scale, second=(shift2, scale2))
+    torch.testing.assert_close(resid[:, :16], ref_x)
+    assert torch.equal(resid[:, 16:], x[:, 16:])  # the text rows are not touched
+    torch.testing.assert_close(y, ref_y)
+    torch.testing.assert_close(y2, ref_y2)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("backend", DEFAULT_AND_TRITON)
+def test_second_modulation_nan_stays_in_its_row(backend):
+    x, o, (shift, scale, gate, shift2, scale2, _) = make_inputs(2, 6, 64, torch.float32, seed=4)
+    x[1, 2, 7] = float("nan")
+    bad = torch.zeros(2, 6, dtype=torch.bool)
+    bad[1, 2] = True
+    for outs in (adaln_modulate(x, shift, scale, second=(shift2, scale2), backend=backend),
+                 gated_residual_adaln(x, gate, o, shift, scale, second=(shift2, scale2), backend=backend)[1:]):
+        for y in outs:
+            assert torch.isnan(y[bad]).all() and torch.isfinite(y[~bad]).all()
+
+
+def test_second_modulation_errors_name_the_argument():
+    x, o, (shift, scale, gate, shift2, scale2, _) = make_inputs(2, 4, 32, torch.float32)
+    with pytest.raises(TypeError, match=r"second: expected None or a \(shift2, scale2\) pair of \(B, D\) tensors, "
+                                        "got Tensor"):
+        adaln_modulate(x, shift, scale, second=shift2)
+    with pytest.raises(TypeError, match="second: expected None or a"):
+        gated_residual_adaln(x, gate, o, shift, scale, second=(shift2,))
+    with pytest.raises(ValueError, match=r"second\[1\] \(scale2\): expected shape \(2, 32\) \(B, D\), got \(2, 31\)"):
+        adaln_modulate(x, shift, scale, second=(shift2, scale2[:, :31]))
+    with pytest.raises(ValueError, match=r"second\[0\] \(shift2\): on meta, expected cpu"):
+        gated_residual_adaln(x, gate, o, shift, scale, second=(shift2.to("meta"), scale2))
+
+
+def test_second_modulation_ops_pass_opcheck():
+    x, o, (shift, scale, gate, shift2, scale2, _) = make_inputs(2, 5, 48, torch.float32)
+    w = make_weight(48, torch.float32)
+    for norm in ((), (True, w)):
+        torch.library.opcheck(torch.ops.ditengine.adaln_modulate_dual,
+                              (x, shift, scale, shift2, scale2, 1e-6, torch.float32, *norm))
+        for oo in (o, o.bfloat16()):
+            torch.library.opcheck(torch.ops.ditengine.gated_residual_adaln_dual_,
+                                  (x.clone(), gate, oo, shift, scale, shift2, scale2, 1e-6, oo.dtype, *norm))
+
+
+def test_second_modulation_python_impl_matches_reference():
+    """Past the native CPU kernels, the dual ops' Python implementation (the CUDA path's) gives the reference."""
+    x, o, (shift, scale, gate, shift2, scale2, _) = make_inputs(2, 3, 40, torch.float32, seed=29)
+    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    ops = torch.ops.ditengine
+    y, y2 = ops.adaln_modulate_dual.default.redispatch(python_impl, x, shift, scale, shift2, scale2, 1e-6,
+                                                      torch.float32)
+    ref = adaln_modulate_ref(x, shift, scale, second=(shift2, scale2))
+    torch.testing.assert_close((y, y2), ref)
+    x_in = x.clone()
+    y, y2 = ops.gated_residual_adaln_dual_.default.redispatch(python_impl, x_in, gate, o, shift, scale, shift2,
+                                                             scale2, 1e-6, torch.float32, True)
+    ref = gated_residual_adaln_ref(x, gate, o, shift, scale, rms=True, second=(shift2, scale2))
+    torch.testing.assert_close((x_in, y, y2), ref)
+
+
+@requires_native
+def test_native_second_modulation_errors_name_the_argument():
+    x, o, (shift, scale, gate, shift2, scale2, _) = make_inputs(2, 4, 32, torch.float32)
+    ops = torch.ops.ditengine
+    with pytest.raises(ValueError, match=r"adaln_modulate_dual: shift2: expected shape \(2, 32\) \(B, D\)"):
+        ops.adaln_modulate_dual(x, shift, scale, shift2[:1], scale2, 1e-6, torch.float32)
+    with pytest.raises(TypeError, match="gated_residual_adaln_dual_: scale2: expected dtype float32, float16 or "
+                                        "bfloat16, got Long"):
+        ops.gated_residual_adaln_dual_(x, gate, o, shift, scale, shift2, scale2.long(), 1e-6, torch.float32)
+
+
 # -- the native CPU kernels (csrc/adaln.cpp) -------------------------------------------------------------------
 # Every shape in fp32 and bf16; fp16 (supported, not a speed target) at one odd shape.
 NATIVE_CASES = [(B, T, D, dtype) for dtype in (torch.float32, torch.bfloat16) for B in (1, 2) for T in (1, 97, 256)
@@ -644,6 +772,15 @@ def test_gpu_norm_forms_match_reference(B, T, D, dtype, rms, weighted):
     check_adaln(B, T, D, dtype, "cuda", rms=rms, weighted=weighted)
     check_gated(B, T, D, dtype, "cuda", rms=rms, weighted=weighted)
     check_gated(B, T, D, dtype, "cuda", inplace=True, rms=rms, weighted=weighted)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated, inplace", SECOND_FORMS, ids=SECOND_IDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("B, T, D", [(2, 1024, 1536), (2, 4096, 1536), (3, 97, 341)])
+def test_gpu_second_modulation_matches_reference(B, T, D, dtype, gated, inplace):
+    check_second(B, T, D, dtype, "cuda", gated=gated, inplace=inplace, rms=True, weighted=True)
+    check_second(B, T, D, dtype, "cuda", gated=gated, inplace=inplace)
 
 
 @pytest.mark.gpu
