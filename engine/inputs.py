@@ -96,6 +96,35 @@ def check_patch_grid_noise(noise: torch.Tensor, channels: int, patch: int, devic
     check_noise_values(noise, device)
 
 
+def check_prompt_embeds(batch: int, tokens: str, text_dim: int, pooled_dim: int, use_cfg: bool, prompt_embeds,
+                        pooled_prompt_embeds, negative_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> dict:
+    """An MMDiT's text conditioning (SD3, Flux), checked: the prompt's `tokens` ("T5", "CLIP + T5") (B, L,
+    text_dim) and pooled CLIP embedding (B, pooled_dim), one per noise row; with CFG the negative prompt's, of the
+    same length. Returns them by the pipelines' names."""
+    named = [("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled_prompt_embeds)]
+    if use_cfg:
+        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds, negative_pooled_prompt_embeds: required with guidance "
+                             f"(cfg_scale != 1): the negative prompt's {tokens} tokens and pooled CLIP embedding")
+        named.append(("negative_prompt_embeds", negative_prompt_embeds, "negative_pooled_prompt_embeds",
+                      negative_pooled_prompt_embeds))
+    cond = {}
+    for name, text, pooled_name, pooled in named:
+        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[0] != batch or text.shape[2] != text_dim:
+            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"{name}: expected ({batch}, L, {text_dim}) ({tokens} tokens, one per noise row), "
+                             f"got {shape}")
+        if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (batch, pooled_dim):
+            shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
+            raise ValueError(f"{pooled_name}: expected ({batch}, {pooled_dim}), got {shape}")
+        cond[name], cond[pooled_name] = text, pooled
+    L = prompt_embeds.shape[1]
+    if use_cfg and negative_prompt_embeds.shape[1] != L:
+        raise ValueError(f"negative_prompt_embeds: {negative_prompt_embeds.shape[1]} tokens, expected {L} like "
+                         "prompt_embeds (pad both to one length)")
+    return cond
+
+
 def draw_noise(sched: Scheduler, i: int, like: torch.Tensor, generator: torch.Generator | None):
     """The step's noise, drawn in float32 from the user's generator: both backends consume it identically."""
     if not sched.needs_noise[i]:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ditengine.kernels import adaln_modulate, choose, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
+from ..inputs import check_prompt_embeds
 from ..models.flux import Flux, rope_tables
 from .base import FusedDenoiser
 
@@ -64,28 +65,9 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=
     if noise.device.type != torch.device(device).type:
         raise ValueError(f"noise: on {noise.device}, expected {device} like the model")
     B, _, H, W = noise.shape
-    named = [("prompt_embeds", prompt_embeds, "pooled_prompt_embeds", pooled_prompt_embeds)]
-    if use_cfg:
-        if negative_prompt_embeds is None or negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds, negative_pooled_prompt_embeds: required with true CFG "
-                             "(cfg_scale != 1): the negative prompt's T5 tokens and pooled CLIP embedding")
-        named.append(("negative_prompt_embeds", negative_prompt_embeds, "negative_pooled_prompt_embeds",
-                      negative_pooled_prompt_embeds))
-    cond = {}
-    for name, text, pooled_name, pooled in named:
-        if not isinstance(text, torch.Tensor) or text.dim() != 3 or text.shape[0] != B \
-                or text.shape[2] != cfg.joint_attention_dim:
-            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
-            raise ValueError(f"{name}: expected ({B}, L, {cfg.joint_attention_dim}) (T5 tokens, one per noise "
-                             f"row), got {shape}")
-        if not isinstance(pooled, torch.Tensor) or tuple(pooled.shape) != (B, cfg.pooled_projection_dim):
-            shape = tuple(pooled.shape) if isinstance(pooled, torch.Tensor) else type(pooled).__name__
-            raise ValueError(f"{pooled_name}: expected ({B}, {cfg.pooled_projection_dim}), got {shape}")
-        cond[name], cond[pooled_name] = text, pooled
+    cond = check_prompt_embeds(B, "T5", cfg.joint_attention_dim, cfg.pooled_projection_dim, use_cfg, prompt_embeds,
+                               pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
     L = prompt_embeds.shape[1]
-    if use_cfg and negative_prompt_embeds.shape[1] != L:
-        raise ValueError(f"negative_prompt_embeds: {negative_prompt_embeds.shape[1]} tokens, expected {L} like "
-                         "prompt_embeds (pad both to one length)")
     if (guidance is not None) != cfg.guidance_embeds:
         raise ValueError(f"guidance: {'required' if cfg.guidance_embeds else 'refused'} by this Flux "
                          f"(guidance_embeds={cfg.guidance_embeds}: {'dev' if cfg.guidance_embeds else 'schnell'})")
