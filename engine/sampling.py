@@ -11,6 +11,7 @@ from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .fast.ace_step import check_inputs as check_ace_step_inputs
 from .fast.flux import check_inputs as check_flux_inputs
+from .fast.sd3 import check_inputs as check_sd3_inputs
 from .guidance import APG, check_guider
 from .inputs import (check_cfg_scale, check_guided_channels, check_inputs, check_patch_grid_noise, check_scheduler,
                      draw_noise, guided_labels, guided_steps)
@@ -18,6 +19,7 @@ from .models.ace_step import AceStep
 from .models.dit import DiT, guide
 from .models.flux import Flux
 from .models.pixart import PixArt
+from .models.sd3 import SD3
 from .schedulers import COL, Scheduler
 
 BACKENDS = ("reference", "fused")
@@ -89,7 +91,9 @@ def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool
         return forward
     if isinstance(spec, Flux):
         return flux_forward(model, spec, noise, use_cfg, named)
-    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt, AceStep, Flux), got {type(model).__name__} "
+    if isinstance(spec, SD3):
+        return sd3_forward(model, spec, noise, use_cfg, named)
+    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt, AceStep, Flux, SD3), got {type(model).__name__} "
                     "(convert a diffusers transformer with ditengine.from_diffusers)")
 
 
@@ -111,6 +115,22 @@ def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, named: d
                     guidance=None if guidance is None else guidance[:n], return_dict=False)[0]
         C_out = out.shape[-1] // 4
         return out.view(n, H // 2, W // 2, C_out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C_out, H, W)
+
+    return forward
+
+
+def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, named: dict) -> Forward:
+    """`model` (the reference spec `spec`, or diffusers' transformer with its weights) called as
+    StableDiffusion3Pipeline calls it: t = 1000 sigma in fp32, the negative prompt as the unconditional half."""
+    cond = check_sd3_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
+    dtype = next(model.parameters()).dtype
+    text = _doubled(cond["prompt_embeds"], cond.get("negative_prompt_embeds"), use_cfg).to(dtype)
+    pooled = _doubled(cond["pooled_prompt_embeds"], cond.get("negative_pooled_prompt_embeds"), use_cfg).to(dtype)
+
+    def forward(x_in, t, step):
+        n = len(x_in)
+        return model(x_in, encoder_hidden_states=text[:n], pooled_projections=pooled[:n], timestep=t,
+                     return_dict=False)[0]
 
     return forward
 
