@@ -1,7 +1,7 @@
 """`ditengine.accelerate(pipe)`: a diffusers pipeline whose denoising loop runs in ditengine.
 
 Served: `DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline` (ACE-Step 1.5 music),
-`FluxPipeline` (Flux.1 dev and schnell). The wrapper is called exactly like the
+`FluxPipeline` (Flux.1 dev and schnell), `StableDiffusion3Pipeline` (SD3, SD3.5). The wrapper is called exactly like the
 pipeline and returns what it returns; the pipeline's own text encoder (once per call, outside the loop),
 VAE and image processing are used as they are, its scheduler is converted (`schedulers.from_diffusers`)
 and its transformer converted once (`from_diffusers`). `backend="fused"` (the default) samples through
@@ -408,15 +408,100 @@ class AcceleratedFluxPipeline(_Accelerated):
         return FluxPipelineOutput(images=image) if return_dict else (image,)
 
 
+class AcceleratedSD3Pipeline(_Accelerated):
+    """Called like `StableDiffusion3Pipeline` (SD3 and SD3.5), returning what it returns; the denoising loop runs
+    in ditengine.
+
+    The prompts go through the pipeline's own `encode_prompt` (CLIP-L, CLIP-G and T5, or the `prompt_embeds`,
+    `pooled_prompt_embeds` and negative ones you pass: a pipeline without text encoders works with embeddings),
+    once per call; the latents are drawn as the pipeline draws them, the scheduler's shift (and mu, when it
+    shifts dynamically) applied as it does, and the image decoded by its VAE. `guidance_scale > 1` runs the CFG
+    batch. In fp32 the latents equal the pipeline's within 1e-4 relative. IP-Adapter inputs,
+    `joint_attention_kwargs`, skip-layer guidance, step callbacks and a list of generators raise a ValueError.
+    """
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, prompt_3=None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 7.0,
+                 negative_prompt=None, negative_prompt_2=None, negative_prompt_3=None,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                 pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, output_type: str | None = "pil", return_dict: bool = True,
+                 joint_attention_kwargs: dict | None = None, clip_skip: int | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 max_sequence_length: int = 256, skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
+                 skip_layer_guidance_stop: float = 0.2, skip_layer_guidance_start: float = 0.01,
+                 mu: float | None = None):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            StableDiffusion3PipelineOutput, calculate_shift)
+
+        pipe = self.pipe
+        for name, value in (("ip_adapter_image", ip_adapter_image), ("ip_adapter_image_embeds", ip_adapter_image_embeds),
+                            ("joint_attention_kwargs", joint_attention_kwargs or None),
+                            ("skip_guidance_layers", skip_guidance_layers),
+                            ("callback_on_step_end", callback_on_step_end)):
+            if value is not None:
+                raise ValueError(f"{name}: not supported by the accelerated pipeline; call the pipeline itself for it")
+        if isinstance(generator, list):
+            raise ValueError("generator: pass one torch.Generator (a list per image is not supported)")
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        use_cfg = guidance_scale > 1
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = pipe.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3, do_classifier_free_guidance=use_cfg,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            device=self.device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length)
+        named = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
+        if use_cfg:
+            named.update(negative_prompt_embeds=negative_prompt_embeds,
+                         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        rows = batch * num_images_per_prompt
+        noise = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, prompt_embeds.dtype,
+                                     self.device, generator, latents)
+        overrides = {} if sigmas is None else {"sigmas": tuple(float(v) for v in sigmas)}
+        config = pipe.scheduler.config
+        if mu is None and config.get("use_dynamic_shifting", None):
+            patch = pipe.transformer.config.patch_size
+            mu = calculate_shift((noise.shape[2] // patch) * (noise.shape[3] // patch),
+                                 config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        if mu is not None:
+            overrides["mu"] = mu
+        steps = num_inference_steps if sigmas is None else len(sigmas)
+        latents = self.denoise(noise, steps, guidance_scale if use_cfg else 1.0, generator, overrides,
+                               **named).to(prompt_embeds.dtype)
+        if output_type == "latent":
+            image = latents
+        else:
+            decoded = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.image_processor.postprocess(pipe.vae.decode(decoded, return_dict=False)[0],
+                                                     output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
+
+
 _PIPELINES = {"DiTPipeline": AcceleratedDiTPipeline, "PixArtAlphaPipeline": AcceleratedPixArtPipeline,
               "PixArtSigmaPipeline": AcceleratedPixArtPipeline, "AceStepPipeline": AcceleratedAceStepPipeline,
-              "FluxPipeline": AcceleratedFluxPipeline}
+              "FluxPipeline": AcceleratedFluxPipeline, "StableDiffusion3Pipeline": AcceleratedSD3Pipeline}
 
 
 def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = "loop", backend: str = "fused",
                quantize: str | None = None, cfg_interval: tuple | None = None):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
-    `FluxPipeline`) so that its denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged.
+    `FluxPipeline`, `StableDiffusion3Pipeline`) so that its denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged.
     `dtype`: the compute dtype (default bf16 on CUDA, fp32 on a CPU); `backend`: "fused" or "reference";
     `quantize` ("int8", "fp8") and `cfg_interval` as in `FastSampler` (ACE-Step takes its interval per call, as
     its pipeline does: `cfg_interval_start` / `cfg_interval_end`)."""
