@@ -19,6 +19,8 @@ import torch
 import ditengine as de
 from ditengine.models.ace_step import AceStep, AceStepConfig
 
+from .twin import diffusers_transformer
+
 CPU_DEPTH = 2  # the CPU default: 2 of the 24 layers at the real width, a ladder of about a minute
 CONDITION_TOKENS = 320  # a prompt, a verse of lyrics and the timbre token, packed
 LATENTS_PER_SECOND = 25
@@ -49,17 +51,6 @@ def turbo_sigmas(steps: int, shift: float = TURBO_SHIFT) -> list[float]:
     return (shift * t / (1 + (shift - 1) * t))[:-1].tolist()
 
 
-def _diffusers_transformer(model: AceStep):
-    """diffusers' AceStepTransformer1DModel with the reference model's weights, or None without diffusers."""
-    try:
-        import diffusers
-    except ImportError:
-        return None
-    theirs = diffusers.AceStepTransformer1DModel(**model.config.to_diffusers()).eval()
-    theirs.load_state_dict(model.state_dict())  # the reference spec keeps diffusers' parameter names
-    return theirs.to(next(model.parameters()).device)
-
-
 def ace_step_setup(args, device):
     """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the ACE-Step ladder."""
     from .cli import Workload
@@ -72,7 +63,7 @@ def ace_step_setup(args, device):
     with torch.device(device):  # initialised where it runs
         base = AceStep(cfg).eval()
     sched = de.schedulers.FlowMatchEuler(sigmas=turbo_sigmas(args.steps), num_train_timesteps=1).to(device)
-    diffusers_model = _diffusers_transformer(base)
+    diffusers_model = diffusers_transformer(base, "AceStepTransformer1DModel")
     guider = de.APG() if args.cfg_scale != 1.0 else None
     tokens = -(-frames // cfg.patch_size)
 

@@ -59,6 +59,7 @@ from . import peers
 from .ace_step import ace_step_setup, is_ace_step
 from .flux import flux_setup, is_flux
 from .pixart import is_pixart, pixart_setup
+from .sd3 import is_sd3, sd3_setup
 from .timing import environment, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,7 +108,7 @@ class Workload:
     eager_label: str = "ditengine reference"
     sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guider=APG(), for both loops
     audio_seconds: float | None = None  # a music workload: the song length one sampling run makes
-    per_image_seconds: bool = False  # report the seconds per image of a whole loop (Flux)
+    per_image_seconds: bool = False  # report the seconds per image of a whole loop (Flux, SD3)
 
     def sample(self, **kwargs):
         return de.sample(self.base, self.sched, self.noise, *self.conditioning, progress=False, **kwargs,
@@ -227,7 +228,7 @@ def gemm_floor_step(fast, rows: int, latent_shape: tuple, cond: dict):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="ditengine-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="DiT-S/2", help="config name, e.g. DiT-XL/2 (default: %(default)s)")
+    p.add_argument("--model", default="DiT-S/2", help="config name, e.g. DiT-XL/2, Flux.1-dev, SD3.5-medium (default: %(default)s)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--input-size", type=int, help="latent height = width (default 32)")
     size.add_argument("--image-size", type=int, help="pixel size; the latent is image-size / 8 (VAE factor)")
@@ -254,7 +255,7 @@ def parse_args(argv=None):
         args.cfg_scale = 1.0 if music or is_flux(args.model) else 4.0
     args.steps = args.steps or (50 if gpu else 5)
     default = [v for v in VARIANTS if v not in GPU_SKIPPED and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
-    if music or is_flux(args.model):  # the runtime peers export the class-conditional DiT only
+    if music or is_flux(args.model) or is_sd3(args.model):  # the runtime peers export the class-conditional DiT only
         default = [v for v in default if v not in peers.PEERS]
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
@@ -294,6 +295,8 @@ def main(argv=None) -> int:
         cfg, base, flops_of, workload_for = ace_step_setup(args, device)
     elif is_flux(args.model):
         cfg, base, flops_of, workload_for = flux_setup(args, device)
+    elif is_sd3(args.model):
+        cfg, base, flops_of, workload_for = sd3_setup(args, device)
     else:
         cfg, base, flops_of, workload_for = dit_setup(args, device)
     weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize

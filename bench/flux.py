@@ -18,6 +18,8 @@ import torch
 import ditengine as de
 from ditengine.models.flux import Flux, FluxConfig
 
+from .twin import diffusers_transformer
+
 VARIANTS = {"dev": (512, True), "schnell": (256, False)}  # text tokens the pipeline pads to, guidance_embeds
 GUIDANCE = 3.5
 
@@ -48,16 +50,6 @@ def flux_flops(cfg: FluxConfig, T: int, L: int, model_batch: int) -> float:
                           + 2 * T * D * cfg.in_channels * 2)
 
 
-def _diffusers_transformer(model: Flux):
-    try:
-        import diffusers
-    except ImportError:
-        return None
-    theirs = diffusers.FluxTransformer2DModel(**model.config.to_diffusers()).eval()
-    theirs.load_state_dict(model.state_dict())  # the reference spec keeps diffusers' parameter names
-    return theirs.to(next(model.parameters()).device)
-
-
 def flux_setup(args, device):
     """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the Flux ladder."""
     from .cli import Workload
@@ -76,7 +68,7 @@ def flux_setup(args, device):
     T = (grid // 2) ** 2
     sigmas = torch.linspace(1.0, 1 / args.steps, args.steps, dtype=torch.float64).tolist()
     sched = de.schedulers.FlowMatchEuler(sigmas=sigmas, use_dynamic_shifting=True, mu=calculate_shift(T)).to(device)
-    diffusers_model = _diffusers_transformer(base)
+    diffusers_model = diffusers_transformer(base, "FluxTransformer2DModel")
 
     def workload(batch):
         g = torch.Generator(device).manual_seed(args.seed)

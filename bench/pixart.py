@@ -19,6 +19,8 @@ import torch
 import ditengine as de
 from ditengine.models.pixart import PixArt, PixArtConfig, to_diffusers_state_dict
 
+from .twin import diffusers_transformer
+
 # name -> (text tokens the pipeline pads to, config fields beyond the shared ones)
 FAMILIES = {"alpha": (120, {}), "sigma": (300, {"use_additional_conditions": False})}
 PROMPT_TOKENS = 20  # valid tokens of the timed prompt; the negative prompt "" is one token (EOS)
@@ -46,17 +48,6 @@ def pixart_flops(cfg: PixArtConfig, T: int, L: int, model_batch: int) -> float:
     return model_batch * (cfg.num_layers * per_block + patch + final)
 
 
-def _diffusers_transformer(model: PixArt):
-    """diffusers' PixArtTransformer2DModel with the reference model's weights, or None without diffusers."""
-    try:
-        import diffusers
-    except ImportError:
-        return None
-    theirs = diffusers.PixArtTransformer2DModel(**model.config.to_diffusers()).eval()
-    theirs.load_state_dict(to_diffusers_state_dict(model))
-    return theirs.to(next(model.parameters()).device)
-
-
 def pixart_setup(args, device):
     """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the PixArt ladder."""
     from .cli import Workload
@@ -73,7 +64,7 @@ def pixart_setup(args, device):
         for block in base.blocks:
             block.scale_shift_table.normal_(0, 0.02)
     sched = de.schedulers.DPMSolverPP(args.steps).to(device)
-    diffusers_model = _diffusers_transformer(base)
+    diffusers_model = diffusers_transformer(base, "PixArtTransformer2DModel", to_diffusers_state_dict(base))
     T = cfg.num_tokens
 
     def workload(batch):
