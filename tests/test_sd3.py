@@ -57,6 +57,14 @@ def test_run_matches_the_reference_in_fp32(flavour, cfg_scale):
                                      f"{flavour} cfg={cfg_scale}", steps=len(sched))
 
 
+def test_head_dim_64_non_square_latent_in_fp32():
+    """The released models' head dim (64) and a latent off the position table's centre, SD3.5 with CFG."""
+    model, sched = sd3(seed=5, attention_head_dim=64, caption_projection_dim=128), schedule(2)
+    cond, z = conditioning(model), noise(hw=(10, 6))
+    got = de.FastSampler(model, sched, cfg_scale=4.5, dtype=torch.float32)(z, **cond)
+    assert_fp32_run_within_tolerance(got, reference(sched, z, 4.5, **cond), model, "SD3.5 Dh 64", steps=2)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_other_kernel_backends_match_the_reference(backend):
     model, sched = sd3(seed=4, num_layers=2, dual_attention_layers=(1,)), schedule(2)
