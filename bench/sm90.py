@@ -66,17 +66,20 @@ def attention_case(dtype, head_dim, head_split=True, config=None):
 def adaln_cases(x_dtype, y_dtype):
     from ditengine.kernels.adaln import _adaln_modulate_kernel, _gated_residual_adaln_kernel
 
+    second = dict(shift2_ptr=y_dtype, scale2_ptr=y_dtype, y2_ptr=y_dtype)
     for fn, pointers in ((_adaln_modulate_kernel, dict(x_ptr=x_dtype, shift_ptr=y_dtype, scale_ptr=y_dtype,
-                                                       weight_ptr=y_dtype, y_ptr=y_dtype)),
+                                                       weight_ptr=y_dtype, y_ptr=y_dtype, **second)),
                          (_gated_residual_adaln_kernel, dict(x_ptr=x_dtype, gate_ptr=y_dtype, o_ptr=y_dtype,
                                                              shift_ptr=y_dtype, scale_ptr=y_dtype, weight_ptr=y_dtype,
-                                                             x_out_ptr=x_dtype, y_ptr=y_dtype))):
+                                                             x_out_ptr=x_dtype, y_ptr=y_dtype, **second))):
         scalars = {n: "i64" for n in fn.arg_names if n.startswith("stride")} | {"T": "i32", "D": "i32", "eps": "fp32"}
-        # DiT's LayerNorm at D = 1152, and ACE-Step 1.5's weighted RMSNorm at D = 2048.
-        yield fn.__name__, compile_sm90(fn, pointers, scalars, dict(BLOCK_D=2048, RMS=False, HAS_WEIGHT=False),
-                                        num_warps=8)
-        yield f"{fn.__name__} rms+weight", compile_sm90(fn, pointers, scalars,
-                                                       dict(BLOCK_D=2048, RMS=True, HAS_WEIGHT=True), num_warps=8)
+        # DiT's LayerNorm at D = 1152, ACE-Step 1.5's weighted RMSNorm at D = 2048, and SD3.5's one LayerNorm
+        # with two modulations (its dual-attention layers) at D = 1536.
+        for label, flags in (("", dict(RMS=False, HAS_WEIGHT=False, SECOND=False)),
+                             (" rms+weight", dict(RMS=True, HAS_WEIGHT=True, SECOND=False)),
+                             (" second", dict(RMS=False, HAS_WEIGHT=False, SECOND=True))):
+            yield f"{fn.__name__}{label}", compile_sm90(fn, pointers, scalars, dict(BLOCK_D=2048, **flags),
+                                                        num_warps=8)
 
 
 def scheduler_step_case(all_on: bool):

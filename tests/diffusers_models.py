@@ -34,3 +34,37 @@ def randomize(module: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.
             base = 1.0 if name.endswith("norm.weight") or ".norm_" in name or name.startswith("norm_out") else 0.0
             p.copy_(base + std * torch.randn(p.shape, generator=g))
     return module
+
+
+# The MMDiT pipelines' tests (SD3, Flux): text and pooled widths, and the text length.
+TEXT, POOLED, L = 24, 12, 7
+
+
+def tiny_vae(seed: int, scaling_factor: float):
+    """A one-level AutoencoderKL with 4 latent channels, for decoding in the pipelines' tests."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
+                                   latent_channels=4, norm_num_groups=4, sample_size=16,
+                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                                   shift_factor=0.06, scaling_factor=scaling_factor).eval()
+
+
+def text_embeddings(B=1, seed=1, negative=False):
+    """The embeddings an MMDiT pipeline takes in place of its text encoders, the negative ones if asked."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(prompt_embeds=torch.randn(B, L, TEXT, generator=g), pooled_prompt_embeds=torch.randn(B, POOLED, generator=g))
+    if negative:
+        out.update(negative_prompt_embeds=torch.randn(B, L, TEXT, generator=g),
+                   negative_pooled_prompt_embeds=torch.randn(B, POOLED, generator=g))
+    return out
+
+
+def call_pipeline(pipe, seed=0, **kwargs):
+    """The pipeline's images (latents unless `output_type` says otherwise) at 8 x 12 from a seeded generator."""
+    kwargs.setdefault("output_type", "latent")
+    return pipe(height=8, width=12, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def rel_err(got, expected):
+    return float((got.float() - expected.float()).norm() / expected.float().norm())

@@ -2,14 +2,12 @@
 guidance), schnell and true CFG, on the fused and the reference loop; a tiny offline pipeline without text
 encoders (the embeddings given)."""
 import pytest
-import torch
 
 import ditengine as de
 
-from diffusers_models import randomize
+from diffusers_models import POOLED, TEXT, call_pipeline, randomize, rel_err, text_embeddings, tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
-TEXT, POOLED, L = 24, 12, 7
 
 
 def tiny_flux_pipeline(dev: bool, seed: int = 0):
@@ -17,11 +15,7 @@ def tiny_flux_pipeline(dev: bool, seed: int = 0):
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=TEXT, pooled_projection_dim=POOLED, guidance_embeds=dev, axes_dims_rope=(4, 6, 6)),
         seed, std=0.2).eval()
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
-                                  latent_channels=4, norm_num_groups=4, sample_size=16,
-                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                                  shift_factor=0.06, scaling_factor=0.3).eval()
+    vae = tiny_vae(seed, scaling_factor=0.3)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                           max_shift=1.15, base_image_seq_len=256,
                                                           max_image_seq_len=4096)
@@ -31,47 +25,29 @@ def tiny_flux_pipeline(dev: bool, seed: int = 0):
     return pipe
 
 
-def embeddings(B=1, seed=1, negative=False):
-    g = torch.Generator().manual_seed(seed)
-    out = dict(prompt_embeds=torch.randn(B, L, TEXT, generator=g), pooled_prompt_embeds=torch.randn(B, POOLED, generator=g))
-    if negative:
-        out.update(negative_prompt_embeds=torch.randn(B, L, TEXT, generator=g),
-                   negative_pooled_prompt_embeds=torch.randn(B, POOLED, generator=g))
-    return out
-
-
-def call(pipe, seed=0, **kwargs):
-    kwargs.setdefault("output_type", "latent")
-    return pipe(height=8, width=12, generator=torch.Generator().manual_seed(seed), **kwargs).images
-
-
-def rel_err(got, expected):
-    return float((got.float() - expected.float()).norm() / expected.float().norm())
-
-
 @pytest.mark.parametrize("dev", [True, False], ids=["dev", "schnell"])
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_returns_the_pipelines_own_latents(dev, backend):
     pipe = tiny_flux_pipeline(dev)
-    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **embeddings(B=2))
-    want = call(pipe, **kwargs)
-    got = call(de.accelerate(pipe, backend=backend), **kwargs)
+    kwargs = dict(num_inference_steps=4, guidance_scale=3.5, **text_embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    got = call_pipeline(de.accelerate(pipe, backend=backend), **kwargs)
     assert got.shape == want.shape == (2, 24, 16)
     assert rel_err(got, want) <= 1e-4
 
 
 def test_true_cfg_with_a_negative_prompt():
     pipe = tiny_flux_pipeline(True, seed=2)
-    kwargs = dict(num_inference_steps=3, true_cfg_scale=4.0, **embeddings(negative=True))
-    want = call(pipe, **kwargs)
-    assert rel_err(call(de.accelerate(pipe), **kwargs), want) <= 1e-4
-    assert rel_err(call(pipe, **{**kwargs, "true_cfg_scale": 1.0}), want) > 1e-3
+    kwargs = dict(num_inference_steps=3, true_cfg_scale=4.0, **text_embeddings(negative=True))
+    want = call_pipeline(pipe, **kwargs)
+    assert rel_err(call_pipeline(de.accelerate(pipe), **kwargs), want) <= 1e-4
+    assert rel_err(call_pipeline(pipe, **{**kwargs, "true_cfg_scale": 1.0}), want) > 1e-3
 
 
 def test_decoded_images_match_and_refusals():
     pipe = tiny_flux_pipeline(False)
-    kwargs = dict(num_inference_steps=2, **embeddings(), output_type="pt")
-    want, got = call(pipe, **kwargs), call(de.accelerate(pipe), **kwargs)
+    kwargs = dict(num_inference_steps=2, **text_embeddings(), output_type="pt")
+    want, got = call_pipeline(pipe, **kwargs), call_pipeline(de.accelerate(pipe), **kwargs)
     assert got.shape == want.shape and rel_err(got, want) <= 1e-3
     with pytest.raises(ValueError, match="joint_attention_kwargs: not supported"):
-        call(de.accelerate(pipe), joint_attention_kwargs={"scale": 0.5}, **embeddings())
+        call_pipeline(de.accelerate(pipe), joint_attention_kwargs={"scale": 0.5}, **text_embeddings())

@@ -1,5 +1,4 @@
 """`quantize=`: the blocks' token GEMMs as W8A8 through FastSampler, sample(), accelerate and the CLIs."""
-import math
 
 import pytest
 import torch
@@ -10,16 +9,13 @@ from ditengine.kernels import Fp8Linear, Int8Linear
 
 from test_fast import draw, gpu_dit, model_for
 from test_pixart import conditioning, noise as pixart_noise, pixart
+from tolerance import sqnr
 
 S = de.schedulers
 # A whole sampling run at tiny widths against the fp32 reference (measured: int8 50 dB in fp32, 43 dB in
 # bf16; fp8 38 dB): a GEMM quantised wrongly (a scale per tensor instead of per row, a rounding off by one
 # step) loses more than 10 dB.
 SQNR_DB = {"int8": 35.0, "fp8": 28.0}
-
-
-def sqnr(out, ref):
-    return 10 * math.log10(ref.double().pow(2).sum() / (out.double() - ref.double()).pow(2).sum())
 
 
 def run_dit(quantize, dtype=torch.float32, backend=None, **kwargs):

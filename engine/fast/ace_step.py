@@ -21,25 +21,17 @@ the context latents too. T is any length: odd T is zero-padded to whole patches 
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import adaln_modulate, choose, gated_residual_adaln, gqa_attention, gqa_attention_ref
+from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
 from ..models.ace_step import AceStep, rope_tables
 from .base import FusedDenoiser
 
-log = logging.getLogger("ditengine")
 
 LATENTS_PER_SECOND = 25  # 48 kHz audio, 1920 samples a latent frame: the default length is 30 s
-
-
-@functools.lru_cache(maxsize=None)
-def _log_reference_attention(head_dim: int) -> None:
-    log.info("ditengine: ACE-Step head dim %d is outside the attention kernels' (a multiple of 8 in 16..256): its "
-             "attention runs the PyTorch reference", head_dim)
 
 
 def check_sequence(name: str, x, channels: int, batch: int | None, length: int | None, device) -> None:
@@ -78,7 +70,6 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, encoder_hidden
     return {name: enc for name, enc in named} | {"context_latents": context_latents}
 
 
-
 class FastAceStep(FusedDenoiser):
     """The weights of a `ditengine.models.ace_step.AceStep` in the fast path's layout, and the fused forward.
 
@@ -96,11 +87,7 @@ class FastAceStep(FusedDenoiser):
         super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D, p = cfg.hidden_size, cfg.patch_size
-        self.small_heads = not (16 <= cfg.head_dim <= 256 and cfg.head_dim % 8 == 0)  # diffusers' test config: 8
-        if self.small_heads:
-            _log_reference_attention(cfg.head_dim)
-        else:
-            choose("gqa_attention", self.device, self.backend)
+        self.small_heads = not self.gqa_attention_fits(cfg.head_dim)  # diffusers' test config: 8
         self.latent_shape = (cfg.audio_acoustic_hidden_dim, 30 * LATENTS_PER_SECOND)
         self.out_channels = cfg.audio_acoustic_hidden_dim
         rows = 2 * (self.latent_shape[1] // p)

@@ -46,6 +46,12 @@ def cublaslt_gelu_is_tanh(device: str) -> bool:
     return ok
 
 
+@functools.lru_cache(maxsize=None)
+def _log_reference_attention(family: str, head_dim: int) -> None:
+    log.info("ditengine: %s head dim %d is outside the attention kernels' (a multiple of 8 in 16..256): its "
+             "attention runs the PyTorch reference", family, head_dim)
+
+
 class TokenLinear:
     """One linear layer of the token stream in the fast path's form.
 
@@ -219,6 +225,15 @@ class FusedDenoiser:
     def embed_sinusoidal(mlp: tuple, values: torch.Tensor, freq_shift: int = 0) -> torch.Tensor:
         """`mlp_weights` applied to the sinusoidal embedding of `values` (N,) -> (N, D) fp32."""
         return FusedDenoiser.apply_mlp(mlp, timestep_embedding(values, mlp[0].shape[1], freq_shift))
+
+    def gqa_attention_fits(self, head_dim: int) -> bool:
+        """Whether `gqa_attention`'s kernels take this head dim (a multiple of 8 in 16..256), its implementation
+        chosen now; if not, the family's attention runs the PyTorch reference, logged."""
+        if 16 <= head_dim <= 256 and head_dim % 8 == 0:
+            choose("gqa_attention", self.device, self.backend)
+            return True
+        _log_reference_attention(type(self).__name__, head_dim)
+        return False
 
     def token_linear(self, layer: torch.nn.Linear | tuple, rows: int, block: bool = False) -> TokenLinear:
         """A model's linear layer (or a (weight, bias) pair) as a token GEMM over `rows` rows; a `block`'s

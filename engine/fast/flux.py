@@ -22,24 +22,15 @@ embedding's reshape, its inverse the output's.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import adaln_modulate, choose, gated_residual_adaln, gqa_attention, gqa_attention_ref
+from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
 from ..inputs import check_prompt_embeds
 from ..models.flux import Flux, rope_tables
 from .base import FusedDenoiser
-
-log = logging.getLogger("ditengine")
-
-
-@functools.lru_cache(maxsize=None)
-def _log_reference_attention(head_dim: int) -> None:
-    log.info("ditengine: Flux head dim %d is outside the attention kernels' (a multiple of 8 in 16..256): its "
-             "attention runs the PyTorch reference", head_dim)
 
 
 def image_ids(h: int, w: int, device=None) -> torch.Tensor:
@@ -101,11 +92,7 @@ class FastFlux(FusedDenoiser):
         super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D, Dh = cfg.hidden_size, cfg.head_dim
-        self.small_heads = not (16 <= Dh <= 256 and Dh % 8 == 0)
-        if self.small_heads:
-            _log_reference_attention(Dh)
-        else:
-            choose("gqa_attention", self.device, self.backend)
+        self.small_heads = not self.gqa_attention_fits(Dh)
         self.latent_shape = (cfg.in_channels // 4, 128, 128)  # 1024 px: the VAE's 16 channels, 2x2 packed
         self.out_channels = cfg.out_channels // 4
         rows = 2 * 4096

@@ -26,29 +26,21 @@ context's static `second` buffer, which the block's image-only attention reads.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import adaln_modulate, choose, gated_residual_adaln, gqa_attention, gqa_attention_ref
+from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
 from ..inputs import check_patch_grid_noise, check_prompt_embeds
 from ..models.sd3 import SD3
 from .base import FusedDenoiser
 
-log = logging.getLogger("ditengine")
 
 # Image chunks of a block's modulation (9 in a dual-attention layer), then the text stream's (6; 2 in the last
 # block, scale first), then the final norm's (scale, shift): columns of the per-step table.
 SH1, SC1, G1, SH2, SC2, G2, SH3, SC3, G3 = range(9)
 CH1, CS1, CG1, CH2, CS2, CG2 = range(6)
-
-
-@functools.lru_cache(maxsize=None)
-def _log_reference_attention(head_dim: int) -> None:
-    log.info("ditengine: SD3 head dim %d is outside the attention kernels' (a multiple of 8 in 16..256): its "
-             "attention runs the PyTorch reference", head_dim)
 
 
 def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=None, pooled_prompt_embeds=None,
@@ -80,11 +72,7 @@ class FastSD3(FusedDenoiser):
         super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D, Dh = cfg.hidden_size, cfg.head_dim
-        self.small_heads = not (16 <= Dh <= 256 and Dh % 8 == 0)
-        if self.small_heads:
-            _log_reference_attention(Dh)
-        else:
-            choose("gqa_attention", self.device, self.backend)
+        self.small_heads = not self.gqa_attention_fits(Dh)
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.out_channels = cfg.out_channels
         self.branches = 3 if cfg.dual_attention_layers else 2  # attention, MLP [, second attention] outputs
