@@ -319,6 +319,16 @@ class AcceleratedAceStepPipeline(_Accelerated):
         return AudioPipelineOutput(audios=audio) if return_dict else (audio,)
 
 
+def _refuse_unsupported(generator, **unsupported) -> None:
+    """The MMDiT pipelines' arguments the accelerated loop does not take: a ValueError naming the first one given,
+    or a list of generators."""
+    for name, value in unsupported.items():
+        if value is not None:
+            raise ValueError(f"{name}: not supported by the accelerated pipeline; call the pipeline itself for it")
+    if isinstance(generator, list):
+        raise ValueError("generator: pass one torch.Generator (a list per image is not supported)")
+
+
 class AcceleratedFluxPipeline(_Accelerated):
     """Called like `FluxPipeline` (Flux.1 dev or schnell), returning what it returns; the denoising loop runs in
     ditengine.
@@ -347,15 +357,12 @@ class AcceleratedFluxPipeline(_Accelerated):
         from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift
 
         pipe = self.pipe
-        for name, value in (("ip_adapter_image", ip_adapter_image), ("ip_adapter_image_embeds", ip_adapter_image_embeds),
-                            ("negative_ip_adapter_image", negative_ip_adapter_image),
-                            ("negative_ip_adapter_image_embeds", negative_ip_adapter_image_embeds),
-                            ("joint_attention_kwargs", joint_attention_kwargs or None),
-                            ("callback_on_step_end", callback_on_step_end)):
-            if value is not None:
-                raise ValueError(f"{name}: not supported by the accelerated pipeline; call the pipeline itself for it")
-        if isinstance(generator, list):
-            raise ValueError("generator: pass one torch.Generator (a list per image is not supported)")
+        _refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
+                            ip_adapter_image_embeds=ip_adapter_image_embeds,
+                            negative_ip_adapter_image=negative_ip_adapter_image,
+                            negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
+                            joint_attention_kwargs=joint_attention_kwargs or None,
+                            callback_on_step_end=callback_on_step_end)
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
@@ -438,14 +445,10 @@ class AcceleratedSD3Pipeline(_Accelerated):
             StableDiffusion3PipelineOutput, calculate_shift)
 
         pipe = self.pipe
-        for name, value in (("ip_adapter_image", ip_adapter_image), ("ip_adapter_image_embeds", ip_adapter_image_embeds),
-                            ("joint_attention_kwargs", joint_attention_kwargs or None),
-                            ("skip_guidance_layers", skip_guidance_layers),
-                            ("callback_on_step_end", callback_on_step_end)):
-            if value is not None:
-                raise ValueError(f"{name}: not supported by the accelerated pipeline; call the pipeline itself for it")
-        if isinstance(generator, list):
-            raise ValueError("generator: pass one torch.Generator (a list per image is not supported)")
+        _refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
+                            ip_adapter_image_embeds=ip_adapter_image_embeds,
+                            joint_attention_kwargs=joint_attention_kwargs or None,
+                            skip_guidance_layers=skip_guidance_layers, callback_on_step_end=callback_on_step_end)
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
