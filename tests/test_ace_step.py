@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import ditengine as de
+from ditengine.bench.cli import sqnr_db
 from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.fast import FastAceStep
 from ditengine.models.ace_step import AceStep, AceStepConfig
 
 from diffusers_models import randomize
-from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance, sqnr
+from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
 
 S = de.schedulers
 C, C_CTX, L = 8, 16, 7
@@ -137,7 +138,7 @@ def test_quantized_runs_close_to_fp32(quantize, backend):
     exact = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32)(z, **cond)
     got = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, quantize=quantize, backend=backend)(
         z, **cond)
-    assert (15 if quantize == "fp8" else 25) < sqnr(got, exact) < 200  # close, and really quantised
+    assert (15 if quantize == "fp8" else 25) < sqnr_db(got, exact) < 200  # close, and really quantised
 
 
 @pytest.mark.parametrize("policy", [StaticCache(2, warmup=1, cooldown=1), StaticCache(2, warmup=1, cooldown=1,

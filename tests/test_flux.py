@@ -4,12 +4,13 @@ import pytest
 import torch
 
 import ditengine as de
+from ditengine.bench.cli import sqnr_db
 from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.fast import FastFlux
 from ditengine.models.flux import Flux, FluxConfig
 
 from diffusers_models import randomize
-from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance, sqnr
+from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
 
 S = de.schedulers
 L = 7
@@ -116,7 +117,7 @@ def test_int8_close_to_fp32():
     cond, z = conditioning(model), noise()
     exact = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32)(z, **cond)
     got = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, quantize="int8")(z, **cond)
-    assert 20 < sqnr(got, exact) < 200
+    assert 20 < sqnr_db(got, exact) < 200
 
 
 def test_bad_inputs_name_the_argument():

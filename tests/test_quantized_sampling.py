@@ -4,12 +4,12 @@ import pytest
 import torch
 
 import ditengine as de
+from ditengine.bench.cli import sqnr_db
 from ditengine.fast import FastSampler
 from ditengine.kernels import Fp8Linear, Int8Linear
 
 from test_fast import draw, gpu_dit, model_for
 from test_pixart import conditioning, noise as pixart_noise, pixart
-from tolerance import sqnr
 
 S = de.schedulers
 # A whole sampling run at tiny widths against the fp32 reference (measured: int8 50 dB in fp32, 43 dB in
@@ -33,20 +33,20 @@ def test_int8_dit_run_within_the_stated_sqnr(dtype):
     blocks = sampler.fast.blocks
     assert all(isinstance(layer.packed, Int8Linear) for b in blocks for layer in b.values())
     assert not isinstance(sampler.fast.patch.packed, Int8Linear)  # the first and last layers stay exact
-    quality = sqnr(out, ref)
+    quality = sqnr_db(out, ref)
     assert SQNR_DB["int8"] <= quality < 100, f"int8 run: {quality:.1f} dB"  # < 100: it did quantise
 
 
 def test_int8_native_and_torch_forms_agree():
     _, native, _ = run_dit("int8")
     _, torch_body, _ = run_dit("int8", backend="reference")
-    assert sqnr(native, torch_body) > 80  # the same quantisation; only the GELU's exp differs
+    assert sqnr_db(native, torch_body) > 80  # the same quantisation; only the GELU's exp differs
 
 
 def test_fp8_numerics_on_the_reference_backend():
     sampler, out, ref = run_dit("fp8", backend="reference")
     assert isinstance(sampler.fast.blocks[0]["fc1"].packed, Fp8Linear)
-    quality = sqnr(out, ref)
+    quality = sqnr_db(out, ref)
     assert SQNR_DB["fp8"] <= quality < 100, f"fp8 run: {quality:.1f} dB"
 
 
@@ -56,7 +56,7 @@ def test_int8_pixart_run_within_the_stated_sqnr():
     sched = S.DPMSolverPP(4)
     ref = de.sample(model, sched, pixart_noise(), progress=False, **cond)
     out = FastSampler(model, sched, dtype=torch.float32, quantize="int8")(pixart_noise(), **cond)
-    assert SQNR_DB["int8"] <= sqnr(out, ref) < 100
+    assert SQNR_DB["int8"] <= sqnr_db(out, ref) < 100
 
 
 def test_the_api_takes_quantize_everywhere_and_refuses_what_cannot_run():
@@ -82,4 +82,4 @@ def test_gpu_quantized_run_within_the_stated_sqnr(quantize):
     sched = S.DDIM(10, timestep_spacing="trailing", clip_sample=False)
     ref = de.sample(model, sched, x, y, progress=False)
     out = FastSampler(model, sched, dtype=torch.bfloat16, quantize=quantize)(x, y)
-    assert sqnr(out, ref) >= SQNR_DB[quantize] - 5  # bf16 around the quantised GEMMs costs a few dB more
+    assert sqnr_db(out, ref) >= SQNR_DB[quantize] - 5  # bf16 around the quantised GEMMs costs a few dB more

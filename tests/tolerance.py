@@ -67,8 +67,3 @@ def assert_fp32_run_within_tolerance(out: torch.Tensor, run, model: torch.nn.Mod
     ref32 = run(model)
     assert_within_tolerance(out, ref64, ref32, fp32_floor(ref64, max(64, 16 * steps)), name)
 
-
-def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Signal-to-quantisation-noise ratio of `out` against `ref`, in dB (a whole run's, for quantised paths)."""
-    ref = ref.double()
-    return 10 * torch.log10(ref.pow(2).sum() / (out.double() - ref).pow(2).sum()).item()
