@@ -9,77 +9,14 @@ checked against the checkpoint's copy and dropped.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 
 import torch
 
 from .configs import DiTConfig, heads_for
 from .models.dit import DiT
-
-_DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
-
-def _read_file(path: Path) -> dict:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files surface as many exception types
-        raise ValueError(f"could not read checkpoint {path}: {type(err).__name__}: {err}") from err
-
-
-def _read_config(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"could not read {path}: not valid JSON ({err})") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object of config fields, got {type(config).__name__}")
-    return config
-
-
-def check_finite(state: dict) -> None:
-    """A ValueError naming every tensor of `state` that holds a NaN or Inf (a corrupt or diverged
-    checkpoint would otherwise give NaN samples with no hint of why)."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"checkpoint: {len(bad)} tensors hold NaN or Inf values: {', '.join(sorted(bad))} "
-                         "(pass allow_nonfinite=True to load it anyway)")
-
-
-def _read(source) -> tuple[dict, dict, dict]:
-    """(state dict, diffusers config or {}, ditengine config or {}) from a path, a directory, or a dict."""
-    if isinstance(source, dict):
-        state, config = source, {}
-    else:
-        path = Path(source)
-        if path.is_dir():
-            if (path / "transformer").is_dir():  # a whole pipeline directory
-                path = path / "transformer"
-            weights = next((path / f for f in _DIFFUSERS_WEIGHTS if (path / f).exists()), None)
-            if weights is None:
-                raise FileNotFoundError(f"{path}: no {' or '.join(_DIFFUSERS_WEIGHTS)} in this directory")
-            config = _read_config(path / "config.json")
-            state = _read_file(weights)
-        elif path.exists():
-            state, config = _read_file(path), {}
-        else:
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-    own_config = state.get("config") if isinstance(state.get("config"), dict) else {}  # ditengine.train's
-    for wrapper in ("ema", "model", "state_dict"):  # training checkpoints keep the weights one level down
-        if wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-            break
-    if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("checkpoint: expected a state dict of tensors (or one under 'ema' / 'model')")
-    return dict(state), config, own_config
-
+from .models.loading import diffusers_state, empty, load_strict, read_state
 
 SUPPORTED_CHECKPOINTS = ("facebookresearch/DiT .pt files, diffusers DiTTransformer2DModel, PixArtTransformer2DModel "
                          "AceStepTransformer1DModel, FluxTransformer2DModel and SD3Transformer2DModel checkpoints, "
@@ -174,28 +111,17 @@ def infer_config(state: dict, **overrides) -> DiTConfig:
 
 
 def load_state(model: DiT, state: dict) -> DiT:
-    """Load a facebookresearch-style state dict, checking pos_embed, with one error listing every problem."""
+    """Load a facebookresearch-style state dict into `model` (built by `models.loading.empty`, or a live one),
+    checking the stored pos_embed against the fixed table, with one error listing every problem."""
     state = dict(state)
     pos = state.pop("pos_embed", None)
     if pos is not None:
         expected = model.pos_embed
-        if pos.shape[-2:] != expected.shape[-2:] or not torch.allclose(pos.float().reshape(expected.shape), expected,
-                                                                       atol=1e-3):
+        if pos.shape[-2:] != expected.shape[-2:] or not torch.allclose(pos.float().cpu().reshape(expected.shape),
+                                                                       expected.float().cpu(), atol=1e-3):
             raise ValueError(f"checkpoint: pos_embed {tuple(pos.shape)} differs from the fixed sin-cos table "
                              f"{tuple(expected.shape)} of this config")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    if missing or unexpected or mis_shaped:
-        lines = [f"checkpoint does not match DiT({model.config})"]
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped", mis_shaped)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(state)
-    return model
+    return load_strict(model, state)
 
 
 def _is_diffusers_pixart(state: dict) -> bool:
@@ -211,30 +137,41 @@ def _is_ace_step(state: dict) -> bool:
         or any(k.startswith("decoder.layers.") for k in state)
 
 
-def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = False,
-                    pixart_config: dict | None = None, **config_overrides):
-    """A reference model from a checkpoint, float32 on the CPU (`.to()` it where it should run):
+def load_checkpoint(source: str | os.PathLike | dict, dtype: torch.dtype | None = None, device="cpu",
+                    allow_nonfinite: bool = False, pixart_config: dict | None = None, variant: str | None = None,
+                    **config_overrides):
+    """A reference model from a checkpoint, read as diffusers reads one: tensor by tensor (memory-mapped), each
+    converted to `dtype` (default: the checkpoint's own) and placed on `device` as it is read, into a model built
+    on the meta device (no random initialisation, no second copy of the weights).
+
+    `source`: a diffusers model folder (sharded: `diffusion_pytorch_model.safetensors.index.json` and its shards,
+    or one `diffusion_pytorch_model.safetensors` / `.bin`; `variant="fp16"` picks diffusers' variant files), a
+    pipeline folder (its `transformer/`), an index file, a `.safetensors` / `.bin` / `.pt` / `.pth` file, or a
+    state dict (its tensors taken as they are when `dtype` and `device` already match). It gives
 
     - a `ditengine.DiT` from a facebookresearch `.pt` (plain, or under "ema"/"model"; a "config" dict beside
-      them, as `ditengine.train` writes, is used), a diffusers `DiTTransformer2DModel` directory,
-      safetensors file or state dict (config inferred from shapes; `config_overrides` win);
-    - a `ditengine.models.pixart.PixArt` from a diffusers `PixArtTransformer2DModel` directory (its
-      config.json) or state dict with `pixart_config=` (the diffusers config dict), or from an original
-      PixArt-alpha/sigma `.pth` with `pixart_config=` (a diffusers config dict or a `PixArtConfig`: shapes
-      do not give the head count or the position-embedding scale);
-    - a `ditengine.models.ace_step.AceStep` from a diffusers `AceStepTransformer1DModel` directory, safetensors
-      file or state dict, or an original ACE-Step 1.5 checkpoint (its `decoder.` part, with the Qwen3 attention
-      names); the config is the directory's config.json, else inferred from shapes (`config_overrides` win);
-    - a `ditengine.models.flux.Flux` from a diffusers `FluxTransformer2DModel` directory, safetensors file or
-      state dict, or a BFL Flux.1 checkpoint (with or without the `model.diffusion_model.` prefix); the
-      config likewise (`axes_dims_rope` defaults to (16, 56, 56), `patch_size` to 1);
-    - a `ditengine.models.sd3.SD3` from a diffusers `SD3Transformer2DModel` directory, safetensors file or state
-      dict, or an SAI SD3 / SD3.5 checkpoint (with or without `model.diffusion_model.`); the config likewise.
+      them, as `ditengine.train` writes, is used), a diffusers `DiTTransformer2DModel` checkpoint (config
+      inferred from shapes; `config_overrides` win);
+    - a `ditengine.models.pixart.PixArt` from a diffusers `PixArtTransformer2DModel` folder (its config.json) or
+      state dict with `pixart_config=` (the diffusers config dict), or from an original PixArt-alpha/sigma `.pth`
+      with `pixart_config=` (a diffusers config dict or a `PixArtConfig`: shapes do not give the head count or
+      the position-embedding scale);
+    - a `ditengine.models.ace_step.AceStep` from a diffusers `AceStepTransformer1DModel` checkpoint, or an original
+      ACE-Step 1.5 checkpoint (its `decoder.` part, with the Qwen3 attention names); the config is the folder's
+      config.json, else inferred from shapes (`config_overrides` win);
+    - a `ditengine.models.flux.Flux` from a diffusers `FluxTransformer2DModel` checkpoint, or a BFL Flux.1
+      checkpoint (with or without the `model.diffusion_model.` prefix); the config likewise (`axes_dims_rope`
+      defaults to (16, 56, 56), `patch_size` to 1);
+    - a `ditengine.models.sd3.SD3` from a diffusers `SD3Transformer2DModel` checkpoint, or an SAI SD3 / SD3.5
+      checkpoint (with or without `model.diffusion_model.`); the config likewise.
 
-    Tensors holding NaN or Inf are refused, naming them, unless `allow_nonfinite`."""
-    state, dconfig, own_config = _read(source)
-    if not allow_nonfinite:
-        check_finite(state)
+    Tensors holding NaN or Inf are refused, naming them, unless `allow_nonfinite`; so is a LoRA's state dict."""
+    state, dconfig, own_config = read_state(source, dtype, device, allow_nonfinite, variant)
+    return _from_state(state, dconfig, own_config, pixart_config, config_overrides)
+
+
+def _from_state(state: dict, dconfig: dict, own_config: dict, pixart_config, config_overrides: dict):
+    """The family's model from a state dict already read (its tensors become the model's parameters)."""
     from .models import flux, sd3
 
     if flux.is_flux_state_dict(state):
@@ -252,7 +189,7 @@ def load_checkpoint(source: str | os.PathLike | dict, allow_nonfinite: bool = Fa
         state = convert_diffusers(state)
         config_overrides = {**_diffusers_fields(dconfig), **config_overrides}
     cfg = infer_config(state, **config_overrides)
-    return load_state(DiT(cfg), state).eval()
+    return load_state(empty(DiT, cfg), state).eval()
 
 
 def _diffusers_fields(config: dict) -> dict:
@@ -278,7 +215,8 @@ def _load_pixart(state: dict, config, original: bool):
 
 
 def from_diffusers(transformer):
-    """ditengine's reference model with the weights of a live diffusers transformer (float32, CPU):
+    """ditengine's reference model sharing the weights of a live diffusers transformer (its tensors, in its dtype
+    and on its device: nothing is copied but what the spec's layout concatenates, the DiT's and PixArt's q|k|v):
     `DiTTransformer2DModel` -> `ditengine.DiT`, `PixArtTransformer2DModel` -> `ditengine.models.pixart.PixArt`,
     `AceStepTransformer1DModel` -> `ditengine.models.ace_step.AceStep`, `FluxTransformer2DModel` ->
     `ditengine.models.flux.Flux`, `SD3Transformer2DModel` -> `ditengine.models.sd3.SD3`.
@@ -303,6 +241,5 @@ def from_diffusers(transformer):
         from .models import ace_step
 
         return ace_step.from_diffusers(transformer)
-    config = dict(transformer.config)
-    state = {k: v.detach().float().cpu() for k, v in transformer.state_dict().items()}
-    return load_checkpoint(state, **_diffusers_fields(config))
+    state = convert_diffusers(diffusers_state(transformer, name))
+    return load_state(empty(DiT, infer_config(state, **_diffusers_fields(dict(transformer.config)))), state).eval()

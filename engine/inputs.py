@@ -66,14 +66,15 @@ def check_noise_values(noise: torch.Tensor, device: torch.device) -> None:
                          "finite samples of N(0, I)")
 
 
-def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor) -> None:
-    """Clear errors for the inputs of a DiT sampling run (one host sync for the label range, before the loop)."""
+def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor, device=None) -> None:
+    """Clear errors for the inputs of a DiT sampling run (one host sync for the label range, before the loop);
+    `device`: where the weights run (default: the model's)."""
     cfg = model.config
     expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
     if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or tuple(noise.shape[1:]) != expected:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise: expected shape (B, {', '.join(map(str, expected))}) for this model, got {shape}")
-    check_noise_values(noise, next(model.parameters()).device)
+    check_noise_values(noise, device or next(model.parameters()).device)
     if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (noise.shape[0],):
         shape = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else type(class_labels).__name__
         raise ValueError(f"class_labels: expected shape ({noise.shape[0]},) to match the noise batch, got {shape}")

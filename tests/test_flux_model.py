@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ditengine.checkpoints import _read
+from ditengine.models.loading import read_state
 from ditengine.models.flux import (Flux, FluxConfig, convert_original_state_dict, from_diffusers, infer_config,
                                    is_flux_state_dict, is_original_state_dict, load_state_dict)
 
@@ -202,7 +202,7 @@ def bfl_state_dict(state: dict) -> dict:
 def test_load_diffusers_folder_state_dict_and_bfl(tmp_path):
     ref, ours = diffusers_pair("dh64-dev")
     ref.save_pretrained(tmp_path / "transformer")
-    folder = load_state_dict(*_read(tmp_path)[:2])  # what load_checkpoint reads from a pipeline directory
+    folder = load_state_dict(*read_state(tmp_path)[:2])  # what load_checkpoint reads from a pipeline directory
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     with pytest.raises(ValueError, match="axes_dims_rope"):  # shapes do not give it; Flux.1's needs head dim 128
         load_state_dict(state)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
 from ..models.ace_step import AceStep, rope_tables
-from .base import FusedDenoiser
+from .base import FusedDenoiser, StackedLinear
 
 
 LATENTS_PER_SECOND = 25  # 48 kHz audio, 1920 samples a latent frame: the default length is 30 s
@@ -118,8 +118,7 @@ class FastAceStep(FusedDenoiser):
         # Per call: the condition projection, then every block's cross k / v projection stacked into one GEMM.
         self.condition = (self.cast(model.condition_embedder.weight), self.cast(model.condition_embedder.bias))
         kv = [m for blk in model.layers for m in (blk.cross_attn.to_k, blk.cross_attn.to_v)]
-        self.kv_w = self.cast(torch.cat([m.weight for m in kv]))  # (depth * 2 * Hkv * Dh, D)
-        self.kv_b = None if kv[0].bias is None else self.cast(torch.cat([m.bias for m in kv]))
+        self.kv = StackedLinear(kv, self)  # D -> depth * 2 * Hkv * Dh
         self.cross_k_norm = self.cast(torch.stack([blk.cross_attn.norm_k.weight for blk in model.layers]),
                                       torch.float32)  # (depth, Dh)
         # Per step: fp32 embedders (tiny; the modulation they feed scales every activation).
@@ -185,7 +184,7 @@ class FastAceStep(FusedDenoiser):
         enc = torch.cat([cond[n].to(self.device, self.dtype) for n in names])  # (N, L, C_enc)
         c = F.linear(enc, *self.condition)  # (N, L, D)
         N, L, _ = c.shape
-        kv = F.linear(c, self.kv_w, self.kv_b).view(N, L, self.depth, 2, cfg.num_key_value_heads, cfg.head_dim)
+        kv = self.kv(c).view(N, L, self.depth, 2, cfg.num_key_value_heads, cfg.head_dim)
         k = kv[:, :, :, 0].float()  # (N, L, depth, Hkv, Dh): RMSNorm over the head dim, fp32 statistic
         k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) * self.cross_k_norm[:, None]
         ctx["kv"][:, :, :, 0].copy_(k.permute(2, 0, 1, 3, 4))

@@ -131,6 +131,26 @@ class SwiGLULinear:
         return swiglu(self.stacked(x).to(x.dtype), backend=self.backend)
 
 
+class StackedLinear:
+    """Several linear layers on one input, their outputs side by side (..., sum of out): every block's modulation
+    (per step, before the loop) or every layer's cross-attention K/V (per call). The weights stay the model's own
+    tensors (cast to the compute dtype: no copy where the model already is in it) instead of one concatenated copy,
+    which would hold a third of a DiT's or Flux's bytes a second time. `fp32` runs the GEMMs in fp32 (modulation
+    scales every activation), widening one layer's weight at a time."""
+
+    def __init__(self, layers, owner: "FusedDenoiser", fp32: bool = False):
+        self.parts = [(owner.cast(m.weight), None if m.bias is None else owner.cast(m.bias)) for m in layers]
+        self.fp32, self.dtype = fp32, owner.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) -> (..., sum of the layers' out), fp32 when `fp32`, else in the compute dtype."""
+        if self.fp32:
+            x = x.float()
+            return torch.cat([F.linear(x, w.float(), None if b is None else b.float()) for w, b in self.parts], -1)
+        x = x.to(self.dtype)
+        return torch.cat([F.linear(x, w, b) for w, b in self.parts], -1)
+
+
 class FusedDenoiser:
     """Base of the families' fused denoisers: dtype, backend and device choices, and weight conversion.
 

@@ -25,7 +25,7 @@ from ditengine.kernels import adaln_modulate, attention, gated_residual_adaln
 
 from ..inputs import check_inputs, guided_labels
 from ..models.dit import DiT
-from .base import FusedDenoiser
+from .base import FusedDenoiser, StackedLinear
 
 
 class FastDiT(FusedDenoiser):
@@ -52,8 +52,7 @@ class FastDiT(FusedDenoiser):
         self.blocks = [{"qkv": gemm(b.attn.qkv), "proj": gemm(b.attn.proj), "fc1": gemm(b.mlp.fc1),
                         "fc2": gemm(b.mlp.fc2)} for b in model.blocks]
         # Every block's adaLN linear stacked: one GEMM gives the whole modulation of a conditioning batch.
-        self.ada_w = self.cast(torch.cat([b.adaLN_modulation[1].weight for b in model.blocks]))  # (depth*6D, D)
-        self.ada_b = self.cast(torch.cat([b.adaLN_modulation[1].bias for b in model.blocks]))
+        self.ada = StackedLinear([b.adaLN_modulation[1] for b in model.blocks], self)  # D -> depth * 6D
         final = model.final_layer
         self.final_ada = (self.cast(final.adaLN_modulation[1].weight), self.cast(final.adaLN_modulation[1].bias))
         self.final = self.token_linear(final.linear, rows)
@@ -65,7 +64,7 @@ class FastDiT(FusedDenoiser):
         return self.config.num_tokens, self.config.hidden_size
 
     def inputs(self, model: DiT, noise: torch.Tensor, use_cfg: bool, class_labels: torch.Tensor) -> dict:
-        check_inputs(model, noise, class_labels)
+        check_inputs(model, noise, class_labels, self.device)
         return {"class_labels": class_labels}
 
     def context_key(self, cond: dict) -> tuple:
@@ -87,7 +86,7 @@ class FastDiT(FusedDenoiser):
         """adaLN modulation of every block, (..., depth, 6, D), and of the final layer, (..., 2, D)."""
         cfg = self.config
         s = F.silu(c).to(self.dtype)
-        blocks = F.linear(s, self.ada_w, self.ada_b).view(*c.shape[:-1], cfg.depth, 6, cfg.hidden_size)
+        blocks = self.ada(s).view(*c.shape[:-1], cfg.depth, 6, cfg.hidden_size)
         final = F.linear(s, *self.final_ada).view(*c.shape[:-1], 2, cfg.hidden_size)
         return blocks, final
 

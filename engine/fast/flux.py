@@ -30,7 +30,7 @@ from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attentio
 
 from ..inputs import check_prompt_embeds
 from ..models.flux import Flux, rope_tables
-from .base import FusedDenoiser
+from .base import FusedDenoiser, StackedLinear
 
 
 def image_ids(h: int, w: int, device=None) -> torch.Tensor:
@@ -128,8 +128,7 @@ class FastFlux(FusedDenoiser):
         self.pooled_mlp = self.mlp_weights(emb.text_embedder.linear_1, emb.text_embedder.linear_2)
         mods = [m for blk in model.transformer_blocks for m in (blk.norm1_context.linear, blk.norm1.linear)]
         mods += [blk.norm.linear for blk in model.single_transformer_blocks] + [model.norm_out.linear]
-        self.mod_w = self.cast(torch.cat([m.weight for m in mods]), torch.float32)  # (rows of every block, D)
-        self.mod_b = self.cast(torch.cat([m.bias for m in mods]), torch.float32)
+        self.mods = StackedLinear(mods, self, fp32=True)  # D -> the rows of every block
         self.final = self.token_linear(model.proj_out, rows)
         self.hidden = D
 
@@ -181,7 +180,7 @@ class FastFlux(FusedDenoiser):
         # The pipeline passes t / 1000 in the latent dtype; the model rounds it to that dtype and multiplies by 1000.
         v = ((t.to(self.dtype) / 1000).to(self.dtype) * 1000).float()
         temb = self.embed_sinusoidal(self.t_mlp, v)[:, None] + ctx["cond_emb"]  # (S, N, D)
-        mods = F.linear(F.silu(temb), self.mod_w, self.mod_b).to(self.dtype)  # (S, N, rows)
+        mods = self.mods(F.silu(temb)).to(self.dtype)  # (S, N, rows)
         S, N = mods.shape[:2]
         nd, ns, D = cfg.num_layers, cfg.num_single_layers, self.hidden
         double, single, final = mods.split([nd * 12 * D, ns * 3 * D, 2 * D], dim=-1)

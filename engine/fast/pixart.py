@@ -29,7 +29,7 @@ from ditengine.kernels import (adaln_modulate, attention, choose, cross_attentio
 
 from ..inputs import check_patch_grid_noise
 from ..models.pixart import PixArt, pixart_pos_embed
-from .base import FusedDenoiser
+from .base import FusedDenoiser, StackedLinear
 
 log = logging.getLogger("ditengine")
 
@@ -94,8 +94,7 @@ class FastPixArt(FusedDenoiser):
         self.caption_mlp = None if y_proj is None else tuple(
             self.cast(p) for p in (y_proj.fc1.weight, y_proj.fc1.bias, y_proj.fc2.weight, y_proj.fc2.bias))
         kv = [b.cross_attn.kv_linear for b in model.blocks]
-        self.kv_w = self.cast(torch.cat([m.weight for m in kv]))  # (depth*2D, C_ctx)
-        self.kv_b = None if kv[0].bias is None else self.cast(torch.cat([m.bias for m in kv]))
+        self.kv = StackedLinear(kv, self)  # C_ctx -> depth * 2D
         # Per step: fp32 embedders (tiny; the modulation they feed scales every activation).
         self.t_mlp = self.sinusoidal_mlp(model.t_embedder.mlp)
         self.micro = None
@@ -182,7 +181,7 @@ class FastPixArt(FusedDenoiser):
             w1, b1, w2, b2 = self.caption_mlp
             text = F.linear(F.gelu(F.linear(text, w1, b1), approximate="tanh"), w2, b2)  # (N, L, D)
         N, L, _ = text.shape
-        kv = F.linear(text, self.kv_w, self.kv_b).view(N, L, self.depth, 2, cfg.num_attention_heads, cfg.head_dim)
+        kv = self.kv(text).view(N, L, self.depth, 2, cfg.num_attention_heads, cfg.head_dim)
         ctx["kv"].copy_(kv.permute(2, 0, 1, 3, 4, 5))  # (depth, N, L, 2, H, Dh)
         ctx["kv_lens"].copy_(lengths)
         if self.micro is not None:

@@ -26,6 +26,7 @@ from ..guidance import APG, check_guider
 from ..graphs import GraphRunner, conditional_capture_supported, graphs_enabled
 from ..inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise, guided_steps
 from ..schedulers import COL, Scheduler
+from .base import FusedDenoiser
 
 log = logging.getLogger("ditengine")
 
@@ -371,6 +372,19 @@ def fused_denoiser(model: torch.nn.Module, dtype: torch.dtype, mlp_epilogue: str
                     "(convert a diffusers transformer with ditengine.from_diffusers)")
 
 
+def shared_denoiser(denoiser: FusedDenoiser, model: torch.nn.Module, dtype: torch.dtype, backend: str | None,
+                    quantize: str | None) -> FusedDenoiser:
+    """`denoiser`, checked to be what `fused_denoiser(model, dtype, backend=backend, quantize=quantize)` would build."""
+    if not isinstance(denoiser, FusedDenoiser) or denoiser.config != model.config:
+        raise TypeError(f"denoiser: expected the fused denoiser of this model ({type(model).__name__}), got "
+                        f"{type(denoiser).__name__}")
+    asked = {"dtype": dtype, "backend": None if backend == "auto" else backend, "quantize": quantize}
+    built = {"dtype": denoiser.dtype, "backend": denoiser.backend, "quantize": denoiser.quantize}
+    if asked != built:
+        raise ValueError(f"denoiser: built with {built}, but this sampler asks for {asked}")
+    return denoiser
+
+
 class FastSampler:
     """The whole denoising loop through the fused path; same answer as `ditengine.sample(backend="reference")`.
 
@@ -404,6 +418,10 @@ class FastSampler:
     `guider`: None (plain CFG, inside the scheduler step) or `ditengine.guidance.APG()` (ACE-Step's base and
     SFT models): one fused guidance op on the device, its momentum a static buffer, so the loop stays
     capturable.
+
+    `denoiser`: a fused denoiser already built from `model` (`fused_denoiser`) with this sampler's `dtype`,
+    `backend` and `quantize`, shared instead of converting the weights again: samplers for other step counts or
+    guidance scales then hold one copy of the fast path's weights between them (what `accelerate` does).
     """
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, cfg_scale: float = 4.0,
@@ -412,7 +430,7 @@ class FastSampler:
                  conditioning_budget: int = 1 << 30, mlp_epilogue: str = "auto",
                  cache: FirstBlockCache | StaticCache | None = None, cache_decision: str = "auto",
                  backend: str | None = None, quantize: str | None = None, cfg_interval: tuple | None = None,
-                 guider: APG | None = None):
+                 guider: APG | None = None, denoiser: FusedDenoiser | None = None):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
         check_scheduler(sched)
@@ -430,7 +448,8 @@ class FastSampler:
             raise ValueError(f"cache_decision={cache_decision!r}: expected one of {CACHE_DECISIONS}")
         self.cache, self.cache_decision = cache, cache_decision
         self.model, self.sched = model, sched
-        self.fast = fused_denoiser(model, dtype, mlp_epilogue, backend, quantize)
+        self.fast = fused_denoiser(model, dtype, mlp_epilogue, backend, quantize) if denoiser is None else \
+            shared_denoiser(denoiser, model, dtype, backend, quantize)
         self.guided_channels = check_guided_channels(guided_channels, self.fast.latent_shape[0])
         check_guider(guider, self.fast.latent_shape)
         if guider is not None and guided_channels is not None:

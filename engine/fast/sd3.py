@@ -34,7 +34,7 @@ from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attentio
 
 from ..inputs import check_patch_grid_noise, check_prompt_embeds
 from ..models.sd3 import SD3
-from .base import FusedDenoiser
+from .base import FusedDenoiser, StackedLinear
 
 
 # Image chunks of a block's modulation (9 in a dual-attention layer), then the text stream's (6; 2 in the last
@@ -115,8 +115,7 @@ class FastSD3(FusedDenoiser):
         emb = model.time_text_embed
         self.t_mlp = self.mlp_weights(emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2)
         self.pooled_mlp = self.mlp_weights(emb.text_embedder.linear_1, emb.text_embedder.linear_2)
-        self.mod_w = self.cast(torch.cat([m.weight for m in mods]), torch.float32)  # (chunks * D, D)
-        self.mod_b = self.cast(torch.cat([m.bias for m in mods]), torch.float32)
+        self.mods = StackedLinear(mods, self, fp32=True)  # D -> chunks * D
         self.final = self.token_linear(model.proj_out, rows)
         self.hidden = D
 
@@ -162,7 +161,7 @@ class FastSD3(FusedDenoiser):
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple:
         """Timesteps t (S,) = sigma * 1000 -> every block's and the final norm's chunks (S, N, chunks, D)."""
         temb = self.embed_sinusoidal(self.t_mlp, t.float())[:, None] + ctx["pooled_emb"]  # (S, N, D)
-        mods = F.linear(F.silu(temb), self.mod_w, self.mod_b).to(self.dtype)  # (S, N, chunks * D)
+        mods = self.mods(F.silu(temb)).to(self.dtype)  # (S, N, chunks * D)
         return (mods.unflatten(-1, (self.chunks, self.hidden)),)
 
     def modulation_shapes(self, steps: int, rows: int) -> list[tuple]:

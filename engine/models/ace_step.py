@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import timestep_embedding
-from .loading import diffusers_state, load_strict, resolve_config
+from .loading import diffusers_state, empty, load_strict, resolve_config
 
 
 @dataclass
@@ -349,10 +349,11 @@ def load_state_dict(state: dict, config=None, source: str = "checkpoint") -> Ace
     diffusers config fields (a config.json) that win over what the shapes give; None infers it all."""
     if is_original_state_dict(state):
         state, source = convert_original_state_dict(state), "original ACE-Step state dict"
-    return load_state(AceStep(resolve_config(AceStepConfig, config, infer_config, state)), state, source).eval()
+    return load_state(empty(AceStep, resolve_config(AceStepConfig, config, infer_config, state)), state, source).eval()
 
 
 def from_diffusers(transformer) -> AceStep:
-    """An AceStep with the weights of a live diffusers `AceStepTransformer1DModel` (float32, CPU; `.to()` it)."""
+    """An AceStep with the weights of a live diffusers `AceStepTransformer1DModel`
+    (sharing its tensors: their dtype, device and storage)."""
     state = diffusers_state(transformer, "AceStepTransformer1DModel")
     return load_state_dict(state, dict(transformer.config), "diffusers state dict")

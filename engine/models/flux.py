@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import timestep_embedding
-from .loading import diffusers_state, load_strict, resolve_config
+from .loading import diffusers_state, empty, load_strict, resolve_config
 
 _FP64_MISSING = ("mps", "npu", "neuron")  # devices without float64, where diffusers computes the RoPE angles in fp32
 
@@ -498,10 +498,11 @@ def load_state_dict(state: dict, config=None, source: str = "checkpoint") -> Flu
     fields (a config.json) that win over what the shapes give; None infers it all."""
     if is_original_state_dict(state):
         state, source = convert_original_state_dict(state), "original Flux state dict"
-    return load_state(Flux(resolve_config(FluxConfig, config, infer_config, state)), state, source).eval()
+    return load_state(empty(Flux, resolve_config(FluxConfig, config, infer_config, state)), state, source).eval()
 
 
 def from_diffusers(transformer) -> Flux:
-    """A Flux with the weights of a live diffusers `FluxTransformer2DModel` (float32, CPU; `.to()` it)."""
+    """A Flux with the weights of a live diffusers `FluxTransformer2DModel`
+    (sharing its tensors: their dtype, device and storage)."""
     state = diffusers_state(transformer, "FluxTransformer2DModel")
     return load_state_dict(state, dict(transformer.config), "diffusers state dict")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dit import timestep_embedding
-from .loading import diffusers_state
+from .loading import diffusers_state, empty, load_strict
 
 _GELU = {"gelu-approximate": "tanh", "gelu": "none"}  # diffusers activation_fn -> F.gelu(approximate=)
 
@@ -280,8 +280,8 @@ class PixArt(nn.Module):
         self.blocks = nn.ModuleList(PixArtBlock(cfg) for _ in range(cfg.num_layers))
         self.final_layer = FinalLayer(cfg)
         g = cfg.grid_size
-        self.register_buffer("pos_embed", pixart_pos_embed(D, g, g, g, cfg.interpolation_scale)[None],
-                             persistent=False)  # (1, T, D) at the training grid; other grids recompute it
+        self.register_buffer("pos_embed", pixart_pos_embed(D, g, g, g, cfg.interpolation_scale, device="cpu")[None],
+                             persistent=False)  # (1, T, D) at the training grid, on the CPU even when built on meta
 
     @property
     def dtype(self) -> torch.dtype:
@@ -453,23 +453,18 @@ def to_diffusers_state_dict(model: PixArt) -> dict:
 
 def load_state(model: PixArt, state: dict, source: str = "checkpoint") -> PixArt:
     """Load our (= original PixArt) keys strictly; one error lists missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    mis_shaped = [f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in set(own) & set(state) if state[k].shape != own[k].shape]
-    _check_keys(f"{source} does not match PixArt({model.config})", set(own) - set(state), set(state) - set(own),
-                mis_shaped)
-    model.load_state_dict(state)
-    return model
+    return load_strict(model, state, source)
 
 
 def load_diffusers_state_dict(state: dict, config) -> PixArt:
     """A PixArt (eval) from a diffusers state dict and its config (a diffusers config dict, or a PixArtConfig)."""
     cfg = config if isinstance(config, PixArtConfig) else PixArtConfig.from_diffusers(config)
-    return load_state(PixArt(cfg), convert_diffusers_state_dict(state, cfg), "diffusers state dict").eval()
+    return load_state(empty(PixArt, cfg), convert_diffusers_state_dict(state, cfg), "diffusers state dict").eval()
 
 
 def from_diffusers(transformer) -> PixArt:
-    """A PixArt with the weights of a live diffusers `PixArtTransformer2DModel` (float32, CPU; `.to()` it)."""
+    """A PixArt with the weights of a live diffusers `PixArtTransformer2DModel` (its tensors, dtype and device;
+    the q|k|v and k|v rows our layout fuses are concatenated copies)."""
     return load_diffusers_state_dict(diffusers_state(transformer, "PixArtTransformer2DModel"), dict(transformer.config))
 
 
@@ -480,10 +475,10 @@ def load_original_state_dict(state: dict, cfg: PixArtConfig) -> PixArt:
     `pos_embed` is checked against it, which catches a wrong `sample_size` or `interpolation_scale`."""
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    model = PixArt(cfg)
+    model = empty(PixArt, cfg)
     pos = state.get("pos_embed")
     if pos is not None and (pos.numel() != model.pos_embed.numel() or not torch.allclose(
-            pos.float().reshape(model.pos_embed.shape), model.pos_embed, atol=1e-3)):
+            pos.float().cpu().reshape(model.pos_embed.shape), model.pos_embed, atol=1e-3)):
         raise ValueError(f"original PixArt state dict: pos_embed {tuple(pos.shape)} differs from the sin-cos table "
                          f"{tuple(model.pos_embed.shape)} of sample_size={cfg.sample_size}, interpolation_scale="
                          f"{cfg.interpolation_scale}: is the config right?")

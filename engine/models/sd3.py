@@ -35,7 +35,7 @@ from torch import nn
 
 from .ace_step import RMSNorm
 from .dit import timestep_embedding
-from .loading import diffusers_state, load_strict, resolve_config
+from .loading import diffusers_state, empty, load_strict, resolve_config
 from .pixart import pixart_pos_embed
 
 _EPS = 1e-6  # every LayerNorm and the q/k RMSNorms
@@ -454,10 +454,11 @@ def load_state_dict(state: dict, config=None, source: str = "checkpoint") -> SD3
     if is_original_state_dict(state):
         state, source = convert_original_state_dict(state), "original SD3 state dict"
     state = {k: v for k, v in state.items() if not _DIFFUSERS_REDUNDANT.search(k)}
-    return load_state(SD3(resolve_config(SD3Config, config, infer_config, state)), state, source).eval()
+    return load_state(empty(SD3, resolve_config(SD3Config, config, infer_config, state)), state, source).eval()
 
 
 def from_diffusers(transformer) -> SD3:
-    """An SD3 with the weights of a live diffusers `SD3Transformer2DModel` (float32, CPU; `.to()` it)."""
+    """An SD3 with the weights of a live diffusers `SD3Transformer2DModel`
+    (sharing its tensors: their dtype, device and storage)."""
     state = diffusers_state(transformer, "SD3Transformer2DModel")
     return load_state_dict(state, dict(transformer.config), "diffusers state dict")
