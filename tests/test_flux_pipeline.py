@@ -51,3 +51,54 @@ def test_decoded_images_match_and_refusals():
     assert got.shape == want.shape and rel_err(got, want) <= 1e-3
     with pytest.raises(ValueError, match="joint_attention_kwargs: not supported"):
         call_pipeline(de.accelerate(pipe), joint_attention_kwargs={"scale": 0.5}, **text_embeddings())
+
+
+# -- memory: one fused denoiser, the pipeline's own dtype, released weights ----------------------------------------
+def test_every_sampler_shares_one_fused_denoiser():
+    pipe = tiny_flux_pipeline(True)
+    fast = de.accelerate(pipe)
+    for steps in (2, 3):
+        call_pipeline(fast, num_inference_steps=steps, **text_embeddings())
+    assert len(fast._samplers) == 2 and all(s.fast is fast.fast for s in fast._samplers.values())
+
+
+def test_a_bf16_pipeline_runs_in_bf16_within_the_bf16_rule():
+    import torch
+
+    kwargs = dict(num_inference_steps=3, **text_embeddings())
+    want32 = call_pipeline(tiny_flux_pipeline(True), **kwargs)
+    pipe = tiny_flux_pipeline(True).to(torch.bfloat16)
+    embeds = {k: v.bfloat16() for k, v in kwargs.items() if k != "num_inference_steps"}
+    want_lp = call_pipeline(pipe, num_inference_steps=3, **embeds)
+    fast = de.accelerate(pipe)
+    assert fast.dtype == torch.bfloat16 and fast.model.x_embedder.weight.dtype == torch.bfloat16
+    got = call_pipeline(fast, num_inference_steps=3, **embeds)
+    assert rel_err(got, want32) <= 2 * rel_err(want_lp, want32) + 1e-3
+
+
+def test_release_transformer_frees_the_pipelines_weights_and_refuses_the_pipeline():
+    pipe = tiny_flux_pipeline(True)
+    kwargs = dict(num_inference_steps=3, **text_embeddings())
+    want = call_pipeline(pipe, **kwargs)
+    with pytest.raises(ValueError, match="release_transformer=True needs backend='fused'"):
+        de.accelerate(pipe, backend="reference", release_transformer=True)
+    fast = de.accelerate(pipe, release_transformer=True)
+    assert all(p.is_meta for p in pipe.transformer.parameters())
+    assert all(p.is_meta for p in fast.model.parameters())
+    assert rel_err(call_pipeline(fast, **kwargs), want) <= 1e-4
+    with pytest.raises(RuntimeError, match="weights were released by ditengine.accelerate"):
+        call_pipeline(pipe, **kwargs)
+    with pytest.raises(ValueError, match="meta device"):
+        de.from_diffusers(pipe.transformer)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(dtype="bf16"), TypeError, "dtype: expected None or one of"),
+    (dict(dtype=__import__("torch").int32), TypeError, "dtype: expected None or one of"),
+    (dict(cuda_graph="always"), ValueError, "cuda_graph='always'"),
+    (dict(quantize="int4"), ValueError, "quantize='int4'"),
+    (dict(backend="onnx"), ValueError, "backend='onnx'"),
+])
+def test_accelerate_checks_its_arguments_when_built(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        de.accelerate(tiny_flux_pipeline(False), **kwargs)
