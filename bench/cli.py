@@ -60,6 +60,7 @@ from .ace_step import ace_step_setup, is_ace_step
 from .flux import flux_setup, is_flux
 from .pixart import is_pixart, pixart_setup
 from .sd3 import is_sd3, sd3_setup
+from .memory import PeakMemory, held_tensors, tensor_bytes
 from .timing import environment, measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -186,6 +187,9 @@ class Variant:
             else:
                 self.step = lambda: plan.step_body(0)
         self.setup_s = time.perf_counter() - start
+        # The weights this row runs, in the forms it holds them (eager: the model; fused: packed, stacked, aliased).
+        held = getattr(self, "sampler", None) and self.sampler.fast or getattr(self, "model", None)
+        self.weight_bytes = tensor_bytes(held_tensors(held)) if held is not None else None
 
     def sample(self):
         if self.key == "gemm-floor":
@@ -322,7 +326,7 @@ def main(argv=None) -> int:
         for key in args.variants:
             bar.set_postfix_str(f"{key}, batch {batch}")
             variant = Variant(key, workload, args, dtype, batch)
-            with torch.inference_mode():
+            with torch.inference_mode(), PeakMemory(device) as mem:  # what the row adds: its weights' forms, its run
                 try:
                     variant.setup()
                 except peers.PeerUnavailable as reason:
@@ -333,8 +337,6 @@ def main(argv=None) -> int:
                 loops = variant.per_call_steps > 1  # one call runs the whole loop: fewer calls
                 timing = measure(variant.step, device, 1 if loops else args.warmup,
                                  max(3, args.repeats // variant.per_call_steps) if loops else args.repeats)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
                 latents = variant.sample()
             per_step = {k: v / variant.per_call_steps for k, v in timing.items() if k.endswith("_ms")}
             ms = per_step["median_ms"]
@@ -343,6 +345,8 @@ def main(argv=None) -> int:
                 "dtype": str(variant.dtype).removeprefix("torch."), **per_step, "runs": timing["runs"],
                 "images_per_s": batch * 1e3 / (ms * len(workload.sched)),
                 "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                "added_mem_mb": mem.peak / 2**20,
+                "weights_gib": None if variant.weight_bytes is None else variant.weight_bytes / 2**30,
                 "setup_s": variant.setup_s, "prompt_ms": variant.prompt_ms, "tflops": flops / ms / 1e9,
                 "pct_of_h100_floor": 100 * floor_ms(flops, weight_bytes) / ms,
                 "max_err": None if latents is None else (latents - reference).abs().max().item(),
@@ -389,9 +393,9 @@ def format_table(report: dict) -> str:
             f"{report['scheduler']}, eager rows: {report['eager']} | {env['device']} | torch {env['torch']}, "
             f"triton {env['triton']} | commit {env['commit']}")
     lines = [head, "",
-             "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | setup s | prompt ms | TFLOP/s "
-             "| % H100 floor | % GEMM floor | max err | SQNR dB | block share |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | added MB | weights GiB | setup s "
+             "| prompt ms | TFLOP/s | % H100 floor | % GEMM floor | max err | SQNR dB | block share |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     music = any("s_per_song" in r for r in report["results"])
     per_image = any("s_per_image" in r for r in report["results"])
     if music:  # seconds of DiT loop per song and the real-time factor, beside ms/step
@@ -402,6 +406,8 @@ def format_table(report: dict) -> str:
         lines[-1] += "---:|"
     for r in report["results"]:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        added = f"{r['added_mem_mb']:.0f}" if r.get("added_mem_mb") is not None else "-"
+        weights = f"{r['weights_gib']:.2f}" if r.get("weights_gib") is not None else "-"
         share = f"{100 * r['block_share']:.0f}%" if r.get("block_share") is not None else "-"
         gemm = f"{r['pct_of_gemm_floor']:.0f}" if r.get("pct_of_gemm_floor") else "-"
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
@@ -410,7 +416,8 @@ def format_table(report: dict) -> str:
         song = f" {r['s_per_song']:.2f} | {r['realtime_x']:.1f} |" if music else \
             f" {r['s_per_image']:.2f} |" if per_image else ""
         lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} |{song} {r['p20_ms']:.3f} | "
-                     f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {r['setup_s']:.1f} | {prompt} | "
+                     f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {added} | {weights} | "
+                     f"{r['setup_s']:.1f} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")
     lines += [f"\nskipped {key}: {reason}" for key, reason in report.get("skipped", {}).items()]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import torch
 import ditengine as de
 from ditengine.models.flux import Flux, FluxConfig
 
+from .memory import fill_random
 from .twin import diffusers_transformer
 
 VARIANTS = {"dev": (512, True), "schnell": (256, False)}  # text tokens the pipeline pads to, guidance_embeds
@@ -51,8 +52,9 @@ def flux_flops(cfg: FluxConfig, T: int, L: int, model_batch: int) -> float:
 
 
 def flux_setup(args, device):
-    """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the Flux ladder."""
-    from .cli import Workload
+    """(config, reference model (fp32 on a CPU, the ladder's dtype on a GPU), FLOPs per model batch, workload per
+    batch) for the Flux ladder."""
+    from .cli import DTYPES, Workload
 
     kind = variant(args.model)
     tokens, dev = VARIANTS[kind]
@@ -61,9 +63,12 @@ def flux_setup(args, device):
     image = args.image_size or (8 * args.input_size if args.input_size else (1024 if gpu else 256))
     cfg = FluxConfig(num_layers=depth, num_single_layers=2 * depth if args.depth or not gpu else 38,
                      guidance_embeds=dev)
-    torch.manual_seed(args.seed)
-    with torch.device(device):  # initialised where it runs: 12B parameters take minutes on a CPU
-        base = Flux(cfg).eval()
+    # On a GPU the reference is built in the ladder's dtype, where it runs, never in fp32 (Flux.1-dev's 12 B
+    # parameters: 48 GB in fp32) and never initialised on the host; on a CPU in fp32, for the fp32 rows.
+    with torch.device("meta"):
+        base = Flux(cfg)
+    base_dtype = DTYPES[args.dtype] if gpu else torch.float32
+    base = fill_random(base.to(base_dtype).to_empty(device=device).eval(), args.seed)
     grid = image // 8
     T = (grid // 2) ** 2
     sigmas = torch.linspace(1.0, 1 / args.steps, args.steps, dtype=torch.float64).tolist()
@@ -82,6 +87,8 @@ def flux_setup(args, device):
                          negative_pooled_prompt_embeds=torch.randn_like(named["pooled_prompt_embeds"]))
 
         def eager_model(dtype, sdpa):  # diffusers' attention is SDPA in every row
+            if diffusers_model is None and dtype == base_dtype:
+                return base  # the reference itself, not a second copy of 24 GB
             return copy.deepcopy(diffusers_model if diffusers_model is not None else base).to(dtype)
 
         def eager_forward(model, use_cfg):

@@ -56,6 +56,9 @@ STAGES=(
 )
 
 # The second plan: Flux.1-dev 1024 px (4096 image + 512 text tokens), 19 + 38 blocks, 28 steps, bf16, batch 1.
+# The transformer is built in bf16 on the device (23.8 GB, never in fp32); every row records its weights (GiB) and
+# the device memory it adds over them (added MB, max_memory_allocated): the fused row's is what the fast path
+# adds to the transformer (target: at most 0.35x its bytes).
 FLUX=(-m ditengine.bench --model Flux.1-dev --image-size 1024 --dtype bf16 --steps 28 --repeats 3 --warmup 1)
 FLUX_STAGES=(
     "cuda-check|30|30|ok|$PY bench/cuda_check.py \$OUT/cuda.json"

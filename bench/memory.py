@@ -38,6 +38,45 @@ WARM_UP = dict(FLUX_WIDTH, attention_head_dim=64, num_attention_heads=2, joint_a
 MEASUREMENTS = ("load", "from_diffusers", "accelerate", "accelerate_release")
 
 
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages among `tensors` (shared storage counted once; oneDNN's packed weights, which
+    expose no storage, by their size)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t.is_meta:
+            continue
+        if t.is_mkldnn:
+            key, size = id(t), t.numel() * t.element_size()
+        else:
+            storage = t.untyped_storage()
+            key, size = (storage.data_ptr(), str(t.device)), storage.nbytes()
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
+def held_tensors(obj, _seen=None):
+    """Every tensor an object holds, through its attributes, dicts, lists and tuples (a fused denoiser's forms of
+    the weights, packed or not)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        yield from obj.state_dict().values()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from held_tensors(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from held_tensors(v, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        yield from held_tensors(vars(obj), seen)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -99,15 +138,22 @@ def flux_transformer(num_layers: int, num_single_layers: int, dtype: torch.dtype
         model = diffusers.FluxTransformer2DModel(num_layers=num_layers, num_single_layers=num_single_layers, **width)
     for p in model.parameters():  # on meta, in place: diffusers' .to(dtype) warns about fp32 modules it has none of
         p.data = p.data.to(dtype)
-    model = model.to_empty(device=device).eval()  # dtype first: the fp32 form is never allocated
+    return fill_random(model.to_empty(device=device).eval(), seed)  # dtype first: no fp32 form is allocated
 
-    g = torch.Generator(device=device).manual_seed(seed)
+
+def fill_random(model: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Every parameter of a model allocated uninitialised (`to_empty`) filled in place: a norm module's (a class
+    named ...Norm) weight 1 and bias 0, the rest N(0, std^2), drawn where they live. Random weights of a model too
+    large to initialise on the host first."""
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    norms = {id(p): float(name == "weight") for m in model.modules() if type(m).__name__.endswith("Norm")
+             for name, p in m.named_parameters(recurse=False)}
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
+        for p in model.parameters():
+            if id(p) in norms:
+                p.fill_(norms[id(p)])
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.normal_(0.0, std, generator=g)
     return model
 
 
@@ -142,7 +188,6 @@ def pipeline_call(pipe, dev: torch.device, dtype: torch.dtype, size: int = 64, s
 def measure(what: str, folder: Path, layers: int, single_layers: int, device: str) -> dict:
     """One measurement in this process."""
     import ditengine as de
-    from ditengine.models.loading import state_bytes
 
     dev = torch.device(device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,11 +201,11 @@ def measure(what: str, folder: Path, layers: int, single_layers: int, device: st
             start = time.perf_counter()
             model = de.load_checkpoint(folder, dtype=torch.bfloat16, device=dev)
             seconds = time.perf_counter() - start
-        weights = state_bytes(model.state_dict().values())
+        weights = tensor_bytes(model.state_dict().values())
         dtypes = sorted({str(p.dtype) for p in model.parameters()})
         return dict(weights=weights, peak=mem.peak, residue=mem.residue, seconds=seconds, dtypes=dtypes)
     transformer = flux_transformer(layers, single_layers, device=dev)
-    weights = state_bytes(transformer.state_dict().values())
+    weights = tensor_bytes(transformer.state_dict().values())
     if what == "from_diffusers":
         with PeakMemory(dev) as mem:
             model = de.from_diffusers(transformer)

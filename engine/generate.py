@@ -31,7 +31,7 @@ def load_pretrained(name: str = "digits") -> DiT:
     if not path.exists():
         shipped = sorted(p.stem for p in WEIGHTS.glob("*.pt"))
         raise ValueError(f"no shipped model {name!r}; available: {shipped}")
-    return load_checkpoint(path)
+    return load_checkpoint(path, dtype=torch.float32)  # stored in fp16 to keep the package small; run in fp32
 
 
 def load_model(checkpoint: str) -> DiT:

@@ -405,8 +405,10 @@ def isa_variant(tmp_path_factory):
         proj = torch.randn(2, 150, 8 * 64, generator=g)
         q, k, v = (t.unflatten(-1, (-1, 64)) for t in proj.split([4 * 64, 2 * 64, 2 * 64], dim=-1))
         w = 1 + 0.3 * torch.randn(64, generator=g)
-        ang = torch.outer(torch.arange(150.0), 1e4 ** -(torch.arange(0, 64, 2) / 64))
-        rope = (torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1))
+        # Built in float64: each ISA runs in its own process, and torch's float32 cos of large angles differs
+        # from process to process on some CPUs (up to 1.5e-4 on a Xeon with AMX), which would fail the comparison.
+        ang = torch.outer(torch.arange(150.0).double(), 1e4 ** -(torch.arange(0, 64, 2).double() / 64))
+        rope = (torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float())
         outs = [_native.build_info()["isa"]]
         for dt in (torch.float32, torch.bfloat16):
             outs += [gqa_attention(q.to(dt), k.to(dt), v.to(dt), q_norm=w, k_norm=w, rope=rope, window=w_,

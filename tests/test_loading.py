@@ -35,8 +35,11 @@ def family(name: str):  # noqa: C901 (one branch per family)
         model = diffusers.PixArtTransformer2DModel(**config).eval()
         randomize(model, 0)
         x, kw = tm.inputs(de.PixArtConfig.from_diffusers(config), (8, 8), tm.MASKS["partial"])
-        return model, lambda m: m(x.to(dtype_of(m)), return_dict=False, **{
-            k: v.to(dtype_of(m)) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()})[0]
+        def run(m):
+            cast = {k: v.to(dtype_of(m)) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for k, v in kw.items()}
+            return m(x.to(dtype_of(m)), return_dict=False, **cast)[0]
+        return model, run
     if name == "sd3":
         import test_sd3_model as tm
 

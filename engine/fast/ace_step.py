@@ -115,7 +115,7 @@ class FastAceStep(FusedDenoiser):
                 "cross_norm": self.cast(blk.cross_attn_norm.weight, torch.float32),
                 "mlp_norm": self.cast(blk.mlp_norm.weight, torch.float32)})
         self.out_norm = self.cast(model.norm_out.weight, torch.float32)
-        # Per call: the condition projection, then every block's cross k / v projection stacked into one GEMM.
+        # Per call: the condition projection, then every block's cross k / v projection (StackedLinear, aliased).
         self.condition = (self.cast(model.condition_embedder.weight), self.cast(model.condition_embedder.bias))
         kv = [m for blk in model.layers for m in (blk.cross_attn.to_k, blk.cross_attn.to_v)]
         self.kv = StackedLinear(kv, self)  # D -> depth * 2 * Hkv * Dh

@@ -51,7 +51,7 @@ class FastDiT(FusedDenoiser):
         gemm = functools.partial(self.token_linear, rows=rows, block=True)
         self.blocks = [{"qkv": gemm(b.attn.qkv), "proj": gemm(b.attn.proj), "fc1": gemm(b.mlp.fc1),
                         "fc2": gemm(b.mlp.fc2)} for b in model.blocks]
-        # Every block's adaLN linear stacked: one GEMM gives the whole modulation of a conditioning batch.
+        # Every block's adaLN linear side by side: the whole modulation of a conditioning batch, before the loop.
         self.ada = StackedLinear([b.adaLN_modulation[1] for b in model.blocks], self)  # D -> depth * 6D
         final = model.final_layer
         self.final_ada = (self.cast(final.adaLN_modulation[1].weight), self.cast(final.adaLN_modulation[1].bias))

@@ -120,7 +120,7 @@ class FastFlux(FusedDenoiser):
             self.single.append({
                 "qkv_mlp": fused(a.to_q, a.to_k, a.to_v, blk.proj_mlp), "out": gemm(blk.proj_out),
                 "q_norm": self.cast(a.norm_q.weight, torch.float32), "k_norm": self.cast(a.norm_k.weight, torch.float32)})
-        # Per step: fp32 embedders and every block's modulation linear stacked into one GEMM (never in the loop).
+        # Per step: fp32 embedders and every block's modulation linear side by side (never in the loop).
         emb = model.time_text_embed
         self.t_mlp = self.mlp_weights(emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2)
         self.g_mlp = None if not cfg.guidance_embeds else \

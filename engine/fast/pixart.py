@@ -89,7 +89,7 @@ class FastPixArt(FusedDenoiser):
         self.blocks = [{"qkv": gemm(b.attn.qkv), "proj": gemm(b.attn.proj), "q": gemm(b.cross_attn.q_linear),
                         "cross_proj": gemm(b.cross_attn.proj), "fc1": gemm(b.mlp.fc1), "fc2": gemm(b.mlp.fc2)}
                        for b in model.blocks]
-        # Per prompt: the caption projection, then every block's k/v projection stacked into one GEMM.
+        # Per prompt: the caption projection, then every block's k/v projection side by side (StackedLinear).
         y_proj = model.y_embedder.y_proj if model.y_embedder is not None else None
         self.caption_mlp = None if y_proj is None else tuple(
             self.cast(p) for p in (y_proj.fc1.weight, y_proj.fc1.bias, y_proj.fc2.weight, y_proj.fc2.bias))

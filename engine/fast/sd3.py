@@ -111,7 +111,7 @@ class FastSD3(FusedDenoiser):
             K += blk.norm1.n + blk.norm1_context.n
         self.final_chunk, self.chunks = K, K + 2
         mods.append(model.norm_out.linear)
-        # Per step: fp32 embedders and every block's modulation linear stacked into one GEMM (never in the loop).
+        # Per step: fp32 embedders and every block's modulation linear side by side (never in the loop).
         emb = model.time_text_embed
         self.t_mlp = self.mlp_weights(emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2)
         self.pooled_mlp = self.mlp_weights(emb.text_embedder.linear_1, emb.text_embedder.linear_2)

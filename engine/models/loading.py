@@ -12,7 +12,6 @@ with no second copy of its weights.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -269,21 +268,3 @@ def diffusers_state(transformer, expected: str) -> dict:
         raise ValueError(f"from_diffusers: the transformer's weights are on the meta device ({meta[0]}, ...): load "
                          "them first (or were they released by ditengine.accelerate(..., release_transformer=True)?)")
     return state
-
-
-def state_bytes(tensors) -> int:
-    """Bytes of distinct storages among `tensors` (shared storage counted once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or t.is_meta:
-            continue
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-    return total
-
-
-def path_like(source) -> bool:
-    return isinstance(source, (str, os.PathLike))
