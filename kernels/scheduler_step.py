@@ -184,7 +184,8 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
                    next_input: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """One fused scheduler step; returns x_next (written into `out` when given, which may be `x`).
 
-    x (B, C, H, W) contiguous, or (B, C, T) for 1-D sequences (every tensor argument then 3-D alike);
+    x (B, C, H, W) contiguous, or any (B, C, ...) of 3 or more dimensions ((B, C, T) music, (B, C, F, H, W)
+    video: every tensor argument then of that rank, flattened after C);
     model_out (2B if `cfg_scale` is not None else B, C or 2C, H, W); table the
     scheduler's (S, 12) float32 device table; step an int or a one-element integer tensor on the device.
     An int step must be in 0..S-1 (IndexError otherwise). A tensor step is not checked here: that would
@@ -195,16 +196,26 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
     backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
     "triton" (on CPU: the interpreter) or "reference" force one.
     """
-    if isinstance(x, torch.Tensor) and x.dim() == 3:  # 1-D sequences (B, C, T): the same op with W = 1
-        def lift(t):
-            return t.unsqueeze(-1) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+    if isinstance(x, torch.Tensor) and x.dim() >= 3 and x.dim() != 4:
+        # Any other latent rank ((B, C, T) music, (B, C, F, H, W) video): the step is elementwise per (row,
+        # channel), so every dimension after C flattens into one, as (B, C, N, 1) views of the same memory.
+        rank, shape = x.dim(), x.shape
 
-        result = scheduler_step(lift(x), lift(model_out), table, step, cfg_scale=cfg_scale,
-                                guided_channels=guided_channels, history=lift(history), noise=lift(noise), clip=clip,
-                                learned_variance=learned_variance, out=lift(out), next_input=lift(next_input),
-                                backend=backend)
-        return result.squeeze(-1)
-    check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W) or (B, C, T)")
+        def lift(name, t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            if t.dim() != rank:
+                raise ValueError(f"{name}: expected {rank} dimensions like x {tuple(shape)}, got {tuple(t.shape)}")
+            check_tensor(name, t, contiguous=True, layout=f"({', '.join(['B', 'C'] + ['...'] * (rank - 2))})")
+            return t.view(*t.shape[:2], -1, 1)
+
+        check_tensor("x", x, contiguous=True, layout="(B, C, ...)")
+        result = scheduler_step(lift("x", x), lift("model_out", model_out), table, step, cfg_scale=cfg_scale,
+                                guided_channels=guided_channels, history=lift("history", history),
+                                noise=lift("noise", noise), clip=clip, learned_variance=learned_variance,
+                                out=lift("out", out), next_input=lift("next_input", next_input), backend=backend)
+        return result.view(shape)
+    check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W), or any (B, C, ...) of 3 dimensions or more")
     B, C, H, W = x.shape
     dev = x.device
     rows = 2 * B if cfg_scale is not None else B

@@ -355,3 +355,25 @@ def test_one_dimensional_sequences(backend):
         torch.testing.assert_close(out, ref.squeeze(-1), rtol=1e-6, atol=1e-6)
         assert torch.equal(next_input[:2], next_input[2:])
         x = out
+
+
+@pytest.mark.parametrize("backend", [None, "reference"] + (["triton"] if interpreting() else []))
+def test_video_latents_of_any_rank(backend):
+    """(B, C, F, H, W) latents (video) run the same step as their (B, C, F*H*W, 1) view, history, noise and
+    learned variance included, every argument 5-D; a rank that differs from x's is named."""
+    sched = S.DDPM(6, variance_type="learned_range", clip_sample=True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 3, 5, 7, generator=g)
+    history, noise = torch.randn(x.shape, generator=g), torch.randn(x.shape, generator=g)
+    model_out = torch.randn(4, 8, 3, 5, 7, generator=g).tanh()
+    flat = [t.reshape(*t.shape[:2], -1, 1) for t in (x, model_out, noise)]
+    want_history = history.reshape(2, 4, -1, 1).clone()
+    want = scheduler_step(*flat[:2], sched.table, 2, cfg_scale=2.0, guided_channels=3, history=want_history,
+                          noise=flat[2], clip=True, learned_variance=True, backend="reference")
+    got = scheduler_step(x, model_out, sched.table, 2, cfg_scale=2.0, guided_channels=3, history=history,
+                         noise=noise, clip=True, learned_variance=True, backend=backend)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(history.reshape(want_history.shape), want_history, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"noise: expected 5 dimensions like x"):
+        scheduler_step(x, model_out, sched.table, 2, cfg_scale=2.0, noise=noise[..., 0], backend=backend)
