@@ -20,15 +20,12 @@ import ditengine as de
 from ditengine.models.ace_step import AceStep, AceStepConfig
 
 from .twin import diffusers_transformer
+from .workload import Workload
 
 CPU_DEPTH = 2  # the CPU default: 2 of the 24 layers at the real width, a ladder of about a minute
 CONDITION_TOKENS = 320  # a prompt, a verse of lyrics and the timbre token, packed
 LATENTS_PER_SECOND = 25
 TURBO_STEPS, TURBO_SHIFT = 8, 3.0
-
-
-def is_ace_step(name: str) -> bool:
-    return name.lower().replace("_", "-").startswith("ace-step")
 
 
 def ace_step_flops(cfg: AceStepConfig, T: int, L: int, model_batch: int) -> float:
@@ -53,7 +50,6 @@ def turbo_sigmas(steps: int, shift: float = TURBO_SHIFT) -> list[float]:
 
 def ace_step_setup(args, device):
     """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the ACE-Step ladder."""
-    from .cli import Workload
 
     depth = args.depth or (24 if device.type == "cuda" else CPU_DEPTH)
     duration = args.duration or (240.0 if device.type == "cuda" else 30.0)

@@ -112,7 +112,8 @@ def cross_attention_cases(device, quick: bool = False):
             elif _native.serves("cross_attention"):
                 providers["native"] = lambda q=q, kv=kv, kv_lens=kv_lens: cross_attention(q, kv, kv_lens)
             sdpa = [("sdpa (boolean mask)", None)] if cpu else [
-                (f"sdpa (boolean mask) {name.removeprefix('sdpa-')}", backend) for name, backend in SDPA_BACKENDS.items()]
+                (f"sdpa (boolean mask) {name.removeprefix('sdpa-')}", backend)
+                for name, backend in SDPA_BACKENDS.items()]
             for name, backend in sdpa:
                 providers[name] = sdpa_masked(q, kv, kv_lens, backend)
             providers["explicit masked softmax (reference)"] = (

@@ -28,7 +28,7 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
                       blocks computed, and the quality columns show what the skipped work cost
 
 Each row also reports images/s, peak memory, setup time (compile or capture), achieved TFLOP/s, the
-share of DESIGN.md's H100 floor, and the quality of a full sampling run from the same noise against the
+share of docs/design.md's H100 floor, and the quality of a full sampling run from the same noise against the
 fp32 reference (max error and SQNR of the final latents). Results go to JSON, CSV, a markdown table and
 a PNG bar chart. The default is CPU-sized (DiT-S/2, 32x32 latent, batch 1 with CFG, bf16; on a CPU the rows
 `CPU_DEFAULT`: fp32 eager and compile, the installed fp32 and int8 peers, ditengine's exact and int8 rows
@@ -38,28 +38,24 @@ rows use torch.compile's default mode (its max-autotune GEMM templates take many
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 import ditengine as de
+from ditengine import families
 from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.inputs import guided_labels
-from ditengine.sampling import denoise_step, reference_forward, run_loop
+from ditengine.sampling import denoise_step, run_loop
 
 from . import peers
-from .ace_step import ace_step_setup, is_ace_step
-from .flux import flux_setup, is_flux
-from .pixart import is_pixart, pixart_setup
-from .sd3 import is_sd3, sd3_setup
+from .dit import dit_flops  # noqa: F401 (the DiT's FLOPs, imported from here by earlier code)
+from .metrics import sqnr_db
+from .workload import Workload
 from .memory import PeakMemory, held_tensors, tensor_bytes
 from .timing import environment, measure
 
@@ -71,57 +67,12 @@ VARIANTS = ("eager-fp32", "eager-lp", "eager-lp-sdpa", "compile", "compile-fp32"
 CPU_DEFAULT = ("eager-fp32", "compile-fp32", *peers.PEERS, "fused+precond", "fused+precond+int8", "gemm-floor")
 GPU_SKIPPED = ("gemm-floor", "compile-fp32", "fused+precond+int8", *peers.PEERS)  # not in the GPU default
 CACHE_VARIANTS = {"fused+graph-loop+cache-first-block": FirstBlockCache, "fused+graph-loop+cache-static": StaticCache}
-# DESIGN.md section 8: measured on an H100, the floor of a step is max(FLOPs / peak, bytes / bandwidth).
+# docs/design.md section 8: measured on an H100, the floor of a step is max(FLOPs / peak, bytes / bandwidth).
 H100_BF16_TFLOPS, H100_COPY_TBPS = 790.0, 3.0
-
-
-def dit_flops(cfg: de.DiTConfig, batch: int) -> float:
-    """FLOPs of one forward on `batch` samples: the GEMMs and attention (2 FLOPs per multiply-add)."""
-    T, D, H = cfg.num_tokens, cfg.hidden_size, cfg.mlp_hidden
-    per_block = 2 * T * (3 * D * D + D * D + 2 * D * H) + 4 * T * T * D + 2 * 6 * D * D
-    patch = 2 * T * D * cfg.in_channels * cfg.patch_size**2
-    final = 2 * T * D * cfg.patch_size**2 * cfg.out_channels + 2 * 2 * D * D
-    return batch * (cfg.depth * per_block + patch + final)
 
 
 def floor_ms(flops: float, weight_bytes: int) -> float:
     return 1e3 * max(flops / (H100_BF16_TFLOPS * 1e12), weight_bytes / (H100_COPY_TBPS * 1e12))
-
-
-def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
-    noise = (out.double() - ref.double()).pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(ref.double().pow(2).sum().item() / noise)
-
-
-@dataclass
-class Workload:
-    """What one ladder runs, for any model family: the ditengine reference model (fp32), the scheduler, one
-    batch's noise and conditioning, and the eager peer (a model to copy into each dtype, and its forward on
-    the CFG-doubled batch, the form `ditengine.sampling.denoise_step` drives)."""
-
-    base: torch.nn.Module
-    sched: object
-    noise: torch.Tensor
-    conditioning: tuple = ()
-    named: dict = field(default_factory=dict)
-    eager_model: Callable = None  # (dtype, sdpa) -> the eager peer in that dtype
-    eager_forward: Callable = None  # (model, use_cfg) -> forward(x_in, t, step)
-    eager_label: str = "ditengine reference"
-    sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guider=APG(), for both loops
-    audio_seconds: float | None = None  # a music workload: the song length one sampling run makes
-    per_image_seconds: bool = False  # report the seconds per image of a whole loop (Flux, SD3)
-
-    def sample(self, **kwargs):
-        return de.sample(self.base, self.sched, self.noise, *self.conditioning, progress=False, **kwargs,
-                         **self.sampler_kwargs, **self.named)
-
-
-def dit_workload(base, sched, noise, labels) -> Workload:
-    def eager_model(dtype, sdpa):
-        return copy.deepcopy(base).to(dtype).use_sdpa(sdpa)
-
-    return Workload(base, sched, noise, (labels,), eager_model=eager_model,
-                    eager_forward=lambda model, use_cfg: reference_forward(model, noise, use_cfg, labels))
 
 
 def reference_step(workload: Workload, model, cfg_scale: float, i: int = 0, forward=None):
@@ -163,6 +114,8 @@ class Variant:
         elif key == "gemm-floor":
             rows = self.batch * (2 if args.cfg_scale != 1.0 else 1)
             fast = de.fast.fused_denoiser(w.base, self.dtype)
+            if fast.step_gemms is None:
+                raise peers.PeerUnavailable(f"{type(fast).__name__} has no step_gemms: no GEMM floor")
             cond = fast.inputs(w.base, noise, args.cfg_scale != 1.0, *w.conditioning, **w.named)
             self.step = gemm_floor_step(fast, rows, tuple(noise.shape[1:]), cond)
         else:
@@ -201,15 +154,15 @@ class Variant:
         if hasattr(self, "peer"):
             forward, dtype = self.peer, torch.float32
         else:  # ditengine.sample's loop around the eager model
-            forward, dtype = w.eager_forward(self.model, self.args.cfg_scale != 1.0), next(self.model.parameters()).dtype
+            forward, dtype = (w.eager_forward(self.model, self.args.cfg_scale != 1.0),
+                              next(self.model.parameters()).dtype)
         return run_loop(forward, self.sched, w.noise, self.args.cfg_scale, w.noise.shape[1], dtype, g)
 
 
 def peer_forward(name: str, workload: Workload, args):
     """The peer runtime's forward on the workload's CFG-doubled batch (the class-conditional DiT only)."""
-    if not isinstance(workload.base, de.DiT):
-        raise peers.PeerUnavailable(f"the runtime peers run the class-conditional DiT; {type(workload.base).__name__} "
-                                    "is not exported")
+    if not families.of_model(workload.base).bench_peers:
+        raise peers.PeerUnavailable(f"the runtime peers do not export {type(workload.base).__name__}")
     use_cfg = args.cfg_scale != 1.0
     (labels,) = workload.conditioning
     y = guided_labels(labels, workload.base.config.num_classes, use_cfg)
@@ -232,7 +185,8 @@ def gemm_floor_step(fast, rows: int, latent_shape: tuple, cond: dict):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="ditengine-bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="DiT-S/2", help="config name, e.g. DiT-XL/2, Flux.1-dev, SD3.5-medium (default: %(default)s)")
+    p.add_argument("--model", default="DiT-S/2",
+                   help="config name, e.g. DiT-XL/2, Flux.1-dev, SD3.5-medium (default: %(default)s)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--input-size", type=int, help="latent height = width (default 32)")
     size.add_argument("--image-size", type=int, help="pixel size; the latent is image-size / 8 (VAE factor)")
@@ -254,12 +208,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or "bf16"
-    music = is_ace_step(args.model)
-    if args.cfg_scale is None:  # ACE-Step turbo and Flux (dev embeds its guidance) run no CFG batch
-        args.cfg_scale = 1.0 if music or is_flux(args.model) else 4.0
+    family = families.of_bench_model(args.model)
+    if args.cfg_scale is None:  # e.g. ACE-Step turbo and Flux (dev embeds its guidance) run no CFG batch
+        args.cfg_scale = family.bench_defaults.get("cfg_scale", 4.0)
     args.steps = args.steps or (50 if gpu else 5)
     default = [v for v in VARIANTS if v not in GPU_SKIPPED and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
-    if music or is_flux(args.model) or is_sd3(args.model):  # the runtime peers export the class-conditional DiT only
+    if not family.bench_peers:  # the runtime peers export the families that say so (the class-conditional DiT)
         default = [v for v in default if v not in peers.PEERS]
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)
@@ -270,39 +224,12 @@ def parse_args(argv=None):
     return args
 
 
-def dit_setup(args, device):
-    """(config, fp32 reference model, FLOPs of one forward per model batch, workload per batch) for a DiT."""
-    input_size = args.image_size // 8 if args.image_size else (args.input_size or 32)
-    overrides = {"input_size": input_size} | ({"depth": args.depth} if args.depth else {})
-    cfg = de.DiTConfig.from_name(args.model, **overrides)
-    torch.manual_seed(args.seed)
-    base = de.DiT(cfg).eval().to(device)
-    sched = de.schedulers.DDIM(args.steps, timestep_spacing="trailing", clip_sample=False).to(device)
-
-    def workload(batch):
-        g = torch.Generator(device).manual_seed(args.seed)
-        noise = torch.randn(batch, cfg.in_channels, input_size, input_size, device=device, generator=g)
-        labels = torch.randint(0, cfg.num_classes, (batch,), device=device, generator=g)
-        return dit_workload(base, sched, noise, labels)
-
-    return cfg, base, lambda model_batch: dit_flops(cfg, model_batch), workload
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch.split(",")]
-    if is_pixart(args.model):
-        cfg, base, flops_of, workload_for = pixart_setup(args, device)
-    elif is_ace_step(args.model):
-        cfg, base, flops_of, workload_for = ace_step_setup(args, device)
-    elif is_flux(args.model):
-        cfg, base, flops_of, workload_for = flux_setup(args, device)
-    elif is_sd3(args.model):
-        cfg, base, flops_of, workload_for = sd3_setup(args, device)
-    else:
-        cfg, base, flops_of, workload_for = dit_setup(args, device)
+    cfg, base, flops_of, workload_for = families.of_bench_model(args.model).bench_setup()(args, device)
     weight_bytes = sum(p.numel() for p in base.parameters()) * dtype.itemsize
     results, skipped = [], {}
     report = {"env": environment(device), "model": args.model, "config": dict(cfg.__dict__), "args": vars(args),
@@ -357,7 +284,8 @@ def main(argv=None) -> int:
             })
             bar.update()
             del variant
-            floor = next((r["median_ms"] for r in results if r["variant"] == "gemm-floor" and r["batch"] == batch), None)
+            floor = next((r["median_ms"] for r in results if r["variant"] == "gemm-floor" and r["batch"] == batch),
+                         None)
             for r in results:
                 if floor and r["batch"] == batch:
                     r["pct_of_gemm_floor"] = 100 * floor / r["median_ms"]
@@ -415,7 +343,8 @@ def format_table(report: dict) -> str:
         prompt = "-" if r.get("prompt_ms") is None else f"{r['prompt_ms']:.3f}"
         song = f" {r['s_per_song']:.2f} | {r['realtime_x']:.1f} |" if music else \
             f" {r['s_per_image']:.2f} |" if per_image else ""
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} |{song} {r['p20_ms']:.3f} | "
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} |{song} "
+                     f"{r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {added} | {weights} | "
                      f"{r['setup_s']:.1f} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")

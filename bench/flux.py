@@ -20,13 +20,10 @@ from ditengine.models.flux import Flux, FluxConfig
 
 from .memory import fill_random
 from .twin import diffusers_transformer
+from .workload import Workload
 
 VARIANTS = {"dev": (512, True), "schnell": (256, False)}  # text tokens the pipeline pads to, guidance_embeds
 GUIDANCE = 3.5
-
-
-def is_flux(name: str) -> bool:
-    return name.lower().replace("_", "-").startswith("flux")
 
 
 def variant(name: str) -> str:
@@ -54,7 +51,7 @@ def flux_flops(cfg: FluxConfig, T: int, L: int, model_batch: int) -> float:
 def flux_setup(args, device):
     """(config, reference model (fp32 on a CPU, the ladder's dtype on a GPU), FLOPs per model batch, workload per
     batch) for the Flux ladder."""
-    from .cli import DTYPES, Workload
+    from .cli import DTYPES
 
     kind = variant(args.model)
     tokens, dev = VARIANTS[kind]
@@ -92,7 +89,8 @@ def flux_setup(args, device):
             return copy.deepcopy(diffusers_model if diffusers_model is not None else base).to(dtype)
 
         def eager_forward(model, use_cfg):
-            return de.sampling.flux_forward(model, base, noise, use_cfg, named)  # the pipeline's call, packed
+            return de.families.of_model(base).forward(model, base, noise, use_cfg,
+                                                      **named)  # the pipeline's call, packed
 
         label = "diffusers FluxTransformer2DModel" if diffusers_model is not None else \
             "ditengine's Flux reference (diffusers not installed)"

@@ -41,7 +41,8 @@ def summarize(out: Path) -> str:
     lines = ["# GPU check", "",
              f"- device: {facts.get('device', 'unknown')} (compute capability {facts.get('capability', '?')})",
              f"- nvidia-smi (name, driver, memory): {facts.get('nvidia_smi', 'unknown')}",
-             f"- torch {facts.get('torch', '?')}, CUDA {facts.get('cuda_build', '?')}, triton {facts.get('triton', '?')}, "
+             f"- torch {facts.get('torch', '?')}, CUDA {facts.get('cuda_build', '?')}, "
+             f"triton {facts.get('triton', '?')}, "
              f"Python {facts.get('python', '?')}",
              f"- commit {commit}", "", "## Stages", "", "| stage | limit s | took s | status |", "|---|---:|---:|---|"]
     stages = out / "stages.tsv"

@@ -20,15 +20,12 @@ import ditengine as de
 from ditengine.models.pixart import PixArt, PixArtConfig, to_diffusers_state_dict
 
 from .twin import diffusers_transformer
+from .workload import Workload
 
 # name -> (text tokens the pipeline pads to, config fields beyond the shared ones)
 FAMILIES = {"alpha": (120, {}), "sigma": (300, {"use_additional_conditions": False})}
 PROMPT_TOKENS = 20  # valid tokens of the timed prompt; the negative prompt "" is one token (EOS)
 CPU_DEPTH = 4  # the CPU default: 4 of the 28 layers at the real width, a ladder of about a minute
-
-
-def is_pixart(name: str) -> bool:
-    return name.lower().startswith("pixart")
 
 
 def family(name: str) -> str:
@@ -50,7 +47,6 @@ def pixart_flops(cfg: PixArtConfig, T: int, L: int, model_batch: int) -> float:
 
 def pixart_setup(args, device):
     """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the PixArt ladder."""
-    from .cli import Workload
 
     kind = family(args.model)
     tokens, extra = FAMILIES[kind]

@@ -5,7 +5,8 @@ For each DiT width, one sampling run per form from the same noise and labels, ag
 in the same process. Forms: the fused path in fp32 and bf16, int8 (`quantize="int8"`) in both, fp8's
 emulated numerics (`quantize="fp8"`, backend="reference": Hopper's arithmetic, not its speed), and the
 guidance interval (`cfg_interval`) in fp32, which samples another function: its SQNR is against the
-reference loop with the same interval (a correctness check), its step time the gain. The weights are random (no DiT-XL/2 checkpoint is shipped), with
+reference loop with the same interval (a correctness check), its step time the gain.
+The weights are random (no DiT-XL/2 checkpoint is shipped), with
 every layer live; the digits model's accuracy and pixel FD (`python -m ditengine.eval --quantize int8`)
 judge the same forms on a trained model.
 """
@@ -21,7 +22,7 @@ import torch
 import ditengine as de
 from ditengine.fast import FastSampler
 
-from .cli import sqnr_db
+from .metrics import sqnr_db
 from .timing import environment, measure
 
 FORMS = {  # name -> FastSampler arguments
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
         labels = torch.randint(0, model.config.num_classes, (1,), generator=g)
         with torch.inference_mode():
             forms = dict(FORMS) | {f"cfg interval {interval} (fp32)": dict(dtype=torch.float32, cfg_interval=interval)}
-            refs = {iv: de.sample(model, sched, noise, labels, cfg_scale=args.cfg_scale, progress=False, cfg_interval=iv)
+            refs = {iv: de.sample(model, sched, noise, labels, cfg_scale=args.cfg_scale, progress=False,
+                                  cfg_interval=iv)
                     for iv in (None, interval)}
             for form, kwargs in forms.items():
                 ref = refs[kwargs.get("cfg_interval")]
@@ -85,7 +87,8 @@ def main(argv=None) -> int:
                 print(f"| {name} | {form} | {rows[-1]['sqnr_db']:.1f} | {rows[-1]['max_err']:.2e} | "
                       f"{rows[-1]['ms_per_step']:.1f} |", flush=True)
     env = environment(torch.device("cpu"))
-    print(f"\n{args.steps}-step DDIM, cfg {args.cfg_scale}, latent {args.input_size}, batch 1 + CFG | {env['device']} | "
+    print(f"\n{args.steps}-step DDIM, cfg {args.cfg_scale}, latent {args.input_size}, batch 1 + CFG | "
+          f"{env['device']} | "
           f"torch {env['torch']} | commit {env['commit']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2,

@@ -20,16 +20,14 @@ import ditengine as de
 from ditengine.models.sd3 import SD3, SD3Config
 
 from .twin import diffusers_transformer
+from .workload import Workload
 
 MEDIUM = dict(num_attention_heads=24, attention_head_dim=64, caption_projection_dim=1536, in_channels=16,
               out_channels=16, patch_size=2, joint_attention_dim=4096, pooled_projection_dim=2048, sample_size=128)
-VARIANTS = {"sd3-medium": dict(pos_embed_max_size=192), "sd3.5-medium": dict(pos_embed_max_size=384, qk_norm="rms_norm")}
+VARIANTS = {"sd3-medium": dict(pos_embed_max_size=192),
+            "sd3.5-medium": dict(pos_embed_max_size=384, qk_norm="rms_norm")}
 TEXT_TOKENS = 77 + 256  # CLIP-L/G padded to 77, T5 to the pipeline's max_sequence_length
 DUAL_SHARE = 13 / 24  # SD3.5-medium's dual-attention layers 0..12
-
-
-def is_sd3(name: str) -> bool:
-    return name.lower().replace("_", "-").startswith("sd3")
 
 
 def variant(name: str) -> str:
@@ -56,7 +54,6 @@ def sd3_flops(cfg: SD3Config, T: int, L: int, model_batch: int) -> float:
 
 def sd3_setup(args, device):
     """(config, fp32 reference model, FLOPs per model batch, workload per batch) for the SD3 ladder."""
-    from .cli import Workload
 
     kind = variant(args.model)
     gpu = device.type == "cuda"
@@ -85,7 +82,7 @@ def sd3_setup(args, device):
             return copy.deepcopy(diffusers_model if diffusers_model is not None else base).to(dtype)
 
         def eager_forward(model, use_cfg):
-            return de.sampling.sd3_forward(model, base, noise, use_cfg, named)
+            return de.families.of_model(base).forward(model, base, noise, use_cfg, **named)
 
         label = "diffusers SD3Transformer2DModel" if diffusers_model is not None else \
             "ditengine's SD3 reference (diffusers not installed)"

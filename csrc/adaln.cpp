@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -23,6 +22,7 @@
 #include <vector>
 
 #include "cpu.h"
+#include "registration.h"
 
 namespace ditengine {
 namespace {
@@ -402,23 +402,10 @@ std::tuple<at::Tensor, at::Tensor> gated_residual_adaln_dual_(const at::Tensor& 
 
 // The schemas are defined in Python (kernels/adaln.py, torch.library.custom_op); this only adds the CPU kernel,
 // which the dispatcher prefers to the Python op's CompositeExplicitAutograd implementation on CPU tensors.
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) {
-  m.impl("adaln_modulate", &adaln_modulate);
-  m.impl("gated_residual_adaln", &gated_residual_adaln);
-  m.impl("gated_residual_adaln_", &gated_residual_adaln_);
-  m.impl("adaln_modulate_dual", &adaln_modulate_dual);
-  m.impl("gated_residual_adaln_dual_", &gated_residual_adaln_dual_);
-}
-
-// The ops have no derivative. torch's C++ not-implemented fallback gives CPU tensors the same behaviour as
-// the Python op's autograd kernel (outputs whose backward raises) without a trip through Python on every
-// call, which costs more than the kernel at DiT-S sizes.
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("adaln_modulate", torch::autograd::autogradNotImplementedFallback());
-  m.impl("gated_residual_adaln", torch::autograd::autogradNotImplementedFallback());
-  m.impl("gated_residual_adaln_", torch::autograd::autogradNotImplementedFallback());
-  m.impl("adaln_modulate_dual", torch::autograd::autogradNotImplementedFallback());
-  m.impl("gated_residual_adaln_dual_", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("adaln_modulate", adaln_modulate)
+DITENGINE_CPU_OP("gated_residual_adaln", gated_residual_adaln)
+DITENGINE_CPU_OP("gated_residual_adaln_", gated_residual_adaln_)
+DITENGINE_CPU_OP("adaln_modulate_dual", adaln_modulate_dual)
+DITENGINE_CPU_OP("gated_residual_adaln_dual_", gated_residual_adaln_dual_)
 
 }  // namespace ditengine

@@ -17,7 +17,6 @@
 // the output is rounded to the input dtype once, at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,6 +26,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "softmax_rows.h"
 
 namespace ditengine {
@@ -85,12 +85,6 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("attention", &attention_cpu); }
-
-// The ops have no backward; torch's C++ fallback keeps autograd out of the per-call path (the Python one costs
-// far more than these kernels on small inputs).
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("attention", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("attention", attention_cpu)
 
 }  // namespace ditengine

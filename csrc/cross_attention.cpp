@@ -20,7 +20,6 @@
 // fast choice here).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "softmax_rows.h"
 
 namespace ditengine {
@@ -107,11 +107,6 @@ at::Tensor cross_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("cross_attention", &cross_attention_cpu); }
-
-// No backward; torch's C++ fallback keeps autograd out of the per-call path (see csrc/attention.cpp).
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("cross_attention", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("cross_attention", cross_attention_cpu)
 
 }  // namespace ditengine

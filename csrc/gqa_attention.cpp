@@ -37,7 +37,6 @@
 // whose key block holds it (0 * NaN in p v).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -48,6 +47,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "softmax_rows.h"
 
 namespace ditengine {
@@ -410,11 +410,6 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("gqa_attention", &gqa_attention_cpu); }
-
-// No backward; torch's C++ fallback keeps autograd out of the per-call path (see csrc/attention.cpp).
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("gqa_attention", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("gqa_attention", gqa_attention_cpu)
 
 }  // namespace ditengine

@@ -20,7 +20,6 @@
 // straddles gelu_from splits its columns there (the tiles are not aligned to it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -28,6 +27,7 @@
 #include <type_traits>
 
 #include "cpu_common.h"
+#include "registration.h"
 #include "gelu_epilogue.h"
 
 namespace ditengine {
@@ -120,12 +120,6 @@ at::Tensor linear_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("linear_gelu", &linear_gelu_cpu); }
-
-// The ops have no backward; torch's C++ fallback keeps autograd out of the per-call path (the Python one costs
-// far more than these kernels on small inputs).
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("linear_gelu", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("linear_gelu", linear_gelu_cpu)
 
 }  // namespace ditengine

@@ -12,7 +12,6 @@
 // (same element size as fp32), with bias and GELU while each row is in cache.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -21,6 +20,7 @@
 #include <vector>
 
 #include "gelu_epilogue.h"  // cpu_common.h, then cpu.h
+#include "registration.h"
 
 
 namespace ditengine {
@@ -162,10 +162,6 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("linear_int8", &linear_int8_cpu); }
-
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("linear_int8", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("linear_int8", linear_int8_cpu)
 
 }  // namespace ditengine

@@ -23,7 +23,6 @@
 // the same within noise.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,7 +32,8 @@
 #include <vector>
 
 #include "cpu_common.h"
-#include "cpu.h"  // after cpu_common.h: both define DITENGINE_X86 (cpu.h as 0 off x86-64, so test it with #if)
+#include "cpu.h"
+#include "registration.h"  // after cpu_common.h: both define DITENGINE_X86 (cpu.h as 0 off x86-64, so test it with #if)
 
 namespace ditengine {
 namespace {
@@ -212,16 +212,7 @@ at::Tensor swiglu_cpu(const at::Tensor& gu) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) {
-  m.impl("linear_swiglu", &linear_swiglu_cpu);
-  m.impl("swiglu", &swiglu_cpu);
-}
-
-// The ops have no backward; torch's C++ fallback keeps autograd out of the per-call path (the Python one costs
-// far more than these kernels on small inputs).
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("linear_swiglu", torch::autograd::autogradNotImplementedFallback());
-  m.impl("swiglu", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("linear_swiglu", linear_swiglu_cpu)
+DITENGINE_CPU_OP("swiglu", swiglu_cpu)
 
 }  // namespace ditengine

@@ -12,13 +12,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "cpu.h"
+#include "registration.h"
 
 namespace ditengine {
 namespace {
@@ -250,12 +250,6 @@ void scheduler_step(const at::Tensor& x, const at::Tensor& model_out, const at::
 }  // namespace
 
 // The schema is defined in Python (kernels/scheduler_step.py); this adds the CPU kernel.
-TORCH_LIBRARY_IMPL(ditengine, CPU, m) { m.impl("scheduler_step", &scheduler_step); }
-
-// No derivative: torch's C++ fallback instead of the Python op's autograd kernel on every CPU call (see
-// adaln.cpp).
-TORCH_LIBRARY_IMPL(ditengine, AutogradCPU, m) {
-  m.impl("scheduler_step", torch::autograd::autogradNotImplementedFallback());
-}
+DITENGINE_CPU_OP("scheduler_step", scheduler_step)
 
 }  // namespace ditengine

@@ -1,16 +1,20 @@
 """ditengine: fast, verified sampling from diffusion transformers (DiT)."""
-from . import guidance, schedulers
+from . import families, guidance, schedulers
 from .checkpoints import from_diffusers, load_checkpoint
-from .configs import DiTConfig
-from .fast import FastAceStep, FastDiT, FastPixArt, FastSampler
+from .fast import FastSampler
 from .generate import load_pretrained
 from .guidance import APG
-from .models import AceStep, AceStepConfig, DiT, Flux, FluxConfig, PixArt, PixArtConfig, SD3, SD3Config
-from .pipeline import accelerate
+from .pipelines import accelerate
 from .sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["APG", "AceStep", "AceStepConfig", "DiT", "DiTConfig", "FastAceStep", "FastDiT", "FastPixArt",
-           "FastSampler", "Flux", "FluxConfig", "PixArt", "PixArtConfig", "SD3", "SD3Config", "accelerate", "from_diffusers", "guidance",
-           "load_checkpoint", "load_pretrained", "sample", "schedulers", "__version__"]
+# Every registered family's reference spec, its config and its fused denoiser, by their class names (DiT, DiTConfig,
+# FastDiT, Flux, FluxConfig, FastFlux, ...): the registry says which exist.
+_FAMILY_NAMES = sorted({cls.__name__: cls for f in families.families() for cls in (f.spec, f.config, f.fast)
+                        if cls is not None}.items())
+globals().update(_FAMILY_NAMES)
+
+__all__ = ["APG", "FastSampler", "accelerate", "families", "from_diffusers", "guidance", "load_checkpoint",
+           "load_pretrained", "sample", "schedulers", "__version__"]
+__all__ += [name for name, _ in _FAMILY_NAMES]

@@ -1,4 +1,4 @@
-"""Step caching: skip transformer work on steps whose hidden states barely change (DESIGN.md section 9).
+"""Step caching: skip transformer work on steps whose hidden states barely change (docs/design.md section 9).
 
 Two policies, applied by `FastSampler(cache=...)` and `ditengine.sample(..., cache=...)`:
 

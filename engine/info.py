@@ -15,7 +15,8 @@ def collect() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "triton": "none",
         "triton_mode": triton_mode(),
     }

@@ -48,7 +48,8 @@ def check_guided_channels(guided_channels: int | None, channels: int) -> int:
     """The number of guided prediction channels (default: all `channels` of the model's input)."""
     if guided_channels is None:
         return channels
-    if isinstance(guided_channels, bool) or not isinstance(guided_channels, int) or not 1 <= guided_channels <= channels:
+    if (isinstance(guided_channels, bool) or not isinstance(guided_channels, int)
+            or not 1 <= guided_channels <= channels):
         raise ValueError(f"guided_channels: expected an int in [1, {channels}] (the model's {channels} input "
                          f"channels; the variance channels are never guided), got {guided_channels!r}")
     return guided_channels

@@ -2,24 +2,16 @@
 step per denoising step, in plain PyTorch. `backend="fused"` hands the same call to `FastSampler`."""
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .cache import CachePolicy, ReferenceCachedForward, stats_dict
+from . import families
+from .cache import CachePolicy, stats_dict
 from .fast import FastSampler
-from .fast.ace_step import check_inputs as check_ace_step_inputs
-from .fast.flux import check_inputs as check_flux_inputs
-from .fast.sd3 import check_inputs as check_sd3_inputs
 from .guidance import APG, check_guider
-from .inputs import (check_cfg_scale, check_guided_channels, check_inputs, check_patch_grid_noise, check_scheduler,
-                     draw_noise, guided_labels, guided_steps)
-from .models.ace_step import AceStep
-from .models.dit import DiT, guide
-from .models.flux import Flux
-from .models.pixart import PixArt
-from .models.sd3 import SD3
+from .inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise, guided_steps
+from .models.dit import guide
 from .schedulers import COL, Scheduler
 
 BACKENDS = ("reference", "fused")
@@ -27,112 +19,20 @@ CUDA_GRAPH_MODES = (None, "step", "loop")
 
 # forward(x_in, t, step) -> model output on the CFG-doubled rows ([conditional; unconditional]), or on the
 # conditional rows alone (a step outside the guidance interval): the conditioning's first len(x_in) rows
-Forward = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Forward = families.Forward
 
 
-def _doubled(cond: torch.Tensor | None, uncond: torch.Tensor | None, use_cfg: bool) -> torch.Tensor | None:
+def doubled(cond: torch.Tensor | None, uncond: torch.Tensor | None, use_cfg: bool) -> torch.Tensor | None:
+    """[cond; uncond] when guiding, else cond: the conditioning of the CFG-doubled rows."""
     return torch.cat([cond, uncond]) if use_cfg and cond is not None else cond
 
 
 def reference_forward(model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool, *conditioning,
-                      cache: ReferenceCachedForward | None = None, **named) -> Forward:
-    """The model's own forward on the CFG-doubled conditioning (conditional rows first), checked once.
-
-    DiT: `class_labels` (B,), doubled with the null label. PixArt: `prompt_embeds`, `prompt_attention_mask`,
-    `negative_prompt_embeds`, `negative_prompt_attention_mask`, `added_cond_kwargs` (the diffusers
-    pipelines' names), the negative prompt as the unconditional half.
-    """
+                      cache=None, **named) -> Forward:
+    """The model's own forward on the CFG-doubled conditioning (conditional rows first), checked once: its
+    family's call of it, as the family's pipeline calls its transformer (`Family.forward`)."""
     spec = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: check the model it wraps, call the wrapper
-    if isinstance(spec, DiT):
-        (class_labels,) = conditioning or (named.pop("class_labels"),)
-        check_inputs(model, noise, class_labels)
-        y = guided_labels(class_labels, model.config.num_classes, use_cfg)
-        if cache is not None:
-            return lambda x_in, t, step: cache(x_in, t, y, step)
-        return lambda x_in, t, step: model(x_in, t, y[:len(x_in)])
-    if isinstance(spec, PixArt):
-        check_patch_grid_noise(noise, spec.config.in_channels, spec.config.patch_size,
-                               next(model.parameters()).device)
-        if use_cfg and named.get("negative_prompt_embeds") is None:
-            raise ValueError("negative_prompt_embeds: required with guidance (cfg_scale != 1)")
-        text = _doubled(named.get("prompt_embeds"), named.get("negative_prompt_embeds"), use_cfg)
-        mask = named.get("prompt_attention_mask")
-        if mask is not None and use_cfg:
-            neg = named.get("negative_prompt_attention_mask")
-            mask = torch.cat([mask, torch.ones_like(mask) if neg is None else neg])
-        added = named.get("added_cond_kwargs")
-        if added is not None:
-            added = {k: None if v is None else _doubled(v, v, use_cfg) for k, v in added.items()}
-        dtype = next(model.parameters()).dtype
-        text = None if text is None else text.to(dtype)
-
-        def forward(x_in, t, step):
-            n = len(x_in)
-            return model(x_in, encoder_hidden_states=None if text is None else text[:n], timestep=t,
-                         encoder_attention_mask=None if mask is None else mask[:n],
-                         added_cond_kwargs=None if added is None else
-                         {k: None if v is None else v[:n] for k, v in added.items()})
-
-        return forward
-    if isinstance(spec, AceStep):
-        # The fused denoiser's checks; the loop is channels-first (B, C, T), the model takes diffusers' (B, T, C).
-        check_ace_step_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
-        enc = _doubled(named["encoder_hidden_states"], named.get("null_encoder_hidden_states"), use_cfg)
-        context = named["context_latents"].transpose(1, 2)
-        context = torch.cat([context, context]) if use_cfg else context
-        dtype = next(model.parameters()).dtype
-        enc, context = enc.to(dtype), context.to(dtype)
-
-        def forward(x_in, t, step):
-            n = len(x_in)
-            return model(x_in.transpose(1, 2), timestep=t, timestep_r=t, encoder_hidden_states=enc[:n],
-                         context_latents=context[:n]).transpose(1, 2).contiguous()
-
-        return forward
-    if isinstance(spec, Flux):
-        return flux_forward(model, spec, noise, use_cfg, named)
-    if isinstance(spec, SD3):
-        return sd3_forward(model, spec, noise, use_cfg, named)
-    raise TypeError(f"model: expected a ditengine reference model (DiT, PixArt, AceStep, Flux, SD3), got {type(model).__name__} "
-                    "(convert a diffusers transformer with ditengine.from_diffusers)")
-
-
-def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, named: dict) -> Forward:
-    """`model` (the reference spec `spec`, or diffusers' transformer with its weights) called as FluxPipeline calls it: the loop's (B, 16, H, W) latents packed into 2x2 patches, t / 1000
-    in the latents' dtype, the guidance for dev, the negative prompt as the unconditional half (true CFG)."""
-    cond = check_flux_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
-    dtype = next(model.parameters()).dtype
-    text = _doubled(cond["prompt_embeds"], cond.get("negative_prompt_embeds"), use_cfg).to(dtype)
-    pooled = _doubled(cond["pooled_prompt_embeds"], cond.get("negative_pooled_prompt_embeds"), use_cfg).to(dtype)
-    guidance = cond["guidance"]
-    guidance = None if guidance is None else _doubled(guidance, guidance, use_cfg)
-
-    def forward(x_in, t, step):
-        n, C, H, W = x_in.shape
-        packed = x_in.view(n, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 4 * C)
-        out = model(packed, encoder_hidden_states=text[:n], pooled_projections=pooled[:n],
-                    timestep=t.to(dtype) / 1000, img_ids=cond["img_ids"], txt_ids=cond["txt_ids"],
-                    guidance=None if guidance is None else guidance[:n], return_dict=False)[0]
-        C_out = out.shape[-1] // 4
-        return out.view(n, H // 2, W // 2, C_out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C_out, H, W)
-
-    return forward
-
-
-def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, named: dict) -> Forward:
-    """`model` (the reference spec `spec`, or diffusers' transformer with its weights) called as
-    StableDiffusion3Pipeline calls it: t = 1000 sigma in fp32, the negative prompt as the unconditional half."""
-    cond = check_sd3_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
-    dtype = next(model.parameters()).dtype
-    text = _doubled(cond["prompt_embeds"], cond.get("negative_prompt_embeds"), use_cfg).to(dtype)
-    pooled = _doubled(cond["pooled_prompt_embeds"], cond.get("negative_pooled_prompt_embeds"), use_cfg).to(dtype)
-
-    def forward(x_in, t, step):
-        n = len(x_in)
-        return model(x_in, encoder_hidden_states=text[:n], pooled_projections=pooled[:n], timestep=t,
-                     return_dict=False)[0]
-
-    return forward
+    return families.of_model(model).forward(model, spec, noise, use_cfg, *conditioning, cache=cache, **named)
 
 
 def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cfg_scale: float, guided_channels: int,
@@ -182,7 +82,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     Guidance is on when `cfg_scale != 1`: the batch is doubled with the unconditional input (the null
     label, the negative prompt) and the first `guided_channels` prediction channels are guided (default:
     all), at the steps whose timestep lies in `cfg_interval` = (lo, hi) (default: every step; the others
-    run the conditional half alone, see `inputs.guided_steps`). Noise for stochastic samplers comes from `generator`. `backend="fused"` runs the fast path
+    run the conditional half alone, see `inputs.guided_steps`). Noise for stochastic samplers comes from `generator`.
+    `backend="fused"` runs the fast path
     (`FastSampler`); `cuda_graph` applies to it. `cache` (a `ditengine.cache` policy) skips transformer work
     (on the reference backend for the DiT); `stats`, a dict, is filled with what the run computed.
     `quantize` ("int8", "fp8"; fused backend only) runs the blocks' GEMMs as W8A8 (see `FastSampler`).
@@ -211,19 +112,20 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     if quantize is not None:
         raise ValueError(f"quantize={quantize!r} needs backend='fused' (the reference is the model's own precision)")
     check_cfg_scale(cfg_scale)
-    channels = model.config.audio_acoustic_hidden_dim if isinstance(model, AceStep) else model.config.in_channels
-    k = check_guided_channels(guided_channels, channels)
+    family = families.of_model(model)
+    k = check_guided_channels(guided_channels, family.channels(model.config))
     check_guider(guider, tuple(noise.shape[1:]))
     use_cfg = cfg_scale != 1.0
-    if cache is not None and not isinstance(model, DiT):
-        raise ValueError("cache: the reference form of step caching is the DiT's (ReferenceCachedForward); for "
-                         f"{type(model).__name__} use backend='fused'")
+    if cache is not None and family.reference_cache is None:
+        owners = " and ".join(f.spec.__name__ for f in families.families() if f.reference_cache is not None)
+        raise ValueError(f"cache: the reference form of step caching is the {owners}'s; {type(model).__name__} has "
+                         "none: use backend='fused'")
     if cache is not None and cfg_interval is not None:
         raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
-    cached = ReferenceCachedForward(model, cache, len(sched)) if cache is not None else None
+    cached = family.reference_cache(model, cache, len(sched)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
     x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guider)
     if stats is not None:
-        S, depth = len(sched), len(model.layers if isinstance(model, AceStep) else model.blocks)  # caching: DiT
+        S, depth = len(sched), family.depth(model)
         stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))
     return x

@@ -96,7 +96,8 @@ class Scheduler:
                  timestep_spacing: str = "leading", steps_offset: int = 0):
         most = math.inf if self.continuous_time else num_train_timesteps
         if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= most:
-            bound = "a positive int" if self.continuous_time else f"an int in [1, num_train_timesteps={num_train_timesteps}]"
+            bound = ("a positive int" if self.continuous_time
+                     else f"an int in [1, num_train_timesteps={num_train_timesteps}]")
             raise ValueError(f"num_inference_steps={num_inference_steps!r}: expected {bound}")
         if timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing={timestep_spacing!r}: expected one of {SPACINGS}")
@@ -369,7 +370,8 @@ class DPMSolverPP(Scheduler):
     def _rows(self):
         ts = self._spaced_timesteps()
         n = len(ts)
-        last = 0.0 if self.final_sigmas_type == "zero" else math.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0])
+        last = (0.0 if self.final_sigmas_type == "zero"
+                else math.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]))
         sigmas = np.append(_vp_sigmas(self.alphas_cumprod, ts), last)
         alpha = 1 / np.sqrt(sigmas**2 + 1)  # VP alpha_t and sigma_t
         sigma_vp = sigmas * alpha

@@ -51,13 +51,13 @@ def load():
     requested = requested_isa()  # before the import: C++ reads the variable when its kernels first run
     try:
         from .. import _C
-    except ModuleNotFoundError as err:  # a pure-Python install (DITENGINE_SKIP_EXT=1, no compiler, no torch)
-        _reason = f"not built ({err})"
-        log.info("ditengine: native extension %s; CPU ops run the Triton interpreter or the PyTorch reference",
-                 _reason)
-        return None
-    except (ImportError, OSError) as err:  # e.g. built against another torch: undefined symbols
-        _reason = f"failed to load ({err}); rebuild with pip install --no-build-isolation -e ."
+    except (ImportError, OSError) as err:
+        if not built():  # a pure-Python install (DITENGINE_SKIP_EXT=1, no compiler): said once, quietly
+            _reason = "not built"
+            log.info("ditengine: native extension not built; CPU ops run the Triton interpreter or the PyTorch "
+                     "reference")
+            return None
+        _reason = f"failed to load ({err}); rebuild with pip install --no-build-isolation -e ."  # e.g. another torch
         log.warning("ditengine: native extension %s; CPU ops fall back to the PyTorch reference", _reason)
         return None
     _module, _reason = _C, ""
@@ -66,6 +66,13 @@ def load():
         log.warning("ditengine: DITENGINE_ISA=%s asks for kernels this CPU cannot run; the native kernels use %s",
                     requested, chosen)
     return _module
+
+
+def built() -> bool:
+    """Whether a compiled `ditengine._C` is installed (whatever happens when it is imported)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ditengine._C") is not None
 
 
 def native_available() -> bool:

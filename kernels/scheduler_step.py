@@ -31,8 +31,8 @@ NUM_COLUMNS = len(COLUMNS)
 # The kernel reads a row by fixed offsets in this order.
 if COLUMNS != ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next"):
     raise ImportError("scheduler table columns changed: update _scheduler_step_kernel's row offsets")
-from ._backend import route, tl, triton, use_triton
-from ._checks import check_tensor
+from ._backend import route, tl, triton, use_triton  # noqa: E402
+from ._checks import check_tensor  # noqa: E402
 
 BLOCK = 1024
 
@@ -222,7 +222,8 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
     check_tensor("model_out", model_out, ndim=4, device=dev, contiguous=True, layout="(B or 2B, C or 2C, H, W)")
     if model_out.shape[0] != rows or model_out.shape[1] not in (C, 2 * C) or model_out.shape[2:] != x.shape[2:]:
         raise ValueError(f"model_out: expected shape ({rows}, {C} or {2 * C}, {H}, {W}) for x {tuple(x.shape)}"
-                         f"{' with CFG (batch doubled)' if cfg_scale is not None else ''}, got {tuple(model_out.shape)}")
+                         f"{' with CFG (batch doubled)' if cfg_scale is not None else ''}, "
+                         f"got {tuple(model_out.shape)}")
     if learned_variance and model_out.shape[1] != 2 * C:
         raise ValueError(f"model_out: learned_variance needs {2 * C} channels (prediction + variance), "
                          f"got {model_out.shape[1]}")

@@ -11,7 +11,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _REPO]
 import torch  # noqa: E402  (importing torch does not import Triton)
 
 # Triton's interpreter must be chosen before any kernel module imports Triton: without a GPU the kernels
-# run through it (DESIGN.md section 6). On a GPU machine they run natively.
+# run through it (docs/design.md section 6). On a GPU machine they run natively.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # One pinned attention config under test: autotuning would time every config for every new shape.

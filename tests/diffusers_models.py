@@ -53,7 +53,8 @@ def tiny_vae(seed: int, scaling_factor: float):
 def text_embeddings(B=1, seed=1, negative=False):
     """The embeddings an MMDiT pipeline takes in place of its text encoders, the negative ones if asked."""
     g = torch.Generator().manual_seed(seed)
-    out = dict(prompt_embeds=torch.randn(B, L, TEXT, generator=g), pooled_prompt_embeds=torch.randn(B, POOLED, generator=g))
+    out = dict(prompt_embeds=torch.randn(B, L, TEXT, generator=g),
+               pooled_prompt_embeds=torch.randn(B, POOLED, generator=g))
     if negative:
         out.update(negative_prompt_embeds=torch.randn(B, L, TEXT, generator=g),
                    negative_pooled_prompt_embeds=torch.randn(B, POOLED, generator=g))

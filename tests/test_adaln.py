@@ -2,10 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref,
-                               interpreting)
+from ditengine.kernels import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref)
 
-from native_helpers import (isa_runner, needs_native, requires_native, run_python, skip_unless_cpu_runs,
+from native_helpers import (isa_runner, needs_native, requires_native, skip_unless_cpu_runs,
                             triton_cpu)
 from tolerance import assert_within_tolerance, fp32_floor
 
@@ -13,7 +12,7 @@ from tolerance import assert_within_tolerance, fp32_floor
 # (B, T, D): DiT widths (384, 768, 1024, 1152), odd widths (59, 341), T = 1, 97, 256, B = 1 and 3;
 # kept small for Triton's interpreter (about 5 ms per row on a CPU).
 SHAPES = [(1, 1, 384), (3, 1, 1152), (1, 16, 768), (1, 16, 1024), (2, 16, 1152), (1, 256, 59), (3, 97, 341)]
-CPU_DTYPES = [torch.float32, torch.float16]  # bf16 is wrong in the interpreter: GPU only (DESIGN.md section 6)
+CPU_DTYPES = [torch.float32, torch.float16]  # bf16 is wrong in the interpreter: GPU only (docs/design.md section 6)
 FLOOR = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
@@ -112,7 +111,7 @@ def test_layernorm_reference_with_weight_is_torch_layer_norm():
 
 
 # Odd D and odd T among them; small for the interpreter. bf16 runs here too: the kernel widens every load to fp32
-# explicitly, which is what the interpreter needs (DESIGN.md section 6).
+# explicitly, which is what the interpreter needs (docs/design.md section 6).
 NORM_SHAPES = [(1, 1, 384), (2, 16, 1152), (3, 37, 341), (1, 33, 59)]
 
 
@@ -172,7 +171,7 @@ def check_rms_fp32_residual(backend, y_dtype, weight_dtype, device="cpu"):
     assert_within_tolerance(y, hi_y, lp_y, fp32_floor(hi_y), "y")
 
 
-# The interpreter stores fp32 -> bf16 by truncation (DESIGN.md section 6), up to twice the rounding error this
+# The interpreter stores fp32 -> bf16 by truncation (docs/design.md section 6), up to twice the rounding error this
 # test allows: it runs the fp16 output; bf16 runs natively here and in the Triton kernel on a GPU.
 @pytest.mark.parametrize("backend, y_dtype", [
     pytest.param("native", torch.bfloat16, marks=needs_native("gated_residual_adaln_")),
@@ -414,7 +413,8 @@ def check_second(B, T, D, dtype, device="cpu", backend=None, seed=0, gated=False
                                             second=(shift2, scale2), **kw)
         assert (x_new is x_in) == inplace and (inplace or torch.equal(x_in, x))
         refs = gated_residual_adaln_ref(*(t.float() for t in (x, gate, o, shift, scale)), rms=rms,
-                                        weight=None if w is None else w.float(), second=(shift2.float(), scale2.float()))
+                                        weight=None if w is None else w.float(),
+                                        second=(shift2.float(), scale2.float()))
         lps = gated_residual_adaln_ref(x, gate, o, shift, scale, upcast=False, second=(shift2, scale2), **kw)
         singles = gated_residual_adaln(x, gate, o, shift, scale, backend=backend, **kw)
         singles += (gated_residual_adaln(x, gate, o, shift2, scale2, backend=backend, **kw)[1],)
@@ -424,7 +424,8 @@ def check_second(B, T, D, dtype, device="cpu", backend=None, seed=0, gated=False
         refs = adaln_modulate_ref(*(t.float() for t in (x, shift, scale)), rms=rms,
                                   weight=None if w is None else w.float(), second=(shift2.float(), scale2.float()))
         lps = adaln_modulate_ref(x, shift, scale, upcast=False, second=(shift2, scale2), **kw)
-        singles = tuple(adaln_modulate(x, sh, sc, backend=backend, **kw) for sh, sc in ((shift, scale), (shift2, scale2)))
+        singles = tuple(adaln_modulate(x, sh, sc, backend=backend, **kw)
+                        for sh, sc in ((shift, scale), (shift2, scale2)))
     for name, out, ref32, lp, single in zip(("x_new", "y", "y2")[-len(outs):], outs, refs, lps, singles):
         assert out.dtype == dtype and out.shape == (B, T, D), name
         assert_within_tolerance(out, ref32, lp, FLOOR[dtype], name)
@@ -675,9 +676,11 @@ def test_native_errors_name_the_argument():
         ops.adaln_modulate(x, torch.randn(32, 2).t(), scale, 1e-6, f32)
     with pytest.raises(ValueError, match="x: the last dimension must be contiguous"):
         ops.adaln_modulate(x.transpose(1, 2).contiguous().transpose(1, 2), shift, scale, 1e-6, f32)
-    with pytest.raises(ValueError, match=r"gated_residual_adaln: o: expected shape \[2, 4, 32\] \(B, T, D\), got \[2, 3, 32\]"):
+    with pytest.raises(ValueError, match=r"gated_residual_adaln: o: expected shape \[2, 4, 32\] \(B, T, D\), "
+                                         r"got \[2, 3, 32\]"):
         ops.gated_residual_adaln(x, gate, o[:, :3], shift, scale, 1e-6, f32)
-    with pytest.raises(TypeError, match="gated_residual_adaln_: gate: expected dtype float32, float16 or bfloat16, got Double"):
+    with pytest.raises(TypeError, match="gated_residual_adaln_: gate: expected dtype float32, float16 or bfloat16, "
+                                        "got Double"):
         ops.gated_residual_adaln_(x, gate.double(), o, shift, scale, 1e-6, f32)
     w = make_weight(32, torch.float32)
     with pytest.raises(ValueError, match=r"adaln_modulate: weight: expected shape \(32,\) \(D,\) like x's last dim, "

@@ -198,11 +198,13 @@ def test_errors_name_the_argument():
     model_out, momentum = torch.randn(4, 8, 33), torch.zeros(2, 8, 33)
     with pytest.raises(ValueError, match=r"model_out: expected 3 dimensions \(2B, C, L\), got shape \(4, 8\)"):
         apg_guidance(model_out[:, :, 0], momentum, 2.0)
-    with pytest.raises(ValueError, match=r"model_out: expected an even, non-zero number of rows.*got shape \(3, 8, 33\)"):
+    with pytest.raises(ValueError, match=r"model_out: expected an even, non-zero number of rows"
+                                         r".*got shape \(3, 8, 33\)"):
         apg_guidance(model_out[:3], momentum, 2.0)
     with pytest.raises(ValueError, match="model_out: expected a contiguous tensor"):
         apg_guidance(torch.randn(4, 16, 33)[:, ::2], momentum, 2.0)
-    with pytest.raises(TypeError, match=r"model_out: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"):
+    with pytest.raises(TypeError, match=r"model_out: expected dtype in \['float32', 'float16', 'bfloat16'\], "
+                                        r"got float64"):
         apg_guidance(model_out.double(), momentum, 2.0)
     with pytest.raises(ValueError, match=r"momentum: expected shape \(2, 8, 33\) \(B, C, L\).*got \(1, 8, 33\)"):
         apg_guidance(model_out, momentum[:1], 2.0)

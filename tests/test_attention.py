@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import attention, attention_ref, interpreting
+from ditengine.kernels import attention, attention_ref
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS, CONFIG_KEYS, head_blocks
 
 from native_helpers import needs_native, triton_cpu

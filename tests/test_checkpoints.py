@@ -104,7 +104,8 @@ def test_a_malformed_config_json_names_its_path(tmp_path, fb_state):
 def test_from_diffusers_of_an_unsupported_module_names_the_supported_ones():
     with pytest.raises(TypeError, match="from_diffusers: expected a diffusers DiTTransformer2DModel or ") as err:
         de.from_diffusers(torch.nn.Linear(2, 2))
-    for name in ("PixArtTransformer2DModel", "AceStepTransformer1DModel", "FluxTransformer2DModel", "SD3Transformer2DModel",
+    for name in ("PixArtTransformer2DModel", "AceStepTransformer1DModel",
+                 "FluxTransformer2DModel", "SD3Transformer2DModel",
                  "got Linear"):
         assert name in str(err.value)
 

@@ -274,5 +274,6 @@ def test_load_checkpoint_and_from_diffusers_dispatch_to_flux(tmp_path):
     ref.save_pretrained(tmp_path / "transformer")
     state = {k: v.clone() for k, v in ref.state_dict().items()}
     for source in (tmp_path, state):
-        model = de.load_checkpoint(source, **({} if source is tmp_path else {"axes_dims_rope": ours.config.axes_dims_rope}))
+        model = de.load_checkpoint(source,
+                                   **({} if source is tmp_path else {"axes_dims_rope": ours.config.axes_dims_rope}))
         assert isinstance(model, Flux) and model.config == ours.config

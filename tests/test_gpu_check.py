@@ -54,7 +54,8 @@ def test_summary_reads_partial_ladder_results_and_kernel_tables(tmp_path):
     (tmp_path / "cuda.json").write_text(json.dumps({"device": "Test GPU", "capability": "9.0", "torch": "2.x",
                                                      "cuda_build": "13.0", "triton": "3.6.0", "nvidia_smi": "x"}))
     (tmp_path / "stages.tsv").write_text("cuda-check\t20\t2\tok\nladder-batch1\t60\t60\tcut at 60 s\n")
-    (tmp_path / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - boom\n==== 1 failed, 80 passed in 9s ====\n")
+    (tmp_path / "gpu-tests.log").write_text("FAILED tests/test_x.py::test_y - boom\n"
+                                            "==== 1 failed, 80 passed in 9s ====\n")
     (tmp_path / "bench-adaln.log").write_text("adaln | Test GPU\n\n| shape | dtype |\n|---|---|\n| B=2 | bf16 |\n")
     subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_summary.py"), str(tmp_path)], check=True, timeout=60)
     summary = (tmp_path / "summary.md").read_text()

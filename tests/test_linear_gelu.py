@@ -386,7 +386,8 @@ def isa_variant(tmp_path_factory):
         import torch
         from ditengine.kernels import _native
         g = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(37, 40, generator=g), torch.randn(300, 40, generator=g) * 0.3, torch.randn(300, generator=g)
+        x, w, b = (torch.randn(37, 40, generator=g), torch.randn(300, 40, generator=g) * 0.3,
+                   torch.randn(300, generator=g))
         outs = [_native.build_info()["isa"]]
         for gelu_from in (0, 5, 72, 263, 291, 300):
             for dt in (torch.float32, torch.bfloat16):

@@ -18,7 +18,7 @@ native_epilogue = needs_native("swiglu")
 # Every prepacked form that runs on CPU tensors; each skips only where it cannot run here.
 CPU_BACKENDS = ["reference", "stacked", pytest.param("triton", marks=triton_cpu),
                 pytest.param("native", marks=native)]
-# The Triton interpreter gets fp32 and fp16 (its bf16 is wrong: DESIGN.md section 6); bf16 Triton runs on a GPU.
+# The Triton interpreter gets fp32 and fp16 (its bf16 is wrong: docs/design.md section 6); bf16 Triton runs on a GPU.
 CPU_DTYPES = {"reference": (torch.float32, torch.bfloat16), "stacked": (torch.float32, torch.bfloat16),
               "triton": (torch.float32, torch.float16), "native": (torch.float32, torch.bfloat16, torch.float16)}
 FLOOR = {torch.bfloat16: 1e-2, torch.float16: 1e-3}

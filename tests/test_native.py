@@ -17,12 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def csrc_cpu_ops() -> set[str]:
-    """The ops csrc/*.cpp gives a C++ CPU kernel, read from its `TORCH_LIBRARY_IMPL(ditengine, CPU, m)` blocks:
+    """The ops csrc/*.cpp gives a C++ CPU kernel, read from its `DITENGINE_CPU_OP("op", kernel)` registrations:
     the ground truth the registry-derived lists are checked against."""
     ops = set()
     for path in (ROOT / "csrc").glob("*.cpp"):
-        for block in re.findall(r"TORCH_LIBRARY_IMPL\(ditengine,\s*CPU,\s*m\)\s*\{(.*?)\}", path.read_text(), re.S):
-            ops.update(re.findall(r'm\.impl\("(\w+)"', block))
+        ops.update(re.findall(r'^DITENGINE_CPU_OP\("(\w+)",', path.read_text(), re.M))
     return ops
 
 
@@ -64,6 +63,24 @@ def test_absence_is_logged_once():
         capture_output=True, text=True, env={**os.environ, "DITENGINE_NATIVE": "0"}, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("native extension disabled by DITENGINE_NATIVE=0") == 1, proc.stderr
+
+
+def test_an_extension_that_is_not_there_is_not_built_and_import_prints_nothing():
+    """The import of ditengine._C really fails (as in a DITENGINE_SKIP_EXT=1 install): `import ditengine` prints
+    nothing, the reason is "not built", said once at info level, and the ops run their references."""
+    code = ("import sys; sys.modules['ditengine._C'] = None\n"  # importing it now raises ImportError
+            "import torch, ditengine\n"
+            "from ditengine.kernels import _native, adaln_modulate, adaln_modulate_ref\n"
+            "x, s = torch.randn(1, 2, 8), torch.randn(1, 8)\n"
+            "torch.testing.assert_close(adaln_modulate(x, s, s), adaln_modulate_ref(x, s, s))\n"
+            "assert _native.unavailable_reason() == 'not built' and not _native.built()\n")
+    quiet = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and quiet.stderr == "", quiet.stderr
+    told = subprocess.run([sys.executable, "-c", "import logging; logging.basicConfig(level=logging.INFO)\n" + code],
+                          capture_output=True, text=True, timeout=300)
+    assert told.stderr.count("INFO:ditengine:ditengine: native extension not built") == 1, told.stderr
+    assert "circular" not in told.stderr and "WARNING" not in told.stderr, told.stderr
 
 
 @requires_native

@@ -28,8 +28,10 @@ CASES = [
     ("Euler", "EulerDiscreteScheduler", dict(timestep_spacing="trailing", beta_schedule="scaled_linear",
                                              beta_start=0.00085, beta_end=0.012), 30),
     ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(), 20),
-    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(prediction_type="v_prediction", timestep_spacing="leading"), 10),
-    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(final_sigmas_type="sigma_min", timestep_spacing="trailing"), 25),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(prediction_type="v_prediction",
+                                                        timestep_spacing="leading"), 10),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(final_sigmas_type="sigma_min",
+                                                        timestep_spacing="trailing"), 25),
     ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(solver_order=1), 15),
     ("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 28),
     ("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", dict(), 10),
@@ -106,7 +108,8 @@ def test_from_diffusers_overrides_and_refusals(diffusers):
     with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
         S.from_diffusers(diffusers.EulerDiscreteScheduler(use_karras_sigmas=True), 20)
     with pytest.raises(ValueError, match="algorithm_type='dpmsolver' is not supported"):
-        S.from_diffusers(diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), 20)
+        S.from_diffusers(diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver",
+                                                               final_sigmas_type="sigma_min"), 20)
     with pytest.raises(ValueError, match="unsupported diffusers scheduler PNDMScheduler"):
         S.from_diffusers(diffusers.PNDMScheduler(), 20)
 

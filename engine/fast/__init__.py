@@ -10,22 +10,22 @@
 | `ace_step.py` | ACE-Step 1.5's fused denoiser (GQA, RMSNorm forms, SwiGLU; the condition's K/V precomputed per call) |
 | `sampler.py` | `FastSampler`: static buffers, graph capture, step caching, the fused scheduler step |
 """
-from ..models.dit import DiT
-from ..models.ace_step import AceStep
-from ..models.flux import Flux
-from ..models.pixart import PixArt
-from ..models.sd3 import SD3
 from .ace_step import FastAceStep
-from .flux import FastFlux
 from .base import DTYPES, FusedDenoiser, cublaslt_gelu_is_tanh
 from .dit import FastDiT
+from .flux import FastFlux
 from .pixart import FastPixArt
+from .sampler import CACHE_DECISIONS, FastSampler, decision_mode, fused_denoiser
 from .sd3 import FastSD3
 
-# Which fused denoiser serves which reference model (FastSampler dispatches on it).
-FAMILIES = [(DiT, FastDiT), (PixArt, FastPixArt), (AceStep, FastAceStep), (Flux, FastFlux), (SD3, FastSD3)]
 
-from .sampler import CACHE_DECISIONS, FastSampler, decision_mode, fused_denoiser  # noqa: E402
+def __getattr__(name: str):
+    if name == "FAMILIES":  # which fused denoiser serves which reference model: now the family registry's
+        from .. import families
 
-__all__ = ["CACHE_DECISIONS", "DTYPES", "FAMILIES", "FastAceStep", "FastDiT", "FastFlux", "FastPixArt", "FastSD3", "FastSampler", "FusedDenoiser",
-           "cublaslt_gelu_is_tanh", "decision_mode", "fused_denoiser"]
+        return [(f.spec, f.fast) for f in families.families()]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["CACHE_DECISIONS", "DTYPES", "FastAceStep", "FastDiT", "FastFlux", "FastPixArt", "FastSD3", "FastSampler",
+           "FusedDenoiser", "cublaslt_gelu_is_tanh", "decision_mode", "fused_denoiser"]

@@ -109,7 +109,8 @@ class FastAceStep(FusedDenoiser):
                 "cross_proj": gemm(ca.to_out[0]),
                 "gate_up": self.swiglu_linear(blk.mlp.gate_proj, blk.mlp.up_proj, rows, block=True),
                 "down": gemm(blk.mlp.down_proj),
-                "q_norm": self.cast(sa.norm_q.weight, torch.float32), "k_norm": self.cast(sa.norm_k.weight, torch.float32),
+                "q_norm": self.cast(sa.norm_q.weight, torch.float32),
+                "k_norm": self.cast(sa.norm_k.weight, torch.float32),
                 "cross_q_norm": self.cast(ca.norm_q.weight, torch.float32),
                 "attn_norm": self.cast(blk.self_attn_norm.weight, torch.float32),
                 "cross_norm": self.cast(blk.cross_attn_norm.weight, torch.float32),
@@ -197,7 +198,8 @@ class FastAceStep(FusedDenoiser):
         return super().context_rows(ctx, rows) | {"kv": ctx["kv"][:, :rows]}
 
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps t (S,) in [0, 1] -> every block's modulation (S, N, depth, 6, D) and the output norm's (S, N, 2, D)."""
+        """Timesteps t (S,) in [0, 1] -> every block's modulation (S, N, depth, 6, D) and the output norm's
+        (S, N, 2, D)."""
         N = ctx["unit_gate"].shape[0]
         temb = self.embed_sinusoidal(self.t_mlp, t.float() * 1000.0)  # (S, D) fp32
         t6 = F.linear(F.silu(temb), *self.t_proj).view(-1, 1, 6, self.hidden) + self.t6_r  # (S, 1, 6, D)

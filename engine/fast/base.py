@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -151,7 +152,7 @@ class StackedLinear:
         return torch.cat([F.linear(x, w, b) for w, b in self.parts], -1)
 
 
-class FusedDenoiser:
+class FusedDenoiser(ABC):
     """Base of the families' fused denoisers: dtype, backend and device choices, and weight conversion.
 
     `residual_dtype` is the residual stream's dtype (default: fp32 when `dtype` is fp16, whose range a
@@ -282,9 +283,60 @@ class FusedDenoiser:
             resid, h = self.block(i, resid, h, mod, ctx)
         return self.unembed(h, ctx)
 
+    # -- the contract: every family implements these (a class missing one fails at construction, naming it) ---------
+    @abstractmethod
+    def inputs(self, model: torch.nn.Module, noise: torch.Tensor, use_cfg: bool, *args, **kwargs) -> dict:
+        """Check and gather a call's conditioning into a dict (the family's names)."""
+
+    @abstractmethod
+    def context_key(self, cond: dict) -> tuple:
+        """What the context's shapes depend on beyond the batch (a prompt's length): a plan is kept per key."""
+
+    @abstractmethod
+    def context_buffers(self, rows: int, latent_shape: tuple, cond: dict) -> dict:
+        """The static per-call context for `rows` model rows."""
+
+    @abstractmethod
+    def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
+        """Fill the context before the loop, conditional rows first."""
+
+    @abstractmethod
+    def modulation(self, t: torch.Tensor, ctx: dict) -> tuple:
+        """Every modulation vector for timesteps t (S,): a tuple of tensors with leading dim S."""
+
+    @abstractmethod
     def modulation_shapes(self, steps: int, rows: int) -> list[tuple]:
         """The shapes of `modulation`'s tensors for `steps` timesteps and `rows` context rows (in `dtype`)."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def token_shape(self, latent_shape: tuple, cond: dict | None = None) -> tuple[int, int]:
+        """(T, D) of the residual stream for a latent of `latent_shape` (C, ...)."""
+
+    @abstractmethod
+    def embed(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The model input (N, C, ...) in `dtype` -> the residual stream (N, T, D)."""
+
+    @abstractmethod
+    def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
+        """The first block's normed, modulated input."""
+
+    @abstractmethod
+    def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block i on the residual stream (in place) -> (resid, the next norm's output); `keep` receives the
+        block's branch outputs for a step cache."""
+
+    @abstractmethod
+    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+        """The final norm's modulated output."""
+
+    @abstractmethod
+    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The final norm's output -> the model output (N, C_out, ...)."""
+
+    # -- optional capabilities: None where a family does not offer them -------------------------------------------
+    reuse_block = None  # (i, resid, mod, ctx, kept) -> (resid, h): block i from its kept outputs (step caching)
+    step_gemms = None  # (rows, latent_shape, cond) -> [(gemm, activation shape)]: the benchmark's GEMM floor
 
     def modulation_bytes(self, steps: int, rows: int) -> int:
         return sum(math.prod(shape) for shape in self.modulation_shapes(steps, rows)) * self.dtype.itemsize

@@ -1,6 +1,6 @@
 """The class-conditional DiT's fused denoiser: its weights in the fast path's form, and the fused forward.
 
-Per block (DESIGN.md section 2):
+Per block (docs/design.md section 2):
 
     K1 h = adaLN(x; shift_msa, scale_msa)            first block only; later blocks get h from K3
     qkv = h @ W_qkv                                  cuBLAS (prepacked on a CPU)

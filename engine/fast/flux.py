@@ -119,7 +119,8 @@ class FastFlux(FusedDenoiser):
             a = blk.attn
             self.single.append({
                 "qkv_mlp": fused(a.to_q, a.to_k, a.to_v, blk.proj_mlp), "out": gemm(blk.proj_out),
-                "q_norm": self.cast(a.norm_q.weight, torch.float32), "k_norm": self.cast(a.norm_k.weight, torch.float32)})
+                "q_norm": self.cast(a.norm_q.weight, torch.float32),
+                "k_norm": self.cast(a.norm_k.weight, torch.float32)})
         # Per step: fp32 embedders and every block's modulation linear side by side (never in the loop).
         emb = model.time_text_embed
         self.t_mlp = self.mlp_weights(emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2)

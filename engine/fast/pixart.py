@@ -100,8 +100,10 @@ class FastPixArt(FusedDenoiser):
         self.micro = None
         if cfg.use_additional_conditions:
             self.micro = (self.sinusoidal_mlp(model.csize_embedder.mlp), self.sinusoidal_mlp(model.ar_embedder.mlp))
-        self.t_block = (self.cast(model.t_block[1].weight, torch.float32), self.cast(model.t_block[1].bias, torch.float32))
-        self.tables = self.cast(torch.stack([b.scale_shift_table for b in model.blocks]), torch.float32)  # (depth, 6, D)
+        self.t_block = (self.cast(model.t_block[1].weight, torch.float32),
+                        self.cast(model.t_block[1].bias, torch.float32))
+        self.tables = self.cast(torch.stack([b.scale_shift_table for b in model.blocks]),
+                                torch.float32)  # (depth, 6, D)
         self.final_table = self.cast(model.final_layer.scale_shift_table, torch.float32)  # (2, D)
         self.final = self.token_linear(model.final_layer.linear, rows)
         self._pos = {}  # (h, w) grid -> position table plus the patch bias, (T, D) in the residual dtype

@@ -168,6 +168,8 @@ class _Plan:
         sched = s.sched
         guided = s.use_cfg if guided is None else guided
         cfg_scale = s.cfg_scale if guided else None
+        # an unembed's permuted view (a 1 x 1 token grid, a family's reshape): the step reads rows
+        out = out.contiguous()
         if guided and self.momentum is not None:  # APG combines the halves; the step then runs unguided
             out = s.guider(out, self.momentum, s.cfg_scale, out=self.apg_out, backend=s.guider_backend)
             cfg_scale = None
@@ -361,15 +363,10 @@ class _Plan:
 
 def fused_denoiser(model: torch.nn.Module, dtype: torch.dtype, mlp_epilogue: str = "auto",
                    backend: str | None = None, quantize: str | None = None):
-    """The fused denoiser of a reference model's family."""
-    from . import FAMILIES
+    """The fused denoiser of a reference model's family (`ditengine.families`)."""
+    from .. import families
 
-    for model_type, denoiser in FAMILIES:
-        if isinstance(model, model_type):
-            return denoiser(model, dtype, mlp_epilogue, backend=backend, quantize=quantize)
-    names = ", ".join(t.__name__ for t, _ in FAMILIES)
-    raise TypeError(f"model: expected a ditengine reference model ({names}), got {type(model).__name__} "
-                    "(convert a diffusers transformer with ditengine.from_diffusers)")
+    return families.of_model(model).fast(model, dtype, mlp_epilogue, backend=backend, quantize=quantize)
 
 
 def shared_denoiser(denoiser: FusedDenoiser, model: torch.nn.Module, dtype: torch.dtype, backend: str | None,
@@ -442,7 +439,8 @@ class FastSampler:
             cache.check(len(sched))
         guided_steps(sched.timesteps.tolist(), cfg_interval)  # checks it
         if cache is not None and cfg_interval is not None:
-            raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
+            raise ValueError("cfg_interval: not supported with a step cache "
+                             "(its residuals are kept per CFG-doubled row)")
         self.cfg_interval = cfg_interval
         if cache_decision not in CACHE_DECISIONS:
             raise ValueError(f"cache_decision={cache_decision!r}: expected one of {CACHE_DECISIONS}")
@@ -450,6 +448,8 @@ class FastSampler:
         self.model, self.sched = model, sched
         self.fast = fused_denoiser(model, dtype, mlp_epilogue, backend, quantize) if denoiser is None else \
             shared_denoiser(denoiser, model, dtype, backend, quantize)
+        if cache is not None and self.fast.reuse_block is None:
+            raise ValueError(f"cache: {type(self.fast).__name__} has no reuse_block, so it offers no step caching")
         self.guided_channels = check_guided_channels(guided_channels, self.fast.latent_shape[0])
         check_guider(guider, self.fast.latent_shape)
         if guider is not None and guided_channels is not None:

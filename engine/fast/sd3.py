@@ -219,7 +219,8 @@ class FastSD3(FusedDenoiser):
         return torch.cat(parts, dim=1)
 
     def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
-        """Block 0's two K1s: the image rows with its image modulation (and the second), the text rows with its text one."""
+        """Block 0's two K1s: the image rows with its image modulation (and the second), the text rows with its
+        text one."""
         return self._norms(resid, ctx, self._next_mods(-1, mod))
 
     def _attention(self, qkv, q_norm, k_norm, split):

@@ -1,0 +1,127 @@
+"""What every accelerated pipeline shares, and `accelerate(pipe)`, which picks the wrapper of the pipeline's family
+from the registry. Each family's wrapper, the call of its transformer the reference loop makes, and its registry
+record are in this package's file of that family."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .. import families
+from ..checkpoints import from_diffusers
+from ..fast import DTYPES, FastSampler, fused_denoiser
+from ..fast.base import QUANTIZE
+from ..guidance import APG
+from ..sampling import sample
+from ..schedulers import from_diffusers as scheduler_from_diffusers
+
+log = logging.getLogger("ditengine")
+
+BACKENDS = ("fused", "reference")
+
+
+def release_weights(transformer: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Free a pipeline's transformer weights (and the reference model sharing them) once the fused denoiser holds
+    what it needs: every tensor moves to the meta device, so its memory goes wherever the fast path does not alias
+    it, and calling the transformer raises a clear error instead of computing on nothing."""
+    def refuse(module, args, kwargs):
+        raise RuntimeError(f"{type(module).__name__}: its weights were released by ditengine.accelerate(..., "
+                           "release_transformer=True); call the accelerated pipeline, or reload the transformer")
+
+    transformer.register_forward_pre_hook(refuse, with_kwargs=True)
+    transformer.to("meta")
+    model.to("meta")
+
+
+
+
+class Accelerated:
+    """What every accelerated pipeline shares: the model (sharing the pipeline transformer's tensors), its fused
+    denoiser built once (one derived copy of the weights, shared by the samplers of every step count and guidance
+    scale), scheduler conversion and the loop."""
+
+    def __init__(self, pipe, dtype: torch.dtype | None, cuda_graph: str | None, backend: str,
+                 quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
+        if quantize is not None and backend != "fused":
+            raise ValueError(f"quantize={quantize!r} needs backend='fused'")
+        if cuda_graph not in (None, "step", "loop"):
+            raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
+        if dtype is not None and dtype not in DTYPES:
+            raise TypeError(f"dtype: expected None or one of {[str(d) for d in DTYPES]}, got {dtype!r}")
+        if release_transformer and backend != "fused":
+            raise ValueError("release_transformer=True needs backend='fused' (the reference loop runs the "
+                             "transformer's own weights)")
+        self.pipe, self.backend, self.cuda_graph = pipe, backend, cuda_graph
+        self.quantize, self.cfg_interval = quantize, cfg_interval
+        self.device = pipe._execution_device
+        self.model = from_diffusers(pipe.transformer).to(self.device).eval()  # shares the transformer's tensors
+        own = pipe.transformer.dtype
+        self.dtype = dtype or (own if own != torch.float32 else
+                               torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.fast = None
+        if backend == "reference":
+            self.model = self.model.to(self.dtype)  # a copy only when the pipeline runs another dtype
+        else:
+            self.fast = fused_denoiser(self.model, self.dtype, quantize=quantize)
+        self._samplers: dict[tuple, FastSampler] = {}
+        if release_transformer:
+            release_weights(pipe.transformer, self.model)
+
+    def scheduler(self, num_inference_steps: int, **overrides):
+        return scheduler_from_diffusers(self.pipe.scheduler, num_inference_steps, **overrides)
+
+    def denoise(self, noise: torch.Tensor, num_inference_steps: int, guidance_scale: float, generator,
+                scheduler_overrides: dict, *conditioning, cfg_interval: tuple | None = None,
+                guider: APG | None = None, **named) -> torch.Tensor:
+        """The loop on `noise` (unscaled N(0, I) draws), on the chosen backend; fp32 latents. `cfg_interval`
+        (default: the wrapper's) and the `guider` are the call's when its pipeline takes them per call."""
+        cfg_interval = cfg_interval or self.cfg_interval
+        if self.backend == "reference":
+            sched = self.scheduler(num_inference_steps, **scheduler_overrides)
+            return sample(self.model, sched, noise.float(), *conditioning, cfg_scale=guidance_scale,
+                          generator=generator, progress=False, cfg_interval=cfg_interval, guider=guider, **named)
+        key = (num_inference_steps, guidance_scale, tuple(sorted(scheduler_overrides.items())), cfg_interval, guider)
+        if key not in self._samplers:
+            sched = self.scheduler(num_inference_steps, **scheduler_overrides)
+            self._samplers[key] = FastSampler(self.model, sched, cfg_scale=guidance_scale, dtype=self.dtype,
+                                              cuda_graph=self.cuda_graph, quantize=self.quantize,
+                                              cfg_interval=cfg_interval, guider=guider, denoiser=self.fast)
+        return self._samplers[key](noise.float(), *conditioning, generator=generator, **named)
+
+
+def refuse_unsupported(generator, **unsupported) -> None:
+    """The MMDiT pipelines' arguments the accelerated loop does not take: a ValueError naming the first one given,
+    or a list of generators."""
+    for name, value in unsupported.items():
+        if value is not None:
+            raise ValueError(f"{name}: not supported by the accelerated pipeline; call the pipeline itself for it")
+    if isinstance(generator, list):
+        raise ValueError("generator: pass one torch.Generator (a list per image is not supported)")
+
+
+def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = "loop", backend: str = "fused",
+               quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False):
+    """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
+    `FluxPipeline`, `StableDiffusion3Pipeline`) so that its denoising loop runs in ditengine; called exactly like
+    the pipeline, which itself is unchanged.
+
+    `dtype`: the compute dtype (default: the transformer's when it is bf16 or fp16; for an fp32 transformer bf16 on
+    CUDA, fp32 on a CPU); `backend`: "fused" or "reference"; `quantize` ("int8", "fp8") and `cfg_interval` as in
+    `FastSampler` (ACE-Step takes its interval per call, as its pipeline does: `cfg_interval_start` /
+    `cfg_interval_end`). Every argument is checked here, not at the first call.
+
+    Memory: the wrapper's model shares the transformer's tensors, and the fused path holds one derived copy of each
+    weight at most (none on CUDA in the transformer's own dtype, except the concatenations q|k|v), built here once.
+    `release_transformer=True` then frees the pipeline's own transformer weights (moved to the meta device) when only
+    the accelerated pipeline will be called; calling the original pipeline afterwards raises a RuntimeError."""
+    name = type(pipe).__name__
+    found = families.of_pipeline(name)
+    if found is None:
+        served = [p for f in families.families() for p in f.pipelines]
+        raise TypeError(f"accelerate: expected a diffusers {', '.join(served)}, got {name}")
+    return found[1](pipe, dtype=dtype, cuda_graph=cuda_graph, backend=backend, quantize=quantize,
+                            cfg_interval=cfg_interval, release_transformer=release_transformer)

@@ -1,0 +1,131 @@
+"""Flux.1 (dev, schnell): `FluxPipeline` accelerated, the reference loop's call of the model (as FluxPipeline calls
+its transformer: 2x2 packed latents, t / 1000), and the family record (diffusers and BFL checkpoints)."""
+from __future__ import annotations
+
+import torch
+
+from .. import families
+from ..fast.flux import FastFlux, check_inputs
+from ..models import flux
+from ..models.flux import Flux, FluxConfig
+from ..sampling import Forward, doubled
+from .base import Accelerated, refuse_unsupported
+
+
+def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
+    """`model` (the reference spec `spec`, or diffusers' transformer with its weights) called as FluxPipeline calls it:
+    the loop's (B, 16, H, W) latents packed into 2x2 patches, t / 1000
+    in the latents' dtype, the guidance for dev, the negative prompt as the unconditional half (true CFG)."""
+    cond = check_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
+    dtype = next(model.parameters()).dtype
+    text = doubled(cond["prompt_embeds"], cond.get("negative_prompt_embeds"), use_cfg).to(dtype)
+    pooled = doubled(cond["pooled_prompt_embeds"], cond.get("negative_pooled_prompt_embeds"), use_cfg).to(dtype)
+    guidance = cond["guidance"]
+    guidance = None if guidance is None else doubled(guidance, guidance, use_cfg)
+
+    def forward(x_in, t, step):
+        n, C, H, W = x_in.shape
+        packed = x_in.view(n, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 4 * C)
+        out = model(packed, encoder_hidden_states=text[:n], pooled_projections=pooled[:n],
+                    timestep=t.to(dtype) / 1000, img_ids=cond["img_ids"], txt_ids=cond["txt_ids"],
+                    guidance=None if guidance is None else guidance[:n], return_dict=False)[0]
+        C_out = out.shape[-1] // 4
+        return out.view(n, H // 2, W // 2, C_out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C_out, H, W)
+
+    return forward
+
+class AcceleratedFluxPipeline(Accelerated):
+    """Called like `FluxPipeline` (Flux.1 dev or schnell), returning what it returns; the denoising loop runs in
+    ditengine.
+
+    The prompts go through the pipeline's own `encode_prompt` (T5 and CLIP, or the `prompt_embeds` and
+    `pooled_prompt_embeds` you pass: a pipeline without text encoders works with embeddings), once per call; the
+    latents are drawn and packed as the pipeline does, its resolution-dependent shift mu computed as it does,
+    and the image decoded by its VAE. dev embeds `guidance_scale` (no CFG batch); "true CFG" (a negative prompt
+    with `true_cfg_scale > 1`) runs [prompt; negative] rows. In fp32 the latents equal the pipeline's within 1e-4
+    relative. IP-Adapter inputs, `joint_attention_kwargs`, step callbacks and a list of generators raise a
+    ValueError.
+    """
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 3.5,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
+                 negative_ip_adapter_image_embeds=None, negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
+                 return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift
+
+        pipe = self.pipe
+        refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
+                            ip_adapter_image_embeds=ip_adapter_image_embeds,
+                            negative_ip_adapter_image=negative_ip_adapter_image,
+                            negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
+                            joint_attention_kwargs=joint_attention_kwargs or None,
+                            callback_on_step_end=callback_on_step_end)
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
+                                                       and negative_pooled_prompt_embeds is not None)
+        true_cfg = true_cfg_scale > 1 and has_negative
+        encode = dict(device=self.device, num_images_per_prompt=num_images_per_prompt,
+                      max_sequence_length=max_sequence_length)
+        prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            **encode)
+        named = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, txt_ids=text_ids)
+        if true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, _ = pipe.encode_prompt(
+                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
+            named.update(negative_prompt_embeds=negative_prompt_embeds,
+                         negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
+        rows, C = batch * num_images_per_prompt, pipe.transformer.config.in_channels // 4
+        packed, image_ids = pipe.prepare_latents(rows, C, height, width, prompt_embeds.dtype, self.device, generator,
+                                                 latents)
+        named["img_ids"] = image_ids
+        h, w = 2 * (int(height) // (pipe.vae_scale_factor * 2)), 2 * (int(width) // (pipe.vae_scale_factor * 2))
+        noise = packed.view(rows, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(rows, C, h, w)
+        if pipe.transformer.config.guidance_embeds:
+            named["guidance"] = guidance_scale
+        config = pipe.scheduler.config
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        mu = calculate_shift(packed.shape[1], config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        out = self.denoise(noise, len(sigmas), true_cfg_scale if true_cfg else 1.0, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, **named)
+        out = out.to(prompt_embeds.dtype)
+        latents = out.view(rows, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(rows, -1, 4 * C)
+        if output_type == "latent":
+            image = latents
+        else:
+            unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+            unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.image_processor.postprocess(pipe.vae.decode(unpacked, return_dict=False)[0],
+                                                     output_type=output_type)
+        pipe.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
+
+
+families.register(families.Family(
+    name="flux", spec=Flux, config=FluxConfig, fast=FastFlux, forward=flux_forward,
+    channels=lambda cfg: cfg.in_channels // 4,
+    depth=lambda model: model.config.num_layers + model.config.num_single_layers,
+    diffusers_class="FluxTransformer2DModel", from_diffusers=flux.from_diffusers, recognises=flux.is_flux_state_dict,
+    load=lambda state, dconfig, options: flux.load_state_dict(state, {**dconfig, **options.get("overrides", {})}),
+    pipelines={"FluxPipeline": AcceleratedFluxPipeline},
+    bench=(lambda name: name.lower().replace("_", "-").startswith("flux"), "ditengine.bench.flux:flux_setup"),
+    bench_defaults={"cfg_scale": 1.0}))
