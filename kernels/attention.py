@@ -160,6 +160,32 @@ def head_blocks(head_dim: int, head_split: bool = True) -> tuple[int, int]:
     return d1, max(16, 1 << (head_dim - d1 - 1).bit_length())  # tl.dot needs K >= 16
 
 
+def head_dim_fits(head_dim: int) -> bool:
+    """The attention kernels' one head-dim rule: a multiple of 8 from MIN_HEAD_DIM to MAX_HEAD_DIM."""
+    return MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM and head_dim % 8 == 0
+
+
+def check_head_dim(head_dim: int, note: str = "") -> None:
+    if not head_dim_fits(head_dim):
+        raise ValueError(f"head dim {head_dim} is not supported: expected a multiple of 8 from {MIN_HEAD_DIM} to "
+                         f"{MAX_HEAD_DIM}{note}")
+
+
+def prelude(op: str, device: torch.device, backend: str | None, head_dim: int, softmax_scale: float | None,
+            config: dict | None) -> tuple[str, float]:
+    """What every attention op does before its kernel: the softmax scale (1/sqrt(Dh) unless given), the
+    implementation for `device` and `backend` (`_backend.route`), and a launch `config` checked, which only the
+    Triton kernel takes. Returns (how, scale)."""
+    scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    how = route(op, device, backend)
+    if config is not None:
+        if backend != "triton":
+            raise ValueError(f"config: only the Triton kernel takes a launch config; pass backend='triton', got "
+                             f"backend={backend!r}")
+        check_config(config)
+    return how, scale
+
+
 def check_config(config: dict) -> dict:
     """A launch config for the Triton kernel: BLOCK_M and BLOCK_N powers of two >= 16 (tl.dot's minimum),
     num_warps and num_stages positive; returns it."""
@@ -254,18 +280,10 @@ def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | 
             raise ValueError(f"k: batch, head count and head dim must match q {tuple(q.shape)}, got {tuple(k.shape)}")
         tokens_first = False
     Dh = q.shape[-1]
-    if not (MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM and Dh % 8 == 0):
-        raise ValueError(f"head dim {Dh} is not supported: expected a multiple of 8 from {MIN_HEAD_DIM} to "
-                         f"{MAX_HEAD_DIM}")
+    check_head_dim(Dh)
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"attention: sequence length must be at least 1, got q {q.shape[2]}, k {k.shape[2]}")
-    scale = Dh**-0.5 if softmax_scale is None else float(softmax_scale)
-    how = route("attention", q.device, backend)
-    if config is not None:
-        if backend != "triton":
-            raise ValueError(f"config: only the Triton kernel takes a launch config; pass backend='triton', got "
-                             f"backend={backend!r}")
-        check_config(config)
+    how, scale = prelude("attention", q.device, backend, Dh, softmax_scale, config)
     if how.startswith("reference"):
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # (B, H, T, Dh)
         return out.transpose(1, 2).contiguous() if tokens_first else out.contiguous()

@@ -30,10 +30,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import route, tl, triton, use_triton
+from ._backend import tl, triton, use_triton
 from ._checks import check_tensor
-from .attention import (MAX_HEAD_DIM, MIN_HEAD_DIM, _autotune_configs, attention_tile, check_config, head_blocks,
-                        launch_tiles)
+from .attention import _autotune_configs, attention_tile, check_head_dim, head_blocks, launch_tiles, prelude
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -142,21 +141,13 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, *,
     check_tensor("kv_lens", kv_lens, shape=(B,), dtypes=(torch.int32, torch.int64), device=q.device,
                  last_dim_contiguous=False, layout="(B,): valid keys per row")
     L = kv.shape[1]
-    if not (MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM and Dh % 8 == 0):
-        raise ValueError(f"head dim {Dh} is not supported: expected a multiple of 8 from {MIN_HEAD_DIM} to "
-                         f"{MAX_HEAD_DIM} (cross_attention_ref takes any)")
+    check_head_dim(Dh, " (cross_attention_ref takes any)")
     if Tq == 0 or L == 0:
         raise ValueError(f"cross_attention: sequence lengths must be at least 1, got q {Tq}, kv {L}")
     if q.device.type == "cpu" and B and (int(kv_lens.min()) < 1 or int(kv_lens.max()) > L):
         raise ValueError(f"kv_lens: expected values in [1, {L}] (the valid keys of each row), got "
                          f"[{int(kv_lens.min())}, {int(kv_lens.max())}]")
-    scale = Dh**-0.5 if softmax_scale is None else float(softmax_scale)
-    how = route("cross_attention", q.device, backend)
-    if config is not None:
-        if backend != "triton":
-            raise ValueError(f"config: only the Triton kernel takes a launch config; pass backend='triton', got "
-                             f"backend={backend!r}")
-        check_config(config)
+    how, scale = prelude("cross_attention", q.device, backend, Dh, softmax_scale, config)
     if how.startswith("reference"):
         return cross_attention_ref(q, kv, kv_lens, scale)
     # The interpreter: the dispatcher's CPU slot may belong to the native kernel. A config: the op has none.

@@ -55,9 +55,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import route, tl, triton, use_triton
+from ._backend import tl, triton, use_triton
 from ._checks import FLOAT_DTYPES, check_tensor
-from .attention import MAX_HEAD_DIM, MIN_HEAD_DIM, _autotune_configs, check_config, head_blocks, launch_tiles
+from .attention import _autotune_configs, check_head_dim, head_blocks, launch_tiles, prelude
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -345,9 +345,7 @@ def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split):
     if HKV == 0 or HQ % HKV:
         raise ValueError(f"k: q's {HQ} heads must be a multiple of k's {HKV} heads (GQA: q head h reads kv head "
                          f"h // (Hq // Hkv))")
-    if not (MIN_HEAD_DIM <= Dh <= MAX_HEAD_DIM and Dh % 8 == 0):
-        raise ValueError(f"head dim {Dh} is not supported: expected a multiple of 8 from {MIN_HEAD_DIM} to "
-                         f"{MAX_HEAD_DIM} (gqa_attention_ref takes any)")
+    check_head_dim(Dh, " (gqa_attention_ref takes any)")
     if T == 0 or S == 0:
         raise ValueError(f"gqa_attention: sequence lengths must be at least 1, got q {T}, k {S}")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
@@ -416,13 +414,7 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_norm: 
     """
     cos, sin = _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split)
     eps = float(eps)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    how = route("gqa_attention", q.device, backend)
-    if config is not None:
-        if backend != "triton":
-            raise ValueError(f"config: only the Triton kernel takes a launch config; pass backend='triton', got "
-                             f"backend={backend!r}")
-        check_config(config)
+    how, scale = prelude("gqa_attention", q.device, backend, q.shape[-1], scale, config)
     if how.startswith("reference"):
         return gqa_attention_ref(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=eps, rope=rope,
                                  rope_interleaved=rope_interleaved, window=window, scale=scale, norm_split=norm_split)

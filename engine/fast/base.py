@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ditengine.kernels import (choose, fp8_supported, linear, linear_fp8, linear_gelu, linear_int8, linear_swiglu,
                                prepack_fp8, prepack_int8, prepack_linear, prepack_swiglu, swiglu)
+from ditengine.kernels.attention import head_dim_fits
 
 from ..models.dit import timestep_embedding
 
@@ -250,7 +251,7 @@ class FusedDenoiser(ABC):
     def gqa_attention_fits(self, head_dim: int) -> bool:
         """Whether `gqa_attention`'s kernels take this head dim (a multiple of 8 in 16..256), its implementation
         chosen now; if not, the family's attention runs the PyTorch reference, logged."""
-        if 16 <= head_dim <= 256 and head_dim % 8 == 0:
+        if head_dim_fits(head_dim):
             choose("gqa_attention", self.device, self.backend)
             return True
         _log_reference_attention(type(self).__name__, head_dim)

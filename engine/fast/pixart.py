@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from ditengine.kernels import (adaln_modulate, attention, choose, cross_attention, cross_attention_ref,
                                gated_residual_adaln)
 
+from ditengine.kernels.attention import head_dim_fits
+
 from ..inputs import check_patch_grid_noise
 from ..models.pixart import PixArt, pixart_pos_embed
 from .base import FusedDenoiser, StackedLinear
@@ -75,7 +77,7 @@ class FastPixArt(FusedDenoiser):
         super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D = cfg.hidden_size
-        self.small_heads = cfg.head_dim < 16 or cfg.head_dim % 8  # e.g. diffusers' test config (head dim 2)
+        self.small_heads = not head_dim_fits(cfg.head_dim)  # e.g. diffusers' test config (head dim 2)
         if self.small_heads:
             _log_reference_attention(cfg.head_dim)
         else:

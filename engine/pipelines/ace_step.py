@@ -10,7 +10,7 @@ import torch
 from .. import families
 from ..fast.ace_step import FastAceStep, check_inputs
 from ..guidance import APG
-from ..models import ace_step
+from ..models import ace_step_checkpoints as ace_step
 from ..models.ace_step import AceStep, AceStepConfig
 from ..sampling import doubled
 from .base import Accelerated

@@ -6,7 +6,7 @@ import torch
 
 from .. import families
 from ..fast.flux import FastFlux, check_inputs
-from ..models import flux
+from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
 from ..sampling import Forward, doubled
 from .base import Accelerated, refuse_unsupported

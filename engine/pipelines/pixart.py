@@ -8,7 +8,7 @@ import torch
 from .. import families
 from ..fast.pixart import FastPixArt
 from ..inputs import check_patch_grid_noise
-from ..models import pixart
+from ..models import pixart_checkpoints as pixart
 from ..models.pixart import PixArt, PixArtConfig
 from ..sampling import doubled
 from ..schedulers import DDIM

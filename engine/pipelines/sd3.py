@@ -6,7 +6,7 @@ import torch
 
 from .. import families
 from ..fast.sd3 import FastSD3, check_inputs
-from ..models import sd3
+from ..models import sd3_checkpoints as sd3
 from ..models.sd3 import SD3, SD3Config
 from ..sampling import Forward, doubled
 from .base import Accelerated, refuse_unsupported
