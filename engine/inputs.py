@@ -60,7 +60,8 @@ def check_noise_values(noise: torch.Tensor, device: torch.device) -> None:
     and finite values (one host sync before the loop: a NaN or Inf would silently become a NaN sample)."""
     if not noise.dtype.is_floating_point:
         raise TypeError(f"noise: expected a floating-point tensor, got {noise.dtype}")
-    if device != noise.device:
+    device = torch.device(device)
+    if noise.device.type != device.type or device.index is not None and noise.device.index != device.index:
         raise ValueError(f"noise: on {noise.device}, expected the model's device {device}")
     if noise.numel() and not bool(torch.isfinite(noise).all()):
         raise ValueError(f"noise: contains {int((~torch.isfinite(noise)).sum())} NaN or Inf values; expected "

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
+from ..inputs import check_noise_values
 from ..models.ace_step import AceStep, rope_tables
 from .base import FusedDenoiser, StackedLinear
 
@@ -50,6 +51,7 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, encoder_hidden
     """The conditioning of an ACE-Step call, checked: noise (B, C, T) and context latents (B, C_ctx, T)
     channels-first, the packed condition (B, L, C_enc), and with guidance the null condition like it."""
     check_sequence("noise", noise, cfg.audio_acoustic_hidden_dim, None, None, device)
+    check_noise_values(noise, torch.device(device))
     B, _, T = noise.shape
     check_sequence("context_latents", context_latents, cfg.context_channels, B, T, device)
     named = [("encoder_hidden_states", encoder_hidden_states)]

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
 
-from ..inputs import check_prompt_embeds
+from ..inputs import check_noise_values, check_prompt_embeds
 from ..models.flux import Flux, rope_tables
 from .base import FusedDenoiser, StackedLinear
 
@@ -53,8 +53,7 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=
             or noise.shape[3] % 2:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
         raise ValueError(f"noise: expected VAE latents (B, {C}, H, W) with H and W even (2x2 patches), got {shape}")
-    if noise.device.type != torch.device(device).type:
-        raise ValueError(f"noise: on {noise.device}, expected {device} like the model")
+    check_noise_values(noise, torch.device(device))
     B, _, H, W = noise.shape
     cond = check_prompt_embeds(B, "T5", cfg.joint_attention_dim, cfg.pooled_projection_dim, use_cfg, prompt_embeds,
                                pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
