@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpu.h"
+#include "checks.h"
 #include "registration.h"
 
 namespace ditengine {
@@ -260,17 +261,6 @@ void run(const AdalnParams& p, bool rms, int64_t rows) {
 }
 
 // -- argument checks: every failure names the op, the argument and what was expected -------------------------
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-void check_float_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.defined(), op, ": ", name, ": expected a tensor, got None");
-  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, ": expected a CPU tensor, got one on ", t.device());
-  TORCH_CHECK_TYPE(is_float(t.scalar_type()), op, ": ", name, ": expected dtype float32, float16 or bfloat16, got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, op, ": ", name,
-                    ": the last dimension must be contiguous (stride 1), got strides ", t.strides());
-}
-
 Strided activation(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape) {
   check_float_cpu(op, name, t);
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, ": expected shape ", shape, " (B, T, D), got ", t.sizes());

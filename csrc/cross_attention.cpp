@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "checks.h"
 #include "registration.h"
 #include "softmax_rows.h"
 
@@ -36,10 +37,6 @@ namespace ditengine {
 namespace {
 
 constexpr const char* OP = "ditengine::cross_attention";
-
-void check_cpu(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), OP, " (CPU kernel): ", name, " must be a CPU tensor, got ", t.device());
-}
 
 at::Tensor cross_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kv_lens,
                                double softmax_scale) {
@@ -51,9 +48,9 @@ at::Tensor cross_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const 
                     "), got shape ", kv.sizes());
   TORCH_CHECK_VALUE(kv_lens.dim() == 1 && kv_lens.size(0) == B, OP, ": kv_lens must be (B,) = (", B,
                     ",), got shape ", kv_lens.sizes());
-  check_cpu("q", q);
-  check_cpu("kv", kv);
-  check_cpu("kv_lens", kv_lens);
+  check_cpu(OP, "q", q);
+  check_cpu(OP, "kv", kv);
+  check_cpu(OP, "kv_lens", kv_lens);
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble, OP,
                    ": q must be float32, bfloat16, float16 or float64, got ", dtype);

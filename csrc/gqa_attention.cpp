@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "checks.h"
 #include "registration.h"
 #include "softmax_rows.h"
 
@@ -296,17 +297,13 @@ void gqa_tiles(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, con
   });
 }
 
-void check_cpu(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), OP, " (CPU kernel): ", name, " must be a CPU tensor, got ", t.device());
-}
-
 // An fp32 contiguous copy of an RMSNorm weight (Dh,) or per-stream weights (2, Dh), checked; undefined when absent.
 at::Tensor norm_weight(const char* name, const std::optional<at::Tensor>& w, int64_t Dh) {
   if (!w.has_value()) return {};
   TORCH_CHECK_VALUE((w->dim() == 1 && w->size(0) == Dh) || (w->dim() == 2 && w->size(0) == 2 && w->size(1) == Dh),
                     OP, ": ", name, " must be the (Dh,) = (", Dh, ",) RMSNorm weight, got shape ", w->sizes(),
                     " (per-stream weights: (2, Dh) = (2, ", Dh, "))");
-  check_cpu(name, *w);
+  check_cpu(OP, name, *w);
   TORCH_CHECK_TYPE(at::isFloatingType(w->scalar_type()), OP, ": ", name, " must be a floating-point tensor, got ",
                    w->scalar_type());
   return w->to(at::kFloat).contiguous();
@@ -315,7 +312,7 @@ at::Tensor norm_weight(const char* name, const std::optional<at::Tensor>& w, int
 void check_rope_table(const char* name, const at::Tensor& t, int64_t T, int64_t Dh) {
   TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == T && t.size(1) == Dh, OP, ": rope ", name,
                     " must be (T, Dh) = (", T, ", ", Dh, "), got shape ", t.sizes());
-  check_cpu(name, t);
+  check_cpu(OP, name, t);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, OP, ": rope ", name, " must be float32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(Dh <= 1 || t.stride(1) == 1, OP, ": rope ", name,
                     ": the last dimension must be contiguous, got strides ", t.strides());
@@ -335,9 +332,9 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), OP, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
   const int64_t S = k.size(1), HKV = k.size(2);
   TORCH_CHECK_VALUE(HKV > 0 && HQ % HKV == 0, OP, ": q's ", HQ, " heads must be a multiple of k's ", HKV, " heads");
-  check_cpu("q", q);
-  check_cpu("k", k);
-  check_cpu("v", v);
+  check_cpu(OP, "q", q);
+  check_cpu(OP, "k", k);
+  check_cpu(OP, "v", v);
   const auto dtype = q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, OP,
                    ": q must be float32, bfloat16 or float16, got ", dtype);

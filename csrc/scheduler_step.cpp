@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "cpu.h"
+#include "checks.h"
 #include "registration.h"
 
 namespace ditengine {
@@ -149,7 +150,6 @@ void step_planes_baseline(const StepParams& p, int64_t b, int64_t e, float* s) {
 // -- argument checks: every failure names the op, the argument and what was expected -------------------------
 constexpr const char* kOp = "ditengine::scheduler_step";
 
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 
 void check(const char* name, const at::Tensor& t, bool any_float, at::IntArrayRef shape = {}) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got one on ", t.device());
