@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine.bench.cli import sqnr_db
+from ditengine.bench.metrics import sqnr_db
 from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.fast import FastAceStep
 from ditengine.models.ace_step import AceStep, AceStepConfig
 
-from diffusers_models import randomize
-from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
+from support.diffusers_models import randomize
+from support.tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
 
 S = de.schedulers
 C, C_CTX, L = 8, 16, 7

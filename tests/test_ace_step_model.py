@@ -5,7 +5,7 @@ import torch
 import ditengine as de
 from ditengine.models.ace_step import AceStep, AceStepConfig, convert_original_state_dict, load_state_dict
 
-from diffusers_models import randomize
+from support.diffusers_models import randomize
 
 diffusers = pytest.importorskip("diffusers")
 

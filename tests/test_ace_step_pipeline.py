@@ -5,7 +5,7 @@ import torch
 
 import ditengine as de
 
-from ace_step_pipeline import duration_for, tiny_ace_step_pipeline
+from support.ace_step_pipeline import duration_for, tiny_ace_step_pipeline
 
 PROMPT = "A calm piano piece with soft strings"
 LYRICS = "[verse]\nSoft notes in the morning light\n[chorus]\nMusic fills the air"

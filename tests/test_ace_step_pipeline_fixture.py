@@ -1,8 +1,9 @@
-"""The tiny offline ACE-Step 1.5 pipeline of tests/ace_step_pipeline.py runs end to end, turbo and base."""
+"""The tiny offline ACE-Step 1.5 pipeline of tests/support/ace_step_pipeline.py runs end to end, turbo and base."""
 import pytest
 import torch
 
-from ace_step_pipeline import END_OF_TEXT, duration_for, latents_per_second, tiny_ace_step_pipeline, tiny_tokenizer
+from support.ace_step_pipeline import (END_OF_TEXT, duration_for, latents_per_second, tiny_ace_step_pipeline,
+                                       tiny_tokenizer)
 
 PROMPT = "A calm piano piece with soft strings and a slow build"
 LYRICS = "[verse]\nSoft notes in the morning light\n[chorus]\nMusic fills the air tonight"

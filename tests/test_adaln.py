@@ -4,9 +4,9 @@ import torch.nn.functional as F
 
 from ditengine.kernels import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref)
 
-from native_helpers import (isa_runner, needs_native, requires_native, skip_unless_cpu_runs,
+from support.native_helpers import (isa_runner, needs_native, requires_native, skip_unless_cpu_runs,
                             triton_cpu)
-from tolerance import assert_within_tolerance, fp32_floor
+from support.tolerance import assert_within_tolerance, fp32_floor
 
 
 # (B, T, D): DiT widths (384, 768, 1024, 1152), odd widths (59, 341), T = 1, 97, 256, B = 1 and 3;

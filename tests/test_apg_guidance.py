@@ -5,8 +5,8 @@ import torch
 
 from ditengine.kernels import apg_guidance, apg_guidance_ref
 
-from native_helpers import triton_cpu
-from tolerance import assert_within_tolerance, fp32_floor
+from support.native_helpers import triton_cpu
+from support.tolerance import assert_within_tolerance, fp32_floor
 
 # ACE-Step 1.5's latent: 64 channels, up to 7500 frames (25 Hz, 300 s).
 ACE_C = 64
@@ -294,7 +294,7 @@ def test_gpu_runs_in_a_captured_graph():
 def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
     """ptxas from Triton's wheel (as bench/sm90.py does for the other kernels): the float64 reductions and the
     clamp compile for sm_90 at the launch's block sizes, nothing spilled."""
-    from native_helpers import run_python
+    from support.native_helpers import run_python
 
     out = run_python("""
         import json

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from ditengine.kernels import attention, attention_ref
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS, CONFIG_KEYS, head_blocks
 
-from native_helpers import needs_native, triton_cpu
-from tolerance import assert_within_tolerance, fp32_floor
+from support.native_helpers import needs_native, triton_cpu
+from support.tolerance import assert_within_tolerance, fp32_floor
 
 attn = importlib.import_module("ditengine.kernels.attention")  # the module; the package exports the function
 

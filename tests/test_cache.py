@@ -10,7 +10,7 @@ from ditengine.fast import FastDiT, FastSampler, decision_mode
 from ditengine.graphs import conditional_capture_supported
 
 from test_fast import gpu_dit
-from tolerance import assert_fp32_run_within_tolerance
+from support.tolerance import assert_fp32_run_within_tolerance
 
 S = de.schedulers
 SCHEDULERS = [lambda: S.DDIM(6, eta=0.5), lambda: S.DDPM(6, variance_type="learned_range"),

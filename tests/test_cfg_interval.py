@@ -11,7 +11,7 @@ from ditengine.inputs import guided_steps
 
 from test_fast import draw, gpu_dit, model_for
 from test_pixart import conditioning, noise as pixart_noise, pixart
-from tolerance import assert_fp32_run_within_tolerance
+from support.tolerance import assert_fp32_run_within_tolerance
 
 S = de.schedulers
 

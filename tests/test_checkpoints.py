@@ -3,7 +3,7 @@ import torch
 
 import ditengine as de
 
-from diffusers_models import inputs, tied_diffusers_dit
+from support.diffusers_models import inputs, tied_diffusers_dit
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from ditengine import families
 from ditengine.bench.metrics import sqnr_db
 from ditengine.cache import StaticCache
 
-from tolerance import assert_fp32_run_within_tolerance
+from support.tolerance import assert_fp32_run_within_tolerance
 
 
 def dit_case():

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from ditengine.kernels import choose, cross_attention, cross_attention_ref, interpreting
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS
 
-from native_helpers import needs_native, run_python, triton_cpu
-from tolerance import assert_within_tolerance, fp32_floor
+from support.native_helpers import needs_native, run_python, triton_cpu
+from support.tolerance import assert_within_tolerance, fp32_floor
 
 xattn = importlib.import_module("ditengine.kernels.cross_attention")  # the module; the package exports the function
 

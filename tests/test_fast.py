@@ -5,7 +5,7 @@ import ditengine as de
 from ditengine.fast import FastDiT, FastSampler
 
 from test_scheduler_step import IDS, SCHEDULERS
-from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
+from support.tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
 
 
 def model_for(name, seed=0, **overrides):
@@ -214,7 +214,7 @@ def test_gpu_graph_paths_equal_eager_bitwise(make):
 
 def test_accelerate_matches_the_diffusers_pipeline(reference_ops):
     diffusers = pytest.importorskip("diffusers")
-    from diffusers_models import tied_diffusers_dit
+    from support.diffusers_models import tied_diffusers_dit
 
     transformer = tied_diffusers_dit(num_classes=1000)  # DiTPipeline's null label is 1000
     vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,

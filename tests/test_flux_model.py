@@ -6,7 +6,7 @@ from ditengine.models.loading import read_state
 from ditengine.models.flux import (Flux, FluxConfig, convert_original_state_dict, from_diffusers, infer_config,
                                    is_flux_state_dict, is_original_state_dict, load_state_dict)
 
-from diffusers_models import randomize
+from support.diffusers_models import randomize
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -5,7 +5,7 @@ import pytest
 
 import ditengine as de
 
-from diffusers_models import POOLED, TEXT, call_pipeline, randomize, rel_err, text_embeddings, tiny_vae
+from support.diffusers_models import POOLED, TEXT, call_pipeline, randomize, rel_err, text_embeddings, tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -18,8 +18,8 @@ import torch
 from ditengine.kernels import choose, gqa_attention, gqa_attention_ref, interpreting
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS
 
-from native_helpers import isa_runner, needs_native, run_python, skip_unless_cpu_runs, triton_cpu
-from tolerance import assert_within_tolerance, fp32_floor
+from support.native_helpers import isa_runner, needs_native, run_python, skip_unless_cpu_runs, triton_cpu
+from support.tolerance import assert_within_tolerance, fp32_floor
 
 gqa = importlib.import_module("ditengine.kernels.gqa_attention")  # the module; the package exports the function
 

@@ -6,8 +6,8 @@ import torch
 
 from ditengine.kernels import linear, linear_gelu, linear_gelu_ref, prepack_linear
 
-from native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
-from tolerance import assert_within_tolerance, fp32_floor
+from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
+from support.tolerance import assert_within_tolerance, fp32_floor
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 native = needs_native("linear_gelu")

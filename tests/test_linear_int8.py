@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from ditengine.kernels import linear_int8, prepack_int8
 from ditengine.kernels.linear_int8 import QMAX, _linear_int8_torch, error_bound, quantize_rows
 
-from native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
+from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 
 native = needs_native("linear_int8")
 GELU_SLOPE = 1.13  # the largest |d/dy gelu_tanh(y)|: the GELU widens an input error by at most this

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from ditengine.kernels import (PackedSwiGLU, linear_swiglu, linear_swiglu_ref, prepack_swiglu, swiglu,
                                swiglu_ref)
 
-from native_helpers import isa_runner, needs_native, skip_unless_cpu_runs, triton_cpu
-from tolerance import assert_within_tolerance, fp32_floor
+from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs, triton_cpu
+from support.tolerance import assert_within_tolerance, fp32_floor
 
 ls = importlib.import_module("ditengine.kernels.linear_swiglu")  # the module; the package exports the function
 native = needs_native("linear_swiglu")
@@ -427,7 +427,7 @@ def test_triton_epilogue_compiles_for_the_h100_without_a_gpu():
     F = 6144 in bf16 and fp32 compiles for sm_90, nothing spilled."""
     import json
 
-    from native_helpers import run_python
+    from support.native_helpers import run_python
 
     out = run_python("""
         import json

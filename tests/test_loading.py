@@ -19,7 +19,7 @@ FUSED = {"dit": ("attn.qkv.",), "pixart": ("attn.qkv.", "cross_attn.kv_linear.")
 def family(name: str):  # noqa: C901 (one branch per family)
     """(a random fp32 diffusers transformer, run(model) -> its output on fixed inputs, for theirs and ours)."""
     if name == "dit":
-        from diffusers_models import inputs, tied_diffusers_dit
+        from support.diffusers_models import inputs, tied_diffusers_dit
 
         x, t, y = inputs()
 
@@ -27,7 +27,7 @@ def family(name: str):  # noqa: C901 (one branch per family)
             out = m(x.to(dtype_of(m)), t, y)
             return out.sample if hasattr(out, "sample") else out
         return tied_diffusers_dit(sample_size=8), run
-    from diffusers_models import randomize
+    from support.diffusers_models import randomize
     if name == "pixart":
         import test_pixart_model as tm
 

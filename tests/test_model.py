@@ -4,7 +4,7 @@ import torch
 import ditengine as de
 from ditengine.models.dit import sincos_pos_embed, timestep_embedding
 
-from diffusers_models import inputs, tied_diffusers_dit
+from support.diffusers_models import inputs, tied_diffusers_dit
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False])

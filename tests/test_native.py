@@ -11,7 +11,7 @@ import torch
 
 from ditengine.kernels import _native
 
-from native_helpers import requires_native, run_python
+from support.native_helpers import requires_native, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import ditengine as de
 from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.models.pixart import PixArt, PixArtConfig
 
-from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
+from support.tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
 
 S = de.schedulers
 # Head dim 16 (the attention kernels' smallest), two layers; 8x8 latents, 16 tokens.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine.bench.cli import sqnr_db
+from ditengine.bench.metrics import sqnr_db
 from ditengine.fast import FastSampler
 from ditengine.kernels import Fp8Linear, Int8Linear
 

@@ -4,9 +4,9 @@ import torch
 import ditengine as de
 from ditengine.kernels import interpreting, scheduler_step, scheduler_step_ref
 
-from native_helpers import (isa_runner, needs_native, requires_native, skip_unless_cpu_runs,
+from support.native_helpers import (isa_runner, needs_native, requires_native, skip_unless_cpu_runs,
                             triton_cpu)
-from tolerance import assert_within_tolerance
+from support.tolerance import assert_within_tolerance
 
 
 S = de.schedulers

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine.bench.cli import sqnr_db
+from ditengine.bench.metrics import sqnr_db
 from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.fast import FastSD3
 from ditengine.models.sd3 import SD3, SD3Config
 
-from diffusers_models import randomize
-from tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
+from support.diffusers_models import randomize
+from support.tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
 
 S = de.schedulers
 L = 7

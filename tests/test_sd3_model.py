@@ -8,7 +8,7 @@ import torch
 from ditengine.models.sd3 import (SD3, SD3Config, convert_original_state_dict, from_diffusers, infer_config,
                                   is_sd3_state_dict, load_state_dict)
 
-from diffusers_models import randomize
+from support.diffusers_models import randomize
 
 diffusers = pytest.importorskip("diffusers")
 

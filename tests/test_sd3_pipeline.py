@@ -6,7 +6,7 @@ import torch
 
 import ditengine as de
 
-from diffusers_models import POOLED, TEXT, call_pipeline, randomize, rel_err, text_embeddings, tiny_vae
+from support.diffusers_models import POOLED, TEXT, call_pipeline, randomize, rel_err, text_embeddings, tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=16,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tolerance import assert_within_tolerance
+from support.tolerance import assert_within_tolerance
 
 INF, NAN = float("inf"), float("nan")
 
