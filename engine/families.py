@@ -58,6 +58,12 @@ class Family:
         return getattr(importlib.import_module(module), name)
 
 
+def config_loader(load_state_dict: Callable) -> Callable:
+    """`Family.load` for a spec whose `load_state_dict(state, config)` takes diffusers config fields: the folder's
+    config.json, with `load_checkpoint`'s config overrides winning."""
+    return lambda state, dconfig, options: load_state_dict(state, {**dconfig, **options.get("overrides", {})})
+
+
 _REGISTRY: dict[str, Family] = {}
 
 

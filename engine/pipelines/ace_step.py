@@ -163,7 +163,7 @@ families.register(families.Family(
     name="ace_step", spec=AceStep, config=AceStepConfig, fast=FastAceStep, forward=ace_step_forward,
     channels=lambda cfg: cfg.audio_acoustic_hidden_dim, depth=lambda model: len(model.layers),
     diffusers_class="AceStepTransformer1DModel", from_diffusers=ace_step.from_diffusers, recognises=recognises,
-    load=lambda state, dconfig, options: ace_step.load_state_dict(state, {**dconfig, **options.get("overrides", {})}),
+    load=families.config_loader(ace_step.load_state_dict),
     pipelines={"AceStepPipeline": AcceleratedAceStepPipeline},
     bench=(lambda name: name.lower().replace("_", "-").startswith("ace-step"),
            "ditengine.bench.ace_step:ace_step_setup"),

@@ -125,7 +125,7 @@ families.register(families.Family(
     channels=lambda cfg: cfg.in_channels // 4,
     depth=lambda model: model.config.num_layers + model.config.num_single_layers,
     diffusers_class="FluxTransformer2DModel", from_diffusers=flux.from_diffusers, recognises=flux.is_flux_state_dict,
-    load=lambda state, dconfig, options: flux.load_state_dict(state, {**dconfig, **options.get("overrides", {})}),
+    load=families.config_loader(flux.load_state_dict),
     pipelines={"FluxPipeline": AcceleratedFluxPipeline},
     bench=(lambda name: name.lower().replace("_", "-").startswith("flux"), "ditengine.bench.flux:flux_setup"),
     bench_defaults={"cfg_scale": 1.0}))

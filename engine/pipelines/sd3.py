@@ -113,6 +113,6 @@ families.register(families.Family(
     name="sd3", spec=SD3, config=SD3Config, fast=FastSD3, forward=sd3_forward,
     channels=lambda cfg: cfg.in_channels, depth=lambda model: model.config.num_layers,
     diffusers_class="SD3Transformer2DModel", from_diffusers=sd3.from_diffusers, recognises=sd3.is_sd3_state_dict,
-    load=lambda state, dconfig, options: sd3.load_state_dict(state, {**dconfig, **options.get("overrides", {})}),
+    load=families.config_loader(sd3.load_state_dict),
     pipelines={"StableDiffusion3Pipeline": AcceleratedSD3Pipeline},
     bench=(lambda name: name.upper().startswith("SD3"), "ditengine.bench.sd3:sd3_setup")))
