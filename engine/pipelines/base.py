@@ -3,8 +3,6 @@ from the registry. Each family's wrapper, the call of its transformer the refere
 record are in this package's file of that family."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from .. import families
@@ -14,8 +12,6 @@ from ..fast.base import QUANTIZE
 from ..guidance import APG
 from ..sampling import sample
 from ..schedulers import from_diffusers as scheduler_from_diffusers
-
-log = logging.getLogger("ditengine")
 
 BACKENDS = ("fused", "reference")
 
@@ -31,8 +27,6 @@ def release_weights(transformer: torch.nn.Module, model: torch.nn.Module) -> Non
     transformer.register_forward_pre_hook(refuse, with_kwargs=True)
     transformer.to("meta")
     model.to("meta")
-
-
 
 
 class Accelerated:
