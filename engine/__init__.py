@@ -2,7 +2,7 @@
 from . import families, guidance, schedulers
 from .checkpoints import from_diffusers, load_checkpoint
 from .fast import FastSampler
-from .generate import load_pretrained
+from .generate import load_pretrained  # the digits demo (ditengine.demo.generate), through its alias
 from .guidance import APG
 from .pipelines import accelerate
 from .sampling import sample

@@ -239,8 +239,8 @@ def test_relative_change_is_a_device_scalar():
 
 
 def test_pixel_frechet_distance_and_score():
-    from ditengine.data import digits
-    from ditengine.eval import pixel_frechet_distance, score
+    from ditengine.demo.data import digits
+    from ditengine.demo.eval import pixel_frechet_distance, score
 
     real = digits().images
     assert abs(pixel_frechet_distance(real)) < 1e-6
@@ -250,7 +250,7 @@ def test_pixel_frechet_distance_and_score():
 
 
 def test_eval_cache_sweep_writes_csv_and_png(tmp_path, capsys, reference_ops):
-    from ditengine.eval import main
+    from ditengine.demo.eval import main
 
     stem = tmp_path / "sweep"
     assert main(["--cache-sweep", "--sweep-grid", "defaults", "--schedulers", "ddim-noclip:6", "--per-class", "1",
@@ -268,7 +268,7 @@ def test_eval_cache_sweep_writes_csv_and_png(tmp_path, capsys, reference_ops):
 
 
 def test_cli_cache_options(tmp_path, reference_ops):
-    from ditengine.sample import main as sample_main
+    from ditengine.demo.images import main as sample_main
 
     out = tmp_path / "grid.png"
     assert sample_main(["--steps", "6", "--per-class", "1", "--labels", "1,2", "--backend", "fused",

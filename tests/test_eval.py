@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from ditengine.data import digits
-from ditengine.eval import frechet_distance, pixel_frechet_distance
+from ditengine.demo.data import digits
+from ditengine.demo.eval import frechet_distance, pixel_frechet_distance
 
 
 def noisy_digits(scale, n=600, seed=0):
@@ -40,7 +40,7 @@ def test_pixel_frechet_distance_rejects_bad_samples():
 def test_eval_cli_int8_and_guidance_interval_on_the_shipped_model(tmp_path, capsys):
     """The CLI's --quantize and --cfg-interval reach the sampler: int8 samples stay digits of their class, and the
     interval run is a different function of the same noise (rows report it)."""
-    from ditengine.eval import main
+    from ditengine.demo.eval import main
 
     out = tmp_path / "rows.json"
     assert main(["--schedulers", "ddim", "--backends", "fused", "--per-class", "3", "--steps", "10",

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine import train as T
-from ditengine.data import load_dataset
-from ditengine.eval import score
-from ditengine.generate import generate, make_scheduler
+from ditengine.demo import train as T
+from ditengine.demo.data import load_dataset
+from ditengine.demo.eval import score
+from ditengine.demo.generate import generate, make_scheduler
 
 TINY = ["--model", "DiT-T/2", "--depth", "1", "--batch-size", "16", "--no-progress", "--ckpt-every", "5"]
 
@@ -114,13 +114,13 @@ def torchrun(*args, nproc=2):
 @pytest.mark.slow
 def test_two_gloo_processes_train_and_sample_like_one(tmp_path):
     common = [*TINY, "--steps", "4", "--device", "cpu"]
-    torchrun("-m", "ditengine.train", *common, "--out", str(tmp_path / "two"))
-    torchrun("-m", "ditengine.train", *common, "--out", str(tmp_path / "one"), nproc=1)
+    torchrun("-m", "ditengine.demo.train", *common, "--out", str(tmp_path / "two"))
+    torchrun("-m", "ditengine.demo.train", *common, "--out", str(tmp_path / "one"), nproc=1)
     two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     for name, value in one["model"].items():  # all-reduced gradients: equal up to summation order
         torch.testing.assert_close(two["model"][name], value, rtol=1e-5, atol=1e-6)
-    sample_args = ["-m", "ditengine.sample", "--checkpoint", str(tmp_path / "one" / "last.pt"), "--per-class", "1",
+    sample_args = ["-m", "ditengine.demo.images", "--checkpoint", str(tmp_path / "one" / "last.pt"), "--per-class", "1",
                    "--batch-size", "3", "--steps", "4", "--scheduler", "ddpm", "--device", "cpu"]
     torchrun(*sample_args, "--out", str(tmp_path / "two.png"))
     torchrun(*sample_args, "--out", str(tmp_path / "one.png"), nproc=1)
@@ -129,11 +129,11 @@ def test_two_gloo_processes_train_and_sample_like_one(tmp_path):
 
 
 def test_sample_cli_writes_grid_and_npy(tmp_path, capsys):
-    from ditengine.sample import main
+    from ditengine.demo.images import main
 
     model = de.load_pretrained("digits")
     x = de.sample(model, de.schedulers.DDIM(2), torch.randn(1, 1, 8, 8), torch.tensor([3]), progress=False)
-    assert x.shape == (1, 1, 8, 8)  # importing the CLI module leaves `ditengine.sample` callable
+    assert x.shape == (1, 1, 8, 8)  # the CLI module is not `ditengine.sample`: that stays the function
     assert main(["--per-class", "1", "--steps", "3", "--out", str(tmp_path / "grid.png"), "--labels", "1,2"]) == 0
     samples = np.load(tmp_path / "grid.npy")
     assert samples.shape == (2, 1, 8, 8) and (tmp_path / "grid.png").stat().st_size > 1000

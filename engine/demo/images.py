@@ -1,32 +1,25 @@
-"""`python -m ditengine.sample`: class-conditional samples to a labelled PNG grid (and a .npy).
+"""`python -m ditengine.demo.images`: class-conditional samples to a labelled PNG grid (and a .npy).
 
 Uses the shipped digits model by default. Under `torchrun` the seeds are sharded over the processes and
 gathered; the samples equal a single process's for the same seeds.
-
-`ditengine.sample` is also the sampling function. Importing this module rebinds the package attribute
-to the module, so the module is made callable and forwards to `ditengine.sampling.sample`:
-`ditengine.sample(model, ...)` works either way.
 """
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .cache import parse_cache
+from ..cache import parse_cache
 from .distributed import close_distributed, init_distributed
 from .generate import DDIM_CLIPS, SCHEDULERS, generate, load_model, make_scheduler, parse_interval
-from .sampling import sample as _sample
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m ditengine.sample", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ditengine.demo.images", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="digits", help="a shipped model's name or a checkpoint path")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     p.add_argument("--steps", type=int, default=50)
@@ -91,13 +84,6 @@ def main(argv=None) -> int:
     close_distributed()
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return _sample(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     raise SystemExit(main())
