@@ -102,3 +102,13 @@ def test_release_transformer_frees_the_pipelines_weights_and_refuses_the_pipelin
 def test_accelerate_checks_its_arguments_when_built(kwargs, error, match):
     with pytest.raises(error, match=match):
         de.accelerate(tiny_flux_pipeline(False), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(guidance_scale=float("nan")), "guidance_scale: expected a finite number"),
+    (dict(guidance_scale="3.5"), "guidance_scale: expected a finite number"),
+    (dict(num_inference_steps=0), "num_inference_steps: expected an int >= 1"),
+])
+def test_a_call_checks_steps_and_guidance_first(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        call_pipeline(de.accelerate(tiny_flux_pipeline(True)), **text_embeddings(), **kwargs)

@@ -66,3 +66,12 @@ def test_decoded_images_match_and_refusals():
         fast(generator=[torch.Generator()], output_type="latent", **embeddings())
     with pytest.raises(ValueError, match="have to be divisible by 2"):  # the pipeline's own check
         fast(height=9, width=12, output_type="latent", **embeddings())
+
+
+def test_a_nan_guidance_scale_is_refused_not_run_unguided():
+    """SD3 guides when guidance_scale > 1: a NaN would fail that test and run unguided, silently."""
+    fast = de.accelerate(tiny_sd3_pipeline())
+    with pytest.raises(ValueError, match="guidance_scale: expected a finite number, got nan"):
+        call_pipeline(fast, guidance_scale=float("nan"), **text_embeddings(negative=True))
+    with pytest.raises(ValueError, match="num_inference_steps: expected an int >= 1, got 0"):
+        call_pipeline(fast, num_inference_steps=0, **text_embeddings(negative=True))

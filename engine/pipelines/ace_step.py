@@ -13,7 +13,7 @@ from ..guidance import APG
 from ..models import ace_step_checkpoints as ace_step
 from ..models.ace_step import AceStep, AceStepConfig
 from ..sampling import doubled
-from .base import Accelerated
+from .base import Accelerated, check_call
 
 log = logging.getLogger("ditengine")
 
@@ -68,6 +68,7 @@ class AcceleratedAceStepPipeline(Accelerated):
                  repainting_end: float | None = None, audio_cover_strength: float = 1.0,
                  cfg_interval_start: float = 0.0, cfg_interval_end: float = 1.0, timesteps=None,
                  attention_kwargs: dict | None = None):
+        check_call(num_inference_steps, guidance_scale)
         from diffusers.pipelines.pipeline_utils import AudioPipelineOutput
 
         pipe = self.pipe

@@ -3,6 +3,9 @@ from the registry. Each family's wrapper, the call of its transformer the refere
 record are in this package's file of that family."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .. import families
@@ -14,6 +17,17 @@ from ..sampling import sample
 from ..schedulers import from_diffusers as scheduler_from_diffusers
 
 BACKENDS = ("fused", "reference")
+
+
+def check_call(num_inference_steps, guidance_scale) -> None:
+    """The arguments every accelerated pipeline takes, checked first in a call (before any encoder runs): a NaN
+    guidance scale would otherwise fail every `> 1` test and run unguided, and zero steps divide by zero."""
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
+            num_inference_steps, numbers.Integral) or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or \
+            not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
 
 
 def release_weights(transformer: torch.nn.Module, model: torch.nn.Module) -> None:

@@ -11,7 +11,7 @@ from ..fast.dit import FastDiT
 from ..inputs import check_inputs, guided_labels
 from ..models import dit_checkpoints
 from ..models.dit import DiT
-from .base import Accelerated
+from .base import Accelerated, check_call
 
 
 def dit_forward(model, spec: DiT, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named):
@@ -40,6 +40,7 @@ class AcceleratedDiTPipeline(Accelerated):
     def __call__(self, class_labels, guidance_scale: float = 4.0, generator: torch.Generator | None = None,
                  num_inference_steps: int = 50, output_type: str = "pil", return_dict: bool = True,
                  **scheduler_overrides):
+        check_call(num_inference_steps, guidance_scale)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 

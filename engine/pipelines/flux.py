@@ -9,7 +9,7 @@ from ..fast.flux import FastFlux, check_inputs
 from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
 from ..sampling import Forward, doubled
-from .base import Accelerated, refuse_unsupported
+from .base import Accelerated, check_call, refuse_unsupported
 
 
 def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -58,6 +58,7 @@ class AcceleratedFluxPipeline(Accelerated):
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
                  return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
+        check_call(num_inference_steps, guidance_scale)
         import numpy as np
         from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift
 

@@ -12,7 +12,7 @@ from ..models import pixart_checkpoints as pixart
 from ..models.pixart import PixArt, PixArtConfig
 from ..sampling import doubled
 from ..schedulers import DDIM
-from .base import Accelerated
+from .base import Accelerated, check_call
 
 
 def pixart_forward(model, spec: PixArt, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named):
@@ -102,6 +102,7 @@ class AcceleratedPixArtPipeline(Accelerated):
                  negative_prompt_attention_mask: torch.Tensor | None = None, output_type: str | None = "pil",
                  return_dict: bool = True, callback=None, callback_steps: int = 1, clean_caption: bool = True,
                  use_resolution_binning: bool = True, max_sequence_length: int | None = None):
+        check_call(num_inference_steps, guidance_scale)
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
 

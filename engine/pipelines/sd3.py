@@ -9,7 +9,7 @@ from ..fast.sd3 import FastSD3, check_inputs
 from ..models import sd3_checkpoints as sd3
 from ..models.sd3 import SD3, SD3Config
 from ..sampling import Forward, doubled
-from .base import Accelerated, refuse_unsupported
+from .base import Accelerated, check_call, refuse_unsupported
 
 
 def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -53,6 +53,7 @@ class AcceleratedSD3Pipeline(Accelerated):
                  max_sequence_length: int = 256, skip_guidance_layers=None, skip_layer_guidance_scale: float = 2.8,
                  skip_layer_guidance_stop: float = 0.2, skip_layer_guidance_start: float = 0.01,
                  mu: float | None = None):
+        check_call(num_inference_steps, guidance_scale)
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
             StableDiffusion3PipelineOutput, calculate_shift)
 
