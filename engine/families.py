@@ -23,8 +23,9 @@ class Family:
     """One model family.
 
     Required: `name`; `spec`, the reference model class (plain PyTorch, with a `config`); `fast`, its
-    `FusedDenoiser` subclass; `forward(model, noise, use_cfg, *conditioning, **named) -> Forward`, the reference
-    model called as the family's pipeline calls it on the loop's (CFG-doubled) rows, the conditioning checked once;
+    `FusedDenoiser` subclass; `forward(model, spec, noise, use_cfg, *conditioning, cache=None, **named) -> Forward`,
+    `model` (the spec `spec`, or a module with its call, such as diffusers' transformer) called as the family's
+    pipeline calls it on the loop's (CFG-doubled) rows, the conditioning checked once;
     `channels(config)`, the latent channels the loop updates; `depth(model)`, its transformer blocks.
 
     Optional: `config` (the config class, exported beside the spec); `diffusers_class` and `from_diffusers(module)`;

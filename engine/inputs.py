@@ -20,9 +20,10 @@ def check_scheduler(sched) -> None:
                         "(convert a diffusers scheduler with ditengine.schedulers.from_diffusers)")
 
 
-def check_cfg_scale(cfg_scale) -> None:
+def check_cfg_scale(cfg_scale, name: str = "cfg_scale") -> None:
+    """A guidance scale: a finite real number (a NaN would fail every `> 1` test and run unguided)."""
     if isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real) or not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale: expected a finite number, got {cfg_scale!r}")
+        raise ValueError(f"{name}: expected a finite number, got {cfg_scale!r}")
 
 
 def guided_steps(timesteps, cfg_interval) -> list[bool]:

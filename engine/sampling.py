@@ -2,7 +2,6 @@
 step per denoising step, in plain PyTorch. `backend="fused"` hands the same call to `FastSampler`."""
 from __future__ import annotations
 
-
 import torch
 from tqdm.auto import tqdm
 

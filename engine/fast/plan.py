@@ -3,10 +3,9 @@ of one noise shape and conditioning geometry, and how one step runs on them (emb
 unembed, the fused scheduler step). `FastSampler` (`sampler.py`) keeps one per (noise shape, context key)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import functools
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm

@@ -62,11 +62,10 @@ class Placer:
     def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"checkpoint: expected a state dict of tensors, but {name!r} is a {type(t).__name__}")
-        t = t.detach()
-        if self.dtype is not None and t.is_floating_point():
-            t = t.to(self.dtype)
-        if self.device is not None:
-            t = t.to(self.device)
+        # One conversion, where the tensor goes: a bf16 file loaded as fp32 onto a GPU is widened there, not first
+        # on the host. A tensor already in place is returned as it is (no copy).
+        dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+        t = t.detach().to(device=self.device or t.device, dtype=dtype)
         if self.check and t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
             self.nonfinite.append(name)
         return t
@@ -83,6 +82,7 @@ def _read_safetensors(path: Path, place: Placer, keys=None) -> dict:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             names = list(f.keys()) if keys is None else keys
+            check_not_lora(names)
             absent = sorted(set(names) - set(f.keys()))
             if absent:
                 raise ValueError(f"{path}: the index places {len(absent)} tensors in this shard that it does not "
@@ -111,6 +111,7 @@ def _read_index(path: Path, place: Placer) -> dict:
         weight_map = json.loads(path.read_text())["weight_map"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a checkpoint index (a JSON object with a 'weight_map'): {err}") from err
+    check_not_lora(weight_map)
     shards: dict[str, list[str]] = {}
     for key, shard in weight_map.items():
         shards.setdefault(shard, []).append(key)
@@ -172,12 +173,14 @@ def read_state(source, dtype: torch.dtype | None = None, device=None, allow_nonf
                variant: str | None = None) -> tuple[dict, dict, dict]:
     """(state dict, diffusers config or {}, ditengine.train's config or {}) of `source`: a diffusers model or
     pipeline folder (sharded or not), a `.safetensors` file, an index file, a `.bin` / `.pt` / `.pth` file, or a
-    dict. Each tensor is read, converted to `dtype`, placed on `device` and checked in turn."""
+    dict. A LoRA's keys are refused before any tensor is read; then each tensor is read, converted to `dtype`,
+    placed on `device` and checked in turn."""
     device = check_placement(dtype, device)
     place = Placer(dtype, device, not allow_nonfinite)
     config = own_config = {}
     if isinstance(source, dict):
         raw, own_config = _unwrap(source)
+        check_not_lora(raw)
         state = {k: place(k, v) for k, v in raw.items()}
     else:
         path = Path(source)
@@ -195,10 +198,10 @@ def read_state(source, dtype: torch.dtype | None = None, device=None, allow_nonf
             state = _read_safetensors(path, place)
         else:
             raw, own_config = _unwrap(_torch_load(path))
+            check_not_lora(raw)
             state = {k: place(k, v) for k, v in raw.items()}
             del raw
     place.done()
-    check_not_lora(state)
     return state, config, own_config
 
 

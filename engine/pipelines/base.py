@@ -3,7 +3,6 @@ from the registry. Each family's wrapper, the call of its transformer the refere
 record are in this package's file of that family."""
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -13,7 +12,8 @@ from ..checkpoints import from_diffusers
 from ..fast import DTYPES, FastSampler, fused_denoiser
 from ..fast.base import QUANTIZE
 from ..guidance import APG
-from ..sampling import sample
+from ..inputs import check_cfg_scale
+from ..sampling import CUDA_GRAPH_MODES, sample
 from ..schedulers import from_diffusers as scheduler_from_diffusers
 
 BACKENDS = ("fused", "reference")
@@ -25,9 +25,7 @@ def check_call(num_inference_steps, guidance_scale) -> None:
     if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(
             num_inference_steps, numbers.Integral) or num_inference_steps < 1):
         raise ValueError(f"num_inference_steps: expected an int >= 1, got {num_inference_steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or \
-            not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    check_cfg_scale(guidance_scale, "guidance_scale")
 
 
 def release_weights(transformer: torch.nn.Module, model: torch.nn.Module) -> None:
@@ -56,8 +54,8 @@ class Accelerated:
             raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
         if quantize is not None and backend != "fused":
             raise ValueError(f"quantize={quantize!r} needs backend='fused'")
-        if cuda_graph not in (None, "step", "loop"):
-            raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
+        if cuda_graph not in CUDA_GRAPH_MODES:
+            raise ValueError(f"cuda_graph={cuda_graph!r}: expected one of {CUDA_GRAPH_MODES}")
         if dtype is not None and dtype not in DTYPES:
             raise TypeError(f"dtype: expected None or one of {[str(d) for d in DTYPES]}, got {dtype!r}")
         if release_transformer and backend != "fused":
