@@ -50,16 +50,17 @@ def resources(kernel) -> dict:
             "shared_bytes": kernel.metadata.shared, "wgmma": "wgmma.mma_async" in kernel.asm["ptx"]}
 
 
-def attention_case(dtype, head_dim, head_split=True, config=None):
+def attention_case(dtype, head_dim, head_split=True, config=None, key_lens=False):
+    """The attention kernel as the GPU launches it: self-attention, or with `key_lens` cross-attention."""
     from ditengine.kernels.attention import PINNED_GPU, PINNED_GPU_FP32, _attention_fwd_kernel, head_blocks
 
     config = config or (PINNED_GPU_FP32 if dtype == "fp32" else PINNED_GPU)
     d1, d2 = head_blocks(head_dim, head_split)
     strides = [n for n in _attention_fwd_kernel.arg_names if n.startswith("stride")]
     return compile_sm90(
-        _attention_fwd_kernel, {p: dtype for p in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")},
+        _attention_fwd_kernel, {**{p: dtype for p in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}, "lens_ptr": "i64"},
         {**dict.fromkeys(strides, "i64"), "H": "i32", "T_Q": "i32", "T_K": "i32", "qk_scale": "fp32"},
-        dict(HEAD_DIM=head_dim, D1=d1, D2=d2, PRECISION="ieee" if dtype == "fp32" else "tf32",
+        dict(HEAD_DIM=head_dim, D1=d1, D2=d2, PRECISION="ieee" if dtype == "fp32" else "tf32", KEY_LENS=key_lens,
              BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"]), config["num_warps"], config["num_stages"])
 
 

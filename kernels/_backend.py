@@ -150,6 +150,33 @@ def route(op: str, device: torch.device, backend: str | None) -> str:
     return choose(op, device, backend)
 
 
+# A prepacked op (linear_gelu, linear_swiglu) picks its form once per weight, when it is packed, not per call.
+# The forms are the backends above plus two library GEMMs: "mkldnn" (oneDNN's GEMM on its own packed weight
+# layout, with its fused GELU) and "stacked" (one GEMM over the stacked weights, then the epilogue kernel).
+# Each op registers which forms it has and its rule for "auto" (how fast each form measured on which CPUs).
+_PREPACKED: dict[str, tuple[tuple[str, ...], object]] = {}
+
+
+def register_prepacked(op: str, forms: tuple[str, ...], rule) -> None:
+    """`rule(device, dtype) -> form` is the op's choice for backend="auto"."""
+    _PREPACKED[op] = (("auto", *forms), rule)
+
+
+def choose_prepacked(op: str, device: torch.device, dtype: torch.dtype, backend: str = "auto") -> str:
+    """The form a prepacked `op` runs in on `device` for activations of `dtype`: the op's rule for "auto", else
+    `backend` itself, checked as `choose` checks it (an explicit "native" or "triton" that cannot run here
+    raises a ValueError saying why); logged once."""
+    forms, rule = _PREPACKED[op]
+    if backend not in forms:
+        raise ValueError(f"backend={backend!r}: expected one of {forms}")
+    if backend == "auto":
+        backend = rule(device, dtype)
+    elif backend in ("native", "triton"):
+        choose(op, device, backend)
+    _log_choice(f"{op} ({str(dtype).removeprefix('torch.')}, prepacked)", device.type, backend)
+    return backend
+
+
 def triton_mode() -> str:
     if not triton_available():
         return "unavailable"

@@ -219,13 +219,19 @@ def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out
 
 
 # -- torch.library registration (composes with torch.compile and CUDA graphs) ---------------------------
+def _use_triton_checked(op: str, x, eps, rms, weight) -> bool:
+    """The ops' arguments checked again (an op can be called past the public functions' checks), then whether
+    the Triton kernel runs."""
+    _check_eps(eps)
+    _check_norm(x, rms, weight)
+    return use_triton(op, x)
+
+
 # The norm's arguments come last with defaults, so that calls written before they existed keep their meaning.
 @torch.library.custom_op("ditengine::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                        out_dtype: torch.dtype, rms: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
-    _check_eps(eps)  # called as the op, past the public function's checks
-    _check_norm(x, rms, weight)
-    if use_triton("adaln_modulate", x):
+    if _use_triton_checked("adaln_modulate", x, eps, rms, weight):
         return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight)
     return adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight).contiguous()
 
@@ -239,9 +245,7 @@ def _(x, shift, scale, eps, out_dtype, rms=False, weight=None):
 def _gated_residual_adaln_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                              scale: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
                              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_eps(eps)
-    _check_norm(x, rms, weight)
-    if use_triton("gated_residual_adaln", x):
+    if _use_triton_checked("gated_residual_adaln", x, eps, rms, weight):
         x_new = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new, rms, weight)
     x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
@@ -257,9 +261,7 @@ def _(x, gate, o, shift, scale, eps, out_dtype, rms=False, weight=None):
 def _gated_residual_adaln_inplace_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                                      scale: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
                                      weight: torch.Tensor | None = None) -> torch.Tensor:
-    _check_eps(eps)
-    _check_norm(x, rms, weight)
-    if use_triton("gated_residual_adaln", x):
+    if _use_triton_checked("gated_residual_adaln", x, eps, rms, weight):
         return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x, rms, weight)
     x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
     x.copy_(x_new)
@@ -277,9 +279,7 @@ def _(x, gate, o, shift, scale, eps, out_dtype, rms=False, weight=None):
 def _adaln_modulate_dual_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, shift2: torch.Tensor,
                             scale2: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
                             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_eps(eps)
-    _check_norm(x, rms, weight)
-    if use_triton("adaln_modulate_dual", x):
+    if _use_triton_checked("adaln_modulate_dual", x, eps, rms, weight):
         return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight, (shift2, scale2))
     y, y2 = adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight, second=(shift2, scale2))
     return y.contiguous(), y2.contiguous()
@@ -295,9 +295,7 @@ def _gated_residual_adaln_dual_op(x: torch.Tensor, gate: torch.Tensor, o: torch.
                                   scale: torch.Tensor, shift2: torch.Tensor, scale2: torch.Tensor, eps: float,
                                   out_dtype: torch.dtype, rms: bool = False,
                                   weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_eps(eps)
-    _check_norm(x, rms, weight)
-    if use_triton("gated_residual_adaln_dual_", x):
+    if _use_triton_checked("gated_residual_adaln_dual_", x, eps, rms, weight):
         return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x, rms, weight, (shift2, scale2))
     x_new, y, y2 = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight,
                                             second=(shift2, scale2))

@@ -79,6 +79,16 @@ def apg_guidance_ref(model_out: torch.Tensor, momentum: torch.Tensor, guidance_s
 
 # -- kernel ----------------------------------------------------------------------------------------------
 @triton.jit
+def _cond_and_momentum(c_ptr, u_ptr, m_ptr, offs, mask, momentum_coef):
+    # Both passes read the running average through this one expression, so pass 2 recomputes pass 1's m
+    # bit for bit (fp32, diffusers' order).
+    c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m_prev = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    return c, (c - u) + momentum_coef * m_prev
+
+
+@triton.jit
 def _apg_guidance_kernel(
     model_ptr, mom_ptr, out_ptr,
     L, HALF,
@@ -99,10 +109,8 @@ def _apg_guidance_kernel(
     for start in range(0, L, BLOCK):
         offs = start + offs0
         mask = offs < L
-        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m_prev = tl.load(mom_ptr + base + offs, mask=mask, other=0.0)
-        m = ((c - u) + momentum_coef * m_prev).to(tl.float64)
+        c, m = _cond_and_momentum(c_ptr, u_ptr, mom_ptr + base, offs, mask, momentum_coef)
+        m = m.to(tl.float64)
         c64 = c.to(tl.float64)
         acc_mm += m * m
         acc_cc += c64 * c64
@@ -128,10 +136,7 @@ def _apg_guidance_kernel(
     for start in range(0, L, BLOCK):
         offs = start + offs0
         mask = offs < L
-        c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        m_prev = tl.load(mom_ptr + base + offs, mask=mask, other=0.0)
-        m = (c - u) + momentum_coef * m_prev
+        c, m = _cond_and_momentum(c_ptr, u_ptr, mom_ptr + base, offs, mask, momentum_coef)
         res = coef_c * c.to(tl.float64) + coef_m * m.to(tl.float64)
         tl.store(out_ptr + base + offs, res.to(tl.float32), mask=mask)
         tl.store(mom_ptr + base + offs, m, mask=mask)

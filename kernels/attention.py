@@ -50,8 +50,7 @@ def attention_tile(
     """Query tile `pid_m` (BLOCK_M rows of T_Q) of one (batch, head) against its keys [0, T_K): the online
     softmax over key blocks, then the normalised tile stored. The bases point at the head's first row; T_K
     may be a value loaded in the kernel (cross-attention's per-row key count): the loop runs cdiv(T_K,
-    BLOCK_N) blocks and masks the keys past T_K in the last one. Shared by the self- and cross-attention
-    kernels."""
+    BLOCK_N) blocks and masks the keys past T_K in the last one."""
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < T_Q
     offs_n = tl.arange(0, BLOCK_N)
@@ -93,29 +92,41 @@ def attention_tile(
         m_i = m_new
 
     inv_l = 1.0 / l_i
-    out_ty = o_base.dtype.element_ty
-    tl.store(o_base + rows[:, None] * stride_ot + d1[None, :], (acc1 * inv_l[:, None]).to(out_ty),
-             mask=row_ok[:, None] & d1_ok[None, :])
+    store_rows(o_base, rows, row_ok, stride_ot, d1, d1_ok, acc1, inv_l)
     if D2 > 0:
-        tl.store(o_base + rows[:, None] * stride_ot + d2[None, :], (acc2 * inv_l[:, None]).to(out_ty),
-                 mask=row_ok[:, None] & d2_ok[None, :])
+        store_rows(o_base, rows, row_ok, stride_ot, d2, d2_ok, acc2, inv_l)
+
+
+@triton.jit
+def store_rows(o_base, rows, row_ok, stride_ot, d, d_ok, acc, inv_l):
+    """One head-dim part of a finished tile: the accumulator times 1/l, in the output's dtype."""
+    tl.store(o_base + rows[:, None] * stride_ot + d[None, :], (acc * inv_l[:, None]).to(o_base.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
 def _attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lens_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lens,
     H, T_Q, T_K, qk_scale,
-    HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr, KEY_LENS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    """Self-attention, or with KEY_LENS cross-attention to the first lens[b] of T_K keys (lens_ptr is not read
+    otherwise)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
     b, h = bh // H, bh % H
+    n_keys = T_K
+    if KEY_LENS:
+        # This row's valid keys, read on the device (no host sync; a captured graph keeps reading the tensor).
+        # Clamped to [0, T_K] so that an out-of-range length (unchecked on CUDA) cannot read past the keys (a
+        # length of 0 or less gives NaN rows, as SDPA does with an all-False mask).
+        n_keys = tl.minimum(tl.maximum(tl.load(lens_ptr + b * stride_lens), 0), T_K).to(tl.int32)
     attention_tile(q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
                    v_ptr + b * stride_vb + h * stride_vh, o_ptr + b * stride_ob + h * stride_oh,
-                   stride_qt, stride_kt, stride_vt, stride_ot, pid_m, T_Q, T_K, qk_scale,
+                   stride_qt, stride_kt, stride_vt, stride_ot, pid_m, T_Q, n_keys, qk_scale,
                    HEAD_DIM, D1, D2, PRECISION, BLOCK_M, BLOCK_N)
 
 
@@ -134,7 +145,10 @@ def _autotune_configs():
 
 
 _attention_fwd_autotuned = (
-    triton.autotune(_autotune_configs(), key=["T_Q", "T_K", "HEAD_DIM", "D1", "D2", "PRECISION"])(_attention_fwd_kernel)
+    # Keyed on the padded key length T_K, not on cross-attention's valid lengths (a device tensor): one choice
+    # per caption padding.
+    triton.autotune(_autotune_configs(), key=["T_Q", "T_K", "HEAD_DIM", "D1", "D2", "PRECISION", "KEY_LENS"])(
+        _attention_fwd_kernel)
     if hasattr(triton, "autotune") else None
 )
 
@@ -209,9 +223,9 @@ def _launch(q, k, v, out, softmax_scale, head_split, config=None):
     T_K = k.shape[2]
     d1, d2 = head_blocks(Dh, head_split)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # "tf32" is ignored for fp16 / bf16 dots
-    args = (q, k, v, out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    args = (q, k, v, out, q, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], 0,
             H, T_Q, T_K, softmax_scale * math.log2(math.e))
-    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
+    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision, KEY_LENS=False)
     launch_tiles(_attention_fwd_kernel, _attention_fwd_autotuned, q, T_Q, B * H, args, meta, config)
 
 

@@ -14,7 +14,7 @@ kv (B, L, 2, H, Dh), the packed k/v projection of the caption; kv_lens (B,) int3
 out (B, Tq, H, Dh), contiguous, so `.reshape(B, Tq, H*Dh)` feeds the output projection without a copy.
 Head dims as `attention`'s: multiples of 8 from 16 to 256 (PixArt: 72, split 64 + 16 in the Triton kernel).
 
-Implementations: on CUDA the Triton kernel below, the self-attention kernel's tile (`attention_tile`: online
+Implementations: on CUDA the self-attention Triton kernel with its KEY_LENS switch on (`attention_tile`: online
 softmax in fp32 with exp2, tensor-core dots for fp16 / bf16, IEEE fp32 dots for fp32) over a grid of
 (query tiles, B*H), each program loading its row's length from the device tensor and running only
 cdiv(len_b, BLOCK_N) key blocks (the keys past the length in the last block masked): a one-token negative
@@ -30,9 +30,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._backend import tl, triton, use_triton
+from ._backend import use_triton
 from ._checks import check_tensor
-from .attention import _autotune_configs, attention_tile, check_head_dim, head_blocks, launch_tiles, prelude
+from .attention import (_attention_fwd_autotuned, _attention_fwd_kernel, check_head_dim, head_blocks, launch_tiles,
+                        prelude)
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -55,38 +56,7 @@ def cross_attention_ref(q, kv, kv_lens, softmax_scale: float | None = None, upca
     return torch.einsum("bhqk,bkhd->bqhd", weights, v).to(dtype)  # (B, Tq, H, Dh)
 
 
-# -- kernel ----------------------------------------------------------------------------------------------
-@triton.jit
-def _cross_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lens_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, stride_lens,
-    H, T_Q, L, qk_scale,
-    HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
-    b, h = bh // H, bh % H
-    # This row's valid keys, read on the device (no host sync; a captured graph keeps reading the tensor).
-    # Clamped to [0, L] so that an out-of-range length (unchecked on CUDA) cannot read past the rows of kv
-    # (a length of 0 or less gives NaN rows, as SDPA does with an all-False mask).
-    n_keys = tl.minimum(tl.maximum(tl.load(lens_ptr + b * stride_lens), 0), L).to(tl.int32)
-    attention_tile(q_ptr + b * stride_qb + h * stride_qh, k_ptr + b * stride_kb + h * stride_kh,
-                   v_ptr + b * stride_vb + h * stride_vh, o_ptr + b * stride_ob + h * stride_oh,
-                   stride_qt, stride_kt, stride_vt, stride_ot, pid_m, T_Q, n_keys, qk_scale,
-                   HEAD_DIM, D1, D2, PRECISION, BLOCK_M, BLOCK_N)
-
-
-# The attention kernel's configs, keyed on the padded length L, not on the valid lengths (a device tensor):
-# one choice per caption padding.
-_cross_attention_fwd_autotuned = (
-    triton.autotune(_autotune_configs(), key=["T_Q", "L", "HEAD_DIM", "D1", "D2", "PRECISION"])(
-        _cross_attention_fwd_kernel)
-    if hasattr(triton, "autotune") else None
-)
-
-
+# -- kernel launch (the kernel is attention's) -------------------------------------------------------------
 def _launch(q, kv, kv_lens, out, softmax_scale, config=None):
     """q (B, Tq, H, Dh), kv (B, L, 2, H, Dh) with any strides (last dim contiguous), out (B, Tq, H, Dh).
     `config` (see `attention.check_config`) launches that one config instead of the autotuned or pinned one."""
@@ -99,8 +69,8 @@ def _launch(q, kv, kv_lens, out, softmax_scale, config=None):
     args = (q, k, v, out, kv_lens, q.stride(0), q.stride(2), q.stride(1), k.stride(0), k.stride(2), k.stride(1),
             v.stride(0), v.stride(2), v.stride(1), out.stride(0), out.stride(2), out.stride(1), kv_lens.stride(0),
             H, T_Q, L, softmax_scale * math.log2(math.e))
-    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision)
-    launch_tiles(_cross_attention_fwd_kernel, _cross_attention_fwd_autotuned, q, T_Q, B * H, args, meta, config)
+    meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, PRECISION=precision, KEY_LENS=True)
+    launch_tiles(_attention_fwd_kernel, _attention_fwd_autotuned, q, T_Q, B * H, args, meta, config)
 
 
 # -- torch.library registration --------------------------------------------------------------------------

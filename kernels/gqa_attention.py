@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from ._backend import tl, triton, use_triton
 from ._checks import FLOAT_DTYPES, check_tensor
-from .attention import _autotune_configs, check_head_dim, head_blocks, launch_tiles, prelude
+from .attention import _autotune_configs, check_head_dim, head_blocks, launch_tiles, prelude, store_rows
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -268,12 +268,9 @@ def _gqa_attention_fwd_kernel(
     if WINDOWED:  # query rows past T may see no key at all: nothing is stored for them, nothing divides by 0
         l_i = tl.where(row_ok, l_i, 1.0)
     inv_l = 1.0 / l_i
-    out_ty = o_base.dtype.element_ty
-    tl.store(o_base + rows[:, None] * stride_ot + d1[None, :], (acc1 * inv_l[:, None]).to(out_ty),
-             mask=row_ok[:, None] & d1_ok[None, :])
+    store_rows(o_base, rows, row_ok, stride_ot, d1, d1_ok, acc1, inv_l)
     if D2 > 0:
-        tl.store(o_base + rows[:, None] * stride_ot + d2[None, :], (acc2 * inv_l[:, None]).to(out_ty),
-                 mask=row_ok[:, None] & d2_ok[None, :])
+        store_rows(o_base, rows, row_ok, stride_ot, d2, d2_ok, acc2, inv_l)
 
 
 _gqa_attention_fwd_autotuned = (

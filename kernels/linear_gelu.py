@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _native
+from ._backend import choose_prepacked, register_prepacked
 
 log = logging.getLogger("ditengine")
 
-BACKENDS = ("auto", "mkldnn", "native", "reference")
+FORMS = ("mkldnn", "native", "reference")  # see `_backend.choose_prepacked`
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -167,6 +168,11 @@ class PackedLinear:
 
 
 def choose_backend(dtype: torch.dtype) -> str:
+    """The form `prepack_linear` picks for CPU activations of `dtype` (`_backend.choose_prepacked`)."""
+    return choose_prepacked("linear_gelu", torch.device("cpu"), dtype)
+
+
+def _auto_form(device: torch.device, dtype: torch.dtype) -> str:
     """bf16 with oneDNN bf16 support: mkldnn (bf16 dots beat fp32 there); fp32 on an AVX-512 CPU: mkldnn
     (oneDNN's AVX-512 fp32 GEMM ran 195 GFLOP/s on one core of the development CPU of 2026-12-02, against
     78 for the native kernel's BLAS and `F.linear`, at 512x1152 -> 4608); else native when built; else
@@ -182,9 +188,7 @@ def choose_backend(dtype: torch.dtype) -> str:
     return "reference"
 
 
-@functools.lru_cache(maxsize=None)
-def _log_backend(dtype: torch.dtype, backend: str) -> None:
-    log.info("ditengine: CPU linear (+GELU) in %s runs %s", dtype, backend)
+register_prepacked("linear_gelu", FORMS, _auto_form)
 
 
 def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: torch.dtype | None = None,
@@ -194,15 +198,11 @@ def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: tor
     `batch_size` is the expected number of rows of x (tokens x batch), a hint for oneDNN's weight layout.
     Once per sampler: the returned weights are copies, later changes to w are not seen.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     check_linear_weights(w, b)
     if w.device.type != "cpu":
         raise ValueError(f"prepack_linear is for CPU weights, got {w.device}")
     dtype = dtype or w.dtype
-    if backend == "auto":
-        backend = choose_backend(dtype)
-    _log_backend(dtype, backend)
+    backend = choose_prepacked("linear_gelu", w.device, dtype, backend)
     if backend == "mkldnn":
         wd = w.detach().to(dtype).contiguous()
         return PackedLinear("mkldnn", _mkldnn_pack(wd, batch_size), None if b is None else b.detach().to(dtype),

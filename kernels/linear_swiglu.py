@@ -32,7 +32,6 @@ fp16; the epilogue in fp32. A NaN in one row of x stays in that row of the outpu
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 
@@ -40,12 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from . import _native
-from ._backend import choose, route, tl, triton, use_triton
+from ._backend import choose_prepacked, register_prepacked, route, tl, triton, use_triton
 from ._checks import FLOAT_DTYPES, check_tensor
 
 log = logging.getLogger("ditengine")
 
-BACKENDS = ("auto", "native", "stacked", "triton", "reference")
+FORMS = ("native", "stacked", "triton", "reference")  # see `_backend.choose_prepacked`
 PANEL = 32  # BN: gate (and up) columns per panel; the native GEMM tile is (TILE_M rows, 2 BN = 64 columns)
 
 
@@ -196,6 +195,12 @@ def mkldnn_bf16() -> bool:
 
 
 def choose_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The form `prepack_swiglu` picks for weights on `device` and activations of `dtype`
+    (`_backend.choose_prepacked`)."""
+    return choose_prepacked("linear_swiglu", device, dtype)
+
+
+def _auto_form(device: torch.device, dtype: torch.dtype) -> str:
     """CUDA: "stacked" (cuBLAS, then the Triton epilogue). CPU: "stacked" for bf16 where oneDNN runs bf16
     GEMMs (`torch.ops.mkldnn._is_mkldnn_bf16_supported()`, what routes F.linear in bf16 to oneDNN: AVX-512
     and newer CPUs), whose bf16 dots beat the native kernel's fp32 ones (201 against 387 ms at 750 x 2048 ->
@@ -211,9 +216,7 @@ def choose_backend(device: torch.device, dtype: torch.dtype) -> str:
     return "native" if native_available() else "reference"
 
 
-@functools.lru_cache(maxsize=None)
-def _log_backend(device_type: str, dtype: torch.dtype, backend: str) -> None:
-    log.info("ditengine: linear+SwiGLU on %s in %s runs %s", device_type, dtype, backend)
+register_prepacked("linear_swiglu", FORMS, _auto_form)
 
 
 def prepack_swiglu(gate_weight: torch.Tensor, up_weight: torch.Tensor, gate_bias: torch.Tensor | None = None,
@@ -226,21 +229,13 @@ def prepack_swiglu(gate_weight: torch.Tensor, up_weight: torch.Tensor, gate_bias
     `PANEL` columns measured fastest from 64 to 750 rows). Once per sampler: the returned weights are
     copies, later changes to the inputs are not seen.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype: expected one of {[str(d).removeprefix('torch.') for d in FLOAT_DTYPES]}, got {dtype}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive int or None, got {batch_size!r}")
     _check_weights(gate_weight, up_weight, gate_bias, up_bias)
     device = gate_weight.device
-    if backend == "auto":
-        backend = choose_backend(device, dtype)
-    elif backend == "native":
-        choose("linear_swiglu", device, "native")  # raises a ValueError saying why it cannot run here
-    elif backend == "triton":
-        choose("swiglu", device, "triton")
-    _log_backend(device.type, dtype, backend)
+    backend = choose_prepacked("linear_swiglu", device, dtype, backend)
     Fo, D = gate_weight.shape
     gw, uw = gate_weight.detach(), up_weight.detach()
     gb, ub = (None, None) if gate_bias is None else (gate_bias.detach(), up_bias.detach())

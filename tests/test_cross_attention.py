@@ -68,7 +68,7 @@ TRITON_CASES = [(2, 33, 1, 72, 40, [40, 1]), (2, 20, 2, 64, 7, [3, 7]), (1, 16, 
 def test_triton_matches_reference(B, Tq, H, Dh, L, lens, dtype, triton_launches):
     q, kv, kv_lens = make_inputs(B, Tq, H, Dh, L, lens, dtype, seed=Dh + L)
     out = cross_attention(q, kv, kv_lens, backend="triton")
-    assert triton_launches["_cross_attention_fwd_kernel"] == 1
+    assert triton_launches["_attention_fwd_kernel"] == 1
     check(out, q, kv, kv_lens, f"triton B={B} Tq={Tq} H={H} Dh={Dh} L={L} lens={lens}")
 
 
@@ -350,20 +350,11 @@ def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
     """ptxas from Triton's wheel (as bench/sm90.py does for the other kernels): the GPU's pinned bf16 and fp32
     launches compile for sm_90, bf16 dots on warpgroup tensor cores, nothing spilled, shared memory fits."""
     out = run_python("""
-        import importlib, json
-        import ditengine.kernels
-        from ditengine.bench.sm90 import SHARED_LIMIT, compile_sm90, resources
-        from ditengine.kernels.attention import PINNED_GPU, PINNED_GPU_FP32, head_blocks
-        fn = importlib.import_module("ditengine.kernels.cross_attention")._cross_attention_fwd_kernel
+        import json
+        from ditengine.bench.sm90 import SHARED_LIMIT, attention_case, resources
         rows = []
-        for dtype, config in (("bf16", PINNED_GPU), ("fp32", PINNED_GPU_FP32)):
-            d1, d2 = head_blocks(72)
-            kernel = compile_sm90(
-                fn, {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr"), dtype), "lens_ptr": "i64"},
-                {**{n: "i64" for n in fn.arg_names if n.startswith("stride")}, "H": "i32", "T_Q": "i32", "L": "i32",
-                 "qk_scale": "fp32"},
-                dict(HEAD_DIM=72, D1=d1, D2=d2, PRECISION="ieee" if dtype == "fp32" else "tf32",
-                     BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"]), config["num_warps"], config["num_stages"])
+        for dtype in ("bf16", "fp32"):
+            kernel = attention_case(dtype, 72, key_lens=True)
             rows.append(dict(dtype=dtype, limit=SHARED_LIMIT, **resources(kernel)))
         print(json.dumps(rows))
     """, TRITON_INTERPRET="0")

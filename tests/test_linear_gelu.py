@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from ditengine.kernels import linear, linear_gelu, linear_gelu_ref, prepack_linear
+from ditengine.kernels._backend import _log_choice
 
 from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 from support.tolerance import assert_within_tolerance, fp32_floor
@@ -98,12 +99,12 @@ def test_choice_follows_the_probe_the_cpu_and_the_extension(monkeypatch, capabil
 
 
 def test_backend_choice_is_logged_once(caplog):
-    lg._log_backend.cache_clear()
+    _log_choice.cache_clear()
     _, w, b = layer(4, 8, 8, torch.float32)
     with caplog.at_level(logging.INFO, logger="ditengine"):
         prepack_linear(w, b, backend="reference")
         prepack_linear(w, b, backend="reference")
-    assert sum("CPU linear (+GELU) in torch.float32 runs reference" in r.message for r in caplog.records) == 1
+    assert sum("linear_gelu (float32, prepacked) on cpu runs reference" in r.message for r in caplog.records) == 1
 
 
 def test_auto_packing_runs_and_matches():

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ditengine.kernels import (PackedSwiGLU, linear_swiglu, linear_swiglu_ref, prepack_swiglu, swiglu,
                                swiglu_ref)
 
+from ditengine.kernels._backend import _log_choice
 from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs, triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -199,13 +200,13 @@ def test_prepack_copies_the_weights():
 
 
 def test_auto_backend_and_its_log(caplog):
-    ls._log_backend.cache_clear()
+    _log_choice.cache_clear()
     _, wg, wu, _, _ = mlp(1, 8, 8, torch.float32)
     with caplog.at_level(logging.INFO, logger="ditengine"):
         packed = prepack_swiglu(wg, wu, dtype=torch.float32)
         prepack_swiglu(wg, wu, dtype=torch.float32)
     assert packed.backend == ls.choose_backend(torch.device("cpu"), torch.float32)
-    message = f"linear+SwiGLU on cpu in torch.float32 runs {packed.backend}"
+    message = f"linear_swiglu (float32, prepacked) on cpu runs {packed.backend}"
     assert sum(message in r.message for r in caplog.records) == 1
 
 
