@@ -15,18 +15,19 @@ Two policies, applied by `FastSampler(cache=...)` and `ditengine.sample(..., cac
 The first and the last step are always computed in full. Only the transformer's work is approximated:
 the scheduler (noise, multistep history) runs exactly as without caching.
 
-`ReferenceCachedForward` is the readable form of both policies on a plain `ditengine.DiT` (it calls the
-model's own blocks); the fast path (`ditengine.fast`) implements the same decisions on its fused forward
-and is tested against it.
+`ReferenceCachedForward` is the readable form of both policies on any family's reference model (it calls the
+model's own blocks, handed to it by the family's reference forward as `Stages`); the fast path (`ditengine.fast`)
+implements the same decisions on its fused forward and is tested against it, family by family.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
-
-from .models.dit import DiT, modulate
+from torch import nn
 
 REUSE_MODES = ("residual", "blocks")
 
@@ -133,20 +134,82 @@ def stats_dict(steps: int, depth: int, full_mask: list[bool], block_evals: int) 
     }
 
 
-class ReferenceCachedForward:
-    """Either policy around a plain `DiT`, calling its own modules: the readable form of the cached step.
+@dataclass
+class Stages:
+    """One model call cut where a step cache works on it, in the spec's own modules: `stream`, the residual stream
+    after the embedding (N, S, D); `blocks[i](stream) -> stream`, block i; `end(stream)`, the final norm,
+    projection and unpatchify; `branches[i]`, the modules of block i whose outputs StaticCache(reuse="blocks")
+    keeps (those the fused denoiser's `reuse_block` takes from its cache, e.g. attention and MLP)."""
 
-    Called as `forward(x, t, y, step)` for step = 0, 1, ... of a run of `steps`; `reset()` before a run.
-    `stats` reports what was computed (`block_evals` counts the blocks actually called).
+    stream: torch.Tensor
+    blocks: list[Callable[[torch.Tensor], torch.Tensor]]
+    end: Callable[[torch.Tensor], torch.Tensor]
+    branches: list[list[nn.Module]]
+    model: nn.Module  # the spec whose blocks these are (where a reused branch is stood in for)
+
+
+@contextmanager
+def _recorded(modules: list[nn.Module], outputs: list):
+    """Each module's output into `outputs[j]`, for the duration (a forward hook)."""
+    handles = [m.register_forward_hook(lambda _, args, out, j=j: outputs.__setitem__(j, out))
+               for j, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Replay(nn.Module):
+    """Stands in for a branch module on a reused step: its call returns what the branch gave at the last full step;
+    anything else a block asks of the branch (PixArt's `cross_attn.kv`) is the branch's own."""
+
+    def __init__(self, branch: nn.Module, output):
+        super().__init__()
+        self.output = output
+        object.__setattr__(self, "branch", branch)  # not a submodule: the stand-in holds no parameters
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "branch"), name)
+
+
+@contextmanager
+def _replayed(model: nn.Module, modules: list[nn.Module], outputs: list):
+    """`modules` (submodules of `model`) replaced by their kept `outputs` for the duration: the branches do not
+    run, the rest of the block does."""
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    places = [parents[id(m)] for m in modules]
+    for (parent, name), m, output in zip(places, modules, outputs):
+        setattr(parent, name, _Replay(m, output))
+    try:
+        yield
+    finally:
+        for (parent, name), m in zip(places, modules):
+            setattr(parent, name, m)
+
+
+class ReferenceCachedForward:
+    """Either policy around a reference model's blocks: the readable form of the cached step, for every family.
+
+    A family's reference forward hands each call to it cut into `Stages`: `forward(stages, step)` for step = 0,
+    1, ... of a run of `steps`; `reset()` before a run. `stats` reports what was computed (`block_evals` counts the
+    blocks actually called). Per-block reuse keeps each branch module's output at a full step (a forward hook) and
+    at a reused step runs the block with stand-ins returning those outputs in place of the branches: the gates,
+    norms and residual adds are the current step's, as in the fused `reuse_block`.
     """
 
-    def __init__(self, model: DiT, policy: CachePolicy, steps: int):
+    def __init__(self, policy: CachePolicy, steps: int, depth: int):
         if not isinstance(policy, (FirstBlockCache, StaticCache)):
             raise TypeError(f"cache: expected a ditengine.cache policy (FirstBlockCache, StaticCache) or None, "
                             f"got {type(policy).__name__}")
         policy.check(steps)
-        self.model, self.policy, self.steps = model, policy, steps
-        self.depth = model.config.depth
+        self.policy, self.steps, self.depth = policy, steps, depth
         self.reset()
 
     def reset(self) -> None:
@@ -154,37 +217,41 @@ class ReferenceCachedForward:
         self.block_evals = 0
         self.rest = None  # the residual added by the blocks the cache stands in for, at the last full step
         self.first_residual = None  # block 0's residual output at the last full step (first-block cache)
-        self.kept = None  # each block's attention and MLP outputs at the last full step (static, "blocks")
+        self.kept = None  # each block's branch outputs at the last full step (static, "blocks")
 
     @property
     def stats(self) -> dict:
         return stats_dict(self.steps, self.depth, self.full_mask, self.block_evals)
 
-    def _run_block(self, block, h, c, keep: bool):
-        self.block_evals += 1
-        if not keep:
-            return block(h, c), None
-        # The block's two branches spelled out (DiTBlock.forward), keeping their outputs before the gates.
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        attn = block.attn(modulate(block.norm1(h), shift_msa, scale_msa))
-        h = h + gate_msa[:, None] * attn
-        mlp = block.mlp(modulate(block.norm2(h), shift_mlp, scale_mlp))
-        return h + gate_mlp[:, None] * mlp, (attn, mlp)
+    def _run(self, stages: Stages, h: torch.Tensor, blocks: range) -> torch.Tensor:
+        for i in blocks:
+            self.block_evals += 1
+            h = stages.blocks[i](h)
+        return h
 
-    @staticmethod
-    def _reuse_block(block, h, c, kept):
-        _, _, gate_msa, _, _, gate_mlp = block.adaLN_modulation(c).chunk(6, dim=1)
-        h = h + gate_msa[:, None] * kept[0]
-        return h + gate_mlp[:, None] * kept[1]
+    def _run_keeping(self, stages: Stages, h: torch.Tensor) -> torch.Tensor:
+        self.kept = []
+        for i, block in enumerate(stages.blocks):
+            outputs = [None] * len(stages.branches[i])
+            with _recorded(stages.branches[i], outputs):
+                h = block(h)
+            self.block_evals += 1
+            self.kept.append(outputs)
+        return h
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        model, policy = self.model, self.policy
-        h = model.x_embedder(x) + model.pos_embed.to(x.dtype)  # (B, T, D)
-        c = model.conditioning(t, y)
-        blocks = list(model.blocks)
+    def _reuse(self, stages: Stages, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(stages.blocks):
+            with _replayed(stages.model, stages.branches[i], self.kept[i]):
+                h = block(h)
+        return h
+
+    def __call__(self, stages: Stages, step: int) -> torch.Tensor:
+        policy, h = self.policy, stages.stream
+        if len(stages.blocks) != self.depth:
+            raise ValueError(f"cache: the model has {len(stages.blocks)} blocks, the cache was made for {self.depth}")
         if isinstance(policy, FirstBlockCache):
             before = h
-            h, _ = self._run_block(blocks[0], h, c, keep=False)
+            h = self._run(stages, h, range(1))
             first_residual = h - before
             skip = policy.skippable(self.steps)[step] and bool(
                 skip_decision(first_residual, self.first_residual, policy.threshold, torch.tensor(True)))
@@ -192,23 +259,20 @@ class ReferenceCachedForward:
                 h = h + self.rest
             else:
                 after_first = h
-                for block in blocks[1:]:
-                    h, _ = self._run_block(block, h, c, keep=False)
+                h = self._run(stages, h, range(1, self.depth))
                 self.rest, self.first_residual = h - after_first, first_residual
             self.full_mask.append(not skip)
         else:
             full = policy.schedule(self.steps)[step]
-            keep = policy.reuse == "blocks"
-            if full:
-                before, kept = h, []
-                for block in blocks:
-                    h, outputs = self._run_block(block, h, c, keep)
-                    kept.append(outputs)
-                self.rest, self.kept = h - before, kept
-            elif keep:
-                for block, outputs in zip(blocks, self.kept):
-                    h = self._reuse_block(block, h, c, outputs)
+            if full and policy.reuse == "blocks":
+                h = self._run_keeping(stages, h)
+            elif full:
+                before = h
+                h = self._run(stages, h, range(self.depth))
+                self.rest = h - before
+            elif policy.reuse == "blocks":
+                h = self._reuse(stages, h)
             else:
                 h = h + self.rest
             self.full_mask.append(full)
-        return model.unpatchify(model.final_layer(h, c))
+        return stages.end(h)

@@ -31,7 +31,8 @@ class Family:
     Optional: `config` (the config class, exported beside the spec); `diffusers_class` and `from_diffusers(module)`;
     `recognises(state)` and `load(state, diffusers_config, options)` for `load_checkpoint` (families are asked in
     registration order, a `catch_all` one after every other); `pipelines`, diffusers pipeline class names ->
-    the accelerated pipeline classes; `reference_cache(model, policy, steps)`, the reference form of step caching;
+    the accelerated pipeline classes; `reference_cache`, True when `forward` takes `cache=` (a
+    `cache.ReferenceCachedForward`) and hands each call to it cut into `cache.Stages`;
     `bench`, (a predicate on `ditengine-bench --model` names, "module:function" of its ladder set-up) with
     `bench_defaults` (argument defaults, e.g. no CFG batch) and `bench_peers` (the CPU runtime peers export it).
     """
@@ -49,7 +50,7 @@ class Family:
     load: Callable | None = None
     catch_all: bool = False
     pipelines: dict = field(default_factory=dict)
-    reference_cache: Callable | None = None
+    reference_cache: bool = False
     bench: tuple[Callable[[str], bool], str] | None = None
     bench_defaults: dict = field(default_factory=dict)
     bench_peers: bool = False

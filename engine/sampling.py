@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import families
-from .cache import CachePolicy, stats_dict
+from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .guidance import APG, check_guider
 from .inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise, guided_steps
@@ -84,7 +84,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     run the conditional half alone, see `inputs.guided_steps`). Noise for stochastic samplers comes from `generator`.
     `backend="fused"` runs the fast path
     (`FastSampler`); `cuda_graph` applies to it. `cache` (a `ditengine.cache` policy) skips transformer work
-    (on the reference backend for the DiT); `stats`, a dict, is filled with what the run computed.
+    (the reference backend runs `cache.ReferenceCachedForward`); `stats`, a dict, is filled with what the run computed.
     `quantize` ("int8", "fp8"; fused backend only) runs the blocks' GEMMs as W8A8 (see `FastSampler`).
     `guider`: None (plain CFG) or `ditengine.guidance.APG()` (ACE-Step's base and SFT models).
 
@@ -115,13 +115,12 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     k = check_guided_channels(guided_channels, family.channels(model.config))
     check_guider(guider, tuple(noise.shape[1:]))
     use_cfg = cfg_scale != 1.0
-    if cache is not None and family.reference_cache is None:
-        owners = " and ".join(f.spec.__name__ for f in families.families() if f.reference_cache is not None)
-        raise ValueError(f"cache: the reference form of step caching is the {owners}'s; {type(model).__name__} has "
-                         "none: use backend='fused'")
+    if cache is not None and not family.reference_cache:
+        raise ValueError(f"cache: the {family.name} family offers no reference form of step caching; "
+                         f"{type(model).__name__} has none: use backend='fused'")
     if cache is not None and cfg_interval is not None:
         raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
-    cached = family.reference_cache(model, cache, len(sched)) if cache is not None else None
+    cached = ReferenceCachedForward(cache, len(sched), family.depth(model)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
     x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guider)
     if stats is not None:

@@ -3,15 +3,17 @@ tests from the registry. A family is a case below (a tiny model, its scheduler, 
 family's own test file); a registered family without a case fails `test_every_family_has_a_case`.
 
 Per family: the fused fp32 loop against its reference loop under the fp32 rule, the bf16 loop within the bf16
-rule, int8's SQNR, a static step cache in the three graph modes against the reference-ops run of the same cache,
-and the bad inputs every family shares (NaN noise, noise of the wrong rank) named by argument."""
+rule, int8's SQNR, every step-cache policy in the three graph modes against the reference form of the same cache
+(`cache.ReferenceCachedForward` on the family's own blocks), the fused contract's cache pieces (`reuse_block` equals
+`block` on unchanged inputs, `final_norm` equals the last block's output norm), and the bad inputs every family
+shares (NaN noise, noise of the wrong rank) named by argument."""
 import pytest
 import torch
 
 import ditengine as de
 from ditengine import families
 from ditengine.bench.metrics import sqnr_db
-from ditengine.cache import StaticCache
+from ditengine.cache import FirstBlockCache, StaticCache
 
 from support.tolerance import assert_fp32_run_within_tolerance
 
@@ -56,9 +58,9 @@ CASES = {"dit": dit_case, "pixart": pixart_case, "ace_step": ace_step_case, "flu
 NAMES = [f.name for f in families.families()]
 
 
-def run_reference(case):
+def run_reference(case, **options):
     model, sched, noise, args, named, cfg = case
-    return lambda m: de.sample(m, sched, noise, *args, cfg_scale=cfg, progress=False, **named)
+    return lambda m: de.sample(m, sched, noise, *args, cfg_scale=cfg, progress=False, **options, **named)
 
 
 def test_every_family_has_a_case():
@@ -119,3 +121,79 @@ def test_bad_noise_is_named(name):
         sampler(bad, *args, **named)
     with pytest.raises(ValueError, match="noise"):
         sampler(noise[0], *args, **named)
+
+
+# A first-block threshold far above any relative change seen: every step that may skip does, in both loops, so the
+# comparison does not hang on a decision near the threshold.
+POLICIES = [FirstBlockCache(threshold=10.0), StaticCache(2, warmup=1, cooldown=1),
+            StaticCache(2, warmup=1, cooldown=1, reuse="blocks")]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p}-{getattr(p, 'reuse', '')}".rstrip("-"))
+@pytest.mark.parametrize("name", NAMES)
+def test_cached_fused_loop_matches_the_cached_reference_loop(name, policy):
+    """The same policy object drives the fused loop (in each graph mode) and the reference loop: the same steps
+    skipped, the same blocks computed, the same latents under the fp32 rule."""
+    model, sched, noise, args, named, cfg = case = CASES[name]()
+    want_stats = {}
+    run_reference(case, cache=policy, stats=want_stats)(model)
+    assert want_stats["cached_steps"], want_stats  # the policy skipped something
+    for mode in (None, "step", "loop"):
+        sampler = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=mode, cache=policy)
+        got = sampler(noise, *args, **named)
+        stats = {k: v for k, v in sampler.stats.items() if k != "decision"}  # the reference has no graph modes
+        assert stats == want_stats, (mode, stats, want_stats)
+        # A cached step adds what an earlier step computed: its roundings count twice in the floor.
+        assert_fp32_run_within_tolerance(got, run_reference(case, cache=policy), model, f"{name} {policy} {mode}",
+                                         steps=2 * len(sched))
+
+
+def contract_pieces(name):
+    """A family's fused denoiser in fp32 with one step's context and modulation, and a fresh random model input."""
+    model, sched, noise, args, named, cfg = CASES[name]()
+    fast = families.of_model(model).fast(model, torch.float32)
+    use_cfg = cfg != 1.0
+    cond = fast.inputs(model, noise, use_cfg, *args, **named)
+    rows = 2 * len(noise) if use_cfg else len(noise)
+    ctx = fast.context_buffers(rows, tuple(noise.shape[1:]), cond)
+    fast.write_context(ctx, cond, use_cfg)
+    mod = tuple(m[0] for m in fast.modulation(sched.timesteps[1:2], ctx))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn((rows, *noise.shape[1:]), generator=g)
+    return fast, ctx, mod, x
+
+
+def assert_same(got, want, what):
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * (1 + want.abs().max().item()), msg=what)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reuse_block_equals_block_on_unchanged_inputs(name):
+    """Block i computed in full, keeping its branch outputs, and block i again from those outputs on the same
+    residual and modulation give the same residual and the same next norm (gates, adds and norms all checked)."""
+    fast, ctx, mod, x = contract_pieces(name)
+    if fast.reuse_block is None:
+        pytest.skip(f"{name} offers no step caching")
+    resid = fast.embed(x, ctx).clone()
+    h = fast.first_norm(resid, mod, ctx)
+    for i in range(fast.depth):
+        # NaN where the block writes nothing (a Flux single block keeps one branch): a reuse reading it fails.
+        kept = torch.full((fast.branches, *resid.shape), float("nan"), dtype=fast.dtype)
+        before = resid.clone()
+        resid, h = fast.block(i, resid, h, mod, ctx, keep=kept)
+        resid, h = resid.clone(), h.clone()
+        reused_resid, reused_h = fast.reuse_block(i, before, mod, ctx, kept)
+        assert_same(reused_resid, resid, f"{name} block {i}: residual")
+        assert_same(reused_h, h, f"{name} block {i}: next norm")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_final_norm_equals_the_last_blocks_output_norm(name):
+    """What a cached step applies after adding the kept residual (`final_norm`) is the norm the last block applies
+    to its own output."""
+    fast, ctx, mod, x = contract_pieces(name)
+    resid = fast.embed(x, ctx).clone()
+    h = fast.first_norm(resid, mod, ctx)
+    for i in range(fast.depth):
+        resid, h = fast.block(i, resid, h, mod, ctx)
+    assert_same(fast.final_norm(resid.clone(), mod), h, f"{name}: final norm")

@@ -174,8 +174,6 @@ def test_bad_text_inputs():
         sampler(z, **dict(cond, negative_prompt_embeds=torch.randn(B, 5, 24), negative_prompt_attention_mask=None))
     with pytest.raises(ValueError, match=r"noise: expected shape \(B, 4, H, W\) with H and W multiples"):
         sampler(torch.randn(B, 4, 7, 8), **cond)
-    with pytest.raises(ValueError, match="cache: the reference form of step caching is the DiT's"):
-        de.sample(model, S.DDIM(8), z, progress=False, cache=StaticCache(2), **cond)
 
 
 # -- diffusers: conversion, checkpoints and the pipelines -------------------------------------------------------

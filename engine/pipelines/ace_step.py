@@ -2,16 +2,18 @@
 latents, diffusers' (B, T, C) inside), and the family record."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import torch
 
 from .. import families
+from ..cache import Stages
 from ..fast.ace_step import FastAceStep, check_inputs
 from ..guidance import APG
 from ..models import ace_step_checkpoints as ace_step
-from ..models.ace_step import AceStep, AceStepConfig
+from ..models.ace_step import AceStep, AceStepConfig, rope_tables
 from ..sampling import doubled
 from .base import Accelerated, check_call
 
@@ -29,10 +31,28 @@ def ace_step_forward(model, spec: AceStep, noise: torch.Tensor, use_cfg: bool, *
 
     def forward(x_in, t, step):
         n = len(x_in)
-        return model(x_in.transpose(1, 2), timestep=t, timestep_r=t, encoder_hidden_states=enc[:n],
-                     context_latents=context[:n]).transpose(1, 2).contiguous()
+        if cache is not None:
+            out = cache(ace_step_stages(spec, x_in.transpose(1, 2), t, enc[:n], context[:n]), step)
+        else:
+            out = model(x_in.transpose(1, 2), timestep=t, timestep_r=t, encoder_hidden_states=enc[:n],
+                        context_latents=context[:n])
+        return out.transpose(1, 2).contiguous()
 
     return forward
+
+
+def ace_step_stages(spec: AceStep, hidden_states, timestep, encoder_hidden_states, context_latents) -> Stages:
+    """`AceStep.forward` cut for a step cache (r = t, as the pipeline passes it)."""
+    B, T, _ = hidden_states.shape
+    t = timestep.to(hidden_states.dtype)
+    temb, t6 = spec.timestep_conditioning(t, t)
+    x = spec.embed(hidden_states, context_latents)  # (B, T', D)
+    cos, sin = rope_tables(x.shape[1], spec.config.head_dim, spec.config.rope_theta, x.device)
+    rope = (cos.to(x.dtype), sin.to(x.dtype))
+    condition = spec.condition(encoder_hidden_states)
+    return Stages(x, [functools.partial(spec.block, i, t6=t6, rope=rope, condition=condition)
+                      for i in range(len(spec.layers))],
+                  lambda x: spec.unembed(x, temb, T), [[b.self_attn, b.cross_attn, b.mlp] for b in spec.layers], spec)
 
 
 def recognises(state: dict) -> bool:
@@ -162,7 +182,7 @@ class AcceleratedAceStepPipeline(Accelerated):
 
 families.register(families.Family(
     name="ace_step", spec=AceStep, config=AceStepConfig, fast=FastAceStep, forward=ace_step_forward,
-    channels=lambda cfg: cfg.audio_acoustic_hidden_dim, depth=lambda model: len(model.layers),
+    reference_cache=True, channels=lambda cfg: cfg.audio_acoustic_hidden_dim, depth=lambda model: len(model.layers),
     diffusers_class="AceStepTransformer1DModel", from_diffusers=ace_step.from_diffusers, recognises=recognises,
     load=families.config_loader(ace_step.load_state_dict),
     pipelines={"AceStepPipeline": AcceleratedAceStepPipeline},

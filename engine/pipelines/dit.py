@@ -2,10 +2,12 @@
 record (facebookresearch/DiT and diffusers checkpoints, the reference step cache, the runtime peers' ladder)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import families
-from ..cache import ReferenceCachedForward
+from ..cache import Stages
 from ..configs import DiTConfig
 from ..fast.dit import FastDiT
 from ..inputs import check_inputs, guided_labels
@@ -20,8 +22,15 @@ def dit_forward(model, spec: DiT, noise: torch.Tensor, use_cfg: bool, *condition
     check_inputs(spec, noise, class_labels)
     y = guided_labels(class_labels, spec.config.num_classes, use_cfg)
     if cache is not None:
-        return lambda x_in, t, step: cache(x_in, t, y, step)
+        return lambda x_in, t, step: cache(dit_stages(spec, x_in, t, y[:len(x_in)]), step)
     return lambda x_in, t, step: model(x_in, t, y[:len(x_in)])
+
+
+def dit_stages(spec: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Stages:
+    """`DiT.forward` cut for a step cache."""
+    c = spec.conditioning(t, y)  # (B, D)
+    return Stages(spec.x_embedder(x) + spec.pos_embed.to(x.dtype), [functools.partial(b, c=c) for b in spec.blocks],
+                  lambda h: spec.unpatchify(spec.final_layer(h, c)), [[b.attn, b.mlp] for b in spec.blocks], spec)
 
 
 class AcceleratedDiTPipeline(Accelerated):
@@ -64,5 +73,5 @@ families.register(families.Family(
     diffusers_class="DiTTransformer2DModel", from_diffusers=dit_checkpoints.from_diffusers,
     recognises=lambda state: True, catch_all=True,  # asked last: its loader names what is missing
     load=dit_checkpoints.load, pipelines={"DiTPipeline": AcceleratedDiTPipeline},
-    reference_cache=ReferenceCachedForward,
+    reference_cache=True,
     bench=(lambda name: name.upper().startswith("DIT"), "ditengine.bench.dit:dit_setup"), bench_peers=True))

@@ -2,9 +2,12 @@
 its transformer: 2x2 packed latents, t / 1000), and the family record (diffusers and BFL checkpoints)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import families
+from ..cache import Stages
 from ..fast.flux import FastFlux, check_inputs
 from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
@@ -26,13 +29,37 @@ def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditi
     def forward(x_in, t, step):
         n, C, H, W = x_in.shape
         packed = x_in.view(n, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 4 * C)
-        out = model(packed, encoder_hidden_states=text[:n], pooled_projections=pooled[:n],
-                    timestep=t.to(dtype) / 1000, img_ids=cond["img_ids"], txt_ids=cond["txt_ids"],
-                    guidance=None if guidance is None else guidance[:n], return_dict=False)[0]
+        kw = dict(encoder_hidden_states=text[:n], pooled_projections=pooled[:n], timestep=t.to(dtype) / 1000,
+                  img_ids=cond["img_ids"], txt_ids=cond["txt_ids"], guidance=None if guidance is None else guidance[:n])
+        if cache is not None:
+            out = cache(flux_stages(spec, packed, **kw), step)
+        else:
+            out = model(packed, **kw, return_dict=False)[0]
         C_out = out.shape[-1] // 4
         return out.view(n, H // 2, W // 2, C_out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C_out, H, W)
 
     return forward
+
+def flux_stages(spec: Flux, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance) -> Stages:
+    """`Flux.forward` cut for a step cache: the stream is the joint [text; image] sequence (B, L+N, D) throughout,
+    as the fused denoiser keeps it."""
+    x, context = spec.embed(hidden_states, encoder_hidden_states)  # (B, N, D), (B, L, D)
+    temb = spec.timestep_conditioning(timestep, guidance, pooled_projections, x.dtype)
+    rope = spec.rope(txt_ids, img_ids)
+    L = context.shape[1]
+
+    def double(i, s):
+        context, x = spec.double_block(i, s[:, L:], s[:, :L], temb, rope)
+        return torch.cat([context, x], dim=1)
+
+    doubles, singles = spec.transformer_blocks, spec.single_transformer_blocks
+    return Stages(torch.cat([context, x], dim=1),
+                  [functools.partial(double, i) for i in range(len(doubles))]
+                  + [functools.partial(spec.single_block, i, temb=temb, rope=rope) for i in range(len(singles))],
+                  lambda s: spec.unembed(s[:, L:], temb),
+                  [[b.attn, b.ff, b.ff_context] for b in doubles] + [[b.proj_out] for b in singles], spec)
+
 
 class AcceleratedFluxPipeline(Accelerated):
     """Called like `FluxPipeline` (Flux.1 dev or schnell), returning what it returns; the denoising loop runs in
@@ -122,7 +149,7 @@ class AcceleratedFluxPipeline(Accelerated):
 
 
 families.register(families.Family(
-    name="flux", spec=Flux, config=FluxConfig, fast=FastFlux, forward=flux_forward,
+    name="flux", spec=Flux, config=FluxConfig, fast=FastFlux, forward=flux_forward, reference_cache=True,
     channels=lambda cfg: cfg.in_channels // 4,
     depth=lambda model: model.config.num_layers + model.config.num_single_layers,
     diffusers_class="FluxTransformer2DModel", from_diffusers=flux.from_diffusers, recognises=flux.is_flux_state_dict,

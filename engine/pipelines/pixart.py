@@ -3,13 +3,16 @@ call of the model (the negative prompt the unconditional half), and the family r
 checkpoints, which need the config)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import families
+from ..cache import Stages
 from ..fast.pixart import FastPixArt
 from ..inputs import check_patch_grid_noise
 from ..models import pixart_checkpoints as pixart
-from ..models.pixart import PixArt, PixArtConfig
+from ..models.pixart import PixArt, PixArtConfig, encoder_mask_bias
 from ..sampling import doubled
 from ..schedulers import DDIM
 from .base import Accelerated, check_call
@@ -35,12 +38,30 @@ def pixart_forward(model, spec: PixArt, noise: torch.Tensor, use_cfg: bool, *con
 
     def forward(x_in, t, step):
         n = len(x_in)
+        if cache is not None:
+            return cache(pixart_stages(spec, x_in, text[:n], t, None if mask is None else mask[:n],
+                                       None if added is None else {k: None if v is None else v[:n]
+                                                                   for k, v in added.items()}), step)
         return model(x_in, encoder_hidden_states=None if text is None else text[:n], timestep=t,
                      encoder_attention_mask=None if mask is None else mask[:n],
                      added_cond_kwargs=None if added is None else
                      {k: None if v is None else v[:n] for k, v in added.items()})
 
     return forward
+
+
+def pixart_stages(spec: PixArt, hidden_states, encoder_hidden_states, timestep, encoder_attention_mask,
+                  added_cond_kwargs) -> Stages:
+    """`PixArt.forward` cut for a step cache."""
+    p = spec.config.patch_size
+    grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+    bias = encoder_mask_bias(encoder_attention_mask, hidden_states.dtype)  # (B, 1, 1, L) or None
+    x = spec.embed(hidden_states)  # (B, T, D)
+    emb, t6 = spec.timestep_conditioning(timestep, added_cond_kwargs, hidden_states.shape[0])
+    context = spec.caption(encoder_hidden_states)  # (B, L, D)
+    return Stages(x, [functools.partial(spec.block, i, t6=t6, context=context, bias=bias)
+                      for i in range(len(spec.blocks))],
+                  lambda x: spec.unembed(x, emb, grid), [[b.attn, b.cross_attn, b.mlp] for b in spec.blocks], spec)
 
 
 def recognises(state: dict) -> bool:
@@ -169,7 +190,7 @@ class AcceleratedPixArtPipeline(Accelerated):
 
 
 families.register(families.Family(
-    name="pixart", spec=PixArt, config=PixArtConfig, fast=FastPixArt, forward=pixart_forward,
+    name="pixart", spec=PixArt, config=PixArtConfig, fast=FastPixArt, forward=pixart_forward, reference_cache=True,
     channels=lambda cfg: cfg.in_channels, depth=lambda model: len(model.blocks),
     diffusers_class="PixArtTransformer2DModel", from_diffusers=pixart.from_diffusers, recognises=recognises,
     load=load, pipelines={"PixArtAlphaPipeline": AcceleratedPixArtPipeline,

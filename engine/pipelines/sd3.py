@@ -2,9 +2,12 @@
 fp32), and the family record (diffusers and SAI checkpoints)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import families
+from ..cache import Stages
 from ..fast.sd3 import FastSD3, check_inputs
 from ..models import sd3_checkpoints as sd3
 from ..models.sd3 import SD3, SD3Config
@@ -22,10 +25,32 @@ def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, *condition
 
     def forward(x_in, t, step):
         n = len(x_in)
+        if cache is not None:
+            return cache(sd3_stages(spec, x_in, text[:n], pooled[:n], t), step)
         return model(x_in, encoder_hidden_states=text[:n], pooled_projections=pooled[:n], timestep=t,
                      return_dict=False)[0]
 
     return forward
+
+def sd3_stages(spec: SD3, hidden_states, encoder_hidden_states, pooled_projections, timestep) -> Stages:
+    """`SD3.forward` cut for a step cache: the stream is [image; text] (B, N+L, D), as the fused denoiser keeps it
+    (the last block leaves the text rows as they are)."""
+    p = spec.config.patch_size
+    grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
+    x = spec.embed(hidden_states)  # (B, N, D)
+    temb = spec.timestep_conditioning(timestep, pooled_projections)  # (B, D)
+    c = spec.context(encoder_hidden_states)  # (B, L, D)
+    N = x.shape[1]
+
+    def block(i, s):
+        x, c = spec.block(i, s[:, :N], s[:, N:], temb)
+        return torch.cat([x, s[:, N:] if c is None else c], dim=1)
+
+    blocks = spec.transformer_blocks
+    return Stages(torch.cat([x, c], dim=1), [functools.partial(block, i) for i in range(len(blocks))],
+                  lambda s: spec.unembed(s[:, :N], temb, grid),
+                  [[m for m in (b.attn, b.ff, b.ff_context, b.attn2) if m is not None] for b in blocks], spec)
+
 
 class AcceleratedSD3Pipeline(Accelerated):
     """Called like `StableDiffusion3Pipeline` (SD3 and SD3.5), returning what it returns; the denoising loop runs
@@ -111,7 +136,7 @@ class AcceleratedSD3Pipeline(Accelerated):
 
 
 families.register(families.Family(
-    name="sd3", spec=SD3, config=SD3Config, fast=FastSD3, forward=sd3_forward,
+    name="sd3", spec=SD3, config=SD3Config, fast=FastSD3, forward=sd3_forward, reference_cache=True,
     channels=lambda cfg: cfg.in_channels, depth=lambda model: model.config.num_layers,
     diffusers_class="SD3Transformer2DModel", from_diffusers=sd3.from_diffusers, recognises=sd3.is_sd3_state_dict,
     load=families.config_loader(sd3.load_state_dict),
