@@ -46,7 +46,11 @@ def load_checkpoint(source: str | os.PathLike | dict, dtype: torch.dtype | None 
         raise ValueError(f"checkpoint: not a checkpoint of any registered family; load_checkpoint reads "
                          f"{supported_checkpoints()}")
     options = {"own_config": own_config, "overrides": config_overrides, "pixart_config": pixart_config}
-    return family.load(state, dconfig, options)
+    try:
+        return family.load(state, dconfig, options)
+    except KeyError as err:  # a tensor the config is inferred from; the loaders name the others themselves
+        raise ValueError(f"checkpoint: a {family.spec.__name__} checkpoint (recognised by its keys) is missing key "
+                         f"{err.args[0]!r}, from which its config is inferred") from None
 
 
 def supported_checkpoints() -> str:

@@ -5,6 +5,7 @@ call stays one-way: sampling -> fast -> inputs, never back up.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -67,6 +68,42 @@ def check_noise_values(noise: torch.Tensor, device: torch.device) -> None:
     if noise.numel() and not bool(torch.isfinite(noise).all()):
         raise ValueError(f"noise: contains {int((~torch.isfinite(noise)).sum())} NaN or Inf values; expected "
                          "finite samples of N(0, I)")
+
+
+def check_conditioning(fast: type, conditioning: tuple, named: dict) -> None:
+    """What every sampling call checks first, once, before any family code: the arguments fit the family's
+    conditioning (`fast.inputs`, the contract both loops share), and every tensor and number among them has values:
+    no meta tensor, no NaN or Inf (which would silently become a NaN sample)."""
+    signature = inspect.signature(fast.inputs)
+    try:
+        bound = signature.bind(None, None, None, False, *conditioning, **named)
+    except TypeError as err:
+        params = list(signature.parameters.values())[4:]
+        takes = ", ".join(p.name + ("=" if p.kind == p.KEYWORD_ONLY or p.default is not p.empty else "")
+                          for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        takes = takes or "its conditioning by name"
+        raise TypeError(f"conditioning: {err.args[0].split('() ', 1)[-1]} (given {len(conditioning)} positional "
+                        f"after noise); {fast.__name__} takes noise, then {takes}") from None
+    for name, value in list(bound.arguments.items())[4:]:
+        kind = signature.parameters[name].kind
+        for key, item in value.items() if kind == inspect.Parameter.VAR_KEYWORD else [(name, value)]:
+            check_values(key, item)
+
+
+def check_values(name: str, value) -> None:
+    """A conditioning value (a tensor, a number, or a dict of them) with no meta tensor and no NaN / Inf."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_values(f"{name}[{key!r}]", item)
+    elif isinstance(value, torch.Tensor):
+        if value.is_meta:
+            raise ValueError(f"{name}: a meta tensor (shape only, no data); expected a tensor with values on the "
+                             "model's device")
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name}: contains {int((~torch.isfinite(value)).sum())} NaN or Inf values; expected "
+                             "finite values")
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 
 def check_inputs(model: DiT, noise: torch.Tensor, class_labels: torch.Tensor, device=None) -> None:

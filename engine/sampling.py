@@ -9,7 +9,8 @@ from . import families
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .guidance import APG, check_guider
-from .inputs import check_cfg_scale, check_guided_channels, check_scheduler, draw_noise, guided_steps
+from .inputs import (check_cfg_scale, check_conditioning, check_guided_channels, check_scheduler, draw_noise,
+                     guided_steps)
 from .models.dit import guide
 from .schedulers import COL, Scheduler
 
@@ -112,6 +113,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
         raise ValueError(f"quantize={quantize!r} needs backend='fused' (the reference is the model's own precision)")
     check_cfg_scale(cfg_scale)
     family = families.of_model(model)
+    check_conditioning(family.fast, conditioning, named_conditioning)
     k = check_guided_channels(guided_channels, family.channels(model.config))
     check_guider(guider, tuple(noise.shape[1:]))
     use_cfg = cfg_scale != 1.0

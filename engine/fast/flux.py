@@ -22,6 +22,7 @@ embedding's reshape, its inverse the output's.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,7 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=
     if (guidance is not None) != cfg.guidance_embeds:
         raise ValueError(f"guidance: {'required' if cfg.guidance_embeds else 'refused'} by this Flux "
                          f"(guidance_embeds={cfg.guidance_embeds}: {'dev' if cfg.guidance_embeds else 'schnell'})")
-    cond["guidance"] = None if guidance is None else \
-        torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(B).to(device)
+    cond["guidance"] = None if guidance is None else guidance_rows(guidance, B, device)
     tokens = (H // 2) * (W // 2)
     for name, ids, n in (("txt_ids", txt_ids, L), ("img_ids", img_ids, tokens)):
         if ids is not None and (not isinstance(ids, torch.Tensor) or ids.shape[-2:] != (n, 3)):
@@ -71,6 +71,20 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=
     cond["txt_ids"] = torch.zeros(L, 3, device=device) if txt_ids is None else txt_ids.reshape(L, 3)
     cond["img_ids"] = image_ids(H // 2, W // 2, device) if img_ids is None else img_ids.reshape(tokens, 3)
     return cond
+
+
+def guidance_rows(guidance, batch: int, device) -> torch.Tensor:
+    """dev's embedded guidance scale as (B,) fp32: one number (or a 1-element tensor) for every row, or one per row."""
+    if isinstance(guidance, torch.Tensor):
+        if not guidance.is_floating_point() and guidance.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"guidance: expected a real tensor, got {guidance.dtype}")
+        if guidance.numel() not in (1, batch):
+            raise ValueError(f"guidance: expected one value or one per row ({batch}), got shape "
+                             f"{tuple(guidance.shape)}")
+    elif not isinstance(guidance, numbers.Real) or isinstance(guidance, bool):
+        raise TypeError(f"guidance: expected a number or a tensor of 1 or {batch} values, got "
+                        f"{type(guidance).__name__}")
+    return torch.as_tensor(guidance, dtype=torch.float32).reshape(-1).expand(batch).to(device)
 
 
 class FastFlux(FusedDenoiser):

@@ -20,7 +20,7 @@ import torch
 
 from ..cache import FirstBlockCache, StaticCache, stats_dict
 from ..guidance import APG, check_guider
-from ..inputs import check_cfg_scale, check_guided_channels, check_scheduler, guided_steps
+from ..inputs import check_cfg_scale, check_conditioning, check_guided_channels, check_scheduler, guided_steps
 from ..schedulers import Scheduler
 from .base import FusedDenoiser
 from .plan import CACHE_DECISIONS, Plan, decision_mode  # noqa: F401 (re-exported)
@@ -154,6 +154,7 @@ class FastSampler:
                  progress: bool = False, **named_conditioning) -> torch.Tensor:
         """Latents (B, C, ...) fp32 from `noise` ~ N(0, I) (B, C, ...) and the family's conditioning
         (`class_labels` (B,) for a DiT; the prompt embeddings and masks for PixArt)."""
+        check_conditioning(type(self.fast), conditioning, named_conditioning)
         cond = self.fast.inputs(self.model, noise, self.use_cfg, *conditioning, **named_conditioning)
         depth, S = self.fast.depth, len(self.sched)
         if noise.shape[0] == 0:  # nothing to sample: the reference loop's answer, without building a plan

@@ -64,14 +64,18 @@ def original_key_map(state: dict) -> dict[str, tuple[str, ...]]:
 
 def is_original_state_dict(state: dict) -> bool:
     """BFL's layout (HunyuanVideo's original checkpoints share the block names, not these embedders)."""
-    return {"img_in.weight", "txt_in.weight", "vector_in.in_layer.weight"} <= {k.removeprefix(_ORIGINAL_PREFIX)
-                                                                             for k in state}
+    keys = [k.removeprefix(_ORIGINAL_PREFIX) for k in state]
+    return all(any(k.startswith(prefix) for k in keys) for prefix in ("img_in.", "txt_in.", "vector_in."))
 
 
 def is_flux_state_dict(state: dict) -> bool:
     """A diffusers `FluxTransformer2DModel` or a BFL Flux.1 state dict: what `load_state_dict` reads."""
-    return is_original_state_dict(state) or {"x_embedder.weight", "context_embedder.weight",
-                                              "time_text_embed.text_embedder.linear_1.weight"} <= set(state)
+    # By key prefixes, not single keys, so that a checkpoint missing any one tensor is still recognised as Flux and
+    # its loader names what is missing. The single-stream blocks are Flux's own; a model without them still has the
+    # pooled-text embedder and no SD3 patch embedding.
+    return is_original_state_dict(state) or any(k.startswith("single_transformer_blocks.") for k in state) or (
+        any(k.startswith("time_text_embed.text_embedder.") for k in state)
+        and any(k.startswith("x_embedder.") for k in state) and not any(k.startswith("pos_embed.") for k in state))
 
 
 def _swap_halves(t: torch.Tensor) -> torch.Tensor:
@@ -110,7 +114,7 @@ def infer_config(state: dict, **overrides) -> FluxConfig:
     """A config from tensor shapes (diffusers keys): every size is fixed by them except `axes_dims_rope` (Flux.1's
     (16, 56, 56) unless overridden) and `patch_size` (1, as every released model; it only sizes proj_out)."""
     D, in_channels = state["x_embedder.weight"].shape
-    norm_q = next(v for k, v in state.items() if k.endswith("attn.norm_q.weight"))
+    norm_q = next(v for k, v in state.items() if k.endswith(("attn.norm_q.weight", "attn.norm_k.weight")))
     patch_size = overrides.get("patch_size", 1)
     fields_ = dict(
         patch_size=patch_size, in_channels=in_channels,
@@ -120,7 +124,7 @@ def infer_config(state: dict, **overrides) -> FluxConfig:
         attention_head_dim=norm_q.shape[0], num_attention_heads=D // norm_q.shape[0],
         joint_attention_dim=state["context_embedder.weight"].shape[1],
         pooled_projection_dim=state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
-        guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state)
+        guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in state))
     return FluxConfig(**{**fields_, **overrides})
 
 

@@ -48,7 +48,9 @@ def is_original_state_dict(state: dict) -> bool:
 
 def is_sd3_state_dict(state: dict) -> bool:
     """A diffusers SD3Transformer2DModel or an SAI SD3 / SD3.5 state dict (Flux has no `pos_embed.proj`)."""
-    return "context_embedder.weight" in state and "pos_embed.proj.weight" in state or is_original_state_dict(state)
+    # By key prefixes (see flux_checkpoints.is_flux_state_dict): the joint blocks beside a patch embedding.
+    return any(k.startswith("pos_embed.proj.") for k in state) and any(
+        k.startswith(("context_embedder.", "transformer_blocks.")) for k in state) or is_original_state_dict(state)
 
 
 def swap_halves(t):
@@ -98,7 +100,7 @@ def infer_config(state: dict, **overrides) -> SD3Config:
     table, which the checkpoint's copy replaces); `overrides` win."""
     try:
         D, C, p, _ = state["pos_embed.proj.weight"].shape
-        norm_q = state.get("transformer_blocks.0.attn.norm_q.weight")
+        norm_q = next((v for k, v in state.items() if k.endswith(("attn.norm_q.weight", "attn.norm_k.weight"))), None)
         head_dim = overrides.get("attention_head_dim", norm_q.shape[0] if norm_q is not None else 64)
         blocks = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
         fields_ = dict(

@@ -56,8 +56,8 @@ def ace_step_stages(spec: AceStep, hidden_states, timestep, encoder_hidden_state
 
 
 def recognises(state: dict) -> bool:
-    return "condition_embedder.weight" in state and "proj_in_conv.weight" in state \
-        or any(k.startswith("decoder.layers.") for k in state)
+    return any(k.startswith(("condition_embedder.", "proj_in_conv.", "proj_out_conv.", "decoder.layers."))
+               for k in state)
 
 
 class AcceleratedAceStepPipeline(Accelerated):

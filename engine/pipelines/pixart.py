@@ -66,14 +66,14 @@ def pixart_stages(spec: PixArt, hidden_states, encoder_hidden_states, timestep, 
 
 def recognises(state: dict) -> bool:
     """A diffusers PixArtTransformer2DModel's keys, or the original PixArt-alpha / sigma checkpoint's."""
-    return "adaln_single.linear.weight" in state or \
-        "t_block.1.weight" in state and any(k.startswith("blocks.0.cross_attn.") for k in state)
+    return any(k.startswith("adaln_single.") for k in state) or \
+        any(k.startswith("t_block.") for k in state) and any(".cross_attn." in k for k in state)
 
 
 def load(state: dict, dconfig: dict, options: dict) -> PixArt:
     """Shapes do not give the head count or the position-embedding scale: the config is the folder's config.json or
     `pixart_config=` (a diffusers config dict or a PixArtConfig)."""
-    original = "adaln_single.linear.weight" not in state
+    original = not any(k.startswith("adaln_single.") for k in state)
     config = options.get("pixart_config") or dconfig
     if not config:
         kind = "an original PixArt" if original else "a diffusers PixArtTransformer2DModel"
