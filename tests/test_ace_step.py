@@ -5,7 +5,6 @@ import torch
 
 import ditengine as de
 from ditengine.bench.metrics import sqnr_db
-from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.fast import FastAceStep
 from ditengine.models.ace_step import AceStep, AceStepConfig
 
@@ -139,27 +138,6 @@ def test_quantized_runs_close_to_fp32(quantize, backend):
     got = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, quantize=quantize, backend=backend)(
         z, **cond)
     assert (15 if quantize == "fp8" else 25) < sqnr_db(got, exact) < 200  # close, and really quantised
-
-
-@pytest.mark.parametrize("policy", [StaticCache(2, warmup=1, cooldown=1), StaticCache(2, warmup=1, cooldown=1,
-                                                                                      reuse="blocks"),
-                                    FirstBlockCache(10.0)], ids=str)
-def test_step_caching(policy):
-    model, sched = ace_step(), schedule(6)
-    cond, z = conditioning(model), noise()
-    uncached = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32)(z, **cond)
-    for mode in (None, "step", "loop"):
-        sampler = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, cuda_graph=mode, cache=policy)
-        got = sampler(z, **cond)
-        stats = sampler.stats
-        assert stats["cached_steps"] and stats["block_evals"] < stats["block_evals_uncached"] == 6 * 2
-        assert torch.isfinite(got).all() and not torch.equal(got, uncached)
-        if mode is None:
-            first = got
-        assert torch.equal(got, first)
-    for nothing in (StaticCache(interval=1), FirstBlockCache(threshold=0)):
-        assert torch.equal(de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, cache=nothing)(z, **cond),
-                           uncached)
 
 
 def test_bad_inputs_name_the_argument():

@@ -4,8 +4,6 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine.bench.metrics import sqnr_db
-from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.fast import FastFlux
 from ditengine.models.flux import Flux, FluxConfig
 
@@ -95,29 +93,6 @@ def test_graph_modes_plans_and_ids():
     assert wide.shape == (2, 4, 4, 10)
     ids = torch.rand(L, 3) * 5  # other position ids reach the RoPE tables
     assert not torch.equal(sampler(z, txt_ids=ids, **cond), runs[None])
-
-
-@pytest.mark.parametrize("policy", [StaticCache(2, warmup=1, cooldown=1), StaticCache(2, warmup=1, cooldown=1,
-                                                                                      reuse="blocks"),
-                                    FirstBlockCache(10.0)], ids=str)
-def test_step_caching(policy):
-    model, sched = flux(), schedule(6)
-    cond, z = conditioning(model), noise()
-    uncached = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32)(z, **cond)
-    sampler = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, cache=policy)
-    got = sampler(z, **cond)
-    assert sampler.stats["cached_steps"] and torch.isfinite(got).all() and not torch.equal(got, uncached)
-    for nothing in (StaticCache(interval=1), FirstBlockCache(threshold=0)):
-        assert torch.equal(de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, cache=nothing)(z, **cond),
-                           uncached)
-
-
-def test_int8_close_to_fp32():
-    model, sched = flux(), schedule(4)
-    cond, z = conditioning(model), noise()
-    exact = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32)(z, **cond)
-    got = de.FastSampler(model, sched, cfg_scale=1.0, dtype=torch.float32, quantize="int8")(z, **cond)
-    assert 20 < sqnr_db(got, exact) < 200
 
 
 def test_bad_inputs_name_the_argument():

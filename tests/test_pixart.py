@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import ditengine as de
-from ditengine.cache import FirstBlockCache, StaticCache
 from ditengine.models.pixart import PixArt, PixArtConfig
 
 from support.tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
@@ -133,28 +132,6 @@ def test_tiny_head_dims_run_the_reference_attention(caplog):
         got = de.FastSampler(model, sched, cfg_scale=4.5, dtype=torch.float32)(noise(), **cond)
     assert_fp32_run_within_tolerance(got, lambda m: de.sample(m, sched, noise(), cfg_scale=4.5, progress=False,
                                                               **cond), model, "head dim 4")
-
-
-@pytest.mark.parametrize("policy", [StaticCache(2, warmup=1, cooldown=1), StaticCache(2, warmup=1, cooldown=1,
-                                                                                      reuse="blocks"),
-                                    FirstBlockCache(10.0)], ids=str)
-def test_step_caching(policy):
-    model, sched = pixart(), S.DPMSolverPP(6)
-    cond, z = conditioning(model), noise()
-    uncached = de.FastSampler(model, sched, cfg_scale=4.5, dtype=torch.float32)(z, **cond)
-    for mode in (None, "step", "loop"):
-        sampler = de.FastSampler(model, sched, cfg_scale=4.5, dtype=torch.float32, cuda_graph=mode, cache=policy)
-        got = sampler(z, **cond)
-        stats = sampler.stats
-        assert stats["cached_steps"] and stats["block_evals"] < stats["block_evals_uncached"] == 6 * 2
-        assert torch.isfinite(got).all() and not torch.equal(got, uncached)
-        if mode is None:
-            first = got
-        assert torch.equal(got, first)
-    # Nothing cached: bitwise the uncached run.
-    for nothing in (StaticCache(interval=1), FirstBlockCache(threshold=0)):
-        assert torch.equal(de.FastSampler(model, sched, cfg_scale=4.5, dtype=torch.float32, cache=nothing)(z, **cond),
-                           uncached)
 
 
 def test_bad_text_inputs():
