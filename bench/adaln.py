@@ -1,4 +1,4 @@
-"""Microbenchmark of adaln_modulate (K1) and gated_residual_adaln (K3).
+"""Microbenchmark of adaln_modulate and gated_residual_adaln.
 
 GPU: the Triton kernel, the eager PyTorch sequence it replaces and torch.compile of that sequence, at
 DiT-XL shapes in bf16. CPU: the native C++ kernel (csrc/adaln.cpp), the eager sequence and torch.compile of

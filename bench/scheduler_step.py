@@ -1,4 +1,4 @@
-"""Microbenchmark of the fused scheduler step (K4) at DiT-XL latent shapes (4 x 32 x 32 and 4 x 64 x 64).
+"""Microbenchmark of the fused scheduler step at DiT-XL latent shapes (4 x 32 x 32 and 4 x 64 x 64).
 
 Providers: the fast kernel (Triton on GPU, the native C++ kernel of csrc/scheduler_step.cpp on CPU), the
 eager PyTorch sequence it replaces (guidance, DPM-Solver++ 2M update, next-input copy) and torch.compile of

@@ -1,4 +1,4 @@
-// Native CPU kernels of adaLN modulation (K1) and gated residual + adaLN (K3); see kernels/adaln.py for
+// Native CPU kernels of adaLN modulation and gated residual + adaLN; see kernels/adaln.py for
 // the formulas, shapes and the Python definition of the ops.
 //
 //     adaln_modulate:        y = norm(x) * weight * (1 + scale) + shift

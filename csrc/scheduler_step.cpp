@@ -1,4 +1,4 @@
-// Native CPU kernel of the fused scheduler step (K4); see kernels/scheduler_step.py for the formulas, the
+// Native CPU kernel of the fused scheduler step; see kernels/scheduler_step.py for the formulas, the
 // table's columns and the Python definition of the op.
 //
 //     m      = u + cfg_scale * (c - u)            # first `guided_channels` channels; c elsewhere

@@ -1,4 +1,4 @@
-"""adaLN modulation (K1) and gated residual + adaLN (K3): the memory-bound half of a DiT block.
+"""adaLN modulation and gated residual + adaLN: the memory-bound half of a DiT block.
 
     adaln_modulate:        y = norm(x) * weight * (1 + scale) + shift
     gated_residual_adaln:  x_new = x + gate * o ;  y = norm(x_new) * weight * (1 + scale) + shift
@@ -6,21 +6,22 @@
 norm normalises over the last dim: LayerNorm without affine by default (`rms=False`: x - mean over the
 standard deviation), or RMSNorm with `rms=True` (x * rsqrt(mean(x^2) + eps), no mean subtraction). `weight`
 is the norm's learned elementwise weight (D,), applied to the normalised x before the modulation; None (the
-default) is no weight. DiT runs K1 before attention (shift_msa, scale_msa) and K3 after each branch: after
-attention it adds the gated attention output and prepares the MLP input, after the MLP it adds the gated MLP
-output and prepares the next block's attention input. ACE-Step 1.5 normalises with a weighted RMSNorm
-(`rms=True, weight=...`); its un-modulated cross-attention pre-norm is K3 with a unit gate and zero
-shift and scale rows. SD3.5's dual-attention layers modulate one norm twice (`second=(shift2, scale2)`:
-a second output y2 from the same row statistics, for the layer's second attention).
+default) is no weight. DiT runs `adaln_modulate` before attention (shift_msa, scale_msa) and
+`gated_residual_adaln` after each branch: after attention it adds the gated attention output and prepares
+the MLP input, after the MLP it adds the gated MLP output and prepares the next block's attention input.
+ACE-Step 1.5 normalises with a weighted RMSNorm (`rms=True, weight=...`); its un-modulated cross-attention
+pre-norm is `gated_residual_adaln` with a unit gate and zero shift and scale rows. SD3.5's dual-attention
+layers modulate one norm twice (`second=(shift2, scale2)`: a second output y2 from the same row statistics,
+for the layer's second attention).
 Eager PyTorch spends 5-7 passes over the activations on this; each kernel makes one read of each input
 and one write of each output.
 
-Shapes: x, o (B, T, D); shift, scale, gate (B, D) with any row stride, so `.chunk(6, dim=1)` columns of
-the adaLN output or rows of a precomputed (steps, B, depth, 6, D) table are read without copies; weight
-(D,) of any of the float dtypes. The last dim of every tensor must be contiguous. dtypes fp32 / fp16 / bf16
-in and out; statistics and arithmetic in fp32. `x` in K3 is the residual stream and keeps its own dtype:
-pass it in fp32 with a bf16 `o` to hold the residual in fp32 (fp16 residual streams overflow in DiT-like
-models) while `y` is bf16.
+Shapes: x, o (B, T, D); shift, scale, gate (B, D) with any row stride, so `.chunk(6, dim=1)` columns of the
+adaLN output or rows of a precomputed (steps, B, depth, 6, D) table are read without copies; weight (D,) of
+any of the float dtypes. The last dim of every tensor must be contiguous. dtypes fp32 / fp16 / bf16 in and
+out; statistics and arithmetic in fp32. `x` in `gated_residual_adaln` is the residual stream and keeps its
+own dtype: pass it in fp32 with a bf16 `o` to hold the residual in fp32 (fp16 residual streams overflow in
+DiT-like models) while `y` is bf16.
 Limits: D <= 16384 (one row per program). NaN or Inf in a row touches that row and no other: with LayerNorm
 the row is NaN; with RMSNorm a NaN makes the row NaN, and an Inf gives NaN in its element and `shift` in
 the row's finite ones (x * rsqrt(inf) = 0), as an eager RMSNorm does.
@@ -54,7 +55,7 @@ def _norm_ref(x, eps: float, rms: bool):
 
 def adaln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True, *,
                        rms: bool = False, weight=None, second=None):
-    """The plain-PyTorch K1; math in fp32 when `upcast`, else in x's dtype (the low-precision reference).
+    """The plain-PyTorch `adaln_modulate`; math in fp32 when `upcast`, else in x's dtype (the low-precision reference).
     `rms` picks RMSNorm over LayerNorm; `weight` (D,) or None multiplies the normalised x. `second` (shift2,
     scale2) also returns the same normalised x under that modulation: (y, y2)."""
     out_dtype = out_dtype or x.dtype
@@ -69,8 +70,8 @@ def adaln_modulate_ref(x, shift, scale, eps: float = 1e-6, out_dtype=None, upcas
 
 def gated_residual_adaln_ref(x, gate, o, shift, scale, eps: float = 1e-6, out_dtype=None, upcast: bool = True, *,
                              rms: bool = False, weight=None, second=None):
-    """The plain-PyTorch K3: returns (x_new, y), or (x_new, y, y2) with `second`. x_new keeps x's dtype; y
-    defaults to o's dtype."""
+    """The plain-PyTorch `gated_residual_adaln`: returns (x_new, y), or (x_new, y, y2) with `second`. x_new keeps
+    x's dtype; y defaults to o's dtype."""
     out_dtype = out_dtype or o.dtype
     if upcast:
         x_new = (x.float() + gate.float()[:, None] * o.float()).to(x.dtype)

@@ -1,4 +1,4 @@
-"""The scheduler update (K4): guidance, x0, the update and the next model input, in one pass.
+"""The scheduler update: guidance, x0, the update and the next model input, in one pass.
 
 Every scheduler of `ditengine.schedulers` is one computation with per-step scalars from row `step` of
 its device table (see that module for the columns):
@@ -41,7 +41,7 @@ BLOCK = 1024
 def scheduler_step_ref(x, model_out, table, step, *, cfg_scale: float | None = None, guided_channels=None,
                        history=None, noise=None, clip: bool = False, learned_variance: bool = False,
                        out=None, next_input=None):
-    """Plain-PyTorch K4 in fp32; writes `out`, `history` and `next_input` like the kernel and returns x_next."""
+    """The plain-PyTorch step in fp32; writes `out`, `history` and `next_input` like the kernel and returns x_next."""
     B, C = x.shape[:2]
     k = C if guided_channels is None else guided_channels
     coef = table[step].reshape(-1).float()  # (NUM_COLUMNS,), indexed on the device: no host sync

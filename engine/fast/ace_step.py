@@ -1,15 +1,16 @@
 """ACE-Step 1.5's fused denoiser: adaLN-single modulation precomputed per step, every block's cross-attention
 K/V and the context latents' share of the patch embedding precomputed per call, and the fused forward.
 
-Per block (the reference is `ditengine.models.ace_step.AceStepBlock`):
+Per block (the reference is `ditengine.models.ace_step.AceStepBlock`; `[gra]` marks a `gated_residual_adaln`):
 
-    qkv = h @ [W_q; W_k; W_v]                          h from the previous K3 (block 0: K1), RMS-normed, modulated
+    qkv = h @ [W_q; W_k; W_v]                          h RMS-normed, modulated: by the previous [gra] (block 0:
+                                                       adaln_modulate)
     o = gqa_attention(q, k, v; q/k RMSNorm, RoPE, window) @ W_o      the norms and RoPE in the prologue
-    K3 x += gate_msa * o ; h = RMS_w(x)                 the cross-attention pre-norm: zero shift and scale
+    [gra] x += gate_msa * o ; h = RMS_w(x)               the cross-attention pre-norm: zero shift and scale
     c = gqa_attention(h @ W_cq; q RMSNorm, K/V of the condition) @ W_co   K/V computed before the loop
-    K3 x += c ; h = RMS_w(x)(1 + c_scale) + c_shift     ungated: the K3 kernel with a unit gate
+    [gra] x += c ; h = RMS_w(x)(1 + c_scale) + c_shift  ungated: [gra] with a unit gate
     o = linear_swiglu(h) @ W_down                       gate and up as one GEMM, silu(g) u in its epilogue
-    K3 x += c_gate * o ; h = RMS_w(x)(1 + scale) + shift of the next block, or of the output norm
+    [gra] x += c_gate * o ; h = RMS_w(x)(1 + scale) + shift of the next block, or of the output norm
 
 Modulation: t6 = time_proj(SiLU(temb(t))) is shared by the blocks, each adds its own (6, D) table; the
 output norm's shift and scale are the raw temb plus a (2, D) table. The second timestep path embeds t - r,
@@ -219,7 +220,8 @@ class FastAceStep(FusedDenoiser):
         return self.patch(self._patches(x)).to(self.residual_dtype).add_(ctx["context"])
 
     def _norm(self, resid, gate, o, shift, scale, weight):
-        """K3 in its RMSNorm form: resid += gate * o (in place); the next op's input RMS_w(resid)(1 + scale) + shift."""
+        """`gated_residual_adaln` in its RMSNorm form: resid += gate * o (in place); the next op's input
+        RMS_w(resid)(1 + scale) + shift."""
         return gated_residual_adaln(resid, gate, o, shift, scale, eps=self.config.rms_norm_eps, inplace=True,
                                     out_dtype=self.dtype, backend=self.backend, weight=weight, rms=True)
 

@@ -1,15 +1,15 @@
 """The class-conditional DiT's fused denoiser: its weights in the fast path's form, and the fused forward.
 
-Per block (docs/design.md section 2):
+Per block (docs/design.md section 2; `[gra]` marks a `gated_residual_adaln`, one pass over the row):
 
-    K1 h = adaLN(x; shift_msa, scale_msa)            first block only; later blocks get h from K3
+    h = adaLN(x; shift_msa, scale_msa)               adaln_modulate, block 0 only; later blocks get h from [gra]
     qkv = h @ W_qkv                                  cuBLAS (prepacked on a CPU)
     o = attention(qkv as (B, T, 3, H, Dh))           Triton, no permutes
     o = o @ W_proj
-    K3 x += gate_msa * o ; h = adaLN(x; shift_mlp, scale_mlp)
+    [gra] x += gate_msa * o ; h = adaLN(x; shift_mlp, scale_mlp)
     h = gelu_tanh(h @ W_fc1)                         GELU fused into the GEMM where the device allows
     o = h @ W_fc2
-    K3 x += gate_mlp * o ; h = adaLN(x; next block's shift_msa, scale_msa, or the final layer's)
+    [gra] x += gate_mlp * o ; h = adaLN(x; next block's shift_msa, scale_msa, or the final layer's)
 
 The conditioning (timestep and label embeddings and every block's adaLN modulation) depends only on the
 timestep and the label: the context holds the label embeddings of a call, `modulation` turns timesteps
@@ -110,7 +110,8 @@ class FastDiT(FusedDenoiser):
         return self.patch(patches).to(self.residual_dtype).add_(self.pos_bias)
 
     def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
-        """K1: block 0's adaLN input; every later one comes out of the previous block's last K3."""
+        """Block 0's adaLN input (`adaln_modulate`); every later one comes out of the previous block's last
+        `gated_residual_adaln`."""
         block_mod = mod[0]
         return adaln_modulate(resid, block_mod[:, 0, 0], block_mod[:, 0, 1], eps=1e-6, out_dtype=self.dtype,
                               backend=self.backend)
@@ -153,7 +154,8 @@ class FastDiT(FusedDenoiser):
                                     out_dtype=self.dtype, backend=self.backend)
 
     def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
-        """The final layer's adaLN, for a residual stream that did not come out of the last block's K3."""
+        """The final layer's adaLN, for a residual stream that did not come out of the last block's
+        `gated_residual_adaln`."""
         final_mod = mod[1]
         return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype,
                               backend=self.backend)

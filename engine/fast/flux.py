@@ -4,16 +4,16 @@ guidance and pooled embeddings and the RoPE tables per call, and the fused forwa
 The residual stream is the joint sequence s = [text; image] (N, L + T, D) from the start: a double block works
 on its two row ranges in place (each stream its own norms, projections and MLP), a single block on all of it,
 so the sampling loop and a step cache see one tensor, as for every family. Per double block i (the reference is
-`ditengine.models.flux.DoubleBlock`):
+`ditengine.models.flux.DoubleBlock`; `[gra]` marks a `gated_residual_adaln`):
 
-    h = [LN(c)(1 + cs1) + ch1 ; LN(x)(1 + s1) + h1]     from the previous block's K3s (block 0: two K1s)
+    h = [LN(c)(1 + cs1) + ch1 ; LN(x)(1 + s1) + h1]     from the previous block's [gra]s (block 0: adaln_modulate)
     qkv = [h_c @ W_add_qkv ; h_x @ W_qkv]               each stream's q, k, v as one GEMM
     o = gqa_attention(qkv; per-stream q/k RMSNorm, interleaved RoPE over the joint rows)
-    K3 x += g1 * o_x @ W_out ; h_x = LN(x)(1 + s2) + h2   and the same for the text rows
-    K3 x += g2 * ff(h_x) ; h_x = the next block's norm     ff: linear_gelu then the down GEMM; text alike
+    [gra] x += g1 * o_x @ W_out ; h_x = LN(x)(1 + s2) + h2   and the same for the text rows
+    [gra] x += g2 * ff(h_x) ; h_x = the next block's norm     ff: linear_gelu then the down GEMM; text alike
 
 Per single block: h = LN(s)(1 + sc) + sh; one GEMM [q | k | v | mlp] of 3D + 4D outputs with the GELU on the
-MLP columns only; attention; one output GEMM over [attention | MLP]; K3 s += g * o and the next norm. The final
+MLP columns only; attention; one output GEMM over [attention | MLP]; [gra] s += g * o and the next norm. The final
 norm (scale first) modulates the joint rows, and the image rows go through the output projection.
 
 Latents are the VAE's (B, 16, H, W) grid; the 2x2 patch packing of FluxPipeline (`_pack_latents`) is the
@@ -213,7 +213,7 @@ class FastFlux(FusedDenoiser):
 
     def _norms(self, resid, L, mods, gates=None, outs=None):
         """The next op's input: each row range normed with its own (shift, scale) of `mods` [(text), (image)],
-        after adding gate * out to it in place when given (K3, else K1)."""
+        after adding gate * out to it in place when given (`gated_residual_adaln`, else `adaln_modulate`)."""
         parts = []
         for rows, (shift, scale), gate, o in zip((slice(None, L), slice(L, None)), mods, gates or (None, None),
                                                  outs or (None, None)):

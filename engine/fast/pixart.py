@@ -3,12 +3,12 @@ cross-attention K/V precomputed per prompt for every block, and the fused forwar
 
 Per block (the reference is `ditengine.models.pixart.PixArtBlock`):
 
-    qkv = h @ W_qkv ; o = attention(qkv) @ W_proj        h from the previous K3 (block 0: K1)
+    qkv = h @ W_qkv ; o = attention(qkv) @ W_proj        h from the previous [gra] (block 0: adaln_modulate)
     x += gate_msa * o                                    the next op reads x itself: no norm to fuse
     o = cross_attention(x @ W_q, kv[block], kv_lens) @ W_o   K/V of the caption, computed before the loop
-    K3 x += o ; h = adaLN(x; shift_mlp, scale_mlp)       ungated: the K3 kernel with a unit gate
+    [gra] x += o ; h = adaLN(x; shift_mlp, scale_mlp)    ungated: [gra] with a unit gate
     o = gelu_tanh(h @ W_fc1) @ W_fc2
-    K3 x += gate_mlp * o ; h = adaLN(x; next block's shift_msa, scale_msa, or the final layer's)
+    [gra] x += gate_mlp * o ; h = adaLN(x; next block's shift_msa, scale_msa, or the final layer's)
 
 Modulation: t6 = t_block(emb) is shared by all blocks, each adds its own (6, D) table; the final layer's
 shift and scale are the raw embedding plus a (2, D) table. emb is the timestep embedding plus, for

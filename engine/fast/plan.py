@@ -155,7 +155,7 @@ class Plan:
         return _at(s.fast.modulation(t, self.ctx), 0)
 
     def scheduler_update(self, step: int | torch.Tensor, out: torch.Tensor, guided: bool | None = None) -> None:
-        """K4: guidance, the update of x (and history), and the next CFG-doubled model input."""
+        """The fused scheduler step: guidance, the update of x (and history), and the next CFG-doubled model input."""
         s = self.sampler
         sched = s.sched
         guided = s.use_cfg if guided is None else guided

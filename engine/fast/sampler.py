@@ -2,7 +2,7 @@
 
 The loop owns the static buffers (the sampler state, the CFG-doubled model input, the per-call context,
 the modulation of every step), graph capture (one step, or the whole loop, as a CUDA graph), step caching
-and the fused scheduler step (K4, which also writes the next CFG-doubled model input). What a family
+and the fused scheduler step (`scheduler_step`, which also writes the next CFG-doubled model input). What a family
 computes is behind the denoiser contract (`base.FusedDenoiser`); this file never names a family.
 
 With a step cache (`ditengine.cache`), a step is split into a head (the embedding and, for the first-block

@@ -10,18 +10,19 @@ block i (the reference is `ditengine.models.sd3.JointBlock`):
     qkv = [h_x @ W_qkv ; h_c @ W_add_qkv]               each stream's q, k, v as one GEMM
     o = gqa_attention(qkv; SD3.5: per-stream q/k RMSNorm in the prologue), no mask
     x += g1 * o_x @ W_out                               dual-attention layers, then:
-        x += g3 * attn2(h3),  h3 = LN(x_in)(1 + sc3) + sh3   h3 from the previous K3, the same LN as h's
-    K3 x += g1 (or g3) * ... ; h_x = LN(x)(1 + sc2) + sh2    and the same for the text rows
-    K3 x += g2 * ff(h_x) ; h_x = the next block's norm       ff: linear_gelu then the down GEMM; text alike
+        x += g3 * attn2(h3),  h3 = LN(x_in)(1 + sc3) + sh3   h3 from the previous [gra], the same LN as h's
+    [gra] x += g1 (or g3) * ... ; h_x = LN(x)(1 + sc2) + sh2    and the same for the text rows
+    [gra] x += g2 * ff(h_x) ; h_x = the next block's norm       ff: linear_gelu then the down GEMM; text alike
 
 The last block (`context_pre_only`) reads the text rows but leaves them as they are, and its text norm and
 the final norm give (scale, shift), the reverse of the others. The final norm modulates every row (the text
 rows' share is discarded: one LayerNorm of L rows a step, for one tensor shape through the loop), and the image
 rows go through the output projection.
 
-SD3.5's dual-attention layers read the block input's LayerNorm twice, with two modulations: the K3 (or K1)
-before such a block writes both from one pass over the row (`second=` of the adaLN ops), the second into the
-context's static `second` buffer, which the block's image-only attention reads.
+SD3.5's dual-attention layers read the block input's LayerNorm twice, with two modulations: the
+`gated_residual_adaln` (or `adaln_modulate`) before such a block writes both from one pass over the row (`second=`
+of the adaLN ops), the second into the context's static `second` buffer, which the block's image-only attention
+reads.
 """
 from __future__ import annotations
 
@@ -198,8 +199,8 @@ class FastSD3(FusedDenoiser):
 
     def _norms(self, resid, ctx, mods, gates=(None, None), outs=(None, None)):
         """The next op's input: each row range [image; text] normed with its own (shift, scale) of `mods`,
-        after adding gate * out to it in place where given (K3, else K1); a second image modulation goes to
-        ctx["second"]."""
+        after adding gate * out to it in place where given (`gated_residual_adaln`, else `adaln_modulate`); a second
+        image modulation goes to ctx["second"]."""
         T = ctx["image_len"]
         *streams, second = mods
         parts = []
