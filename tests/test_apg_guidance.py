@@ -5,13 +5,15 @@ import torch
 
 from ditengine.kernels import apg_guidance, apg_guidance_ref
 
+from support.backends import cpu_backends
 from support.native_helpers import triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
 # ACE-Step 1.5's latent: 64 channels, up to 7500 frames (25 Hz, 300 s).
 ACE_C = 64
-# Every backend that runs on CPU tensors; the Triton kernel runs through the interpreter.
-CPU_BACKENDS = ["reference", pytest.param("triton", marks=triton_cpu)]
+# The op's backends on CPU tensors, each skipped where it cannot run here: the Triton kernel through the
+# interpreter, and the reference. It has no C++ kernel (the bad-input table asserts that backend="native" says so).
+BACKENDS = cpu_backends("apg_guidance", ("triton", "reference"))
 # Asserted against diffusers' fp32 run: max|out - diffusers| <= REL_BOUND * max|diffusers|. Both sides
 # share the fp32 momentum bit for bit; they differ by the fp32 rounding of the clamped diff and of the
 # projection's terms (diffusers rounds them to fp32 before the final combination, the op does not), i.e.
@@ -59,9 +61,10 @@ DIFFUSERS_CASES = [
 
 
 @pytest.mark.parametrize("backend, B, C, L, norm_threshold, eta", [
-    *(("reference", *case) for case in DIFFUSERS_CASES),
-    *(pytest.param("triton", *case, marks=triton_cpu) for case in DIFFUSERS_CASES),
-    ("reference", 1, ACE_C, 7500, 2.5, 0.0),  # a 300 s ACE-Step 1.5 latent (the interpreter: below)
+    *(pytest.param(backend.values[0], *case, marks=backend.marks, id=f"{backend.id}-{'-'.join(map(str, case))}")
+      for backend in BACKENDS for case in DIFFUSERS_CASES),
+    pytest.param("reference", 1, ACE_C, 7500, 2.5, 0.0, id="reference-ace"),  # a 300 s ACE-Step 1.5 latent; the
+    # interpreter at that shape: test_interpreter_ace_shape (two steps against the reference)
 ])
 def test_matches_diffusers_over_four_steps(backend, B, C, L, norm_threshold, eta):
     """Four consecutive guided steps against diffusers' normalized_guidance + MomentumBuffer: the fp32 run
@@ -115,7 +118,7 @@ def test_interpreter_matches_reference(dtype, norm_threshold, eta):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_half_precision_model_output(backend, dtype):
     """A bf16/fp16 model output read into fp32 state. The rule: ref32 is diffusers in fp32 on the rounded
     inputs, ref_lp diffusers in the low precision throughout (its diff, momentum and update). bf16 loads run
@@ -131,7 +134,7 @@ def test_half_precision_model_output(backend, dtype):
         assert torch.equal(momentum, ref32.momentum)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_rows_follow_diffusers(backend):
     """A zero cond row (F.normalize's eps: no projection) and a zero diff (the clamp's thr / ||m|| is
     infinite: factor 1), without NaN."""
@@ -150,7 +153,7 @@ def test_zero_rows_follow_diffusers(backend):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.parametrize("norm_threshold", [0.0, 2.5])
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_nan_stays_in_its_row(backend, norm_threshold):
     gen = torch.Generator().manual_seed(7)
     model_out = guided_output(2, 6, 97, gen)
@@ -166,7 +169,7 @@ def test_nan_stays_in_its_row(backend, norm_threshold):
     assert torch.isnan(momentum[0, 3, 10]) and torch.isnan(momentum[1, 5, 20]) and torch.isnan(momentum).sum() == 2
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_out_buffer_and_first_step(backend):
     """The given `out` is written and returned; from zero momentum the stored state is cond - uncond."""
     gen = torch.Generator().manual_seed(8)
@@ -194,44 +197,69 @@ def test_interpreter_same_inputs_same_bits():
         assert torch.equal(a, b)
 
 
-def test_errors_name_the_argument():
-    model_out, momentum = torch.randn(4, 8, 33), torch.zeros(2, 8, 33)
-    with pytest.raises(ValueError, match=r"model_out: expected 3 dimensions \(2B, C, L\), got shape \(4, 8\)"):
-        apg_guidance(model_out[:, :, 0], momentum, 2.0)
-    with pytest.raises(ValueError, match=r"model_out: expected an even, non-zero number of rows"
-                                         r".*got shape \(3, 8, 33\)"):
-        apg_guidance(model_out[:3], momentum, 2.0)
-    with pytest.raises(ValueError, match="model_out: expected a contiguous tensor"):
-        apg_guidance(torch.randn(4, 16, 33)[:, ::2], momentum, 2.0)
-    with pytest.raises(TypeError, match=r"model_out: expected dtype in \['float32', 'float16', 'bfloat16'\], "
-                                        r"got float64"):
-        apg_guidance(model_out.double(), momentum, 2.0)
-    with pytest.raises(ValueError, match=r"momentum: expected shape \(2, 8, 33\) \(B, C, L\).*got \(1, 8, 33\)"):
-        apg_guidance(model_out, momentum[:1], 2.0)
-    with pytest.raises(TypeError, match=r"momentum: expected dtype in \['float32'\], got bfloat16"):
-        apg_guidance(model_out, momentum.bfloat16(), 2.0)
-    with pytest.raises(ValueError, match="momentum: on meta, expected cpu"):
-        apg_guidance(model_out, torch.zeros(2, 8, 33, device="meta"), 2.0)
-    with pytest.raises(ValueError, match="momentum: overlaps model_out in memory"):
-        apg_guidance(model_out, model_out[2:], 2.0)
-    with pytest.raises(TypeError, match=r"out: expected dtype in \['float32'\], got float16"):
-        apg_guidance(model_out, momentum, 2.0, out=torch.empty(2, 8, 33, dtype=torch.float16))
-    with pytest.raises(ValueError, match=r"out: expected shape \(2, 8, 33\)"):
-        apg_guidance(model_out, momentum, 2.0, out=torch.empty(2, 8, 32))
-    with pytest.raises(ValueError, match="out: overlaps momentum in memory"):
-        apg_guidance(model_out, momentum, 2.0, out=momentum)
-    with pytest.raises(ValueError, match="out: overlaps model_out in memory"):
-        apg_guidance(model_out, momentum, 2.0, out=model_out[:2])
-    with pytest.raises(TypeError, match="guidance_scale: expected a Python float.*got Tensor"):
-        apg_guidance(model_out, momentum, torch.tensor(2.0))
-    with pytest.raises(TypeError, match="eta: expected a Python float.*got bool"):
-        apg_guidance(model_out, momentum, 2.0, eta=True)
-    with pytest.raises(TypeError, match="norm_threshold: expected a Python float.*got NoneType"):
-        apg_guidance(model_out, momentum, 2.0, norm_threshold=None)
-    with pytest.raises(ValueError, match="backend='native': apg_guidance has no native kernel"):
-        apg_guidance(model_out, momentum, 2.0, backend="native")
-    with pytest.raises(ValueError, match="backend: expected one of"):
-        apg_guidance(model_out, momentum, 2.0, backend="cuda")
+# -- bad inputs: one table, every backend ---------------------------------------------------------------------
+# The op has no C++ kernel, so the public function's checks are the only ones on CPU.
+def bad_call(model_out=None, momentum=None, guidance_scale=2.0, **kw):
+    """The public call on fresh seeded (4, 8, 33) model output and (2, 8, 33) momentum, one argument changed
+    (a callable changes it from the defaults)."""
+    def run(backend):
+        g = torch.Generator().manual_seed(14)
+        mo, mom = torch.randn(4, 8, 33, generator=g), torch.randn(2, 8, 33, generator=g)
+        args = [f(mo, mom) if callable(f) else (d if f is None else f) for f, d in ((model_out, mo), (momentum, mom))]
+        extra = {k: v(mo, mom) if callable(v) else v for k, v in kw.items()}
+        return apg_guidance(*args, guidance_scale, **{"backend": backend, **extra})
+    return run
+
+
+# (id, call(backend), exception type, regex naming the argument)
+BAD_INPUTS = [
+    ("model_out-2d", bad_call(model_out=lambda mo, mom: mo[:, :, 0]), ValueError,
+     r"model_out: expected 3 dimensions \(2B, C, L\), got shape \(4, 8\)"),
+    ("model_out-odd-rows", bad_call(model_out=lambda mo, mom: mo[:3]), ValueError,
+     r"model_out: expected an even, non-zero number of rows.*got shape \(3, 8, 33\)"),
+    ("model_out-not-contiguous", bad_call(model_out=lambda mo, mom: torch.cat([mo, mo], 1)[:, ::2]), ValueError,
+     "model_out: expected a contiguous tensor"),
+    ("model_out-dtype", bad_call(model_out=lambda mo, mom: mo.double()), TypeError,
+     r"model_out: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"),
+    ("momentum-shape", bad_call(momentum=lambda mo, mom: mom[:1]), ValueError,
+     r"momentum: expected shape \(2, 8, 33\) \(B, C, L\).*got \(1, 8, 33\)"),
+    ("momentum-dtype", bad_call(momentum=lambda mo, mom: mom.bfloat16()), TypeError,
+     r"momentum: expected dtype in \['float32'\], got bfloat16"),
+    ("momentum-device", bad_call(momentum=torch.empty(2, 8, 33, device="meta")), ValueError,
+     "momentum: on meta, expected cpu"),
+    ("momentum-overlaps-model_out", bad_call(momentum=lambda mo, mom: mo[2:]), ValueError,
+     "momentum: overlaps model_out in memory"),
+    ("out-dtype", bad_call(out=torch.empty(2, 8, 33, dtype=torch.float16)), TypeError,
+     r"out: expected dtype in \['float32'\], got float16"),
+    ("out-shape", bad_call(out=torch.empty(2, 8, 32)), ValueError, r"out: expected shape \(2, 8, 33\)"),
+    ("out-overlaps-momentum", bad_call(out=lambda mo, mom: mom), ValueError, "out: overlaps momentum in memory"),
+    ("out-overlaps-model_out", bad_call(out=lambda mo, mom: mo[:2]), ValueError, "out: overlaps model_out in memory"),
+    ("guidance_scale-tensor", bad_call(guidance_scale=torch.tensor(2.0)), TypeError,
+     "guidance_scale: expected a Python float.*got Tensor"),
+    ("momentum_coef-str", bad_call(momentum_coef="-0.75"), TypeError,
+     "momentum_coef: expected a Python float.*got str"),
+    ("eta-bool", bad_call(eta=True), TypeError, "eta: expected a Python float.*got bool"),
+    ("norm_threshold-none", bad_call(norm_threshold=None), TypeError,
+     "norm_threshold: expected a Python float.*got NoneType"),
+]
+# Rows whose bad input is the backend argument itself: once each.
+BAD_BACKENDS = [
+    ("backend=native", lambda _: bad_call()("native"), ValueError,
+     "backend='native': apg_guidance has no native kernel"),
+    ("backend=cuda", lambda _: bad_call()("cuda"), ValueError, "backend: expected one of"),
+]
+
+
+def table(rows, backends):
+    return [pytest.param(call, backend.values[0], error, match, marks=backend.marks, id=f"{name}-{backend.id}")
+            for name, call, error, match in rows for backend in backends]
+
+
+@pytest.mark.parametrize("call, backend, error, match",
+                         table(BAD_INPUTS, BACKENDS) + table(BAD_BACKENDS, [pytest.param(None, id="any")]))
+def test_bad_input_names_the_argument(call, backend, error, match):
+    with pytest.raises(error, match=match):
+        call(backend)
 
 
 def test_registered_op_passes_opcheck():

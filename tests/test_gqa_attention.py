@@ -1,23 +1,28 @@
 """GQA attention with a fused q/k RMSNorm + RoPE prologue and a sliding window (kernels/gqa_attention.py,
-csrc/gqa_attention.cpp): the reference (and every kernel here) against diffusers' own `AceStepAttention`; the
-Triton kernel through the interpreter (fp32, fp16) and the native CPU kernel (fp32, bf16, fp16) against the
-reference under the tolerance rule, over GQA ratios 1, 2 and 4, odd T and S, cross-attention (S != T),
-windows that cut and that do not, both RoPE forms, q, k, v as strided views of one fused projection; only the
-key blocks inside the band visited; NaN isolation; error paths; opcheck and the fake implementation; the
-native ISA variants; the Triton kernel compiled for the H100 without a GPU; ACE-Step shapes on a GPU. Joint
-attention (SD3.5, Flux.1): (2, Dh) per-stream norm weights split at norm_split, against diffusers' RMSNorm
-modules, `apply_rotary_emb` and `FluxPosEmbed`; splits inside a tile and on tile and key-block edges; NaN
-isolation, error paths and opcheck with a split."""
+csrc/gqa_attention.cpp): the reference (and every kernel here) against diffusers' own `AceStepAttention`; each
+kernel against the reference under the tolerance rule, as one test parametrised over the backend (the Triton
+kernel through the interpreter in fp32 and fp16, the native CPU kernel in fp32, bf16 and fp16, each skipped with
+its reason where it cannot run), over GQA ratios 1, 2 and 4, odd T and S, cross-attention (S != T), windows that
+cut and that do not, both RoPE forms, q, k, v as strided views of one fused projection; every window from 0 to
+two key blocks and the windows on the sequence's edge (T - 2 .. T + 1); only the key blocks inside the band
+visited; NaN isolation; one table of bad inputs against every backend and against the op's C++ checks; opcheck
+and the fake implementation; the native ISA variants; the Triton kernel compiled for the H100 without a GPU;
+ACE-Step shapes on a GPU. Joint attention (SD3.5, Flux.1): (2, Dh) per-stream norm weights split at
+norm_split, against diffusers' RMSNorm modules, `apply_rotary_emb` and `FluxPosEmbed`; splits inside a tile and
+on tile and key-block edges; NaN isolation, error paths and opcheck with a split."""
 import functools
 import importlib
 import json
+import re
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
 
-from ditengine.kernels import choose, gqa_attention, gqa_attention_ref, interpreting
-from ditengine.kernels.attention import AUTOTUNE_CONFIGS
+from ditengine.kernels import choose, gqa_attention, gqa_attention_ref
+from ditengine.kernels.attention import AUTOTUNE_CONFIGS, PINNED_INTERPRETER
 
+from support.backends import cpu_backends
 from support.native_helpers import isa_runner, needs_native, run_python, skip_unless_cpu_runs, triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -86,20 +91,46 @@ def visible(T, window, device="cpu"):
     return gqa.band_mask(T, T, window if window is not None else T, device)
 
 
+# -- the backend axis -------------------------------------------------------------------------------------------
+def native_op(q, k, v, q_norm=None, k_norm=None, eps=1e-6, rope=None, rope_interleaved=False, window=None,
+              scale=None, norm_split=None):
+    """The registered op called directly with `gqa_attention`'s keywords: on CPU tensors, where the extension
+    serves it, the C++ kernel behind its own checks (none of the Python ones)."""
+    cos, sin = rope if rope is not None else (None, None)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.ditengine.gqa_attention(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale,
+                                             norm_split)
+
+
+def runner(backend):
+    """`gqa_attention`'s call on one backend: the native kernel as the op itself (as its tests always called it),
+    the Triton kernel through the interpreter, or the reference backend."""
+    return native_op if backend == "native" else functools.partial(gqa_attention, backend=backend)
+
+
+def backend_cases(cases: dict) -> list:
+    """pytest params (backend, *case) for each backend in `cases` with each of its cases (tuples): a backend's
+    skip mark and reason (`cpu_backends`) on each of its cases."""
+    params = []
+    for p in cpu_backends("gqa_attention", tuple(cases)):
+        backend = p.values[0]
+        for case in cases[backend]:
+            params.append(pytest.param(backend, *case, marks=p.marks, id="-".join(map(str, (backend, *case)))))
+    return params
+
+
+def count_launches(backend, request):
+    """The Triton kernel's launch counter (conftest's `triton_launches`) when `backend` is "triton", else None:
+    requested only there, since it skips a test where the interpreter is off."""
+    return request.getfixturevalue("triton_launches") if backend == "triton" else None
+
+
 # -- the reference against diffusers ---------------------------------------------------------------------------
-def backends_here():
-    names = ["reference"]
-    if choose("gqa_attention", torch.device("cpu")) == "native":
-        names.append("native")
-    if interpreting():
-        names.append("triton")
-    return names
-
-
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention"))
 @pytest.mark.parametrize("cross, window, heads, kv_heads", [(False, None, 4, 2), (False, 4, 4, 2), (False, 4, 2, 2),
                                                             (True, None, 4, 2), (True, None, 4, 1)],
                          ids=["self", "self-window", "self-window-mha", "cross", "cross-mqa"])
-def test_every_backend_matches_diffusers_ace_step_attention(cross, window, heads, kv_heads):
+def test_every_backend_matches_diffusers_ace_step_attention(cross, window, heads, kv_heads, backend):
     """diffusers' `AceStepAttention` (random weights, norm weights too) with its own RoPE tables and band mask:
     the projections around `gqa_attention` give the module's output, rel err <= 1e-5 in fp32, from the
     reference and from every kernel this machine runs (Dh = 16: the smallest head the kernels take)."""
@@ -126,37 +157,124 @@ def test_every_backend_matches_diffusers_ace_step_attention(cross, window, heads
         kw = dict(q_norm=module.norm_q.weight, k_norm=module.norm_k.weight, eps=module.norm_q.eps, scale=module.scaling)
         if not cross:
             kw.update(rope=rope, window=window)
-        for backend in backends_here():
-            out = gqa_attention(q, k, v, backend=backend, **kw)
-            ours = module.to_out[0](out.flatten(2))
-            rel = ((ours - expected).abs().max() / expected.abs().max()).item()
-            assert rel <= 1e-5, f"{backend}: rel err {rel:.2e}"
+        out = gqa_attention(q, k, v, backend=backend, **kw)
+        ours = module.to_out[0](out.flatten(2))
+        rel = ((ours - expected).abs().max() / expected.abs().max()).item()
+        assert rel <= 1e-5, f"{backend}: rel err {rel:.2e}"
     if window is not None:  # the band does cut: without it the output differs
         with torch.no_grad():
             unbanded = module.to_out[0](gqa_attention_ref(q, k, v, **{**kw, "window": None}).flatten(2))
         assert ((unbanded - expected).abs().max() / expected.abs().max()).item() > 1e-2
 
 
-# -- the Triton kernel (on CPU: the interpreter) ------------------------------------------------------------------
-# (B, T, S, Hq, Hkv, Dh, norm, rope, window): self-attention with both RoPE forms, windows that cut (4 at T >= 20)
-# and one that does not (30 at T = 20), the split head dim 72 (64 + 16); cross-attention (S != T, no RoPE) with a
-# q norm only and with none, GQA ratios 1, 2 and 4. Interpreter-sized: the pinned tiles are 32 x 32.
-TRITON_CASES = [(2, 37, 37, 4, 2, 64, "qk", "half", None), (1, 45, 45, 2, 2, 32, "qk", "pairs", 4),
+# -- each kernel against the reference ----------------------------------------------------------------------------
+native = needs_native("gqa_attention")
+NATIVE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+INTERPRETER_DTYPES = [torch.float32, torch.float16]  # the interpreter's tl.dot: numpy has no bf16
+# (B, T, S, Hq, Hkv, Dh, norm, rope, window), interpreter-sized (the pinned tiles are 32 x 32), on every kernel:
+# self-attention with both RoPE forms, windows that cut (4 at T >= 20) and one that does not (30 at T = 20), the
+# split head dim 72 (64 + 16); cross-attention (S != T, no RoPE) with a q norm only and with none, GQA ratios 1,
+# 2 and 4.
+KERNEL_CASES = [(2, 37, 37, 4, 2, 64, "qk", "half", None), (1, 45, 45, 2, 2, 32, "qk", "pairs", 4),
                 (1, 33, 33, 2, 1, 72, "qk", "half", 4), (2, 20, 20, 2, 1, 16, "", "pairs", 30),
                 (1, 29, 13, 4, 2, 64, "q", None, None), (1, 17, 50, 4, 1, 32, "", None, None)]
+# The native kernel only (the interpreter would take minutes): ACE-Step's sliding layer at 30 s (T = 375, window
+# 128, Dh = 128, fewer heads), its full layer and its cross-attention (no RoPE, k normed beforehand: q norm
+# only); odd T and S; a single query; more keys than one 512-key block with and without a band (window 250: a
+# row's second block may hold none of its keys; window 300: both do); GQA ratios 1, 2 and 4; both RoPE forms;
+# head dims 16, 72, 128.
+NATIVE_CASES = [(1, 375, 375, 4, 2, 128, "qk", "half", 128), (2, 375, 375, 4, 2, 128, "qk", "half", None),
+                (2, 97, 41, 4, 2, 128, "q", None, None), (2, 97, 97, 2, 2, 72, "qk", "pairs", 4),
+                (1, 33, 33, 4, 1, 16, "k", "half", 0), (1, 1, 1, 2, 1, 64, "qk", "half", None),
+                (1, 1, 300, 2, 1, 64, "", None, None), (1, 1100, 1100, 2, 1, 16, "qk", "half", 250),
+                (1, 1100, 1100, 2, 1, 16, "qk", "pairs", 300), (1, 600, 600, 2, 1, 16, "", "half", None),
+                (1, 70, 70, 4, 2, 64, "qk", None, 1000)]
 
 
-@triton_cpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("B, T, S, HQ, HKV, Dh, norm, rope, window", TRITON_CASES)
-def test_triton_matches_reference(B, T, S, HQ, HKV, Dh, norm, rope, window, dtype, triton_launches):
+@pytest.mark.parametrize("backend, B, T, S, HQ, HKV, Dh, norm, rope, window, dtype", backend_cases({
+    "native": [(*case, dtype) for case in KERNEL_CASES + NATIVE_CASES for dtype in NATIVE_DTYPES],
+    "triton": [(*case, dtype) for case in KERNEL_CASES for dtype in INTERPRETER_DTYPES]}))
+def test_matches_reference(backend, B, T, S, HQ, HKV, Dh, norm, rope, window, dtype, request):
+    """The Triton kernel launched once per call (counted); the native kernel as the op itself."""
+    launches = count_launches(backend, request)
     q, k, v = make_inputs(B, T, S, HQ, HKV, Dh, dtype, seed=T + S + Dh)
+    if T > 512:  # the largest logits far along: the running max changes between key blocks
+        k = k.clone()
+        k[:, T // 2:] *= 3.0
     kw = options(q, norm, rope, window)
-    out = gqa_attention(q, k, v, backend="triton", **kw)
-    assert triton_launches["_gqa_attention_fwd_kernel"] == 1
-    check(out, q, k, v, f"triton T={T} S={S} Hq={HQ} Hkv={HKV} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+    out = runner(backend)(q, k, v, **kw)
+    if launches is not None:
+        assert launches["_gqa_attention_fwd_kernel"] == 1
+    check(out, q, k, v, f"{backend} T={T} S={S} Hq={HQ} Hkv={HKV} Dh={Dh} norm={norm} rope={rope} window={window}",
+          **kw)
 
 
+# -- windows on their edges ---------------------------------------------------------------------------------------
+# `window` is None or an int >= 0: query i sees the keys |i - j| <= window (0: its own key only). Two bounds hang
+# on it in each kernel: the keys a query tile visits (Triton: from the block holding first row - window up to
+# last row + window, inclusive, in BLOCK_N blocks; C++: [r0 - W, r1 + W)), and the shortcut that drops the band
+# where it hides no key (window >= T - 1, since |i - j| <= T - 1 always). One short at the first loses the band's
+# last key only where that key opens a key block of its own, i.e. window % BLOCK_N == 1 (BLOCK_M a multiple of
+# BLOCK_N); one short at the second takes window = T - 2 (which hides the pair (0, T - 1) and no other) for no
+# window. Each case is checked window by window and every failing window reported.
+FORCED_TILES = dict(BLOCK_M=16, BLOCK_N=16)
+KERNELS = ("native", "triton")
+
+
+def window_failures(backend, q, k, v, windows, config=None, **kw) -> list[str]:
+    """The tolerance rule's message for each window in `windows` whose output is off the reference."""
+    failures = []
+    for window in windows:
+        out = gqa_attention(q, k, v, backend=backend, config=config, window=window, **kw)
+        try:
+            check(out, q, k, v, f"{backend} window={window}", window=window, **kw)
+        except AssertionError as e:
+            failures.append(str(e))
+    return failures
+
+
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention", KERNELS))
+def test_every_window_up_to_two_key_blocks(backend, request):
+    """Every window from 0 to 2 * BLOCK_N on 16 x 16 tiles forced on the Triton kernel, the native kernel over
+    the same windows: the band's edge at every offset in a key block, 1 and 17 among them (window % 16 == 1,
+    the band's last key alone in its block). T = 40: every window hides keys (the windowed path runs)."""
+    launches = count_launches(backend, request)
+    T = 40
+    windows = range(0, 2 * FORCED_TILES["BLOCK_N"] + 1)
+    assert all(not visible(T, window).all() for window in windows)
+    q, k, v = make_inputs(1, T, T, 1, 1, 16, torch.float32, seed=40)
+    failures = window_failures(backend, q, k, v, windows, config=FORCED_TILES if backend == "triton" else None)
+    assert not failures, f"{len(failures)} of {len(windows)} windows off the reference:\n" + "\n".join(failures)
+    if launches is not None:
+        assert launches["_gqa_attention_fwd_kernel"] == len(windows)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention", KERNELS))
+def test_windows_on_the_sequence_edge(backend, request):
+    """T = 67, the Triton kernel on its pinned interpreter tiles (32 x 32), q and k norms and RoPE on: window
+    T - 2 = 65 (the widest band that hides a key: rows 0 and T - 1 lose each other), T - 1, T and T + 1 (hide
+    none: every key), and the windows below T - 1 that are 1 modulo every BLOCK_N used here and in the
+    forced-tile test (32, 16): 1, 33 and 65."""
+    launches = count_launches(backend, request)
+    T = 67
+    block_ns = {PINNED_INTERPRETER["BLOCK_N"], FORCED_TILES["BLOCK_N"]}
+    ones = [w for w in range(T - 1) if all(w % n == 1 for n in block_ns)]
+    assert block_ns == {32, 16} and ones == [1, 33, 65], (block_ns, ones)
+    windows = sorted({*ones, T - 2, T - 1, T, T + 1})
+    q, k, v = make_inputs(1, T, T, 1, 1, 16, torch.float32, seed=67)
+    kw = options(q, "qk", "half")
+    del kw["window"]
+    # The band at T - 2 does cut: rows 0 and T - 1 move far beyond any tolerance, the others not at all.
+    banded, full = (gqa_attention_ref(q.double(), k.double(), v.double(), window=w, **kw) for w in (T - 2, None))
+    moved = (banded - full).abs().amax(dim=(0, 2, 3))
+    assert moved[[0, T - 1]].min() > 1e-3 and moved[1:T - 1].max() < 1e-12, moved
+    failures = window_failures(backend, q, k, v, windows, **kw)
+    assert not failures, f"{len(failures)} of {len(windows)} windows off the reference:\n" + "\n".join(failures)
+    if launches is not None:
+        assert launches["_gqa_attention_fwd_kernel"] == len(windows)
+
+
+# -- the Triton kernel's key blocks (on CPU: the interpreter) -------------------------------------------------------
 def band_blocks(T, window, block_m, block_n):
     """Key blocks of block_n that some query of each block_m tile sees (|i - j| <= window), summed over tiles."""
     seen = visible(T, window)
@@ -195,10 +313,12 @@ def test_triton_forced_config_with_the_band_on_block_edges():
     check(out, q, k, v, "BLOCK_M=16 BLOCK_N=16 window=15", **kw)
 
 
-@triton_cpu
+# -- NaN isolation --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, dtype", backend_cases({"native": [(dtype,) for dtype in NATIVE_DTYPES],
+                                                          "triton": [(torch.float32,)]}))
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_triton_keeps_nan_in_the_rows_that_see_it():
-    nan_isolation(functools.partial(gqa_attention, backend="triton"), torch.float32)
+def test_keeps_nan_in_the_rows_that_see_it(backend, dtype):
+    nan_isolation(runner(backend), dtype)
 
 
 def nan_isolation(run, dtype, split=None):
@@ -221,42 +341,7 @@ def nan_isolation(run, dtype, split=None):
     assert torch.equal(out[~bad], clean[~bad])
 
 
-# -- the native CPU kernel (csrc/gqa_attention.cpp) ---------------------------------------------------------------
-native = needs_native("gqa_attention")
-NATIVE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (B, T, S, Hq, Hkv, Dh, norm, rope, window): ACE-Step's sliding layer at 30 s (T = 375, window 128, Dh = 128,
-# fewer heads), its full layer and its cross-attention (no RoPE, k normed beforehand: q norm only); odd T and S;
-# a single query; more keys than one 512-key block with and without a band (window 250: a row's second block
-# may hold none of its keys; window 300: both do); GQA ratios 1, 2 and 4; both RoPE forms; head dims 16, 72, 128.
-NATIVE_CASES = [(1, 375, 375, 4, 2, 128, "qk", "half", 128), (2, 375, 375, 4, 2, 128, "qk", "half", None),
-                (2, 97, 41, 4, 2, 128, "q", None, None), (2, 97, 97, 2, 2, 72, "qk", "pairs", 4),
-                (1, 33, 33, 4, 1, 16, "k", "half", 0), (1, 1, 1, 2, 1, 64, "qk", "half", None),
-                (1, 1, 300, 2, 1, 64, "", None, None), (1, 1100, 1100, 2, 1, 16, "qk", "half", 250),
-                (1, 1100, 1100, 2, 1, 16, "qk", "pairs", 300), (1, 600, 600, 2, 1, 16, "", "half", None),
-                (1, 70, 70, 4, 2, 64, "qk", None, 1000)]
-
-
-def native_op(q, k, v, q_norm=None, k_norm=None, eps=1e-6, rope=None, rope_interleaved=False, window=None,
-              scale=None, norm_split=None):
-    cos, sin = rope if rope is not None else (None, None)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.ditengine.gqa_attention(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale,
-                                             norm_split)
-
-
-@native
-@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
-@pytest.mark.parametrize("B, T, S, HQ, HKV, Dh, norm, rope, window", NATIVE_CASES)
-def test_native_matches_reference(B, T, S, HQ, HKV, Dh, norm, rope, window, dtype):
-    q, k, v = make_inputs(B, T, S, HQ, HKV, Dh, dtype, seed=T + S + Dh)
-    if T > 512:  # the largest logits far along: the running max changes between key blocks
-        k = k.clone()
-        k[:, T // 2:] *= 3.0
-    kw = options(q, norm, rope, window)
-    check(native_op(q, k, v, **kw), q, k, v,
-          f"native T={T} S={S} Hq={HQ} Hkv={HKV} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
-
-
+# -- the native CPU kernel only (csrc/gqa_attention.cpp) ------------------------------------------------------------
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_is_the_default_on_cpu(dtype, monkeypatch):
@@ -279,13 +364,6 @@ def test_native_is_the_default_on_cpu(dtype, monkeypatch):
                 and not n.startswith("ditengine::")], names
     assert torch.equal(out, expected)
     assert torch.equal(gqa_attention(q, k, v, backend="native", **kw), expected)
-
-
-@native
-@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_native_keeps_nan_in_the_rows_that_see_it(dtype):
-    nan_isolation(native_op, dtype)
 
 
 @native
@@ -334,55 +412,6 @@ def test_native_same_inputs_same_bits(dtype):
 
 
 @native
-def test_native_errors_name_the_argument():
-    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
-    kw = options(q, "qk", "half", 2)
-    op = torch.ops.ditengine.gqa_attention
-    w_q, w_k, (cos, sin) = kw["q_norm"], kw["k_norm"], kw["rope"]
-
-    def call(**over):
-        """The op on valid arguments (in its schema's order) with `over` replacing some."""
-        args = dict(q=q, k=k, v=v, q_norm=w_q, k_norm=w_k, eps=1e-6, cos=cos, sin=sin, rope_interleaved=False,
-                    window=2, scale=0.25)
-        return op(*{**args, **over}.values())
-
-    with pytest.raises(ValueError, match=r"q must be \(B, T, Hq, Dh\), got 3 dimensions"):
-        call(q=q[0])
-    with pytest.raises(ValueError, match=r"k must be \(B, S, Hkv, Dh\) with q's batch and head dim"):
-        call(k=k[:1], v=v[:1])
-    with pytest.raises(ValueError, match="v must have k's shape"):
-        call(v=v[:, :5])
-    with pytest.raises(ValueError, match="q's 4 heads must be a multiple of k's 3 heads"):
-        call(k=torch.randn(2, 6, 3, 16), v=torch.randn(2, 6, 3, 16))
-    with pytest.raises(TypeError, match="k has dtype BFloat16 but q has Float"):
-        call(k=k.bfloat16())
-    with pytest.raises(TypeError, match="q must be float32, bfloat16 or float16, got Double"):
-        call(q=q.double(), k=k.double(), v=v.double())
-    with pytest.raises(ValueError, match=r"v: the last dimension \(Dh\) must be contiguous"):
-        call(v=v.transpose(2, 3).contiguous().transpose(2, 3))
-    with pytest.raises(ValueError, match=r"q_norm must be the \(Dh,\) = \(16,\) RMSNorm weight, got shape \[8\]"):
-        call(q_norm=w_q[:8])
-    with pytest.raises(TypeError, match="k_norm must be a floating-point tensor, got Long"):
-        call(k_norm=w_k.long())
-    with pytest.raises(ValueError, match=r"rope cos must be \(T, Dh\) = \(6, 16\), got shape \[5, 16\]"):
-        call(cos=cos[:5])
-    with pytest.raises(TypeError, match="rope sin must be float32, got Half"):
-        call(sin=sin.half())
-    with pytest.raises(ValueError, match="rope needs both cos and sin, or neither"):
-        call(sin=None)
-    with pytest.raises(ValueError, match="rope: RoPE needs k's length S = q's length T, got S=5, T=6"):
-        call(k=k[:, :5], v=v[:, :5], window=None)
-    with pytest.raises(ValueError, match="window: a sliding window needs S = T, got S=5, T=6"):
-        call(k=k[:, :5], v=v[:, :5], cos=None, sin=None)
-    with pytest.raises(ValueError, match="window must be >= 0, got -1"):
-        call(window=-1)
-    with pytest.raises(ValueError, match="scale must be a finite softmax scale > 0, got 0"):
-        call(scale=0.0)
-    with pytest.raises(ValueError, match="k and v need at least one token"):
-        call(k=k[:, :0], v=v[:, :0], cos=None, sin=None, window=None)
-
-
-@native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_passes_opcheck(dtype):
     q, k, v = make_inputs(2, 9, 9, 4, 2, 16, dtype)
@@ -428,74 +457,242 @@ def test_native_isa_variants_agree(isa, isa_variant):
                                    rtol=1e-5 if a.dtype == torch.float32 else 2e-2)
 
 
-# -- the public function, the op and its fake implementation ----------------------------------------------------
-@pytest.mark.parametrize("backend", [None, "reference", "triton"])
-def test_errors_name_the_argument(backend):
-    """Every backend checks its arguments in Python first (on CUDA too, where the C++ checks never run)."""
-    if backend == "triton" and not interpreting():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    run = functools.partial(gqa_attention, backend=backend)
-    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
-    kw = options(q, "qk", "half", None)
-    with pytest.raises(ValueError, match=r"q: expected 4 dimensions \(B, T, Hq, Dh\), got shape \(2, 6, 64\)"):
-        run(q.flatten(2), k, v)
-    with pytest.raises(ValueError, match=r"k: batch and head dim must match q \(2, 6, 4, 16\), got \(1, 6, 2, 16\)"):
-        run(q, k[:1], v[:1])
-    with pytest.raises(ValueError, match=r"v: expected shape \(2, 6, 2, 16\) \(B, S, Hkv, Dh\) like k, got "
-                                         r"\(2, 5, 2, 16\)"):
-        run(q, k, v[:, :5])
-    with pytest.raises(ValueError, match="k: q's 4 heads must be a multiple of k's 3 heads"):
-        run(q, torch.randn(2, 6, 3, 16), torch.randn(2, 6, 3, 16))
-    with pytest.raises(TypeError, match=r"k: expected dtype in \['float32'\], got float16"):
-        run(q, k.half(), v)
-    with pytest.raises(TypeError, match=r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"):
-        run(q.double(), k.double(), v.double())
-    with pytest.raises(ValueError, match="v: on meta, expected cpu like the other inputs"):
-        run(q, k, v.to("meta"))
-    with pytest.raises(ValueError, match="q: the last dimension must be contiguous"):
-        run(q.transpose(2, 3).contiguous().transpose(2, 3), k, v)
-    q12, k12, v12 = make_inputs(1, 4, 4, 2, 1, 12, torch.float32)
-    with pytest.raises(ValueError, match=r"head dim 12 is not supported: expected a multiple of 8 from 16 to 256 "
-                                         r"\(gqa_attention_ref takes any\)"):
-        run(q12, k12, v12)
-    with pytest.raises(ValueError, match="sequence lengths must be at least 1, got q 0, k 6"):
-        run(q[:, :0], k, v)
-    with pytest.raises(ValueError, match=r"q_norm: expected shape \(16\) \(Dh,\): the RMSNorm weight, got \(8,\)"):
-        run(q, k, v, q_norm=kw["q_norm"][:8])
-    with pytest.raises(TypeError, match=r"k_norm: expected dtype in .*, got int64"):
-        run(q, k, v, k_norm=kw["k_norm"].long())
-    with pytest.raises(ValueError, match="eps: expected a finite number >= 0, got -1.0"):
-        run(q, k, v, eps=-1.0)
-    cos, sin = kw["rope"]
-    with pytest.raises(TypeError, match=r"rope: expected a \(cos, sin\) pair of \(T, Dh\) float32 tensors, got Tensor"):
-        run(q, k, v, rope=cos)
-    with pytest.raises(ValueError, match=r"rope cos: expected shape \(6, 16\) \(T, Dh\): one row per query position, "
-                                         r"got \(6, 8\)"):
-        run(q, k, v, rope=(cos[:, :8], sin))
-    with pytest.raises(TypeError, match=r"rope sin: expected dtype in \['float32'\], got bfloat16"):
-        run(q, k, v, rope=(cos, sin.bfloat16()))
-    with pytest.raises(ValueError, match="rope: RoPE is for self-attention and needs k's length S = q's length T, "
-                                         "got S=5, T=6"):
-        run(q, k[:, :5], v[:, :5], rope=(cos, sin))
-    with pytest.raises(ValueError, match="window: a sliding window is for self-attention and needs S = T, got S=5"):
-        run(q, k[:, :5], v[:, :5], window=2)
-    for bad in (-1, 2.0, True):
-        with pytest.raises(ValueError, match=r"window: expected None or an int >= 0 \(keys with \|i - j\| <= window\)"):
-            run(q, k, v, window=bad)
-    for bad in (0.0, -0.1, float("inf")):
-        with pytest.raises(ValueError, match="scale: expected a finite softmax scale > 0"):
-            run(q, k, v, scale=bad)
-    if backend is None:
-        with pytest.raises(ValueError, match="backend: expected one of"):
-            gqa_attention(q, k, v, backend="cuda")
-        with pytest.raises(ValueError, match="config: only the Triton kernel takes a launch config; pass "
-                                             "backend='triton', got backend=None"):
-            run(q, k, v, config=AUTOTUNE_CONFIGS[0])
-    if backend == "triton":
-        with pytest.raises(ValueError, match="config: BLOCK_N must be a power of two >= 16, got 48"):
-            run(q, k, v, config=dict(BLOCK_M=32, BLOCK_N=48))
+# -- bad inputs: one table against every backend and the op's C++ checks --------------------------------------------
+class Op(NamedTuple):
+    """What the registered op called directly (on CPU: the C++ kernel's checks) does with a row's input: raises
+    `exc` matching `match`, or takes the input (exc None); `why` says why it differs from the Python check,
+    where it does (another exception type, or no error)."""
+    exc: type | None
+    match: str = ""
+    why: str = ""
 
 
+class Bad(NamedTuple):
+    """One bad input: `over(valid)` gives the keyword arguments that replace some of a valid call's (see
+    `valid_call`); `gqa_attention` raises `exc` with a message matching `match` (a regex, or a function of the
+    backend giving one) that names the argument, on each of `backends` ("auto": backend=None); `op`: the same
+    input given to the registered op directly, None where it has no such form (rope not a pair, config, backend)."""
+    id: str
+    over: Callable[[dict], dict]
+    exc: type
+    match: str | Callable[[str | None], str]
+    op: Op | None
+    backends: tuple = ("auto", "native", "triton", "reference")
+
+
+def valid_call() -> dict:
+    """A valid self-attention call with every option on: q (2, 6, 4, 16) over 2 kv heads, q and k norms,
+    rotate-half RoPE, window 2 (fresh seeded inputs)."""
+    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32, seed=31)
+    return dict(q=q, k=k, v=v, **options(q, "qk", "half", 2))
+
+
+def short_kv(a, **more):
+    """k and v with 5 keys for the 6 queries (cross-attention), RoPE and the window off unless `more` says."""
+    return {"k": a["k"][:, :5], "v": a["v"][:, :5], "rope": None, "window": None, **more}
+
+
+def seeded(*shape, seed=32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def joint(**over):
+    """Over a valid call: the (2, Dh) per-stream weights of `stream_weights`, and `over`."""
+    def make(a):
+        w_q, w_k = stream_weights(16, torch.float32)
+        return {key: value(w_q, w_k) if callable(value) else value for key, value in over.items()}
+    return make
+
+
+FLOAT_FOR_INT = ("the op's schema refuses a float for an int argument, naming it, with a RuntimeError before any "
+                 "C++ check runs")
+BOOL_AS_NUMBER = "the op's schema takes a bool as the number 1, which the C++ checks accept"
+NORM_SPLIT_RANGE = r"norm_split: expected an int with 0 < norm_split < T = 6 \(both streams non-empty\)"
+
+BAD_INPUTS = [
+    Bad("q-3d", lambda a: dict(q=a["q"].flatten(2)), ValueError,
+        r"q: expected 4 dimensions \(B, T, Hq, Dh\), got shape \(2, 6, 64\)",
+        Op(ValueError, r"q must be \(B, T, Hq, Dh\), got 3 dimensions")),
+    Bad("k-batch", lambda a: dict(k=a["k"][:1], v=a["v"][:1]), ValueError,
+        r"k: batch and head dim must match q \(2, 6, 4, 16\), got \(1, 6, 2, 16\)",
+        Op(ValueError, r"k must be \(B, S, Hkv, Dh\) with q's batch and head dim")),
+    Bad("v-shape", lambda a: dict(v=a["v"][:, :5]), ValueError,
+        r"v: expected shape \(2, 6, 2, 16\) \(B, S, Hkv, Dh\) like k, got \(2, 5, 2, 16\)",
+        Op(ValueError, "v must have k's shape")),
+    Bad("k-heads", lambda a: dict(k=seeded(2, 6, 3, 16), v=seeded(2, 6, 3, 16, seed=33)), ValueError,
+        "k: q's 4 heads must be a multiple of k's 3 heads",
+        Op(ValueError, "q's 4 heads must be a multiple of k's 3 heads")),
+    Bad("k-no-heads", lambda a: dict(k=a["k"][:, :, :0], v=a["v"][:, :, :0]), ValueError,
+        "k: q's 4 heads must be a multiple of k's 0 heads",
+        Op(ValueError, "q's 4 heads must be a multiple of k's 0 heads")),
+    Bad("k-fp16", lambda a: dict(k=a["k"].half()), TypeError, r"k: expected dtype in \['float32'\], got float16",
+        Op(TypeError, "k has dtype Half but q has Float")),
+    Bad("k-bf16", lambda a: dict(k=a["k"].bfloat16()), TypeError, r"k: expected dtype in \['float32'\], got bfloat16",
+        Op(TypeError, "k has dtype BFloat16 but q has Float")),
+    Bad("q-fp64", lambda a: dict(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError,
+        r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64",
+        Op(TypeError, "q must be float32, bfloat16 or float16, got Double")),
+    Bad("v-meta", lambda a: dict(v=a["v"].to("meta")), ValueError, "v: on meta, expected cpu like the other inputs",
+        Op(None, why="a meta tensor among CPU ones sends the call to the fake implementation: no check runs and the "
+                     "op returns an uninitialised CPU tensor")),
+    Bad("q-last-dim-strided", lambda a: dict(q=a["q"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
+        "q: the last dimension must be contiguous", Op(ValueError, r"q: the last dimension \(Dh\) must be contiguous")),
+    Bad("v-last-dim-strided", lambda a: dict(v=a["v"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
+        "v: the last dimension must be contiguous", Op(ValueError, r"v: the last dimension \(Dh\) must be contiguous")),
+    Bad("head-dim-12", lambda a: dict(zip("qkv", make_inputs(1, 4, 4, 2, 1, 12, torch.float32, seed=34)), q_norm=None,
+                                      k_norm=None, rope=None),
+        ValueError, r"head dim 12 is not supported: expected a multiple of 8 from 16 to 256 \(gqa_attention_ref takes "
+                    r"any\)",
+        Op(None, why="the C++ kernel takes any head dim (and matches the reference at 12)")),
+    Bad("q-no-tokens", lambda a: dict(q=a["q"][:, :0], rope=None, window=None), ValueError,
+        "sequence lengths must be at least 1, got q 0, k 6",
+        Op(None, why="the C++ kernel returns the empty (B, 0, Hq, Dh) output for T = 0")),
+    Bad("k-no-tokens", lambda a: dict(k=a["k"][:, :0], v=a["v"][:, :0], rope=None, window=None), ValueError,
+        "sequence lengths must be at least 1, got q 6, k 0", Op(ValueError, "k and v need at least one token")),
+    Bad("q_norm-shape", lambda a: dict(q_norm=a["q_norm"][:8]), ValueError,
+        r"q_norm: expected shape \(16\) \(Dh,\): the RMSNorm weight, got \(8,\)",
+        Op(ValueError, r"q_norm must be the \(Dh,\) = \(16,\) RMSNorm weight, got shape \[8\]")),
+    Bad("k_norm-int", lambda a: dict(k_norm=a["k_norm"].long()), TypeError, r"k_norm: expected dtype in .*, got int64",
+        Op(TypeError, "k_norm must be a floating-point tensor, got Long")),
+    Bad("eps-negative", lambda a: dict(eps=-1.0), ValueError, "eps: expected a finite number >= 0, got -1.0",
+        Op(ValueError, "eps must be finite and >= 0, got -1")),
+    Bad("eps-nan", lambda a: dict(eps=float("nan")), ValueError, "eps: expected a finite number >= 0, got nan",
+        Op(ValueError, "eps must be finite and >= 0, got nan")),
+    Bad("eps-bool", lambda a: dict(eps=True), ValueError, "eps: expected a finite number >= 0, got True",
+        Op(None, why=BOOL_AS_NUMBER)),
+    Bad("rope-not-a-pair", lambda a: dict(rope=a["rope"][0]), TypeError,
+        r"rope: expected a \(cos, sin\) pair of \(T, Dh\) float32 tensors, got Tensor", None),
+    Bad("rope-cos-columns", lambda a: dict(rope=(a["rope"][0][:, :8], a["rope"][1])), ValueError,
+        r"rope cos: expected shape \(6, 16\) \(T, Dh\): one row per query position, got \(6, 8\)",
+        Op(ValueError, r"rope cos must be \(T, Dh\) = \(6, 16\), got shape \[6, 8\]")),
+    Bad("rope-cos-rows", lambda a: dict(rope=(a["rope"][0][:5], a["rope"][1])), ValueError,
+        r"rope cos: expected shape \(6, 16\) \(T, Dh\): one row per query position, got \(5, 16\)",
+        Op(ValueError, r"rope cos must be \(T, Dh\) = \(6, 16\), got shape \[5, 16\]")),
+    Bad("rope-cos-strided", lambda a: dict(rope=(a["rope"][0].t().contiguous().t(), a["rope"][1])), ValueError,
+        "rope cos: the last dimension must be contiguous",
+        Op(ValueError, "rope cos: the last dimension must be contiguous")),
+    Bad("rope-sin-bf16", lambda a: dict(rope=(a["rope"][0], a["rope"][1].bfloat16())), TypeError,
+        r"rope sin: expected dtype in \['float32'\], got bfloat16",
+        Op(TypeError, "rope sin must be float32, got BFloat16")),
+    Bad("rope-sin-fp16", lambda a: dict(rope=(a["rope"][0], a["rope"][1].half())), TypeError,
+        r"rope sin: expected dtype in \['float32'\], got float16", Op(TypeError, "rope sin must be float32, got Half")),
+    Bad("rope-sin-none", lambda a: dict(rope=(a["rope"][0], None)), TypeError,
+        "rope sin: expected a torch.Tensor, got NoneType",
+        Op(ValueError, "rope needs both cos and sin, or neither",
+           why="the op has cos and sin as two optional arguments: one of them missing is a wrong value there")),
+    Bad("rope-cross-attention", lambda a: short_kv(a, rope=a["rope"]), ValueError,
+        "rope: RoPE is for self-attention and needs k's length S = q's length T, got S=5, T=6",
+        Op(ValueError, "rope: RoPE needs k's length S = q's length T, got S=5, T=6")),
+    Bad("window-cross-attention", lambda a: short_kv(a, window=2), ValueError,
+        "window: a sliding window is for self-attention and needs S = T, got S=5",
+        Op(ValueError, "window: a sliding window needs S = T, got S=5, T=6")),
+    Bad("window-negative", lambda a: dict(window=-1), ValueError,
+        r"window: expected None or an int >= 0 \(keys with \|i - j\| <= window\)",
+        Op(ValueError, "window must be >= 0, got -1")),
+    Bad("window-float", lambda a: dict(window=2.0), ValueError,
+        r"window: expected None or an int >= 0 \(keys with \|i - j\| <= window\)",
+        Op(RuntimeError, r"Expected a value of type 'Optional\[int\]' for argument 'window'", why=FLOAT_FOR_INT)),
+    Bad("window-bool", lambda a: dict(window=True), ValueError,
+        r"window: expected None or an int >= 0 \(keys with \|i - j\| <= window\)", Op(None, why=BOOL_AS_NUMBER)),
+    Bad("scale-zero", lambda a: dict(scale=0.0), ValueError, "scale: expected a finite softmax scale > 0",
+        Op(ValueError, "scale must be a finite softmax scale > 0, got 0")),
+    Bad("scale-negative", lambda a: dict(scale=-0.1), ValueError, "scale: expected a finite softmax scale > 0",
+        Op(ValueError, "scale must be a finite softmax scale > 0, got -0.1")),
+    Bad("scale-inf", lambda a: dict(scale=float("inf")), ValueError, "scale: expected a finite softmax scale > 0",
+        Op(ValueError, "scale must be a finite softmax scale > 0, got inf")),
+    Bad("scale-bool", lambda a: dict(scale=True), ValueError, "scale: expected a finite softmax scale > 0",
+        Op(None, why=BOOL_AS_NUMBER)),
+    # joint attention: (2, Dh) per-stream weights and norm_split
+    Bad("q_norm-split-missing", joint(q_norm=lambda w_q, w_k: w_q), ValueError,
+        r"norm_split: \(2, Dh\) q_norm weights need norm_split",
+        Op(ValueError, "per-stream norm weights need norm_split")),
+    Bad("k_norm-split-missing", joint(k_norm=lambda w_q, w_k: w_k), ValueError,
+        r"norm_split: \(2, Dh\) k_norm weights need norm_split",
+        Op(ValueError, "per-stream norm weights need norm_split")),
+    Bad("norm_split-one-stream", lambda a: dict(norm_split=3), ValueError,
+        r"norm_split: only for \(2, Dh\) per-stream q_norm / k_norm weights",
+        Op(ValueError, r"norm_split is only for \(2, Dh\) per-stream")),
+    Bad("norm_split-no-norm", lambda a: dict(q_norm=None, k_norm=None, norm_split=3), ValueError,
+        r"norm_split: only for \(2, Dh\)", Op(ValueError, r"norm_split is only for \(2, Dh\) per-stream")),
+    *[Bad(f"norm_split-{bad}", joint(q_norm=lambda w_q, w_k: w_q, norm_split=bad), ValueError, NORM_SPLIT_RANGE,
+          Op(ValueError, f"norm_split must satisfy 0 < norm_split < T = 6, got {bad}")) for bad in (0, 6, -1, -2)],
+    Bad("norm_split-bool", joint(q_norm=lambda w_q, w_k: w_q, norm_split=True), ValueError, NORM_SPLIT_RANGE,
+        Op(None, why=BOOL_AS_NUMBER)),
+    Bad("norm_split-float", joint(q_norm=lambda w_q, w_k: w_q, norm_split=2.5), ValueError, NORM_SPLIT_RANGE,
+        Op(RuntimeError, r"Expected a value of type 'Optional\[int\]' for argument 'norm_split'", why=FLOAT_FOR_INT)),
+    Bad("q_norm-three-rows", joint(q_norm=lambda w_q, w_k: torch.ones(3, 16), norm_split=3), ValueError,
+        r"q_norm: expected shape \(16\) \(Dh,\): the RMSNorm weight, got \(3, 16\) \(per-stream weights: \(2, 16\) "
+        r"\(2, Dh\)\)",
+        Op(ValueError, r"q_norm must be the \(Dh,\) = \(16,\) RMSNorm weight, got shape \[3, 16\] \(per-stream "
+                       r"weights: \(2, Dh\) = \(2, 16\)\)")),
+    Bad("k_norm-split-columns", joint(k_norm=lambda w_q, w_k: w_k[:, :8], norm_split=3), ValueError,
+        r"k_norm: expected shape \(16\) .*, got \(2, 8\)",
+        Op(ValueError, r"k_norm must be the \(Dh,\) = \(16,\) RMSNorm weight, got shape \[2, 8\]")),
+    Bad("k_norm-split-cross-attention",
+        lambda a: {**short_kv(a), **joint(k_norm=lambda w_q, w_k: w_k, norm_split=3)(a)},
+        ValueError, r"k_norm: \(2, Dh\) weights split k's rows at norm_split as q's and need S = T, got S=5, T=6",
+        Op(ValueError, "k_norm: .2, Dh. weights split k's rows as q's and need S = T, got S=5")),
+    # the dispatch arguments, which only the public function has
+    Bad("backend-unknown", lambda a: dict(backend="cuda"), ValueError, "backend: expected one of", None, ("auto",)),
+    Bad("config-off-triton", lambda a: dict(config=AUTOTUNE_CONFIGS[0]), ValueError,
+        lambda backend: "config: only the Triton kernel takes a launch config; pass backend='triton', got backend="
+                        + re.escape(repr(backend)),
+        None, ("auto", "native", "reference")),
+    Bad("config-block", lambda a: dict(config=dict(BLOCK_M=32, BLOCK_N=48)), ValueError,
+        "config: BLOCK_N must be a power of two >= 16, got 48", None, ("triton",)),
+]
+
+
+def bad_input_params() -> list:
+    """(row, backend) for each row on each of its backends, and on "op" (the registered op called directly)
+    where the row has an op form; each with the skip mark of the backend it needs (the op's C++ checks: the
+    native kernel's)."""
+    marks = {p.values[0]: p.marks for p in cpu_backends("gqa_attention")}
+    marks.update(auto=(), op=marks["native"])
+    return [pytest.param(bad, backend, marks=marks[backend], id=f"{bad.id}-{backend}")
+            for bad in BAD_INPUTS for backend in (*bad.backends, *(("op",) if bad.op is not None else ()))]
+
+
+@pytest.mark.parametrize("bad, backend", bad_input_params())
+def test_bad_input_raises_naming_the_argument(bad, backend):
+    """`gqa_attention` checks its arguments in Python first, whatever the backend (on CUDA too, where the C++
+    checks never run). "op": the registered op called directly reaches the C++ kernel's own checks on CPU;
+    they raise the Python check's exception type and name the argument, or the row says what they do
+    instead, and the case is reported as an expected failure with that reason."""
+    call = {**valid_call(), "backend": None if backend == "auto" else backend}
+    call.update(bad.over(call))
+    if backend != "op":
+        match = bad.match(call["backend"]) if callable(bad.match) else bad.match
+        with pytest.raises(bad.exc, match=match):
+            gqa_attention(**call)
+        return
+    del call["backend"]
+    if bad.op.exc is None:
+        out = native_op(**call)
+        assert out.shape == call["q"].shape
+        pytest.xfail(f"the op takes what gqa_attention refuses with a {bad.exc.__name__}: {bad.op.why}")
+    with pytest.raises(bad.op.exc, match=bad.op.match):
+        native_op(**call)
+    if bad.op.exc is not bad.exc:
+        pytest.xfail(f"the op raises a {bad.op.exc.__name__} where gqa_attention raises a {bad.exc.__name__}: "
+                     f"{bad.op.why}")
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends("gqa_attention"), pytest.param("op", marks=native)])
+def test_bad_input_table_starts_from_valid_calls(backend):
+    """The table's valid call, its joint form ((2, Dh) q and k norm weights split at 3) and a q split alone against
+    5 keys (only k's rows need S = T) run on every backend and on the op, within the tolerance rule."""
+    a = valid_call()
+    w_q, w_k = stream_weights(16, torch.float32)
+    run = native_op if backend == "op" else functools.partial(gqa_attention, backend=backend)
+    for name, over in (("valid", {}), ("joint", dict(q_norm=w_q, k_norm=w_k, norm_split=3)),
+                       ("q split, 5 keys", dict(**short_kv(a), q_norm=w_q, norm_split=3))):
+        kw = {**a, **over}
+        q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
+        check(run(q, k, v, **kw), q, k, v, f"{backend} {name}", **kw)
+
+
+# -- the reference, the op and its fake implementation ---------------------------------------------------
 def test_reference_backend_and_fake_implementation():
     q, k, v = make_inputs(2, 7, 7, 4, 2, 16, torch.float32)
     kw = options(q, "qk", "half", 2)
@@ -535,21 +732,19 @@ def test_reference_pieces_are_diffusers_own():
                                                 else -2, sequence_dim=1))
 
 
-@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
-def test_python_body_matches_reference(triton, monkeypatch):
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention", ("reference", "triton")))
+def test_python_body_matches_reference(backend, monkeypatch):
     """The op's Python implementation, reached past the native CPU kernel: the reference (the fallback, and the
     CPU path without the extension or the interpreter), or the Triton kernel where `use_triton` says so (CUDA;
     here the interpreter)."""
-    if triton and not interpreting():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(gqa, "use_triton", lambda op, *tensors: triton)
+    monkeypatch.setattr(gqa, "use_triton", lambda op, *tensors: backend == "triton")
     q, k, v = make_inputs(1, 21, 21, 4, 2, 32, torch.float32, seed=11)
     kw = options(q, "qk", "pairs", 4)
     cos, sin = kw["rope"]
     python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     out = torch.ops.ditengine.gqa_attention.default.redispatch(python_impl, q, k, v, kw["q_norm"], kw["k_norm"], 1e-6,
                                                                cos, sin, True, 4, 32**-0.5)
-    check(out, q, k, v, f"python body ({'triton' if triton else 'reference'})", **kw)
+    check(out, q, k, v, f"python body ({backend})", **kw)
 
 
 def test_registered_op_passes_opcheck():
@@ -624,8 +819,10 @@ def flux_rope(L, h, w, axes_dim, theta=10000):
     return cos.float(), sin.float()
 
 
+
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention"))
 @pytest.mark.parametrize("model", ["sd3", "flux", "half"])
-def test_joint_attention_matches_diffusers_pieces(model):
+def test_joint_attention_matches_diffusers_pieces(model, backend):
     """Joint attention composed from diffusers' pieces, as `JointAttnProcessor2_0` (SD3.5: [image; text], no
     RoPE) and `FluxAttnProcessor` ([text; image], interleaved RoPE from `FluxPosEmbed` over every row) run it:
     an `RMSNorm` module per stream and per q / k on its row range, the concatenation, `apply_rotary_emb`, SDPA.
@@ -665,32 +862,42 @@ def test_joint_attention_matches_diffusers_pieces(model):
         kw = dict(q_norm=torch.stack([norms[a[0]].weight, norms[a[1]].weight]),
                   k_norm=torch.stack([norms[b[0]].weight, norms[b[1]].weight]), eps=1e-6, norm_split=first,
                   rope=rope, rope_interleaved=model == "flux")
-        for backend in backends_here():
-            out = gqa_attention(q, k, v, backend=backend, **kw)
-            rel = ((out - expected).abs().max() / expected.abs().max()).item()
-            assert rel <= 1e-5, f"{backend}: rel err {rel:.2e}"
+        out = gqa_attention(q, k, v, backend=backend, **kw)
+        rel = ((out - expected).abs().max() / expected.abs().max()).item()
+        assert rel <= 1e-5, f"{backend}: rel err {rel:.2e}"
         one = gqa_attention_ref(q, k, v, **{**kw, "q_norm": kw["q_norm"][0], "k_norm": kw["k_norm"][0],
                                             "norm_split": None})
         assert ((one - expected).abs().max() / expected.abs().max()).item() > 1e-2
 
 
-# (B, first, second, Hq, Hkv, Dh, norm, rope, window): the interpreter's 32-row tiles: a split inside a tile
-# (37 + 13) and on a tile boundary (32 + 13, 64 + 7), both RoPE forms and none, the split head dim 72, GQA 2,
-# a q split with k's (Dh,) weight shared, a k split with q unnormalised, a window across the split.
-TRITON_JOINT_CASES = [(1, 37, 13, 2, 2, 64, "qk", "pairs", None), (2, 32, 13, 2, 2, 32, "qk", "half", None),
+# (B, first, second, Hq, Hkv, Dh, norm, rope, window), on every kernel: the interpreter's 32-row tiles: a split
+# inside a tile (37 + 13) and on a tile boundary (32 + 13, 64 + 7), both RoPE forms and none, the split head dim
+# 72, GQA 2, a q split with k's (Dh,) weight shared, a k split with q unnormalised, a window across the split.
+KERNEL_JOINT_CASES = [(1, 37, 13, 2, 2, 64, "qk", "pairs", None), (2, 32, 13, 2, 2, 32, "qk", "half", None),
                       (1, 37, 13, 2, 2, 72, "qk", None, None), (1, 64, 7, 4, 2, 32, "q", "half", None),
                       (1, 20, 25, 2, 1, 16, "k", "pairs", 6)]
+# The native kernel only: SD3.5's [image; text] at 1024 + 333 (the split on a 64-row tile and, for keys, on a
+# 512-key block boundary), one inside a tile and a key block (1000 + 357), Flux's head dim 128 with interleaved
+# RoPE, a window across the split, a q-only split in cross-attention (S != T), GQA 2.
+NATIVE_JOINT_CASES = [(1, 1024, 333, 2, 2, 64, "qk", None, None), (1, 1000, 357, 2, 2, 64, "qk", "pairs", None),
+                      (2, 77, 120, 2, 2, 128, "qk", "pairs", None), (1, 150, 97, 4, 2, 64, "qk", "half", 40),
+                      (1, 37, 13, 2, 1, 16, "k", "half", None)]
 
 
-@triton_cpu
-@pytest.mark.parametrize("B, first, second, HQ, HKV, Dh, norm, rope, window", TRITON_JOINT_CASES)
-def test_triton_joint_matches_reference(B, first, second, HQ, HKV, Dh, norm, rope, window, triton_launches):
+@pytest.mark.parametrize("backend, B, first, second, HQ, HKV, Dh, norm, rope, window, dtype", backend_cases({
+    "native": [(*case, dtype) for case in KERNEL_JOINT_CASES + NATIVE_JOINT_CASES
+               for dtype in (torch.float32, torch.bfloat16)],
+    "triton": [(*case, torch.float32) for case in KERNEL_JOINT_CASES]}))
+def test_joint_matches_reference(backend, B, first, second, HQ, HKV, Dh, norm, rope, window, dtype, request):
+    launches = count_launches(backend, request)
     T = first + second
-    q, k, v = make_inputs(B, T, T, HQ, HKV, Dh, torch.float32, seed=T + Dh)
+    q, k, v = make_inputs(B, T, T, HQ, HKV, Dh, dtype, seed=T + Dh)
     kw = joint_options(q, first, rope, norm, window)
-    out = gqa_attention(q, k, v, backend="triton", **kw)
-    assert triton_launches["_gqa_attention_fwd_kernel"] == 1
-    check(out, q, k, v, f"triton joint {first}+{second} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+    out = runner(backend)(q, k, v, **kw)
+    if launches is not None:
+        assert launches["_gqa_attention_fwd_kernel"] == 1
+    check(out, q, k, v, f"{backend} joint {first}+{second} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+
 
 
 @triton_cpu
@@ -703,29 +910,12 @@ def test_triton_joint_split_on_a_key_block_edge():
         check(out, q, k, v, f"triton joint split={split} 16 x 16 tiles", **kw)
 
 
-@triton_cpu
+
+@pytest.mark.parametrize("backend, dtype", backend_cases({"native": [(torch.float32,), (torch.bfloat16,)],
+                                                          "triton": [(torch.float32,)]}))
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_triton_joint_keeps_nan_in_the_rows_that_see_it():
-    nan_isolation(functools.partial(gqa_attention, backend="triton"), torch.float32, split=20)
-
-
-# (B, first, second, Hq, Hkv, Dh, norm, rope, window): SD3.5's [image; text] at 1024 + 333 (the split on a 64-row
-# tile and, for keys, on a 512-key block boundary), one inside a tile and a key block (1000 + 357), Flux's head
-# dim 128 with interleaved RoPE, a window across the split, a q-only split in cross-attention (S != T), GQA 2.
-NATIVE_JOINT_CASES = [(1, 1024, 333, 2, 2, 64, "qk", None, None), (1, 1000, 357, 2, 2, 64, "qk", "pairs", None),
-                      (2, 77, 120, 2, 2, 128, "qk", "pairs", None), (1, 150, 97, 4, 2, 64, "qk", "half", 40),
-                      (1, 37, 13, 2, 1, 16, "k", "half", None)]
-
-
-@native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("B, first, second, HQ, HKV, Dh, norm, rope, window", NATIVE_JOINT_CASES)
-def test_native_joint_matches_reference(B, first, second, HQ, HKV, Dh, norm, rope, window, dtype):
-    T = first + second
-    q, k, v = make_inputs(B, T, T, HQ, HKV, Dh, dtype, seed=T + Dh)
-    kw = joint_options(q, first, rope, norm, window)
-    check(native_op(q, k, v, **kw), q, k, v,
-          f"native joint {first}+{second} Dh={Dh} norm={norm} rope={rope} window={window}", **kw)
+def test_joint_keeps_nan_in_the_rows_that_see_it(backend, dtype):
+    nan_isolation(runner(backend), dtype, split=20)
 
 
 @native
@@ -737,38 +927,6 @@ def test_native_joint_q_split_in_cross_attention(dtype):
     check(native_op(q, k, v, **kw), q, k, v, "native joint q split, cross-attention", **kw)
 
 
-@native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_native_joint_keeps_nan_in_the_rows_that_see_it(dtype):
-    nan_isolation(native_op, dtype, split=20)
-
-
-@native
-def test_native_joint_errors_name_the_argument():
-    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
-    w_q, w_k = stream_weights(16, torch.float32)
-    op = torch.ops.ditengine.gqa_attention
-
-    def call(**over):
-        args = dict(q=q, k=k, v=v, q_norm=w_q, k_norm=w_k, eps=1e-6, cos=None, sin=None, rope_interleaved=False,
-                    window=None, scale=0.25, norm_split=3)
-        return op(*{**args, **over}.values())
-
-    assert call().shape == q.shape
-    with pytest.raises(ValueError, match="per-stream norm weights need norm_split"):
-        call(norm_split=None)
-    with pytest.raises(ValueError, match=r"norm_split is only for \(2, Dh\) per-stream"):
-        call(q_norm=w_q[0], k_norm=None)
-    for bad in (0, 6, -1):
-        with pytest.raises(ValueError, match=f"norm_split must satisfy 0 < norm_split < T = 6, got {bad}"):
-            call(norm_split=bad)
-    with pytest.raises(ValueError, match=r"q_norm must be the \(Dh,\) = \(16,\) RMSNorm weight, got shape \[3, 16\] "
-                                         r"\(per-stream weights: \(2, Dh\) = \(2, 16\)\)"):
-        call(q_norm=torch.ones(3, 16))
-    with pytest.raises(ValueError, match="k_norm: .2, Dh. weights split k's rows as q's and need S = T, got S=5"):
-        call(k=k[:, :5], v=v[:, :5])
-
 
 @native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -779,35 +937,6 @@ def test_native_joint_passes_opcheck(dtype):
     torch.library.opcheck(torch.ops.ditengine.gqa_attention,
                           (q, k, v, kw["q_norm"], kw["k_norm"], 1e-6, cos, sin, True, 3, 0.25, 4))
 
-
-@pytest.mark.parametrize("backend", [None, "reference", "triton"])
-def test_joint_errors_name_the_argument(backend):
-    if backend == "triton" and not interpreting():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    run = functools.partial(gqa_attention, backend=backend)
-    q, k, v = make_inputs(2, 6, 6, 4, 2, 16, torch.float32)
-    w_q, w_k = stream_weights(16, torch.float32)
-    with pytest.raises(ValueError, match=r"norm_split: \(2, Dh\) q_norm weights need norm_split"):
-        run(q, k, v, q_norm=w_q)
-    with pytest.raises(ValueError, match=r"norm_split: \(2, Dh\) k_norm weights need norm_split"):
-        run(q, k, v, q_norm=w_q[0], k_norm=w_k)
-    with pytest.raises(ValueError, match=r"norm_split: only for \(2, Dh\) per-stream q_norm / k_norm weights"):
-        run(q, k, v, q_norm=w_q[0], k_norm=w_k[0], norm_split=3)
-    with pytest.raises(ValueError, match=r"norm_split: only for \(2, Dh\)"):
-        run(q, k, v, norm_split=3)
-    for bad in (0, 6, -2, True, 2.5):
-        with pytest.raises(ValueError, match=r"norm_split: expected an int with 0 < norm_split < T = 6 \(both "
-                                             r"streams non-empty\)"):
-            run(q, k, v, q_norm=w_q, norm_split=bad)
-    with pytest.raises(ValueError, match=r"q_norm: expected shape \(16\) \(Dh,\): the RMSNorm weight, got \(3, 16\) "
-                                         r"\(per-stream weights: \(2, 16\) \(2, Dh\)\)"):
-        run(q, k, v, q_norm=torch.ones(3, 16), norm_split=3)
-    with pytest.raises(ValueError, match=r"k_norm: expected shape \(16\) .*, got \(2, 8\)"):
-        run(q, k, v, k_norm=w_k[:, :8], norm_split=3)
-    with pytest.raises(ValueError, match=r"k_norm: \(2, Dh\) weights split k's rows at norm_split as q's and need "
-                                         r"S = T, got S=5, T=6"):
-        run(q, k[:, :5], v[:, :5], k_norm=w_k, norm_split=3)
-    assert run(q, k[:, :5], v[:, :5], q_norm=w_q, norm_split=3).shape == q.shape  # a q split alone: S may differ
 
 
 def test_joint_reference_fake_and_opcheck():
@@ -823,18 +952,16 @@ def test_joint_reference_fake_and_opcheck():
     assert meta.shape == q.shape and meta.device.type == "meta"
 
 
-@pytest.mark.parametrize("triton", [False, True], ids=["reference", "triton"])
-def test_joint_python_body_matches_reference(triton, monkeypatch):
-    if triton and not interpreting():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    monkeypatch.setattr(gqa, "use_triton", lambda op, *tensors: triton)
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention", ("reference", "triton")))
+def test_joint_python_body_matches_reference(backend, monkeypatch):
+    monkeypatch.setattr(gqa, "use_triton", lambda op, *tensors: backend == "triton")
     q, k, v = make_inputs(1, 45, 45, 2, 2, 32, torch.float32, seed=16)
     kw = joint_options(q, 37, "pairs")
     cos, sin = kw["rope"]
     python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
     out = torch.ops.ditengine.gqa_attention.default.redispatch(python_impl, q, k, v, kw["q_norm"], kw["k_norm"], 1e-6,
                                                                cos, sin, True, None, 32**-0.5, 37)
-    check(out, q, k, v, f"joint python body ({'triton' if triton else 'reference'})", **kw)
+    check(out, q, k, v, f"joint python body ({backend})", **kw)
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------------
@@ -849,7 +976,7 @@ def test_gpu_ace_step_self_attention(T, window, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B, T, S, HQ, HKV, Dh, norm, rope, window", TRITON_CASES + NATIVE_CASES)
+@pytest.mark.parametrize("B, T, S, HQ, HKV, Dh, norm, rope, window", KERNEL_CASES + NATIVE_CASES)
 def test_gpu_odd_shapes_fp32(B, T, S, HQ, HKV, Dh, norm, rope, window):
     q, k, v = make_inputs(B, T, S, HQ, HKV, Dh, torch.float32, device="cuda")
     kw = options(q, norm, rope, window)

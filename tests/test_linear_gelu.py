@@ -7,12 +7,33 @@ import torch
 from ditengine.kernels import linear, linear_gelu, linear_gelu_ref, prepack_linear
 from ditengine.kernels._backend import _log_choice
 
+from support.backends import cpu_backends
 from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 from support.tolerance import assert_within_tolerance, fp32_floor
 
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 native = needs_native("linear_gelu")
 lg = importlib.import_module("ditengine.kernels.linear_gelu")  # the module; the package exports the function
+# The prepacked forms on CPU (`lg.FORMS`): the C++ kernel ("native", skipped where the extension does not serve
+# the op), the op's torch body ("reference"), and oneDNN's fused GEMM ("mkldnn", usable per dtype where its
+# probe passes: `usable`).
+FORMS = [*cpu_backends("linear_gelu", ("native", "reference")), pytest.param("mkldnn", id="mkldnn")]
+assert sorted(p.values[0] for p in FORMS) == sorted(lg.FORMS)
+# The registered op's implementations: its C++ CPU kernel (what the dispatcher runs on CPU tensors) and its
+# Python body (the fallback without the extension), reached past the C++ kernel.
+OP_IMPLS = [pytest.param("native", marks=native, id="native"), pytest.param("python", id="python-body")]
+PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def usable(form, dtype):
+    """Skip, saying why, where `form` cannot run activations of `dtype` here (oneDNN's probe decides)."""
+    if form == "mkldnn" and not lg.mkldnn_gelu_is_tanh(dtype):
+        pytest.skip(f"oneDNN linear+GELU-tanh is not usable in {dtype} on this CPU (the probe says so)")
+
+
+def run_op(impl, *args):
+    op = torch.ops.ditengine.linear_gelu
+    return op(*args) if impl == "native" else op.default.redispatch(PYTHON_BODY, *args)
 
 
 def layer(M, K, N, dtype, seed=0, lead=()):
@@ -42,22 +63,18 @@ def test_reference_is_the_tanh_gelu():
     torch.testing.assert_close(linear_gelu_ref(x, w, b), expected)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gelu", [True, False], ids=["gelu", "plain"])
-def test_reference_backend_matches(dtype, gelu):
-    x, w, b = layer(37, 48, 80, dtype, seed=1, lead=(2,))
-    packed = prepack_linear(w, b, dtype=dtype, backend="reference")
-    check((linear_gelu if gelu else linear)(x, packed), x, w, b, gelu, "reference backend")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_mkldnn_backend_where_its_probe_passes(dtype):
-    if not lg.mkldnn_gelu_is_tanh(dtype):
-        pytest.skip(f"oneDNN linear+GELU-tanh is not usable in {dtype} on this CPU (the probe says so)")
-    x, w, b = layer(64, 96, 160, dtype, seed=2)
-    packed = prepack_linear(w, b, dtype=dtype, backend="mkldnn", batch_size=64)
-    check(linear_gelu(x, packed), x, w, b, True, "mkldnn gelu")
-    check(linear(x, packed), x, w, b, False, "mkldnn plain")
+def test_prepacked_form_matches(form, dtype, gelu):
+    usable(form, dtype)
+    for M, K, N, lead, seed in ((37, 48, 80, (2,), 1), (64, 96, 160, (), 2), (64, 96, 200, (), 5)):
+        x, w, b = layer(M, K, N, dtype, seed=seed, lead=lead)
+        packed = prepack_linear(w, b, dtype=dtype, backend=form, batch_size=x.numel() // K)
+        assert packed.backend == form and packed.out_features == N
+        if form != "mkldnn":  # the native and reference forms hold fp32 weights (x is widened per call)
+            assert packed.weight.dtype == torch.float32
+        check((linear_gelu if gelu else linear)(x, packed), x, w, b, gelu, f"{form} {M}x{K}->{N}")
 
 
 def test_probe_decides_from_what_the_op_computes(monkeypatch):
@@ -114,17 +131,6 @@ def test_auto_packing_runs_and_matches():
     check(linear_gelu(x, packed), x, w, b, True, f"auto ({packed.backend})")
 
 
-def test_prepack_errors():
-    x, w, b = layer(4, 8, 8, torch.float32)
-    with pytest.raises(ValueError, match="backend='cuda'"):
-        prepack_linear(w, b, backend="cuda")
-    with pytest.raises(ValueError, match=r"w: expected \(N, K\) and b \(N,\), got \(8, 8\) and \(7,\)"):
-        prepack_linear(w, b[:7])
-    packed = prepack_linear(w, b, backend="reference")
-    with pytest.raises(TypeError, match="x: expected dtype torch.float32 .* got torch.bfloat16"):
-        linear_gelu(x.bfloat16(), packed)
-
-
 def test_registered_op_passes_opcheck():
     x, w, b = layer(6, 16, 24, torch.float32, seed=4)
     torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w, b, True))
@@ -143,15 +149,6 @@ def test_native_matches_reference(M, K, N, dtype, gelu):
         check(out, x, w, b, gelu, f"native M={M} K={K} N={N} weight {weight.dtype}")
     out = torch.ops.ditengine.linear_gelu(x, w.float(), None, gelu)
     check(out, x, w, torch.zeros_like(b), gelu, "native without bias")
-
-
-@native
-def test_native_prepacked_path_matches():
-    x, w, b = layer(64, 96, 200, torch.bfloat16, seed=5)
-    packed = prepack_linear(w, b, dtype=torch.bfloat16, backend="native")
-    assert packed.weight.dtype == torch.float32
-    check(linear_gelu(x, packed), x, w, b, True, "prepacked gelu")
-    check(linear(x, packed), x, w, b, False, "prepacked plain")
 
 
 @native
@@ -174,22 +171,6 @@ def test_native_same_inputs_same_bits(dtype):
     x, w, b = layer(300, 96, 600, dtype, seed=7)
     first = torch.ops.ditengine.linear_gelu(x, w.float(), b.float(), True)
     assert all(torch.equal(first, torch.ops.ditengine.linear_gelu(x, w.float(), b.float(), True)) for _ in range(3))
-
-
-@native
-def test_native_errors():
-    x, w, b = layer(4, 8, 12, torch.bfloat16)
-    op = torch.ops.ditengine.linear_gelu
-    with pytest.raises(RuntimeError, match=r"weight must be \(N, K\)"):
-        op(x, w[0], b, True)
-    with pytest.raises(RuntimeError, match="does not take x's last dimension 8"):
-        op(x, w[:, :7], b, True)
-    with pytest.raises(RuntimeError, match="weight must be float32 or x's dtype"):
-        op(x, w.half(), b.half(), True)
-    with pytest.raises(RuntimeError, match=r"bias must be \(12\)"):
-        op(x, w, b[:5], True)
-    with pytest.raises(RuntimeError, match="bias dtype Float must match weight dtype BFloat16"):
-        op(x, w, b.float(), True)
 
 
 @native
@@ -268,46 +249,41 @@ def test_flux_block_one_gemm_is_the_four_linears():
                                                              approximate="tanh"), rtol=1e-5, atol=1e-5)
 
 
-def usable_backends(dtype):
-    return (["reference"] + (["native"] if lg.native_available() else [])
-            + (["mkldnn"] if lg.mkldnn_gelu_is_tanh(dtype) else []))
-
-
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("gelu_from", [0, 37, 3 * D_FLUX, 7 * D_FLUX - 1, 7 * D_FLUX])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_every_backend_gelu_columns(dtype, gelu_from, with_bias):
+def test_gelu_columns(form, dtype, gelu_from, with_bias):
+    usable(form, dtype)
     x, w, b = layer(33, D_FLUX, 7 * D_FLUX, dtype, seed=14 + gelu_from, lead=(3,))  # 99 rows
     b = b if with_bias else None
-    for backend in usable_backends(dtype):
-        packed = prepack_linear(w, b, dtype=dtype, backend=backend, batch_size=99)
-        check_cols(linear_gelu(x, packed, gelu_from), x, w, b, gelu_from, f"{backend} gelu_from={gelu_from}")
+    packed = prepack_linear(w, b, dtype=dtype, backend=form, batch_size=99)
+    check_cols(linear_gelu(x, packed, gelu_from), x, w, b, gelu_from, f"{form} gelu_from={gelu_from}")
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gelu_from_edges_are_the_existing_calls(dtype):
-    """gelu_from = 0 is today's whole-row GELU, bit for bit; gelu_from = N is `linear`."""
-    x, w, b = flux_layer(21, dtype, seed=15)
-    for backend in usable_backends(dtype):
-        packed = prepack_linear(w, b, dtype=dtype, backend=backend, batch_size=21)
-        assert torch.equal(linear_gelu(x, packed, 0), linear_gelu(x, packed)), backend
-        assert torch.equal(linear_gelu(x, packed, 7 * D_FLUX), linear(x, packed)), backend
+def test_gelu_from_edges_are_the_existing_calls(form, dtype):
+    """gelu_from = 0 is today's whole-row GELU, bit for bit; gelu_from = N is `linear`; without the GELU a
+    gelu_from changes nothing."""
+    usable(form, dtype)
+    for x, w, b in (flux_layer(21, dtype, seed=15), layer(97, 72, 300, dtype, seed=17)):
+        packed = prepack_linear(w, b, dtype=dtype, backend=form, batch_size=x.shape[0])
+        N = w.shape[0]
+        assert torch.equal(linear_gelu(x, packed, 0), linear_gelu(x, packed))
+        assert torch.equal(linear_gelu(x, packed, N), linear(x, packed))
+        assert torch.equal(lg._call(x, packed, False, 100), linear(x, packed))
 
 
-def test_gelu_from_errors():
-    x, w, b = flux_layer(4, torch.float32)
-    packed = prepack_linear(w, b, backend="reference")
-    for bad in (-1, 7 * D_FLUX + 1):
-        with pytest.raises(ValueError, match=rf"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}"):
-            linear_gelu(x, packed, bad)
-    for bad in (True, 3.0, torch.tensor(3)):
-        with pytest.raises(TypeError, match="gelu_from: expected an int column index"):
-            linear_gelu(x, packed, bad)
-    # The registered op checks it too, in its fake (meta) form as in its Python body (the same check).
-    meta = [t.to("meta") for t in (x, w, b)]
-    for bad in (-2, 169):
-        with pytest.raises(ValueError, match=f"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}"):
-            torch.ops.ditengine.linear_gelu(*meta, True, bad)
+@pytest.mark.parametrize("impl", OP_IMPLS)
+def test_op_gelu_from_zero_and_plain_keep_their_bits(impl):
+    """The registered op: an explicit gelu_from = 0 is the schema's default, gelu_from = N no GELU, and without
+    the GELU a gelu_from changes nothing."""
+    x, w, b = layer(97, 72, 300, torch.bfloat16, seed=17)
+    w, b = w.float(), b.float()
+    assert torch.equal(run_op(impl, x, w, b, True, 0), run_op(impl, x, w, b, True))
+    assert torch.equal(run_op(impl, x, w, b, True, 300), run_op(impl, x, w, b, False))
+    assert torch.equal(run_op(impl, x, w, b, False, 100), run_op(impl, x, w, b, False))
 
 
 @pytest.mark.parametrize("gelu_from", [0, 3 * D_FLUX, 101])
@@ -329,15 +305,6 @@ def test_native_gelu_columns_cross_the_tiles(M, dtype, gelu_from):
         out = op(x, weight, bias, True, gelu_from)
         check_cols(out, x, w, None if bias is None else b, gelu_from, f"native M={M} weight {weight.dtype} "
                    f"bias={bias is not None} gelu_from={gelu_from}")
-
-
-@native
-def test_native_gelu_from_zero_and_plain_keep_their_bits():
-    x, w, b = layer(97, 72, 300, torch.bfloat16, seed=17)
-    op = torch.ops.ditengine.linear_gelu
-    assert torch.equal(op(x, w.float(), b.float(), True, 0), op(x, w.float(), b.float(), True))
-    assert torch.equal(op(x, w.float(), b.float(), True, 300), op(x, w.float(), b.float(), False))
-    assert torch.equal(op(x, w.float(), b.float(), False, 100), op(x, w.float(), b.float(), False))  # no GELU at all
 
 
 @native
@@ -364,19 +331,116 @@ def test_native_gelu_columns_other_paths():
 
 
 @native
-def test_native_gelu_from_errors():
-    x, w, b = layer(4, 8, 12, torch.float32)
-    for bad in (-1, 13):
-        with pytest.raises(RuntimeError, match=rf"gelu_from must be in 0..12 \(weight's out_features\), got {bad}"):
-            torch.ops.ditengine.linear_gelu(x, w, b, True, bad)
-
-
-@native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_native_gelu_columns_pass_opcheck(dtype):
     x, w, b = layer(6, 16, 300, dtype, seed=20, lead=(2,))
     torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w.float(), b.float(), True, 259))
     torch.library.opcheck(torch.ops.ditengine.linear_gelu, (x, w, None, True, 300))
+
+
+# -- bad inputs: one table, every form; the registered op's C++ checks against its Python body -------------
+def packed_call(f, dtype=torch.float32):
+    """f(x, packed) on fresh seeded Flux-sized (4, 24) x and (168, 24) weights packed in the case's form."""
+    def call(form):
+        usable(form, dtype)
+        x, w, b = flux_layer(4, dtype, seed=21)
+        return f(x, prepack_linear(w, b, dtype=dtype, backend=form))
+    return call
+
+
+def op_call(**change):
+    """The registered op on fresh seeded bf16 (4, 8) x, weight (12, 8) and bias, one argument changed (a
+    callable of the defaults), called through "native" (the C++ kernel) or "python" (its Python body)."""
+    def call(impl):
+        x, w, b = layer(4, 8, 12, torch.bfloat16, seed=22)
+        args = dict(x=x, weight=w, bias=b, apply_gelu=True, gelu_from=0)
+        args.update({k: v(**args) for k, v in change.items()})
+        return run_op(impl, *args.values())
+    return call
+
+
+def weights(w=lambda w: w, b=lambda b: b):
+    """Fresh seeded (8, 8) weight and (8,) bias, each passed through its function."""
+    _, weight, bias = layer(4, 8, 8, torch.float32, seed=23)
+    return w(weight), b(bias)
+
+
+UNCHECKED = {"python": "the Python body checks gelu_from only: torch fails, naming no argument"}
+RUNS = {"python": "the Python body checks gelu_from only: it runs"}
+# linear_gelu / linear check x's dtype only (linear_swiglu's call checks x's shape and device too): the rows
+# below with these reasons expect linear_swiglu's messages, and each form fails otherwise.
+X_SHAPE = {"reference": "unchecked: F.linear's shape error names mat1 and mat2",
+           "native": "unchecked in Python: the C++ kernel raises a RuntimeError (naming x and weight)",
+           "mkldnn": "unchecked: oneDNN cannot create a primitive descriptor"}
+X_DEVICE = {"reference": "unchecked: F.linear's device error names no argument",
+            "native": "unchecked: the op's fake runs on meta x and returns a meta tensor from CPU weights",
+            "mkldnn": "unchecked: oneDNN's error names no argument"}
+
+# (id, call(form or impl), exception type, regex naming the argument[, {form or impl: why it fails instead}])
+API_ROWS = [
+    ("prepack-b-shape", lambda form: prepack_linear(*weights(b=lambda b: b[:7]), backend=form), ValueError,
+     r"w: expected \(N, K\) and b \(N,\), got \(8, 8\) and \(7,\)"),
+    ("prepack-w-3d", lambda form: prepack_linear(weights(w=lambda w: w.view(2, 4, 8))[0], backend=form), ValueError,
+     r"w: expected \(N, K\) and b \(N,\), got \(2, 4, 8\) and None"),
+    ("x-dtype", packed_call(lambda x, p: linear_gelu(x.bfloat16(), p)), TypeError,
+     "x: expected dtype torch.float32 .* got torch.bfloat16"),
+    ("x-dtype-linear", packed_call(lambda x, p: linear(x.double(), p)), TypeError,
+     "x: expected dtype torch.float32 .* got torch.float64"),
+    ("x-last-dim", packed_call(lambda x, p: linear_gelu(x[:, :7], p)), ValueError,
+     r"x: expected \(\.\.\., 24\), got \(4, 7\)", X_SHAPE),
+    ("x-device", packed_call(lambda x, p: linear_gelu(x.to("meta"), p)), ValueError,
+     "x: on meta, expected cpu like the packed weights", X_DEVICE),
+    *((f"gelu_from={bad}", packed_call(lambda x, p, bad=bad: linear_gelu(x, p, bad)), ValueError,
+       rf"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}") for bad in (-1, 7 * D_FLUX + 1)),
+    *((f"gelu_from-{type(bad).__name__}", packed_call(lambda x, p, bad=bad: linear_gelu(x, p, bad)), TypeError,
+       "gelu_from: expected an int column index") for bad in (True, 3.0, torch.tensor(3))),
+]
+# The bad input is the backend argument itself: once.
+BACKEND_ROWS = [("prepack-backend=cuda", lambda _: prepack_linear(*weights(), backend="cuda"),
+                 ValueError, "backend='cuda'")]
+# The op's fake (meta) form checks gelu_from as its Python body does.
+FAKE_ROWS = [(f"op-gelu_from={bad}", lambda _, bad=bad: torch.ops.ditengine.linear_gelu(
+                  *(t.to("meta") for t in flux_layer(4, torch.float32)), True, bad), ValueError,
+              f"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}") for bad in (-2, 169)]
+# The exception types are the C++ kernel's: plain TORCH_CHECK, a RuntimeError (csrc/checks.h's convention, and
+# the Python body's gelu_from check, would be ValueError for a value, TypeError for a dtype).
+OP_ROWS = [
+    ("op-weight-1d", op_call(weight=lambda weight, **_: weight[0]), RuntimeError, r"weight must be \(N, K\)",
+     UNCHECKED),
+    ("op-weight-K", op_call(weight=lambda weight, **_: weight[:, :7]), RuntimeError,
+     "does not take x's last dimension 8", UNCHECKED),
+    ("op-weight-dtype", op_call(weight=lambda weight, **_: weight.half(), bias=lambda bias, **_: bias.half()),
+     RuntimeError, "weight must be float32 or x's dtype", RUNS),
+    ("op-bias-shape", op_call(bias=lambda bias, **_: bias[:5]), RuntimeError, r"bias must be \(12\)", UNCHECKED),
+    ("op-bias-dtype", op_call(bias=lambda bias, **_: bias.float()), RuntimeError,
+     "bias dtype Float must match weight dtype BFloat16", UNCHECKED),
+    *((f"op-gelu_from={bad}", op_call(gelu_from=lambda bad=bad, **_: bad), RuntimeError,
+       rf"gelu_from must be in 0..12 \(weight's out_features\), got {bad}",
+       {"python": "the Python body raises ValueError (as the public function and the fake do), the C++ kernel "
+                  "RuntimeError"}) for bad in (-1, 13)),
+]
+
+
+def table(rows, backends):
+    """pytest params: every row against every backend, a strict xfail where the row says that backend fails."""
+    params = []
+    for name, call, error, match, *gaps in rows:
+        gaps = gaps[0] if gaps else {}
+        for backend in backends:
+            where = backend.values[0]
+            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
+            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
+    return params
+
+
+@pytest.mark.parametrize("call, where, error, match", [
+    *table(API_ROWS, FORMS), *table(BACKEND_ROWS, [pytest.param(None, id="any")]),
+    *table(FAKE_ROWS, [pytest.param(None, id="fake")]), *table(OP_ROWS, OP_IMPLS)])
+def test_bad_input_names_the_argument(call, where, error, match):
+    """The public calls in every prepacked form, and the registered op called directly: its C++ kernel and its
+    Python body must raise the same exception type, each naming the argument."""
+    with pytest.raises(error, match=match):
+        call(where)
 
 
 @pytest.fixture(scope="module")

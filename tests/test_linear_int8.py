@@ -1,13 +1,20 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import linear_int8, prepack_int8
+from ditengine.bench.metrics import sqnr_db
+from ditengine.kernels import Int8Linear, linear_int8, prepack_int8
 from ditengine.kernels.linear_int8 import QMAX, _linear_int8_torch, error_bound, quantize_rows
 
+from support.backends import cpu_backends
 from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 
 native = needs_native("linear_int8")
+# The int8 path's backends on CPU tensors: "native" runs the registered op (its C++ kernel), "reference" the op's
+# torch body (`prepack_int8(native=False)`). It has no Triton kernel.
+BACKENDS = cpu_backends("linear_int8", ("native", "reference"))
 GELU_SLOPE = 1.13  # the largest |d/dy gelu_tanh(y)|: the GELU widens an input error by at most this
 
 
@@ -20,6 +27,10 @@ def layer(M, K, N, dtype=torch.float32, seed=0, outliers=False):
     w = torch.randn(N, K, generator=g) * K**-0.5
     b = torch.randn(N, generator=g)
     return x.to(dtype), w, b
+
+
+def pack(w, b, backend):
+    return prepack_int8(w, b, native=backend == "native")
 
 
 def exact(x, w, b, gelu):
@@ -49,7 +60,7 @@ def test_quantize_rows_is_symmetric_per_row_and_within_half_a_step():
 
 
 def test_quantize_rows_zero_and_nonfinite_rows():
-    x = torch.randn(3, 8)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     x[0] = 0
     x[2, 5] = float("nan")
     q, s = quantize_rows(x)
@@ -57,21 +68,82 @@ def test_quantize_rows_zero_and_nonfinite_rows():
     assert torch.isnan(s[2]) and torch.isfinite(s[1])
 
 
-@pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
-@pytest.mark.parametrize("M, K, N", [(64, 384, 1152), (37, 96, 80), (1, 1536, 384), (512, 64, 24)])
-def test_torch_body_within_the_bound(M, K, N, gelu):
-    x, w, b = layer(M, K, N, seed=M + K)
-    p = prepack_int8(w, b, native=False)
-    assert_within_quantisation_bound(linear_int8(x, p, gelu), x, w, b, gelu)
+# -- per-output-channel weight scales ---------------------------------------------------------------------
+# A weight whose rows differ RAMP-fold in range (a geometric ramp from 1 to 1 / RAMP over the output channels).
+# One scale for the whole weight quantises the smallest rows in steps of the largest row's, ~RAMP times too
+# coarse: their output channels lose up to ~20 log10(RAMP) = 34 dB. Measured on `ramp_layer()` (both backends,
+# fp32 and bf16 x): per-row scales give every channel 37.3 to 42.4 dB, one global scale 6.4 dB on a smallest
+# row's channel, while the SQNR of the whole output is 39.5 against 31.2 dB: only a per-channel measure
+# separates them, and the worst-case `error_bound` test below passes with either.
+RAMP = 50
+CHANNEL_SQNR_DB = 30.0  # per row: >= 37 dB on every channel; one global scale: ~6 dB on the smallest rows
 
 
-@native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def ramp_layer(M=128, K=256, N=48, seed=21):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    ramp = torch.logspace(0, -math.log10(RAMP), N)  # row n scaled by RAMP ** (-n / (N - 1))
+    w = torch.randn(N, K, generator=g) * K**-0.5 * ramp[:, None]
+    return x, w
+
+
+def channel_sqnr_db(out, x, w):
+    """SQNR in dB of each output channel (column of out) against x @ w^T in float64."""
+    ref = x.double() @ w.double().t()
+    return torch.tensor([sqnr_db(out[:, n], ref[:, n]) for n in range(w.shape[0])])
+
+
+def global_scale_pack(w, backend):
+    """An Int8Linear quantised with ONE scale for the whole weight (the quantiser's own rounding, applied to w
+    as a single row), scales broadcast to every channel: the quantisation the per-row tests must reject."""
+    N = w.shape[0]
+    q, s = quantize_rows(w.reshape(1, -1))
+    return Int8Linear(q.view_as(w).contiguous(), s.reshape(()).expand(N).contiguous(), None, N, backend == "native")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_scale_is_per_output_row(backend):
+    """`prepack_int8`'s scale is max_k |w_nk| / 127 per output row n, and each row's largest weight maps to
+    +-127 (one global scale would leave the small rows a few levels)."""
+    _, w = ramp_layer()
+    p = pack(w, None, backend)
+    assert p.scale.shape == (w.shape[0],) and p.scale.dtype == torch.float32 and p.weight.dtype == torch.int8
+    assert torch.equal(p.scale, w.abs().amax(1) / QMAX)
+    assert (p.weight.abs().amax(1) == QMAX).all()
+    assert ((p.weight.float() * p.scale[:, None] - w).abs() <= p.scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert p.native == (backend == "native")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_output_channel_keeps_its_sqnr(backend, dtype):
+    """Each output channel's SQNR stays above CHANNEL_SQNR_DB on a weight whose rows differ 50x in range; and
+    the same weight quantised with one global scale misses that bound (the test tells the two apart)."""
+    x, w = ramp_layer()
+    x = x.to(dtype)
+    per_row = channel_sqnr_db(linear_int8(x, pack(w, None, backend)), x, w)
+    worst = int(per_row.argmin())
+    assert per_row.min() > CHANNEL_SQNR_DB, (f"{backend} {dtype}: channel {worst} (row range "
+                                             f"{float(w[worst].abs().max()):.3g}) at {float(per_row.min()):.1f} dB")
+    if dtype == torch.float32:
+        one_scale = channel_sqnr_db(linear_int8(x, global_scale_pack(w, backend)), x, w)
+        assert one_scale.min() < CHANNEL_SQNR_DB - 10, f"a global scale gave {float(one_scale.min()):.1f} dB"
+        assert one_scale.argmin() >= w.shape[0] - 4  # the loss is on the smallest rows
+
+
+# -- the bound, on every backend ---------------------------------------------------------------------------
+# The C++ kernel has a load and a store path per dtype; the torch body widens x to fp32 first and rounds the
+# output last, so fp32 covers its arithmetic.
+DTYPES = {"native": (torch.float32, torch.bfloat16, torch.float16), "reference": (torch.float32,)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gelu", [False, True], ids=["plain", "gelu"])
-@pytest.mark.parametrize("M, K, N", [(64, 384, 1152), (37, 96, 80), (1, 1536, 384), (130, 341, 59)])
-def test_native_within_the_bound(M, K, N, dtype, gelu):
-    x, w, b = layer(M, K, N, dtype, seed=M * K, outliers=M == 130)
-    assert_within_quantisation_bound(linear_int8(x, prepack_int8(w, b), gelu), x, w, b, gelu)
+@pytest.mark.parametrize("M, K, N", [(64, 384, 1152), (37, 96, 80), (1, 1536, 384), (512, 64, 24), (130, 341, 59)])
+def test_within_the_bound(backend, M, K, N, gelu):
+    for dtype in DTYPES[backend]:
+        x, w, b = layer(M, K, N, dtype, seed=M * K, outliers=M == 130)
+        assert_within_quantisation_bound(linear_int8(x, pack(w, b, backend), gelu), x, w, b, gelu)
 
 
 @native
@@ -84,32 +156,105 @@ def test_native_quantises_as_the_torch_body():
                                rtol=0, atol=0)
 
 
-@native
-def test_native_shapes_and_edges():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes_and_edges(backend):
     _, w, b = layer(1, 16, 12)
-    p = prepack_int8(w, b)
-    x = torch.randn(2, 3, 16)
+    p = pack(w, b, backend)
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(4))
     assert linear_int8(x, p).shape == (2, 3, 12)
     assert linear_int8(torch.zeros(0, 16), p).shape == (0, 12)
     torch.testing.assert_close(linear_int8(torch.zeros(4, 16), p), b.expand(4, 12))  # a zero row is the bias
-    bad = torch.randn(4, 16)
+    bad = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
     bad[1, 3] = float("inf")
     out = linear_int8(bad, p)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3]]).all()
 
 
-@native
-def test_native_rejects_bad_arguments():
-    _, w, b = layer(1, 16, 12)
-    p = prepack_int8(w, b)
-    with pytest.raises(RuntimeError, match="does not take x's last dimension 15"):
-        torch.ops.ditengine.linear_int8(torch.randn(3, 15), p.weight, p.scale, p.bias, False)
-    with pytest.raises(RuntimeError, match="weight must be \\(N, K\\) int8"):
-        torch.ops.ditengine.linear_int8(torch.randn(3, 16), w, p.scale, p.bias, False)
-    with pytest.raises(RuntimeError, match="weight_scale must be"):
-        torch.ops.ditengine.linear_int8(torch.randn(3, 16), p.weight, p.scale[:5], p.bias, False)
-    with pytest.raises(ValueError, match="w: expected"):
-        prepack_int8(torch.randn(3, 4, 5))
+# -- bad inputs: one table, every backend; the registered op's C++ checks against its Python body ------------
+# The registered op's two implementations: its C++ CPU kernel ("native", what the dispatcher runs on CPU tensors)
+# and its Python body (the fallback without the extension; what CUDA runs), reached past the C++ kernel.
+OP_IMPLS = [pytest.param("native", marks=native, id="native"), pytest.param("python", id="python-body")]
+PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def run_op(impl, *args):
+    op = torch.ops.ditengine.linear_int8
+    return op(*args) if impl == "native" else op.default.redispatch(PYTHON_BODY, *args)
+
+
+def small(seed=6):
+    """A fresh seeded (3, 16) x and a packed (12, 16) layer with bias."""
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = torch.randn(3, 16, generator=g), torch.randn(12, 16, generator=g) * 0.25, torch.randn(12, generator=g)
+    return x, w, b, prepack_int8(w, b)
+
+
+def op_args(**change):
+    x, w, b, p = small()
+    args = dict(x=x, weight=p.weight, weight_scale=p.scale, bias=p.bias, apply_gelu=False)
+    args.update({k: v(args, w) for k, v in change.items()})
+    return list(args.values())
+
+
+# Where the torch body (the "reference" backend, and the op's Python body) checks nothing and fails inside torch
+# or not at all: a strict xfail saying what it does instead, so a fix shows up as an unexpected pass.
+UNCHECKED = "the torch body checks no argument: "
+# (id, call(backend or impl), exception type, regex naming the argument[, {backend: why it fails instead}]).
+# The exception types are the C++ kernel's: plain TORCH_CHECK, a RuntimeError (csrc/checks.h's convention would
+# be ValueError for a shape, TypeError for a dtype).
+API_ROWS = [
+    ("prepack-w-3d", lambda be: pack(small()[1].view(3, 4, 16), None, be), ValueError,
+     r"w: expected \(N, K\) and b \(N,\), got \(3, 4, 16\)"),
+    ("prepack-b-shape", lambda be: pack(small()[1], small()[2][:5], be), ValueError,
+     r"w: expected \(N, K\) and b \(N,\), got \(12, 16\) and \(5,\)"),
+    ("x-last-dim", lambda be: linear_int8(small()[0][:, :15], pack(*small()[1:3], be)), RuntimeError,
+     "does not take x's last dimension 15",
+     {"reference": UNCHECKED + "torch._int_mm's shape error names mat1 and mat2"}),
+    ("x-dtype", lambda be: linear_int8(small()[0].double(), pack(*small()[1:3], be)), RuntimeError,
+     "x must be float32, bfloat16 or float16, got Double",
+     {"reference": UNCHECKED + "a float64 x runs, its output float64"}),
+]
+OP_ROWS = [
+    ("op-x-last-dim", lambda impl: run_op(impl, *op_args(x=lambda a, w: a["x"][:, :15])), RuntimeError,
+     r"weight \[12, 16\] does not take x's last dimension 15",
+     {"python": UNCHECKED + "torch._int_mm's shape error names mat1 and mat2"}),
+    ("op-x-dtype", lambda impl: run_op(impl, *op_args(x=lambda a, w: a["x"].double())), RuntimeError,
+     "x must be float32, bfloat16 or float16, got Double", {"python": UNCHECKED + "a float64 x runs"}),
+    ("op-weight-not-int8", lambda impl: run_op(impl, *op_args(weight=lambda a, w: w)), RuntimeError,
+     r"weight must be \(N, K\) int8, got \[12, 16\] Float",
+     {"python": UNCHECKED + "torch._int_mm's dtype error names mat2"}),
+    ("op-weight_scale-shape", lambda impl: run_op(impl, *op_args(weight_scale=lambda a, w: a["weight_scale"][:5])),
+     RuntimeError, r"weight_scale must be \(12\) float32, got \[5\]",
+     {"python": UNCHECKED + "a broadcasting error names no argument"}),
+    ("op-weight_scale-dtype",
+     lambda impl: run_op(impl, *op_args(weight_scale=lambda a, w: a["weight_scale"].bfloat16())), RuntimeError,
+     r"weight_scale must be \(12\) float32, got \[12\] BFloat16", {"python": UNCHECKED + "bf16 scales run"}),
+    ("op-bias-shape", lambda impl: run_op(impl, *op_args(bias=lambda a, w: a["bias"][:5])), RuntimeError,
+     r"bias must be a \(12\) float32 CPU tensor, got \[5\]",
+     {"python": UNCHECKED + "a broadcasting error names no argument"}),
+    ("op-bias-dtype", lambda impl: run_op(impl, *op_args(bias=lambda a, w: a["bias"].bfloat16())), RuntimeError,
+     r"bias must be a \(12\) float32 CPU tensor, got \[12\] BFloat16", {"python": UNCHECKED + "a bf16 bias runs"}),
+]
+
+
+def table(rows, backends):
+    """pytest params: every row against every backend, a strict xfail where the row says that backend fails."""
+    params = []
+    for name, call, error, match, *gaps in rows:
+        gaps = gaps[0] if gaps else {}
+        for backend in backends:
+            where = backend.values[0]
+            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
+            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
+    return params
+
+
+@pytest.mark.parametrize("call, where, error, match", table(API_ROWS, BACKENDS) + table(OP_ROWS, OP_IMPLS))
+def test_bad_input_names_the_argument(call, where, error, match):
+    """The public calls on every backend, and the registered op called directly: its C++ kernel and its Python
+    body must raise the same exception type, each naming the argument."""
+    with pytest.raises(error, match=match):
+        call(where)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 import importlib
 import logging
+from unittest import mock
 
 import pytest
 import torch
@@ -9,16 +10,17 @@ from ditengine.kernels import (PackedSwiGLU, linear_swiglu, linear_swiglu_ref, p
                                swiglu_ref)
 
 from ditengine.kernels._backend import _log_choice
-from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs, triton_cpu
+from support.backends import cpu_backends
+from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 from support.tolerance import assert_within_tolerance, fp32_floor
 
 ls = importlib.import_module("ditengine.kernels.linear_swiglu")  # the module; the package exports the function
 native = needs_native("linear_swiglu")
 native_epilogue = needs_native("swiglu")
 
-# Every prepacked form that runs on CPU tensors; each skips only where it cannot run here.
-CPU_BACKENDS = ["reference", "stacked", pytest.param("triton", marks=triton_cpu),
-                pytest.param("native", marks=native)]
+# Every prepacked form on CPU tensors (`ls.FORMS`); each skips only where it cannot run here.
+FORMS = [*cpu_backends("linear_swiglu"), pytest.param("stacked", id="stacked")]
+assert sorted(p.values[0] for p in FORMS) == sorted(ls.FORMS)
 # The Triton interpreter gets fp32 and fp16 (its bf16 is wrong: docs/design.md section 6); bf16 Triton runs on a GPU.
 CPU_DTYPES = {"reference": (torch.float32, torch.bfloat16), "stacked": (torch.float32, torch.bfloat16),
               "triton": (torch.float32, torch.float16), "native": (torch.float32, torch.bfloat16, torch.float16)}
@@ -64,7 +66,7 @@ def test_reference_is_silu_gate_times_up():
 
 
 # -- against diffusers' ACE-Step 1.5 MLP -----------------------------------------------------------------
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FORMS)
 def test_matches_diffusers_ace_step_mlp_before_its_down_projection(backend):
     """AceStepMLP is down(silu(gate(h)) * up(h)) without biases; what down_proj receives is this op's output."""
     ace = pytest.importorskip("diffusers.models.transformers.ace_step_transformer")
@@ -92,7 +94,7 @@ def test_matches_diffusers_ace_step_mlp_before_its_down_projection(backend):
 SHAPES = [(1, 8, 8), (97, 72, 100), (33, 64, 72), (130, 40, 200)]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FORMS)
 @pytest.mark.parametrize("M, D, Fo", SHAPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_matches_reference(backend, M, D, Fo, bias):
@@ -123,7 +125,7 @@ def test_triton_backend_runs_the_epilogue_kernel(triton_launches):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy exp(-g), g << 0
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FORMS)
 def test_nan_stays_in_its_row(backend):
     dtype = torch.float32
     x, wg, wu, bg, bu = mlp(70, 48, 100, dtype, seed=4)
@@ -138,7 +140,7 @@ def test_nan_stays_in_its_row(backend):
         check(out[rows], x[rows], wg, wu, bg, bu, f"{backend} {name}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FORMS)
 def test_empty_inputs(backend):
     x, wg, wu, bg, bu = mlp(0, 16, 40, torch.float32, seed=5)
     out = linear_swiglu(x, prepack_swiglu(wg, wu, bg, bu, dtype=torch.float32, backend=backend))
@@ -225,65 +227,6 @@ def test_choice_follows_the_device_the_extension_and_onednn_bf16(monkeypatch):
     assert ls.choose_backend(torch.device("meta"), torch.float32) == "reference"
 
 
-def test_prepack_errors_name_the_argument():
-    _, wg, wu, bg, bu = mlp(1, 8, 12, torch.float32)
-    f32 = torch.float32
-    with pytest.raises(ValueError, match=r"up_weight: expected shape \(12, 8\) \(F, D\) like gate_weight, got "
-                                         r"\(12, 7\)"):
-        prepack_swiglu(wg, wu[:, :7], dtype=f32)
-    with pytest.raises(ValueError, match=r"gate_weight: expected 2 dimensions \(F, D\), got shape \(96,\)"):
-        prepack_swiglu(wg.reshape(-1), wu, dtype=f32)
-    with pytest.raises(ValueError, match="gate_bias, up_bias: expected both or neither, got gate_bias alone"):
-        prepack_swiglu(wg, wu, bg, None, dtype=f32)
-    with pytest.raises(ValueError, match=r"up_bias: expected shape \(12\) \(F,\), got \(11,\)"):
-        prepack_swiglu(wg, wu, bg, bu[:11], dtype=f32)
-    with pytest.raises(TypeError, match=r"up_weight: expected dtype in .*, got int64"):
-        prepack_swiglu(wg, wu.long(), dtype=f32)
-    with pytest.raises(ValueError, match="up_weight: on meta, expected cpu"):
-        prepack_swiglu(wg, wu.to("meta"), dtype=f32)
-    with pytest.raises(TypeError, match="dtype: expected one of .*, got torch.int8"):
-        prepack_swiglu(wg, wu, dtype=torch.int8)
-    with pytest.raises(ValueError, match="batch_size: expected a positive int or None, got 0"):
-        prepack_swiglu(wg, wu, dtype=f32, batch_size=0)
-    with pytest.raises(ValueError, match="backend='cuda': expected one of"):
-        prepack_swiglu(wg, wu, dtype=f32, backend="cuda")
-    with pytest.raises(ValueError, match="backend='native': the native kernels run on CPU tensors, got meta"):
-        prepack_swiglu(wg.to("meta"), wu.to("meta"), dtype=f32, backend="native")
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_call_errors_name_the_argument(backend):
-    x, wg, wu, bg, bu = mlp(4, 8, 12, torch.float32)
-    packed = prepack_swiglu(wg, wu, bg, bu, dtype=torch.float32, backend=backend)
-    with pytest.raises(TypeError, match="x: expected dtype torch.float32 .* got torch.bfloat16"):
-        linear_swiglu(x.bfloat16(), packed)
-    with pytest.raises(ValueError, match=r"x: expected \(\.\.\., 8\), got \(4, 7\)"):
-        linear_swiglu(x[:, :7], packed)
-    with pytest.raises(ValueError, match="x: on meta, expected cpu like the packed weights"):
-        linear_swiglu(x.to("meta"), packed)
-    with pytest.raises(TypeError, match="x: expected a torch.Tensor, got list"):
-        linear_swiglu([1.0], packed)
-
-
-@native
-def test_native_op_errors():
-    x, wg, wu, bg, bu = mlp(4, 8, 72, torch.float32)
-    weight, bias = ls._panels(wg, wu, 32), ls._panels(bg, bu, 32)  # 3 panels of 32 columns
-    op = torch.ops.ditengine.linear_swiglu
-    with pytest.raises(ValueError, match=r"weight must be prepacked panels \(n_panels, K, 2 BN\)"):
-        op(x, wg, None, 72)
-    with pytest.raises(ValueError, match="does not take x's last dimension 7"):
-        op(x[:, :7], weight, None, 72)
-    with pytest.raises(ValueError, match="out_features 64 does not fit 3 panels of 32 columns"):
-        op(x, weight, None, 64)
-    with pytest.raises(TypeError, match="weight must be float32 \\(prepacked\\), got BFloat16"):
-        op(x, weight.bfloat16(), None, 72)
-    with pytest.raises(ValueError, match=r"bias must be prepacked \(3, 64\), got shape \[72\]"):
-        op(x, weight, bg, 72)
-    with pytest.raises(TypeError, match="x must be float32, bfloat16 or float16, got Double"):
-        op(x.double(), weight, bias, 72)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_registered_ops_pass_opcheck(dtype):
     x, wg, wu, bg, bu = mlp(6, 16, 40, dtype, seed=12, lead=(2,))
@@ -294,8 +237,7 @@ def test_registered_ops_pass_opcheck(dtype):
 
 
 # -- the epilogue alone: swiglu --------------------------------------------------------------------------
-EPILOGUE_BACKENDS = ["reference", pytest.param("triton", marks=triton_cpu),
-                     pytest.param("native", marks=native_epilogue)]
+EPILOGUE_BACKENDS = cpu_backends("swiglu")
 
 
 def gu_rows(lead, Fo, dtype, seed=0, scale=3.0):
@@ -337,28 +279,6 @@ def test_swiglu_nan_stays_in_its_element(backend):
     assert torch.equal(torch.isnan(out), nan), torch.isnan(out).nonzero().tolist()
 
 
-def test_swiglu_errors_name_the_argument():
-    with pytest.raises(ValueError, match=r"gu: expected \(\.\.\., 2F\) with an even last dimension .* got \(3, 5\)"):
-        swiglu(torch.randn(3, 5))
-    with pytest.raises(TypeError, match=r"gu: expected dtype in .*, got int32"):
-        swiglu(torch.ones(3, 4, dtype=torch.int32))
-    with pytest.raises(ValueError, match="gu: the last dimension must be contiguous"):
-        swiglu(torch.randn(8, 3).t())
-    with pytest.raises(TypeError, match="gu: expected a torch.Tensor, got list"):
-        swiglu([1.0, 2.0])
-    with pytest.raises(ValueError, match="backend: expected one of"):
-        swiglu(torch.randn(3, 4), backend="cuda")
-
-
-@native_epilogue
-def test_native_swiglu_errors():
-    op = torch.ops.ditengine.swiglu
-    with pytest.raises(ValueError, match=r"gu must be \(\.\.\., 2F\), gate then up, got shape \[3, 5\]"):
-        op(torch.randn(3, 5))
-    with pytest.raises(TypeError, match="gu must be float32, bfloat16 or float16, got Double"):
-        op(torch.randn(3, 4, dtype=torch.float64))
-
-
 @native_epilogue
 def test_native_swiglu_is_the_cpu_default():
     import ditengine.kernels._backend as backend
@@ -377,6 +297,165 @@ def test_native_bf16_output_rounds_like_torch():
     gu = gu_rows((64,), 300, torch.bfloat16, seed=16)
     out = swiglu(gu, backend="native")
     assert torch.equal(out, swiglu(gu.float(), backend="native").bfloat16())
+
+
+# -- bad inputs: one table per op, every form / backend; the registered ops' C++ checks against their Python bodies
+# The registered ops' implementations: the C++ CPU kernel (what the dispatcher runs on CPU tensors) and the Python
+# body (the fallback without the extension; what CUDA runs), reached past the C++ kernel. The swiglu body runs its
+# reference branch here (its Triton branch would read a mis-shaped gu as if well formed); its checks, if any, come
+# before that branch.
+PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+
+
+def op_impls(op):
+    return [pytest.param("native", marks=needs_native(op), id="native"), pytest.param("python", id="python-body")]
+
+
+def run_op(op, impl, *args):
+    registered = getattr(torch.ops.ditengine, op)
+    if impl == "native":
+        return registered(*args)
+    with mock.patch.object(ls, "use_triton", lambda *tensors: False):
+        return registered.default.redispatch(PYTHON_BODY, *args)
+
+
+def weights(**change):
+    """Fresh seeded gate / up weights (12, 8) and biases (12,), keyword arguments of prepack_swiglu: a function
+    changes one from its default."""
+    _, wg, wu, bg, bu = mlp(1, 8, 12, torch.float32, seed=24)
+    args = dict(gate_weight=wg, up_weight=wu, gate_bias=bg, up_bias=bu)
+    return {k: change[k](v) if k in change else v for k, v in args.items()}
+
+
+def prepack(form, dtype=torch.float32, **change):
+    return prepack_swiglu(**weights(**change), dtype=dtype, backend=form)
+
+
+def packed_call(f):
+    """f(x, packed) with fresh seeded (4, 8) x and the weights packed in the case's form."""
+    return lambda form: f(mlp(4, 8, 12, torch.float32, seed=24)[0], prepack(form))
+
+
+def op_call(**change):
+    """The panel op on fresh seeded (4, 8) x and 3 panels of 32 columns for F = 72 (a callable of the defaults
+    changes one argument)."""
+    def call(impl):
+        x, wg, wu, bg, bu = mlp(4, 8, 72, torch.float32, seed=25)
+        args = dict(x=x, weight=ls._panels(wg, wu, 32), bias=ls._panels(bg, bu, 32), out_features=72)
+        args.update({k: v(wg=wg, bg=bg, **args) for k, v in change.items()})
+        return run_op("linear_swiglu", impl, *args.values())
+    return call
+
+
+def gu_call(f):
+    return lambda backend: swiglu(f(gu_rows((3,), 2, torch.float32, seed=26)), backend=backend)
+
+
+UNCHECKED = {"python": "the Python body checks nothing: torch fails, naming no argument"}
+RUNS = {"python": "the Python body checks nothing: it runs"}
+f32 = torch.float32
+# (id, call(form, backend or impl), exception type, regex naming the argument[, {where: why it fails instead}])
+LINEAR_SWIGLU_ROWS = [
+    ("up_weight-shape", lambda form: prepack(form, up_weight=lambda w: w[:, :7]), ValueError,
+     r"up_weight: expected shape \(12, 8\) \(F, D\) like gate_weight, got \(12, 7\)"),
+    ("gate_weight-1d", lambda form: prepack(form, gate_weight=lambda w: w.reshape(-1)), ValueError,
+     r"gate_weight: expected 2 dimensions \(F, D\), got shape \(96,\)"),
+    ("bias-alone", lambda form: prepack(form, up_bias=lambda b: None), ValueError,
+     "gate_bias, up_bias: expected both or neither, got gate_bias alone"),
+    ("up_bias-shape", lambda form: prepack(form, up_bias=lambda b: b[:11]), ValueError,
+     r"up_bias: expected shape \(12\) \(F,\), got \(11,\)"),
+    ("up_weight-dtype", lambda form: prepack(form, up_weight=lambda w: w.long()), TypeError,
+     r"up_weight: expected dtype in .*, got int64"),
+    ("up_weight-device", lambda form: prepack(form, up_weight=lambda w: w.to("meta")), ValueError,
+     "up_weight: on meta, expected cpu"),
+    ("dtype-int8", lambda form: prepack(form, dtype=torch.int8), TypeError,
+     "dtype: expected one of .*, got torch.int8"),
+    ("batch_size-0", lambda form: prepack_swiglu(**weights(), dtype=f32, batch_size=0, backend=form), ValueError,
+     "batch_size: expected a positive int or None, got 0"),
+    ("x-dtype", packed_call(lambda x, p: linear_swiglu(x.bfloat16(), p)), TypeError,
+     "x: expected dtype torch.float32 .* got torch.bfloat16"),
+    ("x-last-dim", packed_call(lambda x, p: linear_swiglu(x[:, :7], p)), ValueError,
+     r"x: expected \(\.\.\., 8\), got \(4, 7\)"),
+    ("x-device", packed_call(lambda x, p: linear_swiglu(x.to("meta"), p)), ValueError,
+     "x: on meta, expected cpu like the packed weights"),
+    ("x-list", packed_call(lambda x, p: linear_swiglu([1.0], p)), TypeError, "x: expected a torch.Tensor, got list"),
+]
+# The bad input is the backend argument itself: once each.
+LINEAR_SWIGLU_BACKEND_ROWS = [
+    ("backend=cuda", lambda _: prepack_swiglu(**weights(), dtype=f32, backend="cuda"), ValueError,
+     "backend='cuda': expected one of"),
+    ("backend=native-on-meta", lambda _: prepack_swiglu(
+        **weights(gate_weight=lambda w: w.to("meta"), up_weight=lambda w: w.to("meta"), gate_bias=lambda b: None,
+                  up_bias=lambda b: None), dtype=f32, backend="native"),
+     ValueError, "backend='native': the native kernels run on CPU tensors, got meta"),
+]
+LINEAR_SWIGLU_OP_ROWS = [
+    ("op-weight-2d", op_call(weight=lambda wg, **_: wg, bias=lambda **_: None), ValueError,
+     r"weight must be prepacked panels \(n_panels, K, 2 BN\)", UNCHECKED),
+    ("op-x-last-dim", op_call(x=lambda x, **_: x[:, :7], bias=lambda **_: None), ValueError,
+     "does not take x's last dimension 7", UNCHECKED),
+    ("op-out_features", op_call(out_features=lambda **_: 64, bias=lambda **_: None), ValueError,
+     "out_features 64 does not fit 3 panels of 32 columns", RUNS),
+    ("op-weight-dtype", op_call(weight=lambda weight, **_: weight.bfloat16(), bias=lambda **_: None), TypeError,
+     r"weight must be float32 \(prepacked\), got BFloat16", RUNS),
+    ("op-bias-not-panels", op_call(bias=lambda bg, **_: bg), ValueError,
+     r"bias must be prepacked \(3, 64\), got shape \[72\]", UNCHECKED),
+    ("op-x-dtype", op_call(x=lambda x, **_: x.double()), TypeError,
+     "x must be float32, bfloat16 or float16, got Double", RUNS),
+]
+
+
+def table(rows, backends):
+    """pytest params: every row against every backend, a strict xfail where the row says that backend fails."""
+    params = []
+    for name, call, error, match, *gaps in rows:
+        gaps = gaps[0] if gaps else {}
+        for backend in backends:
+            where = backend.values[0]
+            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
+            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
+    return params
+
+
+ONCE = [pytest.param(None, id="any")]
+
+
+@pytest.mark.parametrize("call, where, error, match", [
+    *table(LINEAR_SWIGLU_ROWS, FORMS), *table(LINEAR_SWIGLU_BACKEND_ROWS, ONCE),
+    *table(LINEAR_SWIGLU_OP_ROWS, op_impls("linear_swiglu"))])
+def test_bad_input_names_the_argument(call, where, error, match):
+    """prepack_swiglu and linear_swiglu in every form, and the registered panel op called directly: its C++
+    kernel and its Python body must raise the same exception type, each naming the argument."""
+    with pytest.raises(error, match=match):
+        call(where)
+
+
+SWIGLU_ROWS = [
+    ("gu-odd", gu_call(lambda gu: gu[:, :3]), ValueError,
+     r"gu: expected \(\.\.\., 2F\) with an even last dimension .* got \(3, 3\)"),
+    ("gu-dtype", gu_call(lambda gu: gu.to(torch.int32)), TypeError, r"gu: expected dtype in .*, got int32"),
+    ("gu-last-dim-strided", gu_call(lambda gu: gu.t()), ValueError, "gu: the last dimension must be contiguous"),
+    ("gu-list", lambda backend: swiglu([1.0, 2.0], backend=backend), TypeError,
+     "gu: expected a torch.Tensor, got list"),
+]
+SWIGLU_BACKEND_ROWS = [("backend=cuda", lambda _: swiglu(gu_rows((3,), 2, f32, seed=26), backend="cuda"), ValueError,
+                        "backend: expected one of")]
+SWIGLU_OP_ROWS = [
+    ("op-gu-odd", lambda impl: run_op("swiglu", impl, gu_rows((3,), 2, f32, seed=26)[:, :3]), ValueError,
+     r"gu must be \(\.\.\., 2F\), gate then up, got shape \[3, 3\]", UNCHECKED),
+    ("op-gu-dtype", lambda impl: run_op("swiglu", impl, gu_rows((3,), 2, torch.float64, seed=26)), TypeError,
+     "gu must be float32, bfloat16 or float16, got Double", RUNS),
+]
+
+
+@pytest.mark.parametrize("call, where, error, match", [
+    *table(SWIGLU_ROWS, EPILOGUE_BACKENDS), *table(SWIGLU_BACKEND_ROWS, ONCE),
+    *table(SWIGLU_OP_ROWS, op_impls("swiglu"))])
+def test_swiglu_bad_input_names_the_argument(call, where, error, match):
+    """swiglu on every backend, and the registered epilogue op called directly: its C++ kernel and its Python
+    body must raise the same exception type, each naming the argument."""
+    with pytest.raises(error, match=match):
+        call(where)
 
 
 # -- the native ISA variants (AVX-512, AVX2, scalar) -----------------------------------------------------

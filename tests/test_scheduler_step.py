@@ -1,11 +1,14 @@
+import importlib
+from unittest import mock
+
 import pytest
 import torch
 
 import ditengine as de
-from ditengine.kernels import interpreting, scheduler_step, scheduler_step_ref
+from ditengine.kernels import scheduler_step, scheduler_step_ref
 
-from support.native_helpers import (isa_runner, needs_native, requires_native, skip_unless_cpu_runs,
-                            triton_cpu)
+from support.backends import cpu_backends
+from support.native_helpers import isa_runner, needs_native, requires_native, skip_unless_cpu_runs
 from support.tolerance import assert_within_tolerance
 
 
@@ -69,16 +72,27 @@ def trajectory(sched, dtype=torch.float32, cfg_scale=2.5, guided_channels=None, 
     return x
 
 
-@triton_cpu
+# Every backend on CPU tensors: the C++ kernel ("native"), Triton's interpreter, the reference; each skips only
+# where it cannot run here.
+BACKENDS = cpu_backends("scheduler_step")
+# (model output dtype, step as a one-element tensor) per backend. The interpreter runs fp32 and fp16 (its bf16
+# is wrong: docs/design.md section 6); its fp16 runs in test_half_precision_model_output_and_device_step_index.
+TRAJECTORY_CASES = {"native": ((torch.float32, True), (torch.bfloat16, True)),
+                    "triton": ((torch.float32, False),),
+                    "reference": ((torch.float32, False), (torch.bfloat16, True))}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make", SCHEDULERS, ids=IDS)
-def test_matches_sched_step_over_a_trajectory(make):
-    trajectory(make(), backend="triton")
+def test_matches_sched_step_over_a_trajectory(make, backend):
+    for dtype, step_as_tensor in TRAJECTORY_CASES[backend]:
+        trajectory(make(), dtype=dtype, step_as_tensor=step_as_tensor, backend=backend)
 
 
-@triton_cpu
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("make", SCHEDULERS[2:4] + SCHEDULERS[6:7], ids=["ddpm-learned", "ddim-eta", "dpm++2m"])
-def test_half_precision_model_output_and_device_step_index(make):
-    trajectory(make(), dtype=torch.float16, step_as_tensor=True, guided_channels=3, backend="triton")
+def test_half_precision_model_output_and_device_step_index(make, backend):
+    trajectory(make(), dtype=torch.float16, step_as_tensor=True, guided_channels=3, backend=backend)
 
 
 def test_in_place_update_equals_out_of_place():
@@ -95,71 +109,156 @@ def test_in_place_update_equals_out_of_place():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_nan_stays_in_its_element():
-    sched = S.DDIM(5, clip_sample=True)
-    x = torch.randn(1, 4, 4, 4)
-    model_out = torch.randn(2, 4, 4, 4)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_in_its_element(backend):
+    g = torch.Generator().manual_seed(4)
+    x, model_out = torch.randn(1, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
     model_out[0, 1, 2, 3] = float("nan")
-    out = scheduler_step(x, model_out, sched.table, 2, cfg_scale=3.0)
+    out = scheduler_step(x, model_out, S.DDIM(5, clip_sample=True).table, 2, cfg_scale=3.0, backend=backend)
+    assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out).sum() == 1
+    # Learned variance: a NaN variance spoils its own element only; then the clamp keeps a NaN (not +-clip).
+    x, model_out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(4, 8, 8, 8, generator=g).tanh()
+    model_out[0, 1, 2, 3] = float("nan")  # conditional prediction
+    model_out[1, 4, 5, 6] = float("nan")  # learned variance of sample 1, channel 0
+    out = scheduler_step(x, model_out, S.DDPM(5, variance_type="learned_range").table, 2, cfg_scale=3.0,
+                         noise=torch.randn(2, 4, 8, 8, generator=g), learned_variance=True, backend=backend)
+    assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out[1, 0, 5, 6]) and torch.isnan(out).sum() == 2
+    out = scheduler_step(x, model_out, S.DDIM(5, clip_sample=True).table, 2, cfg_scale=3.0, backend=backend)
     assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out).sum() == 1
 
 
-def test_errors_name_the_argument():
-    sched = S.DDIM(5)
-    x = torch.randn(2, 4, 4, 4)
-    out = torch.randn(4, 4, 4, 4)
-    with pytest.raises(ValueError, match=r"model_out: expected shape \(4, 4 or 8, 4, 4\).*CFG.*got \(2, 4, 4, 4\)"):
-        scheduler_step(x, out[:2], sched.table, 0, cfg_scale=2.0)
-    with pytest.raises(ValueError, match="x: expected a contiguous tensor"):
-        scheduler_step(x.transpose(2, 3), out, sched.table, 0, cfg_scale=2.0)
-    with pytest.raises(TypeError, match=r"table: expected dtype in \['float32'\], got float64"):
-        scheduler_step(x, out, sched.table.double(), 0, cfg_scale=2.0)
-    with pytest.raises(IndexError, match="step=5 out of range for a table of 5 steps"):
-        scheduler_step(x, out, sched.table, 5, cfg_scale=2.0)
-    with pytest.raises(TypeError, match=r"step: expected dtype in \['int32', 'int64'\], got float32"):
-        scheduler_step(x, out, sched.table, torch.tensor(1.0), cfg_scale=2.0)
-    with pytest.raises(ValueError, match=r"history: expected shape \(2, 4, 4, 4\) like x"):
-        scheduler_step(x, out, sched.table, 0, cfg_scale=2.0, history=torch.zeros(1, 4, 4, 4))
-    with pytest.raises(ValueError, match="learned_variance needs 8 channels"):
-        scheduler_step(x, out, sched.table, 0, cfg_scale=2.0, learned_variance=True)
-    with pytest.raises(ValueError, match=r"next_input: expected shape \(2 or 4, 4, 4, 4\)"):
-        scheduler_step(x, out, sched.table, 0, cfg_scale=2.0, next_input=torch.empty(3, 4, 4, 4))
-    with pytest.raises(ValueError, match="noise: on meta, expected cpu"):
-        scheduler_step(x, out, sched.table, 0, cfg_scale=2.0, noise=torch.empty(2, 4, 4, 4, device="meta"))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_last_int_step_runs(backend):
+    """The table's last row is in range (the bad-input table below refuses the ones past it)."""
+    g = torch.Generator().manual_seed(5)
+    x, out, table = torch.randn(1, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g), S.DDIM(5).table
+    expected = scheduler_step_ref(x, out, table, 4, cfg_scale=2.0)
+    torch.testing.assert_close(scheduler_step(x, out, table, 4, cfg_scale=2.0, backend=backend), expected)
 
 
-# Every backend that runs on CPU tensors; each skips only where it cannot run here.
-CPU_BACKENDS = ["reference", pytest.param("triton", marks=triton_cpu),
-                pytest.param("native", marks=needs_native("scheduler_step"))]
+# -- bad inputs: one table, every backend; the registered op's C++ checks against its Python body ------------
+OP_IMPLS = [pytest.param("native", marks=needs_native("scheduler_step"), id="native"),
+            pytest.param("python", id="python-body")]
+PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+scheduler_step_module = importlib.import_module("ditengine.kernels.scheduler_step")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_int_step_out_of_range_is_refused(backend):
-    """The kernels read row `step` of the table unchecked: an int step is checked before any launch."""
-    sched = S.DDIM(5)
-    x, out = torch.randn(1, 4, 2, 2), torch.randn(2, 4, 2, 2)
-    for step in (5, 17, -1):  # -1: the last row by the reference's indexing, memory before the table in the kernels
-        with pytest.raises(IndexError, match=rf"step={step} out of range for a table of 5 steps"):
-            scheduler_step(x, out, sched.table, step, cfg_scale=2.0, backend=backend)
-    for step in (1.0, True):
-        with pytest.raises(TypeError, match="step: expected an int or a one-element integer tensor, got "
-                                            f"{type(step).__name__}"):
-            scheduler_step(x, out, sched.table, step, cfg_scale=2.0, backend=backend)
-    expected = scheduler_step_ref(x, out, sched.table, 4, cfg_scale=2.0)
-    torch.testing.assert_close(scheduler_step(x, out, sched.table, 4, cfg_scale=2.0, backend=backend), expected)
+def rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def test_registered_op_checks_an_int_step():
-    """The op's Python implementation (the CUDA path, and CPU without the extension) checks an int step too:
-    torch.compile's graph calls the op past the public function. Reached here past the native CPU kernel."""
-    sched = S.DDIM(5)
-    x = torch.randn(1, 4, 2, 2)
-    python_impl = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    for step in (5, -1):
-        args = (x, torch.randn(1, 4, 2, 2), sched.table, None, step, torch.empty_like(x), None, None, None, 1.0,
-                False, 4, False, False)
-        with pytest.raises(IndexError, match=rf"step={step} out of range for a table of 5 steps"):
-            torch.ops.ditengine.scheduler_step.default.redispatch(python_impl, *args)
+X, MODEL_OUT = rand(2, 4, 4, 4, seed=1), rand(4, 4, 4, 4, seed=2)  # the defaults of `api` and `op`
+
+
+def api(step=0, cfg_scale=2.0, x=None, model_out=None, table=None, **kw):
+    """The public call on seeded (2, 4, 4, 4) latents and a CFG-doubled model output, one argument changed."""
+    x = X if x is None else x
+    model_out = MODEL_OUT if model_out is None else model_out
+    return lambda backend: scheduler_step(x, model_out, S.DDIM(5).table if table is None else table, step,
+                                          cfg_scale=cfg_scale, backend=backend, **kw)
+
+
+def op(**change):
+    """The registered op called directly, one argument changed: "native" is the dispatcher's C++ CPU kernel,
+    "python" the op's Python body past it. The Python body runs its reference branch (its Triton branch would read
+    and write past mis-shaped buffers); its checks come before that branch."""
+    args = dict(x=X, model_out=MODEL_OUT, table=S.DDIM(5).table, step_tensor=None, step_int=0,
+                out=torch.empty(2, 4, 4, 4), history=None, noise=None, next_input=None, cfg_scale=2.0, has_cfg=True,
+                guided_channels=4, clip=False, learned=False)
+    args.update(change)
+    scheduler_step_op = torch.ops.ditengine.scheduler_step
+
+    def call(impl):
+        if impl == "native":
+            return scheduler_step_op(*args.values())
+        with mock.patch.object(scheduler_step_module, "use_triton", lambda *tensors: False):
+            return scheduler_step_op.default.redispatch(PYTHON_BODY, *args.values())
+    return call
+
+
+# The op's Python body checks an int step only (`_check_step`); for anything else it runs, or fails inside torch
+# naming no argument. Each such row is a strict xfail saying so, so that a fix shows up as an unexpected pass.
+RUNS = {"python": "the Python body checks no more than an int step: it runs"}
+FAILS_IN_TORCH = {"python": "the Python body checks no more than an int step: torch fails, naming no argument"}
+# (id, call(backend or impl), exception type, regex naming the argument[, {backend: why it fails instead}])
+API_ROWS = [
+    ("model_out-batch", api(model_out=MODEL_OUT[:2]), ValueError,
+     r"model_out: expected shape \(4, 4 or 8, 4, 4\).*CFG.*got \(2, 4, 4, 4\)"),
+    ("model_out-learned-channels", api(learned_variance=True), ValueError, "learned_variance needs 8 channels"),
+    ("x-not-contiguous", api(x=X.transpose(2, 3)), ValueError, "x: expected a contiguous tensor"),
+    ("table-dtype", api(table=S.DDIM(5).table.double()), TypeError,
+     r"table: expected dtype in \['float32'\], got float64"),
+    *((f"step={step}", api(step=step), IndexError, rf"step={step} out of range for a table of 5 steps")
+      for step in (5, 17, -1)),  # -1: the last row by the reference's indexing, memory before the table in kernels
+    *((f"step-{type(step).__name__}", api(step=step), TypeError,
+       f"step: expected an int or a one-element integer tensor, got {type(step).__name__}") for step in (1.0, True)),
+    ("step-tensor-dtype", api(step=torch.tensor(1.0)), TypeError,
+     r"step: expected dtype in \['int32', 'int64'\], got float32"),
+    ("step-tensor-elements", api(step=torch.tensor([1, 2])), ValueError, "step: expected a one-element tensor"),
+    ("history-shape", api(history=rand(1, 4, 4, 4)), ValueError, r"history: expected shape \(2, 4, 4, 4\) like x"),
+    ("history-dtype", api(history=rand(2, 4, 4, 4, dtype=torch.bfloat16)), TypeError,
+     r"history: expected dtype in \['float32'\], got bfloat16"),
+    ("noise-dtype", api(noise=rand(2, 4, 4, 4, dtype=torch.half)), TypeError,
+     r"noise: expected dtype in \['float32'\], got float16"),
+    ("noise-device", api(noise=torch.empty(2, 4, 4, 4, device="meta")), ValueError, "noise: on meta, expected cpu"),
+    ("noise-rank", api(x=rand(2, 4, 3, 5, 7), model_out=rand(4, 4, 3, 5, 7), noise=rand(2, 4, 3, 5)), ValueError,
+     r"noise: expected 5 dimensions like x"),
+    ("next_input-shape", api(next_input=torch.empty(3, 4, 4, 4)), ValueError,
+     r"next_input: expected shape \(2 or 4, 4, 4, 4\)"),
+    ("guided_channels", api(guided_channels=5), ValueError, "guided_channels=5: expected 0..4"),
+    ("out-dtype", api(out=torch.empty(2, 4, 4, 4, dtype=torch.int32)), TypeError,
+     r"out: expected dtype in \['float32'\], got int32"),
+]
+OP_ROWS = [
+    ("op-model_out-batch", op(model_out=MODEL_OUT[:2]), ValueError,
+     r"scheduler_step: model_out: expected shape \(4, 4 or 8, 4, 4\) with CFG", FAILS_IN_TORCH),
+    ("op-model_out-learned-channels", op(learned=True), ValueError, "learned needs 8 channels", RUNS),
+    ("op-x-not-contiguous", op(x=X.transpose(2, 3)), ValueError, "x: expected a contiguous tensor", RUNS),
+    ("op-x-3d", op(x=X[0]), ValueError, r"x: expected 4 dimensions \(B, C, H, W\)", FAILS_IN_TORCH),
+    ("op-table-dtype", op(table=S.DDIM(5).table.double()), TypeError, "table: expected dtype float32, got Double",
+     RUNS),
+    ("op-table-columns", op(table=S.DDIM(5).table[:, :5].contiguous()), ValueError,
+     r"table: expected shape \(steps, 12\)", FAILS_IN_TORCH),
+    *((f"op-step_int={step}", op(step_int=step), IndexError, rf"step={step} out of range for a table of 5 steps")
+      for step in (5, -1)),
+    ("op-step_tensor=-1", op(step_tensor=torch.tensor([-1])), IndexError, "step=-1 out of range",
+     {"python": "by design: a tensor step is not checked in Python (a device sync; see scheduler_step's docstring)"}),
+    ("op-step_tensor-dtype", op(step_tensor=torch.tensor([1.0])), TypeError,
+     "step_tensor: expected dtype int32 or int64, got Float", FAILS_IN_TORCH),
+    ("op-step_tensor-elements", op(step_tensor=torch.tensor([1, 2])), ValueError, "step_tensor: expected one element",
+     FAILS_IN_TORCH),
+    ("op-history-shape", op(history=rand(1, 4, 4, 4)), ValueError,
+     r"history: expected shape \[2, 4, 4, 4\] like x, got \[1, 4, 4, 4\]", FAILS_IN_TORCH),
+    ("op-history-dtype", op(history=rand(2, 4, 4, 4, dtype=torch.bfloat16)), TypeError,
+     "history: expected dtype float32, got BFloat16", RUNS),
+    ("op-noise-dtype", op(noise=rand(2, 4, 4, 4, dtype=torch.half)), TypeError,
+     "noise: expected dtype float32, got Half", RUNS),
+    ("op-next_input-shape", op(next_input=torch.empty(3, 4, 4, 4)), ValueError,
+     r"next_input: expected shape \(2 or 4, 4, 4, 4\)", FAILS_IN_TORCH),
+    ("op-guided_channels", op(guided_channels=5), ValueError, "guided_channels=5: expected 0..4", RUNS),
+    ("op-out-dtype", op(out=torch.empty(2, 4, 4, 4, dtype=torch.int32)), TypeError,
+     "out: expected dtype float32, float16 or bfloat16, got Int", RUNS),
+]
+
+
+def table(rows, backends):
+    """pytest params: every row against every backend, a strict xfail where the row says that backend fails."""
+    params = []
+    for name, call, error, match, *gaps in rows:
+        gaps = gaps[0] if gaps else {}
+        for backend in backends:
+            where = backend.values[0]
+            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
+            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
+    return params
+
+
+@pytest.mark.parametrize("call, where, error, match", table(API_ROWS, BACKENDS) + table(OP_ROWS, OP_IMPLS))
+def test_bad_input_names_the_argument(call, where, error, match):
+    """The public function on every backend, and the registered op called directly: its C++ kernel and its
+    Python body must raise the same exception type, each naming the argument."""
+    with pytest.raises(error, match=match):
+        call(where)
 
 
 def test_registered_op_passes_opcheck():
@@ -171,13 +270,6 @@ def test_registered_op_passes_opcheck():
 
 
 # -- the native CPU kernel (csrc/scheduler_step.cpp) ---------------------------------------------------------
-@requires_native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("make", SCHEDULERS, ids=IDS)
-def test_native_matches_sched_step(make, dtype):
-    trajectory(make(), dtype=dtype, step_as_tensor=True, backend="native")
-
-
 @requires_native
 @pytest.mark.parametrize("B, C, H, W, guided, dtype", [
     (2, 4, 32, 32, 3, torch.bfloat16),  # DiT-XL/2 256 px latent: planes of 1024 (two chunks)
@@ -215,21 +307,6 @@ def test_native_is_what_cpu_calls_dispatch_to():
 
 
 @requires_native
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_native_nan_stays_in_its_element():
-    sched = S.DDPM(5, variance_type="learned_range")
-    x, model_out = torch.randn(2, 4, 8, 8), torch.randn(4, 8, 8, 8).tanh()
-    model_out[0, 1, 2, 3] = float("nan")  # conditional prediction
-    model_out[1, 4, 5, 6] = float("nan")  # learned variance of sample 1, channel 0
-    out = scheduler_step(x, model_out, sched.table, 2, cfg_scale=3.0, noise=torch.randn(2, 4, 8, 8),
-                         learned_variance=True, backend="native")
-    assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out[1, 0, 5, 6]) and torch.isnan(out).sum() == 2
-    clipped = S.DDIM(5, clip_sample=True)
-    out = scheduler_step(x, model_out, clipped.table, 2, cfg_scale=3.0, backend="native")
-    assert torch.isnan(out[0, 1, 2, 3]) and torch.isnan(out).sum() == 1
-
-
-@requires_native
 def test_native_same_inputs_same_bits():
     sched = S.DPMSolverPP(10)
     g = torch.Generator().manual_seed(9)
@@ -243,53 +320,6 @@ def test_native_same_inputs_same_bits():
         results.append((x_next, history, next_input))
     for a, b in zip(*results):
         assert torch.equal(a, b)
-
-
-@requires_native
-def test_native_errors_name_the_argument():
-    sched = S.DDIM(5)
-    x, out = torch.randn(2, 4, 4, 4), torch.randn(4, 4, 4, 4)
-    op = torch.ops.ditengine.scheduler_step
-
-    def call(**kw):
-        args = dict(x=x, model_out=out, table=sched.table, step_tensor=None, step_int=0, out=torch.empty_like(x),
-                    history=None, noise=None, next_input=None, cfg_scale=2.0, has_cfg=True, guided_channels=4,
-                    clip=False, learned=False)
-        args.update(kw)
-        return op(*args.values())
-
-    with pytest.raises(ValueError, match=r"scheduler_step: model_out: expected shape \(4, 4 or 8, 4, 4\) with CFG"):
-        call(model_out=out[:2])
-    with pytest.raises(ValueError, match="x: expected a contiguous tensor"):
-        call(x=x.transpose(2, 3))
-    with pytest.raises(ValueError, match=r"x: expected 4 dimensions \(B, C, H, W\)"):
-        call(x=x[0])
-    with pytest.raises(TypeError, match="table: expected dtype float32, got Double"):
-        call(table=sched.table.double())
-    with pytest.raises(ValueError, match=r"table: expected shape \(steps, 12\)"):
-        call(table=sched.table[:, :5].contiguous())
-    with pytest.raises(IndexError, match="step=5 out of range for a table of 5 steps"):
-        call(step_int=5)
-    with pytest.raises(IndexError, match="step=-1 out of range"):
-        call(step_tensor=torch.tensor([-1]))
-    with pytest.raises(TypeError, match="step_tensor: expected dtype int32 or int64, got Float"):
-        call(step_tensor=torch.tensor([1.0]))
-    with pytest.raises(ValueError, match="step_tensor: expected one element"):
-        call(step_tensor=torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match=r"history: expected shape \[2, 4, 4, 4\] like x, got \[1, 4, 4, 4\]"):
-        call(history=torch.zeros(1, 4, 4, 4))
-    with pytest.raises(TypeError, match="history: expected dtype float32, got BFloat16"):
-        call(history=torch.zeros(2, 4, 4, 4, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="noise: expected dtype float32, got Half"):
-        call(noise=torch.zeros(2, 4, 4, 4, dtype=torch.half))
-    with pytest.raises(ValueError, match="learned needs 8 channels"):
-        call(learned=True)
-    with pytest.raises(ValueError, match=r"next_input: expected shape \(2 or 4, 4, 4, 4\)"):
-        call(next_input=torch.empty(3, 4, 4, 4))
-    with pytest.raises(ValueError, match="guided_channels=5: expected 0..4"):
-        call(guided_channels=5)
-    with pytest.raises(TypeError, match="out: expected dtype float32, float16 or bfloat16, got Int"):
-        call(out=torch.empty(2, 4, 4, 4, dtype=torch.int32))
 
 
 @requires_native
@@ -340,7 +370,7 @@ def test_gpu_matches_sched_step(make, dtype):
     trajectory(make(), dtype=dtype, step_as_tensor=True, device="cuda", B=8, H=32, W=32)
 
 
-@pytest.mark.parametrize("backend", [None, "reference"] + (["triton"] if interpreting() else []))
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param(None, id="auto")])
 def test_one_dimensional_sequences(backend):
     """(B, C, T) latents (ACE-Step's, channels first) run the same step as (B, C, T, 1), every argument 3-D."""
     sched = S.FlowMatchEuler(sigmas=[1.0, 0.9, 0.6, 0.3], num_train_timesteps=1)
@@ -357,10 +387,10 @@ def test_one_dimensional_sequences(backend):
         x = out
 
 
-@pytest.mark.parametrize("backend", [None, "reference"] + (["triton"] if interpreting() else []))
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param(None, id="auto")])
 def test_video_latents_of_any_rank(backend):
     """(B, C, F, H, W) latents (video) run the same step as their (B, C, F*H*W, 1) view, history, noise and
-    learned variance included, every argument 5-D; a rank that differs from x's is named."""
+    learned variance included, every argument 5-D (a rank that differs from x's: the bad-input table)."""
     sched = S.DDPM(6, variance_type="learned_range", clip_sample=True)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 4, 3, 5, 7, generator=g)
@@ -375,5 +405,3 @@ def test_video_latents_of_any_rank(backend):
     assert got.shape == x.shape
     torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(history.reshape(want_history.shape), want_history, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match=r"noise: expected 5 dimensions like x"):
-        scheduler_step(x, model_out, sched.table, 2, cfg_scale=2.0, noise=noise[..., 0], backend=backend)

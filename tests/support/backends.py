@@ -1,0 +1,30 @@
+"""The kernel backends as a test parameter: one test body runs against every implementation of an op.
+
+    @pytest.mark.parametrize("backend", cpu_backends("adaln_modulate"))
+    def test_matches_reference(backend): ...
+
+On CPU tensors the op has up to three implementations: its C++ kernel ("native", where the extension serves
+the op), its Triton kernel through the interpreter ("triton", with TRITON_INTERPRET=1) and the PyTorch
+reference ("reference"). A backend that cannot run here is a skipped case that says why, never a silent
+comparison of the reference with itself.
+"""
+import pytest
+
+from ditengine.kernels import _native, interpreting
+
+ALL = ("native", "triton", "reference")
+
+
+def cpu_backends(op: str, backends: tuple[str, ...] = ALL) -> list:
+    """pytest params, one per backend of `op` on CPU tensors, each skipped with its reason where it cannot run."""
+    params = []
+    for backend in backends:
+        marks = ()
+        if backend == "native" and not _native.serves(op):
+            marks = pytest.mark.skip(reason=f"native extension has no kernel for {op}: "
+                                            f"{_native.unavailable_reason() or 'not registered'}")
+        elif backend == "triton" and not interpreting():
+            marks = pytest.mark.skip(reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (a GPU machine runs the "
+                                            "Triton kernels on CUDA tensors in the gpu tests)")
+        params.append(pytest.param(backend, marks=marks, id=backend))
+    return params
