@@ -1,10 +1,13 @@
-"""Cross-attention to a right-padded caption (kernels/cross_attention.py, csrc/cross_attention.cpp): the Triton
-kernel through the interpreter (fp32, fp16), the native CPU kernel (fp32, bf16, fp16), both against the
-reference under the tolerance rule; lengths 1, full and mixed per row; keys past a row's length never read;
-a NaN kept in its row; error paths; the op's fake implementation and opcheck; PixArt shapes on a GPU."""
-import functools
+"""Cross-attention to a right-padded caption (kernels/cross_attention.py, csrc/cross_attention.cpp): each property
+tested once, against every backend that runs on CPU tensors (the native CPU kernel in fp32, bf16, fp16; the Triton
+kernel through the interpreter in fp32, fp16; the reference where the property is not the reference itself) under
+the tolerance rule; lengths 1, full, mixed per row and on every block edge; keys past a row's length never read; a
+NaN kept in its row; one table of bad inputs for every backend, and the C++ checks agreeing with it; the op's fake
+implementation and opcheck; PixArt shapes on a GPU."""
 import importlib
 import json
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import torch.nn.functional as F
 from ditengine.kernels import choose, cross_attention, cross_attention_ref, interpreting
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS
 
+from support.backends import cpu_backends
 from support.native_helpers import needs_native, run_python, triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -55,23 +59,288 @@ def poison_padding(kv, kv_lens, value):
     return kv
 
 
-# -- the Triton kernel (on CPU: the interpreter) ------------------------------------------------------------
-# (B, Tq, H, Dh, L, lens): one key, full rows, mixed rows, odd Tq and L, head dims 72 (64 + 16), 64 and 16; one
-# row past several 32-key blocks. Interpreter-sized: the pinned interpreter tiles are 32 x 32.
+FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
+# The dtypes each backend runs on CPU tensors: the interpreter's bf16 is wrong (docs/numerics.md), so Triton's bf16
+# runs under the gpu marker only.
+CPU_DTYPES = {"native": (FP32, BF16, FP16), "triton": (FP32, FP16), "reference": (FP32, BF16, FP16)}
+# The kernels: the reference backend is cross_attention_ref itself, so a comparison with the reference, or a property
+# of the kernels alone (the padding never read), leaves it out.
+KERNELS = ("native", "triton")
+
+
+def ident(value) -> str:
+    return str(value).removeprefix("torch.").replace(" ", "")
+
+
+def per_backend(cases, backends=("native", "triton", "reference")) -> list:
+    """pytest params (backend, *case), `cases(backend)` giving each backend's own cases; a backend that cannot run
+    here keeps its skip (and its reason) from `cpu_backends`."""
+    params = []
+    for backend_param in cpu_backends("cross_attention", backends):
+        backend = backend_param.values[0]
+        for case in cases(backend):
+            params.append(pytest.param(backend, *case, marks=backend_param.marks,
+                                       id="-".join([backend_param.id, *map(ident, case)])))
+    return params
+
+
+def run(backend, q, kv, kv_lens, request, config=None, softmax_scale=None):
+    """`backend` on the inputs; on Triton, with its launches counted through the interpreter: one kernel launch."""
+    launches = request.getfixturevalue("triton_launches") if backend == "triton" else None
+    out = cross_attention(q, kv, kv_lens, softmax_scale=softmax_scale, backend=backend, config=config)
+    if launches is not None:
+        assert launches == {"_attention_fwd_kernel": 1}, launches
+    return out
+
+
+# -- every backend ------------------------------------------------------------------------------------------
+# (B, Tq, H, Dh, L, lens). The interpreter's: one key, full rows, mixed rows, odd Tq and L, head dims 72 (64 + 16),
+# 64 and 16; one row past several 32-key blocks (the pinned interpreter tiles are 32 x 32).
 TRITON_CASES = [(2, 33, 1, 72, 40, [40, 1]), (2, 20, 2, 64, 7, [3, 7]), (1, 16, 2, 16, 120, [120]),
                 (3, 9, 1, 72, 97, [97, 33, 1])]
+# The native kernel's: PixArt-like (L = 300, a caption of 20 and a negative prompt of 1), full and mixed rows, a single
+# query and a single key, odd Tq, and rows of more keys than one 512-key block (the online softmax across blocks).
+NATIVE_CASES = [(2, 97, 3, 72, 300, [20, 1]), (2, 64, 2, 64, 120, [120, 57]), (1, 1, 2, 16, 7, [7]),
+                (3, 33, 2, 72, 7, [1, 7, 4]), (2, 130, 2, 16, 1100, [1100, 513])]
 
 
-@triton_cpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("B, Tq, H, Dh, L, lens", TRITON_CASES)
-def test_triton_matches_reference(B, Tq, H, Dh, L, lens, dtype, triton_launches):
-    q, kv, kv_lens = make_inputs(B, Tq, H, Dh, L, lens, dtype, seed=Dh + L)
-    out = cross_attention(q, kv, kv_lens, backend="triton")
-    assert triton_launches["_attention_fwd_kernel"] == 1
-    check(out, q, kv, kv_lens, f"triton B={B} Tq={Tq} H={H} Dh={Dh} L={L} lens={lens}")
+def reference_cases(backend):
+    cases = NATIVE_CASES if backend == "native" else TRITON_CASES
+    return [(*case, dtype) for case in cases for dtype in CPU_DTYPES[backend]]
 
 
+@pytest.mark.parametrize("backend, B, Tq, H, Dh, L, lens, dtype", per_backend(reference_cases, KERNELS))
+def test_matches_reference(backend, B, Tq, H, Dh, L, lens, dtype, request):
+    q, kv, kv_lens = make_inputs(B, Tq, H, Dh, L, lens, dtype, seed=Tq + L + Dh)
+    if L > 512:  # the largest logits in the last key block: the running max changes between blocks
+        kv[:, 900:, 0] *= 4.0
+    out = run(backend, q, kv, kv_lens, request)
+    check(out, q, kv, kv_lens, f"{backend} B={B} Tq={Tq} H={H} Dh={Dh} L={L} lens={lens} {ident(dtype)}")
+
+
+# Lengths on every edge of the forced Triton config's key blocks (BLOCK_N = 16: 1, BLOCK_N - 1, BLOCK_N, BLOCK_N + 1,
+# twice that, L), with L itself off and on a block edge; for the native kernel also on the edges of its own blocks
+# (csrc/softmax_rows.h: BLOCK_N = 512 keys per online-softmax step). 21 queries: a partial second tile of BLOCK_M = 16.
+# In fp32, and bf16 on the native kernel, which widens its blocks as it loads them: the key masking is the same code in
+# every dtype.
+EDGE_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
+EDGE_LENGTHS = [(47, [1, 15, 16, 17, 31, 32, 33, 47]), (16, [1, 15, 16]), (17, [16, 17, 1])]
+NATIVE_EDGE_LENGTHS = [(600, [1, 511, 512, 513, 600])]
+
+
+def edge_cases(backend):
+    lengths = EDGE_LENGTHS + (NATIVE_EDGE_LENGTHS if backend == "native" else [])
+    return [(L, lens, dtype) for L, lens in lengths for dtype in ((FP32, BF16) if backend == "native" else (FP32,))]
+
+
+@pytest.mark.parametrize("backend, L, lens, dtype", per_backend(edge_cases, KERNELS))
+def test_lengths_on_block_edges(backend, L, lens, dtype, request):
+    q, kv, kv_lens = make_inputs(len(lens), 21, 1, 72, L, lens, dtype, seed=L)
+    out = run(backend, q, kv, kv_lens, request, config=EDGE_CONFIG if backend == "triton" else None)
+    check(out, q, kv, kv_lens, f"{backend} L={L} lens={lens} {ident(dtype)}")
+
+
+def padding_cases(backend):
+    return [(FP32,)] if backend == "triton" else [(dtype,) for dtype in CPU_DTYPES[backend]]
+
+
+@pytest.mark.parametrize("backend, dtype", per_backend(padding_cases, KERNELS))
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:All-NaN slice encountered")
+def test_ignores_the_padding_and_keeps_nan_in_its_row(backend, dtype):
+    """NaN and a huge value past the lengths change nothing; a NaN query row stays in its row (rows 7 and 66: the
+    first and a later query tile of either kernel); a NaN in a valid key poisons that (batch, head) only, as in the
+    reference. The kernels only: the reference reads the padding (0 * NaN is NaN in its einsum). The interpreter in
+    fp32 only (its four calls take about a second a dtype)."""
+    q, kv, kv_lens = make_inputs(2, 70, 2, 72, 40, [17, 1], dtype, seed=6)
+    clean = cross_attention(q, kv, kv_lens, backend=backend)
+    for value in (float("nan"), 1e30 if dtype == torch.float32 else 6e4):
+        assert torch.equal(cross_attention(q, poison_padding(kv, kv_lens, value), kv_lens, backend=backend), clean), \
+            value
+    q, kv = q.clone(), poison_padding(kv, kv_lens, float("nan"))
+    q[0, 7, 1, 3] = float("nan")  # one query row of batch 0, head 1
+    q[0, 66, 1, 3] = float("nan")  # and one in a later query tile
+    kv[1, 0, 0, 0, 5] = float("nan")  # the only valid key of batch 1, head 0
+    out = cross_attention(q, kv, kv_lens, backend=backend)
+    bad = torch.zeros(2, 70, 2, dtype=torch.bool)
+    bad[0, 7, 1] = bad[0, 66, 1] = True
+    bad[1, :, 0] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    assert torch.equal(out[~bad], clean[~bad])
+
+
+@pytest.mark.parametrize("backend", cpu_backends("cross_attention", KERNELS))
+def test_scale_int32_strided_lengths_and_overlapping_rows(backend):
+    q, kv, kv_lens = make_inputs(3, 10, 2, 16, 9, [2, 9, 5], torch.float32, seed=8)
+    lens32 = torch.tensor([[2, 0], [9, 0], [5, 0]], dtype=torch.int32)[:, 0]  # int32, stride 2
+    out = cross_attention(q, kv, lens32, softmax_scale=0.7, backend=backend)
+    check(out, q, kv, kv_lens, "scale 0.7, int32 strided lengths", softmax_scale=0.7)
+    assert torch.equal(out, cross_attention(q, kv, kv_lens, softmax_scale=0.7, backend=backend))
+    # Rows overlapping in memory (a token stride of 0): the native kernel materialises them for BLAS.
+    q1 = q[:, :1].expand(3, 10, 2, 16)
+    kv1 = kv[:, :1].expand(3, 9, 2, 2, 16)
+    torch.testing.assert_close(cross_attention(q1, kv1, kv_lens, backend=backend),
+                               cross_attention_ref(q1, kv1, kv_lens), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("cross_attention"))
+def test_one_key_gives_its_value(backend):
+    """A one-token prompt (the negative prompt): softmax over one key is 1, so every query row is that value."""
+    q, kv, kv_lens = make_inputs(2, 9, 3, 64, 120, [1, 1], torch.float32, seed=7)
+    out = cross_attention(q, kv, kv_lens, backend=backend)
+    assert torch.equal(out, kv[:, :1, 1].expand_as(out))
+
+
+def same_bits_cases(backend):
+    # The interpreter in fp16 at a smaller shape (it takes 0.8 s a call at the others'); the others in fp32 and bf16
+    # with several query tiles per head, spread over the threads.
+    if backend == "triton":
+        return [(FP16, (2, 33, 2, 72, 40, [40, 1]), 2)]
+    return [(dtype, (2, 200, 3, 72, 300, [120, 1]), 4) for dtype in (FP32, BF16)]
+
+
+@pytest.mark.parametrize("backend, dtype, case, runs", per_backend(same_bits_cases))
+def test_same_inputs_same_bits(backend, dtype, case, runs):
+    q, kv, kv_lens = make_inputs(*case, dtype, seed=9)
+    first = cross_attention(q, kv, kv_lens, backend=backend)
+    assert all(torch.equal(first, cross_attention(q, kv, kv_lens, backend=backend)) for _ in range(runs - 1))
+
+
+# -- bad inputs: one table, every backend --------------------------------------------------------------------
+def bad_inputs():
+    q, kv, kv_lens = make_inputs(2, 5, 2, 16, 7, [3, 7], torch.float32, seed=21)
+    q12, kv12, _ = make_inputs(2, 5, 2, 12, 7, [3, 7], torch.float32, seed=22)
+    return SimpleNamespace(q=q, kv=kv, kv_lens=kv_lens, q12=q12, kv12=kv12)
+
+
+def strided_last(t):
+    """`t` with the same shape and a last dimension of stride > 1."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+# (description, bad call of `cross_attention` as f(x) with x from bad_inputs(), exception type, regex naming the
+# argument)
+BAD_INPUTS = [
+    ("q is not a tensor", lambda f, x: f(x.q.tolist(), x.kv, x.kv_lens), TypeError,
+     r"q: expected a torch\.Tensor, got list"),
+    ("q has 3 dimensions", lambda f, x: f(x.q.flatten(2), x.kv, x.kv_lens), ValueError,
+     r"q: expected 4 dimensions \(B, Tq, H, Dh\), got shape \(2, 5, 32\)"),
+    ("q is float64", lambda f, x: f(x.q.double(), x.kv.double(), x.kv_lens), TypeError,
+     r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"),
+    ("q is int64", lambda f, x: f(x.q.long(), x.kv.long(), x.kv_lens), TypeError,
+     r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got int64"),
+    ("q last dim strided", lambda f, x: f(strided_last(x.q), x.kv, x.kv_lens), ValueError,
+     r"q: the last dimension must be contiguous \(stride 1\)"),
+    ("q has no tokens", lambda f, x: f(x.q[:, :0], x.kv, x.kv_lens), ValueError,
+     "cross_attention: sequence lengths must be at least 1, got q 0, kv 7"),
+    ("q head dim 12", lambda f, x: f(x.q12, x.kv12, x.kv_lens), ValueError,
+     r"head dim 12 is not supported: expected a multiple of 8 from 16 to 256 \(cross_attention_ref takes any\)"),
+    ("kv dim 2 is not 2", lambda f, x: f(x.q, x.kv[:, :, :1], x.kv_lens), ValueError,
+     r"kv: expected shape \(2, \*, 2, 2, 16\) \(B, L, 2, H, Dh\): the packed k/v projection, batch, heads and head "
+     r"dim as q, got \(2, 7, 1, 2, 16\)"),
+    ("kv has other heads", lambda f, x: f(x.q, x.kv[:, :, :, :1], x.kv_lens), ValueError,
+     r"kv: expected shape \(2, \*, 2, 2, 16\) .*, got \(2, 7, 2, 1, 16\)"),
+    ("kv has another batch", lambda f, x: f(x.q, x.kv[:1], x.kv_lens), ValueError,
+     r"kv: expected shape \(2, \*, 2, 2, 16\) .*, got \(1, 7, 2, 2, 16\)"),
+    ("kv has another dtype", lambda f, x: f(x.q, x.kv.half(), x.kv_lens), TypeError,
+     r"kv: expected dtype in \['float32'\], got float16"),
+    ("kv on another device", lambda f, x: f(x.q, x.kv.to("meta"), x.kv_lens), ValueError,
+     "kv: on meta, expected cpu like the other inputs"),
+    ("kv last dim strided", lambda f, x: f(x.q, strided_last(x.kv), x.kv_lens), ValueError,
+     "kv: the last dimension must be contiguous"),
+    ("kv has no keys", lambda f, x: f(x.q, x.kv[:, :0], x.kv_lens.clamp(max=0)), ValueError,
+     "cross_attention: sequence lengths must be at least 1, got q 5, kv 0"),
+    ("kv_lens is float", lambda f, x: f(x.q, x.kv, x.kv_lens.float()), TypeError,
+     r"kv_lens: expected dtype in \['int32', 'int64'\], got float32"),
+    ("kv_lens has another shape", lambda f, x: f(x.q, x.kv, x.kv_lens[:1]), ValueError,
+     r"kv_lens: expected shape \(2\) \(B,\): valid keys per row, got \(1,\)"),
+    ("kv_lens on another device", lambda f, x: f(x.q, x.kv, x.kv_lens.to("meta")), ValueError,
+     "kv_lens: on meta, expected cpu like the other inputs"),
+    *((f"kv_lens {bad}", lambda f, x, bad=bad: f(x.q, x.kv, torch.tensor(bad)), ValueError,
+       rf"kv_lens: expected values in \[1, 7\] \(the valid keys of each row\), got \[{min(bad)}, {max(bad)}\]")
+      for bad in ([0, 7], [3, 8], [-1, 2])),
+]
+BAD = {row[0]: row[1:] for row in BAD_INPUTS}
+
+
+@pytest.mark.parametrize("backend", [*cpu_backends("cross_attention"), pytest.param(None, id="default")])
+@pytest.mark.parametrize("call, error, match", [pytest.param(*row[1:], id=row[0]) for row in BAD_INPUTS])
+def test_bad_inputs(backend, call, error, match):
+    """Each backend (and the default) refuses a bad argument in Python with the same error, naming the argument (on
+    CUDA too, where the C++ checks never run)."""
+    with pytest.raises(error, match=match):
+        call(lambda *args: xattn.cross_attention(*args, backend=backend), bad_inputs())
+
+
+# The same mistakes made in a direct call of the registered op, where its CPU kernel (csrc/cross_attention.cpp)
+# checks them: (op call as f(x), regex naming the argument in the C++ message). What the public function refuses and
+# the C++ kernel runs is left out: float64 (the kernel runs SDPA, as the op's Python body), head dims outside 16..256
+# and no queries (the kernel returns an empty output); so is a meta kv or kv_lens beside CPU tensors, which the
+# dispatcher sends to the op's fake implementation.
+OP = "ditengine::cross_attention: "
+OP_CALLS = {
+    "q has 3 dimensions": (lambda op, x: op(x.q.flatten(2), x.kv, x.kv_lens, 0.25),
+                           OP + r"q must be \(B, Tq, H, Dh\), got 3 dimensions with shape \[2, 5, 32\]"),
+    "q is int64": (lambda op, x: op(x.q.long(), x.kv.long(), x.kv_lens, 0.25),
+                   OP + "q must be float32, bfloat16, float16 or float64, got Long"),
+    "q last dim strided": (lambda op, x: op(strided_last(x.q), x.kv, x.kv_lens, 0.25),
+                           OP + r"q: the last dimension \(Dh\) must be contiguous"),
+    **{name: (lambda op, x, view=view: op(x.q, view(x.kv), x.kv_lens, 0.25),
+              OP + rf"kv must be \(B, L, 2, H, Dh\) with q's batch, heads and head dim \(2, \*, 2, 2, 16\), got shape "
+                   rf"\[{shape}\]")
+       for name, view, shape in (("kv dim 2 is not 2", lambda kv: kv[:, :, :1], "2, 7, 1, 2, 16"),
+                                 ("kv has other heads", lambda kv: kv[:, :, :, :1], "2, 7, 2, 1, 16"),
+                                 ("kv has another batch", lambda kv: kv[:1], "1, 7, 2, 2, 16"))},
+    "kv has another dtype": (lambda op, x: op(x.q, x.kv.half(), x.kv_lens, 0.25),
+                             OP + "kv has dtype Half but q has Float"),
+    "kv last dim strided": (lambda op, x: op(x.q, strided_last(x.kv), x.kv_lens, 0.25),
+                            OP + r"kv: the last dimension \(Dh\) must be contiguous"),
+    "kv has no keys": (lambda op, x: op(x.q, x.kv[:, :0], x.kv_lens.clamp(max=0), 0.25),
+                       OP + r"kv needs at least one key \(L = 0\)"),
+    "kv_lens is float": (lambda op, x: op(x.q, x.kv, x.kv_lens.float(), 0.25),
+                         OP + "kv_lens must be int32 or int64, got Float"),
+    "kv_lens has another shape": (lambda op, x: op(x.q, x.kv, x.kv_lens[:1], 0.25),
+                                  OP + r"kv_lens must be \(B,\) = \(2,\), got shape \[1\]"),
+    **{f"kv_lens {bad}": (lambda op, x, bad=bad: op(x.q, x.kv, torch.tensor(bad), 0.25),
+                          OP + rf"kv_lens: expected values in \[1, 7\] \(the valid keys of each row\), got "
+                               rf"\[{min(bad)}, {max(bad)}\]")
+       for bad in ([0, 7], [3, 8], [-1, 2])},
+}
+
+
+@needs_native("cross_attention")
+@pytest.mark.parametrize("description", OP_CALLS)
+def test_op_checks_agree_with_the_function(description):
+    """The C++ checks raise what the Python checks raise (csrc/checks.h), and name the argument too."""
+    call, error, match = BAD[description]
+    with pytest.raises(error, match=match):
+        call(xattn.cross_attention, bad_inputs())
+    op_call, op_match = OP_CALLS[description]
+    try:
+        op_call(torch.ops.ditengine.cross_attention, bad_inputs())
+    except Exception as err:  # its type is asserted below
+        raised = err
+    else:
+        raise AssertionError(f"the op's CPU kernel accepted it ({description})")
+    assert re.search(op_match, str(raised)), f"the C++ message does not name the argument: {raised}"
+    assert type(raised) is error, f"C++ raised {type(raised).__name__}, Python {error.__name__}: {raised}"
+
+
+def test_backend_and_config_errors_name_the_argument():
+    q, kv, kv_lens = make_inputs(2, 5, 2, 16, 7, [3, 7], torch.float32)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        cross_attention(q, kv, kv_lens, backend="cuda")
+    with pytest.raises(ValueError, match="config: only the Triton kernel takes a launch config; pass "
+                                         "backend='triton', got backend=None"):
+        cross_attention(q, kv, kv_lens, config=AUTOTUNE_CONFIGS[0])
+    with pytest.raises(ValueError, match="config: only the Triton kernel takes a launch config; pass "
+                                         "backend='triton', got backend='reference'"):
+        cross_attention(q, kv, kv_lens, backend="reference", config=AUTOTUNE_CONFIGS[0])
+    if interpreting():  # else backend='triton' itself is refused on CPU tensors
+        with pytest.raises(ValueError, match="config: BLOCK_N must be a power of two >= 16, got 48"):
+            cross_attention(q, kv, kv_lens, backend="triton", config=dict(BLOCK_M=32, BLOCK_N=48))
+
+
+# -- the Triton kernel only ----------------------------------------------------------------------------------------
 @triton_cpu
 def test_triton_runs_only_the_valid_key_blocks(monkeypatch):
     """The key loop stops at cdiv(len_b, BLOCK_N) blocks: counted as the interpreter's loads of a k tile,
@@ -92,64 +361,8 @@ def test_triton_runs_only_the_valid_key_blocks(monkeypatch):
     check(out, q, kv, kv_lens, "block counts")
 
 
-@triton_cpu
-def test_triton_forced_config_with_lengths_on_block_edges():
-    """BLOCK_N = 16 with lengths of exactly one block, one past it, and one short of three blocks."""
-    q, kv, kv_lens = make_inputs(4, 21, 1, 72, 47, [16, 17, 47, 1], torch.float32, seed=2)
-    out = cross_attention(q, kv, kv_lens, backend="triton", config=dict(BLOCK_M=16, BLOCK_N=16))
-    check(out, q, kv, kv_lens, "BLOCK_M=16 BLOCK_N=16")
-
-
-@triton_cpu
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_triton_ignores_the_padding_and_keeps_nan_in_its_row():
-    """NaN and 1e30 past the lengths change nothing; a NaN query row stays in its row; a NaN in a valid key
-    poisons that (batch, head) only, as in the reference."""
-    q, kv, kv_lens = make_inputs(2, 12, 2, 64, 40, [17, 1], torch.float32, seed=3)
-    clean = cross_attention(q, kv, kv_lens, backend="triton")
-    for value in (float("nan"), 1e30):
-        assert torch.equal(cross_attention(q, poison_padding(kv, kv_lens, value), kv_lens, backend="triton"), clean)
-    q, kv = q.clone(), poison_padding(kv, kv_lens, float("nan"))
-    q[0, 7, 1, 3] = float("nan")  # one query row of batch 0, head 1
-    kv[1, 0, 0, 0, 5] = float("nan")  # the only valid key of batch 1, head 0
-    out = cross_attention(q, kv, kv_lens, backend="triton")
-    bad = torch.zeros(2, 12, 2, dtype=torch.bool)
-    bad[0, 7, 1] = True
-    bad[1, :, 0] = True
-    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
-    torch.testing.assert_close(out[~bad], clean[~bad], rtol=0, atol=0)
-
-
-@triton_cpu
-def test_triton_scale_int32_lengths_and_strided_lengths():
-    q, kv, kv_lens = make_inputs(3, 10, 1, 16, 9, [2, 9, 5], torch.float32, seed=4)
-    lens32 = torch.tensor([[2, 0], [9, 0], [5, 0]], dtype=torch.int32)[:, 0]  # stride 2
-    out = cross_attention(q, kv, lens32, softmax_scale=0.7, backend="triton")
-    check(out, q, kv, kv_lens, "scale 0.7, int32 strided lengths", softmax_scale=0.7)
-
-
-# -- the native CPU kernel (csrc/cross_attention.cpp) ------------------------------------------------------
+# -- the native CPU kernel only (csrc/cross_attention.cpp) ---------------------------------------------------------
 native = needs_native("cross_attention")
-NATIVE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# PixArt-like (L = 300, a caption of 20 and a negative prompt of 1), full and mixed rows, a single query and
-# a single key, odd Tq, and rows of more keys than one 512-key block (the online softmax across blocks).
-NATIVE_CASES = [(2, 97, 3, 72, 300, [20, 1]), (2, 64, 2, 64, 120, [120, 57]), (1, 1, 2, 16, 7, [7]),
-                (3, 33, 2, 72, 7, [1, 7, 4]), (2, 130, 2, 16, 1100, [1100, 513])]
-
-
-def native_op(q, kv, kv_lens, softmax_scale=None):
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return torch.ops.ditengine.cross_attention(q, kv, kv_lens, scale)
-
-
-@native
-@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
-@pytest.mark.parametrize("B, Tq, H, Dh, L, lens", NATIVE_CASES)
-def test_native_matches_reference(B, Tq, H, Dh, L, lens, dtype):
-    q, kv, kv_lens = make_inputs(B, Tq, H, Dh, L, lens, dtype, seed=Tq + L)
-    if L > 512:  # the largest logits in the last key block: the running max changes between blocks
-        kv[:, 900:, 0] *= 4.0
-    check(native_op(q, kv, kv_lens), q, kv, kv_lens, f"native B={B} Tq={Tq} H={H} Dh={Dh} L={L} lens={lens}")
 
 
 @native
@@ -159,7 +372,7 @@ def test_native_is_the_default_on_cpu(dtype, monkeypatch):
     the op's Python body (SDPA) nor the reference runs, and no attention op of ATen shows in the profile."""
     assert choose("cross_attention", torch.device("cpu")) == "native"
     q, kv, kv_lens = make_inputs(2, 40, 2, 72, 30, [9, 1], dtype, seed=5)
-    expected = native_op(q, kv, kv_lens)
+    expected = torch.ops.ditengine.cross_attention(q, kv, kv_lens, 72 ** -0.5)
 
     def fail(*args, **kwargs):
         raise AssertionError("the Python implementation ran")
@@ -177,84 +390,13 @@ def test_native_is_the_default_on_cpu(dtype, monkeypatch):
 
 
 @native
-@pytest.mark.parametrize("dtype", NATIVE_DTYPES, ids=str)
-@pytest.mark.filterwarnings("ignore:invalid value encountered")
-def test_native_ignores_the_padding_and_keeps_nan_in_its_row(dtype):
-    q, kv, kv_lens = make_inputs(2, 70, 2, 72, 40, [17, 1], dtype, seed=6)
-    clean = native_op(q, kv, kv_lens)
-    for value in (float("nan"), 1e30 if dtype == torch.float32 else 6e4):
-        assert torch.equal(native_op(q, poison_padding(kv, kv_lens, value), kv_lens), clean), value
-    q, kv = q.clone(), poison_padding(kv, kv_lens, float("nan"))
-    q[0, 66, 1, 3] = float("nan")  # one query row of batch 0, head 1 (in the second 64-row tile)
-    kv[1, 0, 0, 0, 5] = float("nan")  # the only valid key of batch 1, head 0
-    out = native_op(q, kv, kv_lens)
-    bad = torch.zeros(2, 70, 2, dtype=torch.bool)
-    bad[0, 66, 1] = True
-    bad[1, :, 0] = True
-    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
-    assert torch.equal(out[~bad], clean[~bad])
-
-
-@native
-def test_native_one_key_gives_its_value():
-    """A one-token prompt (the negative prompt): softmax over one key is 1, so every query row is that value."""
-    q, kv, kv_lens = make_inputs(2, 9, 3, 64, 120, [1, 1], torch.float32, seed=7)
-    out = native_op(q, kv, kv_lens)
-    assert torch.equal(out, kv[:, :1, 1].expand_as(out))
-
-
-@native
-def test_native_lengths_dtypes_strides_scale_and_float64():
-    q, kv, kv_lens = make_inputs(3, 10, 2, 16, 9, [2, 9, 5], torch.float32, seed=8)
-    lens32 = torch.tensor([[2, 0], [9, 0], [5, 0]], dtype=torch.int32)[:, 0]  # int32, stride 2
-    out = native_op(q, kv, lens32, softmax_scale=0.7)
-    check(out, q, kv, kv_lens, "scale 0.7, int32 strided lengths", softmax_scale=0.7)
-    assert torch.equal(out, native_op(q, kv, kv_lens, softmax_scale=0.7))
-    out64 = native_op(q.double(), kv.double(), kv_lens)  # float64: SDPA with the mask, as the Python body
+def test_native_float64_runs_sdpa():
+    """float64, which the public function refuses, reaches the op's CPU kernel in a direct call: SDPA with the mask,
+    as the op's Python body."""
+    q, kv, kv_lens = make_inputs(3, 10, 2, 16, 9, [2, 9, 5], torch.float64, seed=8)
+    out64 = torch.ops.ditengine.cross_attention(q, kv, kv_lens, 0.25)
     assert out64.dtype == torch.float64 and out64.is_contiguous()
-    torch.testing.assert_close(out64, cross_attention_ref(q.double(), kv.double(), kv_lens))
-    # Rows overlapping in memory (a token stride of 0) are materialised for BLAS.
-    q1 = q[:, :1].expand(3, 10, 2, 16)
-    kv1 = kv[:, :1].expand(3, 9, 2, 2, 16)
-    torch.testing.assert_close(native_op(q1, kv1, kv_lens), cross_attention_ref(q1, kv1, kv_lens), rtol=1e-6,
-                               atol=1e-6)
-
-
-@native
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_native_same_inputs_same_bits(dtype):
-    q, kv, kv_lens = make_inputs(2, 200, 3, 72, 300, [120, 1], dtype, seed=9)
-    first = native_op(q, kv, kv_lens)
-    assert all(torch.equal(first, native_op(q, kv, kv_lens)) for _ in range(3))
-
-
-@native
-def test_native_errors_name_the_argument():
-    q, kv, kv_lens = make_inputs(2, 5, 2, 16, 7, [3, 7], torch.float32)
-    op = torch.ops.ditengine.cross_attention
-    with pytest.raises(ValueError, match=r"q must be \(B, Tq, H, Dh\), got 3 dimensions"):
-        op(q[0], kv, kv_lens, 0.1)
-    with pytest.raises(ValueError, match=r"kv must be \(B, L, 2, H, Dh\) with q's batch, heads and head dim "
-                                         r"\(2, \*, 2, 2, 16\), got shape \[2, 7, 2, 1, 16\]"):
-        op(q, kv[:, :, :, :1], kv_lens, 0.1)
-    with pytest.raises(ValueError, match=r"kv_lens must be \(B,\) = \(2,\), got shape \[3\]"):
-        op(q, kv, torch.tensor([1, 2, 3]), 0.1)
-    with pytest.raises(TypeError, match="kv has dtype BFloat16 but q has Float"):
-        op(q, kv.bfloat16(), kv_lens, 0.1)
-    with pytest.raises(TypeError, match="kv_lens must be int32 or int64, got Float"):
-        op(q, kv, kv_lens.float(), 0.1)
-    with pytest.raises(TypeError, match="q must be float32, bfloat16, float16 or float64, got Long"):
-        op(q.long(), kv.long(), kv_lens, 0.1)
-    with pytest.raises(ValueError, match=r"q: the last dimension \(Dh\) must be contiguous"):
-        op(q.transpose(2, 3).contiguous().transpose(2, 3), kv, kv_lens, 0.1)
-    with pytest.raises(ValueError, match=r"kv: the last dimension \(Dh\) must be contiguous"):
-        op(q, kv.transpose(3, 4).contiguous().transpose(3, 4), kv_lens, 0.1)
-    for bad in ([0, 7], [3, 8]):
-        with pytest.raises(ValueError, match=rf"kv_lens: expected values in \[1, 7\] \(the valid keys of each row\), "
-                                             rf"got \[{min(bad)}, {max(bad)}\]"):
-            op(q, kv, torch.tensor(bad), 0.1)
-    with pytest.raises(ValueError, match=r"kv needs at least one key \(L = 0\)"):
-        op(q, kv[:, :0], kv_lens.clamp(max=0), 0.1)
+    torch.testing.assert_close(out64, cross_attention_ref(q, kv, kv_lens, 0.25))
 
 
 @native
@@ -265,55 +407,6 @@ def test_native_passes_opcheck(dtype):
 
 
 # -- the public function, the op and its fake implementation ------------------------------------------------
-@pytest.mark.parametrize("backend", [None, "reference", "triton"])
-def test_errors_name_the_argument(backend):
-    """Every backend checks its arguments in Python first (on CUDA too, where the C++ checks never run)."""
-    if backend == "triton" and not interpreting():
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
-    cross_attention = functools.partial(xattn.cross_attention, backend=backend)
-    q, kv, kv_lens = make_inputs(2, 5, 2, 16, 7, [3, 7], torch.float32)
-    with pytest.raises(ValueError, match=r"q: expected 4 dimensions \(B, Tq, H, Dh\), got shape \(2, 5, 32\)"):
-        cross_attention(q.flatten(2), kv, kv_lens)
-    with pytest.raises(ValueError, match=r"kv: expected shape \(2, \*, 2, 2, 16\) \(B, L, 2, H, Dh\)"):
-        cross_attention(q, kv[:, :, :1], kv_lens)
-    with pytest.raises(ValueError, match=r"kv: expected shape \(2, \*, 2, 2, 16\)"):
-        cross_attention(q, kv[:1], kv_lens)
-    with pytest.raises(TypeError, match=r"kv: expected dtype in \['float32'\], got float16"):
-        cross_attention(q, kv.half(), kv_lens)
-    with pytest.raises(TypeError, match=r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"):
-        cross_attention(q.double(), kv.double(), kv_lens)
-    with pytest.raises(TypeError, match=r"kv_lens: expected dtype in \['int32', 'int64'\], got float32"):
-        cross_attention(q, kv, kv_lens.float())
-    with pytest.raises(ValueError, match=r"kv_lens: expected shape \(2\) \(B,\): valid keys per row, got \(1,\)"):
-        cross_attention(q, kv, kv_lens[:1])
-    with pytest.raises(ValueError, match="kv: on meta, expected cpu like the other inputs"):
-        cross_attention(q, kv.to("meta"), kv_lens)
-    with pytest.raises(ValueError, match="kv_lens: on meta, expected cpu like the other inputs"):
-        cross_attention(q, kv, kv_lens.to("meta"))
-    for bad in ([0, 7], [3, 8], [-1, 2]):
-        with pytest.raises(ValueError, match=rf"kv_lens: expected values in \[1, 7\] \(the valid keys of each row\), "
-                                             rf"got \[{min(bad)}, {max(bad)}\]"):
-            cross_attention(q, kv, torch.tensor(bad))
-    with pytest.raises(ValueError, match="q: the last dimension must be contiguous"):
-        cross_attention(q.transpose(2, 3).contiguous().transpose(2, 3), kv, kv_lens)
-    with pytest.raises(ValueError, match="kv: the last dimension must be contiguous"):
-        cross_attention(q, kv.transpose(3, 4).contiguous().transpose(3, 4), kv_lens)
-    q12, kv12, _ = make_inputs(2, 5, 2, 12, 7, [3, 7], torch.float32)
-    with pytest.raises(ValueError, match=r"head dim 12 is not supported: expected a multiple of 8 from 16 to 256"):
-        cross_attention(q12, kv12, kv_lens)
-    with pytest.raises(ValueError, match="sequence lengths must be at least 1, got q 0, kv 7"):
-        cross_attention(q[:, :0], kv, kv_lens)
-    if backend is None:
-        with pytest.raises(ValueError, match="backend: expected one of"):
-            xattn.cross_attention(q, kv, kv_lens, backend="cuda")
-        with pytest.raises(ValueError, match="config: only the Triton kernel takes a launch config; pass "
-                                             "backend='triton', got backend=None"):
-            cross_attention(q, kv, kv_lens, config=AUTOTUNE_CONFIGS[0])
-    if backend == "triton":
-        with pytest.raises(ValueError, match="config: BLOCK_N must be a power of two >= 16, got 48"):
-            cross_attention(q, kv, kv_lens, config=dict(BLOCK_M=32, BLOCK_N=48))
-
-
 def test_reference_backend_and_fake_implementation():
     q, kv, kv_lens = make_inputs(2, 5, 2, 16, 7, [3, 7], torch.float32)
     assert torch.equal(cross_attention(q, kv, kv_lens, backend="reference"), cross_attention_ref(q, kv, kv_lens))
