@@ -9,7 +9,7 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
     eager-lp-sdpa     ... with scaled_dot_product_attention
     compile           torch.compile(mode="max-autotune") of eager-lp-sdpa: the peer to beat
     compile-fp32      ... of the fp32 model with SDPA
-    onnxruntime-fp32, onnxruntime-int8, openvino-fp32, openvino-int8
+    onnxruntime-fp32, onnxruntime-int8, openvino-fp32, openvino-bf16, openvino-int8
                       the CPU runtimes on the reference DiT exported to ONNX (bench/peers.py, the optional
                       `.[peers]` extra): the same step around their forward; a peer that is not installed is
                       skipped with the reason, printed and kept in the report's "skipped"
@@ -30,10 +30,13 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
 Each row also reports images/s, peak memory, setup time (compile or capture), achieved TFLOP/s, the
 share of docs/design.md's H100 floor, and the quality of a full sampling run from the same noise against the
 fp32 reference (max error and SQNR of the final latents). Results go to JSON, CSV, a markdown table and
-a PNG bar chart. The default is CPU-sized (DiT-S/2, 32x32 latent, batch 1 with CFG, bf16; on a CPU the rows
-`CPU_DEFAULT`: fp32 eager and compile, the installed fp32 and int8 peers, ditengine's exact and int8 rows
-and the GEMM floor); the GPU case is `--model DiT-XL/2 --image-size 256 --batch 1,8`. On a CPU the compile
-rows use torch.compile's default mode (its max-autotune GEMM templates take many minutes to tune there).
+a PNG bar chart. Every ditengine row is set against the fastest peer of the same precision measured in the same
+run ("vs fastest peer at this precision": the peer's ms/step over the row's). The default is CPU-sized (DiT-S/2,
+32x32 latent, batch 1 with CFG, bf16; on a CPU the rows `CPU_DEFAULT`: fp32 eager and compile, the installed
+fp32 and int8 peers, ditengine's exact and int8 rows and the GEMM floor, and where the CPU multiplies bf16 in
+hardware `CPU_BF16_PEERS` too: eager bf16, its compile and OpenVINO bf16); the GPU case is `--model DiT-XL/2
+--image-size 256 --batch 1,8`. On a CPU the compile rows use torch.compile's default mode (its max-autotune GEMM
+templates take many minutes to tune there).
 """
 from __future__ import annotations
 
@@ -64,7 +67,10 @@ QUANTIZED = {"fused+precond+int8": "int8", "fused+graph-loop+int8": "int8", "fus
 VARIANTS = ("eager-fp32", "eager-lp", "eager-lp-sdpa", "compile", "compile-fp32", *peers.PEERS, "fused",
             "fused+precond", "fused+graph-step", "fused+graph-loop", *QUANTIZED, "gemm-floor",
             "fused+graph-loop+cache-first-block", "fused+graph-loop+cache-static")
-CPU_DEFAULT = ("eager-fp32", "compile-fp32", *peers.PEERS, "fused+precond", "fused+precond+int8", "gemm-floor")
+CPU_DEFAULT = ("eager-fp32", "compile-fp32", *(p for p in peers.PEERS if p != "openvino-bf16"), "fused+precond",
+               "fused+precond+int8", "gemm-floor")
+# On a CPU with bf16 dot instructions the bf16 rows meet their own peers: eager bf16, its compile, OpenVINO in bf16.
+CPU_BF16_PEERS = ("eager-lp-sdpa", "compile", "openvino-bf16")
 GPU_SKIPPED = ("gemm-floor", "compile-fp32", "fused+precond+int8", *peers.PEERS)  # not in the GPU default
 CACHE_VARIANTS = {"fused+graph-loop+cache-first-block": FirstBlockCache, "fused+graph-loop+cache-static": StaticCache}
 # docs/design.md section 8: measured on an H100, the floor of a step is max(FLOPs / peak, bytes / bandwidth).
@@ -213,6 +219,8 @@ def parse_args(argv=None):
         args.cfg_scale = family.bench_defaults.get("cfg_scale", 4.0)
     args.steps = args.steps or (50 if gpu else 5)
     default = [v for v in VARIANTS if v not in GPU_SKIPPED and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
+    if not gpu and args.dtype == "bf16" and peers.bf16_dot_instructions():
+        default = [v for v in VARIANTS if v in default or v in CPU_BF16_PEERS]
     if not family.bench_peers:  # the runtime peers export the families that say so (the class-conditional DiT)
         default = [v for v in default if v not in peers.PEERS]
     args.variants = args.variants.split(",") if args.variants else default
@@ -269,7 +277,8 @@ def main(argv=None) -> int:
             ms = per_step["median_ms"]
             results.append({
                 "variant": key, "batch": batch, "model_batch": model_batch,
-                "dtype": str(variant.dtype).removeprefix("torch."), **per_step, "runs": timing["runs"],
+                "dtype": str(variant.dtype).removeprefix("torch."), "precision": precision(key, variant.dtype),
+                **per_step, "runs": timing["runs"],
                 "images_per_s": batch * 1e3 / (ms * len(workload.sched)),
                 "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                 "added_mem_mb": mem.peak / 2**20,
@@ -289,12 +298,45 @@ def main(argv=None) -> int:
             for r in results:
                 if floor and r["batch"] == batch:
                     r["pct_of_gemm_floor"] = 100 * floor / r["median_ms"]
+            compare_with_peers(results, device)
             report["results"] = results
             partial.write_text(json.dumps(report, indent=2, default=str))  # survives a run cut short
     bar.close()
     write_report(report, out_dir)
     partial.unlink()
     return 0
+
+
+def precision(key: str, dtype: torch.dtype) -> str:
+    """What a row computes in: its peer's or quantisation's name, else its dtype's ("fp32", "bf16", "fp16")."""
+    if key in peers.PEERS:
+        return key.rsplit("-", 1)[1]
+    if key in QUANTIZED:
+        return QUANTIZED[key]
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
+def is_peer(key: str) -> bool:
+    """A row that is not ditengine's: eager PyTorch (or diffusers), torch.compile, the CPU runtimes."""
+    return key.startswith(("eager", "compile")) or key in peers.PEERS
+
+
+def compare_with_peers(rows: list[dict], device: torch.device) -> None:
+    """Each ditengine row against the fastest peer of the same precision and batch in the same run: `vs_peer`, that
+    peer's ms over the row's (above 1: ditengine is faster), and `vs_peer_name`. bf16 on a CPU without bf16 dot
+    instructions is emulated on every side and is left out."""
+    emulated = device.type == "cpu" and not peers.bf16_dot_instructions()
+    for r in rows:
+        r["vs_peer"], r["vs_peer_name"] = None, None
+        if not r["variant"].startswith("fused"):
+            continue
+        rivals = [p for p in rows if is_peer(p["variant"]) and p["batch"] == r["batch"]
+                  and p["precision"] == r["precision"]]
+        if emulated and r["precision"] == "bf16":
+            r["vs_peer"], r["vs_peer_name"] = None, "bf16 emulated on this CPU"
+        elif rivals:
+            best = min(rivals, key=lambda p: p["median_ms"])
+            r["vs_peer"], r["vs_peer_name"] = best["median_ms"] / r["median_ms"], best["variant"]
 
 
 def song_columns(workload: Workload, ms_per_step: float) -> dict:
@@ -321,9 +363,10 @@ def format_table(report: dict) -> str:
             f"{report['scheduler']}, eager rows: {report['eager']} | {env['device']} | torch {env['torch']}, "
             f"triton {env['triton']} | commit {env['commit']}")
     lines = [head, "",
-             "| variant | batch | dtype | ms/step | p20 | p80 | img/s | peak MB | added MB | weights GiB | setup s "
-             "| prompt ms | TFLOP/s | % H100 floor | % GEMM floor | max err | SQNR dB | block share |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | batch | precision | ms/step | vs fastest peer at this precision | p20 | p80 | img/s "
+             "| peak MB | added MB | weights GiB | setup s | prompt ms | TFLOP/s | % H100 floor | % GEMM floor "
+             "| max err | SQNR dB | block share |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     music = any("s_per_song" in r for r in report["results"])
     per_image = any("s_per_image" in r for r in report["results"])
     if music:  # seconds of DiT loop per song and the real-time factor, beside ms/step
@@ -343,7 +386,10 @@ def format_table(report: dict) -> str:
         prompt = "-" if r.get("prompt_ms") is None else f"{r['prompt_ms']:.3f}"
         song = f" {r['s_per_song']:.2f} | {r['realtime_x']:.1f} |" if music else \
             f" {r['s_per_image']:.2f} |" if per_image else ""
-        lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} |{song} "
+        vs = "-" if r.get("vs_peer_name") is None else r["vs_peer_name"] if r.get("vs_peer") is None else \
+            f"{r['vs_peer']:.2f}x {r['vs_peer_name']}"
+        lines.append(f"| {r['variant']} | {r['batch']} | {r.get('precision', r['dtype'])} | {r['median_ms']:.3f} |"
+                     f"{song} {vs} | "
                      f"{r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {added} | {weights} | "
                      f"{r['setup_s']:.1f} | {prompt} | "

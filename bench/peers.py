@@ -4,13 +4,17 @@
     onnxruntime-int8  ... after `quantize_dynamic`: int8 weights per output channel, activations quantised
                       at run time, MatMul/Gemm only; the rest stays fp32. This is ORT's documented
                       recipe for transformers on CPU, and it needs no calibration data.
-    openvino-fp32     OpenVINO's CPU plugin on the same ONNX file
+    openvino-fp32     OpenVINO's CPU plugin on the same ONNX file, f32 inference forced
+    openvino-bf16     ... with bf16 inference (`INFERENCE_PRECISION_HINT` bf16): the plugin's own default on a
+                      CPU with bf16 dot instructions (AVX-512 bf16, AMX), the peer of ditengine's bf16 rows
     openvino-int8     ... after nncf's data-free int8 weight compression (INT8_SYM, the mode OpenVINO
-                      pairs with dynamic int8 quantisation of activations), the counterpart of the ORT row
+                      pairs with dynamic int8 quantisation of activations), the counterpart of the ORT row;
+                      the rest of the graph in bf16 where the CPU has bf16 dot instructions, else f32, as
+                      ditengine's int8 rows keep their other ops in the ladder's low-precision dtype
 
 Fairness: every peer runs on the same intra-op thread count as torch (`torch.get_num_threads()` unless
-told otherwise), one inference at a time. The fp32 rows are fp32 throughout: on CPUs with avx512_bf16
-or AMX OpenVINO's plugin silently infers in bf16 unless told otherwise, so f32 is forced and checked.
+told otherwise), one inference at a time. Every OpenVINO row asks for its inference precision and checks
+that the plugin took it (it silently infers in bf16 on CPUs with avx512_bf16 or AMX unless told otherwise).
 The int8 rows quantise only what their runtime's own tooling quantises by default for this recipe.
 
 The runtimes are optional (`pip install 'ditengine[peers]'`): they are imported when a peer is built,
@@ -34,7 +38,7 @@ import torch
 
 import ditengine as de
 
-PEERS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8")
+PEERS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8")
 INPUT_NAMES = ("x", "t", "y")
 INSTALL_HINT = "pip install 'ditengine[peers]'"
 NNCF_MISSING = "openvino-int8 needs nncf (pip install nncf), which is not installed"
@@ -145,18 +149,25 @@ def _onnxruntime_forward(path: pathlib.Path, y: torch.Tensor, threads: int) -> F
     return forward
 
 
-def _openvino_forward(path: pathlib.Path, y: torch.Tensor, threads: int, int8: bool) -> Forward:
+def bf16_dot_instructions() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 bf16 or AMX): where it does not, bf16 is emulated and
+    a bf16 row measures the emulation, not the precision."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def _openvino_forward(path: pathlib.Path, y: torch.Tensor, threads: int, precision: str) -> Forward:
     ov = _require("openvino")
     core = ov.Core()
     model = core.read_model(str(path))
-    if int8:
+    if precision == "int8":
         nncf = _require("nncf", NNCF_MISSING)
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_SYM)
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
-                                                  "PERFORMANCE_HINT": "LATENCY"})
-    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
-    if precision != ov.Type.f32:
-        raise RuntimeError(f"OpenVINO compiled the model for {precision}, not the f32 that was asked for")
+    inference = "bf16" if precision == "bf16" or precision == "int8" and bf16_dot_instructions() else "f32"
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                  "INFERENCE_PRECISION_HINT": inference, "PERFORMANCE_HINT": "LATENCY"})
+    took = compiled.get_property("INFERENCE_PRECISION_HINT")
+    if took != getattr(ov.Type, inference):
+        raise PeerUnavailable(f"OpenVINO compiled the model for {took}, not the {inference} that was asked for")
     request = compiled.create_infer_request()
     labels = _as_numpy(y, torch.int64)
 
@@ -186,7 +197,7 @@ def peer_forward(name: str, model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, 
     path, _ = export_onnx(model, x_in, t, y, workdir)
     if runtime == "onnxruntime":
         return _onnxruntime_forward(quantize_onnx(path) if precision == "int8" else path, y, threads)
-    return _openvino_forward(path, y, threads, int8=precision == "int8")
+    return _openvino_forward(path, y, threads, precision)
 
 
 def profile_onnxruntime(model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor,

@@ -4,8 +4,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from ditengine.bench.cli import CACHE_VARIANTS, CPU_DEFAULT, VARIANTS, dit_flops, main, parse_args
+from ditengine.bench import peers
+from ditengine.bench.cli import (CACHE_VARIANTS, CPU_BF16_PEERS, CPU_DEFAULT, VARIANTS, compare_with_peers, dit_flops,
+                                  main, parse_args)
 from ditengine.bench.peers import PEERS
 from ditengine.bench.sm90 import SHARED_LIMIT
 
@@ -20,7 +23,7 @@ def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypa
     assert main(["--model", "DiT-T/2", "--input-size", "8", "--batch", "1,2", "--repeats", "3", "--warmup", "1",
                  "--dtype", "bf16", "--steps", "3", "--variants", ",".join(variants), "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "| eager-fp32 | 1 | float32 |" in printed and "| fused+graph-loop | 2 | bfloat16 |" in printed
+    assert "| eager-fp32 | 1 | fp32 |" in printed and "| fused+graph-loop | 2 | bf16 |" in printed
     report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
     assert {"torch", "device", "commit", "triton"} <= set(report["env"])
     rows = report["results"]
@@ -33,19 +36,55 @@ def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypa
         else:
             assert r["sqnr_db"] > (100 if r["dtype"] == "float32" and "int8" not in r["variant"] else 20), r
     by = {(r["variant"], r["batch"]): r for r in rows}
+    for r in rows:  # each ditengine row against the fastest eager row of its precision in this run
+        if r["variant"].startswith("fused") and r["precision"] == "bf16":
+            if peers.bf16_dot_instructions():
+                best = min(("eager-lp", "eager-lp-sdpa"), key=lambda v: by[(v, r["batch"])]["median_ms"])
+                assert r["vs_peer_name"] == best
+                assert r["vs_peer"] == pytest.approx(by[(best, r["batch"])]["median_ms"] / r["median_ms"])
+            else:
+                assert r["vs_peer"] is None and "emulated" in r["vs_peer_name"]
+        elif r["variant"].startswith("fused"):  # int8: no int8 peer in this run
+            assert r["vs_peer"] is None, r
     assert by[("fused+precond", 1)]["conditioning"] == "precomputed" and by[("fused", 1)]["conditioning"] == "per-step"
     for ext in ("csv", "md", "png"):
         assert len(list(tmp_path.glob(f"bench-*.{ext}"))) == 1
     assert not list(tmp_path.glob("bench-partial-*"))  # the partial file is replaced by the full report
 
 
-def test_cpu_default_ladder_is_against_fp32_eager_compile_the_peers_and_the_gemm_floor():
+@pytest.mark.parametrize("bf16_dots", [False, True])
+def test_cpu_default_ladder_is_against_fp32_eager_compile_the_peers_and_the_gemm_floor(monkeypatch, bf16_dots):
+    monkeypatch.setattr(peers, "bf16_dot_instructions", lambda: bf16_dots)
     args = parse_args(["--device", "cpu"])
-    assert args.dtype == "bf16" and args.variants == list(CPU_DEFAULT)
+    want = [v for v in VARIANTS if v in CPU_DEFAULT or bf16_dots and v in CPU_BF16_PEERS]
+    assert args.dtype == "bf16" and args.variants == want
+    assert ("openvino-bf16" in args.variants) == bf16_dots and ("compile" in args.variants) == bf16_dots
+    assert "openvino-bf16" not in parse_args(["--device", "cpu", "--dtype", "fp32"]).variants
     assert {"eager-fp32", "compile-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "fused+precond",
             "fused+precond+int8", "gemm-floor"} <= set(CPU_DEFAULT)
     gpu = parse_args(["--device", "cuda"]).variants
     assert "fused+graph-loop+fp8" in gpu and not set(gpu) & {"onnxruntime-fp32", "gemm-floor"}
+
+
+@pytest.mark.parametrize("bf16_dots", [False, True])
+def test_each_ditengine_row_meets_the_fastest_peer_of_its_precision(monkeypatch, bf16_dots):
+    monkeypatch.setattr(peers, "bf16_dot_instructions", lambda: bf16_dots)
+    def row(variant, precision, ms, batch=1):
+        return dict(variant=variant, precision=precision, median_ms=ms, batch=batch)
+    rows = [row("eager-fp32", "fp32", 100.0), row("openvino-fp32", "fp32", 80.0), row("onnxruntime-fp32", "fp32", 90.0),
+            row("openvino-bf16", "bf16", 60.0), row("compile", "bf16", 70.0), row("onnxruntime-int8", "int8", 50.0),
+            row("openvino-int8", "int8", 45.0), row("fused+precond", "bf16", 50.0), row("fused+precond", "fp32", 100.0),
+            row("fused+precond+int8", "int8", 30.0), row("fused+precond", "bf16", 40.0, batch=2),
+            row("gemm-floor", "bf16", 20.0)]
+    compare_with_peers(rows, torch.device("cpu"))
+    fused_bf16, fused_fp32, fused_int8, other_batch, floor = rows[7:]
+    assert fused_fp32["vs_peer_name"] == "openvino-fp32" and fused_fp32["vs_peer"] == pytest.approx(0.8)
+    assert fused_int8["vs_peer_name"] == "openvino-int8" and fused_int8["vs_peer"] == pytest.approx(1.5)
+    if bf16_dots:
+        assert fused_bf16["vs_peer_name"] == "openvino-bf16" and fused_bf16["vs_peer"] == pytest.approx(1.2)
+    else:
+        assert fused_bf16["vs_peer"] is None and "emulated" in fused_bf16["vs_peer_name"]
+    assert other_batch["vs_peer"] is floor["vs_peer"] is None  # no peer at batch 2; the floor is no row to rank
 
 
 def test_a_missing_peer_skips_its_row_with_the_reason(tmp_path, capsys, monkeypatch):

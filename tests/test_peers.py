@@ -12,8 +12,8 @@ from ditengine.bench.peers import PEERS, PeerUnavailable, peer_forward
 # moves the output by ~1e-6 of its range at this depth. 1e-4 leaves a wide margin for other CPUs' kernels
 # yet still fails a silent bf16 inference: OpenVINO's default on this CPU is off by 1.7e-2 of the range.
 FP32_TOLERANCE = 1e-4
-# int8 peers: 8-bit weights and activations through two blocks give a relative L2 error of ~1e-2; an
-# error under the fp32 bound would mean nothing was quantised.
+# int8 and bf16 peers: 8-bit weights and activations (or bf16 roundings) through two blocks give a relative L2
+# error of ~1e-2; an error under the fp32 bound would mean nothing was quantised (or inferred in bf16).
 INT8_MAX_REL_L2 = 0.1
 
 # torch's own exporter internals, not this code.
@@ -98,7 +98,8 @@ def test_export_falls_back_to_torchscript(workload, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name, hidden", [("onnxruntime-fp32", "onnxruntime"), ("onnxruntime-int8", "onnxruntime"),
-                                          ("openvino-fp32", "openvino"), ("openvino-int8", "openvino"),
+                                          ("openvino-fp32", "openvino"), ("openvino-bf16", "openvino"),
+                                          ("openvino-int8", "openvino"),
                                           ("openvino-int8", "nncf")])
 def test_missing_package_is_unavailable(name, hidden, workload, monkeypatch):
     if hidden == "nncf":
