@@ -207,3 +207,35 @@ def test_bench_mmdit_ladder_reports_seconds_per_image(tmp_path, capsys, model, t
     assert rows.keys() == {"eager-fp32", "fused+precond", "gemm-floor"}  # speed is the benchmark's to judge
     for r in rows.values():
         assert r["s_per_image"] == pytest.approx(r["median_ms"] * 2 / 1e3)
+
+
+def test_breakdown_splits_both_sides_into_the_same_categories(tmp_path, capsys, monkeypatch):
+    from ditengine.bench import breakdown
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    path = tmp_path / "breakdown.json"
+    assert breakdown.main(["--model", "DiT-T/2", "--input-size", "8", "--runs", "2", "--dtype", "fp32",
+                           "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    sides = ["ditengine"] + (["openvino"] if "openvino" in report else [])
+    assert "openvino" in report or "openvino_skipped" in report
+    for side in sides:
+        parts = report[side]["categories"]
+        assert list(parts) == list(breakdown.CATEGORIES)
+        assert sum(p["ms"] for p in parts.values()) == pytest.approx(report[side]["total_ms"])
+        assert parts["GEMM"]["ms"] > 0 and report[side]["gemm_kernels"]
+    assert report["ditengine"]["categories"]["scheduler"]["ms"] > 0
+    assert "| GEMM |" in capsys.readouterr().out
+
+
+def test_breakdown_categories():
+    from ditengine.bench.breakdown import OPENVINO_RULES, TORCH_RULES, categorise
+
+    assert categorise("ditengine::scheduler_step", TORCH_RULES) == "scheduler"
+    assert categorise("ditengine::gated_residual_adaln_", TORCH_RULES) == "norm+modulation"
+    assert categorise("mkldnn::_linear_pointwise", TORCH_RULES) == "GEMM"
+    assert categorise("ditengine::attention", TORCH_RULES) == "attention"
+    assert categorise("FullyConnected", OPENVINO_RULES) == "GEMM"
+    assert categorise("Subgraph", OPENVINO_RULES) == "fused subgraph"
+    assert categorise("Reorder", OPENVINO_RULES) == "layout"
+    assert categorise("Something", OPENVINO_RULES) == "other"
