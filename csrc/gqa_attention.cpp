@@ -347,11 +347,17 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   check_last_dim("q", q);
   check_last_dim("k", k);
   check_last_dim("v", v);
-  TORCH_CHECK_VALUE(Dh > 0, OP, ": the head dim must be positive");
-  TORCH_CHECK_VALUE(S > 0, OP, ": k and v need at least one token (S = 0)");
+  // The head-dim and length rules of gqa_attention's Python checks (attention.check_head_dim): the kernel itself
+  // takes any head dim and returns an empty output for T = 0, but the op refuses what the public function does.
+  TORCH_CHECK_VALUE(Dh >= 16 && Dh <= 256 && Dh % 8 == 0, OP, ": q: head dim ", Dh,
+                    " is not supported: expected a multiple of 8 from 16 to 256");
+  TORCH_CHECK_VALUE(T > 0 && S > 0, OP, ": sequence lengths must be at least 1, got q ", T, ", k ", S,
+                    ": q, k and v need at least one token");
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, OP, ": scale must be a finite softmax scale > 0, got ", scale);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, OP, ": eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK_VALUE(cos.has_value() == sin.has_value(), OP, ": rope needs both cos and sin, or neither");
+  // One of the two missing: a None where a tensor belongs, a TypeError as Python's check of the (cos, sin) pair.
+  TORCH_CHECK_TYPE(cos.has_value() == sin.has_value(), OP, ": rope ", cos.has_value() ? "sin" : "cos",
+                   ": expected a tensor, got None (rope needs both cos and sin, or neither)");
   if (cos.has_value()) {
     TORCH_CHECK_VALUE(S == T, OP, ": rope: RoPE needs k's length S = q's length T, got S=", S, ", T=", T);
     TORCH_CHECK_VALUE(Dh % 2 == 0, OP, ": rope: the head dim must be even, got ", Dh);

@@ -61,20 +61,31 @@ void linear_gelu_kernel(const float* x, const float* w, const float* bias, out_t
 
 at::Tensor linear_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            bool apply_gelu, int64_t gelu_from) {
-  TORCH_CHECK(x.dim() >= 1, "ditengine::linear_gelu: x must have at least one dimension (..., K)");
-  TORCH_CHECK(weight.dim() == 2, "ditengine::linear_gelu: weight must be (N, K), got shape ", weight.sizes());
+  // The checks of `check_linear_gelu` in kernels/linear_gelu.py, in its order and words: ValueError for a shape or
+  // value, TypeError for a dtype.
+  const char* op = "ditengine::linear_gelu";
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (..., K)");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be (N, K), got shape ", weight.sizes());
   const int64_t K = x.size(-1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "ditengine::linear_gelu: weight ", weight.sizes(), " does not take x's last ",
-              "dimension ", K);
-  TORCH_CHECK(gelu_from >= 0 && gelu_from <= N, "ditengine::linear_gelu: gelu_from must be in 0..", N,
-              " (weight's out_features), got ", gelu_from);
+  TORCH_CHECK_VALUE(weight.size(1) == K, op, ": weight ", weight.sizes(), " does not take x's last dimension ", K);
+  TORCH_CHECK_VALUE(gelu_from >= 0 && gelu_from <= N, op, ": gelu_from: expected 0 <= gelu_from <= out_features = ",
+                    N, ", got ", gelu_from);
   // Without the GELU, or with it from column N on: the plain linear.
   const int64_t first_gelu = apply_gelu ? gelu_from : N;
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == dtype,
-              "ditengine::linear_gelu: weight must be float32 or x's dtype ", dtype, ", got ", weight.scalar_type());
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "ditengine::linear_gelu (CPU kernel): x and weight ",
-              "must be CPU tensors, got ", x.device(), " and ", weight.device());
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat || weight.scalar_type() == dtype, op,
+                   ": weight must be float32 or x's dtype ", dtype, ", got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), op, " (CPU kernel): x and weight ",
+                    "must be CPU tensors, got ", x.device(), " and ", weight.device());
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be (", N, "), got shape ",
+                      bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype ", bias->scalar_type(),
+                     " must match weight dtype ", weight.scalar_type());
+    TORCH_CHECK_VALUE(bias->device().is_cpu(), op, " (CPU kernel): bias must be a CPU tensor, got one on ",
+                      bias->device());
+  }
   if (dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) {
     // float64 and the rest: the op's Python form, in the weight's dtype.
     at::Tensor y = at::linear(x.to(weight.scalar_type()), weight, bias);  // (..., N)
@@ -86,14 +97,7 @@ at::Tensor linear_gelu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
     return y.to(dtype);
   }
   at::Tensor b32;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "ditengine::linear_gelu: bias must be (", N, "), got shape ",
-                bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "ditengine::linear_gelu: bias dtype ",
-                bias->scalar_type(), " must match weight dtype ", weight.scalar_type());
-    TORCH_CHECK(bias->device().is_cpu(), "ditengine::linear_gelu (CPU kernel): bias must be a CPU tensor");
-    b32 = bias->to(at::kFloat).contiguous();
-  }
+  if (has_bias) b32 = bias->to(at::kFloat).contiguous();
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
   at::Tensor out = at::empty(out_shape, x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -106,24 +106,35 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   static const QuantizeFn quantize = cpu::pick<QuantizeFn>(quantize_avx512, quantize_avx2, quantize_baseline);
   static const DequantizeFn dequantize =
       cpu::pick<DequantizeFn>(dequantize_avx512, dequantize_avx2, dequantize_baseline);
+  // The checks of `check_linear_int8` in kernels/linear_int8.py, in its order and words: ValueError for a shape or
+  // value, TypeError for a dtype.
   const char* op = "ditengine::linear_int8";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., K)");
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar, op, ": weight must be (N, K) int8, got ",
-              weight.sizes(), " ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension (..., K)");
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be (N, K) int8, got ", weight.sizes(), " ",
+                    weight.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kChar, op, ": weight must be (N, K) int8, got ", weight.sizes(), " ",
+                   weight.scalar_type());
   const int64_t K = x.size(-1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, op, ": weight ", weight.sizes(), " does not take x's last dimension ", K);
-  TORCH_CHECK(weight_scale.dim() == 1 && weight_scale.size(0) == N && weight_scale.scalar_type() == at::kFloat, op,
-              ": weight_scale must be (", N, ") float32, got ", weight_scale.sizes(), " ", weight_scale.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(1) == K, op, ": weight ", weight.sizes(), " does not take x's last dimension ", K);
+  TORCH_CHECK_VALUE(weight_scale.dim() == 1 && weight_scale.size(0) == N, op, ": weight_scale must be (", N,
+                    ") float32, got ", weight_scale.sizes(), " ", weight_scale.scalar_type());
+  TORCH_CHECK_TYPE(weight_scale.scalar_type() == at::kFloat, op, ": weight_scale must be (", N, ") float32, got ",
+                   weight_scale.sizes(), " ", weight_scale.scalar_type());
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && weight_scale.device().is_cpu(), op,
-              " (CPU kernel): x, weight and weight_scale must be CPU tensors");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": x must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu() && weight_scale.device().is_cpu(), op,
+                    " (CPU kernel): x, weight and weight_scale must be CPU tensors, got ", x.device(), ", ",
+                    weight.device(), " and ", weight_scale.device());
   const float* b_ptr = nullptr;
   at::Tensor b32;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
-                op, ": bias must be a (", N, ") float32 CPU tensor, got ", bias->sizes(), " ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be a (", N,
+                      ") float32 CPU tensor, got ", bias->sizes(), " ", bias->scalar_type());
+    TORCH_CHECK_TYPE(bias->scalar_type() == at::kFloat, op, ": bias must be a (", N, ") float32 CPU tensor, got ",
+                     bias->sizes(), " ", bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->device().is_cpu(), op, ": bias must be a (", N, ") float32 CPU tensor, got one on ",
+                      bias->device());
     b32 = bias->contiguous();
     b_ptr = b32.data_ptr<float>();
   }

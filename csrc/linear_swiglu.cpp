@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "checks.h"
 #include "cpu_common.h"
 #include "cpu.h"
 #include "registration.h"  // after cpu_common.h: both define DITENGINE_X86 (cpu.h as 0 off x86-64, so test it with #if)
@@ -189,13 +190,17 @@ void swiglu_kernel(const T* gu, int64_t row_stride, T* out, int64_t M, int64_t F
 }
 
 at::Tensor swiglu_cpu(const at::Tensor& gu) {
+  // `_check_gu` of kernels/linear_swiglu.py, in its order and words (check_tensor's): the public function, the
+  // op's Python body and this kernel raise the same error for a bad gu.
   const char* op = "ditengine::swiglu";
-  TORCH_CHECK_VALUE(gu.dim() >= 1 && gu.size(-1) % 2 == 0, op, ": gu must be (..., 2F), gate then up, got shape ",
-                    gu.sizes());
+  check_dtype_in(op, "gu", gu, {at::kFloat, at::kHalf, at::kBFloat16});
+  TORCH_CHECK_VALUE(gu.device().is_cpu(), op, ": gu: expected a CPU tensor, got one on ", gu.device());
+  TORCH_CHECK_VALUE(gu.dim() == 0 || gu.size(-1) <= 1 || gu.stride(-1) == 1, op,
+                    ": gu: the last dimension must be contiguous (stride 1), got strides ", tuple_str(gu.strides()));
+  TORCH_CHECK_VALUE(gu.dim() >= 1 && gu.size(-1) % 2 == 0, op,
+                    ": gu: expected (..., 2F) with an even last dimension (gate then up), got ",
+                    tuple_str(gu.sizes()));
   const auto dtype = gu.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-                   ": gu must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK_VALUE(gu.device().is_cpu(), op, " (CPU kernel): gu must be a CPU tensor, got ", gu.device());
   const int64_t F = gu.size(-1) / 2;
   std::vector<int64_t> out_shape(gu.sizes().begin(), gu.sizes().end());
   out_shape.back() = F;

@@ -147,68 +147,69 @@ DITENGINE_TARGET_AVX2 void step_planes_avx2(const StepParams& p, int64_t b, int6
 }
 void step_planes_baseline(const StepParams& p, int64_t b, int64_t e, float* s) { step_planes(p, b, e, s); }
 
-// -- argument checks: every failure names the op, the argument and what was expected -------------------------
+// -- argument checks: every failure names the op and the argument, in the words, order and exception types of
+// the Python checks (`_check_args` in kernels/scheduler_step.py), except that a tensor must be on the CPU --------
 constexpr const char* kOp = "ditengine::scheduler_step";
 
-
-void check(const char* name, const at::Tensor& t, bool any_float, at::IntArrayRef shape = {}) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got one on ", t.device());
-  if (any_float) {
-    TORCH_CHECK_TYPE(is_float(t.scalar_type()), kOp, ": ", name, ": expected dtype float32, float16 or bfloat16, got ",
-                     t.scalar_type());
-  } else {
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, kOp, ": ", name, ": expected dtype float32, got ",
-                     t.scalar_type());
-  }
-  TORCH_CHECK_VALUE(t.is_contiguous(), kOp, ": ", name, ": expected a contiguous tensor, got strides ", t.strides());
+// A state or output tensor: dtype one of `dtypes` (TypeError), on the CPU, contiguous; the shape of x when given.
+void check(const char* name, const at::Tensor& t, std::initializer_list<at::ScalarType> dtypes,
+           at::IntArrayRef shape = {}) {
   if (!shape.empty()) {
-    TORCH_CHECK_VALUE(t.sizes() == shape, kOp, ": ", name, ": expected shape ", shape, " like x, got ", t.sizes());
+    TORCH_CHECK_VALUE(t.sizes() == shape, kOp, ": ", name, ": expected shape ", tuple_str(shape), " like x, got ",
+                      tuple_str(t.sizes()));
   }
+  check_dtype_in(kOp, name, t, dtypes);
+  TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, ": ", name, ": expected a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), kOp, ": ", name, ": expected a contiguous tensor, got strides ",
+                    tuple_str(t.strides()));
 }
+
+const std::initializer_list<at::ScalarType> kFloats = {at::kFloat, at::kHalf, at::kBFloat16};
 
 void scheduler_step(const at::Tensor& x, const at::Tensor& model_out, const at::Tensor& table,
                     const std::optional<at::Tensor>& step_tensor, int64_t step_int, const at::Tensor& out,
                     const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& noise,
                     const std::optional<at::Tensor>& next_input, double cfg_scale, bool has_cfg,
                     int64_t guided_channels, bool clip, bool learned) {
-  check("x", x, true);
-  TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x: expected 4 dimensions (B, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x: expected 4 dimensions (B, C, H, W), got shape ", tuple_str(x.sizes()));
+  check("x", x, kFloats);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  check("model_out", model_out, true);
-  const int64_t rows = has_cfg ? 2 * B : B;
-  TORCH_CHECK_VALUE(model_out.dim() == 4 && (model_out.size(0) == rows || (!has_cfg && model_out.size(0) == 2 * B)) &&
+  // Without CFG the op takes B or 2B rows (reading the first B).
+  TORCH_CHECK_VALUE(model_out.dim() == 4 && (model_out.size(0) == 2 * B || (!has_cfg && model_out.size(0) == B)) &&
                         (model_out.size(1) == C || model_out.size(1) == 2 * C) &&
                         model_out.size(2) == x.size(2) && model_out.size(3) == x.size(3),
-                    kOp, ": model_out: expected shape (", rows, ", ", C, " or ", 2 * C, ", ", x.size(2), ", ",
-                    x.size(3), ")", has_cfg ? " with CFG (batch doubled)" : "", ", got ", model_out.sizes());
+                    kOp, ": model_out: expected shape (", has_cfg ? "" : std::to_string(B) + " or ", 2 * B, ", ", C,
+                    " or ", 2 * C, ", ", x.size(2), ", ", x.size(3), ")", has_cfg ? " with CFG (batch doubled)" : "",
+                    ", got ", tuple_str(model_out.sizes()));
   TORCH_CHECK_VALUE(!learned || model_out.size(1) == 2 * C, kOp, ": model_out: learned needs ", 2 * C,
                     " channels (prediction + variance), got ", model_out.size(1));
-  check("table", table, false);
+  check("model_out", model_out, kFloats);
   TORCH_CHECK_VALUE(table.dim() == 2 && table.size(1) == NUM_COLUMNS, kOp, ": table: expected shape (steps, ",
-                    int(NUM_COLUMNS), "), got ", table.sizes());
+                    int(NUM_COLUMNS), "), got ", tuple_str(table.sizes()));
+  check("table", table, {at::kFloat});
   int64_t step = step_int;
   if (step_tensor.has_value()) {
     const at::Tensor& st = *step_tensor;
+    check_dtype_in(kOp, "step_tensor", st, {at::kInt, at::kLong});
     TORCH_CHECK_VALUE(st.device().is_cpu(), kOp, ": step_tensor: expected a CPU tensor, got one on ", st.device());
-    TORCH_CHECK_TYPE(st.scalar_type() == at::kLong || st.scalar_type() == at::kInt, kOp,
-                     ": step_tensor: expected dtype int32 or int64, got ", st.scalar_type());
-    TORCH_CHECK_VALUE(st.numel() == 1, kOp, ": step_tensor: expected one element, got shape ", st.sizes());
+    TORCH_CHECK_VALUE(st.numel() == 1, kOp, ": step_tensor: expected a one-element tensor, got shape ",
+                      tuple_str(st.sizes()));
     // A CPU tensor: reading it is a load, not a device sync.
     step = st.scalar_type() == at::kLong ? *st.data_ptr<int64_t>() : *st.data_ptr<int32_t>();
   }
   TORCH_CHECK_INDEX(step >= 0 && step < table.size(0), kOp, ": step=", step, " out of range for a table of ",
                     table.size(0), " steps");
-  check("out", out, true, x.sizes());
-  if (history.has_value()) check("history", *history, false, x.sizes());
-  if (noise.has_value()) check("noise", *noise, false, x.sizes());
+  check("out", out, kFloats, x.sizes());
+  if (history.has_value()) check("history", *history, {at::kFloat}, x.sizes());
+  if (noise.has_value()) check("noise", *noise, {at::kFloat}, x.sizes());
   bool next_twice = false;
   if (next_input.has_value()) {
     const at::Tensor& ni = *next_input;
-    check("next_input", ni, true);
     TORCH_CHECK_VALUE(ni.dim() == 4 && (ni.size(0) == B || ni.size(0) == 2 * B) && ni.size(1) == C &&
                           ni.size(2) == x.size(2) && ni.size(3) == x.size(3),
                       kOp, ": next_input: expected shape (", B, " or ", 2 * B, ", ", C, ", ", x.size(2), ", ",
-                      x.size(3), "), got ", ni.sizes());
+                      x.size(3), "), got ", tuple_str(ni.sizes()));
+    check("next_input", ni, kFloats);
     next_twice = ni.size(0) == 2 * B;
   }
   TORCH_CHECK_VALUE(guided_channels >= 0 && guided_channels <= C, kOp, ": guided_channels=", guided_channels,

@@ -316,7 +316,9 @@ def _gqa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm:
                       k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
                       rope_interleaved: bool, window: int | None, scale: float,
                       norm_split: int | None = None) -> torch.Tensor:
-    """Checked arguments as `gqa_attention` gives them (rope as cos, sin); returns (B, T, Hq, Dh)."""
+    """Arguments as `gqa_attention` gives them (rope as cos, sin), checked again by its `_check_args` (the C++
+    kernel checks the same on the CPU); returns (B, T, Hq, Dh)."""
+    _check_args(q, k, v, q_norm, k_norm, eps, _rope(cos, sin), window, scale, norm_split)
     if use_triton("gqa_attention", q):
         out = q.new_empty(q.shape)
         _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split)
@@ -327,7 +329,14 @@ def _gqa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm:
 
 @_gqa_attention_op.register_fake
 def _(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split=None):
+    # Also what a meta tensor among CPU ones dispatches to: the device check refuses it here.
+    _check_args(q, k, v, q_norm, k_norm, eps, _rope(cos, sin), window, scale, norm_split)
     return q.new_empty(q.shape)
+
+
+def _rope(cos, sin):
+    """The op's cos and sin as `gqa_attention`'s rope: one of them None is a pair with a None in it, refused."""
+    return None if cos is None and sin is None else (cos, sin)
 
 
 # -- public API ------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import _native
 from ._backend import choose_prepacked, register_prepacked
+from ._checks import check_packed_input, cpp_dtype, cpp_sizes
 
 log = logging.getLogger("ditengine")
 
@@ -55,13 +56,45 @@ def linear_gelu_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = N
 
 
 # -- the op: native CPU kernel in csrc/linear_gelu.cpp, this body as the fallback ------------------------
+OP = "ditengine::linear_gelu"
+
+
 def check_gelu_from(gelu_from, out_features: int) -> int:
     """gelu_from: an int in 0..out_features (out_features: no GELU)."""
     if isinstance(gelu_from, bool) or not isinstance(gelu_from, (int, torch.SymInt)):
-        raise TypeError(f"gelu_from: expected an int column index, got {type(gelu_from).__name__}")
+        raise TypeError(f"{OP}: gelu_from: expected an int column index, got {type(gelu_from).__name__}")
     if not 0 <= gelu_from <= out_features:
-        raise ValueError(f"gelu_from: expected 0 <= gelu_from <= out_features = {out_features}, got {gelu_from}")
+        raise ValueError(f"{OP}: gelu_from: expected 0 <= gelu_from <= out_features = {out_features}, got "
+                         f"{gelu_from}")
     return gelu_from
+
+
+def check_linear_gelu(x, weight, bias, gelu_from) -> None:
+    """The op's arguments, checked as its C++ kernel (csrc/linear_gelu.cpp) checks them: the same order,
+    exception types and messages, except that the tensors must share x's device rather than be on the CPU.
+    The op's Python body and its fake call this; the public calls check x against the packed weights
+    (`_checks.check_packed_input`) and gelu_from with `check_gelu_from`, which this calls too."""
+    if x.dim() < 1:
+        raise ValueError(f"{OP}: x must have at least one dimension (..., K)")
+    if weight.dim() != 2:
+        raise ValueError(f"{OP}: weight must be (N, K), got shape {cpp_sizes(weight)}")
+    K, N = x.shape[-1], weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"{OP}: weight {cpp_sizes(weight)} does not take x's last dimension {K}")
+    check_gelu_from(gelu_from, N)
+    if weight.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"{OP}: weight must be float32 or x's dtype {cpp_dtype(x.dtype)}, got "
+                        f"{cpp_dtype(weight.dtype)}")
+    if weight.device != x.device:
+        raise ValueError(f"{OP}: x and weight must be on one device, got {x.device} and {weight.device}")
+    if bias is not None:
+        if bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"{OP}: bias must be ({N}), got shape {cpp_sizes(bias)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{OP}: bias dtype {cpp_dtype(bias.dtype)} must match weight dtype "
+                            f"{cpp_dtype(weight.dtype)}")
+        if bias.device != x.device:
+            raise ValueError(f"{OP}: bias must be on x's device {x.device}, got {bias.device}")
 
 
 def _gelu_columns_(y: torch.Tensor, gelu_from: int) -> torch.Tensor:
@@ -83,13 +116,13 @@ def _linear_gelu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     gelu_from: int = 0) -> torch.Tensor:
     """x (..., K); weight (N, K) and bias (N) in fp32 or x's dtype -> (..., N) in x's dtype, math in weight's.
     With `apply_gelu` the GELU covers columns [gelu_from, N) (0 <= gelu_from <= N); without, none."""
-    check_gelu_from(gelu_from, weight.shape[0])
+    check_linear_gelu(x, weight, bias, gelu_from)
     return _linear_gelu_torch(x, weight, bias, apply_gelu, gelu_from)
 
 
 @_linear_gelu_op.register_fake
 def _(x, weight, bias, apply_gelu, gelu_from=0):
-    check_gelu_from(gelu_from, weight.shape[0])
+    check_linear_gelu(x, weight, bias, gelu_from)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -166,6 +199,10 @@ class PackedLinear:
     dtype: torch.dtype          # the activations' dtype
     out_features: int
 
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]  # K of the (N, K) weight, oneDNN's packed one included
+
 
 def choose_backend(dtype: torch.dtype) -> str:
     """The form `prepack_linear` picks for CPU activations of `dtype` (`_backend.choose_prepacked`)."""
@@ -213,8 +250,7 @@ def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: tor
 
 
 def _call(x: torch.Tensor, p: PackedLinear, apply_gelu: bool, gelu_from: int = 0) -> torch.Tensor:
-    if x.dtype != p.dtype:
-        raise TypeError(f"x: expected dtype {p.dtype} (what the weights were packed for), got {x.dtype}")
+    check_packed_input(x, p.dtype, p.in_features, p.weight.device)  # then the op's checks hold (native: in C++)
     if p.backend == "mkldnn":
         return _mkldnn_call(x, p.weight, p.bias, apply_gelu, gelu_from)
     if p.backend == "native":

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ._checks import cpp_dtype, cpp_sizes
 from .linear_gelu import check_linear_weights
 
 QMAX = 127
@@ -58,15 +59,58 @@ def _linear_int8_torch(x, weight, weight_scale, bias, apply_gelu: bool) -> torch
     return (F.gelu(y, approximate="tanh") if apply_gelu else y).to(x.dtype)
 
 
+OP = "ditengine::linear_int8"
+
+
+def check_linear_int8(x, weight, weight_scale, bias) -> None:
+    """The op's arguments, checked as its C++ kernel (csrc/linear_int8.cpp) checks them: the same order, exception
+    types (ValueError for a shape, TypeError for a dtype) and messages, except that the tensors must share x's
+    device rather than be on the CPU. The public `linear_int8` (on every backend), the op's Python body and its
+    fake call this. Shapes, dtypes and devices only: no host sync."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{OP}: x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{OP}: x must have at least one dimension (..., K)")
+    weight_is = f"{OP}: weight must be (N, K) int8, got {cpp_sizes(weight)} {cpp_dtype(weight.dtype)}"
+    if weight.dim() != 2:
+        raise ValueError(weight_is)
+    if weight.dtype != torch.int8:
+        raise TypeError(weight_is)
+    K, N = x.shape[-1], weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"{OP}: weight {cpp_sizes(weight)} does not take x's last dimension {K}")
+    scale_is = (f"{OP}: weight_scale must be ({N}) float32, got {cpp_sizes(weight_scale)} "
+                f"{cpp_dtype(weight_scale.dtype)}")
+    if weight_scale.dim() != 1 or weight_scale.shape[0] != N:
+        raise ValueError(scale_is)
+    if weight_scale.dtype != torch.float32:
+        raise TypeError(scale_is)
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{OP}: x must be float32, bfloat16 or float16, got {cpp_dtype(x.dtype)}")
+    if not x.device == weight.device == weight_scale.device:
+        raise ValueError(f"{OP}: x, weight and weight_scale must be on one device, got {x.device}, {weight.device} "
+                         f"and {weight_scale.device}")
+    if bias is not None:
+        bias_is = f"{OP}: bias must be a ({N}) float32 {'CPU' if x.device.type == 'cpu' else x.device} tensor, got "
+        if bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"{bias_is}{cpp_sizes(bias)} {cpp_dtype(bias.dtype)}")
+        if bias.dtype != torch.float32:
+            raise TypeError(f"{bias_is}{cpp_sizes(bias)} {cpp_dtype(bias.dtype)}")
+        if bias.device != x.device:
+            raise ValueError(f"{bias_is}one on {bias.device}")
+
+
 @torch.library.custom_op("ditengine::linear_int8", mutates_args=())
 def _linear_int8_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                     apply_gelu: bool) -> torch.Tensor:
     """x (..., K) fp32/bf16/fp16; weight (N, K) int8; weight_scale (N) fp32; bias (N) fp32 -> (..., N) in x's dtype."""
+    check_linear_int8(x, weight, weight_scale, bias)
     return _linear_int8_torch(x, weight, weight_scale, bias, apply_gelu)
 
 
 @_linear_int8_op.register_fake
 def _(x, weight, weight_scale, bias, apply_gelu):
+    check_linear_int8(x, weight, weight_scale, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -91,7 +135,9 @@ def prepack_int8(w: torch.Tensor, b: torch.Tensor | None = None, native: bool = 
 
 
 def linear_int8(x: torch.Tensor, packed: Int8Linear, gelu: bool = False) -> torch.Tensor:
-    """act(x @ w^T + b) through int8 for x (..., K) -> (..., N) in x's dtype (act: tanh GELU when `gelu`)."""
+    """act(x @ w^T + b) through int8 for x (..., K) -> (..., N) in x's dtype (act: tanh GELU when `gelu`).
+    x is checked as the op checks it (`check_linear_int8`), on every backend."""
+    check_linear_int8(x, packed.weight, packed.scale, packed.bias)
     if not packed.native:
         return _linear_int8_torch(x, packed.weight, packed.scale, packed.bias, gelu)
     return torch.ops.ditengine.linear_int8(x, packed.weight, packed.scale, packed.bias, gelu)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from . import _native
 from ._backend import choose_prepacked, register_prepacked, route, tl, triton, use_triton
-from ._checks import FLOAT_DTYPES, check_tensor
+from ._checks import FLOAT_DTYPES, check_packed_input, check_tensor, cpp_dtype, cpp_sizes
 
 log = logging.getLogger("ditengine")
 
@@ -98,10 +98,15 @@ def _launch_swiglu(gu: torch.Tensor) -> torch.Tensor:
     return out
 
 
+SWIGLU_OP, LINEAR_SWIGLU_OP = "ditengine::swiglu", "ditengine::linear_swiglu"
+
+
 def _check_gu(gu: torch.Tensor) -> None:
-    check_tensor("gu", gu, layout="(..., 2F), gate then up")
+    """swiglu's argument, checked by the public function, the op's Python body and its fake; the C++ kernel
+    (csrc/linear_swiglu.cpp) checks the same in the same words (there on the CPU)."""
+    check_tensor("gu", gu, op=SWIGLU_OP)  # a tensor, fp32 / fp16 / bf16, its last dimension contiguous
     if gu.dim() < 1 or gu.shape[-1] % 2:
-        raise ValueError(f"gu: expected (..., 2F) with an even last dimension (gate then up), got "
+        raise ValueError(f"{SWIGLU_OP}: gu: expected (..., 2F) with an even last dimension (gate then up), got "
                          f"{tuple(gu.shape)}")
 
 
@@ -109,6 +114,7 @@ def _check_gu(gu: torch.Tensor) -> None:
 @torch.library.custom_op("ditengine::swiglu", mutates_args=())
 def _swiglu_op(gu: torch.Tensor) -> torch.Tensor:
     """gu (..., 2F), gate then up -> (..., F) in gu's dtype."""
+    _check_gu(gu)
     if use_triton("swiglu", gu):
         return _launch_swiglu(gu)
     return swiglu_ref(gu).contiguous()
@@ -116,6 +122,7 @@ def _swiglu_op(gu: torch.Tensor) -> torch.Tensor:
 
 @_swiglu_op.register_fake
 def _(gu):
+    _check_gu(gu)
     return gu.new_empty((*gu.shape[:-1], gu.shape[-1] // 2))
 
 
@@ -131,16 +138,48 @@ def _linear_swiglu_panels_torch(x, weight, bias, out_features: int) -> torch.Ten
     return out[:, :out_features].to(x.dtype).contiguous().view(*x.shape[:-1], out_features)
 
 
+def _check_panels(x, weight, bias, out_features: int) -> None:
+    """The panel op's arguments, checked as its C++ kernel (csrc/linear_swiglu.cpp) checks them: the same order,
+    exception types and messages, except that the tensors must share x's device rather than be on the CPU.
+    The op's Python body and its fake call this (the public `linear_swiglu` checks x against the packed weights,
+    which `prepack_swiglu` made right)."""
+    op = LINEAR_SWIGLU_OP
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension (..., K)")
+    if weight.dim() != 3 or weight.shape[2] == 0 or weight.shape[2] % 2:
+        raise ValueError(f"{op}: weight must be prepacked panels (n_panels, K, 2 BN), got shape {cpp_sizes(weight)}")
+    if weight.dtype != torch.float32:
+        raise TypeError(f"{op}: weight must be float32 (prepacked), got {cpp_dtype(weight.dtype)}")
+    n_panels, K, bn = weight.shape[0], x.shape[-1], weight.shape[2] // 2
+    if weight.shape[1] != K:
+        raise ValueError(f"{op}: weight {cpp_sizes(weight)} does not take x's last dimension {K}")
+    if not (n_panels - 1) * bn < out_features <= n_panels * bn:
+        raise ValueError(f"{op}: out_features {out_features} does not fit {n_panels} panels of {bn} columns")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float32, bfloat16 or float16, got {cpp_dtype(x.dtype)}")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: x and weight must be on one device, got {x.device} and {weight.device}")
+    if bias is not None:
+        if bias.dim() != 2 or bias.shape[0] != n_panels or bias.shape[1] != 2 * bn:
+            raise ValueError(f"{op}: bias must be prepacked ({n_panels}, {2 * bn}), got shape {cpp_sizes(bias)}")
+        if bias.dtype != torch.float32:
+            raise TypeError(f"{op}: bias must be float32, got {cpp_dtype(bias.dtype)}")
+        if bias.device != x.device:
+            raise ValueError(f"{op}: bias must be on x's device {x.device}, got {bias.device}")
+
+
 @torch.library.custom_op("ditengine::linear_swiglu", mutates_args=())
 def _linear_swiglu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       out_features: int) -> torch.Tensor:
     """x (..., K); weight (n_panels, K, 2 BN) and bias (n_panels, 2 BN) fp32 panels (`prepack_swiglu`)
     -> (..., out_features) in x's dtype, math in fp32."""
+    _check_panels(x, weight, bias, out_features)
     return _linear_swiglu_panels_torch(x, weight, bias, out_features)
 
 
 @_linear_swiglu_op.register_fake
 def _(x, weight, bias, out_features):
+    _check_panels(x, weight, bias, out_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -251,13 +290,7 @@ def prepack_swiglu(gate_weight: torch.Tensor, up_weight: torch.Tensor, gate_bias
 def linear_swiglu(x: torch.Tensor, packed: PackedSwiGLU) -> torch.Tensor:
     """silu(x @ Wg^T + bg) * (x @ Wu^T + bu) for x (..., D) -> (..., F) in x's dtype, with
     `packed = prepack_swiglu(Wg, Wu, bg, bu, dtype=x.dtype)`."""
-    check_tensor("x", x, layout="(..., D)", last_dim_contiguous=False)
-    if x.dtype != packed.dtype:
-        raise TypeError(f"x: expected dtype {packed.dtype} (what the weights were packed for), got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != packed.in_features:
-        raise ValueError(f"x: expected (..., {packed.in_features}), got {tuple(x.shape)}")
-    if x.device != packed.weight.device:
-        raise ValueError(f"x: on {x.device}, expected {packed.weight.device} like the packed weights")
+    check_packed_input(x, packed.dtype, packed.in_features, packed.weight.device)  # then the ops' checks hold
     if packed.backend == "native":
         return torch.ops.ditengine.linear_swiglu(x, packed.weight, packed.bias, packed.out_features)
     gu = F.linear(x, packed.weight, packed.bias)  # (..., 2F): gate, then up

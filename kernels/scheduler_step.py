@@ -32,7 +32,7 @@ NUM_COLUMNS = len(COLUMNS)
 if COLUMNS != ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next"):
     raise ImportError("scheduler table columns changed: update _scheduler_step_kernel's row offsets")
 from ._backend import route, tl, triton, use_triton  # noqa: E402
-from ._checks import check_tensor  # noqa: E402
+from ._checks import FLOAT_DTYPES, check_tensor  # noqa: E402
 
 BLOCK = 1024
 
@@ -142,13 +142,67 @@ def _launch(x, model_out, table, step_tensor, step_int, out, history, noise, nex
         STEP_FROM_PTR=step_tensor is not None, NCOL=NUM_COLUMNS, BLOCK=BLOCK, num_warps=4)
 
 
+OP = "ditengine::scheduler_step"
+STEP_DTYPES = (torch.int32, torch.int64)
+
+
 def _check_step(step, steps: int) -> int:
     """An int step, checked against the table: the kernels read row `step` without a bound."""
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step: expected an int or a one-element integer tensor, got {type(step).__name__}")
+        raise TypeError(f"{OP}: step: expected an int or a one-element integer tensor, got {type(step).__name__}")
     if not 0 <= step < steps:
-        raise IndexError(f"step={step} out of range for a table of {steps} steps")
+        raise IndexError(f"{OP}: step={step} out of range for a table of {steps} steps")
     return int(step)
+
+
+def _check_args(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, has_cfg: bool,
+                guided_channels: int, learned: bool, *, step_name: str = "step_tensor",
+                learned_name: str = "learned") -> None:
+    """The op's arguments, checked as its C++ kernel (csrc/scheduler_step.cpp) checks them: the same order,
+    exception types and messages, except that a tensor must be on x's device rather than the CPU. The op's
+    Python body and fake and the public function (with its argument names `step`, `learned_variance`, and `out`
+    None until it allocates one) all call this. Shapes, dtypes and devices only: a tensor step is not read (that
+    would be a device sync; the C++ kernel reads a CPU one and raises an IndexError out of range)."""
+    check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W)", op=OP)
+    B, C, H, W = x.shape
+    dev = x.device
+    if not isinstance(model_out, torch.Tensor):
+        check_tensor("model_out", model_out, op=OP)  # raises the TypeError
+    # Without CFG the op takes B or 2B rows (reading the first B); the public function wants B.
+    if (model_out.dim() != 4 or not (model_out.shape[0] == 2 * B or (not has_cfg and model_out.shape[0] == B))
+            or model_out.shape[1] not in (C, 2 * C) or model_out.shape[2:] != x.shape[2:]):
+        rows = f"{2 * B}" if has_cfg else f"{B} or {2 * B}"
+        raise ValueError(f"{OP}: model_out: expected shape ({rows}, {C} or {2 * C}, {H}, {W})"
+                         f"{' with CFG (batch doubled)' if has_cfg else ''}, got {tuple(model_out.shape)}")
+    if learned and model_out.shape[1] != 2 * C:
+        raise ValueError(f"{OP}: model_out: {learned_name} needs {2 * C} channels (prediction + variance), got "
+                         f"{model_out.shape[1]}")
+    check_tensor("model_out", model_out, device=dev, contiguous=True, op=OP)
+    if not isinstance(table, torch.Tensor):
+        check_tensor("table", table, op=OP)
+    if table.dim() != 2 or table.shape[1] != NUM_COLUMNS:
+        raise ValueError(f"{OP}: table: expected shape (steps, {NUM_COLUMNS}), got {tuple(table.shape)}")
+    check_tensor("table", table, dtypes=(torch.float32,), device=dev, contiguous=True, op=OP)
+    if step_tensor is not None:
+        check_tensor(step_name, step_tensor, dtypes=STEP_DTYPES, device=dev, last_dim_contiguous=False, op=OP)
+        if step_tensor.numel() != 1:
+            raise ValueError(f"{OP}: {step_name}: expected a one-element tensor, got shape {tuple(step_tensor.shape)}")
+    else:
+        _check_step(step_int, table.shape[0])
+    for name, t, dtypes in (("out", out, FLOAT_DTYPES), ("history", history, (torch.float32,)),
+                            ("noise", noise, (torch.float32,))):
+        if t is not None:
+            check_tensor(name, t, shape=tuple(x.shape), dtypes=dtypes, device=dev, contiguous=True, layout="like x",
+                         op=OP)
+    if next_input is not None:
+        if not isinstance(next_input, torch.Tensor):
+            check_tensor("next_input", next_input, op=OP)
+        if next_input.dim() != 4 or next_input.shape[0] not in (B, 2 * B) or next_input.shape[1:] != x.shape[1:]:
+            raise ValueError(f"{OP}: next_input: expected shape ({B} or {2 * B}, {C}, {H}, {W}), got "
+                             f"{tuple(next_input.shape)}")
+        check_tensor("next_input", next_input, device=dev, contiguous=True, op=OP)
+    if not 0 <= guided_channels <= C:
+        raise ValueError(f"{OP}: guided_channels={guided_channels}: expected 0..{C}")
 
 
 # -- torch.library registration --------------------------------------------------------------------------
@@ -157,9 +211,9 @@ def _scheduler_step_op(x: torch.Tensor, model_out: torch.Tensor, table: torch.Te
                        step_tensor: torch.Tensor | None, step_int: int, out: torch.Tensor,
                        history: torch.Tensor | None, noise: torch.Tensor | None, next_input: torch.Tensor | None,
                        cfg_scale: float, has_cfg: bool, guided_channels: int, clip: bool, learned: bool) -> None:
+    _check_args(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, has_cfg,
+                guided_channels, learned)
     scale = cfg_scale if has_cfg else None
-    if step_tensor is None:  # called as the op, past the public function's checks
-        _check_step(step_int, table.shape[0])
     if use_triton("scheduler_step", x):
         _launch(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, scale,
                 guided_channels, clip, learned)
@@ -173,6 +227,8 @@ def _scheduler_step_op(x: torch.Tensor, model_out: torch.Tensor, table: torch.Te
 @_scheduler_step_op.register_fake
 def _(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, cfg_scale, has_cfg,
       guided_channels, clip, learned):
+    _check_args(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, has_cfg,
+                guided_channels, learned)
     return None
 
 
@@ -192,7 +248,9 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
     need a device sync and could not be captured in a CUDA graph, so the caller must keep it in 0..S-1; out
     of range, the Triton kernel reads past the table (the native CPU kernel raises an IndexError).
     history (B, C, H, W) float32 is read and overwritten with x0; noise (B, C, H, W) is added with the
-    row's u; next_input (B or 2B, C, H, W) receives x_next * c_in_next (twice when 2B).
+    row's u; next_input (B or 2B, C, H, W) receives x_next * c_in_next (twice when 2B); out like x, x's dtype.
+    The arguments are checked as the op checks them (`_check_args`), and, beyond the op's rules, model_out
+    has exactly B rows without CFG and out x's dtype.
     backend: None / "auto" lets the dispatcher choose (C++ on CPU where built, Triton on CUDA); "native",
     "triton" (on CPU: the interpreter) or "reference" force one.
     """
@@ -215,40 +273,21 @@ def scheduler_step(x: torch.Tensor, model_out: torch.Tensor, table: torch.Tensor
                                 noise=lift("noise", noise), clip=clip, learned_variance=learned_variance,
                                 out=lift("out", out), next_input=lift("next_input", next_input), backend=backend)
         return result.view(shape)
-    check_tensor("x", x, ndim=4, contiguous=True, layout="(B, C, H, W), or any (B, C, ...) of 3 dimensions or more")
-    B, C, H, W = x.shape
-    dev = x.device
-    rows = 2 * B if cfg_scale is not None else B
-    check_tensor("model_out", model_out, ndim=4, device=dev, contiguous=True, layout="(B or 2B, C or 2C, H, W)")
-    if model_out.shape[0] != rows or model_out.shape[1] not in (C, 2 * C) or model_out.shape[2:] != x.shape[2:]:
-        raise ValueError(f"model_out: expected shape ({rows}, {C} or {2 * C}, {H}, {W}) for x {tuple(x.shape)}"
-                         f"{' with CFG (batch doubled)' if cfg_scale is not None else ''}, "
-                         f"got {tuple(model_out.shape)}")
-    if learned_variance and model_out.shape[1] != 2 * C:
-        raise ValueError(f"model_out: learned_variance needs {2 * C} channels (prediction + variance), "
-                         f"got {model_out.shape[1]}")
-    check_tensor("table", table, shape=(None, NUM_COLUMNS), dtypes=(torch.float32,), device=dev, contiguous=True,
-                 layout="(steps, columns)")
-    if isinstance(step, torch.Tensor):
-        check_tensor("step", step, dtypes=(torch.int32, torch.int64), device=dev, last_dim_contiguous=False)
-        if step.numel() != 1:
-            raise ValueError(f"step: expected a one-element tensor, got shape {tuple(step.shape)}")
-        step_tensor, step_int = step.reshape(1), 0
-    else:
-        step_tensor, step_int = None, _check_step(step, table.shape[0])
-    for name, t, dtypes in (("history", history, (torch.float32,)), ("noise", noise, (torch.float32,)),
-                            ("out", out, (x.dtype,))):
-        if t is not None:
-            check_tensor(name, t, shape=tuple(x.shape), dtypes=dtypes, device=dev, contiguous=True,
-                         layout="like x")
-    if next_input is not None:
-        check_tensor("next_input", next_input, ndim=4, device=dev, contiguous=True, layout="(B or 2B, C, H, W)")
-        if next_input.shape[0] not in (B, 2 * B) or next_input.shape[1:] != x.shape[1:]:
-            raise ValueError(f"next_input: expected shape ({B} or {2 * B}, {C}, {H}, {W}), got "
-                             f"{tuple(next_input.shape)}")
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:  # raises: a TypeError, or a ValueError naming the rank
+        check_tensor("x", x, ndim=4, layout="(B, C, H, W), or any (B, C, ...) of 3 dimensions or more")
+    B, C = x.shape[:2]
+    # The public rules beyond the op's: no CFG, no second half of rows; `out` in x's dtype.
+    if cfg_scale is None and isinstance(model_out, torch.Tensor) and model_out.dim() == 4 and model_out.shape[0] != B:
+        raise ValueError(f"model_out: expected shape ({B}, {C} or {2 * C}, {x.shape[2]}, {x.shape[3]}) for x "
+                         f"{tuple(x.shape)} without CFG, got {tuple(model_out.shape)}")
+    if out is not None:
+        check_tensor("out", out, dtypes=(x.dtype,), last_dim_contiguous=False)
+    step_tensor, step_int = (step, 0) if isinstance(step, torch.Tensor) else (None, step)
     k = C if guided_channels is None else guided_channels
-    if not 0 <= k <= C:
-        raise ValueError(f"guided_channels={guided_channels}: expected 0..{C}")
+    _check_args(x, model_out, table, step_tensor, step_int, out, history, noise, next_input, cfg_scale is not None,
+                k, learned_variance, step_name="step", learned_name="learned_variance")
+    step_tensor, step_int = (step.reshape(1), 0) if step_tensor is not None else (None, int(step))
+    dev = x.device
     if out is None:
         out = torch.empty_like(x)
     how = route("scheduler_step", dev, backend)

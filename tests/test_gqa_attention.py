@@ -15,6 +15,7 @@ import importlib
 import json
 import re
 from typing import Callable, NamedTuple
+from unittest import mock
 
 import pytest
 import torch
@@ -93,13 +94,21 @@ def visible(T, window, device="cpu"):
 
 # -- the backend axis -------------------------------------------------------------------------------------------
 def native_op(q, k, v, q_norm=None, k_norm=None, eps=1e-6, rope=None, rope_interleaved=False, window=None,
-              scale=None, norm_split=None):
+              scale=None, norm_split=None, python_body=False):
     """The registered op called directly with `gqa_attention`'s keywords: on CPU tensors, where the extension
-    serves it, the C++ kernel behind its own checks (none of the Python ones)."""
+    serves it, the C++ kernel behind its own checks (none of the Python ones); with `python_body`, the op's Python
+    body past the C++ kernel (its reference branch: what runs on CPU without the extension; on CUDA the body's
+    Triton branch behind the same checks)."""
     cos, sin = rope if rope is not None else (None, None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.ditengine.gqa_attention(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale,
-                                             norm_split)
+    args = (q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split)
+    if not python_body:
+        return torch.ops.ditengine.gqa_attention(*args)
+    with mock.patch.object(gqa, "use_triton", lambda *tensors: False):
+        return torch.ops.ditengine.gqa_attention.default.redispatch(PYTHON_BODY, *args)
+
+
+PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 
 def runner(backend):
@@ -504,9 +513,10 @@ def joint(**over):
     return make
 
 
-FLOAT_FOR_INT = ("the op's schema refuses a float for an int argument, naming it, with a RuntimeError before any "
-                 "C++ check runs")
-BOOL_AS_NUMBER = "the op's schema takes a bool as the number 1, which the C++ checks accept"
+FLOAT_FOR_INT = ("the op's schema refuses a float for an int argument, naming it, with a RuntimeError before the "
+                 "op's checks (C++ or Python body) run")
+BOOL_AS_NUMBER = "the op's schema takes a bool as the number 1, which the op's checks (C++ and Python body) accept"
+SCHEMA_ACTS_FIRST = (FLOAT_FOR_INT, BOOL_AS_NUMBER)  # before the C++ kernel or the Python body: PyTorch's own
 NORM_SPLIT_RANGE = r"norm_split: expected an int with 0 < norm_split < T = 6 \(both streams non-empty\)"
 
 BAD_INPUTS = [
@@ -532,9 +542,10 @@ BAD_INPUTS = [
     Bad("q-fp64", lambda a: dict(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), TypeError,
         r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64",
         Op(TypeError, "q must be float32, bfloat16 or float16, got Double")),
+    # A meta tensor among CPU ones: the dispatcher sends the op to its fake implementation (PyTorch's dispatch, not
+    # the C++ kernel), which checks with gqa_attention's own checks.
     Bad("v-meta", lambda a: dict(v=a["v"].to("meta")), ValueError, "v: on meta, expected cpu like the other inputs",
-        Op(None, why="a meta tensor among CPU ones sends the call to the fake implementation: no check runs and the "
-                     "op returns an uninitialised CPU tensor")),
+        Op(ValueError, "v: on meta, expected cpu like the other inputs")),
     Bad("q-last-dim-strided", lambda a: dict(q=a["q"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
         "q: the last dimension must be contiguous", Op(ValueError, r"q: the last dimension \(Dh\) must be contiguous")),
     Bad("v-last-dim-strided", lambda a: dict(v=a["v"].transpose(2, 3).contiguous().transpose(2, 3)), ValueError,
@@ -543,10 +554,10 @@ BAD_INPUTS = [
                                       k_norm=None, rope=None),
         ValueError, r"head dim 12 is not supported: expected a multiple of 8 from 16 to 256 \(gqa_attention_ref takes "
                     r"any\)",
-        Op(None, why="the C++ kernel takes any head dim (and matches the reference at 12)")),
+        Op(ValueError, "q: head dim 12 is not supported: expected a multiple of 8 from 16 to 256")),
     Bad("q-no-tokens", lambda a: dict(q=a["q"][:, :0], rope=None, window=None), ValueError,
         "sequence lengths must be at least 1, got q 0, k 6",
-        Op(None, why="the C++ kernel returns the empty (B, 0, Hq, Dh) output for T = 0")),
+        Op(ValueError, "sequence lengths must be at least 1, got q 0, k 6")),
     Bad("k-no-tokens", lambda a: dict(k=a["k"][:, :0], v=a["v"][:, :0], rope=None, window=None), ValueError,
         "sequence lengths must be at least 1, got q 6, k 0", Op(ValueError, "k and v need at least one token")),
     Bad("q_norm-shape", lambda a: dict(q_norm=a["q_norm"][:8]), ValueError,
@@ -578,8 +589,7 @@ BAD_INPUTS = [
         r"rope sin: expected dtype in \['float32'\], got float16", Op(TypeError, "rope sin must be float32, got Half")),
     Bad("rope-sin-none", lambda a: dict(rope=(a["rope"][0], None)), TypeError,
         "rope sin: expected a torch.Tensor, got NoneType",
-        Op(ValueError, "rope needs both cos and sin, or neither",
-           why="the op has cos and sin as two optional arguments: one of them missing is a wrong value there")),
+        Op(TypeError, r"rope sin: expected a tensor, got None \(rope needs both cos and sin, or neither\)")),
     Bad("rope-cross-attention", lambda a: short_kv(a, rope=a["rope"]), ValueError,
         "rope: RoPE is for self-attention and needs k's length S = q's length T, got S=5, T=6",
         Op(ValueError, "rope: RoPE needs k's length S = q's length T, got S=5, T=6")),
@@ -644,13 +654,14 @@ BAD_INPUTS = [
 
 
 def bad_input_params() -> list:
-    """(row, backend) for each row on each of its backends, and on "op" (the registered op called directly)
-    where the row has an op form; each with the skip mark of the backend it needs (the op's C++ checks: the
-    native kernel's)."""
+    """(row, backend) for each row on each of its backends, and on "op" (the registered op called directly) and
+    "op-python-body" (its Python body) where the row has an op form; each with the skip mark of the backend it
+    needs (the op's C++ checks: the native kernel's)."""
     marks = {p.values[0]: p.marks for p in cpu_backends("gqa_attention")}
-    marks.update(auto=(), op=marks["native"])
+    marks.update(auto=(), op=marks["native"], **{"op-python-body": ()})
+    ops = ("op", "op-python-body")
     return [pytest.param(bad, backend, marks=marks[backend], id=f"{bad.id}-{backend}")
-            for bad in BAD_INPUTS for backend in (*bad.backends, *(("op",) if bad.op is not None else ()))]
+            for bad in BAD_INPUTS for backend in (*bad.backends, *(ops if bad.op is not None else ()))]
 
 
 @pytest.mark.parametrize("bad, backend", bad_input_params())
@@ -658,22 +669,29 @@ def test_bad_input_raises_naming_the_argument(bad, backend):
     """`gqa_attention` checks its arguments in Python first, whatever the backend (on CUDA too, where the C++
     checks never run). "op": the registered op called directly reaches the C++ kernel's own checks on CPU;
     they raise the Python check's exception type and name the argument, or the row says what they do
-    instead, and the case is reported as an expected failure with that reason."""
+    instead, and the case is reported as an expected failure with that reason. "op-python-body": the op's
+    Python body checks with gqa_attention's own `_check_args`, so it raises gqa_attention's error, except where
+    the op's schema acts first (a bool or a float for a number: the row's op form says what happens)."""
     call = {**valid_call(), "backend": None if backend == "auto" else backend}
     call.update(bad.over(call))
-    if backend != "op":
+    if not backend.startswith("op"):
         match = bad.match(call["backend"]) if callable(bad.match) else bad.match
         with pytest.raises(bad.exc, match=match):
             gqa_attention(**call)
         return
     del call["backend"]
-    if bad.op.exc is None:
+    expect = bad.op
+    if backend == "op-python-body":
+        call["python_body"] = True
+        if bad.op.why not in SCHEMA_ACTS_FIRST:
+            expect = Op(bad.exc, bad.match)
+    if expect.exc is None:
         out = native_op(**call)
         assert out.shape == call["q"].shape
         pytest.xfail(f"the op takes what gqa_attention refuses with a {bad.exc.__name__}: {bad.op.why}")
-    with pytest.raises(bad.op.exc, match=bad.op.match):
+    with pytest.raises(expect.exc, match=expect.match):
         native_op(**call)
-    if bad.op.exc is not bad.exc:
+    if expect.exc is not bad.exc:
         pytest.xfail(f"the op raises a {bad.op.exc.__name__} where gqa_attention raises a {bad.exc.__name__}: "
                      f"{bad.op.why}")
 

@@ -365,17 +365,8 @@ def weights(w=lambda w: w, b=lambda b: b):
     return w(weight), b(bias)
 
 
-UNCHECKED = {"python": "the Python body checks gelu_from only: torch fails, naming no argument"}
-RUNS = {"python": "the Python body checks gelu_from only: it runs"}
-# linear_gelu / linear check x's dtype only (linear_swiglu's call checks x's shape and device too): the rows
-# below with these reasons expect linear_swiglu's messages, and each form fails otherwise.
-X_SHAPE = {"reference": "unchecked: F.linear's shape error names mat1 and mat2",
-           "native": "unchecked in Python: the C++ kernel raises a RuntimeError (naming x and weight)",
-           "mkldnn": "unchecked: oneDNN cannot create a primitive descriptor"}
-X_DEVICE = {"reference": "unchecked: F.linear's device error names no argument",
-            "native": "unchecked: the op's fake runs on meta x and returns a meta tensor from CPU weights",
-            "mkldnn": "unchecked: oneDNN's error names no argument"}
-
+# linear_gelu / linear check x against the packed weights (`_checks.check_packed_input`, as linear_swiglu does) in
+# every form; the registered op's Python body and fake check with `check_linear_gelu`, in its C++ kernel's words.
 # (id, call(form or impl), exception type, regex naming the argument[, {form or impl: why it fails instead}])
 API_ROWS = [
     ("prepack-b-shape", lambda form: prepack_linear(*weights(b=lambda b: b[:7]), backend=form), ValueError,
@@ -387,9 +378,9 @@ API_ROWS = [
     ("x-dtype-linear", packed_call(lambda x, p: linear(x.double(), p)), TypeError,
      "x: expected dtype torch.float32 .* got torch.float64"),
     ("x-last-dim", packed_call(lambda x, p: linear_gelu(x[:, :7], p)), ValueError,
-     r"x: expected \(\.\.\., 24\), got \(4, 7\)", X_SHAPE),
+     r"x: expected \(\.\.\., 24\), got \(4, 7\)"),
     ("x-device", packed_call(lambda x, p: linear_gelu(x.to("meta"), p)), ValueError,
-     "x: on meta, expected cpu like the packed weights", X_DEVICE),
+     "x: on meta, expected cpu like the packed weights"),
     *((f"gelu_from={bad}", packed_call(lambda x, p, bad=bad: linear_gelu(x, p, bad)), ValueError,
        rf"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}") for bad in (-1, 7 * D_FLUX + 1)),
     *((f"gelu_from-{type(bad).__name__}", packed_call(lambda x, p, bad=bad: linear_gelu(x, p, bad)), TypeError,
@@ -402,22 +393,26 @@ BACKEND_ROWS = [("prepack-backend=cuda", lambda _: prepack_linear(*weights(), ba
 FAKE_ROWS = [(f"op-gelu_from={bad}", lambda _, bad=bad: torch.ops.ditengine.linear_gelu(
                   *(t.to("meta") for t in flux_layer(4, torch.float32)), True, bad), ValueError,
               f"gelu_from: expected 0 <= gelu_from <= out_features = 168, got {bad}") for bad in (-2, 169)]
-# The exception types are the C++ kernel's: plain TORCH_CHECK, a RuntimeError (csrc/checks.h's convention, and
-# the Python body's gelu_from check, would be ValueError for a value, TypeError for a dtype).
+# The C++ kernel and the Python body (`check_linear_gelu`) raise the same error: ValueError for a shape or value,
+# TypeError for a dtype (csrc/checks.h's convention), each naming the argument. (The C++ kernel raised RuntimeError
+# for all of these, with gelu_from's message its own, before they agreed.)
 OP_ROWS = [
-    ("op-weight-1d", op_call(weight=lambda weight, **_: weight[0]), RuntimeError, r"weight must be \(N, K\)",
-     UNCHECKED),
-    ("op-weight-K", op_call(weight=lambda weight, **_: weight[:, :7]), RuntimeError,
-     "does not take x's last dimension 8", UNCHECKED),
+    ("op-weight-1d", op_call(weight=lambda weight, **_: weight[0]), ValueError, r"weight must be \(N, K\)"),
+    ("op-weight-K", op_call(weight=lambda weight, **_: weight[:, :7]), ValueError,
+     "does not take x's last dimension 8"),
     ("op-weight-dtype", op_call(weight=lambda weight, **_: weight.half(), bias=lambda bias, **_: bias.half()),
-     RuntimeError, "weight must be float32 or x's dtype", RUNS),
-    ("op-bias-shape", op_call(bias=lambda bias, **_: bias[:5]), RuntimeError, r"bias must be \(12\)", UNCHECKED),
-    ("op-bias-dtype", op_call(bias=lambda bias, **_: bias.float()), RuntimeError,
-     "bias dtype Float must match weight dtype BFloat16", UNCHECKED),
-    *((f"op-gelu_from={bad}", op_call(gelu_from=lambda bad=bad, **_: bad), RuntimeError,
-       rf"gelu_from must be in 0..12 \(weight's out_features\), got {bad}",
-       {"python": "the Python body raises ValueError (as the public function and the fake do), the C++ kernel "
-                  "RuntimeError"}) for bad in (-1, 13)),
+     TypeError, "weight must be float32 or x's dtype"),
+    ("op-bias-shape", op_call(bias=lambda bias, **_: bias[:5]), ValueError, r"bias must be \(12\)"),
+    ("op-bias-dtype", op_call(bias=lambda bias, **_: bias.float()), TypeError,
+     "bias dtype Float must match weight dtype BFloat16"),
+    # float64 x runs the torch form in C++: the bias is checked before it all the same
+    ("op-bias-shape-float64-x", op_call(x=lambda x, **_: x.double(), weight=lambda weight, **_: weight.float(),
+                                        bias=lambda bias, **_: bias[:5].float()), ValueError, r"bias must be \(12\)"),
+    # A meta x among CPU tensors: the dispatcher sends the call to the fake, which checks as the body does.
+    ("op-x-device", op_call(x=lambda x, **_: x.to("meta")), ValueError,
+     "x and weight must be on one device, got meta and cpu"),
+    *((f"op-gelu_from={bad}", op_call(gelu_from=lambda bad=bad, **_: bad), ValueError,
+       rf"gelu_from: expected 0 <= gelu_from <= out_features = 12, got {bad}") for bad in (-1, 13)),
 ]
 
 

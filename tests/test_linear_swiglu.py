@@ -351,8 +351,8 @@ def gu_call(f):
     return lambda backend: swiglu(f(gu_rows((3,), 2, torch.float32, seed=26)), backend=backend)
 
 
-UNCHECKED = {"python": "the Python body checks nothing: torch fails, naming no argument"}
-RUNS = {"python": "the Python body checks nothing: it runs"}
+# The registered ops' Python bodies and fakes check as their C++ kernels do (`_check_panels`, in the C++ kernel's
+# words; `_check_gu`, shared with `swiglu`, whose words the C++ kernel took): one error per bad input.
 f32 = torch.float32
 # (id, call(form, backend or impl), exception type, regex naming the argument[, {where: why it fails instead}])
 LINEAR_SWIGLU_ROWS = [
@@ -391,17 +391,21 @@ LINEAR_SWIGLU_BACKEND_ROWS = [
 ]
 LINEAR_SWIGLU_OP_ROWS = [
     ("op-weight-2d", op_call(weight=lambda wg, **_: wg, bias=lambda **_: None), ValueError,
-     r"weight must be prepacked panels \(n_panels, K, 2 BN\)", UNCHECKED),
+     r"weight must be prepacked panels \(n_panels, K, 2 BN\)"),
     ("op-x-last-dim", op_call(x=lambda x, **_: x[:, :7], bias=lambda **_: None), ValueError,
-     "does not take x's last dimension 7", UNCHECKED),
+     "does not take x's last dimension 7"),
     ("op-out_features", op_call(out_features=lambda **_: 64, bias=lambda **_: None), ValueError,
-     "out_features 64 does not fit 3 panels of 32 columns", RUNS),
+     "out_features 64 does not fit 3 panels of 32 columns"),
     ("op-weight-dtype", op_call(weight=lambda weight, **_: weight.bfloat16(), bias=lambda **_: None), TypeError,
-     r"weight must be float32 \(prepacked\), got BFloat16", RUNS),
+     r"weight must be float32 \(prepacked\), got BFloat16"),
     ("op-bias-not-panels", op_call(bias=lambda bg, **_: bg), ValueError,
-     r"bias must be prepacked \(3, 64\), got shape \[72\]", UNCHECKED),
+     r"bias must be prepacked \(3, 64\), got shape \[72\]"),
     ("op-x-dtype", op_call(x=lambda x, **_: x.double()), TypeError,
-     "x must be float32, bfloat16 or float16, got Double", RUNS),
+     "x must be float32, bfloat16 or float16, got Double"),
+    ("op-bias-dtype", op_call(bias=lambda bias, **_: bias.double()), TypeError, "bias must be float32, got Double"),
+    # A meta x among CPU tensors: the dispatcher sends the call to the fake, which checks as the body does.
+    ("op-x-device", op_call(x=lambda x, **_: x.to("meta")), ValueError,
+     "x and weight must be on one device, got meta and cpu"),
 ]
 
 
@@ -440,11 +444,15 @@ SWIGLU_ROWS = [
 ]
 SWIGLU_BACKEND_ROWS = [("backend=cuda", lambda _: swiglu(gu_rows((3,), 2, f32, seed=26), backend="cuda"), ValueError,
                         "backend: expected one of")]
+# The C++ kernel's messages were its own ("gu must be (..., 2F), gate then up, got shape [3, 3]", "gu must be
+# float32, bfloat16 or float16, got Double") and it took a strided last dimension; it now checks as `_check_gu`.
 SWIGLU_OP_ROWS = [
     ("op-gu-odd", lambda impl: run_op("swiglu", impl, gu_rows((3,), 2, f32, seed=26)[:, :3]), ValueError,
-     r"gu must be \(\.\.\., 2F\), gate then up, got shape \[3, 3\]", UNCHECKED),
+     r"gu: expected \(\.\.\., 2F\) with an even last dimension \(gate then up\), got \(3, 3\)"),
     ("op-gu-dtype", lambda impl: run_op("swiglu", impl, gu_rows((3,), 2, torch.float64, seed=26)), TypeError,
-     "gu must be float32, bfloat16 or float16, got Double", RUNS),
+     r"gu: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"),
+    ("op-gu-last-dim-strided", lambda impl: run_op("swiglu", impl, gu_rows((4,), 2, f32, seed=26).t()), ValueError,
+     r"gu: the last dimension must be contiguous \(stride 1\), got strides \(1, 4\)"),
 ]
 
 

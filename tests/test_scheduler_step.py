@@ -176,10 +176,9 @@ def op(**change):
     return call
 
 
-# The op's Python body checks an int step only (`_check_step`); for anything else it runs, or fails inside torch
-# naming no argument. Each such row is a strict xfail saying so, so that a fix shows up as an unexpected pass.
-RUNS = {"python": "the Python body checks no more than an int step: it runs"}
-FAILS_IN_TORCH = {"python": "the Python body checks no more than an int step: torch fails, naming no argument"}
+# The public function, the op's Python body (and fake) share one check (`_check_args`) and the C++ kernel spells its
+# checks the same way: one message per bad input. The public function's own rules go beyond the op's (model_out
+# with exactly B rows without CFG, out in x's dtype; its arguments are `step` and `learned_variance`).
 # (id, call(backend or impl), exception type, regex naming the argument[, {backend: why it fails instead}])
 API_ROWS = [
     ("model_out-batch", api(model_out=MODEL_OUT[:2]), ValueError,
@@ -208,36 +207,45 @@ API_ROWS = [
     ("guided_channels", api(guided_channels=5), ValueError, "guided_channels=5: expected 0..4"),
     ("out-dtype", api(out=torch.empty(2, 4, 4, 4, dtype=torch.int32)), TypeError,
      r"out: expected dtype in \['float32'\], got int32"),
+    ("out-bf16", api(out=torch.empty(2, 4, 4, 4, dtype=torch.bfloat16)), TypeError,
+     r"out: expected dtype in \['float32'\], got bfloat16"),  # the op takes it: the public rule is x's dtype
+    ("model_out-rows-without-cfg", api(cfg_scale=None), ValueError,
+     r"model_out: expected shape \(2, 4 or 8, 4, 4\) for x \(2, 4, 4, 4\) without CFG, got \(4, 4, 4, 4\)"),
 ]
 OP_ROWS = [
     ("op-model_out-batch", op(model_out=MODEL_OUT[:2]), ValueError,
-     r"scheduler_step: model_out: expected shape \(4, 4 or 8, 4, 4\) with CFG", FAILS_IN_TORCH),
-    ("op-model_out-learned-channels", op(learned=True), ValueError, "learned needs 8 channels", RUNS),
-    ("op-x-not-contiguous", op(x=X.transpose(2, 3)), ValueError, "x: expected a contiguous tensor", RUNS),
-    ("op-x-3d", op(x=X[0]), ValueError, r"x: expected 4 dimensions \(B, C, H, W\)", FAILS_IN_TORCH),
-    ("op-table-dtype", op(table=S.DDIM(5).table.double()), TypeError, "table: expected dtype float32, got Double",
-     RUNS),
+     r"scheduler_step: model_out: expected shape \(4, 4 or 8, 4, 4\) with CFG"),
+    ("op-model_out-rows-without-cfg", op(model_out=MODEL_OUT[:3], has_cfg=False), ValueError,
+     r"model_out: expected shape \(2 or 4, 4 or 8, 4, 4\), got \(3, 4, 4, 4\)"),
+    ("op-model_out-learned-channels", op(learned=True), ValueError, "learned needs 8 channels"),
+    ("op-x-not-contiguous", op(x=X.transpose(2, 3)), ValueError, "x: expected a contiguous tensor"),
+    ("op-x-3d", op(x=X[0]), ValueError, r"x: expected 4 dimensions \(B, C, H, W\)"),
+    ("op-table-dtype", op(table=S.DDIM(5).table.double()), TypeError,
+     r"table: expected dtype in \['float32'\], got float64"),
     ("op-table-columns", op(table=S.DDIM(5).table[:, :5].contiguous()), ValueError,
-     r"table: expected shape \(steps, 12\)", FAILS_IN_TORCH),
+     r"table: expected shape \(steps, 12\)"),
     *((f"op-step_int={step}", op(step_int=step), IndexError, rf"step={step} out of range for a table of 5 steps")
       for step in (5, -1)),
     ("op-step_tensor=-1", op(step_tensor=torch.tensor([-1])), IndexError, "step=-1 out of range",
      {"python": "by design: a tensor step is not checked in Python (a device sync; see scheduler_step's docstring)"}),
     ("op-step_tensor-dtype", op(step_tensor=torch.tensor([1.0])), TypeError,
-     "step_tensor: expected dtype int32 or int64, got Float", FAILS_IN_TORCH),
-    ("op-step_tensor-elements", op(step_tensor=torch.tensor([1, 2])), ValueError, "step_tensor: expected one element",
-     FAILS_IN_TORCH),
+     r"step_tensor: expected dtype in \['int32', 'int64'\], got float32"),
+    ("op-step_tensor-elements", op(step_tensor=torch.tensor([1, 2])), ValueError,
+     r"step_tensor: expected a one-element tensor, got shape \(2,\)"),
     ("op-history-shape", op(history=rand(1, 4, 4, 4)), ValueError,
-     r"history: expected shape \[2, 4, 4, 4\] like x, got \[1, 4, 4, 4\]", FAILS_IN_TORCH),
+     r"history: expected shape \(2, 4, 4, 4\) like x, got \(1, 4, 4, 4\)"),
     ("op-history-dtype", op(history=rand(2, 4, 4, 4, dtype=torch.bfloat16)), TypeError,
-     "history: expected dtype float32, got BFloat16", RUNS),
+     r"history: expected dtype in \['float32'\], got bfloat16"),
     ("op-noise-dtype", op(noise=rand(2, 4, 4, 4, dtype=torch.half)), TypeError,
-     "noise: expected dtype float32, got Half", RUNS),
+     r"noise: expected dtype in \['float32'\], got float16"),
+    # A meta tensor among CPU ones: the dispatcher sends the call to the fake, which checks as the body does.
+    ("op-noise-device", op(noise=torch.empty(2, 4, 4, 4, device="meta")), ValueError,
+     "noise: on meta, expected cpu like the other inputs"),
     ("op-next_input-shape", op(next_input=torch.empty(3, 4, 4, 4)), ValueError,
-     r"next_input: expected shape \(2 or 4, 4, 4, 4\)", FAILS_IN_TORCH),
-    ("op-guided_channels", op(guided_channels=5), ValueError, "guided_channels=5: expected 0..4", RUNS),
+     r"next_input: expected shape \(2 or 4, 4, 4, 4\)"),
+    ("op-guided_channels", op(guided_channels=5), ValueError, "guided_channels=5: expected 0..4"),
     ("op-out-dtype", op(out=torch.empty(2, 4, 4, 4, dtype=torch.int32)), TypeError,
-     "out: expected dtype float32, float16 or bfloat16, got Int", RUNS),
+     r"out: expected dtype in \['float32', 'float16', 'bfloat16'\], got int32"),
 ]
 
 
