@@ -70,10 +70,13 @@ def check_noise_values(noise: torch.Tensor, device: torch.device) -> None:
                          "finite samples of N(0, I)")
 
 
-def check_conditioning(fast: type, conditioning: tuple, named: dict) -> None:
-    """What every sampling call checks first, once, before any family code: the arguments fit the family's
-    conditioning (`fast.inputs`, the contract both loops share), and every tensor and number among them has values:
-    no meta tensor, no NaN or Inf (which would silently become a NaN sample)."""
+def check_conditioning(fast: type, noise, device, conditioning: tuple, named: dict) -> None:
+    """What every sampling call checks first, once, before any family code: the noise's dtype, device and values
+    (`check_noise_values`), the arguments fit the family's conditioning (`fast.inputs`, the contract both loops
+    share), and every tensor and number among them has values: no meta tensor, no NaN or Inf (which would silently
+    become a NaN sample)."""
+    if isinstance(noise, torch.Tensor):
+        check_noise_values(noise, device)
     signature = inspect.signature(fast.inputs)
     try:
         bound = signature.bind(None, None, None, False, *conditioning, **named)

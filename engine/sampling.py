@@ -113,7 +113,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
         raise ValueError(f"quantize={quantize!r} needs backend='fused' (the reference is the model's own precision)")
     check_cfg_scale(cfg_scale)
     family = families.of_model(model)
-    check_conditioning(family.fast, conditioning, named_conditioning)
+    check_conditioning(family.fast, noise, next(model.parameters()).device, conditioning, named_conditioning)
     k = check_guided_channels(guided_channels, family.channels(model.config))
     check_guider(guider, tuple(noise.shape[1:]))
     use_cfg = cfg_scale != 1.0

@@ -284,7 +284,7 @@ def test_bench_cache_rows(tmp_path, capsys, reference_ops):
                        "--variants", "fused+graph-loop,fused+graph-loop+cache-first-block,"
                        "fused+graph-loop+cache-static", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    assert "| fused+graph-loop+cache-static | 1 | float32 |" in printed
+    assert "| fused+graph-loop+cache-static | 1 | fp32 |" in printed
     rows = {r["variant"]: r for r in json.loads(next(tmp_path.glob("bench-*.json")).read_text())["results"]}
     assert rows["fused+graph-loop"]["block_share"] == 1.0
     assert rows["fused+graph-loop+cache-static"]["block_share"] == pytest.approx(4 / 6)  # steps 2, 3 reuse step 1

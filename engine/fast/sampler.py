@@ -154,7 +154,7 @@ class FastSampler:
                  progress: bool = False, **named_conditioning) -> torch.Tensor:
         """Latents (B, C, ...) fp32 from `noise` ~ N(0, I) (B, C, ...) and the family's conditioning
         (`class_labels` (B,) for a DiT; the prompt embeddings and masks for PixArt)."""
-        check_conditioning(type(self.fast), conditioning, named_conditioning)
+        check_conditioning(type(self.fast), noise, self.device, conditioning, named_conditioning)
         cond = self.fast.inputs(self.model, noise, self.use_cfg, *conditioning, **named_conditioning)
         depth, S = self.fast.depth, len(self.sched)
         if noise.shape[0] == 0:  # nothing to sample: the reference loop's answer, without building a plan
