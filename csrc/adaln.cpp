@@ -261,6 +261,12 @@ void run(const AdalnParams& p, bool rms, int64_t rows) {
 }
 
 // -- argument checks: every failure names the op, the argument and what was expected -------------------------
+// They are kernels/adaln.py's `_check_inputs` (the public functions' and the ops' Python body's one check) in C++:
+// the same exception type for the same mistake (csrc/checks.h), a message naming the same argument. One rule of
+// Python's is not here: D <= MAX_D (16384). That is the Triton kernel's limit (one row of next_pow2(D) lanes per
+// program); this kernel keeps a task's rows in a heap scratch of 8 * D floats and has no limit of its own. The
+// public functions refuse D > MAX_D on every backend (a model then behaves the same on a CPU and on a GPU); a
+// direct call of the op on CPU tensors takes any D here, as the op's reference body does.
 Strided activation(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape) {
   check_float_cpu(op, name, t);
   TORCH_CHECK_VALUE(t.sizes() == shape, op, ": ", name, ": expected shape ", shape, " (B, T, D), got ", t.sizes());

@@ -36,38 +36,45 @@ using cpu::Strides;
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+// The checks of kernels/attention.py's `check_inputs` (the public function's and the op's Python body's) in C++:
+// the same exception type for the same mistake (ValueError for a shape or a value, TypeError for a dtype, as
+// csrc/checks.h asks), each message naming the op and the argument.
 void check_input(const char* name, const at::Tensor& t, const at::Tensor& q) {
-  TORCH_CHECK(t.dim() == 4, "ditengine::attention: ", name, " must be (B, H, T, Dh), got ", t.dim(),
-              " dimensions with shape ", t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), "ditengine::attention (CPU kernel): ", name, " must be a CPU tensor, got ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "ditengine::attention: ", name, " has dtype ", t.scalar_type(),
-              " but q has ", q.scalar_type());
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, "ditengine::attention: ", name,
-              ": the last dimension (Dh) must be contiguous, got strides ", t.strides());
+  TORCH_CHECK_VALUE(t.dim() == 4, "ditengine::attention: ", name, " must be (B, H, T, Dh), got ", t.dim(),
+                    " dimensions with shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "ditengine::attention (CPU kernel): ", name, " must be a CPU tensor, got ",
+                    t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), "ditengine::attention: ", name, " has dtype ", t.scalar_type(),
+                   " but q has ", q.scalar_type());
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, "ditengine::attention: ", name,
+                    ": the last dimension (Dh) must be contiguous, got strides ", t.strides());
 }
 
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double softmax_scale,
                          bool tokens_first, bool head_split) {
   (void)head_split;  // a Triton block choice; the CPU GEMMs take any head dim
   check_input("q", q, q);
+  const auto dtype = q.scalar_type();
+  // float64 runs SDPA below, as in the op's Python body; an integer q would reach SDPA's own error.
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+                   "ditengine::attention: q must be float32, bfloat16, float16 or float64, got ", dtype);
   check_input("k", k, q);
   check_input("v", v, q);
   const int64_t B = q.size(0), H = q.size(1), T_q = q.size(2), Dh = q.size(3), T_k = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dh, "ditengine::attention: k ", k.sizes(),
-              " must match q ", q.sizes(), " in batch, heads and head dim");
-  TORCH_CHECK(v.sizes() == k.sizes(), "ditengine::attention: v ", v.sizes(), " must have k's shape ", k.sizes());
-  TORCH_CHECK(T_k > 0, "ditengine::attention: k and v need at least one token");
-  TORCH_CHECK(Dh > 0, "ditengine::attention: the head dim must be positive");
+  TORCH_CHECK_VALUE(k.size(0) == B && k.size(1) == H && k.size(3) == Dh, "ditengine::attention: k ", k.sizes(),
+                    " must match q ", q.sizes(), " in batch, heads and head dim");
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "ditengine::attention: v ", v.sizes(), " must have k's shape ",
+                    k.sizes());
+  TORCH_CHECK_VALUE(T_k > 0, "ditengine::attention: k and v need at least one token");
+  TORCH_CHECK_VALUE(Dh > 0, "ditengine::attention: q: the head dim must be positive, got shape ", q.sizes());
 
   // Rows overlapping in memory (a token stride below Dh, e.g. an expanded k) are materialised: BLAS needs
   // a leading dimension of at least Dh.
   auto rows_apart = [Dh](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) >= Dh ? t : t.contiguous(); };
   const at::Tensor qr = rows_apart(q), kr = rows_apart(k), vr = rows_apart(v);
-  const auto dtype = q.scalar_type();
-  if ((dtype != at::kFloat && dtype != at::kBFloat16 && dtype != at::kHalf) || !(softmax_scale > 0)) {
-    // float64 and anything else: the op's Python fallback runs SDPA; so does this kernel. So does a scale that
-    // is not positive (the row max of the scaled scores is taken as the raw max times the scale).
+  if (dtype == at::kDouble || !(softmax_scale > 0)) {
+    // float64: the op's Python body runs SDPA; so does this kernel. So does a scale that is not positive (the
+    // row max of the scaled scores is taken as the raw max times the scale).
     at::Tensor out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, softmax_scale);
     return tokens_first ? out.transpose(1, 2).contiguous() : out.contiguous();
   }

@@ -38,6 +38,8 @@ namespace {
 
 constexpr const char* OP = "ditengine::cross_attention";
 
+// The checks of kernels/cross_attention.py's `check_inputs` (the public function's and the op's Python body's) in
+// C++: the same exception type for the same mistake (csrc/checks.h), each message naming the op and the argument.
 at::Tensor cross_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& kv_lens,
                                double softmax_scale) {
   TORCH_CHECK_VALUE(q.dim() == 4, OP, ": q must be (B, Tq, H, Dh), got ", q.dim(), " dimensions with shape ",
@@ -63,7 +65,7 @@ at::Tensor cross_attention_cpu(const at::Tensor& q, const at::Tensor& kv, const 
                     ": kv: the last dimension (Dh) must be contiguous, got strides ", kv.strides());
   const int64_t L = kv.size(1);
   TORCH_CHECK_VALUE(L > 0, OP, ": kv needs at least one key (L = 0)");
-  TORCH_CHECK_VALUE(Dh > 0, OP, ": the head dim must be positive");
+  TORCH_CHECK_VALUE(Dh > 0, OP, ": q: the head dim must be positive, got shape ", q.sizes());
 
   // The lengths, read once here (a CPU tensor: no device sync), checked, and the largest one kept.
   const at::Tensor lens_t = kv_lens.to(at::kLong).contiguous();

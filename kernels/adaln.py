@@ -22,13 +22,21 @@ any of the float dtypes. The last dim of every tensor must be contiguous. dtypes
 out; statistics and arithmetic in fp32. `x` in `gated_residual_adaln` is the residual stream and keeps its
 own dtype: pass it in fp32 with a bf16 `o` to hold the residual in fp32 (fp16 residual streams overflow in
 DiT-like models) while `y` is bf16.
-Limits: D <= 16384 (one row per program). NaN or Inf in a row touches that row and no other: with LayerNorm
-the row is NaN; with RMSNorm a NaN makes the row NaN, and an Inf gives NaN in its element and `shift` in
-the row's finite ones (x * rsqrt(inf) = 0), as an eager RMSNorm does.
+Limits: D <= 16384 (one row per program of the Triton kernel): the public functions refuse a wider x on every
+backend; a direct op call refuses it where the Triton kernel runs, and takes it where the C++ kernel or the
+reference runs (neither has a limit). NaN or Inf in a row touches that row and no other: with LayerNorm the row
+is NaN; with RMSNorm a NaN makes the row NaN, and an Inf gives NaN in its element and `shift` in the row's
+finite ones (x * rsqrt(inf) = 0), as an eager RMSNorm does.
 
 On CPU the ops run the C++ kernels of csrc/adaln.cpp when the native extension is built (registered for
 the CPU dispatch key of the ops defined below); this file's Triton kernel then runs on CUDA, and on CPU
 through the interpreter only when asked for (`backend="triton"`).
+
+Bad arguments: one check (`_check_inputs`: shapes, dtypes, devices, contiguous last dims, eps, rms, weight,
+out_dtype; metadata only, no host sync) runs in the public functions and again in the ops' Python body, which a
+direct op call reaches on CUDA and on CPU without the extension; csrc/adaln.cpp checks the same. Each path raises
+the same exception type (ValueError for a value or shape, TypeError for a dtype) with a message naming the
+argument.
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import route, tl, triton, use_triton
-from ._checks import check_tensor
+from ._checks import FLOAT_DTYPES, check_tensor
 
 MAX_D = 16384
 
@@ -183,6 +191,34 @@ def _check_norm(x, rms, weight) -> None:
         check_tensor("weight", weight, shape=(x.shape[-1],), device=x.device, layout="(D,) like x's last dim")
 
 
+def _check_out_dtype(out_dtype) -> None:
+    """y's dtype: one the kernels store (the C++ kernels refuse any other with the same TypeError); None (the
+    public functions' default: x's or o's dtype, checked already) passes."""
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        got = str(out_dtype).removeprefix("torch.") if isinstance(out_dtype, torch.dtype) else type(out_dtype).__name__
+        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {got}")
+
+
+def _check_inputs(x, modulation, eps, out_dtype, rms, weight, *, o=None, limit_d: bool = True) -> float:
+    """The ops' one check, shared by the public functions and the registered ops' Python body (what runs on CUDA,
+    and on CPU without the native extension); csrc/adaln.cpp checks the same in C++, raising the same exception
+    types with messages that name the same arguments. Metadata only: no host sync on CUDA.
+
+    x (B, T, D); `modulation` the (name, tensor) pairs of the (B, D) rows; `o` (B, T, D) like x for the gated
+    ops; eps, out_dtype, rms, weight. `limit_d`: refuse D > MAX_D, the Triton kernel's limit (one row per
+    program). The public functions apply it on every backend; the ops' Python body where the Triton kernel runs
+    (the reference and the C++ kernel take any D). Returns eps as a float."""
+    check_tensor("x", x, ndim=3, layout="(B, T, D)")
+    if limit_d and x.shape[-1] > MAX_D:
+        raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
+    if o is not None:
+        check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
+    _check_modulation(x, modulation)
+    _check_norm(x, rms, weight)
+    _check_out_dtype(out_dtype)
+    return _check_eps(eps)
+
+
 def _second_args(x, y, second):
     """The kernels' (shift2, scale2, y2) pointers and (shift2, scale2) strides; without a second modulation,
     pointers the kernel never reads."""
@@ -220,19 +256,19 @@ def _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_out
 
 
 # -- torch.library registration (composes with torch.compile and CUDA graphs) ---------------------------
-def _use_triton_checked(op: str, x, eps, rms, weight) -> bool:
-    """The ops' arguments checked again (an op can be called past the public functions' checks), then whether
-    the Triton kernel runs."""
-    _check_eps(eps)
-    _check_norm(x, rms, weight)
-    return use_triton(op, x)
+def _use_triton_checked(op: str, x, modulation, eps, out_dtype, rms, weight, o=None) -> bool:
+    """In an op's Python body: its arguments checked as the public functions check them (an op can be called past
+    them), D's limit only where the Triton kernel runs, then whether it runs."""
+    triton_runs = use_triton(op, x)
+    _check_inputs(x, modulation, eps, out_dtype, rms, weight, o=o, limit_d=triton_runs)
+    return triton_runs
 
 
 # The norm's arguments come last with defaults, so that calls written before they existed keep their meaning.
 @torch.library.custom_op("ditengine::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                        out_dtype: torch.dtype, rms: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
-    if _use_triton_checked("adaln_modulate", x, eps, rms, weight):
+    if _use_triton_checked("adaln_modulate", x, (("shift", shift), ("scale", scale)), eps, out_dtype, rms, weight):
         return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight)
     return adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight).contiguous()
 
@@ -246,7 +282,8 @@ def _(x, shift, scale, eps, out_dtype, rms=False, weight=None):
 def _gated_residual_adaln_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                              scale: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
                              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton_checked("gated_residual_adaln", x, eps, rms, weight):
+    if _use_triton_checked("gated_residual_adaln", x, (("gate", gate), ("shift", shift), ("scale", scale)), eps,
+                           out_dtype, rms, weight, o):
         x_new = torch.empty(x.shape, device=x.device, dtype=x.dtype)
         return x_new, _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x_new, rms, weight)
     x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
@@ -262,7 +299,8 @@ def _(x, gate, o, shift, scale, eps, out_dtype, rms=False, weight=None):
 def _gated_residual_adaln_inplace_op(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, shift: torch.Tensor,
                                      scale: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
                                      weight: torch.Tensor | None = None) -> torch.Tensor:
-    if _use_triton_checked("gated_residual_adaln", x, eps, rms, weight):
+    if _use_triton_checked("gated_residual_adaln_", x, (("gate", gate), ("shift", shift), ("scale", scale)), eps,
+                           out_dtype, rms, weight, o):
         return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x, rms, weight)
     x_new, y = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight)
     x.copy_(x_new)
@@ -280,7 +318,8 @@ def _(x, gate, o, shift, scale, eps, out_dtype, rms=False, weight=None):
 def _adaln_modulate_dual_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, shift2: torch.Tensor,
                             scale2: torch.Tensor, eps: float, out_dtype: torch.dtype, rms: bool = False,
                             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton_checked("adaln_modulate_dual", x, eps, rms, weight):
+    if _use_triton_checked("adaln_modulate_dual", x, (("shift", shift), ("scale", scale), ("shift2", shift2),
+                                                      ("scale2", scale2)), eps, out_dtype, rms, weight):
         return _launch_adaln_modulate(x, shift, scale, eps, out_dtype, rms, weight, (shift2, scale2))
     y, y2 = adaln_modulate_ref(x, shift, scale, eps, out_dtype, rms=rms, weight=weight, second=(shift2, scale2))
     return y.contiguous(), y2.contiguous()
@@ -296,7 +335,9 @@ def _gated_residual_adaln_dual_op(x: torch.Tensor, gate: torch.Tensor, o: torch.
                                   scale: torch.Tensor, shift2: torch.Tensor, scale2: torch.Tensor, eps: float,
                                   out_dtype: torch.dtype, rms: bool = False,
                                   weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_triton_checked("gated_residual_adaln_dual_", x, eps, rms, weight):
+    if _use_triton_checked("gated_residual_adaln_dual_", x, (("gate", gate), ("shift", shift), ("scale", scale),
+                                                             ("shift2", shift2), ("scale2", scale2)), eps, out_dtype,
+                           rms, weight, o):
         return _launch_gated_residual_adaln(x, gate, o, shift, scale, eps, out_dtype, x, rms, weight, (shift2, scale2))
     x_new, y, y2 = gated_residual_adaln_ref(x, gate, o, shift, scale, eps, out_dtype, rms=rms, weight=weight,
                                             second=(shift2, scale2))
@@ -309,15 +350,15 @@ def _(x, gate, o, shift, scale, shift2, scale2, eps, out_dtype, rms=False, weigh
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape, dtype=out_dtype)
 
 
-def _check_second(x, second):
-    """`second` None or a (shift2, scale2) pair of (B, D) tensors; returned as a tuple."""
+def _check_second(second):
+    """`second` None or a (shift2, scale2) pair, returned as the (name, tensor) pairs that `_check_inputs` checks as
+    (B, D) rows (() for None)."""
     if second is None:
-        return None
+        return ()
     if not isinstance(second, (tuple, list)) or len(second) != 2:
         raise TypeError(f"second: expected None or a (shift2, scale2) pair of (B, D) tensors, got "
                         f"{type(second).__name__}")
-    _check_modulation(x, (("second[0] (shift2)", second[0]), ("second[1] (scale2)", second[1])))
-    return tuple(second)
+    return (("second[0] (shift2)", second[0]), ("second[1] (scale2)", second[1]))
 
 
 # -- public API ------------------------------------------------------------------------------------------
@@ -333,13 +374,9 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     otherwise, on every backend). second: a (shift2, scale2) pair of (B, D) tensors to return also
     y2 = norm(x) * weight * (1 + scale2) + shift2 from the same pass: (y, y2).
     """
-    check_tensor("x", x, ndim=3, layout="(B, T, D)")
-    if x.shape[-1] > MAX_D:
-        raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
-    _check_modulation(x, (("shift", shift), ("scale", scale)))
-    second = _check_second(x, second)
-    _check_norm(x, rms, weight)
-    eps = _check_eps(eps)
+    pair = _check_second(second)
+    eps = _check_inputs(x, (("shift", shift), ("scale", scale), *pair), eps, out_dtype, rms, weight)
+    second = tuple(second) if pair else None
     out_dtype = out_dtype or x.dtype
     how = route("adaln_modulate" if second is None else "adaln_modulate_dual", x.device, backend)
     if how.startswith("reference"):
@@ -367,14 +404,10 @@ def gated_residual_adaln(x: torch.Tensor, gate: torch.Tensor, o: torch.Tensor, s
     (B, D) tensors to return also y2 = norm(x_new) * weight * (1 + scale2) + shift2 from the same pass:
     (x_new, y, y2). (Its fused op works in place; without `inplace` x is copied first.)
     """
-    check_tensor("x", x, ndim=3, layout="(B, T, D)")
-    if x.shape[-1] > MAX_D:
-        raise ValueError(f"x: hidden size {x.shape[-1]} exceeds the kernel's limit {MAX_D}")
-    check_tensor("o", o, shape=tuple(x.shape), device=x.device, layout="(B, T, D) like x")
-    _check_modulation(x, (("gate", gate), ("shift", shift), ("scale", scale)))
-    second = _check_second(x, second)
-    _check_norm(x, rms, weight)
-    eps = _check_eps(eps)
+    pair = _check_second(second)
+    eps = _check_inputs(x, (("gate", gate), ("shift", shift), ("scale", scale), *pair), eps, out_dtype, rms, weight,
+                        o=o)
+    second = tuple(second) if pair else None
     out_dtype = out_dtype or o.dtype
     if second is not None:
         how = route("gated_residual_adaln_dual_", x.device, backend)

@@ -14,6 +14,12 @@ so a head dim like 72 is split into a 64-wide and a 16-wide part (8 lanes masked
 instead of one 128-wide padded block (78% extra); `head_split=False` forces the padded form, for
 measurement. Sequence lengths need not be multiples of the block size: keys past T are masked to -inf
 and queries past T are not stored. A NaN in one query row stays in that row.
+
+Bad arguments: `check_inputs` (shapes, dtypes, devices, contiguous last dims; metadata only) runs in the public
+function and in the op's Python body, which a direct op call reaches on CUDA and on CPU without the extension;
+csrc/attention.cpp checks the same. Each raises the same exception type (ValueError for a shape or value,
+TypeError for a dtype) naming the argument. The public function also refuses float64, head dims outside 16..256
+and empty queries, which the op runs on every path (SDPA where the Triton kernel cannot; an empty output).
 """
 from __future__ import annotations
 
@@ -24,9 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import route, tl, triton, use_triton
-from ._checks import check_tensor
+from ._checks import FLOAT_DTYPES, check_tensor
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+# The dtypes the registered op takes: the public function's, and float64, which every implementation of the op runs
+# through SDPA (the C++ kernel, the Python body on CPU, and on CUDA where the Triton kernel cannot take it).
+OP_DTYPES = (*FLOAT_DTYPES, torch.float64)
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -185,6 +194,29 @@ def check_head_dim(head_dim: int, note: str = "") -> None:
                          f"{MAX_HEAD_DIM}{note}")
 
 
+def check_inputs(q, k, v, dtypes: tuple = OP_DTYPES) -> None:
+    """q, k, v (B, H, T, Dh) as the registered op takes them, checked in one place for the public function (which
+    passes FLOAT_DTYPES) and the op's Python body (what runs on CUDA, and on CPU without the native extension);
+    csrc/attention.cpp checks the same in C++, with the same exception types and messages naming the same argument.
+    Metadata only: no host sync on CUDA. Head dims, float64 and queries: the public function's own rules (the op
+    runs any head dim, float64 and no queries)."""
+    check_tensor("q", q, ndim=4, dtypes=dtypes, layout="(B, H, T, Dh)")
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, layout="(B, H, T, Dh)")
+    check_tensor("v", v, shape=tuple(k.shape), dtypes=(q.dtype,), device=q.device, layout="(B, H, T, Dh) like k")
+    if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k: batch, head count and head dim must match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError(f"attention: sequence length must be at least 1, got q {q.shape[2]}, k {k.shape[2]}")
+    if q.shape[3] == 0:
+        raise ValueError(f"q: the head dim must be positive, got shape {tuple(q.shape)}")
+
+
+def triton_takes(q) -> bool:
+    """Whether the Triton kernel runs these queries' dtype and head dim (the public function refuses the others;
+    the op runs them through SDPA, as its C++ kernel does)."""
+    return q.dtype in FLOAT_DTYPES and head_dim_fits(q.shape[-1])
+
+
 def prelude(op: str, device: torch.device, backend: str | None, head_dim: int, softmax_scale: float | None,
             config: dict | None) -> tuple[str, float]:
     """What every attention op does before its kernel: the softmax scale (1/sqrt(Dh) unless given), the
@@ -247,11 +279,15 @@ def launch_tiles(kernel, autotuned, q, T_Q: int, heads: int, args: tuple, meta: 
 @torch.library.custom_op("ditengine::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, tokens_first: bool,
                   head_split: bool) -> torch.Tensor:
-    """q, k, v as (B, H, T, Dh) views; returns (B, T, H, Dh) when `tokens_first`, else (B, H, T, Dh)."""
+    """q, k, v as (B, H, T, Dh) views; returns (B, T, H, Dh) when `tokens_first`, else (B, H, T, Dh). The Triton
+    kernel where it runs and takes the inputs, else SDPA (float64 and head dims outside the kernel's, on every
+    device, as the C++ kernel does)."""
+    check_inputs(q, k, v)
     B, H, T, Dh = q.shape
-    if use_triton("attention", q):
+    if use_triton("attention", q) and triton_takes(q):
         out = q.new_empty((B, T, H, Dh) if tokens_first else (B, H, T, Dh))
-        _launch(q, k, v, out.transpose(1, 2) if tokens_first else out, softmax_scale, head_split)
+        if out.numel():  # no queries: nothing to launch
+            _launch(q, k, v, out.transpose(1, 2) if tokens_first else out, softmax_scale, head_split)
         return out
     out = F.scaled_dot_product_attention(q, k, v, scale=softmax_scale)  # (B, H, T, Dh)
     return out.transpose(1, 2).contiguous() if tokens_first else out.contiguous()
@@ -287,11 +323,7 @@ def attention(q: torch.Tensor, k: torch.Tensor | None = None, v: torch.Tensor | 
     elif k is None or v is None:
         raise ValueError("attention: pass either qkv alone or all of q, k, v")
     else:
-        check_tensor("q", q, ndim=4, layout="(B, H, T, Dh)")
-        check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, layout="(B, H, T, Dh)")
-        check_tensor("v", v, shape=tuple(k.shape), dtypes=(q.dtype,), device=q.device, layout="(B, H, T, Dh) like k")
-        if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
-            raise ValueError(f"k: batch, head count and head dim must match q {tuple(q.shape)}, got {tuple(k.shape)}")
+        check_inputs(q, k, v, FLOAT_DTYPES)
         tokens_first = False
     Dh = q.shape[-1]
     check_head_dim(Dh)

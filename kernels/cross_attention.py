@@ -22,6 +22,11 @@ prompt costs one block, whatever the padding. On CPU the native kernel (csrc/cro
 extension is built: fp32 GEMMs over the first len_b keys only. The op's Python body (SDPA with a boolean
 key mask) is the fallback. A NaN in one query row stays in that row; keys past a row's length are never
 read by either kernel, so whatever they hold (NaN included) cannot reach the output.
+
+Bad arguments: `check_inputs` (shapes, dtypes, devices, contiguous last dims; kv_lens' values on a CPU only) runs
+in the public function and in the op's Python body; csrc/cross_attention.cpp checks the same, with the same
+exception types and messages naming the argument (see kernels/attention.py for what only the public function
+refuses).
 """
 from __future__ import annotations
 
@@ -31,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import use_triton
-from ._checks import check_tensor
-from .attention import (_attention_fwd_autotuned, _attention_fwd_kernel, check_head_dim, head_blocks, launch_tiles,
-                        prelude)
+from ._checks import FLOAT_DTYPES, check_tensor
+from .attention import (OP_DTYPES, _attention_fwd_autotuned, _attention_fwd_kernel, check_head_dim, head_blocks,
+                        launch_tiles, prelude, triton_takes)
 
 
 # -- reference -------------------------------------------------------------------------------------------
@@ -56,6 +61,31 @@ def cross_attention_ref(q, kv, kv_lens, softmax_scale: float | None = None, upca
     return torch.einsum("bhqk,bkhd->bqhd", weights, v).to(dtype)  # (B, Tq, H, Dh)
 
 
+# -- argument checks -------------------------------------------------------------------------------------------
+def check_inputs(q, kv, kv_lens, dtypes: tuple = OP_DTYPES) -> None:
+    """q, kv, kv_lens as the registered op takes them, checked in one place for the public function (which passes
+    FLOAT_DTYPES) and the op's Python body (what runs on CUDA, and on CPU without the native extension);
+    csrc/cross_attention.cpp checks the same in C++, with the same exception types and messages naming the same
+    argument. Shapes, dtypes and devices are metadata; kv_lens' values are read on a CPU only (on CUDA that would
+    sync with the host every call: the caller keeps them in range, and the Triton kernel clamps them to [0, L]).
+    Head dims, float64 and queries: the public function's own rules (the op runs any head dim, float64 and no
+    queries)."""
+    check_tensor("q", q, ndim=4, dtypes=dtypes, layout="(B, Tq, H, Dh)")
+    B, Tq, H, Dh = q.shape
+    check_tensor("kv", kv, shape=(B, None, 2, H, Dh), dtypes=(q.dtype,), device=q.device,
+                 layout="(B, L, 2, H, Dh): the packed k/v projection, batch, heads and head dim as q")
+    check_tensor("kv_lens", kv_lens, shape=(B,), dtypes=(torch.int32, torch.int64), device=q.device,
+                 last_dim_contiguous=False, layout="(B,): valid keys per row")
+    L = kv.shape[1]
+    if L == 0:
+        raise ValueError(f"cross_attention: sequence lengths must be at least 1, got q {Tq}, kv {L}")
+    if Dh == 0:
+        raise ValueError(f"q: the head dim must be positive, got shape {tuple(q.shape)}")
+    if q.device.type == "cpu" and B and (int(kv_lens.min()) < 1 or int(kv_lens.max()) > L):
+        raise ValueError(f"kv_lens: expected values in [1, {L}] (the valid keys of each row), got "
+                         f"[{int(kv_lens.min())}, {int(kv_lens.max())}]")
+
+
 # -- kernel launch (the kernel is attention's) -------------------------------------------------------------
 def _launch(q, kv, kv_lens, out, softmax_scale, config=None):
     """q (B, Tq, H, Dh), kv (B, L, 2, H, Dh) with any strides (last dim contiguous), out (B, Tq, H, Dh).
@@ -76,9 +106,13 @@ def _launch(q, kv, kv_lens, out, softmax_scale, config=None):
 # -- torch.library registration --------------------------------------------------------------------------
 @torch.library.custom_op("ditengine::cross_attention", mutates_args=())
 def _cross_attention_op(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    if use_triton("cross_attention", q):
+    """The Triton kernel where it runs and takes the inputs, else SDPA with a boolean key mask (float64 and head dims
+    outside the kernel's, on every device, as the C++ kernel does)."""
+    check_inputs(q, kv, kv_lens)
+    if use_triton("cross_attention", q) and triton_takes(q):
         out = q.new_empty(q.shape)
-        _launch(q, kv, kv_lens, out, softmax_scale)
+        if out.numel():  # no queries: nothing to launch
+            _launch(q, kv, kv_lens, out, softmax_scale)
         return out
     k, v = kv.unbind(2)  # (B, L, H, Dh) views
     valid = key_padding_mask(kv_lens, kv.shape[1])[:, None, None]  # (B, 1, 1, L)
@@ -104,19 +138,12 @@ def cross_attention(q: torch.Tensor, kv: torch.Tensor, kv_lens: torch.Tensor, *,
     `config`: with backend="triton" only, launch the Triton kernel with this config (as `attention`'s: BLOCK_M,
     BLOCK_N, num_warps, num_stages, e.g. one of `attention.AUTOTUNE_CONFIGS`): for tests and benchmarks.
     """
-    check_tensor("q", q, ndim=4, layout="(B, Tq, H, Dh)")
+    check_inputs(q, kv, kv_lens, FLOAT_DTYPES)
     B, Tq, H, Dh = q.shape
-    check_tensor("kv", kv, shape=(B, None, 2, H, Dh), dtypes=(q.dtype,), device=q.device,
-                 layout="(B, L, 2, H, Dh): the packed k/v projection, batch, heads and head dim as q")
-    check_tensor("kv_lens", kv_lens, shape=(B,), dtypes=(torch.int32, torch.int64), device=q.device,
-                 last_dim_contiguous=False, layout="(B,): valid keys per row")
     L = kv.shape[1]
     check_head_dim(Dh, " (cross_attention_ref takes any)")
-    if Tq == 0 or L == 0:
+    if Tq == 0:
         raise ValueError(f"cross_attention: sequence lengths must be at least 1, got q {Tq}, kv {L}")
-    if q.device.type == "cpu" and B and (int(kv_lens.min()) < 1 or int(kv_lens.max()) > L):
-        raise ValueError(f"kv_lens: expected values in [1, {L}] (the valid keys of each row), got "
-                         f"[{int(kv_lens.min())}, {int(kv_lens.max())}]")
     how, scale = prelude("cross_attention", q.device, backend, Dh, softmax_scale, config)
     if how.startswith("reference"):
         return cross_attention_ref(q, kv, kv_lens, scale)

@@ -297,6 +297,10 @@ BAD_INPUTS = [
      r"q: expected 4 dimensions \(B, H, T, Dh\), got shape \(2, 8, 64\)"),
     ("q is float64", lambda f, x: f(x.q.double(), x.k.double(), x.v.double()), TypeError,
      r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got float64"),
+    ("q is int64", lambda f, x: f(x.q.long(), x.k.long(), x.v.long()), TypeError,
+     r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got int64"),
+    ("q head dim 0", lambda f, x: f(x.q[..., :0], x.k[..., :0], x.v[..., :0]), ValueError,
+     r"q: the head dim must be positive, got shape \(1, 2, 8, 0\)"),
     ("q last dim strided", lambda f, x: f(strided_last(x.q), x.k, x.v), ValueError,
      r"q: the last dimension must be contiguous \(stride 1\), got strides \(1024, 512, 1, 8\)"),
     ("q has no tokens", lambda f, x: f(x.q[:, :, :0], x.k, x.v), ValueError,
@@ -329,52 +333,93 @@ def test_bad_inputs(backend, call, error, match):
         call(lambda *args: attention(*args, backend=backend), bad_inputs())
 
 
-# The same mistakes made in a direct call of the registered op, where its CPU kernel (csrc/attention.cpp) checks
-# them: (op call as f(x), regex naming the argument in the C++ message). What the public function refuses and the
-# C++ kernel runs is left out: float64 (the kernel runs SDPA, as the op's Python body), head dims outside 16..256
-# and no queries (the kernel returns an empty output).
+# The same mistakes made in a direct call of the registered op: on CPU tensors its C++ kernel (csrc/attention.cpp)
+# checks them, and past it (on CUDA, or on CPU without the extension) its Python body, with the public function's
+# check (kernels/attention.py `check_inputs`). Each path raises the public function's exception type and names the
+# argument: {description: (op call as f(x), regex of the C++ message, regex of the Python body's message or None
+# for the public function's)}. What the public function refuses and the op runs on every path is left out: float64
+# (SDPA), head dims outside 16..256 (the C++ GEMMs take any; the Python body runs SDPA where the Triton kernel
+# cannot) and no queries (an empty output); see test_op_runs_what_only_the_function_refuses. A meta k or v beside a
+# CPU q is asked of the Python body only: PyTorch's dispatcher sends a direct call with a meta tensor among CPU
+# tensors to the op's fake implementation, so the C++ kernel never sees it (PyTorch's dispatch, not fought here).
 OP_CALLS = {
     "q has 3 dimensions": (lambda op, x: op(x.q[0], x.k, x.v, 0.125, False, True),
-                           r"ditengine::attention: q must be \(B, H, T, Dh\), got 3 dimensions"),
+                           r"ditengine::attention: q must be \(B, H, T, Dh\), got 3 dimensions", None),
+    "q is int64": (lambda op, x: op(x.q.long(), x.k.long(), x.v.long(), 0.125, False, True),
+                   "ditengine::attention: q must be float32, bfloat16, float16 or float64, got Long",
+                   r"q: expected dtype in \['float32', 'float16', 'bfloat16', 'float64'\], got int64"),
     "q last dim strided": (lambda op, x: op(strided_last(x.q), x.k, x.v, 0.125, False, True),
-                           r"ditengine::attention: q: the last dimension \(Dh\) must be contiguous"),
+                           r"ditengine::attention: q: the last dimension \(Dh\) must be contiguous", None),
+    "q head dim 0": (lambda op, x: op(x.q[..., :0], x.k[..., :0], x.v[..., :0], 0.125, False, True),
+                     r"ditengine::attention: q: the head dim must be positive, got shape \[1, 2, 8, 0\]", None),
+    "k has 3 dimensions": (lambda op, x: op(x.q, x.k[0], x.v[0], 0.125, False, True),
+                           r"ditengine::attention: k must be \(B, H, T, Dh\), got 3 dimensions", None),
     "k has other heads": (lambda op, x: op(x.q, x.k[:, :1], x.v[:, :1], 0.125, False, True),
-                          r"ditengine::attention: k \[1, 1, 8, 64\] must match q \[1, 2, 8, 64\]"),
+                          r"ditengine::attention: k \[1, 1, 8, 64\] must match q \[1, 2, 8, 64\]", None),
     "k has another dtype": (lambda op, x: op(x.q, x.k.half(), x.v, 0.125, False, True),
-                            "ditengine::attention: k has dtype Half but q has Float"),
+                            "ditengine::attention: k has dtype Half but q has Float", None),
+    "k on another device": (lambda op, x: op(x.q, x.k.to("meta"), x.v.to("meta"), 0.125, False, True), None, None),
     "k has no tokens": (lambda op, x: op(x.q, x.k[:, :, :0], x.v[:, :, :0], 0.125, False, True),
-                        "ditengine::attention: k and v need at least one token"),
+                        "ditengine::attention: k and v need at least one token", None),
     "v has another shape": (lambda op, x: op(x.q, x.k, x.v[:, :, :5], 0.125, False, True),
-                            r"ditengine::attention: v \[1, 2, 5, 64\] must have k's shape \[1, 2, 8, 64\]"),
+                            r"ditengine::attention: v \[1, 2, 5, 64\] must have k's shape \[1, 2, 8, 64\]", None),
     "v has another dtype": (lambda op, x: op(x.q, x.k, x.v.bfloat16(), 0.125, False, True),
-                            "ditengine::attention: v has dtype BFloat16 but q has Float"),
+                            "ditengine::attention: v has dtype BFloat16 but q has Float", None),
     "v last dim strided": (lambda op, x: op(x.q, x.k, strided_last(x.v), 0.125, False, True),
-                           r"ditengine::attention: v: the last dimension \(Dh\) must be contiguous"),
+                           r"ditengine::attention: v: the last dimension \(Dh\) must be contiguous", None),
 }
-# csrc/attention.cpp checks with TORCH_CHECK (a RuntimeError), where Python raises ValueError / TypeError and
-# csrc/checks.h asks for the same type (cross_attention.cpp uses TORCH_CHECK_VALUE / TORCH_CHECK_TYPE): reported,
-# not fixed here (csrc is not this file's). The messages name the argument all the same, which is still asserted.
-CPP_RAISES_RUNTIME_ERROR = ("csrc/attention.cpp raises RuntimeError (TORCH_CHECK) where the Python checks raise "
-                            "ValueError / TypeError")
+PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 
-@needs_native("attention")
+def python_body(*args):
+    """The registered op's Python body, reached past its C++ CPU kernel (as on CUDA, or without the extension)."""
+    return torch.ops.ditengine.attention.default.redispatch(PYTHON_BODY, *args)
+
+
+@pytest.mark.parametrize("path", [pytest.param("native", marks=needs_native("attention")), "python body"])
 @pytest.mark.parametrize("description", OP_CALLS)
-def test_op_checks_agree_with_the_function(description):
+def test_op_checks_agree_with_the_function(description, path):
+    """The op's checks raise what the public function raises (csrc/checks.h; kernels/attention.py `check_inputs`),
+    and name the argument too."""
     call, error, match = BAD[description]
     with pytest.raises(error, match=match):
         call(attention, bad_inputs())
-    op_call, op_match = OP_CALLS[description]
+    op_call, cpp_match, body_match = OP_CALLS[description]
+    if path == "native" and cpp_match is None:
+        pytest.skip("a meta tensor among CPU tensors goes to the op's fake implementation (PyTorch's dispatch)")
     try:
-        op_call(torch.ops.ditengine.attention, bad_inputs())
+        op_call(torch.ops.ditengine.attention if path == "native" else python_body, bad_inputs())
     except Exception as err:  # its type is asserted below
         raised = err
     else:
-        raise AssertionError(f"the op's CPU kernel accepted it ({description})")
-    assert re.search(op_match, str(raised)), f"the C++ message does not name the argument: {raised}"
-    if type(raised) is not error and type(raised) is RuntimeError:
-        pytest.xfail(f"{CPP_RAISES_RUNTIME_ERROR}: {raised}")
-    assert type(raised) is error, f"C++ raised {type(raised).__name__}, Python {error.__name__}: {raised}"
+        raise AssertionError(f"the op's {path} accepted it ({description})")
+    op_match = cpp_match if path == "native" else body_match or match
+    assert re.search(op_match, str(raised)), f"the {path} message does not name the argument: {raised}"
+    assert type(raised) is error, f"the {path} raised {type(raised).__name__}, Python {error.__name__}: {raised}"
+
+
+@pytest.mark.parametrize("path, triton", [pytest.param("native", False, marks=needs_native("attention"), id="native"),
+                                          pytest.param("python body", False, id="python body-sdpa"),
+                                          pytest.param("python body", True, id="python body-triton")])
+def test_op_runs_what_only_the_function_refuses(path, triton, monkeypatch):
+    """float64, a head dim outside the Triton kernel's and no queries: the public function refuses them, the op runs
+    them on every path (the C++ kernel; the Python body through SDPA, also where `use_triton` says the Triton kernel
+    runs, as on CUDA: forced here, and nothing is launched) and agrees with the reference."""
+    def launch(*args, **kwargs):
+        raise AssertionError("the Triton kernel was launched")
+
+    monkeypatch.setattr(attn, "use_triton", lambda op, *tensors: triton)
+    monkeypatch.setattr(attn, "_launch", launch)
+    op = torch.ops.ditengine.attention if path == "native" else python_body
+    q, k, v = split(packed_qkv(1, 2, 9, 16, torch.float64, seed=7))
+    torch.testing.assert_close(op(q, k, v, 0.3, True, True), attention_ref(q, k, v, 0.3).transpose(1, 2))
+    q, k, v = split(packed_qkv(1, 2, 9, 12, torch.float32, seed=8))  # head dim 12: not a multiple of 8 from 16
+    torch.testing.assert_close(op(q, k, v, 0.3, False, True), attention_ref(q, k, v, 0.3), rtol=1e-5, atol=1e-5)
+    q = torch.randn(1, 2, 0, 16)
+    k = v = torch.randn(1, 2, 5, 16)
+    for tokens_first in (False, True):
+        out = op(q, k, v, 0.25, tokens_first, True)
+        assert out.shape == ((1, 0, 2, 16) if tokens_first else (1, 2, 0, 16)), out.shape
 
 
 # -- the Triton kernel only: launch configs and head-dim blocks ------------------------------------------------

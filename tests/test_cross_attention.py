@@ -230,6 +230,8 @@ BAD_INPUTS = [
      r"q: expected dtype in \['float32', 'float16', 'bfloat16'\], got int64"),
     ("q last dim strided", lambda f, x: f(strided_last(x.q), x.kv, x.kv_lens), ValueError,
      r"q: the last dimension must be contiguous \(stride 1\)"),
+    ("q head dim 0", lambda f, x: f(x.q[..., :0], x.kv[..., :0], x.kv_lens), ValueError,
+     r"q: the head dim must be positive, got shape \(2, 5, 2, 0\)"),
     ("q has no tokens", lambda f, x: f(x.q[:, :0], x.kv, x.kv_lens), ValueError,
      "cross_attention: sequence lengths must be at least 1, got q 0, kv 7"),
     ("q head dim 12", lambda f, x: f(x.q12, x.kv12, x.kv_lens), ValueError,
@@ -251,8 +253,9 @@ BAD_INPUTS = [
      "cross_attention: sequence lengths must be at least 1, got q 5, kv 0"),
     ("kv_lens is float", lambda f, x: f(x.q, x.kv, x.kv_lens.float()), TypeError,
      r"kv_lens: expected dtype in \['int32', 'int64'\], got float32"),
+    # "(2)": kernels/_checks.py prints a 1-D expected shape without Python's comma today; "(2,)" once it does.
     ("kv_lens has another shape", lambda f, x: f(x.q, x.kv, x.kv_lens[:1]), ValueError,
-     r"kv_lens: expected shape \(2\) \(B,\): valid keys per row, got \(1,\)"),
+     r"kv_lens: expected shape \(2,?\) \(B,\): valid keys per row, got \(1,\)"),
     ("kv_lens on another device", lambda f, x: f(x.q, x.kv, x.kv_lens.to("meta")), ValueError,
      "kv_lens: on meta, expected cpu like the other inputs"),
     *((f"kv_lens {bad}", lambda f, x, bad=bad: f(x.q, x.kv, torch.tensor(bad)), ValueError,
@@ -271,58 +274,101 @@ def test_bad_inputs(backend, call, error, match):
         call(lambda *args: xattn.cross_attention(*args, backend=backend), bad_inputs())
 
 
-# The same mistakes made in a direct call of the registered op, where its CPU kernel (csrc/cross_attention.cpp)
-# checks them: (op call as f(x), regex naming the argument in the C++ message). What the public function refuses and
-# the C++ kernel runs is left out: float64 (the kernel runs SDPA, as the op's Python body), head dims outside 16..256
-# and no queries (the kernel returns an empty output); so is a meta kv or kv_lens beside CPU tensors, which the
-# dispatcher sends to the op's fake implementation.
+# The same mistakes made in a direct call of the registered op: on CPU tensors its C++ kernel
+# (csrc/cross_attention.cpp) checks them, and past it (on CUDA, or on CPU without the extension) its Python body,
+# with the public function's check (kernels/cross_attention.py `check_inputs`; on CUDA it reads no kv_lens values).
+# Each path raises the public function's exception type and names the argument: {description: (op call as f(x),
+# regex of the C++ message, regex of the Python body's message or None for the public function's)}. What the public
+# function refuses and the op runs on every path is left out: float64 (SDPA), head dims outside 16..256 (the C++
+# GEMMs take any; the Python body runs SDPA where the Triton kernel cannot) and no queries (an empty output); see
+# test_op_runs_what_only_the_function_refuses. A meta kv or kv_lens beside a CPU q is asked of the Python body only:
+# PyTorch's dispatcher sends a direct call with a meta tensor among CPU tensors to the op's fake implementation, so
+# the C++ kernel never sees it (PyTorch's dispatch, not fought here).
 OP = "ditengine::cross_attention: "
 OP_CALLS = {
     "q has 3 dimensions": (lambda op, x: op(x.q.flatten(2), x.kv, x.kv_lens, 0.25),
-                           OP + r"q must be \(B, Tq, H, Dh\), got 3 dimensions with shape \[2, 5, 32\]"),
+                           OP + r"q must be \(B, Tq, H, Dh\), got 3 dimensions with shape \[2, 5, 32\]", None),
     "q is int64": (lambda op, x: op(x.q.long(), x.kv.long(), x.kv_lens, 0.25),
-                   OP + "q must be float32, bfloat16, float16 or float64, got Long"),
+                   OP + "q must be float32, bfloat16, float16 or float64, got Long",
+                   r"q: expected dtype in \['float32', 'float16', 'bfloat16', 'float64'\], got int64"),
     "q last dim strided": (lambda op, x: op(strided_last(x.q), x.kv, x.kv_lens, 0.25),
-                           OP + r"q: the last dimension \(Dh\) must be contiguous"),
+                           OP + r"q: the last dimension \(Dh\) must be contiguous", None),
+    "q head dim 0": (lambda op, x: op(x.q[..., :0], x.kv[..., :0], x.kv_lens, 0.25),
+                     OP + r"q: the head dim must be positive, got shape \[2, 5, 2, 0\]", None),
     **{name: (lambda op, x, view=view: op(x.q, view(x.kv), x.kv_lens, 0.25),
               OP + rf"kv must be \(B, L, 2, H, Dh\) with q's batch, heads and head dim \(2, \*, 2, 2, 16\), got shape "
-                   rf"\[{shape}\]")
+                   rf"\[{shape}\]", None)
        for name, view, shape in (("kv dim 2 is not 2", lambda kv: kv[:, :, :1], "2, 7, 1, 2, 16"),
                                  ("kv has other heads", lambda kv: kv[:, :, :, :1], "2, 7, 2, 1, 16"),
                                  ("kv has another batch", lambda kv: kv[:1], "1, 7, 2, 2, 16"))},
     "kv has another dtype": (lambda op, x: op(x.q, x.kv.half(), x.kv_lens, 0.25),
-                             OP + "kv has dtype Half but q has Float"),
+                             OP + "kv has dtype Half but q has Float", None),
+    "kv on another device": (lambda op, x: op(x.q, x.kv.to("meta"), x.kv_lens, 0.25), None, None),
     "kv last dim strided": (lambda op, x: op(x.q, strided_last(x.kv), x.kv_lens, 0.25),
-                            OP + r"kv: the last dimension \(Dh\) must be contiguous"),
+                            OP + r"kv: the last dimension \(Dh\) must be contiguous", None),
     "kv has no keys": (lambda op, x: op(x.q, x.kv[:, :0], x.kv_lens.clamp(max=0), 0.25),
-                       OP + r"kv needs at least one key \(L = 0\)"),
+                       OP + r"kv needs at least one key \(L = 0\)", None),
     "kv_lens is float": (lambda op, x: op(x.q, x.kv, x.kv_lens.float(), 0.25),
-                         OP + "kv_lens must be int32 or int64, got Float"),
+                         OP + "kv_lens must be int32 or int64, got Float", None),
     "kv_lens has another shape": (lambda op, x: op(x.q, x.kv, x.kv_lens[:1], 0.25),
-                                  OP + r"kv_lens must be \(B,\) = \(2,\), got shape \[1\]"),
+                                  OP + r"kv_lens must be \(B,\) = \(2,\), got shape \[1\]", None),
+    "kv_lens on another device": (lambda op, x: op(x.q, x.kv, x.kv_lens.to("meta"), 0.25), None, None),
     **{f"kv_lens {bad}": (lambda op, x, bad=bad: op(x.q, x.kv, torch.tensor(bad), 0.25),
                           OP + rf"kv_lens: expected values in \[1, 7\] \(the valid keys of each row\), got "
-                               rf"\[{min(bad)}, {max(bad)}\]")
+                               rf"\[{min(bad)}, {max(bad)}\]", None)
        for bad in ([0, 7], [3, 8], [-1, 2])},
 }
+PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 
-@needs_native("cross_attention")
+def python_body(*args):
+    """The registered op's Python body, reached past its C++ CPU kernel (as on CUDA, or without the extension)."""
+    return torch.ops.ditengine.cross_attention.default.redispatch(PYTHON_BODY, *args)
+
+
+@pytest.mark.parametrize("path", [pytest.param("native", marks=needs_native("cross_attention")), "python body"])
 @pytest.mark.parametrize("description", OP_CALLS)
-def test_op_checks_agree_with_the_function(description):
-    """The C++ checks raise what the Python checks raise (csrc/checks.h), and name the argument too."""
+def test_op_checks_agree_with_the_function(description, path):
+    """The op's checks raise what the public function raises (csrc/checks.h; kernels/cross_attention.py
+    `check_inputs`), and name the argument too."""
     call, error, match = BAD[description]
     with pytest.raises(error, match=match):
         call(xattn.cross_attention, bad_inputs())
-    op_call, op_match = OP_CALLS[description]
+    op_call, cpp_match, body_match = OP_CALLS[description]
+    if path == "native" and cpp_match is None:
+        pytest.skip("a meta tensor among CPU tensors goes to the op's fake implementation (PyTorch's dispatch)")
     try:
-        op_call(torch.ops.ditengine.cross_attention, bad_inputs())
+        op_call(torch.ops.ditengine.cross_attention if path == "native" else python_body, bad_inputs())
     except Exception as err:  # its type is asserted below
         raised = err
     else:
-        raise AssertionError(f"the op's CPU kernel accepted it ({description})")
-    assert re.search(op_match, str(raised)), f"the C++ message does not name the argument: {raised}"
-    assert type(raised) is error, f"C++ raised {type(raised).__name__}, Python {error.__name__}: {raised}"
+        raise AssertionError(f"the op's {path} accepted it ({description})")
+    op_match = cpp_match if path == "native" else body_match or match
+    assert re.search(op_match, str(raised)), f"the {path} message does not name the argument: {raised}"
+    assert type(raised) is error, f"the {path} raised {type(raised).__name__}, Python {error.__name__}: {raised}"
+
+
+@pytest.mark.parametrize("path, triton", [pytest.param("native", False, marks=needs_native("cross_attention"),
+                                                       id="native"),
+                                          pytest.param("python body", False, id="python body-sdpa"),
+                                          pytest.param("python body", True, id="python body-triton")])
+def test_op_runs_what_only_the_function_refuses(path, triton, monkeypatch):
+    """float64, a head dim outside the Triton kernel's and no queries: the public function refuses them, the op runs
+    them on every path (the C++ kernel; the Python body through SDPA with the key mask, also where `use_triton` says
+    the Triton kernel runs, as on CUDA: forced here, and nothing is launched) and agrees with the reference."""
+    def launch(*args, **kwargs):
+        raise AssertionError("the Triton kernel was launched")
+
+    monkeypatch.setattr(xattn, "use_triton", lambda op, *tensors: triton)
+    monkeypatch.setattr(xattn, "_launch", launch)
+    op = torch.ops.ditengine.cross_attention if path == "native" else python_body
+    q, kv, kv_lens = make_inputs(3, 10, 2, 16, 9, [2, 9, 5], torch.float64, seed=8)
+    torch.testing.assert_close(op(q, kv, kv_lens, 0.25), cross_attention_ref(q, kv, kv_lens, 0.25))
+    q, kv, kv_lens = make_inputs(2, 10, 2, 12, 9, [2, 9], torch.float32, seed=9)  # head dim 12
+    torch.testing.assert_close(op(q, kv, kv_lens, 0.3), cross_attention_ref(q, kv, kv_lens, 0.3), rtol=1e-5,
+                               atol=1e-5)
+    out = op(q[:, :0], kv, kv_lens, 0.3)
+    assert out.shape == (2, 0, 2, 12), out.shape
 
 
 def test_backend_and_config_errors_name_the_argument():
