@@ -137,6 +137,19 @@ def test_from_diffusers_shares_the_transformers_storage(name):
         assert rel_err(run(model), run(theirs)) <= 1e-2  # bf16 both, one formula
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_diffusers_state_dict_is_recognised_as_its_own_family_alone(name):
+    """Every recogniser is asked, not only the first to answer: the catch-all DiT's diffusers keys (a patch
+    embedding beside `transformer_blocks.`) once passed for SD3's."""
+    from ditengine import families
+
+    state = family(name)[0].state_dict()
+    takers = [f.name for f in families.families() if f.recognises is not None and not f.catch_all
+              and f.recognises(state)]
+    assert takers == ([] if name == "dit" else [name])
+    assert families.of_state(state).name == name
+
+
 def test_index_file_and_bin_shards_load(tmp_path):
     theirs, run = family("flux")
     theirs.save_pretrained(tmp_path / "st", max_shard_size="30KB")

@@ -47,10 +47,11 @@ def is_original_state_dict(state: dict) -> bool:
 
 
 def is_sd3_state_dict(state: dict) -> bool:
-    """A diffusers SD3Transformer2DModel or an SAI SD3 / SD3.5 state dict (Flux has no `pos_embed.proj`)."""
-    # By key prefixes (see flux_checkpoints.is_flux_state_dict): the joint blocks beside a patch embedding.
+    """A diffusers SD3Transformer2DModel or an SAI SD3 / SD3.5 state dict (Flux has no `pos_embed.proj`, the
+    class-conditional DiT no `context_embedder`)."""
+    # By key prefixes (see flux_checkpoints.is_flux_state_dict): the text embedder beside a patch embedding.
     return any(k.startswith("pos_embed.proj.") for k in state) and any(
-        k.startswith(("context_embedder.", "transformer_blocks.")) for k in state) or is_original_state_dict(state)
+        k.startswith("context_embedder.") for k in state) or is_original_state_dict(state)
 
 
 def swap_halves(t):
