@@ -157,6 +157,12 @@ def route(op: str, device: torch.device, backend: str | None) -> str:
 _PREPACKED: dict[str, tuple[tuple[str, ...], object]] = {}
 
 
+def autotune_enabled() -> bool:
+    """Tune by timing (Triton configs on a GPU, oneDNN weight layouts on a CPU) unless DITENGINE_AUTOTUNE=0 (the
+    test suite pins one choice)."""
+    return os.environ.get("DITENGINE_AUTOTUNE", "1") != "0"
+
+
 def register_prepacked(op: str, forms: tuple[str, ...], rule) -> None:
     """`rule(device, dtype) -> form` is the op's choice for backend="auto"."""
     _PREPACKED[op] = (("auto", *forms), rule)

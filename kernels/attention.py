@@ -24,12 +24,11 @@ and empty queries, which the op runs on every path (SDPA where the Triton kernel
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import route, tl, triton, use_triton
+from ._backend import autotune_enabled, route, tl, triton, use_triton
 from ._checks import FLOAT_DTYPES, check_tensor
 
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -166,11 +165,6 @@ _attention_fwd_autotuned = (
 PINNED_GPU = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
 PINNED_GPU_FP32 = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)  # fp32 tiles are twice the bytes
 PINNED_INTERPRETER = dict(BLOCK_M=32, BLOCK_N=32)
-
-
-def autotune_enabled() -> bool:
-    """Autotune on GPU unless DITENGINE_AUTOTUNE=0 (the test suite pins one config)."""
-    return os.environ.get("DITENGINE_AUTOTUNE", "1") != "0"
 
 
 def head_blocks(head_dim: int, head_split: bool = True) -> tuple[int, int]:

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from . import _native
-from ._backend import choose_prepacked, register_prepacked
+from ._backend import autotune_enabled, choose_prepacked, register_prepacked
 from ._checks import check_packed_input, cpp_dtype, cpp_sizes
 
 log = logging.getLogger("ditengine")
@@ -181,6 +182,40 @@ def mkldnn_gelu_is_tanh(dtype: torch.dtype) -> bool:
     return ok
 
 
+# -- the packed weight's layout ---------------------------------------------------------------------------
+# oneDNN lays a packed weight out for the row count it is told to expect, and the layout it picks for the real
+# count is not always the fastest: at DiT-S/2's fc2 (512 x 1536 -> 384, bf16, AMX, 2 threads) the layout for one
+# row (AB16b64a2b) ran 0.46 ms against 0.69 for the one for 512 rows (AB16b32a2b), while at qkv (384 -> 1152)
+# the layout for 512 rows was the faster (0.24 against 0.29). So each shape's hint is chosen once by timing.
+TUNED_MAX_FLOP = 4e9  # larger GEMMs are bound by their arithmetic, and timing them would cost seconds
+
+
+@functools.lru_cache(maxsize=None)
+def pack_hint(out_features: int, in_features: int, dtype: torch.dtype, batch_size: int) -> int:
+    """The row-count hint `prepack_linear` packs oneDNN weights with: the faster of `batch_size` and 1 on a random
+    (N, K) weight and `batch_size` rows, medians of round-robin runs; `batch_size` itself when tuning is off
+    (DITENGINE_AUTOTUNE=0) or the GEMM is past TUNED_MAX_FLOP."""
+    if not autotune_enabled() or batch_size == 1 or 2 * batch_size * out_features * in_features > TUNED_MAX_FLOP:
+        return batch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, in_features, generator=g).to(dtype)
+    w = torch.randn(out_features, in_features, generator=g).to(dtype)
+    candidates = {hint: _mkldnn_pack(w, hint) for hint in (batch_size, 1)}
+    runs = {hint: [] for hint in candidates}
+    for i in range(9):
+        for hint, packed in candidates.items():
+            t0 = time.perf_counter()
+            _mkldnn_call(x, packed, None, False)
+            if i >= 2:  # two warm-up rounds (oneDNN builds its primitive on the first call)
+                runs[hint].append(time.perf_counter() - t0)
+    median = {hint: sorted(r)[len(r) // 2] for hint, r in runs.items()}
+    best = min(median, key=median.get)
+    log.info("ditengine: oneDNN %s weight %dx%d packed for %d rows (%.3f ms; for %d rows %.3f ms)", dtype,
+             out_features, in_features, best, 1e3 * median[best], batch_size + 1 - best,
+             1e3 * median[batch_size + 1 - best])
+    return best
+
+
 # -- prepacking and the calls ----------------------------------------------------------------------------
 def check_linear_weights(w: torch.Tensor, b: torch.Tensor | None) -> None:
     """A linear layer's (weight (N, K), bias (N,) or None), as every prepacked form takes them."""
@@ -232,7 +267,7 @@ def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: tor
                    batch_size: int = 512, backend: str = "auto") -> PackedLinear:
     """Prepare (w (N, K), b (N)) for `linear_gelu` / `linear` on CPU activations of `dtype` (default w's).
 
-    `batch_size` is the expected number of rows of x (tokens x batch), a hint for oneDNN's weight layout.
+    `batch_size` is the expected number of rows of x (tokens x batch), for oneDNN's weight layout (`pack_hint`).
     Once per sampler: the returned weights are copies, later changes to w are not seen.
     """
     check_linear_weights(w, b)
@@ -242,7 +277,8 @@ def prepack_linear(w: torch.Tensor, b: torch.Tensor | None = None, *, dtype: tor
     backend = choose_prepacked("linear_gelu", w.device, dtype, backend)
     if backend == "mkldnn":
         wd = w.detach().to(dtype).contiguous()
-        return PackedLinear("mkldnn", _mkldnn_pack(wd, batch_size), None if b is None else b.detach().to(dtype),
+        hint = pack_hint(wd.shape[0], wd.shape[1], dtype, batch_size)
+        return PackedLinear("mkldnn", _mkldnn_pack(wd, hint), None if b is None else b.detach().to(dtype),
                             dtype, w.shape[0])
     # native / reference: fp32 weights, widened once here rather than every call (see the module docstring).
     w32 = w.detach().float().contiguous()

@@ -77,6 +77,32 @@ def test_prepacked_form_matches(form, dtype, gelu):
         check((linear_gelu if gelu else linear)(x, packed), x, w, b, gelu, f"{form} {M}x{K}->{N}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tuned_pack_hint_is_timed_once_and_either_layout_computes_the_same(monkeypatch, caplog, dtype):
+    """The layout oneDNN packs a weight in is chosen by timing (`pack_hint`, the suite pins it off); both candidate
+    layouts must give the op's result, whichever wins on this CPU."""
+    usable("mkldnn", dtype)
+    M, K, N = 96, 64, 200
+    x, w, b = layer(M, K, N, dtype, seed=6)
+    for hint in (M, 1):  # each layout, forced
+        check(lg._mkldnn_call(x, lg._mkldnn_pack(w, hint), b, True), x, w, b, True, f"packed for {hint} rows")
+    assert lg.pack_hint(N, K, dtype, M) == M  # tuning off (tests/conftest.py)
+    monkeypatch.setenv("DITENGINE_AUTOTUNE", "1")
+    lg.pack_hint.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="ditengine"):
+            chosen = lg.pack_hint(N, K, dtype, M)
+            assert lg.pack_hint(N, K, dtype, M) == chosen  # cached: timed once per shape
+            packed = prepack_linear(w, b, dtype=dtype, backend="mkldnn", batch_size=M)
+        assert chosen in (M, 1)
+        assert sum("packed for" in r.message for r in caplog.records) == 1
+        assert lg.pack_hint(N, K, dtype, 1) == 1  # nothing to choose
+        assert lg.pack_hint(4096, 4096, dtype, 4096) == 4096  # past TUNED_MAX_FLOP: not timed
+        check(linear_gelu(x, packed), x, w, b, True, f"tuned ({chosen} rows)")
+    finally:
+        lg.pack_hint.cache_clear()
+
+
 def test_probe_decides_from_what_the_op_computes(monkeypatch):
     """The probe accepts only an op that runs and computes the tanh GELU: an erf GELU or an error is refused."""
     real = lg._mkldnn_call

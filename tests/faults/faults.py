@@ -268,6 +268,11 @@ out = linear_int8(x, prepack_int8(w, None))
           "hist[i] = s_0[i];\n          s_n[i] += ch * hist[i];",
           ("tests/test_scheduler_step.py",), "test_matches_sched_step_over_a_trajectory and dpm and native",
           "the C++ K4 stores this step's x0 in the history before reading the previous one (DPM-Solver++)"),
+    Fault("attention-native-flash-default-scale", "csrc/attention.cpp",
+          "at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, softmax_scale)",
+          "at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, std::nullopt)",
+          ("tests/test_attention.py",), "test_long_keys_across_key_blocks and native",
+          "the C++ attention's ATen branch (bf16 on AMX, float64) drops the softmax scale for SDPA's default"),
     # -- fused denoisers -------------------------------------------------------------------------------------------
     Fault("ace-step-window-dropped", "engine/fast/ace_step.py",
           "window=cfg.window(i))",
