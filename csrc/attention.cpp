@@ -40,11 +40,6 @@ using cpu::Strides;
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-bool bf16_tiles_in_hardware() {
-  static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
-  return amx;
-}
-
 // The checks of kernels/attention.py's `check_inputs` (the public function's and the op's Python body's) in C++:
 // the same exception type for the same mistake (ValueError for a shape or a value, TypeError for a dtype, as
 // csrc/checks.h asks), each message naming the op and the argument.
@@ -81,7 +76,7 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   // a leading dimension of at least Dh.
   auto rows_apart = [Dh](const at::Tensor& t) { return t.size(2) <= 1 || t.stride(2) >= Dh ? t : t.contiguous(); };
   const at::Tensor qr = rows_apart(q), kr = rows_apart(k), vr = rows_apart(v);
-  if (dtype == at::kDouble || !(softmax_scale > 0) || (dtype == at::kBFloat16 && bf16_tiles_in_hardware())) {
+  if (dtype == at::kDouble || !(softmax_scale > 0) || (dtype == at::kBFloat16 && cpu::bf16_tiles_in_hardware())) {
     // float64: the op's Python body runs SDPA; so does this kernel. So does a scale that is not positive (the
     // row max of the scaled scores is taken as the raw max times the scale), and bf16 on AMX (above).
     at::Tensor out = at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, softmax_scale);

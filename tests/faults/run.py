@@ -20,8 +20,9 @@ process that ditengine and its extension were imported from the scratch copy. Th
    the extension (one object and the link); run `python -m pytest -q -x -p no:cacheprovider <selection>` in the
    copy; restore the file (and, for csrc/, the build artifacts saved after the clean build, so no rebuild back).
 
-Results: caught (the selection failed), passed (the fault survived), stale, dirty, timeout, error. The exit
-status is 0 only when every fault that ran was caught.
+Results: caught (the selection failed), passed (the fault survived), stale, dirty, timeout, error, n/a (the
+faulty path runs only on CPUs this one is not, `Fault.needs`). The exit status is 0 only when every fault that
+ran was caught.
 """
 from __future__ import annotations
 
@@ -257,6 +258,15 @@ class Stale(Exception):
     pass
 
 
+def cpu_has(feature: str) -> bool:
+    """Whether this CPU takes the path a fault's `needs` names."""
+    import torch
+
+    if feature == "amx":
+        return torch.cpu._is_amx_tile_supported()
+    raise ValueError(f"Fault.needs: unknown CPU feature {feature!r}")
+
+
 def apply_fault(fault: Fault, repo: Path) -> tuple[bytes, os.stat_result]:
     """Patch the file; returns its original bytes and stat for `revert`. Raises Stale when `old` does not occur
     exactly once."""
@@ -470,6 +480,11 @@ def main(argv=None) -> int:
     log(f"\n{len(faults)} fault(s)")
     for fault in faults:
         res = {"name": fault.name, "path": fault.path, "selection": fmt_selection(fault), "build_s": None}
+        if fault.needs and not cpu_has(fault.needs):
+            res.update(status="n/a", seconds=0.0, detail=f"the faulty path runs only on a CPU with {fault.needs}")
+            results.append(res)
+            log(f"  {'n/a':8s} {0.0:6.1f} s  {fault.name}: {res['detail']}")
+            continue
         c = clean.get(fault.selection)
         if c is not None and c.status != "passed":
             res.update(status="dirty", seconds=0.0, detail=f"the selection {c.status} unpatched: {c.summary}")
@@ -513,7 +528,7 @@ def main(argv=None) -> int:
 
     total = time.monotonic() - t_start
     counts = {s: sum(r["status"] == s for r in results) for s in ("caught", "passed", "stale", "dirty", "timeout",
-                                                                    "error")}
+                                                                    "error", "n/a")}
     log(f"\n{'fault':45s} {'result':8s} {'time':>8s}")
     for r in results:
         log(f"{r['name']:45s} {r['status']:8s} {r['seconds']:7.1f}s")
@@ -524,7 +539,7 @@ def main(argv=None) -> int:
     (scratch.state / "last-run.json").write_text(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
-    return 0 if results and counts["caught"] == len(results) else 1
+    return 0 if results and counts["caught"] == len(results) - counts["n/a"] else 1
 
 
 def probe_faults(scratch: Scratch, dirs, faults: list[Fault], args, so_digest) -> int:
