@@ -1,6 +1,6 @@
 """The fault-injection harness as a pytest entry: every fault of tests/faults/faults.py must be caught by its tests.
 
-Slow (about 6 minutes on a 2-core machine, plus 5-7 minutes for the first clean native build of the scratch
+Slow (about 8 minutes on a 2-core machine, plus 5-7 minutes for the first clean native build of the scratch
 copy), so it is marked `slow` and left out of the default run; run it with
 
     python -m pytest -m slow tests/faults/test_faults.py
