@@ -5,7 +5,7 @@ import torch
 
 from ditengine.kernels import apg_guidance, apg_guidance_ref
 
-from support.backends import cpu_backends
+from support.backends import bad_input_table, cpu_backends
 from support.native_helpers import triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -250,13 +250,8 @@ BAD_BACKENDS = [
 ]
 
 
-def table(rows, backends):
-    return [pytest.param(call, backend.values[0], error, match, marks=backend.marks, id=f"{name}-{backend.id}")
-            for name, call, error, match in rows for backend in backends]
-
-
-@pytest.mark.parametrize("call, backend, error, match",
-                         table(BAD_INPUTS, BACKENDS) + table(BAD_BACKENDS, [pytest.param(None, id="any")]))
+@pytest.mark.parametrize("call, backend, error, match", bad_input_table(BAD_INPUTS, BACKENDS)
+                         + bad_input_table(BAD_BACKENDS, [pytest.param(None, id="any")]))
 def test_bad_input_names_the_argument(call, backend, error, match):
     with pytest.raises(error, match=match):
         call(backend)

@@ -7,7 +7,7 @@ import torch
 from ditengine.kernels import linear, linear_gelu, linear_gelu_ref, prepack_linear
 from ditengine.kernels._backend import _log_choice
 
-from support.backends import cpu_backends
+from support.backends import bad_input_table, cpu_backends
 from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -442,21 +442,9 @@ OP_ROWS = [
 ]
 
 
-def table(rows, backends):
-    """pytest params: every row against every backend, a strict xfail where the row says that backend fails."""
-    params = []
-    for name, call, error, match, *gaps in rows:
-        gaps = gaps[0] if gaps else {}
-        for backend in backends:
-            where = backend.values[0]
-            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
-            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
-    return params
-
-
 @pytest.mark.parametrize("call, where, error, match", [
-    *table(API_ROWS, FORMS), *table(BACKEND_ROWS, [pytest.param(None, id="any")]),
-    *table(FAKE_ROWS, [pytest.param(None, id="fake")]), *table(OP_ROWS, OP_IMPLS)])
+    *bad_input_table(API_ROWS, FORMS), *bad_input_table(BACKEND_ROWS, [pytest.param(None, id="any")]),
+    *bad_input_table(FAKE_ROWS, [pytest.param(None, id="fake")]), *bad_input_table(OP_ROWS, OP_IMPLS)])
 def test_bad_input_names_the_argument(call, where, error, match):
     """The public calls in every prepacked form, and the registered op called directly: its C++ kernel and its
     Python body must raise the same exception type, each naming the argument."""

@@ -8,7 +8,7 @@ from ditengine.bench.metrics import sqnr_db
 from ditengine.kernels import Int8Linear, linear_int8, prepack_int8
 from ditengine.kernels.linear_int8 import QMAX, _linear_int8_torch, error_bound, quantize_rows
 
-from support.backends import cpu_backends
+from support.backends import bad_input_table, cpu_backends
 from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 
 native = needs_native("linear_int8")
@@ -239,19 +239,8 @@ OP_ROWS = [
 ]
 
 
-def table(rows, backends):
-    """pytest params: every row against every backend, a strict xfail where the row says that backend fails."""
-    params = []
-    for name, call, error, match, *gaps in rows:
-        gaps = gaps[0] if gaps else {}
-        for backend in backends:
-            where = backend.values[0]
-            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
-            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
-    return params
-
-
-@pytest.mark.parametrize("call, where, error, match", table(API_ROWS, BACKENDS) + table(OP_ROWS, OP_IMPLS))
+@pytest.mark.parametrize("call, where, error, match",
+                         bad_input_table(API_ROWS, BACKENDS) + bad_input_table(OP_ROWS, OP_IMPLS))
 def test_bad_input_names_the_argument(call, where, error, match):
     """The public calls on every backend, and the registered op called directly: its C++ kernel and its Python
     body must raise the same exception type, each naming the argument."""

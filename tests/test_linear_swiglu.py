@@ -10,7 +10,7 @@ from ditengine.kernels import (PackedSwiGLU, linear_swiglu, linear_swiglu_ref, p
                                swiglu_ref)
 
 from ditengine.kernels._backend import _log_choice
-from support.backends import cpu_backends
+from support.backends import bad_input_table, cpu_backends
 from support.native_helpers import isa_runner, needs_native, skip_unless_cpu_runs
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -409,24 +409,12 @@ LINEAR_SWIGLU_OP_ROWS = [
 ]
 
 
-def table(rows, backends):
-    """pytest params: every row against every backend, a strict xfail where the row says that backend fails."""
-    params = []
-    for name, call, error, match, *gaps in rows:
-        gaps = gaps[0] if gaps else {}
-        for backend in backends:
-            where = backend.values[0]
-            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
-            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
-    return params
-
-
 ONCE = [pytest.param(None, id="any")]
 
 
 @pytest.mark.parametrize("call, where, error, match", [
-    *table(LINEAR_SWIGLU_ROWS, FORMS), *table(LINEAR_SWIGLU_BACKEND_ROWS, ONCE),
-    *table(LINEAR_SWIGLU_OP_ROWS, op_impls("linear_swiglu"))])
+    *bad_input_table(LINEAR_SWIGLU_ROWS, FORMS), *bad_input_table(LINEAR_SWIGLU_BACKEND_ROWS, ONCE),
+    *bad_input_table(LINEAR_SWIGLU_OP_ROWS, op_impls("linear_swiglu"))])
 def test_bad_input_names_the_argument(call, where, error, match):
     """prepack_swiglu and linear_swiglu in every form, and the registered panel op called directly: its C++
     kernel and its Python body must raise the same exception type, each naming the argument."""
@@ -457,8 +445,8 @@ SWIGLU_OP_ROWS = [
 
 
 @pytest.mark.parametrize("call, where, error, match", [
-    *table(SWIGLU_ROWS, EPILOGUE_BACKENDS), *table(SWIGLU_BACKEND_ROWS, ONCE),
-    *table(SWIGLU_OP_ROWS, op_impls("swiglu"))])
+    *bad_input_table(SWIGLU_ROWS, EPILOGUE_BACKENDS), *bad_input_table(SWIGLU_BACKEND_ROWS, ONCE),
+    *bad_input_table(SWIGLU_OP_ROWS, op_impls("swiglu"))])
 def test_swiglu_bad_input_names_the_argument(call, where, error, match):
     """swiglu on every backend, and the registered epilogue op called directly: its C++ kernel and its Python
     body must raise the same exception type, each naming the argument."""

@@ -28,3 +28,17 @@ def cpu_backends(op: str, backends: tuple[str, ...] = ALL) -> list:
                                             "Triton kernels on CUDA tensors in the gpu tests)")
         params.append(pytest.param(backend, marks=marks, id=backend))
     return params
+
+
+def bad_input_table(rows, backends) -> list:
+    """pytest params (call, backend, error, match) for a bad-input table: every row (name, call, error, match[,
+    gaps]) against every backend param, a strict xfail where the row's `gaps` {backend: reason} says that backend
+    fails."""
+    params = []
+    for name, call, error, match, *gaps in rows:
+        gaps = gaps[0] if gaps else {}
+        for backend in backends:
+            where = backend.values[0]
+            marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
+            params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
+    return params
