@@ -2,6 +2,7 @@
 runs on CPU tensors (the C++ kernel, the Triton kernel through the interpreter in fp32 / fp16, SDPA as the
 reference backend), under the tolerance rule; the Triton-only parts (forced launch configs, head-dim splitting)
 and the native-only parts (float64, opcheck) apart; one table of bad inputs for every backend; GPU shapes."""
+import functools
 import importlib
 import re
 from types import SimpleNamespace
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from ditengine.kernels import attention, attention_ref, interpreting
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS, CONFIG_KEYS, head_blocks
 
-from support.backends import cpu_backends
+from support.backends import cpu_backends, ident, per_backend as cases_per_backend
 from support.native_helpers import needs_native, triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -25,20 +26,7 @@ FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 CPU_DTYPES = {"native": (FP32, BF16, FP16), "triton": (FP32, FP16), "reference": (FP32, BF16, FP16)}
 
 
-def ident(value) -> str:
-    return str(value).removeprefix("torch.").replace(" ", "")
-
-
-def per_backend(cases, backends=("native", "triton", "reference")) -> list:
-    """pytest params (backend, *case), `cases(backend)` giving each backend's own cases; a backend that cannot run
-    here keeps its skip (and its reason) from `cpu_backends`."""
-    params = []
-    for backend_param in cpu_backends("attention", backends):
-        backend = backend_param.values[0]
-        for case in cases(backend):
-            params.append(pytest.param(backend, *case, marks=backend_param.marks,
-                                       id="-".join([backend_param.id, *map(ident, case)])))
-    return params
+per_backend = functools.partial(cases_per_backend, "attention")  # (cases, backends) -> pytest params
 
 
 def with_dtypes(*dtypes, backends=("native", "triton", "reference")) -> list:

@@ -4,6 +4,7 @@ kernel through the interpreter in fp32, fp16; the reference where the property i
 the tolerance rule; lengths 1, full, mixed per row and on every block edge; keys past a row's length never read; a
 NaN kept in its row; one table of bad inputs for every backend, and the C++ checks agreeing with it; the op's fake
 implementation and opcheck; PixArt shapes on a GPU."""
+import functools
 import importlib
 import json
 import re
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from ditengine.kernels import choose, cross_attention, cross_attention_ref, interpreting
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS
 
-from support.backends import cpu_backends
+from support.backends import cpu_backends, ident, per_backend as cases_per_backend
 from support.native_helpers import needs_native, run_python, triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -68,20 +69,7 @@ CPU_DTYPES = {"native": (FP32, BF16, FP16), "triton": (FP32, FP16), "reference":
 KERNELS = ("native", "triton")
 
 
-def ident(value) -> str:
-    return str(value).removeprefix("torch.").replace(" ", "")
-
-
-def per_backend(cases, backends=("native", "triton", "reference")) -> list:
-    """pytest params (backend, *case), `cases(backend)` giving each backend's own cases; a backend that cannot run
-    here keeps its skip (and its reason) from `cpu_backends`."""
-    params = []
-    for backend_param in cpu_backends("cross_attention", backends):
-        backend = backend_param.values[0]
-        for case in cases(backend):
-            params.append(pytest.param(backend, *case, marks=backend_param.marks,
-                                       id="-".join([backend_param.id, *map(ident, case)])))
-    return params
+per_backend = functools.partial(cases_per_backend, "cross_attention")  # (cases, backends) -> pytest params
 
 
 def run(backend, q, kv, kv_lens, request, config=None, softmax_scale=None):

@@ -258,6 +258,15 @@ class Stale(Exception):
     pass
 
 
+def undo_fault(fault: Fault, scratch, dirs, raw: bytes, st: os.stat_result, so, so_digest) -> None:
+    """Revert the fault's file and, for a csrc/ fault, put the clean build's artifacts back (checked by digest)."""
+    revert(fault, scratch.repo, raw, st)
+    if fault.native and so is not None:
+        restore_pristine(scratch, dirs)
+        if file_digest(so) != so_digest:
+            raise SystemExit(f"run.py: the clean extension was not restored after {fault.name}")
+
+
 def cpu_has(feature: str) -> bool:
     """Whether this CPU takes the path a fault's `needs` names."""
     import torch
@@ -514,11 +523,7 @@ def main(argv=None) -> int:
         except RuntimeError as err:
             res.update(status="error", detail=str(err))
         finally:
-            revert(fault, scratch.repo, raw, st)
-            if fault.native and so is not None:
-                restore_pristine(scratch, dirs)
-                if file_digest(so) != so_digest:
-                    raise SystemExit(f"run.py: the clean extension was not restored after {fault.name}")
+            undo_fault(fault, scratch, dirs, raw, st, so, so_digest)
             marker.unlink()
         res["seconds"] = time.monotonic() - t0
         results.append(res)
@@ -566,11 +571,7 @@ def probe_faults(scratch: Scratch, dirs, faults: list[Fault], args, so_digest) -
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             verdict = f"error: {err}"
         finally:
-            revert(fault, scratch.repo, raw, st)
-            if fault.native and so is not None:
-                restore_pristine(scratch, dirs)
-                if file_digest(so) != so_digest:
-                    raise SystemExit(f"run.py: the clean extension was not restored after {fault.name}")
+            undo_fault(fault, scratch, dirs, raw, st, so, so_digest)
             marker.unlink()
         ok &= verdict.startswith("changed")
         log(f"  {time.monotonic() - t0:6.1f} s  {fault.name}: {verdict}")

@@ -42,3 +42,19 @@ def bad_input_table(rows, backends) -> list:
             marks = [*backend.marks, *([pytest.mark.xfail(strict=True, reason=gaps[where])] if where in gaps else [])]
             params.append(pytest.param(call, where, error, match, marks=marks, id=f"{name}-{backend.id}"))
     return params
+
+
+def ident(value) -> str:
+    return str(value).removeprefix("torch.").replace(" ", "")
+
+
+def per_backend(op: str, cases, backends: tuple[str, ...] = ALL) -> list:
+    """pytest params (backend, *case), `cases(backend)` giving each backend's own cases; a backend that cannot run
+    here keeps its skip (and its reason) from `cpu_backends`."""
+    params = []
+    for backend_param in cpu_backends(op, backends):
+        backend = backend_param.values[0]
+        for case in cases(backend):
+            params.append(pytest.param(backend, *case, marks=backend_param.marks,
+                                       id="-".join([backend_param.id, *map(ident, case)])))
+    return params
