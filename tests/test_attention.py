@@ -4,7 +4,6 @@ reference backend), under the tolerance rule; the Triton-only parts (forced laun
 and the native-only parts (float64, opcheck) apart; one table of bad inputs for every backend; GPU shapes."""
 import functools
 import importlib
-import re
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from ditengine.kernels import attention, attention_ref, interpreting
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS, CONFIG_KEYS, head_blocks
 
-from support.backends import cpu_backends, ident, per_backend as cases_per_backend
+from support.backends import assert_raises_as_the_function, cpu_backends, ident, per_backend as cases_per_backend
 from support.native_helpers import needs_native, triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -375,15 +374,9 @@ def test_op_checks_agree_with_the_function(description, path):
     op_call, cpp_match, body_match = OP_CALLS[description]
     if path == "native" and cpp_match is None:
         pytest.skip("a meta tensor among CPU tensors goes to the op's fake implementation (PyTorch's dispatch)")
-    try:
-        op_call(torch.ops.ditengine.attention if path == "native" else python_body, bad_inputs())
-    except Exception as err:  # its type is asserted below
-        raised = err
-    else:
-        raise AssertionError(f"the op's {path} accepted it ({description})")
-    op_match = cpp_match if path == "native" else body_match or match
-    assert re.search(op_match, str(raised)), f"the {path} message does not name the argument: {raised}"
-    assert type(raised) is error, f"the {path} raised {type(raised).__name__}, Python {error.__name__}: {raised}"
+    op = torch.ops.ditengine.attention if path == "native" else python_body
+    assert_raises_as_the_function(lambda: op_call(op, bad_inputs()), path, error, match, cpp_match, body_match,
+                                  description)
 
 
 @pytest.mark.parametrize("path, triton", [pytest.param("native", False, marks=needs_native("attention"), id="native"),

@@ -7,7 +7,6 @@ implementation and opcheck; PixArt shapes on a GPU."""
 import functools
 import importlib
 import json
-import re
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from ditengine.kernels import choose, cross_attention, cross_attention_ref, interpreting
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS
 
-from support.backends import cpu_backends, ident, per_backend as cases_per_backend
+from support.backends import assert_raises_as_the_function, cpu_backends, ident, per_backend as cases_per_backend
 from support.native_helpers import needs_native, run_python, triton_cpu
 from support.tolerance import assert_within_tolerance, fp32_floor
 
@@ -325,15 +324,9 @@ def test_op_checks_agree_with_the_function(description, path):
     op_call, cpp_match, body_match = OP_CALLS[description]
     if path == "native" and cpp_match is None:
         pytest.skip("a meta tensor among CPU tensors goes to the op's fake implementation (PyTorch's dispatch)")
-    try:
-        op_call(torch.ops.ditengine.cross_attention if path == "native" else python_body, bad_inputs())
-    except Exception as err:  # its type is asserted below
-        raised = err
-    else:
-        raise AssertionError(f"the op's {path} accepted it ({description})")
-    op_match = cpp_match if path == "native" else body_match or match
-    assert re.search(op_match, str(raised)), f"the {path} message does not name the argument: {raised}"
-    assert type(raised) is error, f"the {path} raised {type(raised).__name__}, Python {error.__name__}: {raised}"
+    op = torch.ops.ditengine.cross_attention if path == "native" else python_body
+    assert_raises_as_the_function(lambda: op_call(op, bad_inputs()), path, error, match, cpp_match, body_match,
+                                  description)
 
 
 @pytest.mark.parametrize("path, triton", [pytest.param("native", False, marks=needs_native("cross_attention"),

@@ -8,6 +8,8 @@ the op), its Triton kernel through the interpreter ("triton", with TRITON_INTERP
 reference ("reference"). A backend that cannot run here is a skipped case that says why, never a silent
 comparison of the reference with itself.
 """
+import re
+
 import pytest
 
 from ditengine.kernels import _native, interpreting
@@ -58,3 +60,19 @@ def per_backend(op: str, cases, backends: tuple[str, ...] = ALL) -> list:
             params.append(pytest.param(backend, *case, marks=backend_param.marks,
                                        id="-".join([backend_param.id, *map(ident, case)])))
     return params
+
+
+def assert_raises_as_the_function(run, path: str, error: type, match: str, cpp_match: str, body_match: str | None,
+                                  description: str) -> None:
+    """`run()` calls the registered op, through its C++ kernel (`path` "native") or its Python body: it must raise
+    what the public function raises (`error`), with a message naming the argument (`cpp_match` for C++,
+    `body_match` or else the function's `match` for the body)."""
+    try:
+        run()
+    except Exception as err:  # its type is asserted below
+        raised = err
+    else:
+        raise AssertionError(f"the op's {path} accepted it ({description})")
+    op_match = cpp_match if path == "native" else body_match or match
+    assert re.search(op_match, str(raised)), f"the {path} message does not name the argument: {raised}"
+    assert type(raised) is error, f"the {path} raised {type(raised).__name__}, Python {error.__name__}: {raised}"
