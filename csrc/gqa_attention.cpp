@@ -28,10 +28,10 @@
 // with attention.cpp and cross_attention.cpp.
 //
 // Precision: everything in fp32, bf16 / fp16 rows widened as they are loaded and the output rounded once (see
-// csrc/attention.cpp for why fp32 dots are also the fast choice here). bf16 on AMX without a window runs
-// ATen's flash attention on the prologue's rows instead (cpu_common.h's `bf16_tiles_in_hardware`). The prologue is a few multiplies per
+// csrc/attention.cpp for why fp32 dots are also the fast choice here). The prologue is a few multiplies per
 // element against the 4 * G * BLOCK_M multiply-adds per key element of the GEMMs, so it is one baseline loop
-// (the compiler's SSE vectorisation) rather than one variant per ISA.
+// (the compiler's SSE vectorisation) rather than one variant per ISA. bf16 on AMX without a window runs the
+// prologue once per row and then ATen's flash attention instead (cpu_common.h's `bf16_tiles_in_hardware`).
 //
 // NaN: a NaN in a q row stays in that output row; a NaN in a k row reaches the queries whose band holds that
 // key (its score is overwritten by 0 for the others); a NaN in a v row also reaches the other rows of a tile

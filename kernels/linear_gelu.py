@@ -210,9 +210,9 @@ def pack_hint(out_features: int, in_features: int, dtype: torch.dtype, batch_siz
                 runs[hint].append(time.perf_counter() - t0)
     median = {hint: sorted(r)[len(r) // 2] for hint, r in runs.items()}
     best = min(median, key=median.get)
+    other = 1 if best == batch_size else batch_size
     log.info("ditengine: oneDNN %s weight %dx%d packed for %d rows (%.3f ms; for %d rows %.3f ms)", dtype,
-             out_features, in_features, best, 1e3 * median[best], batch_size + 1 - best,
-             1e3 * median[batch_size + 1 - best])
+             out_features, in_features, best, 1e3 * median[best], other, 1e3 * median[other])
     return best
 
 
