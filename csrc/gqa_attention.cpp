@@ -402,8 +402,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
     TORCH_CHECK_VALUE(!split_q && !split_k, OP, ": (2, Dh) per-stream norm weights need norm_split");
   }
 
-  at::Tensor out = at::empty({B, T, HQ, Dh}, q.options());
-  if (out.numel() == 0) return out;
+  if (B * HQ == 0) return at::empty({B, T, HQ, Dh}, q.options());  // T, S and Dh are positive (checked above)
   // Rows overlapping in memory (a token stride below Dh, e.g. an expanded q) are materialised: BLAS needs a
   // leading dimension of at least Dh.
   auto rows_apart = [Dh](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) >= Dh ? t : t.contiguous(); };
@@ -434,6 +433,7 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
                                                     0.0, false, scale, /*enable_gqa=*/HQ != HKV);
     return o.transpose(1, 2).contiguous();  // (B, T, Hq, Dh): flash lays its output out token-major already
   }
+  at::Tensor out = at::empty({B, T, HQ, Dh}, q.options());
   // (B, T, H, Dh) operands as the kernel's (batch, head, token) strides.
   auto strides_of = [](const at::Tensor& t) { return Strides{t.stride(0), t.stride(2), t.stride(1)}; };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ditengine_gqa_attention_cpu", [&] {
