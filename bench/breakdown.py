@@ -22,9 +22,9 @@ from collections import defaultdict
 import torch
 
 import ditengine as de
-from ditengine.inputs import guided_labels
 
 from . import peers
+from .dit import dit_peer_graph
 
 CATEGORIES = ("GEMM", "attention", "norm+modulation", "fused subgraph", "layout", "scheduler", "other")
 
@@ -83,16 +83,16 @@ def openvino_breakdown(model, noise, labels, cfg_scale: float, precision: str, r
     """OpenVINO's per-node real time per category over `runs` inferences of the CFG-doubled batch."""
     ov = peers._require("openvino")
     use_cfg = cfg_scale != 1.0
-    y = guided_labels(labels, model.config.num_classes, use_cfg)
+    graph = dit_peer_graph(model, labels, use_cfg)
     x_in = torch.cat([noise] * (2 if use_cfg else 1))
     t = torch.full((len(x_in),), 500.0)
-    path, _ = peers.export_onnx(model, x_in, t, y, workdir)
+    path, _ = peers.export_onnx(graph, x_in, t, workdir)
     core = ov.Core()
     compiled = core.compile_model(core.read_model(str(path)), "CPU", {
         "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
         "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
     request = compiled.create_infer_request()
-    feeds = {"x": x_in.numpy(), "t": t.numpy(), "y": y.numpy()}
+    feeds = {"x": x_in.numpy(), "t": t.numpy(), "y": graph.fixed["y"].numpy()}
     for _ in range(3):
         request.infer(feeds)
     times, kernels = defaultdict(float), defaultdict(float)

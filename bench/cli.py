@@ -52,7 +52,6 @@ from tqdm.auto import tqdm
 import ditengine as de
 from ditengine import families
 from ditengine.cache import FirstBlockCache, StaticCache
-from ditengine.inputs import guided_labels
 from ditengine.sampling import denoise_step, run_loop
 
 from . import peers
@@ -166,15 +165,13 @@ class Variant:
 
 
 def peer_forward(name: str, workload: Workload, args):
-    """The peer runtime's forward on the workload's CFG-doubled batch (the class-conditional DiT only)."""
-    if not families.of_model(workload.base).bench_peers:
+    """The peer runtime's forward on the workload's CFG-doubled batch (the families whose workload has a peer graph)."""
+    if workload.peer_graph is None:
         raise peers.PeerUnavailable(f"the runtime peers do not export {type(workload.base).__name__}")
     use_cfg = args.cfg_scale != 1.0
-    (labels,) = workload.conditioning
-    y = guided_labels(labels, workload.base.config.num_classes, use_cfg)
     x_in = torch.cat([workload.noise] * (2 if use_cfg else 1))
     t = workload.sched.timesteps[:1].expand(len(x_in)).float()
-    return peers.peer_forward(name, workload.base, x_in, t, y, Path(args.out) / "peers")
+    return peers.peer_forward(name, workload.peer_graph(use_cfg), x_in, t, Path(args.out) / "peers")
 
 
 def gemm_floor_step(fast, rows: int, latent_shape: tuple, cond: dict):
@@ -221,7 +218,7 @@ def parse_args(argv=None):
     default = [v for v in VARIANTS if v not in GPU_SKIPPED and v not in CACHE_VARIANTS] if gpu else list(CPU_DEFAULT)
     if not gpu and args.dtype == "bf16" and peers.bf16_dot_instructions():
         default = [v for v in VARIANTS if v in default or v in CPU_BF16_PEERS]
-    if not family.bench_peers:  # the runtime peers export the families that say so (the class-conditional DiT)
+    if not family.bench_peers:  # the runtime peers export the families that say so (DiT, PixArt)
         default = [v for v in default if v not in peers.PEERS]
     args.variants = args.variants.split(",") if args.variants else default
     unknown = set(args.variants) - set(VARIANTS)

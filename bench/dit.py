@@ -8,8 +8,10 @@ import copy
 import torch
 
 import ditengine as de
+from ditengine.inputs import guided_labels
 from ditengine.sampling import reference_forward
 
+from .peers import PeerGraph
 from .workload import Workload
 
 
@@ -22,12 +24,21 @@ def dit_flops(cfg: de.DiTConfig, batch: int) -> float:
     return batch * (cfg.depth * per_block + patch + final)
 
 
+def dit_peer_graph(model: de.DiT, labels: torch.Tensor, use_cfg: bool) -> PeerGraph:
+    """The reference DiT for the runtime peers: model(x, t, y) with the CFG batch's labels (the null label last)."""
+    # torch's exporter decomposes SDPA into matmul + softmax anyway; the explicit form does it with fewer reshapes
+    # and scalings.
+    module = copy.deepcopy(model).float().eval().use_sdpa(False)
+    return PeerGraph(module, {"y": guided_labels(labels, model.config.num_classes, use_cfg)})
+
+
 def dit_workload(base, sched, noise, labels) -> Workload:
     def eager_model(dtype, sdpa):
         return copy.deepcopy(base).to(dtype).use_sdpa(sdpa)
 
     return Workload(base, sched, noise, (labels,), eager_model=eager_model,
-                    eager_forward=lambda model, use_cfg: reference_forward(model, noise, use_cfg, labels))
+                    eager_forward=lambda model, use_cfg: reference_forward(model, noise, use_cfg, labels),
+                    peer_graph=lambda use_cfg: dit_peer_graph(base, labels, use_cfg))
 
 
 def dit_setup(args, device):

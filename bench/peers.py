@@ -1,4 +1,7 @@
-"""CPU runtime peers: the reference DiT (fp32) exported to ONNX and run by other inference runtimes.
+"""CPU runtime peers: a family's fp32 model (the reference DiT, diffusers' PixArt transformer) exported to ONNX and
+run by other inference runtimes. What is exported is a `PeerGraph`, built by the family's bench module: the model
+as its pipeline calls it on the CFG-doubled batch, with the latents and timesteps as the inputs that change every
+step and the conditioning (class labels; text embeddings and their mask) fed unchanged.
 
     onnxruntime-fp32  ONNX Runtime, CPU provider, every graph optimisation (ORT_ENABLE_ALL)
     onnxruntime-int8  ... after `quantize_dynamic`: int8 weights per output channel, activations quantised
@@ -22,7 +25,6 @@ and a missing one raises `PeerUnavailable` with the reason, for the caller to re
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import importlib
@@ -31,15 +33,12 @@ import os
 import pathlib
 import shutil
 import warnings
-from collections import defaultdict
 from typing import Callable
 
 import torch
 
-import ditengine as de
-
 PEERS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8")
-INPUT_NAMES = ("x", "t", "y")
+STEP_INPUTS = ("x", "t")  # the latents and the timesteps: new on every step
 INSTALL_HINT = "pip install 'ditengine[peers]'"
 NNCF_MISSING = "openvino-int8 needs nncf (pip install nncf), which is not installed"
 
@@ -57,53 +56,74 @@ def _require(module: str, reason: str | None = None):
         raise PeerUnavailable(reason or f"{module} is not installed ({INSTALL_HINT})") from err
 
 
-def _as_numpy(tensor: torch.Tensor, dtype: torch.dtype):
-    """A view, not a copy, whenever the tensor is already a contiguous CPU tensor of `dtype`."""
-    return tensor.detach().to("cpu", dtype).contiguous().numpy()
+@dataclasses.dataclass
+class PeerGraph:
+    """What a runtime peer runs: `module(x, t, *fixed.values())` -> the model output (fp32), on the CFG-doubled batch:
+    x (N, ...) fp32 latents and t (N,) fp32 timesteps, new every step; `fixed`, the conditioning by input name (class
+    labels, text embeddings, masks), fed unchanged on every run. The module is exported as it is (fp32, eval)."""
+
+    module: torch.nn.Module
+    fixed: dict[str, torch.Tensor]
+
+    def input_names(self) -> list[str]:
+        return [*STEP_INPUTS, *self.fixed]
 
 
-def _feeds(x_in: torch.Tensor, t: torch.Tensor, labels) -> dict:
-    return {"x": _as_numpy(x_in, torch.float32), "t": _as_numpy(t, torch.float32), "y": labels}
+def _as_numpy(tensor: torch.Tensor, dtype: torch.dtype | None = None):
+    """A view, not a copy, whenever the tensor is already a contiguous CPU tensor of `dtype` (default its own)."""
+    return tensor.detach().to("cpu", dtype or tensor.dtype).contiguous().numpy()
 
 
-def _cache_key(model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> str:
-    # The weights are part of the key: two models of one config (a checkpoint, a random init) must not
-    # share a file.
+def _fixed_feeds(graph: PeerGraph) -> dict:
+    """The conditioning's numpy arrays, made once per peer."""
+    return {name: _as_numpy(tensor) for name, tensor in graph.fixed.items()}
+
+
+def _feeds(x_in: torch.Tensor, t: torch.Tensor, fixed: dict) -> dict:
+    return {"x": _as_numpy(x_in, torch.float32), "t": _as_numpy(t, torch.float32), **fixed}
+
+
+def _cache_key(graph: PeerGraph, x_in: torch.Tensor, t: torch.Tensor) -> str:
+    # The weights are part of the key: two models of one structure (a checkpoint, a random init) must not share a
+    # file. The module's repr names its layers and their sizes; the inputs' shapes and dtypes fix the graph.
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps({"config": dataclasses.asdict(model.config), "torch": torch.__version__,
-                              "shapes": [list(v.shape) for v in (x_in, t, y)]}, sort_keys=True).encode())
-    for name, tensor in model.state_dict().items():
+    inputs = {"x": x_in, "t": t, **graph.fixed}
+    digest.update(json.dumps({"module": repr(graph.module), "torch": torch.__version__,
+                              "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in inputs.items()}},
+                             sort_keys=True).encode())
+    for name, tensor in graph.module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
-def export_onnx(model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor, workdir: pathlib.Path):
-    """The fp32 ONNX file of `model` at these input shapes, exported once per weights and shapes into
+def export_onnx(graph: PeerGraph, x_in: torch.Tensor, t: torch.Tensor, workdir: pathlib.Path):
+    """The fp32 ONNX file of `graph` at these input shapes, exported once per weights and shapes into
     `workdir`. Returns (path, exporter) with exporter "dynamo" or "torchscript" (the fallback)."""
-    folder = pathlib.Path(workdir) / f"dit-{_cache_key(model, x_in, t, y)}"
+    folder = pathlib.Path(workdir) / f"{type(graph.module).__name__.lower()}-{_cache_key(graph, x_in, t)}"
     if not (folder / "model.onnx").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         staging = folder.with_name(f".{folder.name}.{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        # torch's exporter decomposes SDPA into matmul + softmax anyway; the explicit form does it with
-        # fewer reshapes and scalings.
-        exported = copy.deepcopy(model).float().eval().use_sdpa(False)
-        args = (x_in.detach().float().cpu(), t.detach().float().cpu(), y.detach().long().cpu())
+        module = graph.module.eval()
+        args = (x_in.detach().float().cpu(), t.detach().float().cpu(),
+                *(v.detach().cpu() for v in graph.fixed.values()))
+        names = dict(input_names=graph.input_names(), output_names=["out"])
         exporter = "dynamo"
         with torch.no_grad():
             try:
-                torch.onnx.export(exported, args, staging / "model.onnx", input_names=list(INPUT_NAMES),
-                                  output_names=["out"], dynamo=True, verbose=False)
+                torch.onnx.export(module, args, staging / "model.onnx", **names, dynamo=True, verbose=False)
+                # ONNX's strict shape inference, as ONNX Runtime runs it on load: the new exporter writes a Squeeze
+                # of a dimension that is not 1 for torch's no-op `squeeze(1)` (diffusers' PixArt output).
+                importlib.import_module("onnx").checker.check_model(staging / "model.onnx", full_check=True)
             except Exception as err:  # the new exporter still misses some graphs the old one handles
                 warnings.warn(f"torch.onnx.export(dynamo=True) failed ({type(err).__name__}: {err}); "
                               "falling back to the TorchScript exporter")
                 exporter = "torchscript"
                 shutil.rmtree(staging)
                 staging.mkdir()
-                torch.onnx.export(exported, args, staging / "model.onnx", input_names=list(INPUT_NAMES),
-                                  output_names=["out"], dynamo=False, opset_version=18)
+                torch.onnx.export(module, args, staging / "model.onnx", **names, dynamo=False, opset_version=18)
         (staging / "exporter.txt").write_text(exporter)
         try:
             os.replace(staging, folder)  # atomic: a concurrent or interrupted export leaves no half file
@@ -139,12 +159,12 @@ def _ort_session(ort, path: pathlib.Path, threads: int, profile_prefix: str | No
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _onnxruntime_forward(path: pathlib.Path, y: torch.Tensor, threads: int) -> Forward:
+def _onnxruntime_forward(path: pathlib.Path, graph: PeerGraph, threads: int) -> Forward:
     session = _ort_session(_require("onnxruntime"), path, threads)
-    labels = _as_numpy(y, torch.int64)
+    fixed = _fixed_feeds(graph)
 
     def forward(x_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, _feeds(x_in, t, labels))[0])
+        return torch.from_numpy(session.run(None, _feeds(x_in, t, fixed))[0])
 
     return forward
 
@@ -155,7 +175,7 @@ def bf16_dot_instructions() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def _openvino_forward(path: pathlib.Path, y: torch.Tensor, threads: int, precision: str) -> Forward:
+def _openvino_forward(path: pathlib.Path, graph: PeerGraph, threads: int, precision: str) -> Forward:
     ov = _require("openvino")
     core = ov.Core()
     model = core.read_model(str(path))
@@ -169,22 +189,22 @@ def _openvino_forward(path: pathlib.Path, y: torch.Tensor, threads: int, precisi
     if took != getattr(ov.Type, inference):
         raise PeerUnavailable(f"OpenVINO compiled the model for {took}, not the {inference} that was asked for")
     request = compiled.create_infer_request()
-    labels = _as_numpy(y, torch.int64)
+    fixed = _fixed_feeds(graph)
 
     def forward(x_in: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
         # share_inputs: the runtime reads the numpy buffers in place; outputs are copied out (the default)
         # so a caller that keeps an earlier step's output does not see it overwritten.
-        result = request.infer(_feeds(x_in, t, labels), share_inputs=True)
+        result = request.infer(_feeds(x_in, t, fixed), share_inputs=True)
         return torch.from_numpy(result[0])
 
     return forward
 
 
-def peer_forward(name: str, model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                 workdir: pathlib.Path, threads: int | None = None) -> Forward:
-    """Export/compile once, return forward(x_in, t, step) -> torch fp32 tensor (same shape as model(x_in, t, y)).
-    x_in (N, C, H, W) fp32, t (N,) float timesteps, y (N,) int64 class labels: the CFG-doubled model batch
-    (the labels are fixed per call, baked as an input fed on every run; t changes per step).
+def peer_forward(name: str, graph: PeerGraph, x_in: torch.Tensor, t: torch.Tensor, workdir: pathlib.Path,
+                 threads: int | None = None) -> Forward:
+    """Export/compile once, return forward(x_in, t, step) -> torch fp32 tensor (graph.module(x_in, t, *fixed)).
+    x_in (N, ...) fp32 latents and t (N,) float timesteps of the CFG-doubled model batch, the shapes every later
+    call feeds; the graph's conditioning is fed unchanged on every run.
     threads: intra-op threads (default torch.get_num_threads()), so peers and torch use the same cores."""
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; expected one of {', '.join(PEERS)}")
@@ -194,30 +214,8 @@ def peer_forward(name: str, model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, 
     if name == "openvino-int8":
         _require("nncf", NNCF_MISSING)
     threads = threads or torch.get_num_threads()
-    path, _ = export_onnx(model, x_in, t, y, workdir)
+    path, _ = export_onnx(graph, x_in, t, workdir)
     if runtime == "onnxruntime":
-        return _onnxruntime_forward(quantize_onnx(path) if precision == "int8" else path, y, threads)
-    return _openvino_forward(path, y, threads, precision)
+        return _onnxruntime_forward(quantize_onnx(path) if precision == "int8" else path, graph, threads)
+    return _openvino_forward(path, graph, threads, precision)
 
-
-def profile_onnxruntime(model: de.DiT, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                        workdir: pathlib.Path, quantized: bool, runs: int = 10,
-                        threads: int | None = None) -> dict[str, float]:
-    """Share (%) of ONNX Runtime's total node time by op type over `runs` forwards, largest first.
-    The raw trace (chrome://tracing format) stays in `workdir` as profile-{fp32,int8}_<time>.json."""
-    ort = _require("onnxruntime")
-    path, _ = export_onnx(model, x_in, t, y, workdir)
-    path = quantize_onnx(path) if quantized else path
-    prefix = str(pathlib.Path(workdir) / f"profile-{'int8' if quantized else 'fp32'}")
-    session = _ort_session(ort, path, threads or torch.get_num_threads(), profile_prefix=prefix)
-    feeds = _feeds(x_in, t, _as_numpy(y, torch.int64))
-    for _ in range(runs):
-        session.run(None, feeds)
-    trace = json.loads(pathlib.Path(session.end_profiling()).read_text())
-    by_op: dict[str, float] = defaultdict(float)
-    for event in trace:
-        # Each node also logs zero-length fence events; only the kernel time is the node's work.
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            by_op[event["args"]["op_name"]] += event["dur"]
-    total = sum(by_op.values()) or 1.0
-    return {op: 100.0 * dur / total for op, dur in sorted(by_op.items(), key=lambda kv: -kv[1])}

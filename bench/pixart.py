@@ -19,6 +19,7 @@ import torch
 import ditengine as de
 from ditengine.models.pixart import PixArt, PixArtConfig, to_diffusers_state_dict
 
+from .peers import PeerGraph
 from .twin import diffusers_transformer
 from .workload import Workload
 
@@ -43,6 +44,20 @@ def pixart_flops(cfg: PixArtConfig, T: int, L: int, model_batch: int) -> float:
     patch = 2 * T * D * cfg.in_channels * cfg.patch_size**2
     final = 2 * T * D * cfg.patch_size**2 * cfg.out_channels
     return model_batch * (cfg.num_layers * per_block + patch + final)
+
+
+class PipelineCall(torch.nn.Module):
+    """The transformer as PixArt's pipeline calls it, with positional inputs for the ONNX exporter: (x, t, the
+    caption embeddings, their mask[, resolution, aspect ratio]) -> the model output (noise and variance channels)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, x, t, hidden, keep, resolution=None, aspect_ratio=None):
+        added = None if resolution is None else {"resolution": resolution, "aspect_ratio": aspect_ratio}
+        return self.transformer(x, encoder_hidden_states=hidden, encoder_attention_mask=keep, timestep=t,
+                                added_cond_kwargs=added, return_dict=False)[0]
 
 
 def pixart_setup(args, device):
@@ -80,24 +95,25 @@ def pixart_setup(args, device):
         def eager_model(dtype, sdpa):  # diffusers' attention is SDPA in every row
             return copy.deepcopy(diffusers_model if diffusers_model is not None else base).to(dtype)
 
-        def eager_forward(model, use_cfg):
+        def pipeline_inputs(use_cfg, dtype):
+            """The transformer's conditioning on the CFG batch (prompt rows, then the negative's), by input name."""
             rows = [text, negative] if use_cfg else [text]
-            dtype = next(model.parameters()).dtype
-            hidden = torch.cat(rows).to(dtype)
             keep = torch.cat([mask, negative_mask] if use_cfg else [mask])
-            added = named.get("added_cond_kwargs")
-            if added is not None:
-                added = {k: torch.cat([v] * len(rows)).to(dtype) for k, v in added.items()}
+            inputs = {"hidden": torch.cat(rows).to(dtype), "keep": keep}
+            added = named.get("added_cond_kwargs") or {}
+            return inputs | {k: torch.cat([v] * len(rows)).to(dtype) for k, v in added.items()}
 
-            def forward(x_in, t, step):  # the pipeline's call of its transformer
-                return model(x_in, encoder_hidden_states=hidden, encoder_attention_mask=keep, timestep=t,
-                             added_cond_kwargs=added, return_dict=False)[0]
+        def eager_forward(model, use_cfg):
+            call, inputs = PipelineCall(model), pipeline_inputs(use_cfg, next(model.parameters()).dtype)
+            return lambda x_in, t, step: call(x_in, t, *inputs.values())
 
-            return forward
+        def peer_graph(use_cfg):
+            module = PipelineCall(eager_model(torch.float32, True)).eval()
+            return PeerGraph(module, pipeline_inputs(use_cfg, torch.float32))
 
         label = "diffusers PixArtTransformer2DModel" if diffusers_model is not None else \
             "ditengine's PixArt reference (diffusers not installed)"
         return Workload(base, sched, noise, named=named, eager_model=eager_model, eager_forward=eager_forward,
-                        eager_label=label)
+                        eager_label=label, peer_graph=peer_graph)
 
     return cfg, base, lambda model_batch: pixart_flops(cfg, T, tokens, model_batch), workload

@@ -23,6 +23,7 @@ class Workload:
     eager_model: Callable = None  # (dtype, sdpa) -> the eager peer in that dtype
     eager_forward: Callable = None  # (model, use_cfg) -> forward(x_in, t, step)
     eager_label: str = "ditengine reference"
+    peer_graph: Callable = None  # (use_cfg) -> peers.PeerGraph, what the CPU runtime peers export (None: no peers)
     sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guider=APG(), for both loops
     audio_seconds: float | None = None  # a music workload: the song length one sampling run makes
     per_image_seconds: bool = False  # report the seconds per image of a whole loop (Flux, SD3)

@@ -147,19 +147,27 @@ def test_every_kernel_compiles_for_the_h100_without_a_gpu(tmp_path):
             assert r["wgmma"], r  # bf16/fp16 dots run on Hopper's warpgroup tensor cores
 
 
-def test_bench_pixart_ladder_times_the_prompt_side_apart(tmp_path, capsys):
+def test_bench_pixart_ladder_times_the_prompt_side_apart_and_meets_the_runtimes(tmp_path, capsys):
     """`--model PixArt-Σ` at the real width, one layer and a 64 px image: the eager rows are diffusers' own
-    transformer, the fused rows report the per-prompt text side in its own column."""
+    transformer, the fused rows report the per-prompt text side in its own column, and the runtime peers run
+    diffusers' transformer exported to ONNX."""
     pytest.importorskip("diffusers")
     assert main(["--model", "PixArt-Σ", "--depth", "1", "--image-size", "64", "--steps", "2", "--repeats", "2",
-                 "--warmup", "1", "--dtype", "fp32", "--variants", "eager-fp32,fused+precond,gemm-floor",
-                 "--out", str(tmp_path)]) == 0
+                 "--warmup", "1", "--dtype", "fp32", "--variants",
+                 "eager-fp32,onnxruntime-fp32,openvino-fp32,fused+precond,gemm-floor", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "PixArt-Σ, latent 8x8" in printed and "eager rows: diffusers PixArtTransformer2DModel" in printed
-    rows = {r["variant"]: r for r in json.loads(next(tmp_path.glob("bench-*.json")).read_text())["results"]}
+    report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    rows = {r["variant"]: r for r in report["results"]}
     assert rows["fused+precond"]["prompt_ms"] > 0 and rows["eager-fp32"]["prompt_ms"] is None
     assert rows["fused+precond"]["sqnr_db"] > 100  # fp32: the same function as diffusers' transformer
     assert rows["gemm-floor"]["pct_of_gemm_floor"] == pytest.approx(100)
+    ran = [p for p in ("onnxruntime-fp32", "openvino-fp32") if p in rows]
+    assert set(ran) | set(report["skipped"]) >= {"onnxruntime-fp32", "openvino-fp32"}
+    for peer in ran:  # the runtime reorders fp32 sums only: a whole run stays within fp32 noise of diffusers'
+        assert rows[peer]["sqnr_db"] > 60, rows[peer]
+    fastest = min(["eager-fp32", *ran], key=lambda v: rows[v]["median_ms"])
+    assert rows["fused+precond"]["vs_peer_name"] == fastest
 
 
 def test_bench_ace_step_ladder_reports_seconds_per_song(tmp_path, capsys):

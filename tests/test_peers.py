@@ -1,4 +1,5 @@
-"""The CPU runtime peers (ditengine.bench.peers) against the reference DiT they were exported from."""
+"""The CPU runtime peers (ditengine.bench.peers) against the reference DiT they were exported from (PixArt's peers
+run in test_cli's PixArt ladder)."""
 import sys
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 import ditengine as de
 from ditengine.bench import peers
+from ditengine.bench.dit import dit_peer_graph
 from ditengine.bench.peers import PEERS, PeerUnavailable, peer_forward
 
 # fp32 peers: the runtimes fuse ops and reorder fp32 reductions (GEMM blocking, LayerNorm, softmax), which
@@ -28,14 +30,14 @@ def workload(tmp_path_factory):
     model = de.DiT(de.DiTConfig.from_name("DiT-S/2", input_size=8, depth=2)).eval()
     x_in = torch.randn(2, 4, 8, 8)
     t = torch.tensor([500.0, 500.0])
-    y = torch.tensor([1, model.config.num_classes])  # a class label, then the null label
-    return model, x_in, t, y, tmp_path_factory.mktemp("peers")
+    graph = dit_peer_graph(model, torch.tensor([1]), use_cfg=True)  # the class label, then the null label
+    return model, x_in, t, graph, tmp_path_factory.mktemp("peers")
 
 
 def build(name, workload):
-    model, x_in, t, y, workdir = workload
+    model, x_in, t, graph, workdir = workload
     try:
-        return peer_forward(name, model, x_in, t, y, workdir)
+        return peer_forward(name, graph, x_in, t, workdir)
     except PeerUnavailable as err:
         pytest.skip(str(err))
 
@@ -46,7 +48,8 @@ def rel_l2(out, ref):
 
 @pytest.mark.parametrize("name", PEERS)
 def test_peer_matches_reference(name, workload):
-    model, x_in, t, y, _ = workload
+    model, x_in, t, graph, _ = workload
+    y = graph.fixed["y"]
     forward = build(name, workload)
     later_x, later_t = torch.randn_like(x_in), torch.tensor([250.0, 250.0])
     first = forward(x_in, t, 0)
@@ -64,20 +67,22 @@ def test_peer_matches_reference(name, workload):
 
 
 def test_export_is_cached_per_weights(workload):
-    model, x_in, t, y, workdir = workload
+    model, x_in, t, graph, workdir = workload
     pytest.importorskip("onnx")
-    path, exporter = peers.export_onnx(model, x_in, t, y, workdir)
+    path, exporter = peers.export_onnx(graph, x_in, t, workdir)
     written = path.stat().st_mtime_ns
-    assert peers.export_onnx(model, x_in, t, y, workdir) == (path, exporter)
+    assert peers.export_onnx(graph, x_in, t, workdir) == (path, exporter)
     assert path.stat().st_mtime_ns == written and exporter in ("dynamo", "torchscript")
-    other = de.DiT(model.config).eval()
-    assert peers._cache_key(other, x_in, t, y) != peers._cache_key(model, x_in, t, y)
+    other = dit_peer_graph(de.DiT(model.config).eval(), torch.tensor([1]), use_cfg=True)
+    assert peers._cache_key(other, x_in, t) != peers._cache_key(graph, x_in, t)
+    more_rows = dit_peer_graph(model, torch.tensor([1, 2]), use_cfg=True)
+    assert peers._cache_key(more_rows, x_in, t) != peers._cache_key(graph, x_in, t)
 
 
 # The TorchScript exporter's deprecation and its tracer's notes on shapes, which are fixed here.
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_export_falls_back_to_torchscript(workload, tmp_path, monkeypatch):
-    model, x_in, t, y, _ = workload
+    model, x_in, t, graph, _ = workload
     ort = pytest.importorskip("onnxruntime")
     export = torch.onnx.export
 
@@ -88,12 +93,12 @@ def test_export_falls_back_to_torchscript(workload, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
     with pytest.warns(UserWarning, match="TorchScript exporter"):
-        path, exporter = peers.export_onnx(model, x_in, t, y, tmp_path)
+        path, exporter = peers.export_onnx(graph, x_in, t, tmp_path)
     assert exporter == "torchscript" and [p.name for p in tmp_path.iterdir()] == [path.parent.name]
     out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x_in.numpy(), "t": t.numpy(), "y": y.numpy()})[0]
+        None, {"x": x_in.numpy(), "t": t.numpy(), "y": graph.fixed["y"].numpy()})[0]
     with torch.no_grad():
-        ref = model(x_in, t, y)
+        ref = model(x_in, t, graph.fixed["y"])
     assert (torch.from_numpy(out) - ref).abs().max().item() <= FP32_TOLERANCE * ref.abs().max().item()
 
 
@@ -104,14 +109,14 @@ def test_export_falls_back_to_torchscript(workload, tmp_path, monkeypatch):
 def test_missing_package_is_unavailable(name, hidden, workload, monkeypatch):
     if hidden == "nncf":
         pytest.importorskip("openvino")  # without openvino, openvino is what the reason names
-    model, x_in, t, y, workdir = workload
+    _, x_in, t, graph, workdir = workload
     monkeypatch.setitem(sys.modules, hidden, None)  # `import hidden` now raises ImportError
     with pytest.raises(PeerUnavailable, match=hidden):
-        peer_forward(name, model, x_in, t, y, workdir)
+        peer_forward(name, graph, x_in, t, workdir)
 
 
 def test_unknown_peer_lists_the_names(workload):
-    model, x_in, t, y, workdir = workload
+    _, x_in, t, graph, workdir = workload
     with pytest.raises(ValueError, match="tensorrt-fp16") as err:
-        peer_forward("tensorrt-fp16", model, x_in, t, y, workdir)
+        peer_forward("tensorrt-fp16", graph, x_in, t, workdir)
     assert all(name in str(err.value) for name in PEERS)

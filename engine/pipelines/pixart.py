@@ -195,4 +195,4 @@ families.register(families.Family(
     diffusers_class="PixArtTransformer2DModel", from_diffusers=pixart.from_diffusers, recognises=recognises,
     load=load, pipelines={"PixArtAlphaPipeline": AcceleratedPixArtPipeline,
                           "PixArtSigmaPipeline": AcceleratedPixArtPipeline},
-    bench=(lambda name: name.lower().startswith("pixart"), "ditengine.bench.pixart:pixart_setup")))
+    bench=(lambda name: name.lower().startswith("pixart"), "ditengine.bench.pixart:pixart_setup"), bench_peers=True))
