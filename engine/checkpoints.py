@@ -57,16 +57,18 @@ def supported_checkpoints() -> str:
     return ", ".join(f.spec.__name__ for f in families.families() if f.load is not None) + " checkpoints"
 
 
-def from_diffusers(transformer):
+def from_diffusers(transformer, peft_base: bool = False):
     """ditengine's reference model sharing the weights of a live diffusers transformer (its tensors, in its dtype
     and on its device: nothing is copied but what the spec's layout concatenates, the DiT's and PixArt's q|k|v),
     for every registered family's diffusers class: `DiTTransformer2DModel` -> `ditengine.DiT`,
     `PixArtTransformer2DModel` -> `ditengine.PixArt`, `AceStepTransformer1DModel` -> `ditengine.AceStep`,
     `FluxTransformer2DModel` -> `ditengine.Flux`, `SD3Transformer2DModel` -> `ditengine.SD3`.
-    The returned model's `forward` takes the keyword arguments the diffusers pipeline passes."""
+    The returned model's `forward` takes the keyword arguments the diffusers pipeline passes. A transformer carrying
+    peft LoRA layers is refused unless `peft_base` asks for its base weights (`accelerate` folds the adapters itself).
+    """
     name = type(transformer).__name__
     family = families.of_diffusers(name)
     if family is None:
         supported = [f.diffusers_class for f in families.families() if f.diffusers_class]
         raise TypeError(f"from_diffusers: expected a diffusers {' or '.join(supported)} instance, got {name}")
-    return family.from_diffusers(transformer)
+    return family.from_diffusers(transformer, peft_base=peft_base)

@@ -28,7 +28,8 @@ class Family:
     pipeline calls it on the loop's (CFG-doubled) rows, the conditioning checked once;
     `channels(config)`, the latent channels the loop updates; `depth(model)`, its transformer blocks.
 
-    Optional: `config` (the config class, exported beside the spec); `diffusers_class` and `from_diffusers(module)`;
+    Optional: `config` (the config class, exported beside the spec); `diffusers_class` and
+    `from_diffusers(module, peft_base)`;
     `recognises(state)` and `load(state, diffusers_config, options)` for `load_checkpoint` (families are asked in
     registration order, a `catch_all` one after every other); `pipelines`, diffusers pipeline class names ->
     the accelerated pipeline classes; `reference_cache`, True when `forward` takes `cache=` (a

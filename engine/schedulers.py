@@ -413,13 +413,16 @@ class FlowMatchEuler(Scheduler):
 
     `use_dynamic_shifting` (Flux's resolution-dependent shift): the grid is shifted by `mu` instead of `shift`,
     `e^mu / (e^mu + 1/sigma - 1)` (`time_shift_type="exponential"`) or `mu / (mu + 1/sigma - 1)` ("linear"),
-    as diffusers' `set_timesteps(mu=...)`; the pipeline computes mu from the image's token count."""
+    as diffusers' `set_timesteps(mu=...)`; the pipeline computes mu from the image's token count.
+
+    `begin_index`: only the steps of the full grid from this index on, as diffusers' `set_begin_index` (img2img's
+    `strength`: the loop starts from the image's latents noised to that step's sigma)."""
 
     continuous_time = True
 
     def __init__(self, num_inference_steps: int | None = None, *, num_train_timesteps: int = 1000, shift: float = 1.0,
                  prediction_type: str = "flow", sigmas=None, use_dynamic_shifting: bool = False,
-                 mu: float | None = None, time_shift_type: str = "exponential"):
+                 mu: float | None = None, time_shift_type: str = "exponential", begin_index: int = 0):
         if prediction_type != "flow":
             raise ValueError(f"prediction_type={prediction_type!r}: FlowMatchEuler expects 'flow'")
         self.shift = check_number("shift", shift, 0.0, low_open=True)
@@ -441,22 +444,29 @@ class FlowMatchEuler(Scheduler):
             self.sigmas, num_inference_steps = grid, grid.size
         elif num_inference_steps is None:
             num_inference_steps = 50
+        if isinstance(begin_index, bool) or not isinstance(begin_index, int) or \
+                not 0 <= begin_index < num_inference_steps:
+            raise ValueError(f"begin_index={begin_index!r}: expected an int in [0, {num_inference_steps})")
+        if begin_index:  # the shift is per sigma: shifting the tail of the grid gives the tail of the shifted grid
+            grid = self.sigmas if self.sigmas is not None else self._grid(num_inference_steps, num_train_timesteps)
+            self.sigmas, num_inference_steps = grid[begin_index:], num_inference_steps - begin_index
         super().__init__(num_inference_steps, num_train_timesteps=num_train_timesteps, prediction_type="flow")
 
+    def _shifted(self, s):
+        if self.mu is None:
+            return self.shift * s / (1 + (self.shift - 1) * s)
+        scale = math.exp(self.mu) if self.time_shift_type == "exponential" else self.mu
+        return scale / (scale + (1 / s - 1))
+
+    def _grid(self, n: int, T: int) -> np.ndarray:
+        """The n-step inference grid before the shift: diffusers shifts the training sigmas (statically), then
+        spans them with the grid."""
+        sigma_max, sigma_min = (1.0, 1.0 / T) if self.mu is not None else (self._shifted(1.0), self._shifted(1.0 / T))
+        return np.linspace(sigma_max * T, sigma_min * T, n) / T
+
     def _rows(self):
-        T, n, shift = self.num_train_timesteps, self.num_inference_steps, self.shift
-
-        def shifted(s):
-            if self.mu is None:
-                return shift * s / (1 + (shift - 1) * s)
-            scale = math.exp(self.mu) if self.time_shift_type == "exponential" else self.mu
-            return scale / (scale + (1 / s - 1))
-
-        if self.sigmas is not None:
-            sigmas = shifted(self.sigmas)
-        else:  # diffusers shifts the training sigmas (statically), then shifts the inference grid spanning them
-            sigma_max, sigma_min = (1.0, 1.0 / T) if self.mu is not None else (shifted(1.0), shifted(1.0 / T))
-            sigmas = shifted(np.linspace(sigma_max * T, sigma_min * T, n) / T)
+        T, n = self.num_train_timesteps, self.num_inference_steps
+        sigmas = self._shifted(self.sigmas if self.sigmas is not None else self._grid(n, T))
         rows = []
         for sigma, sigma_next in zip(sigmas, np.append(sigmas[1:], 0.0)):
             ratio = sigma_next / sigma

@@ -2,6 +2,7 @@
 guidance), schnell and true CFG, on the fused and the reference loop; a tiny offline pipeline without text
 encoders (the embeddings given)."""
 import pytest
+import torch
 
 import ditengine as de
 
@@ -49,8 +50,8 @@ def test_decoded_images_match_and_refusals():
     kwargs = dict(num_inference_steps=2, **text_embeddings(), output_type="pt")
     want, got = call_pipeline(pipe, **kwargs), call_pipeline(de.accelerate(pipe), **kwargs)
     assert got.shape == want.shape and rel_err(got, want) <= 1e-3
-    with pytest.raises(ValueError, match="joint_attention_kwargs: not supported"):
-        call_pipeline(de.accelerate(pipe), joint_attention_kwargs={"scale": 0.5}, **text_embeddings())
+    with pytest.raises(ValueError, match="ip_adapter_image_embeds: not supported"):
+        call_pipeline(de.accelerate(pipe), ip_adapter_image_embeds=[torch.zeros(1, 4)], **text_embeddings())
 
 
 # -- memory: one fused denoiser, the pipeline's own dtype, released weights ----------------------------------------

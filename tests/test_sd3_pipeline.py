@@ -58,8 +58,7 @@ def test_decoded_images_match_and_refusals():
     want, got = call_pipeline(pipe, **kwargs), call_pipeline(de.accelerate(pipe), **kwargs)
     assert got.shape == want.shape and rel_err(got, want) <= 1e-3
     fast = de.accelerate(pipe)
-    for name, value in (("joint_attention_kwargs", {"scale": 0.5}), ("skip_guidance_layers", [0]),
-                        ("ip_adapter_image_embeds", [torch.zeros(1, 4)])):
+    for name, value in (("skip_guidance_layers", [0]), ("ip_adapter_image_embeds", [torch.zeros(1, 4)])):
         with pytest.raises(ValueError, match=f"{name}: not supported"):
             call_pipeline(fast, **{name: value}, **embeddings())
     with pytest.raises(ValueError, match="generator: pass one torch.Generator"):

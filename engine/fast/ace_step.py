@@ -100,15 +100,11 @@ class FastAceStep(FusedDenoiser):
         self.context_patch = (self.cast(conv[:, :C_ctx].flatten(1)), self.cast(model.proj_in_conv.bias))
         gemm = functools.partial(self.token_linear, rows=rows, block=True)
 
-        def fused(*layers):
-            bias = None if layers[0].bias is None else torch.cat([m.bias for m in layers])
-            return gemm((torch.cat([m.weight for m in layers]), bias))
-
         self.blocks = []
         for blk in model.layers:
             sa, ca = blk.self_attn, blk.cross_attn
             self.blocks.append({
-                "qkv": fused(sa.to_q, sa.to_k, sa.to_v), "proj": gemm(sa.to_out[0]), "q": gemm(ca.to_q),
+                "qkv": gemm([sa.to_q, sa.to_k, sa.to_v]), "proj": gemm(sa.to_out[0]), "q": gemm(ca.to_q),
                 "cross_proj": gemm(ca.to_out[0]),
                 "gate_up": self.swiglu_linear(blk.mlp.gate_proj, blk.mlp.up_proj, rows, block=True),
                 "down": gemm(blk.mlp.down_proj),

@@ -6,6 +6,7 @@ out in `Denoiser` below and in the README's layout section. The loop never names
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -48,6 +49,38 @@ def cublaslt_gelu_is_tanh(device: str) -> bool:
     return ok
 
 
+def shares_storage(tensor: torch.Tensor | None, others) -> bool:
+    """Whether `tensor` lives in the memory of one of `others` (an alias of a model's own tensor). oneDNN's packed
+    tensors have no storage of their own to share: always copies."""
+    if tensor is None or tensor.is_mkldnn:
+        return False
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(o is not None and not o.is_mkldnn and o.untyped_storage().data_ptr() == ptr for o in others)
+
+
+def stacked_weights(parts, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[(weight (N_i, K), bias (N_i) or None)] -> their rows stacked: (sum N_i, K) and the biases (or None); one part
+    is returned as it is. With `dtype`, several are rounded to it as they are stacked (one pass, not two)."""
+    weights, biases = zip(*parts)
+    if len(weights) == 1:
+        return weights[0], biases[0]
+    dtype = dtype or weights[0].dtype
+    weight = torch.empty(sum(w.shape[0] for w in weights), weights[0].shape[1], dtype=dtype, device=weights[0].device)
+    start = 0
+    for w in weights:
+        weight[start:start + w.shape[0]].copy_(w.detach())
+        start += w.shape[0]
+    return weight, None if biases[0] is None else torch.cat(biases).to(dtype)
+
+
+def copy_fields(dst, src) -> None:
+    """Every tensor of a packed form (a dataclass of tensors) copied into `dst`'s own, in place."""
+    for field in dataclasses.fields(dst):
+        into = getattr(dst, field.name)
+        if isinstance(into, torch.Tensor):
+            into.copy_(getattr(src, field.name))
+
+
 @functools.lru_cache(maxsize=None)
 def _log_reference_attention(family: str, head_dim: int) -> None:
     log.info("ditengine: %s head dim %d is outside the attention kernels' (a multiple of 8 in 16..256): its "
@@ -65,11 +98,15 @@ class TokenLinear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, owner: "FusedDenoiser", rows: int,
-                 quantize: str | None = None):
+                 quantize: str | None = None, sources: list | None = None):
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.owner, self.rows, self.quantize = owner, rows, quantize
+        self.sources = sources or []  # the model's Linear layers whose rows these are, in order (`refit`)
+        source_tensors = (weight, bias)
         self.packed = self.weight = self.bias = None
-        # Rounded to the compute dtype first: the fast path's weights are the model's in that dtype.
-        weight, bias = owner.cast(weight), None if bias is None else owner.cast(bias)
+        # Rounded to the compute dtype first: the fast path's weights are the model's in that dtype. The bias is
+        # always a copy (tiny), so that a refit rewrites it in place.
+        weight, bias = owner.cast(weight), None if bias is None else owner.cast(bias).clone()
         if quantize == "int8":  # the op (its native CPU kernel where built), or its torch body on one backend
             self.packed = prepack_int8(weight, bias, native=owner.backend in (None, "native"))
             self.run = linear_int8
@@ -82,6 +119,31 @@ class TokenLinear:
             self.weight, self.bias = weight, bias
         self.gelu_epilogue = owner.gelu_epilogue
         self.column_gelu = quantize is None and owner.prepacked  # the GELU of `gelu_from` in the GEMM epilogue
+        # Whether a weight here is the model's own tensor (no copy was needed): a refit must not write into it.
+        self.aliases = any(shares_storage(t, source_tensors) for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors the GEMM reads (packed or plain)."""
+        held = [getattr(self.packed, f.name) for f in dataclasses.fields(self.packed)] if self.packed is not None \
+            else [self.weight, self.bias]
+        return [t for t in held if isinstance(t, torch.Tensor)]
+
+    def refit(self, effective: dict) -> bool:
+        """Rebuild from the sources' weights, `effective[layer]()` -> (weight, bias) where given (a LoRA folded in),
+        else the layer's own, into the same tensors so that captured graphs stay valid. Returns False where they
+        were the model's own tensors (an alias, now a copy: new storage)."""
+        parts = [effective[m]() if m in effective else (m.weight, m.bias) for m in self.sources]
+        fresh = TokenLinear(*stacked_weights(parts, self.owner.dtype), self.owner, self.rows, self.quantize)
+        if self.aliases:
+            self.packed, self.weight, self.bias, self.aliases = fresh.packed, fresh.weight, fresh.bias, fresh.aliases
+            return False
+        if self.packed is not None:
+            copy_fields(self.packed, fresh.packed)
+        else:
+            self.weight.copy_(fresh.weight)
+            if self.bias is not None:
+                self.bias.copy_(fresh.bias)
+        return True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
@@ -141,8 +203,30 @@ class StackedLinear:
     scales every activation), widening one layer's weight at a time."""
 
     def __init__(self, layers, owner: "FusedDenoiser", fp32: bool = False):
-        self.parts = [(owner.cast(m.weight), None if m.bias is None else owner.cast(m.bias)) for m in layers]
+        self.sources, self.owner = list(layers), owner
+        self.parts = [self._cast(m.weight, m.bias) for m in self.sources]
         self.fp32, self.dtype = fp32, owner.dtype
+        owner.hold(self)
+
+    def _cast(self, weight, bias) -> tuple:
+        return self.owner.cast(weight), None if bias is None else self.owner.cast(bias)
+
+    def refit(self, effective: dict) -> bool:
+        """The parts of the layers in `effective` (layer -> a function giving its (weight, bias)) rewritten in place; a
+        part that was the layer's own tensor is replaced by a copy instead (False: new storage)."""
+        kept = True
+        for i, layer in enumerate(self.sources):
+            if layer in effective:
+                fresh = self._cast(*effective[layer]())
+                if shares_storage(self.parts[i][0], (layer.weight, layer.bias)) or \
+                        shares_storage(self.parts[i][1], (layer.weight, layer.bias)):
+                    self.parts[i] = tuple(None if t is None else t.clone() for t in fresh)
+                    kept = False
+                else:
+                    for into, value in zip(self.parts[i], fresh):
+                        if into is not None:
+                            into.copy_(value)
+        return kept
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., sum of the layers' out), fp32 when `fp32`, else in the compute dtype."""
@@ -224,6 +308,7 @@ class FusedDenoiser(ABC):
                              f"got {self.device}; use quantize='int8' on a CPU (backend='reference' emulates "
                              "fp8's numerics anywhere)")
         self.quantize = quantize
+        self.holders: dict[torch.nn.Module, list] = {}  # model Linear -> the forms built from it (`refit`)
 
     def cast(self, t: torch.Tensor, to: torch.dtype | None = None) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=to or self.dtype).contiguous()
@@ -257,11 +342,33 @@ class FusedDenoiser(ABC):
         _log_reference_attention(type(self).__name__, head_dim)
         return False
 
-    def token_linear(self, layer: torch.nn.Linear | tuple, rows: int, block: bool = False) -> TokenLinear:
-        """A model's linear layer (or a (weight, bias) pair) as a token GEMM over `rows` rows; a `block`'s
-        GEMMs take the sampler's quantisation."""
-        weight, bias = (layer.weight, layer.bias) if isinstance(layer, torch.nn.Module) else layer
-        return TokenLinear(weight, bias, self, rows, self.quantize if block else None)
+    def token_linear(self, layer: torch.nn.Linear | list | tuple, rows: int, block: bool = False) -> TokenLinear:
+        """A model's linear layer, several layers on one input (a list: their rows stacked, q|k|v), or a derived
+        (weight, bias) pair as a token GEMM over `rows` rows; a `block`'s GEMMs take the sampler's quantisation.
+        Layers (not pairs) are registered for `refit`."""
+        if isinstance(layer, tuple):
+            return TokenLinear(*layer, self, rows, self.quantize if block else None)
+        layers = [layer] if isinstance(layer, torch.nn.Module) else list(layer)
+        weight, bias = stacked_weights([(m.weight, m.bias) for m in layers])
+        return self.hold(TokenLinear(weight, bias, self, rows, self.quantize if block else None, sources=layers))
+
+    def hold(self, holder):
+        """Register a form built from model layers (its `sources`) for `refit`; returns it."""
+        for layer in holder.sources:
+            self.holders.setdefault(layer, []).append(holder)
+        return holder
+
+    def refit(self, effective: dict) -> bool:
+        """Rewrite, in place, every form built from the layers of `effective` (model Linear -> a function giving its
+        (weight, bias) now, e.g. with a LoRA folded in, or its own weights to undo one: called when its form is
+        rebuilt, so only one form's weights are ever made at once). Returns False where some form had to take new
+        storage (it was the model's own tensor), which invalidates captured graphs. A layer no form holds raises a
+        KeyError naming it."""
+        missing = [layer for layer in effective if layer not in self.holders]
+        if missing:
+            raise KeyError(missing[0])
+        holders = {id(h): h for layer in effective for h in self.holders[layer]}
+        return all([h.refit(effective) for h in holders.values()])
 
     def swiglu_linear(self, gate: torch.nn.Linear, up: torch.nn.Linear, rows: int, block: bool = False) -> SwiGLULinear:
         """A SwiGLU MLP's gate and up layers as one GEMM with the epilogue fused; a `block`'s take the quantisation."""

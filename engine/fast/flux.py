@@ -111,16 +111,13 @@ class FastFlux(FusedDenoiser):
         rows = 2 * 4096
         gemm = functools.partial(self.token_linear, rows=rows, block=True)
 
-        def fused(*layers):
-            return gemm((torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])))
-
         self.x_embed = self.token_linear(model.x_embedder, rows)
-        self.context = (self.cast(model.context_embedder.weight), self.cast(model.context_embedder.bias))
+        self.context = StackedLinear([model.context_embedder], self)  # per call: the T5 tokens
         self.double = []
         for blk in model.transformer_blocks:
             a = blk.attn
             self.double.append({
-                "qkv": fused(a.to_q, a.to_k, a.to_v), "add_qkv": fused(a.add_q_proj, a.add_k_proj, a.add_v_proj),
+                "qkv": gemm([a.to_q, a.to_k, a.to_v]), "add_qkv": gemm([a.add_q_proj, a.add_k_proj, a.add_v_proj]),
                 "out": gemm(a.to_out[0]), "add_out": gemm(a.to_add_out),
                 "fc1": gemm(blk.ff.net[0].proj), "fc2": gemm(blk.ff.net[2]),
                 "add_fc1": gemm(blk.ff_context.net[0].proj), "add_fc2": gemm(blk.ff_context.net[2]),
@@ -131,7 +128,7 @@ class FastFlux(FusedDenoiser):
         for blk in model.single_transformer_blocks:
             a = blk.attn
             self.single.append({
-                "qkv_mlp": fused(a.to_q, a.to_k, a.to_v, blk.proj_mlp), "out": gemm(blk.proj_out),
+                "qkv_mlp": gemm([a.to_q, a.to_k, a.to_v, blk.proj_mlp]), "out": gemm(blk.proj_out),
                 "q_norm": self.cast(a.norm_q.weight, torch.float32),
                 "k_norm": self.cast(a.norm_k.weight, torch.float32)})
         # Per step: fp32 embedders and every block's modulation linear side by side (never in the loop).
@@ -177,7 +174,7 @@ class FastFlux(FusedDenoiser):
         if use_cfg:
             halves.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
         text = torch.cat([cond[t].to(self.device, self.dtype) for t, _ in halves])
-        ctx["text"].copy_(F.linear(text, *self.context))
+        ctx["text"].copy_(self.context(text))
         emb = self.apply_mlp(self.pooled_mlp, torch.cat([cond[p].to(self.device, torch.float32) for _, p in halves]))
         if self.g_mlp is not None:  # rounded to the latent dtype, then times 1000 in it, as diffusers does
             g = (cond["guidance"].to(self.dtype) * 1000).repeat(len(halves))

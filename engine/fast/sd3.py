@@ -80,9 +80,6 @@ class FastSD3(FusedDenoiser):
         rows = 2 * (4096 + 333)  # CFG rows of a 1024 px image's tokens and the prompt's
         gemm = functools.partial(self.token_linear, rows=rows, block=True)
 
-        def fused(*layers):
-            return gemm((torch.cat([m.weight for m in layers]), torch.cat([m.bias for m in layers])))
-
         def norms(*pairs):  # (2, Dh) per-stream RMSNorm weights, image rows first; None without q/k norm
             return tuple(None if a is None else self.cast(torch.stack([a.weight, b.weight]), torch.float32)
                          for a, b in pairs)
@@ -91,11 +88,12 @@ class FastSD3(FusedDenoiser):
         self.patch_bias = self.cast(model.pos_embed.proj.bias, torch.float32)
         self.pos_embed = model.pos_embed  # its cropped tables, per grid (the checkpoint's copy)
         self._pos = {}
-        self.context = (self.cast(model.context_embedder.weight), self.cast(model.context_embedder.bias))
+        self.context = StackedLinear([model.context_embedder], self)  # per call: the T5 tokens
         self.blocks, mods, K = [], [], 0
         for i, blk in enumerate(model.transformer_blocks):
             a, last = blk.attn, blk.context_pre_only
-            layers = {"qkv": fused(a.to_q, a.to_k, a.to_v), "add_qkv": fused(a.add_q_proj, a.add_k_proj, a.add_v_proj),
+            layers = {"qkv": gemm([a.to_q, a.to_k, a.to_v]),
+                      "add_qkv": gemm([a.add_q_proj, a.add_k_proj, a.add_v_proj]),
                       "out": gemm(a.to_out[0]), "fc1": gemm(blk.ff.net[0].proj), "fc2": gemm(blk.ff.net[2]),
                       "last": last, "dual": blk.use_dual_attention, "image": K, "text": K + blk.norm1.n}
             layers["q_norm"], layers["k_norm"] = norms((a.norm_q, a.norm_added_q), (a.norm_k, a.norm_added_k))
@@ -104,7 +102,7 @@ class FastSD3(FusedDenoiser):
                               add_fc2=gemm(blk.ff_context.net[2]))
             if blk.use_dual_attention:
                 a2 = blk.attn2
-                layers.update(qkv2=fused(a2.to_q, a2.to_k, a2.to_v), out2=gemm(a2.to_out[0]),
+                layers.update(qkv2=gemm([a2.to_q, a2.to_k, a2.to_v]), out2=gemm(a2.to_out[0]),
                               q_norm2=None if a2.norm_q is None else self.cast(a2.norm_q.weight, torch.float32),
                               k_norm2=None if a2.norm_k is None else self.cast(a2.norm_k.weight, torch.float32))
             self.blocks.append(layers)
@@ -155,7 +153,7 @@ class FastSD3(FusedDenoiser):
         if use_cfg:
             halves.append(("negative_prompt_embeds", "negative_pooled_prompt_embeds"))
         text = torch.cat([cond[t].to(self.device, self.dtype) for t, _ in halves])
-        ctx["text"].copy_(F.linear(text, *self.context))
+        ctx["text"].copy_(self.context(text))
         pooled = torch.cat([cond[p].to(self.device, torch.float32) for _, p in halves])
         ctx["pooled_emb"].copy_(self.apply_mlp(self.pooled_mlp, pooled))
 

@@ -63,8 +63,8 @@ def load_state_dict(state: dict, config=None, source: str = "checkpoint") -> Ace
     return load_state(empty(AceStep, resolve_config(AceStepConfig, config, infer_config, state)), state, source).eval()
 
 
-def from_diffusers(transformer) -> AceStep:
+def from_diffusers(transformer, peft_base: bool = False) -> AceStep:
     """An AceStep with the weights of a live diffusers `AceStepTransformer1DModel`
     (sharing its tensors: their dtype, device and storage)."""
-    state = diffusers_state(transformer, "AceStepTransformer1DModel")
+    state = diffusers_state(transformer, "AceStepTransformer1DModel", peft_base)
     return load_state_dict(state, dict(transformer.config), "diffusers state dict")

@@ -137,7 +137,7 @@ def load(state: dict, dconfig: dict, options: dict) -> DiT:
     return load_state(empty(DiT, infer_config(state, **overrides)), state).eval()
 
 
-def from_diffusers(transformer) -> DiT:
+def from_diffusers(transformer, peft_base: bool = False) -> DiT:
     """A DiT sharing a live diffusers `DiTTransformer2DModel`'s tensors (its fused q|k|v rows concatenated)."""
-    state = convert_diffusers(diffusers_state(transformer, "DiTTransformer2DModel"))
+    state = convert_diffusers(diffusers_state(transformer, "DiTTransformer2DModel", peft_base))
     return load_state(empty(DiT, infer_config(state, **_diffusers_fields(dict(transformer.config)))), state).eval()

@@ -136,8 +136,8 @@ def load_state_dict(state: dict, config=None, source: str = "checkpoint") -> Flu
     return load_state(empty(Flux, resolve_config(FluxConfig, config, infer_config, state)), state, source).eval()
 
 
-def from_diffusers(transformer) -> Flux:
+def from_diffusers(transformer, peft_base: bool = False) -> Flux:
     """A Flux with the weights of a live diffusers `FluxTransformer2DModel`
     (sharing its tensors: their dtype, device and storage)."""
-    state = diffusers_state(transformer, "FluxTransformer2DModel")
+    state = diffusers_state(transformer, "FluxTransformer2DModel", peft_base)
     return load_state_dict(state, dict(transformer.config), "diffusers state dict")

@@ -211,7 +211,8 @@ def check_not_lora(state) -> None:
     if lora:
         raise ValueError(f"checkpoint: {len(lora)} keys belong to a LoRA adapter (e.g. {lora[0]!r}): load the base "
                          "model's weights, or merge the LoRA into them first (diffusers: pipe.fuse_lora(), then "
-                         "pipe.unload_lora_weights(), before converting the transformer)")
+                         "pipe.unload_lora_weights(), before converting the transformer); ditengine.accelerate(pipe) "
+                         "serves a pipeline's live LoRA adapters itself")
 
 
 def empty(cls, config):
@@ -258,13 +259,19 @@ def resolve_config(cls, config, infer, state: dict):
     return infer(state, **{k: v for k, v in (config or {}).items() if k in names})
 
 
-def diffusers_state(transformer, expected: str) -> dict:
+def diffusers_state(transformer, expected: str, peft_base: bool = False) -> dict:
     """A live diffusers transformer's state dict after checking its class name: its own tensors (their dtype,
     their device, their storage), so the model built from them shares it. A transformer on the meta device (its
-    weights released) or carrying a peft LoRA is refused."""
+    weights released) is refused, and one carrying a peft LoRA too unless `peft_base` asks for its base weights
+    (the caller folds the adapters: `ditengine.lora`)."""
     if type(transformer).__name__ != expected:
         raise TypeError(f"from_diffusers: expected a diffusers {expected}, got {type(transformer).__name__}")
-    state = transformer.state_dict()
+    if peft_base:
+        from ..lora import base_state_dict
+
+        state = base_state_dict(transformer)
+    else:
+        state = transformer.state_dict()
     check_not_lora(state)
     meta = [k for k, v in state.items() if v.is_meta]
     if meta:

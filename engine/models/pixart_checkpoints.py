@@ -96,10 +96,11 @@ def load_diffusers_state_dict(state: dict, config) -> PixArt:
     return load_state(empty(PixArt, cfg), convert_diffusers_state_dict(state, cfg), "diffusers state dict").eval()
 
 
-def from_diffusers(transformer) -> PixArt:
+def from_diffusers(transformer, peft_base: bool = False) -> PixArt:
     """A PixArt with the weights of a live diffusers `PixArtTransformer2DModel` (its tensors, dtype and device;
     the q|k|v and k|v rows our layout fuses are concatenated copies)."""
-    return load_diffusers_state_dict(diffusers_state(transformer, "PixArtTransformer2DModel"), dict(transformer.config))
+    state = diffusers_state(transformer, "PixArtTransformer2DModel", peft_base)
+    return load_diffusers_state_dict(state, dict(transformer.config))
 
 
 def load_original_state_dict(state: dict, cfg: PixArtConfig) -> PixArt:

@@ -127,8 +127,8 @@ def load_state_dict(state: dict, config=None, source: str = "checkpoint") -> SD3
     return load_state(empty(SD3, resolve_config(SD3Config, config, infer_config, state)), state, source).eval()
 
 
-def from_diffusers(transformer) -> SD3:
+def from_diffusers(transformer, peft_base: bool = False) -> SD3:
     """An SD3 with the weights of a live diffusers `SD3Transformer2DModel`
     (sharing its tensors: their dtype, device and storage)."""
-    state = diffusers_state(transformer, "SD3Transformer2DModel")
+    state = diffusers_state(transformer, "SD3Transformer2DModel", peft_base)
     return load_state_dict(state, dict(transformer.config), "diffusers state dict")

@@ -3,6 +3,8 @@ from the registry. Each family's wrapper, the call of its transformer the refere
 record are in this package's file of that family."""
 from __future__ import annotations
 
+import logging
+import math
 import numbers
 
 import torch
@@ -13,10 +15,12 @@ from ..fast import DTYPES, FastSampler, fused_denoiser
 from ..fast.base import QUANTIZE
 from ..guidance import APG
 from ..inputs import check_cfg_scale
+from ..lora import LoraSync
 from ..sampling import CUDA_GRAPH_MODES, sample
 from ..schedulers import from_diffusers as scheduler_from_diffusers
 
 BACKENDS = ("fused", "reference")
+log = logging.getLogger("ditengine")
 
 
 def check_call(num_inference_steps, guidance_scale) -> None:
@@ -64,7 +68,8 @@ class Accelerated:
         self.pipe, self.backend, self.cuda_graph = pipe, backend, cuda_graph
         self.quantize, self.cfg_interval = quantize, cfg_interval
         self.device = pipe._execution_device
-        self.model = from_diffusers(pipe.transformer).to(self.device).eval()  # shares the transformer's tensors
+        # Shares the transformer's tensors; a peft LoRA's base weights, its adapters folded in by `self.lora`.
+        self.model = from_diffusers(pipe.transformer, peft_base=True).to(self.device).eval()
         own = pipe.transformer.dtype
         self.dtype = dtype or (own if own != torch.float32 else
                                torch.bfloat16 if self.device.type == "cuda" else torch.float32)
@@ -74,6 +79,8 @@ class Accelerated:
         else:
             self.fast = fused_denoiser(self.model, self.dtype, quantize=quantize)
         self._samplers: dict[tuple, FastSampler] = {}
+        self.lora = LoraSync(pipe.transformer, self.model, self.fast)
+        self.lora.sync()
         if release_transformer:
             release_weights(pipe.transformer, self.model)
 
@@ -82,9 +89,14 @@ class Accelerated:
 
     def denoise(self, noise: torch.Tensor, num_inference_steps: int, guidance_scale: float, generator,
                 scheduler_overrides: dict, *conditioning, cfg_interval: tuple | None = None,
-                guider: APG | None = None, **named) -> torch.Tensor:
+                guider: APG | None = None, lora_scale: float = 1.0, **named) -> torch.Tensor:
         """The loop on `noise` (unscaled N(0, I) draws), on the chosen backend; fp32 latents. `cfg_interval`
-        (default: the wrapper's) and the `guider` are the call's when its pipeline takes them per call."""
+        (default: the wrapper's) and the `guider` are the call's when its pipeline takes them per call;
+        `lora_scale` scales the transformer's LoRA adapters (its pipeline's `joint_attention_kwargs["scale"]`)."""
+        if not self.lora.sync(lora_scale):
+            log.info("ditengine: a LoRA layer's weights became copies of the transformer's; the loop's graphs are "
+                     "captured again")
+            self._samplers.clear()
         cfg_interval = cfg_interval or self.cfg_interval
         if self.backend == "reference":
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
@@ -97,6 +109,19 @@ class Accelerated:
                                               cuda_graph=self.cuda_graph, quantize=self.quantize,
                                               cfg_interval=cfg_interval, guider=guider, denoiser=self.fast)
         return self._samplers[key](noise.float(), *conditioning, generator=generator, **named)
+
+
+def lora_scale(attention_kwargs: dict | None, name: str = "joint_attention_kwargs") -> float:
+    """The LoRA scale of a pipeline's `joint_attention_kwargs` (or `attention_kwargs`): "scale" is the one key the
+    accelerated loop serves (it scales every LoRA adapter of the transformer, as diffusers' transformers do)."""
+    kwargs = dict(attention_kwargs or {})
+    scale = kwargs.pop("scale", 1.0)
+    if kwargs:
+        raise ValueError(f"{name}: only 'scale' (the LoRA scale) is served by the accelerated pipeline, got "
+                         f"{sorted(kwargs)}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{name}['scale']: expected a finite number (the LoRA scale), got {scale!r}")
+    return float(scale)
 
 
 def refuse_unsupported(generator, **unsupported) -> None:

@@ -12,7 +12,7 @@ from ..fast.flux import FastFlux, check_inputs
 from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, refuse_unsupported
+from .base import Accelerated, check_call, lora_scale, refuse_unsupported
 
 
 def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -70,8 +70,9 @@ class AcceleratedFluxPipeline(Accelerated):
     latents are drawn and packed as the pipeline does, its resolution-dependent shift mu computed as it does,
     and the image decoded by its VAE. dev embeds `guidance_scale` (no CFG batch); "true CFG" (a negative prompt
     with `true_cfg_scale > 1`) runs [prompt; negative] rows. In fp32 the latents equal the pipeline's within 1e-4
-    relative. IP-Adapter inputs, `joint_attention_kwargs`, step callbacks and a list of generators raise a
-    ValueError.
+    relative. LoRA adapters on the transformer are served live (`docs/lora.md`: loaded, re-weighted, fused or removed
+    before or after `accelerate`), with `joint_attention_kwargs={"scale": s}`. IP-Adapter inputs, other
+    `joint_attention_kwargs`, step callbacks and a list of generators raise a ValueError.
     """
 
     @torch.no_grad()
@@ -94,8 +95,8 @@ class AcceleratedFluxPipeline(Accelerated):
                             ip_adapter_image_embeds=ip_adapter_image_embeds,
                             negative_ip_adapter_image=negative_ip_adapter_image,
                             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
-                            joint_attention_kwargs=joint_attention_kwargs or None,
                             callback_on_step_end=callback_on_step_end)
+        scale = lora_scale(joint_attention_kwargs)
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
@@ -109,7 +110,7 @@ class AcceleratedFluxPipeline(Accelerated):
                                                        and negative_pooled_prompt_embeds is not None)
         true_cfg = true_cfg_scale > 1 and has_negative
         encode = dict(device=self.device, num_images_per_prompt=num_images_per_prompt,
-                      max_sequence_length=max_sequence_length)
+                      max_sequence_length=max_sequence_length, lora_scale=scale if joint_attention_kwargs else None)
         prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             **encode)
@@ -134,7 +135,7 @@ class AcceleratedFluxPipeline(Accelerated):
                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                              config.get("max_shift", 1.15))
         out = self.denoise(noise, len(sigmas), true_cfg_scale if true_cfg else 1.0, generator,
-                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, **named)
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, lora_scale=scale, **named)
         out = out.to(prompt_embeds.dtype)
         latents = out.view(rows, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(rows, -1, 4 * C)
         if output_type == "latent":

@@ -12,7 +12,7 @@ from ..fast.sd3 import FastSD3, check_inputs
 from ..models import sd3_checkpoints as sd3
 from ..models.sd3 import SD3, SD3Config
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, refuse_unsupported
+from .base import Accelerated, check_call, lora_scale, refuse_unsupported
 
 
 def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -60,7 +60,8 @@ class AcceleratedSD3Pipeline(Accelerated):
     `pooled_prompt_embeds` and negative ones you pass: a pipeline without text encoders works with embeddings),
     once per call; the latents are drawn as the pipeline draws them, the scheduler's shift (and mu, when it
     shifts dynamically) applied as it does, and the image decoded by its VAE. `guidance_scale > 1` runs the CFG
-    batch. In fp32 the latents equal the pipeline's within 1e-4 relative. IP-Adapter inputs,
+    batch. In fp32 the latents equal the pipeline's within 1e-4 relative. LoRA adapters on the transformer are served
+    live (`docs/lora.md`), with `joint_attention_kwargs={"scale": s}`. IP-Adapter inputs, other
     `joint_attention_kwargs`, skip-layer guidance, step callbacks and a list of generators raise a ValueError.
     """
 
@@ -85,8 +86,8 @@ class AcceleratedSD3Pipeline(Accelerated):
         pipe = self.pipe
         refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
                             ip_adapter_image_embeds=ip_adapter_image_embeds,
-                            joint_attention_kwargs=joint_attention_kwargs or None,
                             skip_guidance_layers=skip_guidance_layers, callback_on_step_end=callback_on_step_end)
+        scale = lora_scale(joint_attention_kwargs)
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
@@ -105,7 +106,7 @@ class AcceleratedSD3Pipeline(Accelerated):
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             device=self.device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length)
+            max_sequence_length=max_sequence_length, lora_scale=scale if joint_attention_kwargs else None)
         named = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
         if use_cfg:
             named.update(negative_prompt_embeds=negative_prompt_embeds,
@@ -124,7 +125,7 @@ class AcceleratedSD3Pipeline(Accelerated):
             overrides["mu"] = mu
         steps = num_inference_steps if sigmas is None else len(sigmas)
         latents = self.denoise(noise, steps, guidance_scale if use_cfg else 1.0, generator, overrides,
-                               **named).to(prompt_embeds.dtype)
+                               lora_scale=scale, **named).to(prompt_embeds.dtype)
         if output_type == "latent":
             image = latents
         else:
