@@ -181,3 +181,12 @@ def guided_labels(class_labels: torch.Tensor, num_classes: int, use_cfg: bool) -
     if not use_cfg:
         return class_labels.long()
     return torch.cat([class_labels.long(), torch.full_like(class_labels.long(), num_classes)])  # (2B,)
+
+
+def check_callback_state(new, x: torch.Tensor) -> torch.Tensor:
+    """What a step callback returned as the new state: a tensor of the state's shape on its device."""
+    if not isinstance(new, torch.Tensor) or new.shape != x.shape or new.device != x.device:
+        got = f"{tuple(new.shape)} on {new.device}" if isinstance(new, torch.Tensor) else type(new).__name__
+        raise ValueError(f"callback: expected the state back as a tensor {tuple(x.shape)} on {x.device} (or None), "
+                         f"got {got}")
+    return new

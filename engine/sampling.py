@@ -9,8 +9,8 @@ from . import families
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
 from .fast import FastSampler
 from .guidance import APG, check_guider
-from .inputs import (check_cfg_scale, check_conditioning, check_guided_channels, check_scheduler, draw_noise,
-                     guided_steps)
+from .inputs import (check_callback_state, check_cfg_scale, check_conditioning, check_guided_channels,
+                     check_scheduler, draw_noise, guided_steps)
 from .models.dit import guide
 from .schedulers import COL, Scheduler
 
@@ -56,9 +56,10 @@ def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cf
 
 def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale: float, guided_channels: int,
              dtype: torch.dtype, generator: torch.Generator | None = None, progress: bool = False,
-             cfg_interval: tuple | None = None, guider: APG | None = None) -> torch.Tensor:
+             cfg_interval: tuple | None = None, guider: APG | None = None, callback=None) -> torch.Tensor:
     """The reference loop around any forward on the CFG-doubled rows: every step of `sched` from `noise`,
-    guided (by CFG, or the `guider`) at the steps `cfg_interval` admits (`inputs.guided_steps`)."""
+    guided (by CFG, or the `guider`) at the steps `cfg_interval` admits (`inputs.guided_steps`). `callback(i, t, x)`
+    runs after each step on its state; a tensor it returns becomes the state (`check_callback_state`)."""
     sched.to(noise.device).reset()
     guided = guided_steps(sched.timesteps.tolist(), cfg_interval)
     x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
@@ -66,7 +67,11 @@ def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale:
     for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
         x = denoise_step(forward, sched, i, x, cfg_scale, guided_channels, dtype, draw_noise(sched, i, x, generator),
                          guided[i], guider, momentum)
+        if callback is not None:
+            new = callback(i, sched.timesteps[i], x)
+            x = x if new is None else check_callback_state(new, x).float()
     return x
+
 
 
 @torch.no_grad()
@@ -74,7 +79,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, guided_channels: int | None = None, cache: CachePolicy | None = None,
            stats: dict | None = None, cfg_interval: tuple | None = None, quantize: str | None = None,
-           guider: APG | None = None, **named_conditioning) -> torch.Tensor:
+           guider: APG | None = None, callback=None, **named_conditioning) -> torch.Tensor:
     """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
     (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
     `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024); for ACE-Step below.
@@ -88,6 +93,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     (the reference backend runs `cache.ReferenceCachedForward`); `stats`, a dict, is filled with what the run computed.
     `quantize` ("int8", "fp8"; fused backend only) runs the blocks' GEMMs as W8A8 (see `FastSampler`).
     `guider`: None (plain CFG) or `ditengine.guidance.APG()` (ACE-Step's base and SFT models).
+    `callback(i, t, x)`: called after step i with its timestep and the state x (B, C, ...) fp32; a tensor it returns
+    becomes the state (the fused backend needs `cuda_graph` "step" or None for it).
 
     ACE-Step (`ditengine.models.ace_step.AceStep`): noise (B, C, T) channels-first, `encoder_hidden_states=` the
     packed condition (B, L, C_enc), `context_latents=` (B, C_ctx, T) channels-first, and with guidance
@@ -103,7 +110,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
         sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph=cuda_graph,
                               guided_channels=guided_channels, cache=cache, cfg_interval=cfg_interval,
                               quantize=quantize, guider=guider)
-        latents = sampler(noise, *conditioning, generator=generator, progress=progress, **named_conditioning)
+        latents = sampler(noise, *conditioning, generator=generator, progress=progress, callback=callback,
+                          **named_conditioning)
         if stats is not None:
             stats.update(sampler.stats)
         return latents
@@ -124,7 +132,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
         raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
     cached = ReferenceCachedForward(cache, len(sched), family.depth(model)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
-    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guider)
+    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guider, callback)
     if stats is not None:
         S, depth = len(sched), family.depth(model)
         stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))

@@ -113,3 +113,129 @@ def test_accelerate_checks_its_arguments_when_built(kwargs, error, match):
 def test_a_call_checks_steps_and_guidance_first(kwargs, match):
     with pytest.raises(ValueError, match=match):
         call_pipeline(de.accelerate(tiny_flux_pipeline(True)), **text_embeddings(), **kwargs)
+
+
+# -- the image-conditioned pipelines ----------------------------------------------------------------------------
+def image(B=1, seed=3):
+    """An RGB image batch in [0, 1] at the tests' 8 x 12 pixels."""
+    import torch
+
+    return torch.rand(B, 3, 8, 12, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_img2img_returns_the_pipelines_own_latents(strength, backend):
+    pipe = diffusers.FluxImg2ImgPipeline(**tiny_flux_pipeline(True).components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=image(), strength=strength, num_inference_steps=5, **text_embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    assert rel_err(call_pipeline(de.accelerate(pipe, backend=backend), **kwargs), want) <= 1e-4
+    if strength < 1:  # the image shows through: not the text-to-image result from the same seed
+        t2i = call_pipeline(tiny_flux_pipeline(True), num_inference_steps=5, **text_embeddings(B=2))
+        assert rel_err(want, t2i) > 1e-2
+
+
+def test_img2img_refuses_what_it_cannot_serve():
+    pipe = diffusers.FluxImg2ImgPipeline(**tiny_flux_pipeline(True).components)
+    fast = de.accelerate(pipe)
+    with pytest.raises(ValueError, match="image: required"):
+        call_pipeline(fast, strength=0.5, **text_embeddings())
+    with pytest.raises(ValueError, match="strength=0.0: with num_inference_steps=4 it leaves 0 steps"):
+        call_pipeline(fast, image=image(), strength=0.0, num_inference_steps=4, **text_embeddings())
+    with pytest.raises(ValueError, match="strength"):  # the pipeline's own check of its range
+        call_pipeline(fast, image=image(), strength=1.5, **text_embeddings())
+
+
+def test_the_plan_pool_is_bounded_least_recently_used_first():
+    import torch
+
+    fast = de.accelerate(tiny_flux_pipeline(True), pool_size=2)
+
+    def call(steps, height):
+        return fast(height=height, width=12, num_inference_steps=steps, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **text_embeddings()).images
+
+    first = call(2, 8)
+    call(3, 8)
+    call(2, 16)  # a third plan (another size: another shift mu, another sampler): the first one goes
+    assert len(fast._pool) == 2 and sum(len(s._plans) for s in fast._samplers.values()) == 2
+    assert sorted(k[0] for k in fast._samplers) == [2, 3]  # the first sampler went with its only plan
+    again = call(2, 8)  # planned again; the 3-step plan is now the oldest and goes, with its sampler
+    assert sorted(k[0] for k in fast._samplers) == [2, 2] and len(fast._pool) == 2
+    assert rel_err(again, first) == 0
+    with pytest.raises(ValueError, match="pool_size: expected an int >= 1"):
+        de.accelerate(tiny_flux_pipeline(True), pool_size=0)
+
+
+# -- step callbacks -------------------------------------------------------------------------------------------------
+def recording_callback(edit_step=None):
+    """A callback_on_step_end that records what it is given and, at `edit_step`, returns edited latents."""
+    seen = []
+
+    def callback(pipe, i, t, kwargs):
+        seen.append((i, float(t), kwargs["latents"].clone(), pipe.num_timesteps))
+        if i == edit_step:
+            return {"latents": kwargs["latents"] * 0.5 + 0.1}
+        return {}
+
+    return callback, seen
+
+
+def assert_same_calls(ours, theirs) -> bool:
+    """The same steps, timesteps (to fp32 rounding: ours are computed in fp64), step counts and latents."""
+    assert [(i, n) for i, _, _, n in ours] == [(i, n) for i, _, _, n in theirs]
+    for (_, t, a, _), (_, u, b, _) in zip(ours, theirs):
+        assert t == pytest.approx(u, rel=1e-6) and a.shape == b.shape and rel_err(a, b) <= 1e-4
+    return True
+
+
+@pytest.mark.parametrize("cuda_graph", [None, "step", "loop"])
+@pytest.mark.parametrize("edit_step", [None, 1])
+def test_callbacks_see_and_edit_what_the_pipeline_does(cuda_graph, edit_step):
+    pipe = tiny_flux_pipeline(True)
+    kwargs = dict(num_inference_steps=3, **text_embeddings(B=2))
+    theirs, seen_theirs = recording_callback(edit_step)
+    want = call_pipeline(pipe, callback_on_step_end=theirs, **kwargs)
+    ours, seen_ours = recording_callback(edit_step)
+    got = call_pipeline(de.accelerate(pipe, cuda_graph=cuda_graph), callback_on_step_end=ours, **kwargs)
+    assert rel_err(got, want) <= 1e-4
+    assert_same_calls(seen_ours, seen_theirs)
+    if edit_step is not None:  # the edit mattered
+        assert rel_err(want, call_pipeline(pipe, **kwargs)) > 1e-2
+
+
+def test_img2img_callbacks_count_the_truncated_steps():
+    pipe = diffusers.FluxImg2ImgPipeline(**tiny_flux_pipeline(True).components)
+    kwargs = dict(image=image(), strength=0.5, num_inference_steps=6, **text_embeddings())
+    theirs, seen_theirs = recording_callback(0)
+    want = call_pipeline(pipe, callback_on_step_end=theirs, **kwargs)
+    ours, seen_ours = recording_callback(0)
+    assert rel_err(call_pipeline(de.accelerate(pipe), callback_on_step_end=ours, **kwargs), want) <= 1e-4
+    assert_same_calls(seen_ours, seen_theirs) and len(seen_ours) == 3
+
+
+def test_a_callback_replacing_the_prompt_or_interrupting_is_refused():
+    fast = de.accelerate(tiny_flux_pipeline(True))
+    kwargs = dict(num_inference_steps=2, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+                  **text_embeddings())
+    with pytest.raises(ValueError, match="returned a new 'prompt_embeds'"):
+        call_pipeline(fast, callback_on_step_end=lambda p, i, t, kw: {"prompt_embeds": kw["prompt_embeds"] * 2},
+                      **kwargs)
+
+    def interrupt(pipe, i, t, kw):
+        pipe._interrupt = True
+        return {}
+
+    with pytest.raises(ValueError, match="interrupt flag"):
+        call_pipeline(fast, callback_on_step_end=interrupt, **kwargs)
+
+
+def test_the_whole_loop_graph_refuses_a_callback_in_fastsampler():
+    import torch
+
+    model = de.from_diffusers(tiny_flux_pipeline(True).transformer)
+    sampler = de.FastSampler(model, de.schedulers.FlowMatchEuler(2), cfg_scale=1.0, cuda_graph="loop",
+                             dtype=torch.float32)
+    with pytest.raises(ValueError, match="callback: the whole-loop graph"):
+        sampler(torch.randn(1, 16, 4, 4), callback=lambda i, t, x: None, guidance=3.5, **text_embeddings())

@@ -85,3 +85,26 @@ def test_reference_forward_takes_a_compiled_model(tiny_model):
     assert callable(forward)
     with pytest.raises(TypeError, match="expected a ditengine reference model"):
         reference_forward(torch.compile(torch.nn.Linear(2, 2)), torch.randn(2, 4, 8, 8), True, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("sched", [S.DDIM(4), S.DPMSolverPP(4)], ids=["ddim", "dpm++"])
+def test_a_step_callback_edits_the_state_alike_on_both_loops(tiny_model, sched):
+    """After step 1 the state is halved: the fused loop (which wrote the next model input from the old state) and
+    the reference loop continue from the edited state alike; the edit changes the result."""
+    noise, labels = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 5])
+
+    def run_with(backend, callback):
+        return de.sample(tiny_model, sched, noise, labels, backend=backend, progress=False, callback=callback)
+
+    seen = []
+
+    def halve(i, t, x):
+        seen.append((i, float(t)))
+        return x * 0.5 if i == 1 else None
+
+    ref, fused = run_with("reference", halve), run_with("fused", halve)
+    assert seen[:4] == seen[4:] == [(i, float(t)) for i, t in enumerate(sched.timesteps)]
+    assert (fused - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert (ref - run_with("reference", None)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match=r"callback: expected the state back as a tensor \(2, 4, 8, 8\)"):
+        run_with("fused", lambda i, t, x: x[:1])

@@ -74,3 +74,49 @@ def test_a_nan_guidance_scale_is_refused_not_run_unguided():
         call_pipeline(fast, guidance_scale=float("nan"), **text_embeddings(negative=True))
     with pytest.raises(ValueError, match="num_inference_steps: expected an int >= 1, got 0"):
         call_pipeline(fast, num_inference_steps=0, **text_embeddings(negative=True))
+
+
+@pytest.mark.parametrize("dynamic_shift", [False, True])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_img2img_returns_the_pipelines_own_latents(dynamic_shift, backend):
+    from test_flux_pipeline import image
+
+    pipe = diffusers.StableDiffusion3Img2ImgPipeline(**tiny_sd3_pipeline(dynamic_shift=dynamic_shift).components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=image(), strength=0.7, num_inference_steps=5, **embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    assert rel_err(call_pipeline(de.accelerate(pipe, backend=backend), **kwargs), want) <= 1e-4
+    t2i = call_pipeline(tiny_sd3_pipeline(dynamic_shift=dynamic_shift), num_inference_steps=5, **embeddings(B=2))
+    assert rel_err(want, t2i) > 1e-2  # the image shows through
+
+
+def test_img2img_refuses_a_missing_image_and_an_empty_schedule():
+    from test_flux_pipeline import image
+
+    fast = de.accelerate(diffusers.StableDiffusion3Img2ImgPipeline(**tiny_sd3_pipeline().components))
+    with pytest.raises(ValueError, match="image: required"):
+        call_pipeline(fast, **embeddings())
+    with pytest.raises(ValueError, match="strength=0.0: with num_inference_steps=3 it leaves 0 steps"):
+        call_pipeline(fast, image=image(), strength=0.0, num_inference_steps=3, **embeddings())
+
+
+def test_callbacks_see_and_edit_what_the_pipeline_does():
+    from test_flux_pipeline import assert_same_calls, recording_callback
+
+    pipe = tiny_sd3_pipeline()
+    kwargs = dict(num_inference_steps=3, callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+                  **embeddings(B=2))
+    shapes = []
+
+    def also_shapes(callback):
+        def wrapped(p, i, t, kw):
+            shapes.append(tuple(kw["prompt_embeds"].shape))
+            return callback(p, i, t, kw)
+        return wrapped
+
+    theirs, seen_theirs = recording_callback(edit_step=1)
+    want = call_pipeline(pipe, callback_on_step_end=also_shapes(theirs), **kwargs)
+    ours, seen_ours = recording_callback(edit_step=1)
+    assert rel_err(call_pipeline(de.accelerate(pipe), callback_on_step_end=also_shapes(ours), **kwargs), want) <= 1e-4
+    assert_same_calls(seen_ours, seen_theirs)
+    assert shapes[:3] == shapes[3:]  # the CFG batch's prompt embeddings, as the pipeline's loop holds them

@@ -14,7 +14,7 @@ from ditengine.kernels import scheduler_step
 
 from ..cache import FirstBlockCache, StaticCache, skip_decision, stats_dict
 from ..graphs import GraphRunner, conditional_capture_supported, graphs_enabled
-from ..inputs import draw_noise, guided_steps
+from ..inputs import check_callback_state, draw_noise, guided_steps
 from ..schedulers import COL
 
 if TYPE_CHECKING:
@@ -336,7 +336,7 @@ class Plan:
         else:
             (self.full_runner if self.schedule[i] else self.cached_runner)()
 
-    def run(self, generator: torch.Generator | None, progress: bool) -> None:
+    def run(self, generator: torch.Generator | None, progress: bool, callback=None) -> None:
         s = self.sampler
         S = len(s.sched)
         if self.graph_mode == "loop":
@@ -351,3 +351,17 @@ class Plan:
             if z is not None:
                 self.noise[0].copy_(z)
             self.run_step(i)
+            if callback is not None:
+                self.after_step(i, callback)
+
+    def after_step(self, i: int, callback) -> None:
+        """The step callback on the state; a state it returns replaces it, and the next step's model input (which
+        the fused scheduler step wrote from the old state) is written from the new one."""
+        sched = self.sampler.sched
+        new = callback(i, sched.timesteps[i], self.x)
+        if new is None:
+            return
+        self.x.copy_(check_callback_state(new, self.x))
+        if i + 1 < len(sched):
+            self.x_in.copy_((self.x * sched.table[i + 1, COL["c_in"]]).repeat(self.rows // self.batch,
+                                                                               *[1] * (self.x.dim() - 1)))

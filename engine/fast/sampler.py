@@ -130,6 +130,7 @@ class FastSampler:
         self.precompute_conditioning, self.conditioning_budget = precompute_conditioning, conditioning_budget
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and cuda_graph else None
         self._plans: dict[tuple, Plan] = {}
+        self.last_plan: tuple | None = None  # the key of the plan the last call ran
         self.captures = 0  # how many plans (graph captures, on CUDA) were built
         self.stats: dict = {}  # what the last call computed (see ditengine.cache.stats_dict)
 
@@ -143,17 +144,27 @@ class FastSampler:
         if key not in self._plans:
             self._plans[key] = Plan(self, tuple(noise_shape), cond)
             self.captures += 1
+        self.last_plan = key
         return self._plans[key]
 
     def clear_cache(self) -> None:
         """Drop every captured graph and its buffers."""
         self._plans.clear()
 
+    def drop_plan(self, key: tuple) -> None:
+        """Drop one plan (its static buffers and captured graphs), by the key `plan` built it under."""
+        self._plans.pop(key, None)
+
     @torch.no_grad()
     def __call__(self, noise: torch.Tensor, *conditioning, generator: torch.Generator | None = None,
-                 progress: bool = False, **named_conditioning) -> torch.Tensor:
+                 progress: bool = False, callback=None, **named_conditioning) -> torch.Tensor:
         """Latents (B, C, ...) fp32 from `noise` ~ N(0, I) (B, C, ...) and the family's conditioning
-        (`class_labels` (B,) for a DiT; the prompt embeddings and masks for PixArt)."""
+        (`class_labels` (B,) for a DiT; the prompt embeddings and masks for PixArt). `callback(i, t, x)` runs after
+        each step on the state; a tensor it returns becomes the state (not with the whole-loop graph, which runs
+        every step in one replay)."""
+        if callback is not None and self.cuda_graph == "loop":
+            raise ValueError("callback: the whole-loop graph (cuda_graph='loop') runs every step in one replay; use "
+                             "cuda_graph='step' or None for a per-step callback")
         check_conditioning(type(self.fast), noise, self.device, conditioning, named_conditioning)
         cond = self.fast.inputs(self.model, noise, self.use_cfg, *conditioning, **named_conditioning)
         depth, S = self.fast.depth, len(self.sched)
@@ -163,6 +174,6 @@ class FastSampler:
         plan = self.plan(noise.shape, cond)
         self.conditioning_mode = plan.conditioning_mode
         plan.prepare(noise, cond)
-        plan.run(generator, progress)
+        plan.run(generator, progress, callback)
         self.stats = plan.stats()
         return plan.x.clone()  # a later call must not overwrite what this one returned

@@ -3,9 +3,11 @@ from the registry. Each family's wrapper, the call of its transformer the refere
 record are in this package's file of that family."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
+from collections import OrderedDict
 
 import torch
 
@@ -51,7 +53,8 @@ class Accelerated:
     scale), scheduler conversion and the loop."""
 
     def __init__(self, pipe, dtype: torch.dtype | None, cuda_graph: str | None, backend: str,
-                 quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False):
+                 quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False,
+                 pool_size: int = 8):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         if quantize not in QUANTIZE:
@@ -62,6 +65,8 @@ class Accelerated:
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected one of {CUDA_GRAPH_MODES}")
         if dtype is not None and dtype not in DTYPES:
             raise TypeError(f"dtype: expected None or one of {[str(d) for d in DTYPES]}, got {dtype!r}")
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ValueError(f"pool_size: expected an int >= 1 (the plans kept: shapes x settings), got {pool_size!r}")
         if release_transformer and backend != "fused":
             raise ValueError("release_transformer=True needs backend='fused' (the reference loop runs the "
                              "transformer's own weights)")
@@ -79,6 +84,9 @@ class Accelerated:
         else:
             self.fast = fused_denoiser(self.model, self.dtype, quantize=quantize)
         self._samplers: dict[tuple, FastSampler] = {}
+        # The plans (static buffers, captured graphs) of every sampler, least recently used first: at most
+        # `pool_size`, so a server changing resolution or settings per request holds a bounded set of them.
+        self.pool_size, self._pool = pool_size, OrderedDict()
         self.lora = LoraSync(pipe.transformer, self.model, self.fast)
         self.lora.sync()
         if release_transformer:
@@ -89,26 +97,52 @@ class Accelerated:
 
     def denoise(self, noise: torch.Tensor, num_inference_steps: int, guidance_scale: float, generator,
                 scheduler_overrides: dict, *conditioning, cfg_interval: tuple | None = None,
-                guider: APG | None = None, lora_scale: float = 1.0, **named) -> torch.Tensor:
+                guider: APG | None = None, lora_scale: float = 1.0, callback=None, **named) -> torch.Tensor:
         """The loop on `noise` (unscaled N(0, I) draws), on the chosen backend; fp32 latents. `cfg_interval`
         (default: the wrapper's) and the `guider` are the call's when its pipeline takes them per call;
-        `lora_scale` scales the transformer's LoRA adapters (its pipeline's `joint_attention_kwargs["scale"]`)."""
+        `lora_scale` scales the transformer's LoRA adapters (its pipeline's `joint_attention_kwargs["scale"]`);
+        `callback(i, t, x)` runs after each step (`step_callback`): with it the whole-loop graph falls back to
+        per-step graphs."""
         if not self.lora.sync(lora_scale):
             log.info("ditengine: a LoRA layer's weights became copies of the transformer's; the loop's graphs are "
                      "captured again")
             self._samplers.clear()
+            self._pool.clear()
         cfg_interval = cfg_interval or self.cfg_interval
         if self.backend == "reference":
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             return sample(self.model, sched, noise.float(), *conditioning, cfg_scale=guidance_scale,
-                          generator=generator, progress=False, cfg_interval=cfg_interval, guider=guider, **named)
-        key = (num_inference_steps, guidance_scale, tuple(sorted(scheduler_overrides.items())), cfg_interval, guider)
+                          generator=generator, progress=False, cfg_interval=cfg_interval, guider=guider,
+                          callback=callback, **named)
+        graphs = self.cuda_graph
+        if callback is not None and graphs == "loop":
+            graphs = "step"
+            log_once("ditengine: a step callback runs between steps: the whole-loop graph falls back to step graphs")
+        key = (num_inference_steps, guidance_scale, tuple(sorted(scheduler_overrides.items())), cfg_interval, guider,
+               graphs)
         if key not in self._samplers:
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             self._samplers[key] = FastSampler(self.model, sched, cfg_scale=guidance_scale, dtype=self.dtype,
-                                              cuda_graph=self.cuda_graph, quantize=self.quantize,
+                                              cuda_graph=graphs, quantize=self.quantize,
                                               cfg_interval=cfg_interval, guider=guider, denoiser=self.fast)
-        return self._samplers[key](noise.float(), *conditioning, generator=generator, **named)
+        sampler = self._samplers[key]
+        out = sampler(noise.float(), *conditioning, generator=generator, callback=callback, **named)
+        self._keep(key, sampler)
+        return out
+
+    def _keep(self, key: tuple, sampler: FastSampler) -> None:
+        """Mark the plan the call ran as the most recent; drop the least recent past `pool_size` (and a sampler left
+        with none)."""
+        if sampler.last_plan is None:  # an empty batch builds no plan
+            return
+        self._pool[(key, sampler.last_plan)] = None
+        self._pool.move_to_end((key, sampler.last_plan))
+        while len(self._pool) > self.pool_size:
+            (old_key, old_plan), _ = self._pool.popitem(last=False)
+            old = self._samplers[old_key]
+            old.drop_plan(old_plan)
+            if not old._plans:
+                del self._samplers[old_key]
 
 
 def lora_scale(attention_kwargs: dict | None, name: str = "joint_attention_kwargs") -> float:
@@ -124,6 +158,41 @@ def lora_scale(attention_kwargs: dict | None, name: str = "joint_attention_kwarg
     return float(scale)
 
 
+@functools.lru_cache(maxsize=None)
+def log_once(message: str) -> None:
+    log.info(message)
+
+
+def step_callback(pipe, callback_on_step_end, tensor_inputs, state: dict, to_pipeline, from_pipeline):
+    """diffusers' `callback_on_step_end(pipe, i, t, {name: tensor})` as the loop's `callback(i, t, x)` (None without
+    one): `to_pipeline(x)` makes the pipeline's latents from the loop's state (its layout and dtype) and
+    `from_pipeline` takes latents the callback returns back into the loop; the other tensors it asks for (`state`,
+    e.g. the prompt embeddings) are passed as they are and cannot be replaced. `pipe._interrupt` is not served."""
+    if callback_on_step_end is None:
+        return None
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+        tensor_inputs = callback_on_step_end.tensor_inputs
+
+    def callback(i, t, x):
+        latents = to_pipeline(x)
+        given = {name: latents if name == "latents" else state[name] for name in tensor_inputs}
+        pipe._current_timestep = t
+        out = callback_on_step_end(pipe, i, t, given) or {}
+        for name, value in out.items():
+            if name != "latents" and value is not state.get(name):
+                raise ValueError(f"callback_on_step_end: returned a new {name!r}; the accelerated loop takes back the "
+                                 "latents only")
+        if getattr(pipe, "_interrupt", False):
+            raise ValueError("callback_on_step_end: set the pipeline's interrupt flag, which the accelerated loop "
+                             "does not serve (it runs every step); call the pipeline itself for it")
+        new = out.get("latents", latents)
+        return None if new is latents else from_pipeline(new)
+
+    return callback
+
+
 def refuse_unsupported(generator, **unsupported) -> None:
     """The MMDiT pipelines' arguments the accelerated loop does not take: a ValueError naming the first one given,
     or a list of generators."""
@@ -135,10 +204,12 @@ def refuse_unsupported(generator, **unsupported) -> None:
 
 
 def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = "loop", backend: str = "fused",
-               quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False):
+               quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False,
+               pool_size: int = 8):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
-    `FluxPipeline`, `StableDiffusion3Pipeline`) so that its denoising loop runs in ditengine; called exactly like
-    the pipeline, which itself is unchanged.
+    `FluxPipeline`, `FluxImg2ImgPipeline`, `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`) so that its
+    denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged. The transformer's
+    LoRA adapters are served live (docs/lora.md).
 
     `dtype`: the compute dtype (default: the transformer's when it is bf16 or fp16; for an fp32 transformer bf16 on
     CUDA, fp32 on a CPU); `backend`: "fused" or "reference"; `quantize` ("int8", "fp8") and `cfg_interval` as in
@@ -148,11 +219,15 @@ def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = 
     Memory: the wrapper's model shares the transformer's tensors, and the fused path holds one derived copy of each
     weight at most (none on CUDA in the transformer's own dtype, except the concatenations q|k|v), built here once.
     `release_transformer=True` then frees the pipeline's own transformer weights (moved to the meta device) when only
-    the accelerated pipeline will be called; calling the original pipeline afterwards raises a RuntimeError."""
+    the accelerated pipeline will be called; calling the original pipeline afterwards raises a RuntimeError.
+
+    `pool_size`: how many plans (a sampler's static buffers and captured graphs for one shape and set of settings:
+    steps, guidance, resolution, batch) are kept, least recently used dropped first; a first call at a new shape
+    plans (and on a GPU captures) again."""
     name = type(pipe).__name__
     found = families.of_pipeline(name)
     if found is None:
         served = [p for f in families.families() for p in f.pipelines]
         raise TypeError(f"accelerate: expected a diffusers {', '.join(served)}, got {name}")
     return found[1](pipe, dtype=dtype, cuda_graph=cuda_graph, backend=backend, quantize=quantize,
-                            cfg_interval=cfg_interval, release_transformer=release_transformer)
+                            cfg_interval=cfg_interval, release_transformer=release_transformer, pool_size=pool_size)

@@ -12,7 +12,7 @@ from ..fast.flux import FastFlux, check_inputs
 from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, lora_scale, refuse_unsupported
+from .base import Accelerated, check_call, lora_scale, refuse_unsupported, step_callback
 
 
 def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -71,8 +71,10 @@ class AcceleratedFluxPipeline(Accelerated):
     and the image decoded by its VAE. dev embeds `guidance_scale` (no CFG batch); "true CFG" (a negative prompt
     with `true_cfg_scale > 1`) runs [prompt; negative] rows. In fp32 the latents equal the pipeline's within 1e-4
     relative. LoRA adapters on the transformer are served live (`docs/lora.md`: loaded, re-weighted, fused or removed
-    before or after `accelerate`), with `joint_attention_kwargs={"scale": s}`. IP-Adapter inputs, other
-    `joint_attention_kwargs`, step callbacks and a list of generators raise a ValueError.
+    before or after `accelerate`), with `joint_attention_kwargs={"scale": s}`; `callback_on_step_end` gets the step
+    index, timestep and the packed latents (and prompt embeddings) as diffusers passes them, and latents it returns
+    are taken into the loop (the whole-loop graph falls back to per-step graphs). IP-Adapter inputs, other
+    `joint_attention_kwargs` and a list of generators raise a ValueError.
     """
 
     @torch.no_grad()
@@ -87,16 +89,11 @@ class AcceleratedFluxPipeline(Accelerated):
                  return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
         check_call(num_inference_steps, guidance_scale)
-        import numpy as np
-        from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput, calculate_shift
-
         pipe = self.pipe
-        refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
-                            ip_adapter_image_embeds=ip_adapter_image_embeds,
-                            negative_ip_adapter_image=negative_ip_adapter_image,
-                            negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
-                            callback_on_step_end=callback_on_step_end)
-        scale = lora_scale(joint_attention_kwargs)
+        scale = self._refuse(generator, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+                             ip_adapter_image_embeds=ip_adapter_image_embeds,
+                             negative_ip_adapter_image=negative_ip_adapter_image,
+                             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
@@ -105,12 +102,49 @@ class AcceleratedFluxPipeline(Accelerated):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
+        named, rows, cfg = self._prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale,
+                                         num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length,
+                                         scale if joint_attention_kwargs else None, guidance_scale)
+        C = pipe.transformer.config.in_channels // 4
+        packed, named["img_ids"] = pipe.prepare_latents(rows, C, height, width, named["prompt_embeds"].dtype,
+                                                        self.device, generator, latents)
+        sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, height, width,
+                                  len(sigmas), guidance_scale, joint_attention_kwargs)
+        out = self.denoise(self._unpack(packed, height, width), len(sigmas), cfg, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, lora_scale=scale, callback=callback,
+                           **named)
+        return self._finish(out, named["prompt_embeds"].dtype, height, width, output_type, return_dict)
+
+    # -- what the Flux pipelines share around the loop ------------------------------------------------------------
+    def _refuse(self, generator, joint_attention_kwargs, **unsupported) -> float:
+        """The arguments the accelerated loop does not take refused by name; the call's LoRA scale."""
+        refuse_unsupported(generator, **unsupported)
+        return lora_scale(joint_attention_kwargs)
+
+    def _callback(self, callback_on_step_end, tensor_inputs, named: dict, height: int, width: int, steps: int,
+                  guidance_scale: float, joint_attention_kwargs):
+        """The pipeline's step callback on its packed latents in its dtype, with the pipeline's properties a callback
+        reads (`num_timesteps`, `guidance_scale`, `joint_attention_kwargs`) set as its own loop sets them."""
+        pipe, dtype = self.pipe, named["prompt_embeds"].dtype
+        pipe._num_timesteps, pipe._guidance_scale, pipe._interrupt = steps, guidance_scale, False
+        pipe._joint_attention_kwargs = joint_attention_kwargs
+        return step_callback(pipe, callback_on_step_end, tensor_inputs, named, lambda x: self._pack(x).to(dtype),
+                             lambda latents: self._unpack(latents, height, width).float())
+
+    def _prompts(self, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, num_images_per_prompt,
+                 prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds,
+                 max_sequence_length, text_lora_scale, guidance_scale) -> tuple[dict, int, float]:
+        """The prompts through the pipeline's own `encode_prompt` (the negative one for true CFG): (the loop's named
+        conditioning, the rows it samples, its CFG scale: 1 without true CFG)."""
+        pipe = self.pipe
         batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         has_negative = negative_prompt is not None or (negative_prompt_embeds is not None
                                                        and negative_pooled_prompt_embeds is not None)
         true_cfg = true_cfg_scale > 1 and has_negative
         encode = dict(device=self.device, num_images_per_prompt=num_images_per_prompt,
-                      max_sequence_length=max_sequence_length, lora_scale=scale if joint_attention_kwargs else None)
+                      max_sequence_length=max_sequence_length, lora_scale=text_lora_scale)
         prompt_embeds, pooled_prompt_embeds, text_ids = pipe.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             **encode)
@@ -121,23 +155,45 @@ class AcceleratedFluxPipeline(Accelerated):
                 pooled_prompt_embeds=negative_pooled_prompt_embeds, **encode)
             named.update(negative_prompt_embeds=negative_prompt_embeds,
                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-        rows, C = batch * num_images_per_prompt, pipe.transformer.config.in_channels // 4
-        packed, image_ids = pipe.prepare_latents(rows, C, height, width, prompt_embeds.dtype, self.device, generator,
-                                                 latents)
-        named["img_ids"] = image_ids
-        h, w = 2 * (int(height) // (pipe.vae_scale_factor * 2)), 2 * (int(width) // (pipe.vae_scale_factor * 2))
-        noise = packed.view(rows, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(rows, C, h, w)
         if pipe.transformer.config.guidance_embeds:
             named["guidance"] = guidance_scale
-        config = pipe.scheduler.config
+        return named, batch * num_images_per_prompt, true_cfg_scale if true_cfg else 1.0
+
+    def _schedule(self, num_inference_steps: int, sigmas, height: int, width: int):
+        """The pipeline's sigma grid (before its shift) and its resolution-dependent shift mu."""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        pipe, config = self.pipe, self.pipe.scheduler.config
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
-        mu = calculate_shift(packed.shape[1], config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
-        out = self.denoise(noise, len(sigmas), true_cfg_scale if true_cfg else 1.0, generator,
-                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, lora_scale=scale, **named)
-        out = out.to(prompt_embeds.dtype)
-        latents = out.view(rows, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(rows, -1, 4 * C)
+        tokens = (int(height) // pipe.vae_scale_factor // 2) * (int(width) // pipe.vae_scale_factor // 2)
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        return sigmas, mu
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        """The VAE latent grid (h, w) of an image, even in both (2x2 patches)."""
+        f = self.pipe.vae_scale_factor
+        return 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))
+
+    def _unpack(self, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The pipeline's packed latents (B, h/2 * w/2, 4C) -> the loop's (B, C, h, w)."""
+        (h, w), rows = self._grid(height, width), packed.shape[0]
+        C = packed.shape[-1] // 4
+        return packed.view(rows, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(rows, C, h, w)
+
+    @staticmethod
+    def _pack(x: torch.Tensor) -> torch.Tensor:
+        """The loop's (B, C, h, w) -> the pipeline's packed (B, h/2 * w/2, 4C) (`_pack_latents`)."""
+        rows, C, h, w = x.shape
+        return x.view(rows, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(rows, -1, 4 * C)
+
+    def _finish(self, out: torch.Tensor, dtype, height: int, width: int, output_type, return_dict: bool):
+        """The loop's fp32 latents packed as the pipeline packs them, decoded by its VAE unless latents are asked."""
+        from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput
+
+        pipe = self.pipe
+        latents = self._pack(out.to(dtype))
         if output_type == "latent":
             image = latents
         else:
@@ -149,12 +205,72 @@ class AcceleratedFluxPipeline(Accelerated):
         return FluxPipelineOutput(images=image) if return_dict else (image,)
 
 
+class AcceleratedFluxImg2ImgPipeline(AcceleratedFluxPipeline):
+    """Called like `FluxImg2ImgPipeline`, returning what it returns; the denoising loop runs in ditengine.
+
+    The image goes through the pipeline's own preprocessing and VAE encode, and its latents are noised to the
+    first step of the strength-truncated schedule by the pipeline's own `prepare_latents`, all outside the loop;
+    the loop then runs the schedule's last `strength` share of steps (`FlowMatchEuler(begin_index=...)`). The same
+    arguments as `AcceleratedFluxPipeline` are refused."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, negative_prompt=None, negative_prompt_2=None,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 7.0,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
+                 negative_ip_adapter_image_embeds=None, negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
+                 return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+        check_call(num_inference_steps, guidance_scale)
+        pipe = self.pipe
+        scale = self._refuse(generator, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+                             ip_adapter_image_embeds=ip_adapter_image_embeds,
+                             negative_ip_adapter_image=negative_ip_adapter_image,
+                             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
+        if image is None:
+            raise ValueError("image: required by the image-to-image pipeline (a PIL image, array or tensor)")
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, strength, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        init_image = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        named, rows, cfg = self._prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale,
+                                         num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length,
+                                         scale if joint_attention_kwargs else None, guidance_scale)
+        sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
+        # The pipeline's scheduler set as its loop would be, for its `prepare_latents` to noise the image latents.
+        retrieve_timesteps(pipe.scheduler, len(sigmas), self.device, sigmas=sigmas, mu=mu)
+        timesteps, steps = pipe.get_timesteps(len(sigmas), strength, self.device)
+        if steps < 1:
+            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {steps} "
+                             "steps to run; raise either")
+        packed, named["img_ids"] = pipe.prepare_latents(
+            init_image, timesteps[:1].repeat(rows), rows, pipe.transformer.config.in_channels // 4, height, width,
+            named["prompt_embeds"].dtype, self.device, generator, latents)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, height, width,
+                                  steps, guidance_scale, joint_attention_kwargs)
+        out = self.denoise(self._unpack(packed, height, width), len(sigmas), cfg, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu, "begin_index": len(sigmas) - steps},
+                           lora_scale=scale, callback=callback, **named)
+        return self._finish(out, named["prompt_embeds"].dtype, height, width, output_type, return_dict)
+
+
 families.register(families.Family(
     name="flux", spec=Flux, config=FluxConfig, fast=FastFlux, forward=flux_forward, reference_cache=True,
     channels=lambda cfg: cfg.in_channels // 4,
     depth=lambda model: model.config.num_layers + model.config.num_single_layers,
     diffusers_class="FluxTransformer2DModel", from_diffusers=flux.from_diffusers, recognises=flux.is_flux_state_dict,
     load=families.config_loader(flux.load_state_dict),
-    pipelines={"FluxPipeline": AcceleratedFluxPipeline},
+    pipelines={"FluxPipeline": AcceleratedFluxPipeline, "FluxImg2ImgPipeline": AcceleratedFluxImg2ImgPipeline},
     bench=(lambda name: name.lower().replace("_", "-").startswith("flux"), "ditengine.bench.flux:flux_setup"),
     bench_defaults={"cfg_scale": 1.0}))

@@ -12,7 +12,7 @@ from ..fast.sd3 import FastSD3, check_inputs
 from ..models import sd3_checkpoints as sd3
 from ..models.sd3 import SD3, SD3Config
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, lora_scale, refuse_unsupported
+from .base import Accelerated, check_call, lora_scale, refuse_unsupported, step_callback
 
 
 def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -61,8 +61,10 @@ class AcceleratedSD3Pipeline(Accelerated):
     once per call; the latents are drawn as the pipeline draws them, the scheduler's shift (and mu, when it
     shifts dynamically) applied as it does, and the image decoded by its VAE. `guidance_scale > 1` runs the CFG
     batch. In fp32 the latents equal the pipeline's within 1e-4 relative. LoRA adapters on the transformer are served
-    live (`docs/lora.md`), with `joint_attention_kwargs={"scale": s}`. IP-Adapter inputs, other
-    `joint_attention_kwargs`, skip-layer guidance, step callbacks and a list of generators raise a ValueError.
+    live (`docs/lora.md`), with `joint_attention_kwargs={"scale": s}`; `callback_on_step_end` gets the step index,
+    timestep and the tensors it asks for, and latents it returns are taken into the loop (the whole-loop graph
+    falls back to per-step graphs). IP-Adapter inputs, other `joint_attention_kwargs`, skip-layer guidance and a
+    list of generators raise a ValueError.
     """
 
     @torch.no_grad()
@@ -80,13 +82,9 @@ class AcceleratedSD3Pipeline(Accelerated):
                  skip_layer_guidance_stop: float = 0.2, skip_layer_guidance_start: float = 0.01,
                  mu: float | None = None):
         check_call(num_inference_steps, guidance_scale)
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-            StableDiffusion3PipelineOutput, calculate_shift)
-
         pipe = self.pipe
         refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
-                            ip_adapter_image_embeds=ip_adapter_image_embeds,
-                            skip_guidance_layers=skip_guidance_layers, callback_on_step_end=callback_on_step_end)
+                            ip_adapter_image_embeds=ip_adapter_image_embeds, skip_guidance_layers=skip_guidance_layers)
         scale = lora_scale(joint_attention_kwargs)
         height = height or pipe.default_sample_size * pipe.vae_scale_factor
         width = width or pipe.default_sample_size * pipe.vae_scale_factor
@@ -97,35 +95,75 @@ class AcceleratedSD3Pipeline(Accelerated):
                           negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
                           max_sequence_length=max_sequence_length)
+        named, rows, cfg = self._prompts(prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2,
+                                         negative_prompt_3, guidance_scale, num_images_per_prompt, prompt_embeds,
+                                         negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                                         clip_skip, max_sequence_length, scale if joint_attention_kwargs else None)
+        dtype = named["prompt_embeds"].dtype
+        noise = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, dtype, self.device,
+                                     generator, latents)
+        overrides = self._schedule(sigmas, mu, height, width)
+        steps = num_inference_steps if sigmas is None else len(sigmas)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, steps,
+                                  guidance_scale, joint_attention_kwargs)
+        out = self.denoise(noise, steps, cfg, generator, overrides, lora_scale=scale, callback=callback, **named)
+        return self._finish(out.to(dtype), output_type, return_dict)
+
+    # -- what the SD3 pipelines share around the loop -------------------------------------------------------------
+    def _prompts(self, prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3,
+                 guidance_scale, num_images_per_prompt, prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                 negative_pooled_prompt_embeds, clip_skip, max_sequence_length, text_lora_scale):
+        """The prompts through the pipeline's own `encode_prompt`: (the loop's named conditioning, the rows it
+        samples, its CFG scale: 1 without guidance)."""
         batch = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         use_cfg = guidance_scale > 1
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = pipe.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
-            negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
-            do_classifier_free_guidance=use_cfg,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            device=self.device, clip_skip=clip_skip, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length, lora_scale=scale if joint_attention_kwargs else None)
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = \
+            self.pipe.encode_prompt(
+                prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                do_classifier_free_guidance=use_cfg, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, device=self.device, clip_skip=clip_skip,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                lora_scale=text_lora_scale)
         named = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds)
         if use_cfg:
             named.update(negative_prompt_embeds=negative_prompt_embeds,
                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds)
-        rows = batch * num_images_per_prompt
-        noise = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, prompt_embeds.dtype,
-                                     self.device, generator, latents)
+        return named, batch * num_images_per_prompt, guidance_scale if use_cfg else 1.0
+
+    def _callback(self, callback_on_step_end, tensor_inputs, named: dict, steps: int, guidance_scale: float,
+                  joint_attention_kwargs):
+        """The pipeline's step callback on the latents in its dtype, with the pipeline's properties a callback reads
+        set as its own loop sets them."""
+        pipe, dtype = self.pipe, named["prompt_embeds"].dtype
+        pipe._num_timesteps, pipe._guidance_scale, pipe._interrupt = steps, guidance_scale, False
+        pipe._joint_attention_kwargs = joint_attention_kwargs
+        state = {name: torch.cat([named[f"negative_{name}"], named[name]]) if f"negative_{name}" in named
+                 else named[name] for name in ("prompt_embeds", "pooled_prompt_embeds")}  # as its loop holds them
+        return step_callback(pipe, callback_on_step_end, tensor_inputs, state, lambda x: x.to(dtype),
+                             lambda latents: latents.float())
+
+    def _schedule(self, sigmas, mu, height: int, width: int) -> dict:
+        """The scheduler's overrides: the custom sigmas, and mu where the scheduler shifts by resolution."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        pipe, config = self.pipe, self.pipe.scheduler.config
         overrides = {} if sigmas is None else {"sigmas": tuple(float(v) for v in sigmas)}
-        config = pipe.scheduler.config
         if mu is None and config.get("use_dynamic_shifting", None):
-            patch = pipe.transformer.config.patch_size
-            mu = calculate_shift((noise.shape[2] // patch) * (noise.shape[3] // patch),
+            step = pipe.vae_scale_factor * pipe.transformer.config.patch_size
+            mu = calculate_shift((int(height) // step) * (int(width) // step),
                                  config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                                  config.get("base_shift", 0.5), config.get("max_shift", 1.16))
         if mu is not None:
             overrides["mu"] = mu
-        steps = num_inference_steps if sigmas is None else len(sigmas)
-        latents = self.denoise(noise, steps, guidance_scale if use_cfg else 1.0, generator, overrides,
-                               lora_scale=scale, **named).to(prompt_embeds.dtype)
+        return overrides
+
+    def _finish(self, latents: torch.Tensor, output_type, return_dict: bool):
+        """The latents, decoded by the pipeline's VAE unless latents are asked."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+        pipe = self.pipe
         if output_type == "latent":
             image = latents
         else:
@@ -136,10 +174,73 @@ class AcceleratedSD3Pipeline(Accelerated):
         return StableDiffusion3PipelineOutput(images=image) if return_dict else (image,)
 
 
+class AcceleratedSD3Img2ImgPipeline(AcceleratedSD3Pipeline):
+    """Called like `StableDiffusion3Img2ImgPipeline`, returning what it returns; the denoising loop runs in
+    ditengine. The image goes through the pipeline's own preprocessing, VAE encode and noising to the first step of
+    the strength-truncated schedule (`prepare_latents`), outside the loop; the loop runs the schedule's last
+    `strength` share of steps (`FlowMatchEuler(begin_index=...)`). The same arguments as `AcceleratedSD3Pipeline`
+    are refused."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, prompt_3=None, height: int | None = None,
+                 width: int | None = None, image=None, strength: float = 0.6, num_inference_steps: int = 50,
+                 sigmas=None, guidance_scale: float = 7.0, negative_prompt=None, negative_prompt_2=None,
+                 negative_prompt_3=None, num_images_per_prompt: int | None = 1, generator=None,
+                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, return_dict: bool = True,
+                 joint_attention_kwargs: dict | None = None, clip_skip: int | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 max_sequence_length: int = 256, mu: float | None = None):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_timesteps
+
+        check_call(num_inference_steps, guidance_scale)
+        pipe = self.pipe
+        refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
+                           ip_adapter_image_embeds=ip_adapter_image_embeds)
+        scale = lora_scale(joint_attention_kwargs)
+        if image is None:
+            raise ValueError("image: required by the image-to-image pipeline (a PIL image, array or tensor)")
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, strength, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        named, rows, cfg = self._prompts(prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2,
+                                         negative_prompt_3, guidance_scale, num_images_per_prompt, prompt_embeds,
+                                         negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                                         clip_skip, max_sequence_length, scale if joint_attention_kwargs else None)
+        dtype = named["prompt_embeds"].dtype
+        image = pipe.image_processor.preprocess(image, height=height, width=width)
+        overrides = self._schedule(sigmas, mu, height, width)
+        steps = num_inference_steps if sigmas is None else len(sigmas)
+        # The pipeline's scheduler set as its loop would be, for its `prepare_latents` to noise the image latents.
+        retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas,
+                           **({"mu": overrides["mu"]} if "mu" in overrides else {}))
+        timesteps, left = pipe.get_timesteps(steps, strength, self.device)
+        if left < 1:
+            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {left} "
+                             "steps to run; raise either")
+        if latents is None:  # given latents are the loop's start as they are, as the pipeline takes them
+            latents = pipe.prepare_latents(image, timesteps[:1].repeat(rows), rows // max(num_images_per_prompt, 1),
+                                           num_images_per_prompt, dtype, self.device, generator)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, left,
+                                  guidance_scale, joint_attention_kwargs)
+        out = self.denoise(latents, steps, cfg, generator, {**overrides, "begin_index": steps - left},
+                           lora_scale=scale, callback=callback, **named)
+        return self._finish(out.to(dtype), output_type, return_dict)
+
+
 families.register(families.Family(
     name="sd3", spec=SD3, config=SD3Config, fast=FastSD3, forward=sd3_forward, reference_cache=True,
     channels=lambda cfg: cfg.in_channels, depth=lambda model: model.config.num_layers,
     diffusers_class="SD3Transformer2DModel", from_diffusers=sd3.from_diffusers, recognises=sd3.is_sd3_state_dict,
     load=families.config_loader(sd3.load_state_dict),
-    pipelines={"StableDiffusion3Pipeline": AcceleratedSD3Pipeline},
+    pipelines={"StableDiffusion3Pipeline": AcceleratedSD3Pipeline,
+               "StableDiffusion3Img2ImgPipeline": AcceleratedSD3Img2ImgPipeline},
     bench=(lambda name: name.upper().startswith("SD3"), "ditengine.bench.sd3:sd3_setup")))
