@@ -27,7 +27,8 @@ median and p20/p80 of repeated steps, CUDA events on GPU):
                       full and the cached steps of the loop; `block share` is the share of the transformer
                       blocks computed, and the quality columns show what the skipped work cost
 
-Each row also reports images/s, peak memory, setup time (compile or capture), achieved TFLOP/s, the
+Each row also reports images/s, peak memory, setup time (compile or capture; for the fused rows also `new shape s`,
+what a first call at a new shape costs: its plan, on a GPU the graph capture, and its first step), achieved TFLOP/s, the
 share of docs/design.md's H100 floor, and the quality of a full sampling run from the same noise against the
 fp32 reference (max error and SQNR of the final latents). Results go to JSON, CSV, a markdown table and
 a PNG bar chart. Every ditengine row is set against the fastest peer of the same precision measured in the same
@@ -59,7 +60,7 @@ from .dit import dit_flops  # noqa: F401 (the DiT's FLOPs, imported from here by
 from .metrics import sqnr_db
 from .workload import Workload
 from .memory import PeakMemory, held_tensors, tensor_bytes
-from .timing import environment, measure
+from .timing import environment, measure, synchronize
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZED = {"fused+precond+int8": "int8", "fused+graph-loop+int8": "int8", "fused+graph-loop+fp8": "fp8"}
@@ -99,6 +100,7 @@ class Variant:
         self.per_call_steps = 1
         self.setup_s = 0.0
         self.prompt_ms = None  # fused rows: the per-prompt precompute (text side), timed apart from the steps
+        self.new_shape_s = None  # fused rows: a first call at a new shape (plan, graph capture, its first step)
 
     def setup(self):
         key, args, w = self.key, self.args, self.workload
@@ -133,10 +135,9 @@ class Variant:
                                           cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache,
                                           quantize=QUANTIZED.get(key), **w.sampler_kwargs)
             cond = self.sampler.fast.inputs(w.base, noise, self.sampler.use_cfg, *w.conditioning, **w.named)
+            first = time.perf_counter()
             plan = self.sampler.plan(noise.shape, cond)
             plan.prepare(noise, cond)
-            timing = measure(lambda: plan.write_context(cond), noise.device, 1, 5)
-            self.prompt_ms = timing["median_ms"]
             if mode == "loop":
                 self.step = lambda: plan.run(None, False)
                 self.per_call_steps = len(self.sched)
@@ -144,6 +145,11 @@ class Variant:
                 self.step = lambda: (plan.step_idx.fill_(0), plan.runner())
             else:
                 self.step = lambda: plan.step_body(0)
+            self.step()  # the first at this shape: on a GPU its graphs are captured here
+            synchronize(noise.device)
+            self.new_shape_s = time.perf_counter() - first
+            timing = measure(lambda: plan.write_context(cond), noise.device, 1, 5)
+            self.prompt_ms = timing["median_ms"]
         self.setup_s = time.perf_counter() - start
         # The weights this row runs, in the forms it holds them (eager: the model; fused: packed, stacked, aliased).
         held = getattr(self, "sampler", None) and self.sampler.fast or getattr(self, "model", None)
@@ -280,7 +286,8 @@ def main(argv=None) -> int:
                 "peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                 "added_mem_mb": mem.peak / 2**20,
                 "weights_gib": None if variant.weight_bytes is None else variant.weight_bytes / 2**30,
-                "setup_s": variant.setup_s, "prompt_ms": variant.prompt_ms, "tflops": flops / ms / 1e9,
+                "setup_s": variant.setup_s, "new_shape_s": variant.new_shape_s, "prompt_ms": variant.prompt_ms,
+                "tflops": flops / ms / 1e9,
                 "pct_of_h100_floor": 100 * floor_ms(flops, weight_bytes) / ms,
                 "max_err": None if latents is None else (latents - reference).abs().max().item(),
                 "sqnr_db": None if latents is None else sqnr_db(latents, reference),
@@ -361,9 +368,9 @@ def format_table(report: dict) -> str:
             f"triton {env['triton']} | commit {env['commit']}")
     lines = [head, "",
              "| variant | batch | precision | ms/step | vs fastest peer at this precision | p20 | p80 | img/s "
-             "| peak MB | added MB | weights GiB | setup s | prompt ms | TFLOP/s | % H100 floor | % GEMM floor "
-             "| max err | SQNR dB | block share |",
-             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| peak MB | added MB | weights GiB | setup s | new shape s | prompt ms | TFLOP/s | % H100 floor "
+             "| % GEMM floor | max err | SQNR dB | block share |",
+             "|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     music = any("s_per_song" in r for r in report["results"])
     per_image = any("s_per_image" in r for r in report["results"])
     if music:  # seconds of DiT loop per song and the real-time factor, beside ms/step
@@ -381,6 +388,7 @@ def format_table(report: dict) -> str:
         err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
         sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
         prompt = "-" if r.get("prompt_ms") is None else f"{r['prompt_ms']:.3f}"
+        new_shape = "-" if r.get("new_shape_s") is None else f"{r['new_shape_s']:.2f}"
         song = f" {r['s_per_song']:.2f} | {r['realtime_x']:.1f} |" if music else \
             f" {r['s_per_image']:.2f} |" if per_image else ""
         vs = "-" if r.get("vs_peer_name") is None else r["vs_peer_name"] if r.get("vs_peer") is None else \
@@ -389,7 +397,7 @@ def format_table(report: dict) -> str:
                      f"{song} {vs} | "
                      f"{r['p20_ms']:.3f} | "
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {added} | {weights} | "
-                     f"{r['setup_s']:.1f} | {prompt} | "
+                     f"{r['setup_s']:.1f} | {new_shape} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")
     lines += [f"\nskipped {key}: {reason}" for key, reason in report.get("skipped", {}).items()]
     return "\n".join(lines)

@@ -47,6 +47,8 @@ def test_bench_ladder_writes_table_json_csv_and_chart(tmp_path, capsys, monkeypa
         elif r["variant"].startswith("fused"):  # int8: no int8 peer in this run
             assert r["vs_peer"] is None, r
     assert by[("fused+precond", 1)]["conditioning"] == "precomputed" and by[("fused", 1)]["conditioning"] == "per-step"
+    for r in rows:  # a first call at a new shape, timed for the fused rows alone
+        assert (r["new_shape_s"] > 0) if r["variant"].startswith("fused") else r["new_shape_s"] is None
     for ext in ("csv", "md", "png"):
         assert len(list(tmp_path.glob(f"bench-*.{ext}"))) == 1
     assert not list(tmp_path.glob("bench-partial-*"))  # the partial file is replaced by the full report
