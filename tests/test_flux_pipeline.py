@@ -239,3 +239,15 @@ def test_the_whole_loop_graph_refuses_a_callback_in_fastsampler():
                              dtype=torch.float32)
     with pytest.raises(ValueError, match="callback: the whole-loop graph"):
         sampler(torch.randn(1, 16, 4, 4), callback=lambda i, t, x: None, guidance=3.5, **text_embeddings())
+
+
+def test_the_pipelines_benchmark_times_each_pipelines_step():
+    import torch
+
+    from ditengine.bench.pipelines import flux_pipelines, measure_pipelines
+
+    pipes = flux_pipelines(1, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=24,
+                           pooled_projection_dim=12, axes_dims_rope=(4, 6, 6))
+    rows = measure_pipelines(pipes, size=32, steps=2, repeats=1, dtype=torch.float32)
+    assert rows["FluxPipeline"][0] == (2, 6) and rows["FluxImg2ImgPipeline"][0] == (2, 4)  # strength 0.6
+    assert all(step_ms == step_ms for _, step_ms, _ in rows.values())  # finite numbers, not NaN
