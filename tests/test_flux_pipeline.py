@@ -11,11 +11,13 @@ from support.diffusers_models import POOLED, TEXT, call_pipeline, randomize, rel
 diffusers = pytest.importorskip("diffusers")
 
 
-def tiny_flux_pipeline(dev: bool, seed: int = 0):
+def tiny_flux_pipeline(dev: bool, seed: int = 0, in_channels: int = 16):
+    """A tiny FluxPipeline without text encoders; `in_channels` beyond the 16 it predicts for a Fill or Control
+    transformer."""
     transformer = randomize(diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=TEXT, pooled_projection_dim=POOLED, guidance_embeds=dev, axes_dims_rope=(4, 6, 6)),
-        seed, std=0.2).eval()
+        patch_size=1, in_channels=in_channels, out_channels=16, num_layers=1, num_single_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=TEXT, pooled_projection_dim=POOLED,
+        guidance_embeds=dev, axes_dims_rope=(4, 6, 6)), seed, std=0.2).eval()
     vae = tiny_vae(seed, scaling_factor=0.3)
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                           max_shift=1.15, base_image_seq_len=256,
@@ -251,3 +253,57 @@ def test_the_pipelines_benchmark_times_each_pipelines_step():
     rows = measure_pipelines(pipes, size=32, steps=2, repeats=1, dtype=torch.float32)
     assert rows["FluxPipeline"][0] == (2, 6) and rows["FluxImg2ImgPipeline"][0] == (2, 4)  # strength 0.6
     assert all(step_ms == step_ms for _, step_ms, _ in rows.values())  # finite numbers, not NaN
+
+
+def tiny(cls, in_channels: int = 16, seed: int = 0):
+    """A tiny pipeline of class `cls` from `tiny_flux_pipeline`'s components (those its constructor takes)."""
+    import inspect
+
+    parts = tiny_flux_pipeline(True, seed, in_channels).components
+    pipe = cls(**{k: v for k, v in parts.items() if k in inspect.signature(cls.__init__).parameters})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def mask(seed=4):
+    """A binary mask at the tests' 8 x 12 pixels: 1 where the image is repainted."""
+    import torch
+
+    return (torch.rand(1, 1, 8, 12, generator=torch.Generator().manual_seed(seed)) > 0.5).float()
+
+
+# Fill: 16 latent + 16 masked-image channels + 4 of the mask (the tiny VAE's 1x1 patches, packed 2x2) = 36 inputs.
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_fill_returns_the_pipelines_own_latents(strength, backend):
+    pipe = tiny(diffusers.FluxFillPipeline, in_channels=36)
+    kwargs = dict(image=image(), mask_image=mask(), strength=strength, num_inference_steps=4, **text_embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    assert rel_err(call_pipeline(de.accelerate(pipe, backend=backend), **kwargs), want) <= 1e-4
+    other = call_pipeline(pipe, **{**kwargs, "mask_image": 1 - mask()})
+    assert rel_err(want, other) > 1e-2  # the condition matters
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_control_returns_the_pipelines_own_latents(backend):
+    pipe = tiny(diffusers.FluxControlPipeline, in_channels=32)
+    kwargs = dict(control_image=image(), num_inference_steps=3, **text_embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    assert rel_err(call_pipeline(de.accelerate(pipe, backend=backend), **kwargs), want) <= 1e-4
+    assert rel_err(want, call_pipeline(pipe, **{**kwargs, "control_image": image(seed=9)})) > 1e-3  # 10x the bound
+
+
+def test_a_condition_of_the_wrong_shape_is_named():
+    import torch
+
+    model = de.from_diffusers(tiny(diffusers.FluxFillPipeline, in_channels=36).transformer)
+    sampler = de.FastSampler(model, de.schedulers.FlowMatchEuler(2), cfg_scale=1.0, dtype=torch.float32)
+    noise = torch.randn(1, 4, 8, 12)
+    with pytest.raises(ValueError, match=r"condition_latents: .* expected the packed condition \(1, 24, 20\)"):
+        sampler(noise, guidance=3.5, condition_latents=torch.zeros(1, 24, 7), **text_embeddings())
+    plain = de.from_diffusers(tiny_flux_pipeline(True).transformer)
+    with pytest.raises(ValueError, match="condition_latents: this Flux takes no input channels beyond"):
+        de.sample(plain, de.schedulers.FlowMatchEuler(2), noise, cfg_scale=1.0, guidance=3.5,
+                  condition_latents=torch.zeros(1, 24, 20), progress=False, **text_embeddings())
+    with pytest.raises(ValueError, match="control_image: required"):
+        call_pipeline(de.accelerate(tiny(diffusers.FluxControlPipeline, in_channels=32)), **text_embeddings())

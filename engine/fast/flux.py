@@ -45,11 +45,13 @@ def image_ids(h: int, w: int, device=None) -> torch.Tensor:
 
 def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=None, pooled_prompt_embeds=None,
                  guidance=None, txt_ids=None, img_ids=None, negative_prompt_embeds=None,
-                 negative_pooled_prompt_embeds=None) -> dict:
+                 negative_pooled_prompt_embeds=None, condition_latents=None) -> dict:
     """The conditioning of a Flux call, checked and completed: noise (B, C, H, W) on the VAE grid, T5 tokens and
     pooled CLIP embeddings (and the negative prompt's with true CFG), the guidance as (B,) fp32 (dev only), the
-    position ids (the pipeline's by default)."""
-    C = cfg.in_channels // 4
+    position ids (the pipeline's by default), and for a model that takes more input channels than it predicts
+    (Fill: the masked image and its mask; Control: the control image) `condition_latents` (B, T, extra), packed as
+    the pipeline packs them, concatenated to the packed latents on the channel axis at every step."""
+    C = cfg.out_channels // 4
     if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or noise.shape[1] != C or noise.shape[2] % 2 \
             or noise.shape[3] % 2:
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
@@ -70,6 +72,16 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=
             raise ValueError(f"{name}: expected ({n}, 3) position ids, got {shape}")
     cond["txt_ids"] = torch.zeros(L, 3, device=device) if txt_ids is None else txt_ids.reshape(L, 3)
     cond["img_ids"] = image_ids(H // 2, W // 2, device) if img_ids is None else img_ids.reshape(tokens, 3)
+    extra = cfg.in_channels - cfg.out_channels
+    if extra and (not isinstance(condition_latents, torch.Tensor) or condition_latents.shape != (B, tokens, extra)):
+        shape = tuple(condition_latents.shape) if isinstance(condition_latents, torch.Tensor) else condition_latents
+        raise ValueError(f"condition_latents: this Flux takes {cfg.in_channels} input channels for its "
+                         f"{cfg.out_channels} predicted ones: expected the packed condition ({B}, {tokens}, {extra}) "
+                         f"(Fill: masked image and mask; Control: control image), got {shape}")
+    if not extra and condition_latents is not None:
+        raise ValueError("condition_latents: this Flux takes no input channels beyond its latents (a Fill or Control "
+                         "model does)")
+    cond["condition_latents"] = condition_latents
     return cond
 
 
@@ -106,7 +118,7 @@ class FastFlux(FusedDenoiser):
         cfg = self.config
         D, Dh = cfg.hidden_size, cfg.head_dim
         self.small_heads = not self.gqa_attention_fits(Dh)
-        self.latent_shape = (cfg.in_channels // 4, 128, 128)  # 1024 px: the VAE's 16 channels, 2x2 packed
+        self.latent_shape = (cfg.out_channels // 4, 128, 128)  # 1024 px: the VAE's 16 channels, 2x2 packed
         self.out_channels = cfg.out_channels // 4
         rows = 2 * 4096
         gemm = functools.partial(self.token_linear, rows=rows, block=True)
@@ -166,7 +178,11 @@ class FastFlux(FusedDenoiser):
                 "cond_emb": torch.zeros(rows, self.hidden, device=dev),  # pooled (+ guidance) embedding, fp32
                 "rope": (torch.zeros(S, self.config.head_dim, device=dev), torch.zeros(S, self.config.head_dim,
                                                                                        device=dev)),
-                "text_len": L, "grid": (latent_shape[-2] // 2, latent_shape[-1] // 2)}
+                "text_len": L, "grid": (latent_shape[-2] // 2, latent_shape[-1] // 2),
+                # Fill / Control: the packed condition concatenated to the latents at every step
+                "condition": None if cond.get("condition_latents") is None else
+                torch.zeros(rows, S - L, self.config.in_channels - self.config.out_channels, device=dev,
+                            dtype=self.dtype)}
 
     def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
         """Once per call: the text tokens, the pooled (and guidance) embedding, the RoPE tables."""
@@ -183,6 +199,8 @@ class FastFlux(FusedDenoiser):
         for buffer, table in zip(ctx["rope"], rope_tables(torch.cat([cond["txt_ids"], cond["img_ids"]]),
                                                           self.config.axes_dims_rope)):
             buffer.copy_(table)
+        if ctx["condition"] is not None:
+            ctx["condition"].copy_(cond["condition_latents"].to(self.device, self.dtype).repeat(len(halves), 1, 1))
 
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple:
         """Timesteps t (S,) = sigma * 1000 -> the double blocks' (S, N, depth_d, 12, D) (text stream's 6, then the
@@ -206,6 +224,8 @@ class FastFlux(FusedDenoiser):
         """x (N, C, H, W) in `dtype` -> the joint residual stream [text; image] (N, L + T, D)."""
         N, C, H, W = x.shape
         packed = x.view(N, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, 4 * C)  # (c, dy, dx)
+        if ctx["condition"] is not None:  # (N, T, 4C + extra), as the pipeline concatenates them
+            packed = torch.cat([packed, ctx["condition"]], dim=-1)
         return torch.cat([ctx["text"], self.x_embed(packed).to(self.residual_dtype)], dim=1)
 
     def _norms(self, resid, L, mods, gates=None, outs=None):

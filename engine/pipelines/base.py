@@ -207,7 +207,8 @@ def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = 
                quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False,
                pool_size: int = 8):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
-    `FluxPipeline`, `FluxImg2ImgPipeline`, `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`) so that its
+    `FluxPipeline`, `FluxImg2ImgPipeline`, `FluxFillPipeline`, `FluxControlPipeline`, `StableDiffusion3Pipeline`,
+    `StableDiffusion3Img2ImgPipeline`) so that its
     denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged. The transformer's
     LoRA adapters are served live (docs/lora.md).
 

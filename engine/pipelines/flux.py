@@ -26,9 +26,14 @@ def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditi
     guidance = cond["guidance"]
     guidance = None if guidance is None else doubled(guidance, guidance, use_cfg)
 
+    condition = cond["condition_latents"]
+    condition = None if condition is None else doubled(condition, condition, use_cfg).to(dtype)
+
     def forward(x_in, t, step):
         n, C, H, W = x_in.shape
         packed = x_in.view(n, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 4 * C)
+        if condition is not None:  # Fill / Control: the packed condition beside the latents, every step
+            packed = torch.cat([packed, condition[:n]], dim=2)
         kw = dict(encoder_hidden_states=text[:n], pooled_projections=pooled[:n], timestep=t.to(dtype) / 1000,
                   img_ids=cond["img_ids"], txt_ids=cond["txt_ids"], guidance=None if guidance is None else guidance[:n])
         if cache is not None:
@@ -265,12 +270,121 @@ class AcceleratedFluxImg2ImgPipeline(AcceleratedFluxPipeline):
         return self._finish(out, named["prompt_embeds"].dtype, height, width, output_type, return_dict)
 
 
+class AcceleratedFluxFillPipeline(AcceleratedFluxPipeline):
+    """Called like `FluxFillPipeline` (FLUX.1-Fill: inpainting and outpainting), returning what it returns; the
+    denoising loop runs in ditengine. The image and mask go through the pipeline's own preprocessing, VAE encode and
+    `prepare_mask_latents` outside the loop (or its `masked_image_latents` are taken as given); the packed masked
+    image and mask (`condition_latents`) are written once per call into a static buffer and concatenated to the
+    latents on the channel axis at every step, as the pipeline does. `strength` < 1 runs the schedule's tail as
+    image to image does. A list of generators raises a ValueError; callbacks and LoRA as for `FluxPipeline`."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, mask_image=None, masked_image_latents=None,
+                 height: int | None = None, width: int | None = None, strength: float = 1.0,
+                 num_inference_steps: int = 50, sigmas=None, guidance_scale: float = 30.0,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str | None = "pil", return_dict: bool = True, joint_attention_kwargs: dict | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 max_sequence_length: int = 512):
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+        check_call(num_inference_steps, guidance_scale)
+        pipe = self.pipe
+        scale = self._refuse(generator, joint_attention_kwargs)
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, strength, height, width, prompt_embeds=prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds, image=image, mask_image=mask_image,
+                          masked_image_latents=masked_image_latents,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        init_image = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        named, rows, _ = self._prompts(prompt, prompt_2, None, None, 1.0, num_images_per_prompt, prompt_embeds,
+                                       pooled_prompt_embeds, None, None, max_sequence_length,
+                                       scale if joint_attention_kwargs else None, guidance_scale)
+        dtype = named["prompt_embeds"].dtype
+        sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
+        retrieve_timesteps(pipe.scheduler, len(sigmas), self.device, sigmas=sigmas, mu=mu)
+        timesteps, steps = pipe.get_timesteps(len(sigmas), strength, self.device)
+        if steps < 1:
+            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {steps} "
+                             "steps to run; raise either")
+        C = pipe.vae.config.latent_channels
+        packed, named["img_ids"] = pipe.prepare_latents(init_image, timesteps[:1].repeat(rows), rows, C, height,
+                                                        width, dtype, self.device, generator, latents)
+        if masked_image_latents is None:  # the pipeline's own: masked image latents, then the 8x8-packed mask
+            mask = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+            masked = (init_image * (1 - mask)).to(device=self.device, dtype=dtype)
+            mask, masked_image_latents = pipe.prepare_mask_latents(
+                mask, masked, rows // num_images_per_prompt, C, num_images_per_prompt, *init_image.shape[-2:], dtype,
+                self.device, generator)
+            masked_image_latents = torch.cat((masked_image_latents, mask), dim=-1)
+        named["condition_latents"] = masked_image_latents.to(self.device)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, height, width,
+                                  steps, guidance_scale, joint_attention_kwargs)
+        out = self.denoise(self._unpack(packed, height, width), len(sigmas), 1.0, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu, "begin_index": len(sigmas) - steps},
+                           lora_scale=scale, callback=callback, **named)
+        return self._finish(out, dtype, height, width, output_type, return_dict)
+
+
+class AcceleratedFluxControlPipeline(AcceleratedFluxPipeline):
+    """Called like `FluxControlPipeline` (FLUX.1-Depth, FLUX.1-Canny), returning what it returns; the denoising loop
+    runs in ditengine. The control image goes through the pipeline's own `prepare_image` and VAE encode outside the
+    loop; its packed latents (`condition_latents`) are written once per call into a static buffer and concatenated
+    to the latents on the channel axis at every step, as the pipeline does."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, control_image=None, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 3.5,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 output_type: str | None = "pil", return_dict: bool = True, joint_attention_kwargs: dict | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 max_sequence_length: int = 512):
+        check_call(num_inference_steps, guidance_scale)
+        pipe = self.pipe
+        scale = self._refuse(generator, joint_attention_kwargs)
+        if control_image is None:
+            raise ValueError("control_image: required by the control pipeline (a PIL image, array or tensor)")
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        named, rows, _ = self._prompts(prompt, prompt_2, None, None, 1.0, num_images_per_prompt, prompt_embeds,
+                                       pooled_prompt_embeds, None, None, max_sequence_length,
+                                       scale if joint_attention_kwargs else None, guidance_scale)
+        dtype = named["prompt_embeds"].dtype
+        C = pipe.transformer.config.in_channels // 8
+        control = pipe.prepare_image(image=control_image, width=width, height=height, batch_size=rows,
+                                     num_images_per_prompt=num_images_per_prompt, device=self.device,
+                                     dtype=pipe.vae.dtype)
+        if control.ndim == 4:  # an image: encoded as the pipeline encodes it (before the latents are drawn)
+            control = pipe.vae.encode(control).latent_dist.sample(generator=generator)
+            control = (control - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+            control = pipe._pack_latents(control, rows, C, *control.shape[2:])
+        packed, named["img_ids"] = pipe.prepare_latents(rows, C, height, width, dtype, self.device, generator,
+                                                        latents)
+        named["condition_latents"] = control
+        sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, height, width,
+                                  len(sigmas), guidance_scale, joint_attention_kwargs)
+        out = self.denoise(self._unpack(packed, height, width), len(sigmas), 1.0, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, lora_scale=scale,
+                           callback=callback, **named)
+        return self._finish(out, dtype, height, width, output_type, return_dict)
+
+
 families.register(families.Family(
     name="flux", spec=Flux, config=FluxConfig, fast=FastFlux, forward=flux_forward, reference_cache=True,
-    channels=lambda cfg: cfg.in_channels // 4,
+    channels=lambda cfg: cfg.out_channels // 4,
     depth=lambda model: model.config.num_layers + model.config.num_single_layers,
     diffusers_class="FluxTransformer2DModel", from_diffusers=flux.from_diffusers, recognises=flux.is_flux_state_dict,
     load=families.config_loader(flux.load_state_dict),
-    pipelines={"FluxPipeline": AcceleratedFluxPipeline, "FluxImg2ImgPipeline": AcceleratedFluxImg2ImgPipeline},
+    pipelines={"FluxPipeline": AcceleratedFluxPipeline, "FluxImg2ImgPipeline": AcceleratedFluxImg2ImgPipeline,
+               "FluxFillPipeline": AcceleratedFluxFillPipeline, "FluxControlPipeline": AcceleratedFluxControlPipeline},
     bench=(lambda name: name.lower().replace("_", "-").startswith("flux"), "ditengine.bench.flux:flux_setup"),
     bench_defaults={"cfg_scale": 1.0}))
