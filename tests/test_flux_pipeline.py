@@ -307,3 +307,20 @@ def test_a_condition_of_the_wrong_shape_is_named():
                   condition_latents=torch.zeros(1, 24, 20), progress=False, **text_embeddings())
     with pytest.raises(ValueError, match="control_image: required"):
         call_pipeline(de.accelerate(tiny(diffusers.FluxControlPipeline, in_channels=32)), **text_embeddings())
+
+
+@pytest.mark.parametrize("cuda_graph", [None, "loop"])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_inpaint_returns_the_pipelines_own_latents(backend, cuda_graph):
+    pipe = tiny(diffusers.FluxInpaintPipeline)
+    kwargs = dict(image=image(), mask_image=mask(), strength=0.8, num_inference_steps=5, **text_embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    fast = de.accelerate(pipe, backend=backend, cuda_graph=cuda_graph if backend == "fused" else None)
+    assert rel_err(call_pipeline(fast, **kwargs), want) <= 1e-4
+    theirs, seen_theirs = recording_callback(edit_step=1)  # the callback sees the blended latents, and may edit them
+    want = call_pipeline(pipe, callback_on_step_end=theirs, **kwargs)
+    ours, seen_ours = recording_callback(edit_step=1)
+    assert rel_err(call_pipeline(fast, callback_on_step_end=ours, **kwargs), want) <= 1e-4
+    assert_same_calls(seen_ours, seen_theirs)
+    with pytest.raises(ValueError, match="padding_mask_crop: not supported"):
+        call_pipeline(fast, padding_mask_crop=4, **kwargs)

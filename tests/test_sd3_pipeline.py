@@ -17,7 +17,7 @@ SD35 = dict(qk_norm="rms_norm", dual_attention_layers=(0,))
 
 def tiny_sd3_pipeline(seed: int = 0, dynamic_shift: bool = False, **overrides):
     transformer = randomize(diffusers.SD3Transformer2DModel(**{**TINY, **overrides}), seed, std=0.2).eval()
-    vae = tiny_vae(seed, scaling_factor=1.5)
+    vae = tiny_vae(seed, scaling_factor=1.5, latent_channels=overrides.get("in_channels", TINY["in_channels"]))
     shifting = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15) if dynamic_shift else {}
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, **shifting)
     pipe = diffusers.StableDiffusion3Pipeline(
@@ -120,3 +120,24 @@ def test_callbacks_see_and_edit_what_the_pipeline_does():
     assert rel_err(call_pipeline(de.accelerate(pipe), callback_on_step_end=also_shapes(ours), **kwargs), want) <= 1e-4
     assert_same_calls(seen_ours, seen_theirs)
     assert shapes[:3] == shapes[3:]  # the CFG batch's prompt embeddings, as the pipeline's loop holds them
+
+
+@pytest.mark.parametrize("strength", [0.8, 1.0])
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_inpaint_returns_the_pipelines_own_latents(strength, backend):
+    from test_flux_pipeline import image, mask
+
+    # diffusers' SD3 inpainting takes 16 latent channels (or 33 for an inpainting transformer)
+    pipe = diffusers.StableDiffusion3InpaintPipeline(**tiny_sd3_pipeline(in_channels=16, out_channels=16).components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(image=image(), mask_image=mask(), strength=strength, num_inference_steps=4, **embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    assert rel_err(call_pipeline(de.accelerate(pipe, backend=backend), **kwargs), want) <= 1e-4
+    assert rel_err(want, call_pipeline(pipe, **{**kwargs, "mask_image": 1 - mask()})) > 1e-2  # the mask matters
+
+
+def test_inpaint_refuses_a_33_channel_transformer_by_name():
+    pipe = diffusers.StableDiffusion3InpaintPipeline(**tiny_sd3_pipeline(in_channels=33, out_channels=16).components)
+    with pytest.raises(ValueError, match="transformer: a 33-channel inpainting transformer"):
+        call_pipeline(de.accelerate(pipe), image=torch.rand(1, 3, 8, 12), mask_image=torch.ones(1, 1, 8, 12),
+                      **embeddings())

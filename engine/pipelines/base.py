@@ -163,20 +163,27 @@ def log_once(message: str) -> None:
     log.info(message)
 
 
-def step_callback(pipe, callback_on_step_end, tensor_inputs, state: dict, to_pipeline, from_pipeline):
+def step_callback(pipe, callback_on_step_end, tensor_inputs, state: dict, to_pipeline, from_pipeline, blend=None):
     """diffusers' `callback_on_step_end(pipe, i, t, {name: tensor})` as the loop's `callback(i, t, x)` (None without
-    one): `to_pipeline(x)` makes the pipeline's latents from the loop's state (its layout and dtype) and
-    `from_pipeline` takes latents the callback returns back into the loop; the other tensors it asks for (`state`,
-    e.g. the prompt embeddings) are passed as they are and cannot be replaced. `pipe._interrupt` is not served."""
-    if callback_on_step_end is None:
+    one, nor a `blend`): `to_pipeline(x)` makes the pipeline's latents from the loop's state (its layout and dtype)
+    and `from_pipeline` takes latents back into the loop; the other tensors it asks for (`state`, e.g. the prompt
+    embeddings) are passed as they are and cannot be replaced. `pipe._interrupt` is not served. `blend(i, latents)`,
+    an inpainting pipeline's step-end mix of the denoised and the (noised) original latents, runs first, as the
+    pipeline runs it before its callback."""
+    if callback_on_step_end is None and blend is None:
         return None
-    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+    if callback_on_step_end is not None:
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-    if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-        tensor_inputs = callback_on_step_end.tensor_inputs
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            tensor_inputs = callback_on_step_end.tensor_inputs
 
     def callback(i, t, x):
         latents = to_pipeline(x)
+        if blend is not None:
+            latents = blend(i, latents)
+        if callback_on_step_end is None:
+            return from_pipeline(latents)
         given = {name: latents if name == "latents" else state[name] for name in tensor_inputs}
         pipe._current_timestep = t
         out = callback_on_step_end(pipe, i, t, given) or {}
@@ -188,9 +195,26 @@ def step_callback(pipe, callback_on_step_end, tensor_inputs, state: dict, to_pip
             raise ValueError("callback_on_step_end: set the pipeline's interrupt flag, which the accelerated loop "
                              "does not serve (it runs every step); call the pipeline itself for it")
         new = out.get("latents", latents)
-        return None if new is latents else from_pipeline(new)
+        return None if new is latents and blend is None else from_pipeline(new)
 
     return callback
+
+
+def inpaint_blend(scheduler, begin: int, steps: int, image_latents: torch.Tensor, noise: torch.Tensor,
+                  mask: torch.Tensor):
+    """Inpainting's step-end mix as the flow-match pipelines run it after step i of the `steps` they run: where the
+    mask is 0 the original latents noised to the next step's sigma (the pipeline scheduler's own `sigmas`, its schedule
+    set; the original itself after the last step), where it is 1 the denoised latents. All in the pipeline's layout."""
+    sigmas = scheduler.sigmas
+
+    def blend(i: int, latents: torch.Tensor) -> torch.Tensor:
+        proper = image_latents
+        if i < steps - 1:
+            sigma = sigmas[begin + i + 1].to(noise.device)
+            proper = sigma * noise + (1.0 - sigma) * image_latents
+        return (1 - mask) * proper + mask * latents
+
+    return blend
 
 
 def refuse_unsupported(generator, **unsupported) -> None:
@@ -207,8 +231,8 @@ def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = 
                quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False,
                pool_size: int = 8):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
-    `FluxPipeline`, `FluxImg2ImgPipeline`, `FluxFillPipeline`, `FluxControlPipeline`, `StableDiffusion3Pipeline`,
-    `StableDiffusion3Img2ImgPipeline`) so that its
+    `FluxPipeline`, `FluxImg2ImgPipeline`, `FluxInpaintPipeline`, `FluxFillPipeline`, `FluxControlPipeline`,
+    `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`, `StableDiffusion3InpaintPipeline`) so that its
     denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged. The transformer's
     LoRA adapters are served live (docs/lora.md).
 

@@ -12,7 +12,7 @@ from ..fast.flux import FastFlux, check_inputs
 from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, lora_scale, refuse_unsupported, step_callback
+from .base import Accelerated, check_call, inpaint_blend, lora_scale, refuse_unsupported, step_callback
 
 
 def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -129,14 +129,15 @@ class AcceleratedFluxPipeline(Accelerated):
         return lora_scale(joint_attention_kwargs)
 
     def _callback(self, callback_on_step_end, tensor_inputs, named: dict, height: int, width: int, steps: int,
-                  guidance_scale: float, joint_attention_kwargs):
+                  guidance_scale: float, joint_attention_kwargs, blend=None):
         """The pipeline's step callback on its packed latents in its dtype, with the pipeline's properties a callback
-        reads (`num_timesteps`, `guidance_scale`, `joint_attention_kwargs`) set as its own loop sets them."""
+        reads (`num_timesteps`, `guidance_scale`, `joint_attention_kwargs`) set as its own loop sets them; `blend`,
+        inpainting's step-end mix (`step_callback`)."""
         pipe, dtype = self.pipe, named["prompt_embeds"].dtype
         pipe._num_timesteps, pipe._guidance_scale, pipe._interrupt = steps, guidance_scale, False
         pipe._joint_attention_kwargs = joint_attention_kwargs
         return step_callback(pipe, callback_on_step_end, tensor_inputs, named, lambda x: self._pack(x).to(dtype),
-                             lambda latents: self._unpack(latents, height, width).float())
+                             lambda latents: self._unpack(latents, height, width).float(), blend)
 
     def _prompts(self, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, num_images_per_prompt,
                  prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds,
@@ -270,6 +271,71 @@ class AcceleratedFluxImg2ImgPipeline(AcceleratedFluxPipeline):
         return self._finish(out, named["prompt_embeds"].dtype, height, width, output_type, return_dict)
 
 
+class AcceleratedFluxInpaintPipeline(AcceleratedFluxPipeline):
+    """Called like `FluxInpaintPipeline`, returning what it returns; the denoising loop runs in ditengine. The image
+    and mask go through the pipeline's own preprocessing, VAE encode, noising and mask packing outside the loop; after
+    every step the latents outside the mask are replaced by the original ones noised to the next step, as the
+    pipeline does (between steps: with it the whole-loop graph falls back to per-step graphs). `padding_mask_crop`
+    and the IP-Adapter inputs raise a ValueError; callbacks and LoRA as for `FluxPipeline`."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
+                 true_cfg_scale: float = 1.0, image=None, mask_image=None, masked_image_latents=None,
+                 height: int | None = None, width: int | None = None, padding_mask_crop: int | None = None,
+                 strength: float = 0.6, num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 7.0,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
+                 negative_ip_adapter_image_embeds=None, negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
+                 return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+        check_call(num_inference_steps, guidance_scale)
+        pipe = self.pipe
+        scale = self._refuse(generator, joint_attention_kwargs, padding_mask_crop=padding_mask_crop,
+                             ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
+                             negative_ip_adapter_image=negative_ip_adapter_image,
+                             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, image, mask_image, strength, height, width, output_type=output_type,
+                          negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          padding_mask_crop=padding_mask_crop, max_sequence_length=max_sequence_length)
+        init_image = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        named, rows, cfg = self._prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale,
+                                         num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length,
+                                         scale if joint_attention_kwargs else None, guidance_scale)
+        dtype = named["prompt_embeds"].dtype
+        sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
+        retrieve_timesteps(pipe.scheduler, len(sigmas), self.device, sigmas=sigmas, mu=mu)
+        timesteps, steps = pipe.get_timesteps(len(sigmas), strength, self.device)
+        if steps < 1:
+            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {steps} "
+                             "steps to run; raise either")
+        C = pipe.transformer.config.in_channels // 4
+        packed, noise, image_latents, named["img_ids"] = pipe.prepare_latents(
+            init_image, timesteps[:1].repeat(rows), rows, C, height, width, dtype, self.device, generator, latents)
+        mask_condition = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+        masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
+        mask, _ = pipe.prepare_mask_latents(mask_condition, masked, rows // num_images_per_prompt, C,
+                                            num_images_per_prompt, height, width, dtype, self.device, generator)
+        begin = len(sigmas) - steps
+        blend = inpaint_blend(pipe.scheduler, begin, steps, image_latents, noise, mask)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, height, width,
+                                  steps, guidance_scale, joint_attention_kwargs, blend)
+        out = self.denoise(self._unpack(packed, height, width), len(sigmas), cfg, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu, "begin_index": begin},
+                           lora_scale=scale, callback=callback, **named)
+        return self._finish(out, dtype, height, width, output_type, return_dict)
+
+
 class AcceleratedFluxFillPipeline(AcceleratedFluxPipeline):
     """Called like `FluxFillPipeline` (FLUX.1-Fill: inpainting and outpainting), returning what it returns; the
     denoising loop runs in ditengine. The image and mask go through the pipeline's own preprocessing, VAE encode and
@@ -385,6 +451,7 @@ families.register(families.Family(
     diffusers_class="FluxTransformer2DModel", from_diffusers=flux.from_diffusers, recognises=flux.is_flux_state_dict,
     load=families.config_loader(flux.load_state_dict),
     pipelines={"FluxPipeline": AcceleratedFluxPipeline, "FluxImg2ImgPipeline": AcceleratedFluxImg2ImgPipeline,
-               "FluxFillPipeline": AcceleratedFluxFillPipeline, "FluxControlPipeline": AcceleratedFluxControlPipeline},
+               "FluxInpaintPipeline": AcceleratedFluxInpaintPipeline, "FluxFillPipeline": AcceleratedFluxFillPipeline,
+               "FluxControlPipeline": AcceleratedFluxControlPipeline},
     bench=(lambda name: name.lower().replace("_", "-").startswith("flux"), "ditengine.bench.flux:flux_setup"),
     bench_defaults={"cfg_scale": 1.0}))

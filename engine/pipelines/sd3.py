@@ -12,7 +12,7 @@ from ..fast.sd3 import FastSD3, check_inputs
 from ..models import sd3_checkpoints as sd3
 from ..models.sd3 import SD3, SD3Config
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, lora_scale, refuse_unsupported, step_callback
+from .base import Accelerated, check_call, inpaint_blend, lora_scale, refuse_unsupported, step_callback
 
 
 def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -133,16 +133,16 @@ class AcceleratedSD3Pipeline(Accelerated):
         return named, batch * num_images_per_prompt, guidance_scale if use_cfg else 1.0
 
     def _callback(self, callback_on_step_end, tensor_inputs, named: dict, steps: int, guidance_scale: float,
-                  joint_attention_kwargs):
+                  joint_attention_kwargs, blend=None):
         """The pipeline's step callback on the latents in its dtype, with the pipeline's properties a callback reads
-        set as its own loop sets them."""
+        set as its own loop sets them; `blend`, inpainting's step-end mix (`step_callback`)."""
         pipe, dtype = self.pipe, named["prompt_embeds"].dtype
         pipe._num_timesteps, pipe._guidance_scale, pipe._interrupt = steps, guidance_scale, False
         pipe._joint_attention_kwargs = joint_attention_kwargs
         state = {name: torch.cat([named[f"negative_{name}"], named[name]]) if f"negative_{name}" in named
                  else named[name] for name in ("prompt_embeds", "pooled_prompt_embeds")}  # as its loop holds them
         return step_callback(pipe, callback_on_step_end, tensor_inputs, state, lambda x: x.to(dtype),
-                             lambda latents: latents.float())
+                             lambda latents: latents.float(), blend)
 
     def _schedule(self, sigmas, mu, height: int, width: int) -> dict:
         """The scheduler's overrides: the custom sigmas, and mu where the scheduler shifts by resolution."""
@@ -236,11 +236,83 @@ class AcceleratedSD3Img2ImgPipeline(AcceleratedSD3Pipeline):
         return self._finish(out.to(dtype), output_type, return_dict)
 
 
+class AcceleratedSD3InpaintPipeline(AcceleratedSD3Pipeline):
+    """Called like `StableDiffusion3InpaintPipeline` (a 16-channel SD3 / SD3.5 transformer), returning what it returns;
+    the denoising loop runs in ditengine. The image and mask go through the pipeline's own preprocessing, VAE encode,
+    noising and mask latents outside the loop; after every step the latents outside the mask are replaced by the
+    original ones noised to the next step, as the pipeline does (between steps: with it the whole-loop graph falls
+    back to per-step graphs). A 33-channel inpainting transformer, `padding_mask_crop` and the IP-Adapter inputs
+    raise a ValueError."""
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, prompt_3=None, image=None, mask_image=None,
+                 masked_image_latents=None, height: int | None = None, width: int | None = None,
+                 padding_mask_crop: int | None = None, strength: float = 0.6, num_inference_steps: int = 50,
+                 sigmas=None, guidance_scale: float = 7.0, negative_prompt=None, negative_prompt_2=None,
+                 negative_prompt_3=None, num_images_per_prompt: int | None = 1, generator=None,
+                 latents: torch.Tensor | None = None, prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, output_type: str | None = "pil", return_dict: bool = True,
+                 joint_attention_kwargs: dict | None = None, clip_skip: int | None = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
+                 max_sequence_length: int = 256, mu: float | None = None):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint import retrieve_timesteps
+
+        check_call(num_inference_steps, guidance_scale)
+        pipe = self.pipe
+        refuse_unsupported(generator, padding_mask_crop=padding_mask_crop, ip_adapter_image=ip_adapter_image,
+                           ip_adapter_image_embeds=ip_adapter_image_embeds)
+        if pipe.transformer.config.in_channels != 16:
+            raise ValueError(f"transformer: a {pipe.transformer.config.in_channels}-channel inpainting transformer "
+                             "(latents, mask and masked image concatenated) is not served; a 16-channel one is")
+        scale = lora_scale(joint_attention_kwargs)
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, strength, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        named, rows, cfg = self._prompts(prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2,
+                                         negative_prompt_3, guidance_scale, num_images_per_prompt, prompt_embeds,
+                                         negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+                                         clip_skip, max_sequence_length, scale if joint_attention_kwargs else None)
+        dtype = named["prompt_embeds"].dtype
+        overrides = self._schedule(sigmas, mu, height, width)
+        steps = num_inference_steps if sigmas is None else len(sigmas)
+        retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas,
+                           **({"mu": overrides["mu"]} if "mu" in overrides else {}))
+        timesteps, left = pipe.get_timesteps(steps, strength, self.device)
+        if left < 1:
+            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {left} "
+                             "steps to run; raise either")
+        init_image = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
+        batch = rows // num_images_per_prompt
+        latents, noise, image_latents = pipe.prepare_latents(
+            rows, pipe.vae.config.latent_channels, height, width, dtype, self.device, generator, latents,
+            image=init_image, timestep=timesteps[:1].repeat(rows), is_strength_max=strength == 1.0,
+            return_noise=True, return_image_latents=True)
+        mask_condition = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+        masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
+        mask, _ = pipe.prepare_mask_latents(mask_condition, masked, batch, num_images_per_prompt, height, width, dtype,
+                                            self.device, generator, False)
+        blend = inpaint_blend(pipe.scheduler, steps - left, left, image_latents, noise, mask)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, left,
+                                  guidance_scale, joint_attention_kwargs, blend)
+        out = self.denoise(latents, steps, cfg, generator, {**overrides, "begin_index": steps - left},
+                           lora_scale=scale, callback=callback, **named)
+        return self._finish(out.to(dtype), output_type, return_dict)
+
+
 families.register(families.Family(
     name="sd3", spec=SD3, config=SD3Config, fast=FastSD3, forward=sd3_forward, reference_cache=True,
     channels=lambda cfg: cfg.in_channels, depth=lambda model: model.config.num_layers,
     diffusers_class="SD3Transformer2DModel", from_diffusers=sd3.from_diffusers, recognises=sd3.is_sd3_state_dict,
     load=families.config_loader(sd3.load_state_dict),
     pipelines={"StableDiffusion3Pipeline": AcceleratedSD3Pipeline,
-               "StableDiffusion3Img2ImgPipeline": AcceleratedSD3Img2ImgPipeline},
+               "StableDiffusion3Img2ImgPipeline": AcceleratedSD3Img2ImgPipeline,
+               "StableDiffusion3InpaintPipeline": AcceleratedSD3InpaintPipeline},
     bench=(lambda name: name.upper().startswith("SD3"), "ditengine.bench.sd3:sd3_setup")))

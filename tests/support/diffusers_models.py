@@ -40,12 +40,12 @@ def randomize(module: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.
 TEXT, POOLED, L = 24, 12, 7
 
 
-def tiny_vae(seed: int, scaling_factor: float):
-    """A one-level AutoencoderKL with 4 latent channels, for decoding in the pipelines' tests."""
+def tiny_vae(seed: int, scaling_factor: float, latent_channels: int = 4):
+    """A one-level AutoencoderKL (4 latent channels unless told), for decoding in the pipelines' tests."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
     return diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8,), layers_per_block=1,
-                                   latent_channels=4, norm_num_groups=4, sample_size=16,
+                                   latent_channels=latent_channels, norm_num_groups=4, sample_size=16,
                                    down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                                    shift_factor=0.06, scaling_factor=scaling_factor).eval()
 
