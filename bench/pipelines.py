@@ -8,10 +8,13 @@ warm-up; the slope of call
 time over the steps it ran is the step, the intercept what a call costs besides its steps (prompt side, image
 encode, plan lookup):
 
-    FluxPipeline          text to image, `--steps` and three times as many steps
+    FluxPipeline          text to image, `--steps` and three times as many steps, at the size and at twice it
     FluxImg2ImgPipeline   image to image at strength 0.6: the last 60% of those schedules
+    FluxInpaintPipeline   inpainting at strength 0.6 (the step-end mix between steps)
+    FluxKontextPipeline   editing with a reference image of the output's size: twice the image tokens
 
-The target: every pipeline's ms/step equals text-to-image's at the same token count (the same loop and plan).
+The target: every pipeline's ms/step equals text-to-image's at the same token count (the same loop and plan), and
+Kontext's text-to-image's at twice the image.
 """
 from __future__ import annotations
 
@@ -27,8 +30,12 @@ from .timing import environment
 TEXT_TOKENS = 512
 
 
+CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxKontextPipeline")
+
+
 def flux_pipelines(depth: int, seed: int = 0, **config) -> dict:
-    """{name: diffusers pipeline} sharing one random Flux transformer (real width unless `config` overrides)."""
+    """{name: diffusers pipeline} of `CLASSES`, sharing one random Flux transformer (real width unless `config`
+    overrides) and VAE."""
     import diffusers
 
     from ditengine.models.flux import Flux, FluxConfig
@@ -50,8 +57,24 @@ def flux_pipelines(depth: int, seed: int = 0, **config) -> dict:
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
     parts = dict(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                  tokenizer_2=None, transformer=transformer)
-    return {"FluxPipeline": diffusers.FluxPipeline(**parts),
-            "FluxImg2ImgPipeline": diffusers.FluxImg2ImgPipeline(**parts)}
+    return {name: getattr(diffusers, name)(**parts) for name in CLASSES}
+
+
+def cases(size: int, seed: int = 0) -> dict:
+    """{row: (pipeline name, call arguments, strength)}: each pipeline at `size` px, and text to image at Kontext's
+    token count (its output's tokens and the reference's: twice the image)."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(1, 3, size, size, generator=g)
+    mask = (torch.rand(1, 1, size, size, generator=g) > 0.5).float()
+    square = dict(height=size, width=size)
+    return {"text to image": ("FluxPipeline", square, 1.0),
+            "image to image (strength 0.6)": ("FluxImg2ImgPipeline", {**square, "image": image, "strength": 0.6}, 0.6),
+            "inpaint (strength 0.6)": ("FluxInpaintPipeline", {**square, "image": image, "mask_image": mask,
+                                                               "strength": 0.6}, 0.6),
+            "Kontext, a reference of the same size": ("FluxKontextPipeline", {**square, "image": image,
+                                                                              "max_area": size * size,
+                                                                              "_auto_resize": False}, 1.0),
+            "text to image at Kontext's token count": ("FluxPipeline", dict(height=size, width=2 * size), 1.0)}
 
 
 def step_and_call_ms(calls: dict, steps_run: dict, repeats: int) -> dict:
@@ -77,27 +100,27 @@ def step_and_call_ms(calls: dict, steps_run: dict, repeats: int) -> dict:
 
 
 def measure_pipelines(pipes: dict, size: int, steps: int, repeats: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    """{pipeline name: (steps run at each count, ms per step, ms per call besides its steps)} through `accelerate`."""
+    """{row of `cases`: (steps run at each count, ms per step, ms per call besides its steps)} through `accelerate`."""
     import ditengine as de
 
     g = torch.Generator().manual_seed(seed)
     cfg = pipes["FluxPipeline"].transformer.config
     text = dict(prompt_embeds=torch.randn(1, TEXT_TOKENS, cfg.joint_attention_dim, generator=g),
                 pooled_prompt_embeds=torch.randn(1, cfg.pooled_projection_dim, generator=g))
-    kinds = {"FluxPipeline": {}, "FluxImg2ImgPipeline": dict(image=torch.rand(1, 3, size, size, generator=g),
-                                                             strength=0.6)}
-    runs, steps_run = {}, {}
+    fast = {}
     for name, pipe in pipes.items():
         pipe.set_progress_bar_config(disable=True)
-        fast = de.accelerate(pipe, dtype=dtype)
-        share = kinds[name].get("strength", 1.0)  # image to image runs the last `strength` of the schedule
-        steps_run[name] = {n: n - int(max(n - n * share, 0)) for n in (steps, 3 * steps)}
-        runs[name] = functools.partial(
-            lambda fast, kwargs, n: fast(height=size, width=size, output_type="latent", guidance_scale=3.5,
-                                         num_inference_steps=n, generator=torch.Generator().manual_seed(0), **text,
-                                         **kwargs), fast, kinds[name])
-    return {name: (tuple(steps_run[name].values()), *timing)
-            for name, timing in step_and_call_ms(runs, steps_run, repeats).items()}
+        fast[name] = de.accelerate(pipe, dtype=dtype)
+    runs, steps_run = {}, {}
+    for row, (name, kwargs, strength) in cases(size, seed).items():
+        # image to image and inpainting run the last `strength` of the schedule, as diffusers counts it
+        steps_run[row] = {n: n - int(max(n - n * strength, 0)) for n in (steps, 3 * steps)}
+        runs[row] = functools.partial(
+            lambda accelerated, kwargs, n: accelerated(output_type="latent", guidance_scale=3.5, num_inference_steps=n,
+                                                       generator=torch.Generator().manual_seed(0), **text, **kwargs),
+            fast[name], kwargs)
+    return {row: (tuple(steps_run[row].values()), *timing)
+            for row, timing in step_and_call_ms(runs, steps_run, repeats).items()}
 
 
 def main(argv=None) -> int:
@@ -112,7 +135,7 @@ def main(argv=None) -> int:
     rows = measure_pipelines(flux_pipelines(args.depth), args.image_size, args.steps, args.repeats, dtype)
     print(f"Flux width, {args.depth} double + {2 * args.depth} single blocks, {args.image_size} px, {args.dtype} | "
           f"{environment(torch.device('cpu'))['device']}\n")
-    print("| pipeline | steps run | ms/step | ms per call besides its steps |\n|---|---|---:|---:|")
+    print("| call | steps run | ms/step | ms per call besides its steps |\n|---|---|---:|---:|")
     for name, (ran, step_ms, call_ms) in rows.items():
         print(f"| {name} | {' and '.join(map(str, ran))} | {step_ms:.1f} | {call_ms:.1f} |")
     return 0

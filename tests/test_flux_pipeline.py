@@ -251,8 +251,8 @@ def test_the_pipelines_benchmark_times_each_pipelines_step():
     pipes = flux_pipelines(1, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=24,
                            pooled_projection_dim=12, axes_dims_rope=(4, 6, 6))
     rows = measure_pipelines(pipes, size=32, steps=2, repeats=1, dtype=torch.float32)
-    assert rows["FluxPipeline"][0] == (2, 6) and rows["FluxImg2ImgPipeline"][0] == (2, 4)  # strength 0.6
-    assert all(step_ms == step_ms for _, step_ms, _ in rows.values())  # finite numbers, not NaN
+    assert rows["text to image"][0] == (2, 6) and rows["image to image (strength 0.6)"][0] == (2, 4)
+    assert len(rows) == 5 and all(step_ms == step_ms for _, step_ms, _ in rows.values())  # finite, not NaN
 
 
 def tiny(cls, in_channels: int = 16, seed: int = 0):
@@ -324,3 +324,19 @@ def test_inpaint_returns_the_pipelines_own_latents(backend, cuda_graph):
     assert_same_calls(seen_ours, seen_theirs)
     with pytest.raises(ValueError, match="padding_mask_crop: not supported"):
         call_pipeline(fast, padding_mask_crop=4, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_kontext_returns_the_pipelines_own_latents_with_a_reference_of_another_size(backend):
+    import torch
+
+    pipe = tiny(diffusers.FluxKontextPipeline)
+    reference = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))  # 16 tokens beside the 24
+    # max_area keeps the tests' 8 x 12 output (Kontext fits the output to it); the reference keeps its own size
+    kwargs = dict(image=reference, num_inference_steps=3, max_area=96, _auto_resize=False, **text_embeddings(B=2))
+    want = call_pipeline(pipe, **kwargs)
+    fast = de.accelerate(pipe, backend=backend)
+    assert rel_err(call_pipeline(fast, **kwargs), want) <= 1e-4
+    assert rel_err(want, call_pipeline(pipe, **{**kwargs, "image": None})) > 1e-2  # the reference matters
+    no_image = {**kwargs, "image": None}
+    assert rel_err(call_pipeline(fast, **no_image), call_pipeline(pipe, **no_image)) <= 1e-4

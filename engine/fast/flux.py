@@ -45,12 +45,15 @@ def image_ids(h: int, w: int, device=None) -> torch.Tensor:
 
 def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=None, pooled_prompt_embeds=None,
                  guidance=None, txt_ids=None, img_ids=None, negative_prompt_embeds=None,
-                 negative_pooled_prompt_embeds=None, condition_latents=None) -> dict:
+                 negative_pooled_prompt_embeds=None, condition_latents=None, reference_latents=None,
+                 reference_ids=None) -> dict:
     """The conditioning of a Flux call, checked and completed: noise (B, C, H, W) on the VAE grid, T5 tokens and
     pooled CLIP embeddings (and the negative prompt's with true CFG), the guidance as (B,) fp32 (dev only), the
     position ids (the pipeline's by default), and for a model that takes more input channels than it predicts
     (Fill: the masked image and its mask; Control: the control image) `condition_latents` (B, T, extra), packed as
-    the pipeline packs them, concatenated to the packed latents on the channel axis at every step."""
+    the pipeline packs them, concatenated to the packed latents on the channel axis at every step; Kontext's
+    reference image as `reference_latents` (B, R, 4C), packed, and its position ids `reference_ids` (R, 3): tokens
+    appended to the image tokens, whose outputs are not the model's."""
     C = cfg.out_channels // 4
     if not isinstance(noise, torch.Tensor) or noise.dim() != 4 or noise.shape[1] != C or noise.shape[2] % 2 \
             or noise.shape[3] % 2:
@@ -82,6 +85,20 @@ def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=
         raise ValueError("condition_latents: this Flux takes no input channels beyond its latents (a Fill or Control "
                          "model does)")
     cond["condition_latents"] = condition_latents
+    if (reference_latents is None) != (reference_ids is None):
+        raise ValueError("reference_latents and reference_ids: give both (Kontext's reference image tokens and their "
+                         "position ids) or neither")
+    if reference_latents is not None:
+        R = reference_latents.shape[1] if isinstance(reference_latents, torch.Tensor) and reference_latents.dim() == 3 \
+            else None
+        if R is None or reference_latents.shape != (B, R, 4 * C):
+            shape = tuple(reference_latents.shape) if isinstance(reference_latents, torch.Tensor) else reference_latents
+            raise ValueError(f"reference_latents: expected the packed reference image ({B}, R, {4 * C}), got {shape}")
+        if not isinstance(reference_ids, torch.Tensor) or reference_ids.shape[-2:] != (R, 3):
+            shape = tuple(reference_ids.shape) if isinstance(reference_ids, torch.Tensor) else reference_ids
+            raise ValueError(f"reference_ids: expected ({R}, 3) position ids of the reference tokens, got {shape}")
+        reference_ids = reference_ids.reshape(R, 3)
+    cond["reference_latents"], cond["reference_ids"] = reference_latents, reference_ids
     return cond
 
 
@@ -160,19 +177,25 @@ class FastFlux(FusedDenoiser):
         return self.config.num_layers + self.config.num_single_layers
 
     def token_shape(self, latent_shape: tuple, cond: dict | None = None) -> tuple[int, int]:
-        """(L + T, D): the joint sequence of the call's text tokens (none without `cond`) and the image tokens."""
-        L = 0 if cond is None else cond["prompt_embeds"].shape[1]
-        return L + (latent_shape[-2] // 2) * (latent_shape[-1] // 2), self.hidden
+        """(L + T + R, D): the joint sequence of the call's text tokens (none without `cond`), the image tokens and a
+        Kontext reference image's R tokens."""
+        L, R = (0, 0) if cond is None else (cond["prompt_embeds"].shape[1], self._reference_len(cond))
+        return L + (latent_shape[-2] // 2) * (latent_shape[-1] // 2) + R, self.hidden
+
+    @staticmethod
+    def _reference_len(cond: dict) -> int:
+        ref = cond.get("reference_latents")
+        return 0 if ref is None else ref.shape[1]
 
     # -- conditioning ------------------------------------------------------------------------------------
     def inputs(self, model: Flux, noise: torch.Tensor, use_cfg: bool, **conditioning) -> dict:
         return check_inputs(self.config, self.device, noise, use_cfg, **conditioning)
 
     def context_key(self, cond: dict) -> tuple:
-        return (cond["prompt_embeds"].shape[1],)
+        return cond["prompt_embeds"].shape[1], self._reference_len(cond)
 
     def context_buffers(self, rows: int, latent_shape: tuple, cond: dict) -> dict:
-        L, dev = cond["prompt_embeds"].shape[1], self.device
+        L, R, dev = cond["prompt_embeds"].shape[1], self._reference_len(cond), self.device
         S = self.token_shape(latent_shape, cond)[0]
         return {"text": torch.zeros(rows, L, self.hidden, device=dev, dtype=self.residual_dtype),
                 "cond_emb": torch.zeros(rows, self.hidden, device=dev),  # pooled (+ guidance) embedding, fp32
@@ -181,8 +204,11 @@ class FastFlux(FusedDenoiser):
                 "text_len": L, "grid": (latent_shape[-2] // 2, latent_shape[-1] // 2),
                 # Fill / Control: the packed condition concatenated to the latents at every step
                 "condition": None if cond.get("condition_latents") is None else
-                torch.zeros(rows, S - L, self.config.in_channels - self.config.out_channels, device=dev,
-                            dtype=self.dtype)}
+                torch.zeros(rows, S - L - R, self.config.in_channels - self.config.out_channels, device=dev,
+                            dtype=self.dtype),
+                # Kontext: the reference tokens, embedded once per call (the embedding does not depend on the step)
+                "reference": None if not R else torch.zeros(rows, R, self.hidden, device=dev,
+                                                            dtype=self.residual_dtype)}
 
     def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
         """Once per call: the text tokens, the pooled (and guidance) embedding, the RoPE tables."""
@@ -196,9 +222,12 @@ class FastFlux(FusedDenoiser):
             g = (cond["guidance"].to(self.dtype) * 1000).repeat(len(halves))
             emb = emb + self.embed_sinusoidal(self.g_mlp, g)
         ctx["cond_emb"].copy_(emb)
-        for buffer, table in zip(ctx["rope"], rope_tables(torch.cat([cond["txt_ids"], cond["img_ids"]]),
-                                                          self.config.axes_dims_rope)):
+        ids = [cond["txt_ids"], cond["img_ids"]] + ([] if ctx["reference"] is None else [cond["reference_ids"]])
+        for buffer, table in zip(ctx["rope"], rope_tables(torch.cat(ids), self.config.axes_dims_rope)):
             buffer.copy_(table)
+        if ctx["reference"] is not None:
+            ref = cond["reference_latents"].to(self.device, self.dtype).repeat(len(halves), 1, 1)
+            ctx["reference"].copy_(self.x_embed(ref).to(self.residual_dtype))
         if ctx["condition"] is not None:
             ctx["condition"].copy_(cond["condition_latents"].to(self.device, self.dtype).repeat(len(halves), 1, 1))
 
@@ -221,12 +250,13 @@ class FastFlux(FusedDenoiser):
 
     # -- forward -----------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """x (N, C, H, W) in `dtype` -> the joint residual stream [text; image] (N, L + T, D)."""
+        """x (N, C, H, W) in `dtype` -> the joint residual stream [text; image; reference] (N, L + T + R, D)."""
         N, C, H, W = x.shape
         packed = x.view(N, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, 4 * C)  # (c, dy, dx)
         if ctx["condition"] is not None:  # (N, T, 4C + extra), as the pipeline concatenates them
             packed = torch.cat([packed, ctx["condition"]], dim=-1)
-        return torch.cat([ctx["text"], self.x_embed(packed).to(self.residual_dtype)], dim=1)
+        parts = [ctx["text"], self.x_embed(packed).to(self.residual_dtype)]
+        return torch.cat(parts if ctx["reference"] is None else parts + [ctx["reference"]], dim=1)
 
     def _norms(self, resid, L, mods, gates=None, outs=None):
         """The next op's input: each row range normed with its own (shift, scale) of `mods` [(text), (image)],
@@ -315,8 +345,8 @@ class FastFlux(FusedDenoiser):
 
     def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
         """The output projection of the image rows of h, unpacked to (N, C_out, H, W)."""
-        (gh, gw), C = ctx["grid"], self.out_channels
-        out = self.final(h[:, ctx["text_len"]:]).view(h.shape[0], gh, gw, C, 2, 2)
+        (gh, gw), C, L = ctx["grid"], self.out_channels, ctx["text_len"]
+        out = self.final(h[:, L:L + gh * gw]).view(h.shape[0], gh, gw, C, 2, 2)  # not the reference tokens
         return out.permute(0, 3, 1, 4, 2, 5).reshape(h.shape[0], C, 2 * gh, 2 * gw)
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:

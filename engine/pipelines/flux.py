@@ -28,18 +28,25 @@ def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditi
 
     condition = cond["condition_latents"]
     condition = None if condition is None else doubled(condition, condition, use_cfg).to(dtype)
+    reference = cond["reference_latents"]
+    reference = None if reference is None else doubled(reference, reference, use_cfg).to(dtype)
+    img_ids = cond["img_ids"] if reference is None else torch.cat([cond["img_ids"], cond["reference_ids"]])
 
     def forward(x_in, t, step):
         n, C, H, W = x_in.shape
         packed = x_in.view(n, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 4 * C)
+        T = packed.shape[1]
         if condition is not None:  # Fill / Control: the packed condition beside the latents, every step
             packed = torch.cat([packed, condition[:n]], dim=2)
+        if reference is not None:  # Kontext: the reference tokens after the image's
+            packed = torch.cat([packed, reference[:n]], dim=1)
         kw = dict(encoder_hidden_states=text[:n], pooled_projections=pooled[:n], timestep=t.to(dtype) / 1000,
-                  img_ids=cond["img_ids"], txt_ids=cond["txt_ids"], guidance=None if guidance is None else guidance[:n])
+                  img_ids=img_ids, txt_ids=cond["txt_ids"], guidance=None if guidance is None else guidance[:n])
         if cache is not None:
             out = cache(flux_stages(spec, packed, **kw), step)
         else:
             out = model(packed, **kw, return_dict=False)[0]
+        out = out[:, :T]  # the image tokens' predictions (not the reference's)
         C_out = out.shape[-1] // 4
         return out.view(n, H // 2, W // 2, C_out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C_out, H, W)
 
@@ -271,6 +278,75 @@ class AcceleratedFluxImg2ImgPipeline(AcceleratedFluxPipeline):
         return self._finish(out, named["prompt_embeds"].dtype, height, width, output_type, return_dict)
 
 
+class AcceleratedFluxKontextPipeline(AcceleratedFluxPipeline):
+    """Called like `FluxKontextPipeline` (FLUX.1-Kontext: editing by a reference image), returning what it returns;
+    the denoising loop runs in ditengine. The output size is fitted to `max_area` and the reference image resized to
+    Kontext's preferred resolution and encoded by the pipeline's own code, outside the loop; its packed latents and
+    position ids ride along every step as extra tokens after the image's (`reference_latents`, `reference_ids`),
+    embedded once per call into a static buffer, and their outputs dropped, as the pipeline drops them. Without an
+    image it is text to image. IP-Adapter inputs and a list of generators raise a ValueError."""
+
+    @torch.no_grad()
+    def __call__(self, image=None, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
+                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, sigmas=None, guidance_scale: float = 3.5,
+                 num_images_per_prompt: int | None = 1, generator=None, latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None, negative_ip_adapter_image=None,
+                 negative_ip_adapter_image_embeds=None, negative_prompt_embeds: torch.Tensor | None = None,
+                 negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
+                 return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512,
+                 max_area: int = 1024**2, _auto_resize: bool = True):
+        from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+        check_call(num_inference_steps, guidance_scale)
+        pipe = self.pipe
+        scale = self._refuse(generator, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
+                             ip_adapter_image_embeds=ip_adapter_image_embeds,
+                             negative_ip_adapter_image=negative_ip_adapter_image,
+                             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
+        height = height or pipe.default_sample_size * pipe.vae_scale_factor
+        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        multiple_of = pipe.vae_scale_factor * 2  # the output fitted to max_area at its aspect ratio, as the pipeline
+        aspect_ratio = width / height
+        width = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
+        height = round((max_area / aspect_ratio) ** 0.5) // multiple_of * multiple_of
+        pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        named, rows, cfg = self._prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale,
+                                         num_images_per_prompt, prompt_embeds, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length,
+                                         scale if joint_attention_kwargs else None, guidance_scale)
+        dtype = named["prompt_embeds"].dtype
+        if image is not None and not (isinstance(image, torch.Tensor) and image.size(1) == pipe.latent_channels):
+            first = image[0] if isinstance(image, list) else image
+            image_height, image_width = pipe.image_processor.get_default_height_width(first)
+            if _auto_resize:  # Kontext's preferred resolution nearest the image's aspect ratio
+                ratio = image_width / image_height
+                _, image_width, image_height = min((abs(ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+            image_width = image_width // multiple_of * multiple_of
+            image_height = image_height // multiple_of * multiple_of
+            image = pipe.image_processor.resize(image, image_height, image_width)
+            image = pipe.image_processor.preprocess(image, image_height, image_width)
+        packed, reference, named["img_ids"], reference_ids = pipe.prepare_latents(
+            image, rows, pipe.transformer.config.in_channels // 4, height, width, dtype, self.device, generator,
+            latents)
+        if reference is not None:
+            named.update(reference_latents=reference, reference_ids=reference_ids)
+        sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
+        callback = self._callback(callback_on_step_end, callback_on_step_end_tensor_inputs, named, height, width,
+                                  len(sigmas), guidance_scale, joint_attention_kwargs)
+        out = self.denoise(self._unpack(packed, height, width), len(sigmas), cfg, generator,
+                           {"sigmas": tuple(float(v) for v in sigmas), "mu": mu}, lora_scale=scale,
+                           callback=callback, **named)
+        return self._finish(out, dtype, height, width, output_type, return_dict)
+
+
 class AcceleratedFluxInpaintPipeline(AcceleratedFluxPipeline):
     """Called like `FluxInpaintPipeline`, returning what it returns; the denoising loop runs in ditengine. The image
     and mask go through the pipeline's own preprocessing, VAE encode, noising and mask packing outside the loop; after
@@ -452,6 +528,7 @@ families.register(families.Family(
     load=families.config_loader(flux.load_state_dict),
     pipelines={"FluxPipeline": AcceleratedFluxPipeline, "FluxImg2ImgPipeline": AcceleratedFluxImg2ImgPipeline,
                "FluxInpaintPipeline": AcceleratedFluxInpaintPipeline, "FluxFillPipeline": AcceleratedFluxFillPipeline,
-               "FluxControlPipeline": AcceleratedFluxControlPipeline},
+               "FluxControlPipeline": AcceleratedFluxControlPipeline,
+               "FluxKontextPipeline": AcceleratedFluxKontextPipeline},
     bench=(lambda name: name.lower().replace("_", "-").startswith("flux"), "ditengine.bench.flux:flux_setup"),
     bench_defaults={"cfg_scale": 1.0}))
