@@ -3,13 +3,13 @@
 Flux.1 at its real width (1 double and 2 single blocks by default, `--depth N`: N and 2N), random weights, a small
 random VAE of Flux's 16 latent channels and 8x downsampling, no text encoders (dev's padded T5 prompt passed as
 embeddings), at `--image-size` (256 px). Each pipeline diffusers offers and `accelerate` serves is called as a
-user calls it (latents out), at two step counts, medians over `--repeats` rounds of round-robin calls after a
-warm-up; the slope of call
-time over the steps it ran is the step, the intercept what a call costs besides its steps (prompt side, image
-encode, plan lookup):
+user calls it (latents out, `--steps` steps) and the call timed; then the step of the plan that call ran (the fused
+forward, the guidance and the scheduler step, with what the pipeline adds inside the step: Kontext's reference
+tokens) is timed, round-robin across the rows, medians over `--repeats` rounds. Inpainting's step-end mix runs
+between steps, outside the step timed:
 
-    FluxPipeline          text to image, `--steps` and three times as many steps, at the size and at twice it
-    FluxImg2ImgPipeline   image to image at strength 0.6: the last 60% of those schedules
+    FluxPipeline          text to image, at the size and at twice it
+    FluxImg2ImgPipeline   image to image at strength 0.6: the last 60% of the schedule
     FluxInpaintPipeline   inpainting at strength 0.6 (the step-end mix between steps)
     FluxKontextPipeline   editing with a reference image of the output's size: twice the image tokens
 
@@ -19,7 +19,6 @@ Kontext's text-to-image's at twice the image.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
@@ -77,30 +76,9 @@ def cases(size: int, seed: int = 0) -> dict:
             "text to image at Kontext's token count": ("FluxPipeline", dict(height=size, width=2 * size), 1.0)}
 
 
-def step_and_call_ms(calls: dict, steps_run: dict, repeats: int) -> dict:
-    """{name: (ms per step, ms per call besides its steps)} from medians of `calls[name](steps)` at the two step counts
-    of `steps_run[name]` (count -> steps the loop runs at it), the calls interleaved round-robin so that the shared
-    machine's load falls on all of them alike."""
-    cases = [(name, steps) for name in calls for steps in steps_run[name]]
-    for name, steps in cases:
-        calls[name](steps)  # warm-up: the sampler and its plan for this count
-    times = {case: [] for case in cases}
-    for _ in range(repeats):
-        for name, steps in cases:
-            start = time.perf_counter()
-            calls[name](steps)
-            times[(name, steps)].append((time.perf_counter() - start) * 1e3)
-    out = {}
-    for name in calls:
-        (n1, t1), (n2, t2) = sorted((steps_run[name][steps], statistics.median(times[(name, steps)]))
-                                    for steps in steps_run[name])
-        per_step = (t2 - t1) / (n2 - n1)
-        out[name] = (per_step, t1 - per_step * n1)
-    return out
-
-
 def measure_pipelines(pipes: dict, size: int, steps: int, repeats: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    """{row of `cases`: (steps run at each count, ms per step, ms per call besides its steps)} through `accelerate`."""
+    """{row of `cases`: (steps the call ran, ms per call, ms per step)} through `accelerate`: a call's median over
+    `repeats` after a warm-up; its plan's step (`Plan.step_body`) timed round-robin with the other rows'."""
     import ditengine as de
 
     g = torch.Generator().manual_seed(seed)
@@ -111,16 +89,26 @@ def measure_pipelines(pipes: dict, size: int, steps: int, repeats: int, dtype: t
     for name, pipe in pipes.items():
         pipe.set_progress_bar_config(disable=True)
         fast[name] = de.accelerate(pipe, dtype=dtype)
-    runs, steps_run = {}, {}
-    for row, (name, kwargs, strength) in cases(size, seed).items():
-        # image to image and inpainting run the last `strength` of the schedule, as diffusers counts it
-        steps_run[row] = {n: n - int(max(n - n * strength, 0)) for n in (steps, 3 * steps)}
-        runs[row] = functools.partial(
-            lambda accelerated, kwargs, n: accelerated(output_type="latent", guidance_scale=3.5, num_inference_steps=n,
-                                                       generator=torch.Generator().manual_seed(0), **text, **kwargs),
-            fast[name], kwargs)
-    return {row: (tuple(steps_run[row].values()), *timing)
-            for row, timing in step_and_call_ms(runs, steps_run, repeats).items()}
+    calls, plans, ran = {}, {}, {}
+    for row, (name, kwargs, _) in cases(size, seed).items():
+        accelerated = fast[name]
+        accelerated._pool.clear()
+        accelerated._samplers.clear()  # every row its own sampler and plan, not a neighbour's
+        for _ in range(1 + repeats):  # a warm-up, then the timed calls
+            start = time.perf_counter()
+            accelerated(output_type="latent", guidance_scale=3.5, num_inference_steps=steps,
+                        generator=torch.Generator().manual_seed(0), **text, **kwargs)
+            calls.setdefault(row, []).append((time.perf_counter() - start) * 1e3)
+        sampler = next(iter(accelerated._samplers.values()))
+        plans[row], ran[row] = sampler._plans[sampler.last_plan], len(sampler.sched)
+    step_times = {row: [] for row in plans}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for row, plan in plans.items():
+                start = time.perf_counter()
+                plan.step_body(0)
+                step_times[row].append((time.perf_counter() - start) * 1e3)
+    return {row: (ran[row], statistics.median(calls[row][1:]), statistics.median(step_times[row])) for row in plans}
 
 
 def main(argv=None) -> int:
@@ -135,9 +123,9 @@ def main(argv=None) -> int:
     rows = measure_pipelines(flux_pipelines(args.depth), args.image_size, args.steps, args.repeats, dtype)
     print(f"Flux width, {args.depth} double + {2 * args.depth} single blocks, {args.image_size} px, {args.dtype} | "
           f"{environment(torch.device('cpu'))['device']}\n")
-    print("| call | steps run | ms/step | ms per call besides its steps |\n|---|---|---:|---:|")
-    for name, (ran, step_ms, call_ms) in rows.items():
-        print(f"| {name} | {' and '.join(map(str, ran))} | {step_ms:.1f} | {call_ms:.1f} |")
+    print("| call | steps run | ms per call | ms/step |\n|---|---:|---:|---:|")
+    for row, (ran, call_ms, step_ms) in rows.items():
+        print(f"| {row} | {ran} | {call_ms:.0f} | {step_ms:.1f} |")
     return 0
 
 

@@ -232,7 +232,7 @@ def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = 
                pool_size: int = 8):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
     `FluxPipeline`, `FluxImg2ImgPipeline`, `FluxInpaintPipeline`, `FluxFillPipeline`, `FluxControlPipeline`,
-    `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`, `StableDiffusion3InpaintPipeline`) so that its
+    `FluxKontextPipeline`, `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`, `StableDiffusion3InpaintPipeline`) so that its
     denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged. The transformer's
     LoRA adapters are served live (docs/lora.md).
 
