@@ -232,9 +232,9 @@ def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = 
                pool_size: int = 8):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
     `FluxPipeline`, `FluxImg2ImgPipeline`, `FluxInpaintPipeline`, `FluxFillPipeline`, `FluxControlPipeline`,
-    `FluxKontextPipeline`, `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`, `StableDiffusion3InpaintPipeline`) so that its
-    denoising loop runs in ditengine; called exactly like the pipeline, which itself is unchanged. The transformer's
-    LoRA adapters are served live (docs/lora.md).
+    `FluxKontextPipeline`, `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`,
+    `StableDiffusion3InpaintPipeline`) so that its denoising loop runs in ditengine; called exactly like the pipeline,
+    which itself is unchanged. The transformer's LoRA adapters are served live (docs/lora.md).
 
     `dtype`: the compute dtype (default: the transformer's when it is bf16 or fp16; for an fp32 transformer bf16 on
     CUDA, fp32 on a CPU); `backend`: "fused" or "reference"; `quantize` ("int8", "fp8") and `cfg_interval` as in
