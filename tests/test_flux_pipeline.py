@@ -340,3 +340,13 @@ def test_kontext_returns_the_pipelines_own_latents_with_a_reference_of_another_s
     assert rel_err(want, call_pipeline(pipe, **{**kwargs, "image": None})) > 1e-2  # the reference matters
     no_image = {**kwargs, "image": None}
     assert rel_err(call_pipeline(fast, **no_image), call_pipeline(pipe, **no_image)) <= 1e-4
+
+
+def test_inpaint_and_fill_refuse_a_mask_of_the_wrong_batch():
+    import torch
+
+    bad = torch.ones(3, 1, 8, 12)  # three masks for four images
+    for cls, channels in ((diffusers.FluxInpaintPipeline, 16), (diffusers.FluxFillPipeline, 36)):
+        fast = de.accelerate(tiny(cls, in_channels=channels))
+        with pytest.raises(ValueError, match=r"mask_image: expected one mask or one per image \(4\), got 3"):
+            call_pipeline(fast, image=image(B=4), mask_image=bad, num_inference_steps=2, **text_embeddings(B=4))

@@ -200,6 +200,14 @@ def step_callback(pipe, callback_on_step_end, tensor_inputs, state: dict, to_pip
     return callback
 
 
+def check_mask(mask: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """A preprocessed mask (M, 1, H, W) for preprocessed images (N, 3, H, W): one mask for all, or one per image
+    (the pipelines would otherwise fail deep in a broadcast)."""
+    if mask.shape[0] not in (1, images.shape[0]):
+        raise ValueError(f"mask_image: expected one mask or one per image ({images.shape[0]}), got {mask.shape[0]}")
+    return mask
+
+
 def inpaint_blend(scheduler, begin: int, steps: int, image_latents: torch.Tensor, noise: torch.Tensor,
                   mask: torch.Tensor):
     """Inpainting's step-end mix as the flow-match pipelines run it after step i of the `steps` they run: where the

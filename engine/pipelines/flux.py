@@ -12,7 +12,7 @@ from ..fast.flux import FastFlux, check_inputs
 from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, inpaint_blend, lora_scale, refuse_unsupported, step_callback
+from .base import Accelerated, check_call, check_mask, inpaint_blend, lora_scale, refuse_unsupported, step_callback
 
 
 def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -398,7 +398,8 @@ class AcceleratedFluxInpaintPipeline(AcceleratedFluxPipeline):
         C = pipe.transformer.config.in_channels // 4
         packed, noise, image_latents, named["img_ids"] = pipe.prepare_latents(
             init_image, timesteps[:1].repeat(rows), rows, C, height, width, dtype, self.device, generator, latents)
-        mask_condition = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+        mask_condition = check_mask(pipe.mask_processor.preprocess(mask_image, height=height, width=width),
+                                    init_image)
         masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
         mask, _ = pipe.prepare_mask_latents(mask_condition, masked, rows // num_images_per_prompt, C,
                                             num_images_per_prompt, height, width, dtype, self.device, generator)
@@ -456,7 +457,7 @@ class AcceleratedFluxFillPipeline(AcceleratedFluxPipeline):
         packed, named["img_ids"] = pipe.prepare_latents(init_image, timesteps[:1].repeat(rows), rows, C, height,
                                                         width, dtype, self.device, generator, latents)
         if masked_image_latents is None:  # the pipeline's own: masked image latents, then the 8x8-packed mask
-            mask = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+            mask = check_mask(pipe.mask_processor.preprocess(mask_image, height=height, width=width), init_image)
             masked = (init_image * (1 - mask)).to(device=self.device, dtype=dtype)
             mask, masked_image_latents = pipe.prepare_mask_latents(
                 mask, masked, rows // num_images_per_prompt, C, num_images_per_prompt, *init_image.shape[-2:], dtype,

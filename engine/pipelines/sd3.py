@@ -12,7 +12,7 @@ from ..fast.sd3 import FastSD3, check_inputs
 from ..models import sd3_checkpoints as sd3
 from ..models.sd3 import SD3, SD3Config
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, inpaint_blend, lora_scale, refuse_unsupported, step_callback
+from .base import Accelerated, check_call, check_mask, inpaint_blend, lora_scale, refuse_unsupported, step_callback
 
 
 def sd3_forward(model, spec: SD3, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -295,7 +295,8 @@ class AcceleratedSD3InpaintPipeline(AcceleratedSD3Pipeline):
             rows, pipe.vae.config.latent_channels, height, width, dtype, self.device, generator, latents,
             image=init_image, timestep=timesteps[:1].repeat(rows), is_strength_max=strength == 1.0,
             return_noise=True, return_image_latents=True)
-        mask_condition = pipe.mask_processor.preprocess(mask_image, height=height, width=width)
+        mask_condition = check_mask(pipe.mask_processor.preprocess(mask_image, height=height, width=width),
+                                    init_image)
         masked = init_image * (mask_condition < 0.5) if masked_image_latents is None else masked_image_latents
         mask, _ = pipe.prepare_mask_latents(mask_condition, masked, batch, num_images_per_prompt, height, width, dtype,
                                             self.device, generator, False)
