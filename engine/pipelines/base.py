@@ -95,6 +95,27 @@ class Accelerated:
     def scheduler(self, num_inference_steps: int, **overrides):
         return scheduler_from_diffusers(self.pipe.scheduler, num_inference_steps, **overrides)
 
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """The call's image size, the pipeline's default where not given."""
+        default = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return height or default, width or default
+
+    def strength_schedule(self, steps: int, strength: float, num_inference_steps: int, sigmas=None,
+                          **set_timesteps) -> tuple[torch.Tensor, int]:
+        """The pipeline's scheduler set as its loop sets it (`sigmas`, or `steps`; and mu), then cut by `strength` with
+        the pipeline's own `get_timesteps`, for its `prepare_latents` to noise the image latents to the first step
+        left: (the timesteps left, how many). None left raises a ValueError naming strength."""
+        scheduler = self.pipe.scheduler
+        if sigmas is not None:
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, **set_timesteps)
+        else:
+            scheduler.set_timesteps(steps, device=self.device, **set_timesteps)
+        timesteps, left = self.pipe.get_timesteps(steps, strength, self.device)
+        if left < 1:
+            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {left} "
+                             "steps to run; raise either")
+        return timesteps, left
+
     def denoise(self, noise: torch.Tensor, num_inference_steps: int, guidance_scale: float, generator,
                 scheduler_overrides: dict, *conditioning, cfg_interval: tuple | None = None,
                 guider: APG | None = None, lora_scale: float = 1.0, callback=None, **named) -> torch.Tensor:

@@ -106,8 +106,7 @@ class AcceleratedFluxPipeline(Accelerated):
                              ip_adapter_image_embeds=ip_adapter_image_embeds,
                              negative_ip_adapter_image=negative_ip_adapter_image,
                              negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -237,8 +236,6 @@ class AcceleratedFluxImg2ImgPipeline(AcceleratedFluxPipeline):
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
                  return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
-        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
-
         check_call(num_inference_steps, guidance_scale)
         pipe = self.pipe
         scale = self._refuse(generator, joint_attention_kwargs, ip_adapter_image=ip_adapter_image,
@@ -247,8 +244,7 @@ class AcceleratedFluxImg2ImgPipeline(AcceleratedFluxPipeline):
                              negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
         if image is None:
             raise ValueError("image: required by the image-to-image pipeline (a PIL image, array or tensor)")
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, strength, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
                           negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
@@ -261,12 +257,7 @@ class AcceleratedFluxImg2ImgPipeline(AcceleratedFluxPipeline):
                                          negative_prompt_embeds, negative_pooled_prompt_embeds, max_sequence_length,
                                          scale if joint_attention_kwargs else None, guidance_scale)
         sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
-        # The pipeline's scheduler set as its loop would be, for its `prepare_latents` to noise the image latents.
-        retrieve_timesteps(pipe.scheduler, len(sigmas), self.device, sigmas=sigmas, mu=mu)
-        timesteps, steps = pipe.get_timesteps(len(sigmas), strength, self.device)
-        if steps < 1:
-            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {steps} "
-                             "steps to run; raise either")
+        timesteps, steps = self.strength_schedule(len(sigmas), strength, num_inference_steps, sigmas, mu=mu)
         packed, named["img_ids"] = pipe.prepare_latents(
             init_image, timesteps[:1].repeat(rows), rows, pipe.transformer.config.in_channels // 4, height, width,
             named["prompt_embeds"].dtype, self.device, generator, latents)
@@ -306,8 +297,7 @@ class AcceleratedFluxKontextPipeline(AcceleratedFluxPipeline):
                              ip_adapter_image_embeds=ip_adapter_image_embeds,
                              negative_ip_adapter_image=negative_ip_adapter_image,
                              negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         multiple_of = pipe.vae_scale_factor * 2  # the output fitted to max_area at its aspect ratio, as the pipeline
         aspect_ratio = width / height
         width = round((max_area * aspect_ratio) ** 0.5) // multiple_of * multiple_of
@@ -366,16 +356,13 @@ class AcceleratedFluxInpaintPipeline(AcceleratedFluxPipeline):
                  negative_pooled_prompt_embeds: torch.Tensor | None = None, output_type: str | None = "pil",
                  return_dict: bool = True, joint_attention_kwargs: dict | None = None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), max_sequence_length: int = 512):
-        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
-
         check_call(num_inference_steps, guidance_scale)
         pipe = self.pipe
         scale = self._refuse(generator, joint_attention_kwargs, padding_mask_crop=padding_mask_crop,
                              ip_adapter_image=ip_adapter_image, ip_adapter_image_embeds=ip_adapter_image_embeds,
                              negative_ip_adapter_image=negative_ip_adapter_image,
                              negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds)
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, image, mask_image, strength, height, width, output_type=output_type,
                           negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -390,11 +377,7 @@ class AcceleratedFluxInpaintPipeline(AcceleratedFluxPipeline):
                                          scale if joint_attention_kwargs else None, guidance_scale)
         dtype = named["prompt_embeds"].dtype
         sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
-        retrieve_timesteps(pipe.scheduler, len(sigmas), self.device, sigmas=sigmas, mu=mu)
-        timesteps, steps = pipe.get_timesteps(len(sigmas), strength, self.device)
-        if steps < 1:
-            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {steps} "
-                             "steps to run; raise either")
+        timesteps, steps = self.strength_schedule(len(sigmas), strength, num_inference_steps, sigmas, mu=mu)
         C = pipe.transformer.config.in_channels // 4
         packed, noise, image_latents, named["img_ids"] = pipe.prepare_latents(
             init_image, timesteps[:1].repeat(rows), rows, C, height, width, dtype, self.device, generator, latents)
@@ -430,13 +413,10 @@ class AcceleratedFluxFillPipeline(AcceleratedFluxPipeline):
                  output_type: str | None = "pil", return_dict: bool = True, joint_attention_kwargs: dict | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  max_sequence_length: int = 512):
-        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
-
         check_call(num_inference_steps, guidance_scale)
         pipe = self.pipe
         scale = self._refuse(generator, joint_attention_kwargs)
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, strength, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds, image=image, mask_image=mask_image,
                           masked_image_latents=masked_image_latents,
@@ -448,11 +428,7 @@ class AcceleratedFluxFillPipeline(AcceleratedFluxPipeline):
                                        scale if joint_attention_kwargs else None, guidance_scale)
         dtype = named["prompt_embeds"].dtype
         sigmas, mu = self._schedule(num_inference_steps, sigmas, height, width)
-        retrieve_timesteps(pipe.scheduler, len(sigmas), self.device, sigmas=sigmas, mu=mu)
-        timesteps, steps = pipe.get_timesteps(len(sigmas), strength, self.device)
-        if steps < 1:
-            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {steps} "
-                             "steps to run; raise either")
+        timesteps, steps = self.strength_schedule(len(sigmas), strength, num_inference_steps, sigmas, mu=mu)
         C = pipe.vae.config.latent_channels
         packed, named["img_ids"] = pipe.prepare_latents(init_image, timesteps[:1].repeat(rows), rows, C, height,
                                                         width, dtype, self.device, generator, latents)
@@ -491,8 +467,7 @@ class AcceleratedFluxControlPipeline(AcceleratedFluxPipeline):
         scale = self._refuse(generator, joint_attention_kwargs)
         if control_image is None:
             raise ValueError("control_image: required by the control pipeline (a PIL image, array or tensor)")
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,

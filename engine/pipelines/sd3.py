@@ -86,8 +86,7 @@ class AcceleratedSD3Pipeline(Accelerated):
         refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
                             ip_adapter_image_embeds=ip_adapter_image_embeds, skip_guidance_layers=skip_guidance_layers)
         scale = lora_scale(joint_attention_kwargs)
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -193,8 +192,6 @@ class AcceleratedSD3Img2ImgPipeline(AcceleratedSD3Pipeline):
                  joint_attention_kwargs: dict | None = None, clip_skip: int | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  max_sequence_length: int = 256, mu: float | None = None):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_img2img import retrieve_timesteps
-
         check_call(num_inference_steps, guidance_scale)
         pipe = self.pipe
         refuse_unsupported(generator, ip_adapter_image=ip_adapter_image,
@@ -202,8 +199,7 @@ class AcceleratedSD3Img2ImgPipeline(AcceleratedSD3Pipeline):
         scale = lora_scale(joint_attention_kwargs)
         if image is None:
             raise ValueError("image: required by the image-to-image pipeline (a PIL image, array or tensor)")
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, strength, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -219,13 +215,8 @@ class AcceleratedSD3Img2ImgPipeline(AcceleratedSD3Pipeline):
         image = pipe.image_processor.preprocess(image, height=height, width=width)
         overrides = self._schedule(sigmas, mu, height, width)
         steps = num_inference_steps if sigmas is None else len(sigmas)
-        # The pipeline's scheduler set as its loop would be, for its `prepare_latents` to noise the image latents.
-        retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas,
-                           **({"mu": overrides["mu"]} if "mu" in overrides else {}))
-        timesteps, left = pipe.get_timesteps(steps, strength, self.device)
-        if left < 1:
-            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {left} "
-                             "steps to run; raise either")
+        timesteps, left = self.strength_schedule(steps, strength, num_inference_steps, sigmas,
+                                                 **({"mu": overrides["mu"]} if "mu" in overrides else {}))
         if latents is None:  # given latents are the loop's start as they are, as the pipeline takes them
             latents = pipe.prepare_latents(image, timesteps[:1].repeat(rows), rows // max(num_images_per_prompt, 1),
                                            num_images_per_prompt, dtype, self.device, generator)
@@ -257,8 +248,6 @@ class AcceleratedSD3InpaintPipeline(AcceleratedSD3Pipeline):
                  joint_attention_kwargs: dict | None = None, clip_skip: int | None = None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",),
                  max_sequence_length: int = 256, mu: float | None = None):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3_inpaint import retrieve_timesteps
-
         check_call(num_inference_steps, guidance_scale)
         pipe = self.pipe
         refuse_unsupported(generator, padding_mask_crop=padding_mask_crop, ip_adapter_image=ip_adapter_image,
@@ -267,8 +256,7 @@ class AcceleratedSD3InpaintPipeline(AcceleratedSD3Pipeline):
             raise ValueError(f"transformer: a {pipe.transformer.config.in_channels}-channel inpainting transformer "
                              "(latents, mask and masked image concatenated) is not served; a 16-channel one is")
         scale = lora_scale(joint_attention_kwargs)
-        height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        width = width or pipe.default_sample_size * pipe.vae_scale_factor
+        height, width = self.default_size(height, width)
         pipe.check_inputs(prompt, prompt_2, prompt_3, height, width, strength, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
                           prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
@@ -283,12 +271,8 @@ class AcceleratedSD3InpaintPipeline(AcceleratedSD3Pipeline):
         dtype = named["prompt_embeds"].dtype
         overrides = self._schedule(sigmas, mu, height, width)
         steps = num_inference_steps if sigmas is None else len(sigmas)
-        retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas,
-                           **({"mu": overrides["mu"]} if "mu" in overrides else {}))
-        timesteps, left = pipe.get_timesteps(steps, strength, self.device)
-        if left < 1:
-            raise ValueError(f"strength={strength}: with num_inference_steps={num_inference_steps} it leaves {left} "
-                             "steps to run; raise either")
+        timesteps, left = self.strength_schedule(steps, strength, num_inference_steps, sigmas,
+                                                 **({"mu": overrides["mu"]} if "mu" in overrides else {}))
         init_image = pipe.image_processor.preprocess(image, height=height, width=width).to(dtype=torch.float32)
         batch = rows // num_images_per_prompt
         latents, noise, image_latents = pipe.prepare_latents(
