@@ -124,9 +124,11 @@ class LoraSync:
         effective = {self._target(name): functools.partial(effective_weight, layers[name], scale) if name in layers
                      else functools.partial(_own_weights, self._base(name)) for name in changed}
         kept = self.fast.refit(effective) if self.fast is not None else self._refit_model(effective)
-        if set(states) != set(self.states):
+        if set(states) != set(self.states) and states:
             log.info("ditengine: LoRA on %d layers of the transformer (%s), folded into the fused weights",
                      len(states), ", ".join(sorted(states)[:4]) + (", ..." if len(states) > 4 else ""))
+        elif set(states) != set(self.states):
+            log.info("ditengine: no LoRA on the transformer any more: the fused weights are the base model's again")
         self.states = states
         return kept
 
