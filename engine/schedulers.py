@@ -345,19 +345,40 @@ class Euler(Scheduler):
 class DPMSolverPP(Scheduler):
     """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler` with
     `algorithm_type="dpmsolver++"`, `solver_type="midpoint"`: 2M with first-order first and final steps
-    (`lower_order_final`, and always when the final sigma is zero)."""
+    (`lower_order_final`, and always when the final sigma is zero).
+
+    `use_flow_sigmas` (Wan's choice, with `prediction_type="flow_prediction"`): the rectified-flow schedule,
+    x_t = (1 - sigma) x0 + sigma noise, its sigmas those of `linspace(1, 1/T, n + 1)` shifted by `flow_shift`
+    (`mu` sets `flow_shift = e^mu`, diffusers' dynamic shift) and the model's timesteps `int(sigma T)`, as diffusers'
+    `set_timesteps` makes them; the solver is the same in (alpha_t, sigma_t) = (1 - sigma, sigma)."""
 
     uses_history = True
 
     def __init__(self, num_inference_steps: int = 20, *, solver_order: int = 2, lower_order_final: bool = True,
-                 final_sigmas_type: str = "zero", timestep_spacing: str = "linspace", **kwargs):
+                 final_sigmas_type: str = "zero", timestep_spacing: str = "linspace", use_flow_sigmas: bool = False,
+                 flow_shift: float = 1.0, mu: float | None = None, **kwargs):
         if solver_order not in (1, 2):
             raise ValueError(f"solver_order={solver_order}: expected 1 or 2")
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type={final_sigmas_type!r}: expected 'zero' or 'sigma_min'")
+        if use_flow_sigmas and final_sigmas_type != "zero":
+            raise ValueError("final_sigmas_type: flow sigmas end at 'zero' (a VP sigma_min means nothing there)")
+        if kwargs.get("prediction_type") == "flow_prediction" and not use_flow_sigmas:
+            raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True")
         self.solver_order, self.lower_order_final = solver_order, lower_order_final
         self.final_sigmas_type = final_sigmas_type
+        self.use_flow_sigmas = use_flow_sigmas
+        self.flow_shift = math.exp(check_number("mu", mu)) if mu is not None else \
+            check_number("flow_shift", flow_shift, 0.0, low_open=True)
         super().__init__(num_inference_steps, timestep_spacing=timestep_spacing, **kwargs)
+
+    def _flow_sigmas(self) -> tuple[np.ndarray, np.ndarray]:
+        """(model timesteps, sigmas) of the flow schedule, computed as diffusers does (same float64 operations, so
+        that the integer timesteps truncate alike)."""
+        T, n, shift = self.num_train_timesteps, self.num_inference_steps, self.flow_shift
+        sigmas = 1.0 - np.linspace(1, 1 / T, n + 1)
+        sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+        return (sigmas * T).astype(np.int64).astype(np.float64), sigmas
 
     def _spaced_timesteps(self):
         T, n = self.num_train_timesteps, self.num_inference_steps
@@ -368,33 +389,40 @@ class DPMSolverPP(Scheduler):
         return np.arange(T, 0, -T / n).round() - 1
 
     def _rows(self):
-        ts = self._spaced_timesteps()
+        if self.use_flow_sigmas:
+            ts, sigmas = self._flow_sigmas()
+            sigmas = np.append(sigmas, 0.0)
+            alpha, sigma_t = 1 - sigmas, sigmas  # the flow's alpha_t and sigma_t
+        else:
+            ts = self._spaced_timesteps()
+            last = (0.0 if self.final_sigmas_type == "zero"
+                    else math.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]))
+            sigmas = np.append(_vp_sigmas(self.alphas_cumprod, ts), last)
+            alpha = 1 / np.sqrt(sigmas**2 + 1)  # VP alpha_t and sigma_t
+            sigma_t = sigmas * alpha
         n = len(ts)
-        last = (0.0 if self.final_sigmas_type == "zero"
-                else math.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]))
-        sigmas = np.append(_vp_sigmas(self.alphas_cumprod, ts), last)
-        alpha = 1 / np.sqrt(sigmas**2 + 1)  # VP alpha_t and sigma_t
-        sigma_vp = sigmas * alpha
         with np.errstate(divide="ignore"):
-            lam = np.log(alpha) - np.log(sigma_vp)
+            lam = np.log(alpha) - np.log(sigma_t)
         rows = []
         for i in range(n):
             if self.prediction_type == "epsilon":
-                p, q = 1 / alpha[i], -sigma_vp[i] / alpha[i]
+                p, q = 1 / alpha[i], -sigma_t[i] / alpha[i]
             elif self.prediction_type == "v_prediction":
-                p, q = alpha[i], -sigma_vp[i]
+                p, q = alpha[i], -sigma_t[i]
             elif self.prediction_type == "sample":
                 p, q = 0.0, 1.0
+            elif self.prediction_type == "flow_prediction":  # x0 = x - sigma v
+                p, q = 1.0, -sigma_t[i]
             else:
                 raise ValueError(f"prediction_type={self.prediction_type!r}: expected 'epsilon', "
-                                 "'v_prediction' or 'sample'")
+                                 "'v_prediction', 'sample' or 'flow_prediction'")
             if sigmas[i + 1] == 0:  # exp(-h) = 0: the update lands on x0
                 rows.append(self._row(p=p, q=q, r=1.0))
                 continue
             lower_final = i == n - 1 and (self.lower_order_final and n < 15 or self.final_sigmas_type == "zero")
             h = lam[i + 1] - lam[i]
             phi = -alpha[i + 1] * np.expm1(-h)  # -alpha_t (exp(-h) - 1)
-            s = sigma_vp[i + 1] / sigma_vp[i]
+            s = sigma_t[i + 1] / sigma_t[i]
             if self.solver_order == 1 or i == 0 or lower_final:
                 rows.append(self._row(p=p, q=q, r=phi, s=s))
             else:
@@ -485,7 +513,7 @@ _FROM_DIFFUSERS = {
 # diffusers options whose non-default values change the math in ways not covered here.
 _UNSUPPORTED = {
     "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-    "use_lu_lambdas": False, "use_flow_sigmas": False, "invert_sigmas": False,
+    "use_lu_lambdas": False, "invert_sigmas": False,
     "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "euler_at_final": False,
     "interpolation_type": "linear", "timestep_type": "discrete", "stochastic_sampling": False,
     "rescale_betas_zero_snr": False, "trained_betas": None, "shift_terminal": None,

@@ -22,8 +22,9 @@ SCHEDULERS = [
     lambda: S.Euler(12),
     lambda: S.DPMSolverPP(12),
     lambda: S.FlowMatchEuler(12, shift=3.0),
+    lambda: S.DPMSolverPP(12, use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
 ]
-IDS = ["ddpm", "ddpm-large-v", "ddpm-learned", "ddim-eta", "ddim-clip", "euler", "dpm++2m", "flow"]
+IDS = ["ddpm", "ddpm-large-v", "ddpm-learned", "ddim-eta", "ddim-clip", "euler", "dpm++2m", "flow", "dpm++2m-flow"]
 
 
 def reference_step(sched, i, x, model_out, cfg_scale, k, noise, B):

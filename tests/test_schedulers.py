@@ -35,6 +35,13 @@ CASES = [
     ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(solver_order=1), 15),
     ("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", dict(shift=3.0), 28),
     ("FlowMatchEuler", "FlowMatchEulerDiscreteScheduler", dict(), 10),
+    # DPM-Solver++ on the flow schedule (Wan's pipelines: flow_shift 3 at 480p, 5 at 720p)
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=3.0,
+                                                        prediction_type="flow_prediction"), 20),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=5.0, solver_order=1,
+                                                        prediction_type="flow_prediction"), 13),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=1.0, lower_order_final=False,
+                                                        prediction_type="v_prediction"), 16),
 ]
 
 
@@ -276,3 +283,19 @@ def test_dynamic_shifting_matches_diffusers(diffusers, explicit, shift_type):
     assert float((x_ours - x_theirs).abs().max() / x_theirs.abs().max()) <= 1e-5
     with pytest.raises(ValueError, match="^mu: required with use_dynamic_shifting"):
         S.FlowMatchEuler(steps, use_dynamic_shifting=True)
+
+
+def test_flow_sigmas_convert_from_diffusers_with_a_dynamic_shift(diffusers):
+    """mu = log(flow_shift): the dynamic form of the same shift; and flow_prediction refuses VP sigmas."""
+    theirs = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                   prediction_type="flow_prediction")
+    converted = S.from_diffusers(theirs, 12)
+    assert torch.equal(converted.table, S.DPMSolverPP(12, use_flow_sigmas=True, flow_shift=3.0,
+                                                      prediction_type="flow_prediction").table)
+    by_mu = S.from_diffusers(theirs, 12, mu=float(np.log(3.0)))
+    assert torch.allclose(by_mu.table, converted.table, rtol=1e-6, atol=1e-6)
+    assert diffusers_trajectory(theirs, converted) <= 1e-5
+    with pytest.raises(ValueError, match="flow_prediction' needs use_flow_sigmas=True"):
+        S.DPMSolverPP(10, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="final_sigmas_type: flow sigmas end at 'zero'"):
+        S.DPMSolverPP(10, use_flow_sigmas=True, final_sigmas_type="sigma_min")
