@@ -43,6 +43,19 @@ def image_ids(h: int, w: int, device=None) -> torch.Tensor:
     return ids.reshape(h * w, 3)
 
 
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """The loop's latents (N, C, H, W) -> FluxPipeline's 2x2-packed tokens (N, H/2 * W/2, 4C), channels (c, dy, dx)
+    (its `_pack_latents`)."""
+    N, C, H, W = x.shape
+    return x.view(N, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, 4 * C)
+
+
+def unpack_latents(packed: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The inverse of `pack_latents`: tokens (N, H/2 * W/2, 4C) -> (N, C, H, W)."""
+    N, C = packed.shape[0], packed.shape[-1] // 4
+    return packed.reshape(N, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(N, C, H, W)
+
+
 def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=None, pooled_prompt_embeds=None,
                  guidance=None, txt_ids=None, img_ids=None, negative_prompt_embeds=None,
                  negative_pooled_prompt_embeds=None, condition_latents=None, reference_latents=None,
@@ -251,8 +264,7 @@ class FastFlux(FusedDenoiser):
     # -- forward -----------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor, ctx: dict) -> torch.Tensor:
         """x (N, C, H, W) in `dtype` -> the joint residual stream [text; image; reference] (N, L + T + R, D)."""
-        N, C, H, W = x.shape
-        packed = x.view(N, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, 4 * C)  # (c, dy, dx)
+        packed = pack_latents(x)  # (N, T, 4C)
         if ctx["condition"] is not None:  # (N, T, 4C + extra), as the pipeline concatenates them
             packed = torch.cat([packed, ctx["condition"]], dim=-1)
         parts = [ctx["text"], self.x_embed(packed).to(self.residual_dtype)]
@@ -345,9 +357,8 @@ class FastFlux(FusedDenoiser):
 
     def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
         """The output projection of the image rows of h, unpacked to (N, C_out, H, W)."""
-        (gh, gw), C, L = ctx["grid"], self.out_channels, ctx["text_len"]
-        out = self.final(h[:, L:L + gh * gw]).view(h.shape[0], gh, gw, C, 2, 2)  # not the reference tokens
-        return out.permute(0, 3, 1, 4, 2, 5).reshape(h.shape[0], C, 2 * gh, 2 * gw)
+        (gh, gw), L = ctx["grid"], ctx["text_len"]
+        return unpack_latents(self.final(h[:, L:L + gh * gw]), 2 * gh, 2 * gw)  # not the reference tokens
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them (512 text

@@ -8,7 +8,7 @@ import torch
 
 from .. import families
 from ..cache import Stages
-from ..fast.flux import FastFlux, check_inputs
+from ..fast.flux import FastFlux, check_inputs, pack_latents, unpack_latents
 from ..models import flux_checkpoints as flux
 from ..models.flux import Flux, FluxConfig
 from ..sampling import Forward, doubled
@@ -33,8 +33,8 @@ def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditi
     img_ids = cond["img_ids"] if reference is None else torch.cat([cond["img_ids"], cond["reference_ids"]])
 
     def forward(x_in, t, step):
-        n, C, H, W = x_in.shape
-        packed = x_in.view(n, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 4 * C)
+        n, _, H, W = x_in.shape
+        packed = pack_latents(x_in)
         T = packed.shape[1]
         if condition is not None:  # Fill / Control: the packed condition beside the latents, every step
             packed = torch.cat([packed, condition[:n]], dim=2)
@@ -46,9 +46,7 @@ def flux_forward(model, spec: Flux, noise: torch.Tensor, use_cfg: bool, *conditi
             out = cache(flux_stages(spec, packed, **kw), step)
         else:
             out = model(packed, **kw, return_dict=False)[0]
-        out = out[:, :T]  # the image tokens' predictions (not the reference's)
-        C_out = out.shape[-1] // 4
-        return out.view(n, H // 2, W // 2, C_out, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(n, C_out, H, W)
+        return unpack_latents(out[:, :T], H, W)  # the image tokens' predictions (not the reference's)
 
     return forward
 
@@ -142,7 +140,7 @@ class AcceleratedFluxPipeline(Accelerated):
         pipe, dtype = self.pipe, named["prompt_embeds"].dtype
         pipe._num_timesteps, pipe._guidance_scale, pipe._interrupt = steps, guidance_scale, False
         pipe._joint_attention_kwargs = joint_attention_kwargs
-        return step_callback(pipe, callback_on_step_end, tensor_inputs, named, lambda x: self._pack(x).to(dtype),
+        return step_callback(pipe, callback_on_step_end, tensor_inputs, named, lambda x: pack_latents(x).to(dtype),
                              lambda latents: self._unpack(latents, height, width).float(), blend)
 
     def _prompts(self, prompt, prompt_2, negative_prompt, negative_prompt_2, true_cfg_scale, num_images_per_prompt,
@@ -189,23 +187,15 @@ class AcceleratedFluxPipeline(Accelerated):
         return 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))
 
     def _unpack(self, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """The pipeline's packed latents (B, h/2 * w/2, 4C) -> the loop's (B, C, h, w)."""
-        (h, w), rows = self._grid(height, width), packed.shape[0]
-        C = packed.shape[-1] // 4
-        return packed.view(rows, h // 2, w // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(rows, C, h, w)
-
-    @staticmethod
-    def _pack(x: torch.Tensor) -> torch.Tensor:
-        """The loop's (B, C, h, w) -> the pipeline's packed (B, h/2 * w/2, 4C) (`_pack_latents`)."""
-        rows, C, h, w = x.shape
-        return x.view(rows, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(rows, -1, 4 * C)
+        """The pipeline's packed latents (B, h/2 * w/2, 4C) of an image this size -> the loop's (B, C, h, w)."""
+        return unpack_latents(packed, *self._grid(height, width))
 
     def _finish(self, out: torch.Tensor, dtype, height: int, width: int, output_type, return_dict: bool):
         """The loop's fp32 latents packed as the pipeline packs them, decoded by its VAE unless latents are asked."""
         from diffusers.pipelines.flux.pipeline_flux import FluxPipelineOutput
 
         pipe = self.pipe
-        latents = self._pack(out.to(dtype))
+        latents = pack_latents(out.to(dtype))
         if output_type == "latent":
             image = latents
         else:
