@@ -303,8 +303,7 @@ class Plan:
         s = self.sampler
         sched = s.sched
         self.x.copy_(noise.float() * sched.init_noise_sigma)
-        self.x_in.copy_((self.x * sched.table[0, COL["c_in"]]).repeat(self.rows // self.batch,
-                                                                       *[1] * (self.x.dim() - 1)))
+        self.write_input(0)
         if self.history is not None:
             self.history.zero_()
         if self.momentum is not None:
@@ -363,5 +362,10 @@ class Plan:
             return
         self.x.copy_(check_callback_state(new, self.x))
         if i + 1 < len(sched):
-            self.x_in.copy_((self.x * sched.table[i + 1, COL["c_in"]]).repeat(self.rows // self.batch,
-                                                                               *[1] * (self.x.dim() - 1)))
+            self.write_input(i + 1)
+
+    def write_input(self, i: int) -> None:
+        """Step i's model input from the state: x * c_in, repeated over the CFG rows (the fused scheduler step writes
+        it itself after each step; this is for the first step and a state set from outside)."""
+        x_in = self.x * self.sampler.sched.table[i, COL["c_in"]]
+        self.x_in.copy_(x_in.repeat(self.rows // self.batch, *[1] * (self.x.dim() - 1)))
