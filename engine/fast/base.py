@@ -218,9 +218,10 @@ class StackedLinear:
         for i, layer in enumerate(self.sources):
             if layer in effective:
                 fresh = self._cast(*effective[layer]())
-                if shares_storage(self.parts[i][0], (layer.weight, layer.bias)) or \
-                        shares_storage(self.parts[i][1], (layer.weight, layer.bias)):
-                    self.parts[i] = tuple(None if t is None else t.clone() for t in fresh)
+                own = (layer.weight, layer.bias)
+                if any(shares_storage(t, own) for t in self.parts[i]):
+                    # A copy only where the new value is itself the layer's tensor (a fold made a new one already).
+                    self.parts[i] = tuple(t.clone() if shares_storage(t, own) else t for t in fresh)
                     kept = False
                 else:
                     for into, value in zip(self.parts[i], fresh):
