@@ -86,12 +86,12 @@ def adaln_cases(x_dtype, y_dtype):
 def scheduler_step_case(all_on: bool):
     from ditengine.kernels.scheduler_step import BLOCK, NUM_COLUMNS, _scheduler_step_kernel
 
-    flags = dict.fromkeys(("HAS_CFG", "HAS_HISTORY", "HAS_NOISE", "CLIP", "LEARNED", "WRITE_NEXT", "NEXT_TWICE",
-                           "STEP_FROM_PTR"), all_on)
+    flags = dict.fromkeys(("HAS_CFG", "HAS_HISTORY", "HAS_HISTORY2", "HAS_NOISE", "CLIP", "LEARNED", "WRITE_NEXT",
+                           "NEXT_TWICE", "STEP_FROM_PTR"), all_on)
     return compile_sm90(
         _scheduler_step_kernel,
-        dict(x_ptr="fp32", out_ptr="bf16", coef_ptr="fp32", step_ptr="i64", hist_ptr="fp32", noise_ptr="fp32",
-             x_next_ptr="fp32", next_in_ptr="bf16"),
+        dict(x_ptr="fp32", out_ptr="bf16", coef_ptr="fp32", step_ptr="i64", hist_ptr="fp32", hist2_ptr="fp32",
+             noise_ptr="fp32", x_next_ptr="fp32", next_in_ptr="bf16"),
         dict(N="i32", HW="i32", C="i32", MODEL_C="i32", HALF="i32", k="i32", cfg_scale="fp32", step_const="i32"),
         dict(flags, NCOL=NUM_COLUMNS, BLOCK=BLOCK))
 

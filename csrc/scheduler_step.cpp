@@ -1,10 +1,10 @@
 // Native CPU kernel of the fused scheduler step; see kernels/scheduler_step.py for the formulas, the
 // table's columns and the Python definition of the op.
 //
-//     m      = u + cfg_scale * (c - u)            # first `guided_channels` channels; c elsewhere
-//     x0     = clamp(p*x + q*m, -clip, clip)      # clamp only with `clip`
-//     x_next = r*x0 + s*x + w*m + h*hist + u*z    # u scaled element-wise by the learned variance if asked
-//     hist   = x0 ;  next_input = x_next * c_in_next (written twice when 2B)
+//     m      = u + cfg_scale * (c - u)                     # first `guided_channels` channels; c elsewhere
+//     x0     = clamp(p*x + q*m, -clip, clip)               # clamp only with `clip`
+//     x_next = r*x0 + s*x + w*m + h*hist + h2*hist2 + u*z  # u scaled element-wise by the learned variance if asked
+//     hist2  = hist ;  hist = x0 ;  next_input = x_next * c_in_next (written twice when 2B)
 //
 // The work is split into (b, c) planes of H*W contiguous elements, planes spread over threads. A plane is
 // walked in chunks that fit L1: inputs are widened to fp32 scratch (or read in place when already fp32),
@@ -29,7 +29,7 @@ using cpu::Elem;
 constexpr int64_t kChunk = 512;  // elements per chunk: 5 fp32 scratch rows of 2 KiB
 
 // Column order of the scheduler table (ditengine.schedulers.COLUMNS; kernels/scheduler_step.py checks it).
-enum Col { P, Q, CLIP, R, S, W, H, U, LOGVAR_MIN, LOGVAR_MAX, C_IN, C_IN_NEXT, NUM_COLUMNS };
+enum Col { P, Q, CLIP, R, S, W, H, U, LOGVAR_MIN, LOGVAR_MAX, C_IN, C_IN_NEXT, H2, NUM_COLUMNS };
 
 struct StepParams {
   int64_t B, C, HW, model_c;
@@ -38,6 +38,7 @@ struct StepParams {
   const void* model_out;  // (B or 2B, C or 2C, H, W)
   at::ScalarType m_dtype;
   float* history;      // (B, C, H, W) fp32 or null
+  float* history2;     // (B, C, H, W) fp32 or null; only with history
   const float* noise;  // (B, C, H, W) fp32 or null
   void* out;
   at::ScalarType out_dtype;
@@ -86,6 +87,7 @@ DITENGINE_INLINE void step_planes(const StepParams& p, int64_t begin, int64_t en
   float* s_n = scratch + 4 * kChunk;
   const float* k = p.coef;
   const float cp = k[P], cq = k[Q], lim = k[CLIP], cr = k[R], cs = k[S], cw = k[W], ch = k[H], cu = k[U];
+  const float ch2 = k[H2];
   const float lmin = k[LOGVAR_MIN], lrange = k[LOGVAR_MAX] - k[LOGVAR_MIN];
   const int64_t N = p.B * p.C * p.HW;
   for (int64_t plane = begin; plane < end; ++plane) {
@@ -112,7 +114,16 @@ DITENGINE_INLINE void step_planes(const StepParams& p, int64_t begin, int64_t en
         s_0[i] = x0;
         s_n[i] = cr * x0 + cs * x[i] + cw * m[i];
       }
-      if (p.history) {
+      if (p.history2) {
+        float* hist = p.history + x_off + j;
+        float* hist2 = p.history2 + x_off + j;
+        for (int64_t i = 0; i < n; ++i) {
+          s_n[i] += ch * hist[i];
+          s_n[i] += ch2 * hist2[i];
+          hist2[i] = hist[i];
+          hist[i] = s_0[i];
+        }
+      } else if (p.history) {
         float* hist = p.history + x_off + j;
         for (int64_t i = 0; i < n; ++i) {
           s_n[i] += ch * hist[i];
@@ -170,7 +181,7 @@ void scheduler_step(const at::Tensor& x, const at::Tensor& model_out, const at::
                     const std::optional<at::Tensor>& step_tensor, int64_t step_int, const at::Tensor& out,
                     const std::optional<at::Tensor>& history, const std::optional<at::Tensor>& noise,
                     const std::optional<at::Tensor>& next_input, double cfg_scale, bool has_cfg,
-                    int64_t guided_channels, bool clip, bool learned) {
+                    int64_t guided_channels, bool clip, bool learned, const std::optional<at::Tensor>& history2) {
   TORCH_CHECK_VALUE(x.dim() == 4, kOp, ": x: expected 4 dimensions (B, C, H, W), got shape ", tuple_str(x.sizes()));
   check("x", x, kFloats);
   const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
@@ -201,6 +212,9 @@ void scheduler_step(const at::Tensor& x, const at::Tensor& model_out, const at::
                     table.size(0), " steps");
   check("out", out, kFloats, x.sizes());
   if (history.has_value()) check("history", *history, {at::kFloat}, x.sizes());
+  if (history2.has_value()) check("history2", *history2, {at::kFloat}, x.sizes());
+  TORCH_CHECK_VALUE(!history2.has_value() || history.has_value(), kOp,
+                    ": history2: needs history (the step moves history into history2)");
   if (noise.has_value()) check("noise", *noise, {at::kFloat}, x.sizes());
   bool next_twice = false;
   if (next_input.has_value()) {
@@ -225,6 +239,7 @@ void scheduler_step(const at::Tensor& x, const at::Tensor& model_out, const at::
   p.model_out = model_out.data_ptr();
   p.m_dtype = model_out.scalar_type();
   p.history = history.has_value() ? history->data_ptr<float>() : nullptr;
+  p.history2 = history2.has_value() ? history2->data_ptr<float>() : nullptr;
   p.noise = noise.has_value() ? noise->data_ptr<float>() : nullptr;
   p.out = out.data_ptr();
   p.out_dtype = out.scalar_type();

@@ -1,11 +1,12 @@
 """Samplers (schedulers) compiled to a per-step coefficient table.
 
 Every supported update is one computation with different per-step scalars (m: the guided model
-output, h: the previous step's x0, z: noise):
+output, hist and hist2: the previous two steps' x0, z: noise):
 
-    x0     = p*x + q*m                        # eps-, v-, sample- and flow-prediction all have this form
-    x0     = clamp(x0, -clip, clip)           # only where clip_sample
-    x_next = r*x0 + s*x + w*m + h*hist + u*z  # DDPM mean, DDIM, Euler, flow Euler, DPM-Solver++ (2M)
+    x0     = p*x + q*m                                   # eps-, v-, sample- and flow-prediction all have this form
+    x0     = clamp(x0, -clip, clip)                      # only where clip_sample
+    x_next = r*x0 + s*x + w*m + h*hist + h2*hist2 + u*z  # DDPM mean, DDIM, Euler, flow Euler, DPM-Solver++ (2M),
+    hist2  = hist                                        #   UniPC (2M with its corrector folded in)
     hist   = x0
 
 `w*m` carries DDIM's direction term when x0 is clipped: diffusers (and DDIM itself) point along the
@@ -25,7 +26,7 @@ import numbers
 import numpy as np
 import torch
 
-COLUMNS = ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next")
+COLUMNS = ("p", "q", "clip", "r", "s", "w", "h", "u", "logvar_min", "logvar_max", "c_in", "c_in_next", "h2")
 COL = {name: i for i, name in enumerate(COLUMNS)}
 SPACINGS = ("linspace", "leading", "trailing")
 
@@ -86,7 +87,7 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
 class Scheduler:
     """Base: subclasses fill `_rows()`; this class holds the table and runs the reference step."""
 
-    uses_history = False
+    history_depth = 0  # how many past x0 the update reads: 1 for DPM-Solver++ (hist), 2 for UniPC (hist, hist2)
     learned_variance = False
     clip_sample = False
     continuous_time = False  # a flow schedule may take more steps than it has training timesteps
@@ -128,7 +129,7 @@ class Scheduler:
         self.needs_noise = [bool(u != 0) for u in rows[:, COL["u"]]]  # host-side: decides where noise is drawn
         self._timesteps = torch.tensor(np.array(timesteps, dtype=np.float64), dtype=torch.float32)
         self._table = torch.as_tensor(rows, dtype=torch.float32)
-        self._history = None
+        self._history = self._history2 = None
 
     # -- the table -------------------------------------------------------------------------------------
     def _rows(self):
@@ -158,6 +159,10 @@ class Scheduler:
         self._timesteps = self._timesteps.to(device)
         return self
 
+    @property
+    def uses_history(self) -> bool:
+        return self.history_depth > 0
+
     def __len__(self):
         return self.num_inference_steps
 
@@ -168,7 +173,7 @@ class Scheduler:
     # -- the reference step ----------------------------------------------------------------------------
     def reset(self):
         """Forget the multistep history (start of a new trajectory)."""
-        self._history = None
+        self._history = self._history2 = None
 
     def step(self, i: int, x: torch.Tensor, model_output: torch.Tensor, noise: torch.Tensor | None = None):
         """Reference math for step i: returns x_next. Reads row i of the device table, never syncs.
@@ -192,9 +197,13 @@ class Scheduler:
         if self.clip_sample:
             x0 = x0.clamp(-clip, clip)
         out = r * x0 + s * xf + w * m
-        if self.uses_history:
+        if self.history_depth:
             if self._history is not None:
                 out = out + h * self._history
+            if self.history_depth > 1:
+                if self._history2 is not None:
+                    out = out + self._table[i, COL["h2"]] * self._history2
+                self._history2 = self._history
             self._history = x0
         if self.needs_noise[i]:
             z = torch.randn_like(xf) if noise is None else noise.float()
@@ -342,6 +351,57 @@ class Euler(Scheduler):
         return ts, rows, float(init_sigma)
 
 
+def _multistep_timesteps(spacing: str, T: int, n: int, steps_offset: int) -> np.ndarray:
+    """The multistep solvers' VP timesteps (diffusers' DPM-Solver and UniPC): spacings of n + 1 points, the last
+    dropped."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
+    if spacing == "leading":
+        return (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + steps_offset
+    return np.arange(T, 0, -T / n).round() - 1
+
+
+def _karras_sigmas(betas: np.ndarray, n: int, sigma_min: float | None = None, sigma_max: float | None = None,
+                   rho: float = 7.0) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmas, fractional training timesteps): Karras et al.'s n descending sigmas between the training schedule's
+    extremes (or the given ones), and where they fall on it by log-sigma interpolation, as diffusers'
+    `_convert_to_karras` and `_sigma_to_t` make them.
+
+    The training sigmas are diffusers' float32 ones: 1 - alpha_bar cancels at t = 0, which moves sigma_min by ~1e-4
+    there, and every Karras sigma (and the timesteps they round to) with it."""
+    alphas_cumprod = torch.cumprod(1 - torch.tensor(betas, dtype=torch.float32), 0)
+    train = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).double().numpy()
+    lo = train[0] if sigma_min is None else sigma_min
+    hi = train[-1] if sigma_max is None else sigma_max
+    ramp = np.linspace(0, 1, n)
+    sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    return sigmas, np.interp(np.log(sigmas), np.log(train), np.arange(len(train)))
+
+
+def _alpha_sigma(sigmas: np.ndarray, flow: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha_t, sigma_t) of the sample x_t = alpha_t x0 + sigma_t noise at each sigma: the rectified flow's
+    (1 - sigma, sigma), or the VP schedule's from its Karras sigma."""
+    if flow:
+        return 1 - sigmas, sigmas
+    alpha = 1 / np.sqrt(sigmas**2 + 1)
+    return alpha, sigmas * alpha
+
+
+def _data_prediction(prediction_type: str, alpha: float, sigma_t: float) -> tuple[float, float]:
+    """(p, q) with x0 = p*x + q*m for the multistep solvers' parameterisations (flow: the model predicts
+    noise - x0, so x0 = x - sigma v)."""
+    if prediction_type == "epsilon":
+        return 1 / alpha, -sigma_t / alpha
+    if prediction_type == "v_prediction":
+        return alpha, -sigma_t
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if prediction_type == "flow_prediction":
+        return 1.0, -sigma_t
+    raise ValueError(f"prediction_type={prediction_type!r}: expected 'epsilon', 'v_prediction', 'sample' or "
+                     "'flow_prediction'")
+
+
 class DPMSolverPP(Scheduler):
     """DPM-Solver++ multistep (Lu et al. 2022), as diffusers' `DPMSolverMultistepScheduler` with
     `algorithm_type="dpmsolver++"`, `solver_type="midpoint"`: 2M with first-order first and final steps
@@ -350,24 +410,30 @@ class DPMSolverPP(Scheduler):
     `use_flow_sigmas` (Wan's choice, with `prediction_type="flow_prediction"`): the rectified-flow schedule,
     x_t = (1 - sigma) x0 + sigma noise, its sigmas those of `linspace(1, 1/T, n + 1)` shifted by `flow_shift`
     (`mu` sets `flow_shift = e^mu`, diffusers' dynamic shift) and the model's timesteps `int(sigma T)`, as diffusers'
-    `set_timesteps` makes them; the solver is the same in (alpha_t, sigma_t) = (1 - sigma, sigma)."""
+    `set_timesteps` makes them; the solver is the same in (alpha_t, sigma_t) = (1 - sigma, sigma).
 
-    uses_history = True
+    `use_karras_sigmas` (VP only): Karras et al.'s sigma spacing (rho = 7) instead of the timestep spacing."""
+
+    history_depth = 1
 
     def __init__(self, num_inference_steps: int = 20, *, solver_order: int = 2, lower_order_final: bool = True,
                  final_sigmas_type: str = "zero", timestep_spacing: str = "linspace", use_flow_sigmas: bool = False,
-                 flow_shift: float = 1.0, mu: float | None = None, **kwargs):
+                 flow_shift: float = 1.0, mu: float | None = None, use_karras_sigmas: bool = False, **kwargs):
         if solver_order not in (1, 2):
             raise ValueError(f"solver_order={solver_order}: expected 1 or 2")
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type={final_sigmas_type!r}: expected 'zero' or 'sigma_min'")
         if use_flow_sigmas and final_sigmas_type != "zero":
             raise ValueError("final_sigmas_type: flow sigmas end at 'zero' (a VP sigma_min means nothing there)")
+        if use_flow_sigmas and use_karras_sigmas:
+            raise ValueError("use_karras_sigmas: DPM-Solver++'s Karras sigmas are VP sigmas, not flow sigmas")
         if kwargs.get("prediction_type") == "flow_prediction" and not use_flow_sigmas:
             raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True")
         self.solver_order, self.lower_order_final = solver_order, lower_order_final
         self.final_sigmas_type = final_sigmas_type
-        self.use_flow_sigmas = use_flow_sigmas
+        self.use_flow_sigmas, self.use_karras_sigmas = use_flow_sigmas, use_karras_sigmas
+        # diffusers truncates the Karras timesteps of the cosine schedule instead of rounding them
+        self._round_karras = kwargs.get("beta_schedule") != "squaredcos_cap_v2"
         self.flow_shift = math.exp(check_number("mu", mu)) if mu is not None else \
             check_number("flow_shift", flow_shift, 0.0, low_open=True)
         super().__init__(num_inference_steps, timestep_spacing=timestep_spacing, **kwargs)
@@ -380,42 +446,28 @@ class DPMSolverPP(Scheduler):
         sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
         return (sigmas * T).astype(np.int64).astype(np.float64), sigmas
 
-    def _spaced_timesteps(self):
-        T, n = self.num_train_timesteps, self.num_inference_steps
-        if self.timestep_spacing == "linspace":
-            return np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
-        if self.timestep_spacing == "leading":
-            return (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + self.steps_offset
-        return np.arange(T, 0, -T / n).round() - 1
-
     def _rows(self):
         if self.use_flow_sigmas:
             ts, sigmas = self._flow_sigmas()
             sigmas = np.append(sigmas, 0.0)
-            alpha, sigma_t = 1 - sigmas, sigmas  # the flow's alpha_t and sigma_t
         else:
-            ts = self._spaced_timesteps()
+            if self.use_karras_sigmas:
+                sigmas, ts = _karras_sigmas(self.betas, self.num_inference_steps)
+                ts = ts.round() if self._round_karras else np.floor(ts)
+            else:
+                ts = _multistep_timesteps(self.timestep_spacing, self.num_train_timesteps, self.num_inference_steps,
+                                          self.steps_offset)
+                sigmas = _vp_sigmas(self.alphas_cumprod, ts)
             last = (0.0 if self.final_sigmas_type == "zero"
                     else math.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]))
-            sigmas = np.append(_vp_sigmas(self.alphas_cumprod, ts), last)
-            alpha = 1 / np.sqrt(sigmas**2 + 1)  # VP alpha_t and sigma_t
-            sigma_t = sigmas * alpha
+            sigmas = np.append(sigmas, last)
+        alpha, sigma_t = _alpha_sigma(sigmas, self.use_flow_sigmas)
         n = len(ts)
         with np.errstate(divide="ignore"):
             lam = np.log(alpha) - np.log(sigma_t)
         rows = []
         for i in range(n):
-            if self.prediction_type == "epsilon":
-                p, q = 1 / alpha[i], -sigma_t[i] / alpha[i]
-            elif self.prediction_type == "v_prediction":
-                p, q = alpha[i], -sigma_t[i]
-            elif self.prediction_type == "sample":
-                p, q = 0.0, 1.0
-            elif self.prediction_type == "flow_prediction":  # x0 = x - sigma v
-                p, q = 1.0, -sigma_t[i]
-            else:
-                raise ValueError(f"prediction_type={self.prediction_type!r}: expected 'epsilon', "
-                                 "'v_prediction', 'sample' or 'flow_prediction'")
+            p, q = _data_prediction(self.prediction_type, alpha[i], sigma_t[i])
             if sigmas[i + 1] == 0:  # exp(-h) = 0: the update lands on x0
                 rows.append(self._row(p=p, q=q, r=1.0))
                 continue
@@ -428,6 +480,151 @@ class DPMSolverPP(Scheduler):
             else:
                 half_over_r0 = 0.5 * h / (lam[i] - lam[i - 1])
                 rows.append(self._row(p=p, q=q, r=phi * (1 + half_over_r0), s=s, h=-phi * half_over_r0))
+        return ts, rows, 1.0
+
+
+class UniPC(Scheduler):
+    """UniPC (Zhao et al. 2023), as diffusers' `UniPCMultistepScheduler` with `predict_x0=True`: the UniP predictor
+    of order `solver_order` (1 or 2; first order on the first step, and on the last with `lower_order_final`), and
+    after every model evaluation but the first the UniC corrector, which refines the sample the model was just
+    evaluated at with that evaluation before the predictor steps on from it. `solver_type` picks B(h): "bh1" -h,
+    "bh2" e^-h - 1. `disable_corrector` lists the steps whose predicted sample the next step does not correct.
+
+    The table has no column for the corrected sample: the corrector maps the previous corrected sample x^c_{i-1}
+    to x^c_i = (sigma_i / sigma_{i-1}) x^c_{i-1} + C_i and the predictor that made x_i had the same first term,
+    x_i = (sigma_i / sigma_{i-1}) x^c_{i-1} + P_{i-1}, so x^c_i = x_i + C_i - P_{i-1}, where C_i and P_{i-1} are
+    combinations of x0_i, x0_{i-1}, x0_{i-2} alone. Each step is then
+    x_{i+1} = r x0_i + s x_i + h x0_{i-1} + h2 x0_{i-2}: two x0 histories (`history_depth = 2`).
+
+    The schedules are diffusers' (the VP timestep spacings, `use_karras_sigmas`, and `use_flow_sigmas` with
+    `flow_shift`, or `mu` as in `DPMSolverPP`), their sigmas rounded to float32 as diffusers holds them: the first
+    flow sigma is 1 - 1e-6, and float32 moves its alpha = 1 - sigma by 1.3%, which the first corrector and the
+    second predictor read through log(alpha).
+
+    Where diffusers' update is not finite this one takes its limit. A zero final sigma (final_sigmas_type="zero")
+    makes diffusers' B(h) infinite under "bh1" and its second-order ratio r_1 zero: its last step returns NaN with
+    "bh1", and with `lower_order_final=False` under either solver type. Here that step is first order and lands on
+    x0, as DPM-Solver++'s does.
+    """
+
+    history_depth = 2
+
+    def __init__(self, num_inference_steps: int = 20, *, solver_order: int = 2, solver_type: str = "bh2",
+                 lower_order_final: bool = True, disable_corrector=(), final_sigmas_type: str = "zero",
+                 timestep_spacing: str = "linspace", use_flow_sigmas: bool = False, flow_shift: float = 1.0,
+                 use_karras_sigmas: bool = False, sigma_min: float | None = None, sigma_max: float | None = None,
+                 use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", mu: float | None = None,
+                 predict_x0: bool = True, solver_p=None, **kwargs):
+        if isinstance(solver_order, bool) or solver_order not in (1, 2):
+            raise ValueError(f"solver_order={solver_order!r}: expected 1 or 2 (order 3 would need a third x0 "
+                             "history)")
+        if solver_type not in ("bh1", "bh2"):
+            raise ValueError(f"solver_type={solver_type!r}: expected 'bh1' or 'bh2'")
+        if final_sigmas_type not in ("zero", "sigma_min"):
+            raise ValueError(f"final_sigmas_type={final_sigmas_type!r}: expected 'zero' or 'sigma_min'")
+        if predict_x0 is not True:
+            raise ValueError(f"predict_x0={predict_x0!r}: only UniPC's data-prediction form (predict_x0=True) is "
+                             "supported")
+        if solver_p is not None:
+            raise ValueError("solver_p: another scheduler as the predictor is not supported")
+        if kwargs.get("prediction_type") == "flow_prediction" and not use_flow_sigmas:
+            raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True")
+        if time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type={time_shift_type!r}: expected 'exponential' or 'linear'")
+        if use_dynamic_shifting and mu is None:
+            raise ValueError("mu: required with use_dynamic_shifting (diffusers' set_timesteps(mu=...))")
+        if not isinstance(disable_corrector, (list, tuple, set, frozenset)) or not all(
+                isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in disable_corrector):
+            raise ValueError(f"disable_corrector={disable_corrector!r}: expected a list of step indices")
+        self.solver_order, self.solver_type, self.lower_order_final = solver_order, solver_type, lower_order_final
+        self.disable_corrector = frozenset(int(k) for k in disable_corrector)
+        self.final_sigmas_type = final_sigmas_type
+        self.use_flow_sigmas, self.use_karras_sigmas = use_flow_sigmas, use_karras_sigmas
+        self.sigma_min = None if sigma_min is None else check_number("sigma_min", sigma_min, 0.0, low_open=True)
+        self.sigma_max = None if sigma_max is None else check_number("sigma_max", sigma_max, 0.0, low_open=True)
+        if mu is None:
+            self.flow_shift = check_number("flow_shift", flow_shift, 0.0, low_open=True)
+        elif time_shift_type == "exponential":  # e^mu / (e^mu + 1/sigma - 1): the static shift by e^mu
+            self.flow_shift = math.exp(check_number("mu", mu))
+        else:
+            self.flow_shift = check_number("mu", mu, 0.0, low_open=True)
+        super().__init__(num_inference_steps, timestep_spacing=timestep_spacing, **kwargs)
+
+    def _schedule(self) -> tuple[np.ndarray, np.ndarray]:
+        """(model timesteps, the n + 1 sigmas, the final one last), as diffusers' `set_timesteps` makes them."""
+        T, n = self.num_train_timesteps, self.num_inference_steps
+        if self.use_karras_sigmas:
+            sigmas, ts = _karras_sigmas(self.betas, n, self.sigma_min, self.sigma_max)
+            if self.use_flow_sigmas:
+                sigmas = sigmas / (sigmas + 1)
+                ts = np.floor(sigmas * T)  # diffusers' int64 cast truncates
+            else:
+                ts = ts.round()
+            last = sigmas[-1]
+        elif self.use_flow_sigmas:
+            sigmas = np.linspace(1, 1 / T, n + 1)[:-1]
+            sigmas = self.flow_shift * sigmas / (1 + (self.flow_shift - 1) * sigmas)
+            if abs(sigmas[0] - 1) < 1e-6:  # diffusers keeps alpha = 1 - sigma off zero (its log)
+                sigmas[0] -= 1e-6
+            ts = np.floor(sigmas * T)
+            last = sigmas[-1]
+        else:
+            ts = _multistep_timesteps(self.timestep_spacing, T, n, self.steps_offset)
+            sigmas = _vp_sigmas(self.alphas_cumprod, ts)
+            last = math.sqrt((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0])
+        last = last if self.final_sigmas_type == "sigma_min" else 0.0
+        return ts, np.append(sigmas, last).astype(np.float32).astype(np.float64)
+
+    def _phi_b(self, h: float) -> tuple[float, float]:
+        """diffusers' h phi_1 = e^-h - 1 and B(h), of the data-prediction form's -h."""
+        return np.expm1(-h), -h if self.solver_type == "bh1" else np.expm1(-h)
+
+    def _predictor(self, lam, alpha, i: int, order: int) -> np.ndarray:
+        """UniP from step i to i + 1 less its (sigma_{i+1} / sigma_i) x^c_i term, over (x0_i, x0_{i-1}, x0_{i-2})."""
+        h = lam[i + 1] - lam[i]
+        phi, b = self._phi_b(h)
+        out = np.array([-alpha[i + 1] * phi, 0.0, 0.0])
+        if order == 2:  # rho = 1/2 on D1 = (x0_{i-1} - x0_i) / r1, r1 = (lam_{i-1} - lam_i) / h: finite at h = 0
+            out += -alpha[i + 1] * b * 0.5 * h / (lam[i - 1] - lam[i]) * np.array([-1.0, 1.0, 0.0])
+        return out
+
+    def _corrector(self, lam, alpha, i: int, order: int) -> np.ndarray:
+        """UniC of the sample at step i (`order`: the last predictor's) less its (sigma_i / sigma_{i-1}) x^c_{i-1}
+        term, over (x0_i, x0_{i-1}, x0_{i-2})."""
+        h = lam[i] - lam[i - 1]
+        phi, b = self._phi_b(h)
+        out = np.array([0.0, -alpha[i] * phi, 0.0])
+        if order == 1:
+            rho_t = 0.5
+        else:  # rhos = R^-1 b: R's rows the powers 0 and 1 of (r1, 1), b by diffusers' phi_k recursion
+            r1 = (lam[i - 2] - lam[i - 1]) / h
+            phi_k = phi / -h - 1
+            b1 = phi_k / b
+            b2 = 2 * (phi_k / -h - 0.5) / b
+            rho_1, rho_t = np.linalg.solve(np.array([[1.0, 1.0], [r1, 1.0]]), np.array([b1, b2]))
+            out += -alpha[i] * b * rho_1 / r1 * np.array([0.0, -1.0, 1.0])  # D1 = (x0_{i-2} - x0_{i-1}) / r1
+        return out - alpha[i] * b * rho_t * np.array([1.0, -1.0, 0.0])  # D1_t = x0_i - x0_{i-1}
+
+    def _rows(self):
+        ts, sigmas = self._schedule()
+        alpha, sigma_t = _alpha_sigma(sigmas, self.use_flow_sigmas)
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma_t)
+        n = len(ts)
+        rows, pred, order = [], np.zeros(3), 1
+        for i in range(n):
+            p, q = _data_prediction(self.prediction_type, alpha[i], sigma_t[i])
+            # x^c_i - x_i = C_i - P_{i-1}; P_{i-1} was over (x0_{i-1}, x0_{i-2}, x0_{i-3}) and never reads x0_{i-3}
+            correction = np.zeros(3)
+            if i > 0 and i - 1 not in self.disable_corrector:
+                correction = self._corrector(lam, alpha, i, order) - np.array([0.0, pred[0], pred[1]])
+            order = min(self.solver_order, n - i if self.lower_order_final else n, i + 1)
+            if sigmas[i + 1] == 0:
+                order = 1
+            ratio = sigma_t[i + 1] / sigma_t[i]
+            pred = self._predictor(lam, alpha, i, order)
+            r, h, h2 = ratio * correction + pred
+            rows.append(self._row(p=p, q=q, r=r, s=ratio, h=h, h2=h2))
         return ts, rows, 1.0
 
 
@@ -507,10 +704,12 @@ _FROM_DIFFUSERS = {
     "DDIMScheduler": DDIM,
     "EulerDiscreteScheduler": Euler,
     "DPMSolverMultistepScheduler": DPMSolverPP,
+    "UniPCMultistepScheduler": UniPC,
     "FlowMatchEulerDiscreteScheduler": FlowMatchEuler,
 }
 
-# diffusers options whose non-default values change the math in ways not covered here.
+# diffusers options whose non-default values change the math in ways not covered here (unless the ditengine class
+# takes the option: it then checks the value itself).
 _UNSUPPORTED = {
     "thresholding": False, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
     "use_lu_lambdas": False, "invert_sigmas": False,
@@ -531,13 +730,14 @@ def from_diffusers(scheduler, num_inference_steps: int = 50, **overrides) -> Sch
         raise ValueError(f"unsupported diffusers scheduler {name}; supported: {', '.join(_FROM_DIFFUSERS)}")
     cls = _FROM_DIFFUSERS[name]
     config = dict(scheduler.config)
+    own = set(inspect.signature(cls.__init__).parameters)
     for key, default in _UNSUPPORTED.items():
         value = overrides.get(key, config.get(key, default))
-        if key in config and value != default:
+        if key in config and key not in own and value != default:
             raise ValueError(f"{name} with {key}={value!r} is not supported (expected {default!r})")
     if cls is Euler and config.get("final_sigmas_type", "zero") != "zero":
         raise ValueError(f"{name} with final_sigmas_type={config['final_sigmas_type']!r} is not supported")
-    accepted = set(inspect.signature(cls.__init__).parameters)
+    accepted = set(own)
     if cls is not FlowMatchEuler:  # the others pass the common arguments on to Scheduler
         accepted |= set(inspect.signature(Scheduler.__init__).parameters)
     kwargs = {k: v for k, v in config.items() if k in accepted and k not in ("self", "num_inference_steps")}

@@ -87,7 +87,7 @@ def test_reference_forward_takes_a_compiled_model(tiny_model):
         reference_forward(torch.compile(torch.nn.Linear(2, 2)), torch.randn(2, 4, 8, 8), True, torch.tensor([1, 2]))
 
 
-@pytest.mark.parametrize("sched", [S.DDIM(4), S.DPMSolverPP(4)], ids=["ddim", "dpm++"])
+@pytest.mark.parametrize("sched", [S.DDIM(4), S.DPMSolverPP(4), S.UniPC(4)], ids=["ddim", "dpm++", "unipc"])
 def test_a_step_callback_edits_the_state_alike_on_both_loops(tiny_model, sched):
     """After step 1 the state is halved: the fused loop (which wrote the next model input from the old state) and
     the reference loop continue from the edited state alike; the edit changes the result."""

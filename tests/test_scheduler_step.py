@@ -23,49 +23,63 @@ SCHEDULERS = [
     lambda: S.DPMSolverPP(12),
     lambda: S.FlowMatchEuler(12, shift=3.0),
     lambda: S.DPMSolverPP(12, use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
+    lambda: S.UniPC(12, solver_type="bh1", final_sigmas_type="sigma_min", disable_corrector=[4]),
+    lambda: S.UniPC(12, use_flow_sigmas=True, flow_shift=5.0, prediction_type="flow_prediction"),
 ]
-IDS = ["ddpm", "ddpm-large-v", "ddpm-learned", "ddim-eta", "ddim-clip", "euler", "dpm++2m", "flow", "dpm++2m-flow"]
+IDS = ["ddpm", "ddpm-large-v", "ddpm-learned", "ddim-eta", "ddim-clip", "euler", "dpm++2m", "flow", "dpm++2m-flow",
+       "unipc-bh1", "unipc-flow"]
 
 
 def reference_step(sched, i, x, model_out, cfg_scale, k, noise, B):
-    """Guidance in the model output's dtype, then `sched.step`; the history is restored for the next call."""
-    history = sched._history
+    """Guidance in the model output's dtype, then `sched.step`; the histories are restored for the next call and
+    returned, (history, history2), as the step left them."""
+    histories = sched._history, sched._history2
     guided = model_out[:B].clone()
     cond, uncond = model_out[:B, :k], model_out[B:, :k]
     guided[:, :k] = uncond + cfg_scale * (cond - uncond)
     out = sched.step(i, x, guided.float(), noise=noise)
-    sched._history, new_history = history, sched._history
-    return out, new_history
+    new_histories = sched._history, sched._history2
+    sched._history, sched._history2 = histories
+    return out, new_histories
 
 
 def trajectory(sched, dtype=torch.float32, cfg_scale=2.5, guided_channels=None, step_as_tensor=False,
-               device="cpu", B=2, C=4, H=6, W=6, backend=None):
+               device="cpu", B=2, C=4, H=6, W=6, frames=None, backend=None):
     """Step through the whole schedule with the kernel and `sched.step` side by side. At each step both start
-    from the kernel's state (x and, for DPM-Solver++, the history), and x_next and the history the kernel
-    wrote are checked under the tolerance rule: a history write that goes wrong fails at that step."""
+    from the kernel's state (x and, for DPM-Solver++ and UniPC, the histories), and x_next and the histories the
+    kernel wrote are checked under the tolerance rule: a history write that goes wrong fails at that step.
+    `frames`: video latents (B, C, frames, H, W)."""
     g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(B, C, H, W, generator=g, device=device) * sched.init_noise_sigma
-    history = torch.zeros_like(x) if sched.uses_history else None
+    spatial = (H, W) if frames is None else (frames, H, W)
+    x = torch.randn(B, C, *spatial, generator=g, device=device) * sched.init_noise_sigma
+    histories = [torch.zeros_like(x) for _ in range(sched.history_depth)]
+    history, history2 = histories + [None] * (2 - len(histories))
     sched.to(device).reset()
     k = C if guided_channels is None else guided_channels
     for i in range(len(sched)):
-        model_out = torch.randn(2 * B, 2 * C, H, W, generator=g, device=device)
+        model_out = torch.randn(2 * B, 2 * C, *spatial, generator=g, device=device)
         model_out[:, C:] = model_out[:, C:].tanh()  # learned-variance channels live in [-1, 1]
-        noise = torch.randn(B, C, H, W, generator=g, device=device) if sched.needs_noise[i] else None
-        next_input = torch.empty(2 * B, C, H, W, device=device, dtype=dtype)
+        noise = torch.randn(B, C, *spatial, generator=g, device=device) if sched.needs_noise[i] else None
+        next_input = torch.empty(2 * B, C, *spatial, device=device, dtype=dtype)
         step = torch.tensor(i, device=device) if step_as_tensor else i
         out = scheduler_step(x, model_out.to(dtype), sched.table, step, cfg_scale=cfg_scale, guided_channels=k,
                              history=history, noise=noise, clip=sched.clip_sample,
-                             learned_variance=sched.learned_variance, next_input=next_input, backend=backend)
+                             learned_variance=sched.learned_variance, next_input=next_input, history2=history2,
+                             backend=backend)
         # As in flash-attention's rule, both references see the kernel's (rounded) inputs: ref32 upcasts
         # them, ref_lp also guides in the low precision.
-        ref_lp, history_lp = reference_step(sched, i, x, model_out.to(dtype), cfg_scale, k, noise, B)
-        ref32, history32 = reference_step(sched, i, x, model_out.to(dtype).float(), cfg_scale, k, noise, B)
+        ref_lp, histories_lp = reference_step(sched, i, x, model_out.to(dtype), cfg_scale, k, noise, B)
+        ref32, histories32 = reference_step(sched, i, x, model_out.to(dtype).float(), cfg_scale, k, noise, B)
         assert_within_tolerance(out, ref32, ref_lp, 1e-5 * (1 + ref32.abs().max().item()), f"step {i}")
-        if history is not None:
-            assert_within_tolerance(history, history32, history_lp, 1e-5 * (1 + history32.abs().max().item()),
-                                    f"step {i} history")
-            sched._history = history.clone()  # the next reference step reads what the kernel wrote
+        for name, got, want32, want_lp in zip(("history", "history2"), histories, histories32, histories_lp):
+            if want32 is None:  # no x0 that far back yet: the buffer keeps its zeros
+                assert not got.any(), f"step {i} {name}"
+            else:
+                assert_within_tolerance(got, want32, want_lp, 1e-5 * (1 + want32.abs().max().item()),
+                                        f"step {i} {name}")
+        if histories:  # the next reference step reads what the kernel wrote
+            sched._history = history.clone()
+            sched._history2 = history2.clone() if history2 is not None else None
         scale = sched.table[i, S.COL["c_in_next"]]
         torch.testing.assert_close(next_input[:B].float(), (out * scale).to(dtype).float())
         assert torch.equal(next_input[:B], next_input[B:])
@@ -91,7 +105,8 @@ def test_matches_sched_step_over_a_trajectory(make, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("make", SCHEDULERS[2:4] + SCHEDULERS[6:7], ids=["ddpm-learned", "ddim-eta", "dpm++2m"])
+@pytest.mark.parametrize("make", SCHEDULERS[2:4] + SCHEDULERS[6:7] + SCHEDULERS[10:11],
+                         ids=["ddpm-learned", "ddim-eta", "dpm++2m", "unipc-flow"])
 def test_half_precision_model_output_and_device_step_index(make, backend):
     trajectory(make(), dtype=torch.float16, step_as_tensor=True, guided_channels=3, backend=backend)
 
@@ -165,7 +180,7 @@ def op(**change):
     and write past mis-shaped buffers); its checks come before that branch."""
     args = dict(x=X, model_out=MODEL_OUT, table=S.DDIM(5).table, step_tensor=None, step_int=0,
                 out=torch.empty(2, 4, 4, 4), history=None, noise=None, next_input=None, cfg_scale=2.0, has_cfg=True,
-                guided_channels=4, clip=False, learned=False)
+                guided_channels=4, clip=False, learned=False, history2=None)
     args.update(change)
     scheduler_step_op = torch.ops.ditengine.scheduler_step
 
@@ -198,6 +213,12 @@ API_ROWS = [
     ("history-shape", api(history=rand(1, 4, 4, 4)), ValueError, r"history: expected shape \(2, 4, 4, 4\) like x"),
     ("history-dtype", api(history=rand(2, 4, 4, 4, dtype=torch.bfloat16)), TypeError,
      r"history: expected dtype in \['float32'\], got bfloat16"),
+    ("history2-shape", api(history=rand(2, 4, 4, 4), history2=rand(2, 4, 4, 3)), ValueError,
+     r"history2: expected shape \(2, 4, 4, 4\) like x"),
+    ("history2-without-history", api(history2=rand(2, 4, 4, 4)), ValueError,
+     "history2: needs history"),
+    ("history2-rank", api(x=rand(2, 4, 3, 5, 7), model_out=rand(4, 4, 3, 5, 7), history=rand(2, 4, 3, 5, 7),
+                          history2=rand(2, 4, 15, 7)), ValueError, r"history2: expected 5 dimensions like x"),
     ("noise-dtype", api(noise=rand(2, 4, 4, 4, dtype=torch.half)), TypeError,
      r"noise: expected dtype in \['float32'\], got float16"),
     ("noise-device", api(noise=torch.empty(2, 4, 4, 4, device="meta")), ValueError, "noise: on meta, expected cpu"),
@@ -224,7 +245,7 @@ OP_ROWS = [
     ("op-table-dtype", op(table=S.DDIM(5).table.double()), TypeError,
      r"table: expected dtype in \['float32'\], got float64"),
     ("op-table-columns", op(table=S.DDIM(5).table[:, :5].contiguous()), ValueError,
-     r"table: expected shape \(steps, 12\)"),
+     rf"table: expected shape \(steps, {len(S.COLUMNS)}\)"),
     *((f"op-step_int={step}", op(step_int=step), IndexError, rf"step={step} out of range for a table of 5 steps")
       for step in (5, -1)),
     ("op-step_tensor=-1", op(step_tensor=torch.tensor([-1])), IndexError, "step=-1 out of range",
@@ -237,6 +258,12 @@ OP_ROWS = [
      r"history: expected shape \(2, 4, 4, 4\) like x, got \(1, 4, 4, 4\)"),
     ("op-history-dtype", op(history=rand(2, 4, 4, 4, dtype=torch.bfloat16)), TypeError,
      r"history: expected dtype in \['float32'\], got bfloat16"),
+    ("op-history2-shape", op(history=rand(2, 4, 4, 4), history2=rand(1, 4, 4, 4)), ValueError,
+     r"history2: expected shape \(2, 4, 4, 4\) like x, got \(1, 4, 4, 4\)"),
+    ("op-history2-dtype", op(history=rand(2, 4, 4, 4), history2=rand(2, 4, 4, 4, dtype=torch.half)), TypeError,
+     r"history2: expected dtype in \['float32'\], got float16"),
+    ("op-history2-without-history", op(history2=rand(2, 4, 4, 4)), ValueError,
+     r"scheduler_step: history2: needs history"),
     ("op-noise-dtype", op(noise=rand(2, 4, 4, 4, dtype=torch.half)), TypeError,
      r"noise: expected dtype in \['float32'\], got float16"),
     # A meta tensor among CPU ones: the dispatcher sends the call to the fake, which checks as the body does.
@@ -265,6 +292,10 @@ def test_registered_op_passes_opcheck():
     args = (x, out, sched.table, torch.tensor([1]), 0, torch.empty_like(x), torch.zeros_like(x), torch.randn_like(x),
             torch.empty(2, 4, 2, 2), 2.0, True, 4, False, False)
     torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
+    # UniPC's second history (the op's last argument)
+    args = (x, out, S.UniPC(4).table, torch.tensor([2]), 0, torch.empty_like(x), torch.randn_like(x), None,
+            torch.empty(2, 4, 2, 2), 2.0, True, 4, False, False, torch.randn_like(x))
+    torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
 
 
 # -- the native CPU kernel (csrc/scheduler_step.cpp) ---------------------------------------------------------
@@ -278,6 +309,7 @@ def test_native_latent_shapes(B, C, H, W, guided, dtype):
     trajectory(S.DDPM(6, variance_type="learned_range"), dtype=dtype, guided_channels=guided, B=B, C=C, H=H, W=W,
                backend="native")
     trajectory(S.DPMSolverPP(5), dtype=dtype, guided_channels=guided, B=B, C=C, H=H, W=W, backend="native")
+    trajectory(S.UniPC(5), dtype=dtype, guided_channels=guided, B=B, C=C, H=H, W=W, backend="native")
 
 
 @requires_native
@@ -328,6 +360,9 @@ def test_native_op_passes_opcheck():
             torch.empty(2, 4, 3, 5, dtype=torch.bfloat16), 2.0, True, 3, True, True)
     torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
     args = (x, out[:1], sched.table, None, 2, torch.empty_like(x), None, None, None, 1.0, False, 4, False, False)
+    torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
+    args = (x, out[:1], S.UniPC(4).table, None, 3, torch.empty_like(x), torch.randn_like(x), None, None, 1.0, False,
+            4, False, False, torch.randn_like(x))
     torch.library.opcheck(torch.ops.ditengine.scheduler_step, args)
 
 
@@ -403,3 +438,11 @@ def test_video_latents_of_any_rank(backend):
     assert got.shape == x.shape
     torch.testing.assert_close(got.reshape(want.shape), want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(history.reshape(want_history.shape), want_history, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, pytest.param(None, id="auto")])
+def test_unipc_trajectory_on_video_latents(backend):
+    """UniPC's two histories on (B, C, F, H, W) latents (Wan's), over a whole trajectory: flattened after C like
+    every other argument, and shifted (history2 <- history <- x0) at each step."""
+    sched = S.UniPC(8, use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")
+    trajectory(sched, frames=3, H=4, W=5, backend=backend)

@@ -12,6 +12,7 @@ S = de.schedulers
 def diffusers():
     return pytest.importorskip("diffusers")
 
+FLOW = dict(use_flow_sigmas=True, prediction_type="flow_prediction")
 # (ours, diffusers class, shared kwargs, diffusers-only step kwargs)
 CASES = [
     ("DDPM", "DDPMScheduler", dict(), 50),
@@ -42,6 +43,10 @@ CASES = [
                                                         prediction_type="flow_prediction"), 13),
     ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, flow_shift=1.0, lower_order_final=False,
                                                         prediction_type="v_prediction"), 16),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(use_karras_sigmas=True), 20),
+    ("DPMSolverPP", "DPMSolverMultistepScheduler", dict(use_karras_sigmas=True, final_sigmas_type="sigma_min",
+                                                        beta_schedule="scaled_linear", beta_start=0.00085,
+                                                        beta_end=0.012), 12),
 ]
 
 
@@ -147,7 +152,7 @@ def test_ddim_nonuniform_spacing_converts_from_diffusers(diffusers):
 def test_step_never_syncs_with_the_host():
     """On the meta device any .item(), bool() or host copy raises: the step must do none."""
     for sched in (S.DDPM(10, variance_type="learned_range"), S.DDIM(10, eta=0.3), S.DPMSolverPP(10),
-                  S.Euler(10), S.FlowMatchEuler(10)):
+                  S.Euler(10), S.FlowMatchEuler(10), S.UniPC(10)):
         sched.to("meta")
         x = torch.empty(2, 4, 8, 8, device="meta")
         out = torch.empty(2, 8, 8, 8, device="meta")
@@ -204,19 +209,22 @@ NAN, INF = float("nan"), float("inf")
     (lambda: S.DDPM(10, beta_start=NAN), "beta_start=nan"),
     (lambda: S.Euler(10, beta_end=1.5), "beta_end=1.5"),
     (lambda: S.DPMSolverPP(10, beta_start=0.0), "beta_start=0.0"),
+    (lambda: S.UniPC(10, flow_shift=NAN, **FLOW), "flow_shift=nan"),
+    (lambda: S.UniPC(10, use_karras_sigmas=True, sigma_min=-1.0), "sigma_min=-1.0"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_non_finite_or_out_of_range_arguments_are_refused_by_name(make, name):
     with pytest.raises(ValueError, match=f"^{name}: expected a finite number in"):
         make()
 
 
-@pytest.mark.parametrize("make", [S.DDPM, S.DDIM, S.Euler, S.DPMSolverPP])
+@pytest.mark.parametrize("make", [S.DDPM, S.DDIM, S.Euler, S.DPMSolverPP, S.UniPC])
 def test_beta_start_above_beta_end_is_refused(make):
     with pytest.raises(ValueError, match=r"beta_start=0.02 > beta_end=0.0001"):
         make(10, beta_start=0.02, beta_end=0.0001)
 
 
-@pytest.mark.parametrize("make", [S.DDPM, S.DDIM, S.Euler, S.DPMSolverPP, lambda n: S.FlowMatchEuler(n, shift=3.0)])
+@pytest.mark.parametrize("make", [S.DDPM, S.DDIM, S.Euler, S.DPMSolverPP, lambda n: S.FlowMatchEuler(n, shift=3.0),
+                                  S.UniPC, lambda n: S.UniPC(n, solver_type="bh1", **FLOW)])
 def test_every_table_is_finite_at_the_defaults(make):
     table = make(25).table
     finite = torch.isfinite(table)
@@ -299,3 +307,117 @@ def test_flow_sigmas_convert_from_diffusers_with_a_dynamic_shift(diffusers):
         S.DPMSolverPP(10, prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="final_sigmas_type: flow sigmas end at 'zero'"):
         S.DPMSolverPP(10, use_flow_sigmas=True, final_sigmas_type="sigma_min")
+
+
+# -- UniPC ----------------------------------------------------------------------------------------------------------
+UNIPC_CASES = [  # (kwargs, steps)
+    (dict(), 6),
+    (dict(), 50),
+    (dict(solver_type="bh1", final_sigmas_type="sigma_min"), 50),
+    (dict(solver_order=1), 8),
+    (dict(lower_order_final=False, final_sigmas_type="sigma_min"), 10),
+    (dict(solver_type="bh1", lower_order_final=False, final_sigmas_type="sigma_min", disable_corrector=[0, 3, 4]), 9),
+    (dict(disable_corrector=[0, 3, 4]), 10),
+    (dict(prediction_type="v_prediction", timestep_spacing="trailing"), 12),
+    (dict(prediction_type="sample", timestep_spacing="leading", steps_offset=1), 9),
+    (dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, use_karras_sigmas=True), 15),
+    # the flow schedule (Wan's pipelines: flow_shift 3 at 480p, 5 at 720p)
+    (dict(FLOW, flow_shift=1.0), 8),
+    (dict(FLOW, flow_shift=3.0), 50),
+    (dict(FLOW, flow_shift=5.0), 20),
+    (dict(FLOW, flow_shift=5.0, solver_type="bh1", final_sigmas_type="sigma_min"), 12),
+    (dict(FLOW, flow_shift=3.0, lower_order_final=False, final_sigmas_type="sigma_min", solver_order=1), 7),
+    (dict(FLOW, flow_shift=3.0, lower_order_final=False, final_sigmas_type="sigma_min"), 7),
+    (dict(FLOW, use_karras_sigmas=True), 10),
+]
+
+
+def fake_model(x, t):
+    """A fixed nonlinear function of the sample and the timestep: the solvers' history of x0 then differs from
+    step to step as a model's would, and both loops see the model output of their own sample."""
+    return 0.7 * torch.tanh(x) + 0.5 * torch.sin(x + 1e-3 * float(t))
+
+
+def unipc_trajectory(theirs, ours, last=None):
+    """Both schedulers from the same noise, each evaluating `fake_model` at its own samples; the worst relative
+    difference of the samples over the trajectory (its first `last` steps)."""
+    theirs.set_timesteps(len(ours))
+    np.testing.assert_array_equal(ours.timesteps.numpy(), theirs.timesteps.numpy())
+    x_ours = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    x_theirs, worst = x_ours.clone(), 0.0
+    for i, t in enumerate(theirs.timesteps[:last]):
+        x_theirs = theirs.step(fake_model(x_theirs, t), t, x_theirs).prev_sample
+        x_ours = ours.step(i, x_ours, fake_model(x_ours, t))
+        worst = max(worst, float((x_ours - x_theirs).abs().max() / x_theirs.abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("kwargs, steps", UNIPC_CASES, ids=[f"unipc-{i}" for i in range(len(UNIPC_CASES))])
+def test_unipc_matches_diffusers_over_a_trajectory(diffusers, kwargs, steps):
+    theirs = diffusers.UniPCMultistepScheduler(**kwargs)
+    assert unipc_trajectory(theirs, S.UniPC(steps, **kwargs)) <= 1e-5
+    assert torch.equal(S.from_diffusers(theirs, steps).table, S.UniPC(steps, **kwargs).table)
+
+
+@pytest.mark.parametrize("kwargs", [dict(solver_type="bh1"), dict(lower_order_final=False),
+                                    dict(FLOW, flow_shift=3.0, solver_type="bh1")], ids=["bh1", "order2", "flow-bh1"])
+def test_unipc_final_zero_sigma_lands_on_x0(diffusers, kwargs):
+    """diffusers' last step to sigma 0 is NaN here (B(h) = -h is infinite; the second-order ratio r1 is 0): this one
+    equals it up to that step, then lands on the step's x0, first order as at every zero final sigma."""
+    steps = 8
+    theirs, ours = diffusers.UniPCMultistepScheduler(**kwargs), S.UniPC(steps, **kwargs)
+    assert unipc_trajectory(theirs, ours, last=steps - 1) <= 1e-5
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    m = fake_model(x, ours.timesteps[-1])
+    p, q = ours.table[-1, COL["p"]], ours.table[-1, COL["q"]]
+    ours._history = ours._history2 = torch.randn_like(x)  # read with coefficient 0
+    torch.testing.assert_close(ours.step(steps - 1, x, m), p * x + q * m)
+
+
+def test_unipc_from_diffusers_with_a_dynamic_shift_and_refusals(diffusers):
+    """mu = log(flow_shift), as for DPM-Solver++; what UniPC does not implement is refused by name."""
+    wan = dict(FLOW, flow_shift=3.0)
+    by_shift = S.from_diffusers(diffusers.UniPCMultistepScheduler(**wan), 12)
+    dynamic = diffusers.UniPCMultistepScheduler(**wan, use_dynamic_shifting=True)
+    by_mu = S.from_diffusers(dynamic, 12, mu=float(np.log(3.0)))
+    assert type(by_mu) is S.UniPC and torch.allclose(by_mu.table, by_shift.table, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="^mu: required with use_dynamic_shifting"):
+        S.from_diffusers(dynamic, 12)
+    for config, match in [(dict(predict_x0=False), "^predict_x0=False: only UniPC's data-prediction form"),
+                          (dict(solver_order=3), "^solver_order=3: expected 1 or 2"),
+                          (dict(solver_p=diffusers.DDIMScheduler()), "^solver_p: another scheduler"),
+                          (dict(thresholding=True), "thresholding=True is not supported"),
+                          (dict(use_exponential_sigmas=True), "use_exponential_sigmas=True is not supported")]:
+        with pytest.raises(ValueError, match=match):
+            S.from_diffusers(diffusers.UniPCMultistepScheduler(**config), 12)
+    with pytest.raises(ValueError, match="^solver_type='midpoint': expected 'bh1' or 'bh2'"):
+        S.UniPC(12, solver_type="midpoint")
+    with pytest.raises(ValueError, match=r"^disable_corrector=3: expected a list of step indices"):
+        S.UniPC(12, disable_corrector=3)
+    with pytest.raises(ValueError, match="flow_prediction' needs use_flow_sigmas=True"):
+        S.UniPC(12, prediction_type="flow_prediction")
+
+
+def test_unipc_history_layout_and_reset():
+    """Two x0 histories: h from step 1 on, h2 from step 2 on (the order-2 corrector reads x0 two steps back), none
+    on a zero final sigma; `reset` clears both."""
+    sched = S.UniPC(10)
+    assert sched.history_depth == 2 and sched.uses_history
+    h, h2 = sched.table[:, COL["h"]], sched.table[:, COL["h2"]]
+    assert h[0] == 0 and h[1:-1].ne(0).all() and h2[:2].eq(0).all() and h2[2:-1].ne(0).all()
+    assert h[-1] == h2[-1] == 0 and sched.table[-1, COL["r"]] == 1 and sched.table[-1, COL["s"]] == 0
+    # a corrector turned off after step 3 leaves step 4 with the predictor's history alone: no x0 from step 2
+    assert S.UniPC(10, disable_corrector=[3]).table[4, COL["h2"]] == 0
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 4, 4, 4, generator=g)
+    states = [x]
+    for i in range(3):
+        states.append(sched.step(i, states[-1], m * (i + 1)))
+    sched.reset()
+    sched.step(0, x, m * 5)  # another x0 two steps back: only h2 carries it into step 2
+    sched.step(1, states[1], m * 2)
+    assert not torch.equal(sched.step(2, states[2], m * 3), states[3])
+    sched.reset()
+    for i in range(3):
+        out = sched.step(i, states[i], m * (i + 1))
+    assert torch.equal(out, states[3])

@@ -90,6 +90,7 @@ class Plan:
         self.x = torch.zeros(batch, *shape, device=dev)  # the sampler's state, fp32
         self.x_in = torch.zeros(N, *shape, device=dev, dtype=fast.dtype)  # the model input
         self.history = torch.zeros_like(self.x) if sched.uses_history else None
+        self.history2 = torch.zeros_like(self.x) if sched.history_depth == 2 else None  # UniPC: x0 two steps back
         # APG's momentum (the state across guided steps) and its guided prediction, fp32.
         self.momentum = torch.zeros_like(self.x) if s.guider is not None and s.use_cfg else None
         self.apg_out = torch.zeros_like(self.x) if self.momentum is not None else None
@@ -168,7 +169,7 @@ class Plan:
         scheduler_step(self.x, out, sched.table, step, cfg_scale=cfg_scale,
                        guided_channels=s.guided_channels, history=self.history, noise=self.noise_for(step),
                        clip=sched.clip_sample, learned_variance=sched.learned_variance, out=self.x,
-                       next_input=self.x_in, backend=s.fast.backend)
+                       next_input=self.x_in, history2=self.history2, backend=s.fast.backend)
 
     def step_body(self, step: int | torch.Tensor, guided: bool | None = None) -> None:
         """One denoising step on the static buffers; `step` an int, or the device index (step graph, with
@@ -306,6 +307,8 @@ class Plan:
         self.write_input(0)
         if self.history is not None:
             self.history.zero_()
+        if self.history2 is not None:
+            self.history2.zero_()
         if self.momentum is not None:
             self.momentum.zero_()
         if self.cache is not None:
