@@ -1,6 +1,7 @@
 """ditengine: fast, verified sampling from diffusion transformers (DiT)."""
-from . import families, guidance, schedulers
+from . import cache, families, guidance, schedulers
 from .checkpoints import from_diffusers, load_checkpoint
+from .experts import Expert
 from .fast import FastSampler
 from .generate import load_pretrained  # the digits demo (ditengine.demo.generate), through its alias
 from .guidance import APG
@@ -15,6 +16,6 @@ _FAMILY_NAMES = sorted({cls.__name__: cls for f in families.families() for cls i
                         if cls is not None}.items())
 globals().update(_FAMILY_NAMES)
 
-__all__ = ["APG", "FastSampler", "accelerate", "families", "from_diffusers", "guidance", "load_checkpoint",
-           "load_pretrained", "sample", "schedulers", "__version__"]
+__all__ = ["APG", "Expert", "FastSampler", "accelerate", "cache", "families", "from_diffusers", "guidance",
+           "load_checkpoint", "load_pretrained", "sample", "schedulers", "__version__"]
 __all__ += [name for name, _ in _FAMILY_NAMES]

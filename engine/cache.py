@@ -11,6 +11,9 @@ Two policies, applied by `FastSampler(cache=...)` and `ditengine.sample(..., cac
   the warm-up, the cool-down and on every `interval`-th step in between; the other steps reuse the whole
   residual contribution of the blocks (`reuse="residual"`) or each block's attention and MLP outputs
   under the current step's gates (`reuse="blocks"`), both saved at the last full step.
+- `TeaCache(threshold, model)`: TeaCache's schedule from the timestep embedding's relative change (its published
+  rescale polynomials, per Wan 2.1 model): fixed before the loop, since it depends on the timesteps alone, and run
+  as a static schedule reusing the whole residual.
 
 The first and the last step are always computed in full. Only the transformer's work is approximated:
 the scheduler (noise, multistep history) runs exactly as without caching.
@@ -91,11 +94,120 @@ class StaticCache:
         return f"static:{self.interval}"
 
 
-CachePolicy = FirstBlockCache | StaticCache
+@dataclass(frozen=True)
+class ScheduledCache(StaticCache):
+    """A static schedule given step by step (`full[i]`: step i computed in full), reusing the whole residual: what a
+    `TeaCache` decides for one run's timesteps."""
+
+    full: tuple = ()
+    name: str = "scheduled"
+
+    def check(self, steps: int) -> None:
+        if len(self.full) != steps:
+            raise ValueError(f"cache: a schedule of {len(self.full)} steps for a run of {steps}")
+
+    def schedule(self, steps: int) -> list[bool]:
+        self.check(steps)
+        return list(self.full)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# TeaCache's published rescale polynomials (numpy.poly1d order, highest power first), fitted by its authors on the
+# relative L1 change of each Wan 2.1 model's timestep signal against that of its output: keyed by (model,
+# use_ret_steps). use_ret_steps=True measures e0 (the time projection, 6 D), False measures e (the time embedding, D).
+TEACACHE_COEFFICIENTS = {
+    ("Wan2.1-T2V-1.3B", True): (-5.21862437e+04, 9.23041404e+03, -5.28275948e+02, 1.36987616e+01, -4.99875664e-02),
+    ("Wan2.1-T2V-1.3B", False): (2.39676752e+03, -1.31110545e+03, 2.01331979e+02, -8.29855975e+00, 1.37887774e-01),
+    ("Wan2.1-T2V-14B", True): (-3.03318725e+05, 4.90537029e+04, -2.65530556e+03, 5.87365115e+01, -3.15583525e-01),
+    ("Wan2.1-T2V-14B", False): (-5784.54975374, 5449.50911966, -1811.16591783, 256.27178429, -13.02252404),
+    ("Wan2.1-I2V-14B-480P", True): (2.57151496e+05, -3.54229917e+04, 1.40286849e+03, -1.35890334e+01,
+                                    1.32517977e-01),
+    ("Wan2.1-I2V-14B-480P", False): (-3.02331670e+02, 2.23948934e+02, -5.25463970e+01, 5.87348440e+00,
+                                     -2.01973289e-01),
+    ("Wan2.1-I2V-14B-720P", True): (8.10705460e+03, 2.13393892e+03, -3.72934672e+02, 1.66203073e+01,
+                                    -4.17769401e-02),
+    ("Wan2.1-I2V-14B-720P", False): (-114.36346466, 65.26524496, -18.82220707, 4.91518089, -0.23412683),
+}
+
+
+@dataclass(frozen=True)
+class TeaCache:
+    """TeaCache (Liu et al. 2024, "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model") as its
+    authors run it on Wan 2.1: the relative L1 change of the timestep signal between steps, mapped through the
+    model's rescale polynomial, is accumulated; while the sum stays below `threshold` the step reuses the residual
+    of the whole block stack saved at the last full step (per CFG row), else it runs in full and the sum restarts.
+    `use_ret_steps=True` measures e0 (the time projection) and computes the first 5 steps in full; False measures e
+    (the time embedding) and computes the first and the last step in full.
+
+    The signal is the timestep's alone (never the latents'), so the schedule is fixed before the loop: it stays
+    inside a captured loop, costs no host read, and is the same in both loops and on every rank. `model` names the
+    published coefficients (`TEACACHE_COEFFICIENTS`: "Wan2.1-T2V-1.3B", "Wan2.1-T2V-14B", "Wan2.1-I2V-14B-480P",
+    "Wan2.1-I2V-14B-720P"), or `coefficients` gives a polynomial (highest power first). The authors' thresholds:
+    0.08 (T2V 1.3B), 0.2 (T2V 14B), 0.26 (I2V 480P), 0.3 (I2V 720P). A family offers it when its record has a
+    `timestep_signal` (Wan)."""
+
+    threshold: float = 0.08
+    model: str = "Wan2.1-T2V-1.3B"
+    use_ret_steps: bool = True
+    coefficients: tuple | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.threshold, (int, float)) or not math.isfinite(self.threshold) or self.threshold < 0:
+            raise ValueError(f"TeaCache: threshold={self.threshold!r}: expected a finite number >= 0")
+        if self.coefficients is None and (self.model, bool(self.use_ret_steps)) not in TEACACHE_COEFFICIENTS:
+            names = sorted({name for name, _ in TEACACHE_COEFFICIENTS})
+            raise ValueError(f"TeaCache: model={self.model!r}: expected one of {names}, or coefficients=")
+
+    def polynomial(self) -> tuple:
+        return tuple(self.coefficients or TEACACHE_COEFFICIENTS[(self.model, bool(self.use_ret_steps))])
+
+    def decide(self, e: torch.Tensor, e0: torch.Tensor) -> ScheduledCache:
+        """The schedule of a run whose steps have the timestep signals e (S, D) and e0 (S, 6 D), fp32, as the
+        reference implementation takes it: `previous` follows every step, the polynomial's value is added as it
+        is (no abs), the comparison is strict."""
+        signal = (e0 if self.use_ret_steps else e).double().flatten(1)
+        S = len(signal)
+        coefficients = self.polynomial()
+        retained, cutoff = (5, S) if self.use_ret_steps else (1, S - 1)
+        full, total = [], 0.0
+        for i in range(S):
+            if i < retained or i >= cutoff:
+                compute, total = True, 0.0
+            else:
+                x = float((signal[i] - signal[i - 1]).abs().mean() / signal[i - 1].abs().mean())
+                total += sum(c * x ** (len(coefficients) - 1 - k) for k, c in enumerate(coefficients))
+                compute = total >= self.threshold
+                total = 0.0 if compute else total
+            full.append(compute)
+        return ScheduledCache(full=tuple(full), name=str(self))
+
+    def __str__(self) -> str:
+        return f"teacache:{self.threshold:g}"
+
+
+CachePolicy = FirstBlockCache | StaticCache | TeaCache
+
+
+def resolve(policy, model: nn.Module, timesteps: torch.Tensor):
+    """The policy a loop runs: a TeaCache becomes the static schedule it decides for these timesteps, from the model
+    family's `timestep_signal` (a ValueError where the family has none); the others as they are."""
+    if not isinstance(policy, TeaCache):
+        return policy
+    from . import families
+
+    family = families.of_model(model)
+    if family.timestep_signal is None:
+        raise ValueError(f"cache: TeaCache needs a timestep signal, which the {family.name} family does not offer "
+                         "(Wan does); use FirstBlockCache or StaticCache")
+    with torch.no_grad():
+        return policy.decide(*family.timestep_signal(getattr(model, "_orig_mod", model), timesteps))
 
 
 def parse_cache(spec: str | None) -> CachePolicy | None:
-    """A policy from its command-line form: "first-block[:threshold]", "static[:interval]" or "none"."""
+    """A policy from its command-line form: "first-block[:threshold]", "static[:interval]", "teacache[:threshold]"
+    (Wan 2.1 T2V 1.3B's coefficients) or "none"."""
     if spec is None or spec in ("", "none"):
         return None
     name, _, value = spec.partition(":")
@@ -104,9 +216,12 @@ def parse_cache(spec: str | None) -> CachePolicy | None:
             return FirstBlockCache(float(value)) if value else FirstBlockCache()
         if name == "static":
             return StaticCache(int(value)) if value else StaticCache()
+        if name == "teacache":
+            return TeaCache(float(value)) if value else TeaCache()
     except ValueError as err:
         raise ValueError(f"--cache {spec!r}: {err}") from None
-    raise ValueError(f"--cache {spec!r}: expected 'first-block[:threshold]', 'static[:interval]' or 'none'")
+    raise ValueError(f"--cache {spec!r}: expected 'first-block[:threshold]', 'static[:interval]', "
+                     "'teacache[:threshold]' or 'none'")
 
 
 def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

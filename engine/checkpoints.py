@@ -37,7 +37,10 @@ def load_checkpoint(source: str | os.PathLike | dict, dtype: torch.dtype | None 
       checkpoint (with or without the `model.diffusion_model.` prefix); the config likewise (`axes_dims_rope`
       defaults to (16, 56, 56), `patch_size` to 1);
     - a `ditengine.models.sd3.SD3` from a diffusers `SD3Transformer2DModel` checkpoint, or an SAI SD3 / SD3.5
-      checkpoint (with or without `model.diffusion_model.`); the config likewise.
+      checkpoint (with or without `model.diffusion_model.`); the config likewise;
+    - a `ditengine.models.wan.Wan` from a diffusers `WanTransformer3DModel` checkpoint (Wan 2.1 / 2.2, text or image
+      to video), or an original Wan repository checkpoint; the config likewise (the head dim 128 unless
+      `config_overrides` says otherwise).
 
     Tensors holding NaN or Inf are refused, naming them, unless `allow_nonfinite`; so is a LoRA's state dict."""
     state, dconfig, own_config = read_state(source, dtype, device, allow_nonfinite, variant)

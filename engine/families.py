@@ -35,7 +35,9 @@ class Family:
     the accelerated pipeline classes; `reference_cache`, True when `forward` takes `cache=` (a
     `cache.ReferenceCachedForward`) and hands each call to it cut into `cache.Stages`;
     `bench`, (a predicate on `ditengine-bench --model` names, "module:function" of its ladder set-up) with
-    `bench_defaults` (argument defaults, e.g. no CFG batch) and `bench_peers` (the CPU runtime peers export it).
+    `bench_defaults` (argument defaults, e.g. no CFG batch) and `bench_peers` (the CPU runtime peers export it);
+    `timestep_signal(spec, timesteps) -> (e, e0)`, the timestep embedding (S, D) and its projection (S, ...) in fp32,
+    where `cache.TeaCache` decides from them.
     """
 
     name: str
@@ -55,6 +57,7 @@ class Family:
     bench: tuple[Callable[[str], bool], str] | None = None
     bench_defaults: dict = field(default_factory=dict)
     bench_peers: bool = False
+    timestep_signal: Callable | None = None
 
     def bench_setup(self) -> Callable:
         module, name = self.bench[1].split(":")

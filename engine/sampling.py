@@ -7,6 +7,8 @@ from tqdm.auto import tqdm
 
 from . import families
 from .cache import CachePolicy, ReferenceCachedForward, stats_dict
+from .cache import resolve as resolve_cache
+from .experts import Expert
 from .fast import FastSampler
 from .guidance import APG, check_guider
 from .inputs import (check_callback_state, check_cfg_scale, check_conditioning, check_guided_channels,
@@ -54,18 +56,20 @@ def denoise_step(forward: Forward, sched: Scheduler, i: int, x: torch.Tensor, cf
     return sched.step(i, x, out, noise=noise)
 
 
-def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale: float, guided_channels: int,
+def run_loop(forward: Forward, sched: Scheduler, noise: torch.Tensor, cfg_scale: float | list, guided_channels: int,
              dtype: torch.dtype, generator: torch.Generator | None = None, progress: bool = False,
              cfg_interval: tuple | None = None, guider: APG | None = None, callback=None) -> torch.Tensor:
     """The reference loop around any forward on the CFG-doubled rows: every step of `sched` from `noise`,
     guided (by CFG, or the `guider`) at the steps `cfg_interval` admits (`inputs.guided_steps`). `callback(i, t, x)`
-    runs after each step on its state; a tensor it returns becomes the state (`check_callback_state`)."""
+    runs after each step on its state; a tensor it returns becomes the state (`check_callback_state`). `cfg_scale` may
+    be a list, one per step (a second expert's own scale)."""
     sched.to(noise.device).reset()
     guided = guided_steps(sched.timesteps.tolist(), cfg_interval)
     x = noise.float() * sched.init_noise_sigma  # (B, C, ...), the sampler's state stays fp32
     momentum = torch.zeros(x.shape, device=x.device) if guider is not None else None  # contiguous, fp32
     for i in tqdm(range(len(sched)), desc="sampling", disable=not progress, leave=False):
-        x = denoise_step(forward, sched, i, x, cfg_scale, guided_channels, dtype, draw_noise(sched, i, x, generator),
+        scale = cfg_scale[i] if isinstance(cfg_scale, list) else cfg_scale
+        x = denoise_step(forward, sched, i, x, scale, guided_channels, dtype, draw_noise(sched, i, x, generator),
                          guided[i], guider, momentum)
         if callback is not None:
             new = callback(i, sched.timesteps[i], x)
@@ -79,7 +83,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, guided_channels: int | None = None, cache: CachePolicy | None = None,
            stats: dict | None = None, cfg_interval: tuple | None = None, quantize: str | None = None,
-           guider: APG | None = None, callback=None, **named_conditioning) -> torch.Tensor:
+           guider: APG | None = None, callback=None, expert: Expert | None = None,
+           **named_conditioning) -> torch.Tensor:
     """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
     (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
     `negative_prompt_attention_mask=` (and `added_cond_kwargs=` for PixArt-alpha 1024); for ACE-Step below.
@@ -95,6 +100,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     `guider`: None (plain CFG) or `ditengine.guidance.APG()` (ACE-Step's base and SFT models).
     `callback(i, t, x)`: called after step i with its timestep and the state x (B, C, ...) fp32; a tensor it returns
     becomes the state (the fused backend needs `cuda_graph` "step" or None for it).
+    `expert`: a `ditengine.experts.Expert`, the second model of the low-noise steps (Wan 2.2 A14B's transformer_2).
 
     ACE-Step (`ditengine.models.ace_step.AceStep`): noise (B, C, T) channels-first, `encoder_hidden_states=` the
     packed condition (B, L, C_enc), `context_latents=` (B, C_ctx, T) channels-first, and with guidance
@@ -109,7 +115,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     if backend == "fused":
         sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph=cuda_graph,
                               guided_channels=guided_channels, cache=cache, cfg_interval=cfg_interval,
-                              quantize=quantize, guider=guider)
+                              quantize=quantize, guider=guider, expert=expert)
         latents = sampler(noise, *conditioning, generator=generator, progress=progress, callback=callback,
                           **named_conditioning)
         if stats is not None:
@@ -130,9 +136,19 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
                          f"{type(model).__name__} has none: use backend='fused'")
     if cache is not None and cfg_interval is not None:
         raise ValueError("cfg_interval: not supported with a step cache (its residuals are kept per CFG-doubled row)")
+    cache = resolve_cache(cache, model, sched.timesteps)
     cached = ReferenceCachedForward(cache, len(sched), family.depth(model)) if cache is not None else None
     forward = reference_forward(model, noise, use_cfg, *conditioning, cache=cached, **named_conditioning)
-    x = run_loop(forward, sched, noise, cfg_scale, k, dtype, generator, progress, cfg_interval, guider, callback)
+    scale = cfg_scale
+    if expert is not None:
+        if cache is not None:
+            raise ValueError("expert: not combined with a step cache (each expert's blocks would need their own)")
+        expert.check(model)
+        low = expert.steps(sched.timesteps)
+        first, second = forward, reference_forward(expert.model, noise, use_cfg, *conditioning, **named_conditioning)
+        forward = lambda x_in, t, i: (second if low[i] else first)(x_in, t, i)  # noqa: E731
+        scale = [expert.scale(cfg_scale) if low[i] else cfg_scale for i in range(len(sched))]
+    x = run_loop(forward, sched, noise, scale, k, dtype, generator, progress, cfg_interval, guider, callback)
     if stats is not None:
         S, depth = len(sched), family.depth(model)
         stats.update(cached.stats if cached is not None else stats_dict(S, depth, [True] * S, S * depth))

@@ -54,7 +54,15 @@ def sd3_case():
     return model, test_sd3.schedule(), test_sd3.noise(), (), test_sd3.conditioning(model), 3.0
 
 
-CASES = {"dit": dit_case, "pixart": pixart_case, "ace_step": ace_step_case, "flux": flux_case, "sd3": sd3_case}
+def wan_case():
+    import test_wan
+
+    model = test_wan.wan()
+    return model, test_wan.schedule(), test_wan.noise(), (), test_wan.conditioning(model), 5.0
+
+
+CASES = {"dit": dit_case, "pixart": pixart_case, "ace_step": ace_step_case, "flux": flux_case, "sd3": sd3_case,
+         "wan": wan_case}
 NAMES = [f.name for f in families.families()]
 
 

@@ -96,6 +96,8 @@ def test_an_incomplete_checkpoint_is_reported_as_its_family_with_the_missing_key
     options = {"pixart_config": model.config} if name == "pixart" else {}
     if name == "flux":
         options["axes_dims_rope"] = model.config.axes_dims_rope  # not in the shapes
+    if name == "wan":
+        options["attention_head_dim"] = model.config.head_dim  # not in the shapes
     assert isinstance(de.load_checkpoint(dict(state), **options), type(model))
     for key in state:
         with pytest.raises(ValueError) as err:

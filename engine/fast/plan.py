@@ -94,17 +94,19 @@ class Plan:
         # APG's momentum (the state across guided steps) and its guided prediction, fp32.
         self.momentum = torch.zeros_like(self.x) if s.guider is not None and s.use_cfg else None
         self.apg_out = torch.zeros_like(self.x) if self.momentum is not None else None
-        self.ctx = fast.context_buffers(N, shape, cond)  # per call: label embeddings, or a prompt's K/V and lengths
+        # Per call, per denoiser (a second expert has its own): label embeddings, or a prompt's K/V and lengths.
+        self.ctxs = [f.context_buffers(N, shape, cond) for f in s.fasts]
+        self.ctx = self.ctxs[0]
         self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
         stochastic = any(sched.needs_noise)
         # Zero-initialised: a step with u = 0 still reads the buffer in a graph, and 0 * garbage may be NaN.
         noise_steps = S if self.graph_mode == "loop" else 1
         self.noise = torch.zeros(noise_steps, batch, *shape, device=dev) if stochastic else None
-        table_bytes = fast.modulation_bytes(S, N)
+        table_bytes = sum(f.modulation_bytes(S, N) for f in s.fasts)
         self.precomputed = s.precompute_conditioning and table_bytes <= s.conditioning_budget
         if self.precomputed:  # static buffers the captured graphs read, written before each run
-            self.mod_table = tuple(torch.zeros(shape, device=dev, dtype=fast.dtype)
-                                   for shape in fast.modulation_shapes(S, N))
+            self.mod_tables = [tuple(torch.zeros(shape, device=dev, dtype=f.dtype)
+                                     for shape in f.modulation_shapes(S, N)) for f in s.fasts]
         self.conditioning_mode = "precomputed" if self.precomputed else "per-step"
         log.info("ditengine: FastSampler batch %d: conditioning %s (%.1f MB table), cuda_graph=%s, cache=%s", batch,
                  self.conditioning_mode, table_bytes / 2**20, s.cuda_graph, self.cache)
@@ -112,8 +114,12 @@ class Plan:
             self._allocate_cache()
         self.runner = self.full_runner = self.cached_runner = self.unguided_runner = None
         pool = s.pool
+        self.expert_runners = None
         if self.cache is None:
-            if s.cuda_graph == "step":
+            if s.cuda_graph == "step" and len(s.fasts) > 1:  # a step graph per expert (the switch is on the host)
+                self.expert_runners = [GraphRunner(lambda e=e: self.step_body(self.step_idx, s.use_cfg, e), dev, pool)
+                                       for e in range(len(s.fasts))]
+            elif s.cuda_graph == "step":
                 self.runner = GraphRunner(lambda: self.step_body(self.step_idx, s.use_cfg), dev, pool)
                 if s.use_cfg and not all(self.guided):  # a second graph for the steps outside the interval
                     self.unguided_runner = GraphRunner(lambda: self.step_body(self.step_idx, False), dev, pool)
@@ -147,20 +153,21 @@ class Plan:
             return self.noise[0] if s.sched.needs_noise[step] else None
         return self.noise[0]  # step graph: always read; u = 0 on steps without noise
 
-    def modulation(self, step: int | torch.Tensor) -> tuple:
+    def modulation(self, step: int | torch.Tensor, expert: int = 0) -> tuple:
         """This step's modulation vectors (the denoiser's tuple), from the table or computed now."""
         if self.precomputed:
-            return _at(self.mod_table, step)
+            return _at(self.mod_tables[expert], step)
         s = self.sampler
         t = s.sched.timesteps[step:step + 1] if isinstance(step, int) else s.sched.timesteps.index_select(0, step)
-        return _at(s.fast.modulation(t, self.ctx), 0)
+        return _at(s.fasts[expert].modulation(t, self.ctxs[expert]), 0)
 
-    def scheduler_update(self, step: int | torch.Tensor, out: torch.Tensor, guided: bool | None = None) -> None:
+    def scheduler_update(self, step: int | torch.Tensor, out: torch.Tensor, guided: bool | None = None,
+                         expert: int = 0) -> None:
         """The fused scheduler step: guidance, the update of x (and history), and the next CFG-doubled model input."""
         s = self.sampler
         sched = s.sched
         guided = s.use_cfg if guided is None else guided
-        cfg_scale = s.cfg_scale if guided else None
+        cfg_scale = s.cfg_scales[expert] if guided else None
         # an unembed's permuted view (a 1 x 1 token grid, a family's reshape): the step reads rows
         out = out.contiguous()
         if guided and self.momentum is not None:  # APG combines the halves; the step then runs unguided
@@ -171,18 +178,20 @@ class Plan:
                        clip=sched.clip_sample, learned_variance=sched.learned_variance, out=self.x,
                        next_input=self.x_in, history2=self.history2, backend=s.fast.backend)
 
-    def step_body(self, step: int | torch.Tensor, guided: bool | None = None) -> None:
+    def step_body(self, step: int | torch.Tensor, guided: bool | None = None, expert: int | None = None) -> None:
         """One denoising step on the static buffers; `step` an int, or the device index (step graph, with
-        `guided` given: which of the step graphs this is)."""
-        fast = self.sampler.fast
+        `guided` and `expert` given: which of the step graphs this is)."""
+        s = self.sampler
         guided = self.guided[step] if guided is None else guided
-        if guided or not self.sampler.use_cfg:
-            out = fast.forward(self.x_in, self.modulation(step), self.ctx)
+        expert = s.expert_of[step] if expert is None else expert
+        fast, ctx = s.fasts[expert], self.ctxs[expert]
+        if guided or not s.use_cfg:
+            out = fast.forward(self.x_in, self.modulation(step, expert), ctx)
         else:  # the conditional rows, first in every buffer, alone
             rows = self.batch
-            mod = tuple(m[:rows] for m in self.modulation(step))
-            out = fast.forward(self.x_in[:rows], mod, fast.context_rows(self.ctx, rows))
-        self.scheduler_update(step, out, guided)
+            mod = tuple(m[:rows] for m in self.modulation(step, expert))
+            out = fast.forward(self.x_in[:rows], mod, fast.context_rows(ctx, rows))
+        self.scheduler_update(step, out, guided, expert)
 
     # -- step caching (ditengine.cache) --------------------------------------------------------------------
     def _allocate_cache(self) -> None:
@@ -298,7 +307,8 @@ class Plan:
     def write_context(self, cond: dict) -> None:
         """The per-call context (the text side: once per prompt) into its static buffers."""
         s = self.sampler
-        s.fast.write_context(self.ctx, cond, s.use_cfg)
+        for fast, ctx in zip(s.fasts, self.ctxs):
+            fast.write_context(ctx, cond, s.use_cfg)
 
     def prepare(self, noise: torch.Tensor, cond: dict) -> None:
         s = self.sampler
@@ -316,11 +326,16 @@ class Plan:
             self.full_mask.zero_()
         self.write_context(cond)
         if self.precomputed:
-            for buffer, table in zip(self.mod_table, s.fast.modulation(sched.timesteps, self.ctx)):
-                buffer.copy_(table)
+            for fast, ctx, tables in zip(s.fasts, self.ctxs, self.mod_tables):
+                for buffer, table in zip(tables, fast.modulation(sched.timesteps, ctx)):
+                    buffer.copy_(table)
 
     def run_step(self, i: int) -> None:
         """Step i through the runners (step graphs) or eagerly."""
+        if self.expert_runners is not None:
+            self.step_idx.fill_(i)
+            self.expert_runners[self.sampler.expert_of[i]]()
+            return
         if self.runner is None and self.full_runner is None:
             if self.cache is None:
                 self.step_body(i)

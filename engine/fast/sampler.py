@@ -18,7 +18,9 @@ import logging
 import torch
 
 
-from ..cache import FirstBlockCache, StaticCache, stats_dict
+from ..cache import FirstBlockCache, StaticCache, TeaCache, stats_dict
+from ..cache import resolve as resolve_cache
+from ..experts import Expert
 from ..guidance import APG, check_guider
 from ..inputs import check_cfg_scale, check_conditioning, check_guided_channels, check_scheduler, guided_steps
 from ..schedulers import Scheduler
@@ -85,6 +87,11 @@ class FastSampler:
     `denoiser`: a fused denoiser already built from `model` (`fused_denoiser`) with this sampler's `dtype`,
     `backend` and `quantize`, shared instead of converting the weights again: samplers for other step counts or
     guidance scales then hold one copy of the fast path's weights between them (what `accelerate` does).
+
+    `expert`: a `ditengine.experts.Expert`, the second model of the low-noise steps with its own guidance scale (Wan
+    2.2 A14B's `transformer_2`, below `boundary_ratio * 1000`); its fused denoiser is built (or `expert_denoiser`
+    shared) alike. The switch is static: the captured loop holds both denoisers' steps, a step graph is captured per
+    expert. Not combined with a step cache, the guidance interval or APG.
     """
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, cfg_scale: float = 4.0,
@@ -93,14 +100,16 @@ class FastSampler:
                  conditioning_budget: int = 1 << 30, mlp_epilogue: str = "auto",
                  cache: FirstBlockCache | StaticCache | None = None, cache_decision: str = "auto",
                  backend: str | None = None, quantize: str | None = None, cfg_interval: tuple | None = None,
-                 guider: APG | None = None, denoiser: FusedDenoiser | None = None):
+                 guider: APG | None = None, denoiser: FusedDenoiser | None = None, expert: Expert | None = None,
+                 expert_denoiser: FusedDenoiser | None = None):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
         check_scheduler(sched)
         check_cfg_scale(cfg_scale)
-        if cache is not None and not isinstance(cache, (FirstBlockCache, StaticCache)):
-            raise TypeError(f"cache: expected a ditengine.cache policy (FirstBlockCache, StaticCache) or None, "
-                            f"got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, (FirstBlockCache, StaticCache, TeaCache)):
+            raise TypeError(f"cache: expected a ditengine.cache policy (FirstBlockCache, StaticCache, TeaCache) or "
+                            f"None, got {type(cache).__name__}")
+        cache = resolve_cache(cache, model, sched.timesteps)
         if cache is not None:
             cache.check(len(sched))
         guided_steps(sched.timesteps.tolist(), cfg_interval)  # checks it
@@ -121,6 +130,17 @@ class FastSampler:
         if guider is not None and guided_channels is not None:
             raise ValueError("guided_channels: not used by APG, which guides every channel")
         self.guider = guider
+        self.fasts, self.cfg_scales = [self.fast], [float(cfg_scale)]
+        self.expert_of = [0] * len(sched)  # per step: which denoiser runs it
+        if expert is not None:
+            expert.check(model)
+            if cache is not None or cfg_interval is not None or guider is not None:
+                raise ValueError("expert: not combined with a step cache, cfg_interval or a guider")
+            self.fasts.append(fused_denoiser(expert.model, dtype, mlp_epilogue, backend, quantize)
+                              if expert_denoiser is None else
+                              shared_denoiser(expert_denoiser, expert.model, dtype, backend, quantize))
+            self.cfg_scales.append(expert.scale(cfg_scale))
+            self.expert_of = [int(low) for low in expert.steps(sched.timesteps)]
         # APG has no native kernel: on a CPU its op's own choice (the reference, or Triton's interpreter).
         self.guider_backend = self.fast.backend if self.fast.backend in ("triton", "reference") else None
         self.device = self.fast.device

@@ -239,22 +239,30 @@ class Wan(nn.Module):
         text = tx.linear_2(F.gelu(tx.linear_1(text), approximate="tanh"))
         return temb, m, text, None if image is None else emb.image_embedder(image)
 
-    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
-                return_dict: bool = True, attention_kwargs=None):
-        cfg = self.config
-        B, _, f, h, w = hidden_states.shape
-        pt, ph, pw = cfg.patch_size
-        grid = (f // pt, h // ph, w // pw)
-        rope = video_rope(grid, cfg, hidden_states.device)
-        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2)  # (B, N, D)
-        temb, m, text, image = self.conditioning(timestep, encoder_hidden_states, encoder_hidden_states_image)
-        for block in self.blocks:
-            x = block(x, text, m, rope, image)
+    def embed(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Latents (B, C, F, H, W) -> the token stream (B, F' H' W', D) and the patched grid (F', H', W')."""
+        pt, ph, pw = self.config.patch_size
+        _, _, f, h, w = hidden_states.shape
+        return self.patch_embedding(hidden_states).flatten(2).transpose(1, 2), (f // pt, h // ph, w // pw)
+
+    def unembed(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The modulated output norm and projection, unpatched: (B, N, D) -> (B, C_out, F, H, W)."""
         table = self.scale_shift_table if temb.ndim == 2 else self.scale_shift_table[None]
         sh, sc = (table + temb.unsqueeze(-2)).unbind(-2)
         if temb.ndim == 2:
             sh, sc = sh[:, None], sc[:, None]
         x = (layer_norm(x.float(), self.norm_out) * (1 + sc) + sh).type_as(x)
-        out = self.proj_out(x).reshape(B, *grid, pt, ph, pw, -1)  # (B, F', H', W', pt, ph, pw, C)
-        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(B, -1, f, h, w)
+        B, patch = x.shape[0], self.config.patch_size
+        out = self.proj_out(x).reshape(B, *grid, *patch, -1)  # (B, F', H', W', pt, ph, pw, C)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
+        return out.reshape(B, -1, *(g * p for g, p in zip(grid, patch)))
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict: bool = True, attention_kwargs=None):
+        x, grid = self.embed(hidden_states)  # (B, N, D)
+        rope = video_rope(grid, self.config, hidden_states.device)
+        temb, m, text, image = self.conditioning(timestep, encoder_hidden_states, encoder_hidden_states_image)
+        for block in self.blocks:
+            x = block(x, text, m, rope, image)
+        out = self.unembed(x, temb, grid)
         return out if return_dict else (out,)

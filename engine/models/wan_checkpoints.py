@@ -80,7 +80,14 @@ def infer_config(state: dict, **overrides) -> WanConfig:
     patch = state["patch_embedding.weight"]  # (D, C_in, pt, ph, pw)
     D, in_channels, *patch_size = patch.shape
     head_dim = overrides.pop("attention_head_dim", 128)
-    image = state.get("condition_embedder.image_embedder.norm1.weight")
+    if D % head_dim:
+        raise ValueError(f"checkpoint: a Wan of width {D} cannot have head dim {head_dim}: pass the config (a "
+                         "config.json, or config_overrides={'attention_head_dim': ...})")
+    # Each optional part from any of its tensors, so that one missing tensor is reported as missing, not as a
+    # model without that part.
+    image = next((state[k] for k in ("condition_embedder.image_embedder.norm1.weight",
+                                     "condition_embedder.image_embedder.norm1.bias",
+                                     "condition_embedder.image_embedder.ff.net.0.proj.weight") if k in state), None)
     pos = state.get("condition_embedder.image_embedder.pos_embed")
     fields_ = dict(
         patch_size=tuple(patch_size), in_channels=in_channels, attention_head_dim=head_dim,
@@ -89,9 +96,9 @@ def infer_config(state: dict, **overrides) -> WanConfig:
         text_dim=state["condition_embedder.text_embedder.linear_1.weight"].shape[1],
         freq_dim=state["condition_embedder.time_embedder.linear_1.weight"].shape[1],
         ffn_dim=state["blocks.0.ffn.net.0.proj.weight"].shape[0], num_layers=_block_count(state),
-        cross_attn_norm="blocks.0.norm2.weight" in state,
-        image_dim=None if image is None else image.shape[0],
-        added_kv_proj_dim=D if "blocks.0.attn2.add_k_proj.weight" in state else None,
+        cross_attn_norm=any(re.match(r"blocks\.\d+\.norm2\.", k) for k in state),
+        image_dim=None if image is None else image.shape[-1],
+        added_kv_proj_dim=D if any(re.match(r"blocks\.\d+\.attn2\.(add_|norm_added)", k) for k in state) else None,
         pos_embed_seq_len=None if pos is None else pos.shape[1])
     return WanConfig(**{**fields_, **overrides})
 

@@ -16,6 +16,7 @@ from .pixart import AcceleratedPixArtPipeline
 from .ace_step import AcceleratedAceStepPipeline
 from .flux import AcceleratedFluxPipeline
 from .sd3 import AcceleratedSD3Pipeline
+from .wan import wan_forward  # noqa: F401 (registers the family)
 
 __all__ = ["BACKENDS", "Accelerated", "AcceleratedAceStepPipeline", "AcceleratedDiTPipeline",
            "AcceleratedFluxPipeline", "AcceleratedPixArtPipeline", "AcceleratedSD3Pipeline", "accelerate",

@@ -56,8 +56,10 @@ def ace_step_stages(spec: AceStep, hidden_states, timestep, encoder_hidden_state
 
 
 def recognises(state: dict) -> bool:
-    return any(k.startswith(("condition_embedder.", "proj_in_conv.", "proj_out_conv.", "decoder.layers."))
-               for k in state)
+    """ACE-Step's own keys: its condition embedder is one Linear (`condition_embedder.weight`; Wan's is a module of
+    several), its 1-D conv patching, or the original checkpoint's decoder."""
+    return any(k in ("condition_embedder.weight", "condition_embedder.bias")
+               or k.startswith(("proj_in_conv.", "proj_out_conv.", "decoder.layers.")) for k in state)
 
 
 class AcceleratedAceStepPipeline(Accelerated):

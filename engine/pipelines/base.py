@@ -13,6 +13,7 @@ import torch
 
 from .. import families
 from ..checkpoints import from_diffusers
+from ..experts import Expert
 from ..fast import DTYPES, FastSampler, fused_denoiser
 from ..fast.base import QUANTIZE
 from ..guidance import APG
@@ -118,12 +119,14 @@ class Accelerated:
 
     def denoise(self, noise: torch.Tensor, num_inference_steps: int, guidance_scale: float, generator,
                 scheduler_overrides: dict, *conditioning, cfg_interval: tuple | None = None,
-                guider: APG | None = None, lora_scale: float = 1.0, callback=None, **named) -> torch.Tensor:
+                guider: APG | None = None, lora_scale: float = 1.0, callback=None, expert: Expert | None = None,
+                expert_denoiser=None, **named) -> torch.Tensor:
         """The loop on `noise` (unscaled N(0, I) draws), on the chosen backend; fp32 latents. `cfg_interval`
         (default: the wrapper's) and the `guider` are the call's when its pipeline takes them per call;
         `lora_scale` scales the transformer's LoRA adapters (its pipeline's `joint_attention_kwargs["scale"]`);
         `callback(i, t, x)` runs after each step (`step_callback`): with it the whole-loop graph falls back to
-        per-step graphs."""
+        per-step graphs. `expert` (with its fused denoiser `expert_denoiser`): the second model of the low-noise
+        steps."""
         if not self.lora.sync(lora_scale):
             log.info("ditengine: a LoRA layer's weights became copies of the transformer's; the loop's graphs are "
                      "captured again")
@@ -134,18 +137,19 @@ class Accelerated:
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             return sample(self.model, sched, noise.float(), *conditioning, cfg_scale=guidance_scale,
                           generator=generator, progress=False, cfg_interval=cfg_interval, guider=guider,
-                          callback=callback, **named)
+                          callback=callback, expert=expert, **named)
         graphs = self.cuda_graph
         if callback is not None and graphs == "loop":
             graphs = "step"
             log_once("ditengine: a step callback runs between steps: the whole-loop graph falls back to step graphs")
         key = (num_inference_steps, guidance_scale, tuple(sorted(scheduler_overrides.items())), cfg_interval, guider,
-               graphs)
+               graphs, None if expert is None else (expert.boundary, expert.cfg_scale))
         if key not in self._samplers:
             sched = self.scheduler(num_inference_steps, **scheduler_overrides)
             self._samplers[key] = FastSampler(self.model, sched, cfg_scale=guidance_scale, dtype=self.dtype,
                                               cuda_graph=graphs, quantize=self.quantize,
-                                              cfg_interval=cfg_interval, guider=guider, denoiser=self.fast)
+                                              cfg_interval=cfg_interval, guider=guider, denoiser=self.fast,
+                                              expert=expert, expert_denoiser=expert_denoiser)
         sampler = self._samplers[key]
         out = sampler(noise.float(), *conditioning, generator=generator, callback=callback, **named)
         self._keep(key, sampler)
