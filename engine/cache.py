@@ -1,6 +1,6 @@
 """Step caching: skip transformer work on steps whose hidden states barely change (docs/design.md section 9).
 
-Two policies, applied by `FastSampler(cache=...)` and `ditengine.sample(..., cache=...)`:
+Three policies, applied by `FastSampler(cache=...)` and `ditengine.sample(..., cache=...)`:
 
 - `FirstBlockCache(threshold)`: every step computes block 0. When the relative mean absolute change of
   block 0's residual output since the last fully computed step is below `threshold`, the other blocks
@@ -15,10 +15,10 @@ Two policies, applied by `FastSampler(cache=...)` and `ditengine.sample(..., cac
   rescale polynomials, per Wan 2.1 model): fixed before the loop, since it depends on the timesteps alone, and run
   as a static schedule reusing the whole residual.
 
-The first and the last step are always computed in full. Only the transformer's work is approximated:
-the scheduler (noise, multistep history) runs exactly as without caching.
+The first step is always computed in full, and the last one except by TeaCache with retention steps. Only the
+transformer's work is approximated: the scheduler (noise, multistep history) runs exactly as without caching.
 
-`ReferenceCachedForward` is the readable form of both policies on any family's reference model (it calls the
+`ReferenceCachedForward` is the readable form of the policies on any family's reference model (it calls the
 model's own blocks, handed to it by the family's reference forward as `Stages`); the fast path (`ditengine.fast`)
 implements the same decisions on its fused forward and is tested against it, family by family.
 """

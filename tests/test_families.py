@@ -105,7 +105,7 @@ class FastToy(FusedDenoiser):
         resid.add_(gate * self.model.blocks[i]["fc"](h * (1 + scale) + shift))
         return resid, self.final_norm(resid, mod) if i + 1 == self.config.depth else F.layer_norm(resid, (self.D,))
 
-    def final_norm(self, resid, mod):
+    def final_norm(self, resid, mod, ctx=None):
         shift, scale = mod[1][:, None].chunk(2, -1)
         return F.layer_norm(resid, (self.D,)) * (1 + scale) + shift
 

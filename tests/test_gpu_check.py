@@ -66,6 +66,12 @@ def test_summary_reads_partial_ladder_results_and_kernel_tables(tmp_path):
     assert "## bench-adaln" in summary and "| B=2 | bf16 |" in summary
 
 
+def test_the_wan_plan_is_a_call_of_its_own():
+    wan = plan("--wan")
+    assert sum(wan.values()) <= 540 and list(wan)[:2] == ["cuda-check", "install"]
+    assert "ladder-wan-1.3b-480p" in wan and "ladder-wan-1.3b-480p" not in plan()
+
+
 def test_the_flux_plan_is_a_second_call_of_its_own():
     flux = plan("--flux")
     assert sum(flux.values()) <= 540 and list(flux)[:2] == ["cuda-check", "install"]

@@ -195,7 +195,7 @@ def tiny_vae():
                                       latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
 
 
-def wan_pipeline(kind="t2v", experts=False, **transformer):
+def wan_pipeline(kind="t2v", experts=False, expand_timesteps=False, **transformer):
     diffusers = pytest.importorskip("diffusers")
     # I2V: the latents, then the 4-frame mask and the encoded image (4 + 4 channels)
     overrides = {**(dict(I2V, in_channels=12) if kind == "i2v" else {}), **transformer}
@@ -204,6 +204,8 @@ def wan_pipeline(kind="t2v", experts=False, **transformer):
                  transformer=diffusers_wan(**overrides))
     if experts:
         parts.update(transformer_2=diffusers_wan(seed=7, **overrides), boundary_ratio=0.6)
+    if expand_timesteps:
+        parts["expand_timesteps"] = True
     if kind == "i2v":
         encoder = processor = None
         if overrides.get("image_dim") is not None:  # Wan 2.1 I2V: a tiny CLIP vision tower (Wan 2.2's has none)
@@ -249,6 +251,22 @@ def test_accelerate_returns_the_pipelines_own_latents(kind, experts, backend):
     assert rel_err(got, expected) <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+def test_accelerate_ti2v_expanded_timesteps(kind, backend):
+    """Wan 2.2 TI2V-5B (`expand_timesteps`): per-token timesteps, all equal in text to video; in image to video the
+    image is frame 0, its tokens at t = 0."""
+    pipe = wan_pipeline(kind, expand_timesteps=True, **({"in_channels": 4, "image_dim": None,
+                                                          "added_kv_proj_dim": None} if kind == "i2v" else {}))
+    call = pipeline_call()
+    if kind == "i2v":
+        call["image"] = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(9))
+    expected = pipe(generator=torch.Generator().manual_seed(3), **call).frames
+    got = de.accelerate(pipe, backend=backend)(generator=torch.Generator().manual_seed(3), **call).frames
+    assert got.shape == expected.shape == (1, 4, 3, 4, 6)
+    assert rel_err(got, expected) <= 1e-4
+
+
 def test_accelerate_decodes_the_video_like_the_pipeline():
     pipe = wan_pipeline()
     call = pipeline_call(steps=2, output_type="pt")
@@ -264,3 +282,27 @@ def test_accelerate_refuses_what_it_does_not_run():
         fast(image=image, last_image=image, **pipeline_call())
     with pytest.raises(ValueError, match="image: WanPipeline is text to video"):
         de.accelerate(wan_pipeline())(image=image, **pipeline_call())
+
+
+def ti2v_conditioning(model, batch=B):
+    cond = conditioning(model, batch)
+    g = torch.Generator().manual_seed(11)
+    return cond | {"first_frame_latents": torch.randn(batch, 4, 1, 4, 6, generator=g)}
+
+
+@pytest.mark.parametrize("mode", [None, "loop"])
+def test_ti2v_image_mode_holds_the_first_frame_at_t_0(mode):
+    """Wan 2.2 TI2V-5B's image mode: frame 0 is the image at every step, its tokens at t = 0 (per-token modulation),
+    in the fused loop as in the reference (whose spec takes per-token timesteps, as diffusers' does)."""
+    model, sched = wan(), schedule()
+    cond, z = ti2v_conditioning(model), noise()
+    got = de.FastSampler(model, sched, cfg_scale=5.0, dtype=torch.float32, cuda_graph=mode)(z, **cond)
+    assert_fp32_run_within_tolerance(got, lambda m: de.sample(m, sched, z, cfg_scale=5.0, progress=False, **cond),
+                                     model, "Wan TI2V image mode")
+    plain = de.FastSampler(model, sched, cfg_scale=5.0, dtype=torch.float32, cuda_graph=mode)(z, **conditioning(model))
+    assert (plain[:, :, 1:] - got[:, :, 1:]).abs().max() > 1e-3  # the held frame reaches the others
+    cache = de.cache.StaticCache(2, 1, 1, reuse="blocks")
+    cached = de.FastSampler(model, S.FlowMatchEuler(6, shift=3.0), cfg_scale=5.0, dtype=torch.float32,
+                            cuda_graph=mode, cache=cache)(z, **cond)
+    ref = de.sample(model, S.FlowMatchEuler(6, shift=3.0), z, cfg_scale=5.0, progress=False, cache=cache, **cond)
+    assert_fp32_run_within_tolerance(cached, lambda m: ref, model, "Wan TI2V cached")

@@ -276,7 +276,7 @@ class FastAceStep(FusedDenoiser):
         nxt, weight = self._next(i, mod)
         return self._norm(resid, m[:, 5], kept[2], nxt[:, 0], nxt[:, 1], weight)
 
-    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         final_mod = mod[1]
         return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=self.config.rms_norm_eps,
                               out_dtype=self.dtype, backend=self.backend, weight=self.out_norm, rms=True)

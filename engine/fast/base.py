@@ -276,7 +276,7 @@ class FusedDenoiser(ABC):
       passes the memory budget; `modulation_shapes` sizes it);
     - the forward as embed -> blocks -> unembed, so a cache policy can stand in for the blocks:
       `embed(x_in, ctx)`, `first_norm(resid, mod, ctx)`, `block(i, resid, h, mod, ctx, keep)`,
-      `reuse_block(i, resid, mod, ctx, kept)`, `final_norm(resid, mod)`, `unembed(h, ctx)`;
+      `reuse_block(i, resid, mod, ctx, kept)`, `final_norm(resid, mod, ctx)`, `unembed(h, ctx)`;
     - `step_gemms(rows, latent_shape, cond)`: the token GEMMs of one step with their activation shapes (the
       benchmark's GEMM floor).
     """
@@ -436,7 +436,7 @@ class FusedDenoiser(ABC):
         block's branch outputs for a step cache."""
 
     @abstractmethod
-    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         """The final norm's modulated output."""
 
     @abstractmethod

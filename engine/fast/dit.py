@@ -153,7 +153,7 @@ class FastDiT(FusedDenoiser):
         return gated_residual_adaln(resid, m[:, 5], kept[1], nxt[:, 0], nxt[:, 1], eps=1e-6, inplace=True,
                                     out_dtype=self.dtype, backend=self.backend)
 
-    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         """The final layer's adaLN, for a residual stream that did not come out of the last block's
         `gated_residual_adaln`."""
         final_mod = mod[1]

@@ -351,7 +351,7 @@ class FastFlux(FusedDenoiser):
         g = mod[1][:, i - self.config.num_layers, 2]
         return resid, self._norms(resid, L, nxt, (g, g), (kept[0][:, :L], kept[0][:, L:]))
 
-    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         final = mod[2]
         return adaln_modulate(resid, final[:, 1], final[:, 0], out_dtype=self.dtype, backend=self.backend)
 

@@ -287,7 +287,7 @@ class FastPixArt(FusedDenoiser):
         return gated_residual_adaln(resid, m[:, 5], kept[2], nxt[:, 0], nxt[:, 1], eps=eps, inplace=True,
                                     out_dtype=self.dtype, backend=self.backend)
 
-    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         final_mod = mod[1]
         return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype,
                               backend=self.backend)

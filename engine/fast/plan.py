@@ -268,7 +268,7 @@ class Plan:
             for i in range(fast.depth):
                 _, h = fast.reuse_block(i, self.resid, mod, self.ctx, self.kept[i])
         else:
-            h = fast.final_norm(self.resid.add_(self.rest), mod)
+            h = fast.final_norm(self.resid.add_(self.rest), mod, self.ctx)
         self.h.copy_(h)
         self._mark(step, False)
         return ()

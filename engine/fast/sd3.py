@@ -280,7 +280,7 @@ class FastSD3(FusedDenoiser):
             gates, outs = (m[:, a + G2], m[:, c + CG2]), (kept[1][:, :T], kept[1][:, T:])
         return resid, self._norms(resid, ctx, self._next_mods(i, mod), gates, outs)
 
-    def final_norm(self, resid: torch.Tensor, mod: tuple) -> torch.Tensor:
+    def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         f = self.final_chunk
         return adaln_modulate(resid, mod[0][:, f + 1], mod[0][:, f], out_dtype=self.dtype, backend=self.backend)
 

@@ -13,7 +13,7 @@ from ..cache import Stages
 from ..checkpoints import from_diffusers
 from ..experts import Expert
 from ..fast import fused_denoiser
-from ..fast.wan import FastWan, check_inputs
+from ..fast.wan import FastWan, check_inputs, frozen_input
 from ..models import wan_checkpoints as wan
 from ..models.dit import timestep_embedding
 from ..models.wan import Wan, WanConfig, video_rope
@@ -24,7 +24,8 @@ from .base import Accelerated, check_call, lora_scale, step_callback
 def wan_forward(model, spec: Wan, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
     """`model` (the spec `spec`, or diffusers' transformer with its weights) called as the Wan pipelines call it: the
     latents (with I2V's condition concatenated on the channels), t as the scheduler gives it, the negative prompt as
-    the unconditional half, the image tokens the same for both halves."""
+    the unconditional half, the image tokens the same for both halves; with `first_frame_latents` (TI2V's image mode)
+    frame 0 replaced by the image and its tokens' timesteps 0, as the pipeline expands them."""
     cond = check_inputs(spec.config, next(model.parameters()).device, noise, use_cfg, **named)
     dtype = next(model.parameters()).dtype
     text = doubled(cond["prompt_embeds"], cond.get("negative_prompt_embeds"), use_cfg).to(dtype)
@@ -32,11 +33,19 @@ def wan_forward(model, spec: Wan, noise: torch.Tensor, use_cfg: bool, *condition
     image = None if image is None else doubled(image, image, use_cfg).to(dtype)
     condition = cond["condition_latents"]
     condition = None if condition is None else doubled(condition, condition, use_cfg).to(dtype)
+    first = cond["first_frame_latents"]
+    first = None if first is None else doubled(first, first, use_cfg)
 
     def forward(x_in, t, step):
         n = len(x_in)
         if condition is not None:
             x_in = torch.cat([x_in, condition[:n]], dim=1)
+        if first is not None:  # TI2V's image mode: frame 0 is the image, its tokens at t = 0
+            x_in = frozen_input(x_in, first[:n])
+            (f, h, w), (_, ph, pw) = x_in.shape[2:], spec.config.patch_size
+            moving = torch.ones(f, h // ph, w // pw, device=t.device, dtype=t.dtype)
+            moving[0] = 0
+            t = t[:, None] * moving.flatten()  # (n, tokens)
         kw = dict(timestep=t, encoder_hidden_states=text[:n],
                   encoder_hidden_states_image=None if image is None else image[:n])
         if cache is not None:
@@ -68,8 +77,8 @@ def timestep_signal(spec: Wan, timesteps: torch.Tensor) -> tuple[torch.Tensor, t
 
 class AcceleratedWanPipeline(Accelerated):
     """Called like `WanPipeline` (text to video: Wan 2.1, Wan 2.2 A14B and TI2V-5B) or `WanImageToVideoPipeline`
-    (Wan 2.1 I2V with CLIP image tokens, Wan 2.2 A14B I2V), returning what they return; the denoising loop runs in
-    ditengine.
+    (Wan 2.1 I2V with CLIP image tokens, Wan 2.2 A14B I2V, TI2V-5B's image mode), returning what they return; the
+    denoising loop runs in ditengine.
 
     The prompts go through the pipeline's own `encode_prompt` (umT5, or the `prompt_embeds` you pass: a pipeline
     built with `tokenizer=None, text_encoder=None` works with embeddings), the image through its `encode_image` and
@@ -79,8 +88,9 @@ class AcceleratedWanPipeline(Accelerated):
     `guidance_scale_2`, inside the same loop (a static switch: `ditengine.experts.Expert`). In fp32 the latents equal
     the pipeline's within 1e-4 relative.
 
-    Not served (a ValueError naming them): `last_image` (first-last-frame models) and image to video with
-    `expand_timesteps` (TI2V-5B's image mode, whose first frame's tokens run at t = 0); call the pipeline itself.
+    Wan 2.2 TI2V-5B (`expand_timesteps`): text to video as Wan 2.1; its image mode holds the encoded image as the
+    first latent frame, that frame's tokens at t = 0 (`first_frame_latents`). Not served (a ValueError naming it):
+    `last_image` (first-last-frame models); call the pipeline itself for it.
     """
 
     def __init__(self, pipe, **options):
@@ -122,10 +132,6 @@ class AcceleratedWanPipeline(Accelerated):
             if last_image is not None:
                 raise ValueError("last_image: first-last-frame video is not served by the accelerated pipeline; call "
                                  "the pipeline itself for it")
-            if pipe.config.expand_timesteps:
-                raise ValueError("image to video with expand_timesteps (Wan 2.2 TI2V-5B's image mode: the first "
-                                 "frame's tokens at t = 0) is not served by the accelerated pipeline; call the "
-                                 "pipeline itself for it")
             pipe.check_inputs(prompt, negative_prompt, image, height, width, prompt_embeds, negative_prompt_embeds,
                               image_embeds, tensor_inputs, guidance_scale_2)
         else:
@@ -161,9 +167,11 @@ class AcceleratedWanPipeline(Accelerated):
                     image_embeds = pipe.encode_image(image, self.device)
                 conditioning["image_embeds"] = image_embeds.repeat(batch, 1, 1)
             frames = pipe.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
-            noise, condition = pipe.prepare_latents(frames, rows, pipe.vae.config.z_dim, height, width, num_frames,
-                                                    torch.float32, self.device, generator, latents)
-            conditioning["condition_latents"] = condition
+            prepared = pipe.prepare_latents(frames, rows, pipe.vae.config.z_dim, height, width, num_frames,
+                                            torch.float32, self.device, generator, latents)
+            noise, condition = prepared[:2]
+            # TI2V's image mode holds the encoded image as frame 0; Wan 2.1 / 2.2 I2V concatenate it as channels.
+            conditioning["first_frame_latents" if pipe.config.expand_timesteps else "condition_latents"] = condition
         else:
             noise = pipe.prepare_latents(rows, pipe.transformer.config.in_channels, height, width, num_frames,
                                          torch.float32, self.device, generator, latents)
@@ -173,6 +181,8 @@ class AcceleratedWanPipeline(Accelerated):
         out = self.denoise(noise, num_inference_steps, guidance_scale if guided else 1.0, generator, {},
                            lora_scale=lora_scale(attention_kwargs, "attention_kwargs"), callback=callback,
                            expert=self.expert(guidance_scale_2), expert_denoiser=self.fast_2, **conditioning)
+        if i2v and pipe.config.expand_timesteps:  # the pipeline's last mix: frame 0 is the image
+            out = frozen_input(out, conditioning["first_frame_latents"])
         if output_type == "latent":
             video = out
         else:
@@ -193,4 +203,5 @@ families.register(families.Family(
     load=families.config_loader(wan.load_state_dict),
     pipelines={"WanPipeline": AcceleratedWanPipeline, "WanImageToVideoPipeline": AcceleratedWanPipeline},
     bench=(lambda name: name.lower().startswith("wan"), "ditengine.bench.wan:wan_setup"),
+    bench_defaults={"cfg_scale": 5.0},  # the pipelines' default guidance
     timestep_signal=timestep_signal))
