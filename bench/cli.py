@@ -256,6 +256,7 @@ def main(argv=None) -> int:
         dims = workload.noise.shape[1:] if workload.audio_seconds else workload.noise.shape[2:]  # (C, T) for music
         report["latent"] = "x".join(str(d) for d in dims)
         report["eager"] = workload.eager_label
+        report["sample_name"], report["notes"] = workload.sample_name, workload.notes
         model_batch = batch * (2 if args.cfg_scale != 1.0 else 1)
         flops = flops_of(model_batch)
         with torch.inference_mode():
@@ -377,7 +378,7 @@ def format_table(report: dict) -> str:
         lines[-2] = lines[-2].replace("| ms/step |", "| ms/step | s/song | x real time |")
         lines[-1] += "---:|---:|"
     elif per_image:
-        lines[-2] = lines[-2].replace("| ms/step |", "| ms/step | s/image |")
+        lines[-2] = lines[-2].replace("| ms/step |", f"| ms/step | s/{report.get('sample_name', 'image')} |")
         lines[-1] += "---:|"
     for r in report["results"]:
         mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
@@ -399,6 +400,7 @@ def format_table(report: dict) -> str:
                      f"{r['p80_ms']:.3f} | {r['images_per_s']:.2f} | {mem} | {added} | {weights} | "
                      f"{r['setup_s']:.1f} | {new_shape} | {prompt} | "
                      f"{r['tflops']:.2f} | {r['pct_of_h100_floor']:.1f} | {gemm} | {err} | {sqnr} | {share} |")
+    lines += [f"\n{note}" for note in report.get("notes", [])]
     lines += [f"\nskipped {key}: {reason}" for key, reason in report.get("skipped", {}).items()]
     return "\n".join(lines)
 

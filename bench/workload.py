@@ -27,6 +27,8 @@ class Workload:
     sampler_kwargs: dict = field(default_factory=dict)  # e.g. ACE-Step's guider=APG(), for both loops
     audio_seconds: float | None = None  # a music workload: the song length one sampling run makes
     per_image_seconds: bool = False  # report the seconds per image of a whole loop (Flux, SD3)
+    sample_name: str = "image"  # what one sampling run makes, in that column's name ("video" for Wan)
+    notes: list = field(default_factory=list)  # lines printed under the table (token counts, FLOP shares)
 
     def sample(self, **kwargs):
         return de.sample(self.base, self.sched, self.noise, *self.conditioning, progress=False, **kwargs,
