@@ -203,7 +203,7 @@ def wan_pipeline(kind="t2v", experts=False, expand_timesteps=False, **transforme
                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
                  transformer=diffusers_wan(**overrides))
     if experts:
-        parts.update(transformer_2=diffusers_wan(seed=7, **overrides), boundary_ratio=0.6)
+        parts.update(transformer_2=diffusers_wan(seed=7, **overrides), boundary_ratio=0.9)  # t 1000 | 858, 602, 9
     if expand_timesteps:
         parts["expand_timesteps"] = True
     if kind == "i2v":

@@ -238,6 +238,18 @@ class StackedLinear:
         return torch.cat([F.linear(x, w, b) for w, b in self.parts], -1)
 
 
+def cross_block_gemms(denoiser, rows: int, T: int, mlp_hidden: int) -> list[tuple]:
+    """`step_gemms` of a family whose blocks are self-attention, cross-attention and an MLP (PixArt, Wan: the layers
+    `qkv`, `proj`, `q`, `cross_proj`, `fc1`, `fc2`), between its patch embedding and final linear."""
+    D = denoiser.hidden
+    gemms = [(denoiser.patch, (rows, T, denoiser.patch.in_features))]
+    for layers in denoiser.blocks:
+        gemms += [(layers["qkv"], (rows, T, D)), (layers["proj"], (rows, T, D)), (layers["q"], (rows, T, D)),
+                  (layers["cross_proj"], (rows, T, D)), (layers["fc1"].gelu, (rows, T, D)),
+                  (layers["fc2"], (rows, T, mlp_hidden))]
+    return gemms + [(denoiser.final, (rows, T, D))]
+
+
 class FusedDenoiser(ABC):
     """Base of the families' fused denoisers: dtype, backend and device choices, and weight conversion.
 

@@ -31,7 +31,7 @@ from ditengine.kernels.attention import head_dim_fits
 
 from ..inputs import check_patch_grid_noise
 from ..models.pixart import PixArt, pixart_pos_embed
-from .base import FusedDenoiser, StackedLinear
+from .base import FusedDenoiser, StackedLinear, cross_block_gemms
 
 log = logging.getLogger("ditengine")
 
@@ -300,10 +300,5 @@ class FastPixArt(FusedDenoiser):
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
-        T, D = self.token_shape(latent_shape or self.latent_shape)
-        gemms = [(self.patch, (rows, T, self.patch.in_features))]
-        for layers in self.blocks:
-            gemms += [(layers["qkv"], (rows, T, D)), (layers["proj"], (rows, T, D)), (layers["q"], (rows, T, D)),
-                      (layers["cross_proj"], (rows, T, D)), (layers["fc1"].gelu, (rows, T, D)),
-                      (layers["fc2"], (rows, T, self.config.mlp_hidden))]
-        return gemms + [(self.final, (rows, T, D))]
+        T = self.token_shape(latent_shape or self.latent_shape)[0]
+        return cross_block_gemms(self, rows, T, self.config.mlp_hidden)

@@ -29,7 +29,7 @@ from ditengine.kernels import (adaln_modulate, adaln_modulate_ref, gated_residua
 
 from ..inputs import check_noise_values
 from ..models.wan import TEXT_LEN, Wan, video_rope
-from .base import FusedDenoiser, StackedLinear
+from .base import FusedDenoiser, StackedLinear, cross_block_gemms
 
 
 def check_inputs(cfg, device, noise: torch.Tensor, use_cfg: bool, prompt_embeds=None, negative_prompt_embeds=None,
@@ -353,9 +353,8 @@ class FastWan(FusedDenoiser):
         return layers["cross_proj"](o.view(N, T, D))
 
     def _attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        """q (N, T, H, Dh) to every key of kv (N, L, 2, H, Dh): the pipelines pad the text with no mask. The GQA
-        kernel (its K and V strided views of kv) rather than `cross_attention`, whose per-row key lengths Wan does
-        not need: on a CPU with AMX its bf16 tiles ran 3x faster here (19 vs 62 ms at 2,240 x 512 tokens)."""
+        """q (N, T, H, Dh) to every key of kv (N, L, 2, H, Dh): the pipelines pad the text with no mask, so there is
+        no padding for `cross_attention`'s per-row lengths to skip; the GQA kernel reads K and V as strided views."""
         if self.fits:
             return gqa_attention(q, kv[:, :, 0], kv[:, :, 1], backend=self.backend)
         return gqa_attention_ref(q, kv[:, :, 0], kv[:, :, 1])
@@ -431,10 +430,5 @@ class FastWan(FusedDenoiser):
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""
-        T, D = self.token_shape(latent_shape or self.latent_shape)
-        gemms = [(self.patch, (rows, T, self.patch.in_features))]
-        for layers in self.blocks:
-            gemms += [(layers["qkv"], (rows, T, D)), (layers["proj"], (rows, T, D)), (layers["q"], (rows, T, D)),
-                      (layers["cross_proj"], (rows, T, D)), (layers["fc1"].gelu, (rows, T, D)),
-                      (layers["fc2"], (rows, T, self.config.ffn_dim))]
-        return gemms + [(self.final, (rows, T, D))]
+        T = self.token_shape(latent_shape or self.latent_shape)[0]
+        return cross_block_gemms(self, rows, T, self.config.ffn_dim)
