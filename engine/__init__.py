@@ -5,6 +5,7 @@ from .experts import Expert
 from .fast import FastSampler
 from .generate import load_pretrained  # the digits demo (ditengine.demo.generate), through its alias
 from .guidance import APG
+from .parallel import ParallelConfig
 from .pipelines import accelerate
 from .sampling import sample
 
@@ -16,6 +17,6 @@ _FAMILY_NAMES = sorted({cls.__name__: cls for f in families.families() for cls i
                         if cls is not None}.items())
 globals().update(_FAMILY_NAMES)
 
-__all__ = ["APG", "Expert", "FastSampler", "accelerate", "cache", "families", "from_diffusers", "guidance",
-           "load_checkpoint", "load_pretrained", "sample", "schedulers", "__version__"]
+__all__ = ["APG", "Expert", "FastSampler", "ParallelConfig", "accelerate", "cache", "families", "from_diffusers",
+           "guidance", "load_checkpoint", "load_pretrained", "sample", "schedulers", "__version__"]
 __all__ += [name for name, _ in _FAMILY_NAMES]

@@ -83,7 +83,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
            backend: str = "reference", cuda_graph: str | None = None, generator: torch.Generator | None = None,
            progress: bool = True, guided_channels: int | None = None, cache: CachePolicy | None = None,
            stats: dict | None = None, cfg_interval: tuple | None = None, quantize: str | None = None,
-           guider: APG | None = None, callback=None, expert: Expert | None = None,
+           guider: APG | None = None, callback=None, expert: Expert | None = None, parallel=None,
            **named_conditioning) -> torch.Tensor:
     """Generate latents from `noise` (B, C, ...) ~ N(0, I) and the family's conditioning: `class_labels`
     (B,) for a DiT; for PixArt `prompt_embeds=`, `prompt_attention_mask=`, `negative_prompt_embeds=`,
@@ -101,6 +101,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     `callback(i, t, x)`: called after step i with its timestep and the state x (B, C, ...) fp32; a tensor it returns
     becomes the state (the fused backend needs `cuda_graph` "step" or None for it).
     `expert`: a `ditengine.experts.Expert`, the second model of the low-noise steps (Wan 2.2 A14B's transformer_2).
+    `parallel`: a `ditengine.ParallelConfig` (fused backend): the run over the ranks of a torch.distributed group.
 
     ACE-Step (`ditengine.models.ace_step.AceStep`): noise (B, C, T) channels-first, `encoder_hidden_states=` the
     packed condition (B, L, C_enc), `context_latents=` (B, C_ctx, T) channels-first, and with guidance
@@ -115,7 +116,7 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
     if backend == "fused":
         sampler = FastSampler(model, sched, cfg_scale=cfg_scale, dtype=dtype, cuda_graph=cuda_graph,
                               guided_channels=guided_channels, cache=cache, cfg_interval=cfg_interval,
-                              quantize=quantize, guider=guider, expert=expert)
+                              quantize=quantize, guider=guider, expert=expert, parallel=parallel)
         latents = sampler(noise, *conditioning, generator=generator, progress=progress, callback=callback,
                           **named_conditioning)
         if stats is not None:
@@ -125,6 +126,8 @@ def sample(model: torch.nn.Module, sched: Scheduler, noise: torch.Tensor, *condi
         raise ValueError("cuda_graph needs backend='fused'")
     if quantize is not None:
         raise ValueError(f"quantize={quantize!r} needs backend='fused' (the reference is the model's own precision)")
+    if parallel is not None:
+        raise ValueError("parallel needs backend='fused' (the reference loop runs on one device)")
     check_cfg_scale(cfg_scale)
     family = families.of_model(model)
     check_conditioning(family.fast, noise, next(model.parameters()).device, conditioning, named_conditioning)

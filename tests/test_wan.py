@@ -1,11 +1,16 @@
 """Wan (video) through the engine: the fused denoiser against the reference spec (text to video, image to video with
-its image K/V and channel condition), in every graph mode, and the bad inputs of a video family."""
+its image K/V and channel condition, TI2V's first frame at t = 0), in every graph mode, with a second expert and
+TeaCache; `accelerate` against the diffusers pipelines' own latents; the kernel forms the denoiser adds (the
+across-heads norm, the 3-D RoPE on odd grids); the bad inputs of a video family."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ditengine as de
+from ditengine.kernels import gqa_attention
 from ditengine.models.wan import Wan, WanConfig
 
+from support.backends import cpu_backends
 from support.tolerance import assert_fp32_run_within_tolerance, assert_within_tolerance
 
 S = de.schedulers
@@ -306,3 +311,44 @@ def test_ti2v_image_mode_holds_the_first_frame_at_t_0(mode):
                             cuda_graph=mode, cache=cache)(z, **cond)
     ref = de.sample(model, S.FlowMatchEuler(6, shift=3.0), z, cfg_scale=5.0, progress=False, cache=cache, **cond)
     assert_fp32_run_within_tolerance(cached, lambda m: ref, model, "Wan TI2V cached")
+
+
+# -- the kernel forms the fused denoiser adds ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", cpu_backends("adaln_modulate"))
+def test_across_heads_norm_of_a_column_slice(backend, dtype):
+    """q's RMSNorm over all heads, read in place from the fused q|k|v output (a strided column slice), against
+    torch's RMSNorm; a NaN stays in its token's row."""
+    from ditengine.fast.wan import rms_across_heads
+
+    g = torch.Generator().manual_seed(5)
+    qkv = (torch.randn(2, 9, 3, 96, generator=g) * 3 + 0.5).to(dtype)
+    weight = torch.rand(96, generator=g).to(dtype) + 0.5
+    x = qkv[:, :, 0]
+    got = rms_across_heads(x, weight, 1e-6, backend)
+    ref32 = F.rms_norm(x.float(), (96,), weight.float(), 1e-6)
+    assert_within_tolerance(got, ref32, F.rms_norm(x, (96,), weight, 1e-6), 1e-5, "across-heads RMSNorm")
+    qkv[1, 4, 0, 7] = float("nan")
+    poisoned = rms_across_heads(qkv[:, :, 0], weight, 1e-6, backend)
+    row = torch.zeros(2, 9, dtype=torch.bool)
+    row[1, 4] = True
+    assert torch.isnan(poisoned[row]).all() and torch.equal(poisoned[~row], got[~row])
+
+
+@pytest.mark.parametrize("grid", [(3, 5, 7), (1, 3, 1)], ids=["3x5x7", "1x3x1"])
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention"))
+def test_3d_rope_attention_on_odd_grids(backend, grid):
+    """The 3-D RoPE tables of an odd patch grid in the attention's prologue, against the spec's rotation then
+    SDPA, at head dims 16 (axes 8 / 4 / 4) and 32 (12 / 10 / 10)."""
+    from ditengine.models.flux import apply_rope
+    from ditengine.models.wan import sdpa, video_rope
+
+    for head_dim in (16, 32):
+        cfg = WanConfig(**{**SMALL, "attention_head_dim": head_dim})
+        rope = video_rope(grid, cfg)
+        T = grid[0] * grid[1] * grid[2]
+        g = torch.Generator().manual_seed(head_dim)
+        q, k, v = (torch.randn(2, T, 2, head_dim, generator=g) for _ in range(3))
+        got = gqa_attention(q, k, v, rope=rope, rope_interleaved=True, backend=backend)
+        want = sdpa(apply_rope(q, rope), apply_rope(k, rope), v).view(2, T, 2, head_dim)
+        assert_within_tolerance(got, want, want, 1e-5, f"3-D RoPE attention {grid} Dh {head_dim}")

@@ -192,9 +192,9 @@ class FastAceStep(FusedDenoiser):
         context = cond["context_latents"].to(self.device, self.dtype).repeat(len(names), 1, 1)  # (N, C_ctx, T)
         ctx["context"].copy_(F.linear(self._patches(context), *self.context_patch))
 
-    def context_rows(self, ctx: dict, rows: int) -> dict:
-        """The first `rows` rows; the K/V keep their block dim first."""
-        return super().context_rows(ctx, rows) | {"kv": ctx["kv"][:, :rows]}
+    def context_rows(self, ctx: dict, rows: int, start: int = 0) -> dict:
+        """Rows [start, start + rows); the K/V keep their block dim first."""
+        return super().context_rows(ctx, rows, start) | {"kv": ctx["kv"][:, start:start + rows]}
 
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps t (S,) in [0, 1] -> every block's modulation (S, N, depth, 6, D) and the output norm's

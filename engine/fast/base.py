@@ -281,8 +281,8 @@ class FusedDenoiser(ABC):
       `context_buffers(rows, latent_shape, cond)` allocates the static per-call context (label
       embeddings, or every block's cross-attention K/V of a prompt with its valid lengths) and
       `write_context(ctx, cond, use_cfg)` fills it before the loop, conditional rows first;
-      `context_rows(ctx, rows)` is the context of the first `rows` rows (the conditional half, for the
-      steps outside a guidance interval);
+      `context_rows(ctx, rows, start)` is the context of rows [start, start + rows) (the conditional half, for
+      the steps outside a guidance interval; a rank's half with CFG parallel);
     - per step: `modulation(t, ctx)` gives every modulation vector for timesteps t (S,) as a tuple of
       tensors with leading dim S (all steps at once before the loop, or one per step when the table
       passes the memory budget; `modulation_shapes` sizes it);
@@ -387,9 +387,10 @@ class FusedDenoiser(ABC):
         """A SwiGLU MLP's gate and up layers as one GEMM with the epilogue fused; a `block`'s take the quantisation."""
         return SwiGLULinear(gate, up, self, rows, self.quantize if block else None)
 
-    def context_rows(self, ctx: dict, rows: int) -> dict:
-        """Views of the context's first `rows` rows: every tensor's leading dim is the row dim here."""
-        return {k: v[:rows] if isinstance(v, torch.Tensor) else v for k, v in ctx.items()}
+    def context_rows(self, ctx: dict, rows: int, start: int = 0) -> dict:
+        """Views of the context's rows [start, start + rows) (the conditional half, or with CFG parallel one rank's
+        half): every tensor's leading dim is the row dim here."""
+        return {k: v[start:start + rows] if isinstance(v, torch.Tensor) else v for k, v in ctx.items()}
 
     @property
     def depth(self) -> int:

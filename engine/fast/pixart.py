@@ -197,9 +197,9 @@ class FastPixArt(FusedDenoiser):
                              self.embed_sinusoidal(ar, aspect.flatten()).reshape(B, -1)], dim=1)  # (B, D)
             ctx["cond_emb"].copy_(emb.repeat(N // B, 1))
 
-    def context_rows(self, ctx: dict, rows: int) -> dict:
-        """The first `rows` rows; the K/V keep their block dim first."""
-        return super().context_rows(ctx, rows) | {"kv": ctx["kv"][:, :rows]}
+    def context_rows(self, ctx: dict, rows: int, start: int = 0) -> dict:
+        """Rows [start, start + rows); the K/V keep their block dim first."""
+        return super().context_rows(ctx, rows, start) | {"kv": ctx["kv"][:, start:start + rows]}
 
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps t (S,) -> every block's modulation (S, N, depth, 6, D) and the final one (S, N, 2, D)."""

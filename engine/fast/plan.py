@@ -185,7 +185,12 @@ class Plan:
         guided = self.guided[step] if guided is None else guided
         expert = s.expert_of[step] if expert is None else expert
         fast, ctx = s.fasts[expert], self.ctxs[expert]
-        if guided or not s.use_cfg:
+        if guided and s.cfg_group is not None:  # CFG parallel: this rank's half of the rows, then both halves
+            rows, start = self.batch, s.cfg_group.rank * self.batch
+            mod = tuple(m if m.shape[0] == 1 else m[start:start + rows] for m in self.modulation(step, expert))
+            half = fast.forward(self.x_in[start:start + rows], mod, fast.context_rows(ctx, rows, start))
+            out = s.cfg_group.gather(half)
+        elif guided or not s.use_cfg:
             out = fast.forward(self.x_in, self.modulation(step, expert), ctx)
         else:  # the conditional rows, first in every buffer, alone
             rows = self.batch

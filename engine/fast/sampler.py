@@ -23,6 +23,7 @@ from ..cache import resolve as resolve_cache
 from ..experts import Expert
 from ..guidance import APG, check_guider
 from ..inputs import check_cfg_scale, check_conditioning, check_guided_channels, check_scheduler, guided_steps
+from ..parallel import ParallelConfig
 from ..schedulers import Scheduler
 from .base import FusedDenoiser
 from .plan import CACHE_DECISIONS, Plan, decision_mode  # noqa: F401 (re-exported)
@@ -92,6 +93,10 @@ class FastSampler:
     2.2 A14B's `transformer_2`, below `boundary_ratio * 1000`); its fused denoiser is built (or `expert_denoiser`
     shared) alike. The switch is static: the captured loop holds both denoisers' steps, a step graph is captured per
     expert. Not combined with a step cache, the guidance interval or APG.
+
+    `parallel`: a `ditengine.ParallelConfig` for a run over the ranks of a torch.distributed group: with
+    `cfg_degree=2` the conditional and unconditional rows run on two ranks, one all-gather a step joining them
+    (`ditengine.parallel`); every rank returns the same latents.
     """
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, cfg_scale: float = 4.0,
@@ -101,7 +106,7 @@ class FastSampler:
                  cache: FirstBlockCache | StaticCache | None = None, cache_decision: str = "auto",
                  backend: str | None = None, quantize: str | None = None, cfg_interval: tuple | None = None,
                  guider: APG | None = None, denoiser: FusedDenoiser | None = None, expert: Expert | None = None,
-                 expert_denoiser: FusedDenoiser | None = None):
+                 expert_denoiser: FusedDenoiser | None = None, parallel: ParallelConfig | None = None):
         if cuda_graph not in (None, "step", "loop"):
             raise ValueError(f"cuda_graph={cuda_graph!r}: expected None, 'step' or 'loop'")
         check_scheduler(sched)
@@ -146,6 +151,12 @@ class FastSampler:
         self.device = self.fast.device
         self.sched.to(self.device)
         self.cfg_scale, self.use_cfg = float(cfg_scale), cfg_scale != 1.0
+        if parallel is not None and not isinstance(parallel, ParallelConfig):
+            raise TypeError(f"parallel: expected a ditengine.ParallelConfig or None, got {type(parallel).__name__}")
+        self.parallel = parallel
+        self.cfg_group = None if parallel is None else parallel.bind(self.use_cfg, self.device)
+        if self.cfg_group is not None and (cache is not None or guider is not None):
+            raise ValueError("parallel: CFG parallel is not combined with a step cache or a guider (APG) yet")
         self.cuda_graph = cuda_graph
         self.precompute_conditioning, self.conditioning_budget = precompute_conditioning, conditioning_budget
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and cuda_graph else None

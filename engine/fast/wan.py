@@ -253,11 +253,11 @@ class FastWan(FusedDenoiser):
             for into, value in zip(ctx["mod0"], self.modulation(torch.zeros(1, device=self.device), ctx)):
                 into.copy_(value[0])
 
-    def context_rows(self, ctx: dict, rows: int) -> dict:
-        """The first `rows` rows; the K/V keep their block dim first."""
-        out = super().context_rows(ctx, rows) | {"kv": ctx["kv"][:, :rows]}
+    def context_rows(self, ctx: dict, rows: int, start: int = 0) -> dict:
+        """Rows [start, start + rows); the K/V keep their block dim first."""
+        out = super().context_rows(ctx, rows, start) | {"kv": ctx["kv"][:, start:start + rows]}
         if ctx["image_kv"] is not None:
-            out["image_kv"] = ctx["image_kv"][:, :rows]
+            out["image_kv"] = ctx["image_kv"][:, start:start + rows]
         return out
 
     def modulation(self, t: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, torch.Tensor]:

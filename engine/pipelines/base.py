@@ -55,7 +55,7 @@ class Accelerated:
 
     def __init__(self, pipe, dtype: torch.dtype | None, cuda_graph: str | None, backend: str,
                  quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False,
-                 pool_size: int = 8):
+                 pool_size: int = 8, parallel=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")
         if quantize not in QUANTIZE:
@@ -72,7 +72,9 @@ class Accelerated:
             raise ValueError("release_transformer=True needs backend='fused' (the reference loop runs the "
                              "transformer's own weights)")
         self.pipe, self.backend, self.cuda_graph = pipe, backend, cuda_graph
-        self.quantize, self.cfg_interval = quantize, cfg_interval
+        self.quantize, self.cfg_interval, self.parallel = quantize, cfg_interval, parallel
+        if parallel is not None and backend != "fused":
+            raise ValueError("parallel needs backend='fused' (the reference loop runs on one device)")
         self.device = pipe._execution_device
         # Shares the transformer's tensors; a peft LoRA's base weights, its adapters folded in by `self.lora`.
         self.model = from_diffusers(pipe.transformer, peft_base=True).to(self.device).eval()
@@ -149,7 +151,7 @@ class Accelerated:
             self._samplers[key] = FastSampler(self.model, sched, cfg_scale=guidance_scale, dtype=self.dtype,
                                               cuda_graph=graphs, quantize=self.quantize,
                                               cfg_interval=cfg_interval, guider=guider, denoiser=self.fast,
-                                              expert=expert, expert_denoiser=expert_denoiser)
+                                              expert=expert, expert_denoiser=expert_denoiser, parallel=self.parallel)
         sampler = self._samplers[key]
         out = sampler(noise.float(), *conditioning, generator=generator, callback=callback, **named)
         self._keep(key, sampler)
@@ -262,7 +264,7 @@ def refuse_unsupported(generator, **unsupported) -> None:
 
 def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = "loop", backend: str = "fused",
                quantize: str | None = None, cfg_interval: tuple | None = None, release_transformer: bool = False,
-               pool_size: int = 8):
+               pool_size: int = 8, parallel=None):
     """Wrap a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`, `AceStepPipeline`,
     `FluxPipeline`, `FluxImg2ImgPipeline`, `FluxInpaintPipeline`, `FluxFillPipeline`, `FluxControlPipeline`,
     `FluxKontextPipeline`, `StableDiffusion3Pipeline`, `StableDiffusion3Img2ImgPipeline`,
@@ -281,11 +283,15 @@ def accelerate(pipe, dtype: torch.dtype | None = None, cuda_graph: str | None = 
 
     `pool_size`: how many plans (a sampler's static buffers and captured graphs for one shape and set of settings:
     steps, guidance, resolution, batch) are kept, least recently used dropped first; a first call at a new shape
-    plans (and on a GPU captures) again."""
+    plans (and on a GPU captures) again.
+
+    `parallel`: a `ditengine.ParallelConfig`, the run over the ranks of a torch.distributed group (every rank builds
+    the pipeline and calls the wrapper alike; each returns the same output): see `FastSampler`."""
     name = type(pipe).__name__
     found = families.of_pipeline(name)
     if found is None:
         served = [p for f in families.families() for p in f.pipelines]
         raise TypeError(f"accelerate: expected a diffusers {', '.join(served)}, got {name}")
     return found[1](pipe, dtype=dtype, cuda_graph=cuda_graph, backend=backend, quantize=quantize,
-                            cfg_interval=cfg_interval, release_transformer=release_transformer, pool_size=pool_size)
+                            cfg_interval=cfg_interval, release_transformer=release_transformer, pool_size=pool_size,
+                            parallel=parallel)

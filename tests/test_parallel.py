@@ -1,0 +1,101 @@
+"""Past one device, on gloo: two CPU processes run CFG parallel (`ParallelConfig(cfg_degree=2)`) and must return,
+on every rank, the latents a single process's `FastSampler` returns; and the bad configurations are refused by
+name."""
+import os
+import socket
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ditengine as de
+
+# The families whose conformance case guides (ACE-Step's turbo and Flux's embedded guidance run no CFG batch).
+GUIDED = ("dit", "pixart", "sd3", "wan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, names: tuple) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from test_conformance import CASES
+
+        for name in names:
+            model, sched, noise, args, named, cfg = CASES[name]()
+            parallel = de.ParallelConfig(cfg_degree=2)
+            for mode in (None, "loop"):
+                got = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=mode,
+                                     parallel=parallel)(noise, *args, **named)
+                torch.save(got, os.path.join(out_dir, f"{name}-{mode}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("names", [GUIDED])
+def test_cfg_parallel_equals_one_process_on_every_rank(names):
+    from test_conformance import CASES
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_worker, args=(2, free_port(), out, names), nprocs=2, join=True, start_method="spawn")
+        for name in names:
+            model, sched, noise, args, named, cfg = CASES[name]()
+            want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(
+                noise, *args, **named)
+            for mode in (None, "loop"):
+                for rank in (0, 1):
+                    got = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
+                    err = float((got - want).norm() / want.norm())
+                    assert err <= 1e-5, (name, mode, rank, err)
+
+
+def _refusals(rank: int, world: int, port: int, out_dir: str) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        from test_conformance import CASES
+
+        model, sched, noise, args, named, cfg = CASES["dit"]()
+        messages = []
+        for parallel, scale in ((de.ParallelConfig(cfg_degree=1), 4.0), (de.ParallelConfig(cfg_degree=2), 1.0)):
+            try:
+                de.FastSampler(model, sched, cfg_scale=scale, parallel=parallel)
+            except ValueError as err:
+                messages.append(str(err))
+        with open(os.path.join(out_dir, f"refusals-{rank}.txt"), "w") as f:
+            f.write("\n".join(messages))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_configurations_are_refused_by_name():
+    from test_conformance import CASES
+
+    model, sched = CASES["dit"]()[:2]
+    with pytest.raises(ValueError, match="parallel: no initialised torch.distributed process group"):
+        de.FastSampler(model, sched, parallel=de.ParallelConfig(cfg_degree=2))
+    with pytest.raises(ValueError, match="ParallelConfig: cfg_degree=3: expected 1 or 2"):
+        de.ParallelConfig(cfg_degree=3)
+    with pytest.raises(ValueError, match=r"ParallelConfig: ring_degree=0: expected an int >= 1"):
+        de.ParallelConfig(ring_degree=0)
+    with pytest.raises(NotImplementedError, match="ulysses_degree=2: sequence parallelism is not implemented"):
+        de.ParallelConfig(ulysses_degree=2)
+    with pytest.raises(ValueError, match="parallel needs backend='fused'"):
+        de.sample(model, sched, torch.zeros(1), parallel=de.ParallelConfig())
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_refusals, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+        for rank in (0, 1):
+            with open(os.path.join(out, f"refusals-{rank}.txt")) as f:
+                messages = f.read().splitlines()
+            assert messages[0].startswith("parallel: ulysses_degree x ring_degree x cfg_degree = 1, but the process "
+                                          "group has 2 ranks"), messages
+            assert messages[1].startswith("parallel: cfg_degree=2 splits the guided rows, but guidance is off")
