@@ -58,6 +58,34 @@ def test_cfg_parallel_equals_one_process_on_every_rank(names):
                     assert err <= 1e-5, (name, mode, rank, err)
 
 
+def _pipeline_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        import test_wan
+
+        pipe = test_wan.wan_pipeline()  # every rank builds the pipeline
+        fast = de.accelerate(pipe, parallel=de.ParallelConfig(cfg_degree=2))
+        frames = fast(generator=torch.Generator().manual_seed(3), **test_wan.pipeline_call()).frames
+        torch.save(frames, os.path.join(out_dir, f"pipeline-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accelerate_with_cfg_parallel_returns_the_pipelines_latents_on_every_rank():
+    pytest.importorskip("diffusers")
+    import test_wan
+
+    pipe = test_wan.wan_pipeline()
+    expected = pipe(generator=torch.Generator().manual_seed(3), **test_wan.pipeline_call()).frames
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_pipeline_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+        for rank in (0, 1):
+            got = torch.load(os.path.join(out, f"pipeline-{rank}.pt"))
+            assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-4, rank
+
+
 def _refusals(rank: int, world: int, port: int, out_dir: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
