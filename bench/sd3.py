@@ -12,14 +12,12 @@ whole loop beside ms/step.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import ditengine as de
 from ditengine.models.sd3 import SD3, SD3Config
 
-from .twin import diffusers_transformer
+from .twin import diffusers_transformer, eager_rows
 from .workload import Workload
 
 MEDIUM = dict(num_attention_heads=24, attention_head_dim=64, caption_projection_dim=1536, in_channels=16,
@@ -77,16 +75,7 @@ def sd3_setup(args, device):
         if args.cfg_scale != 1.0:
             named.update(negative_prompt_embeds=torch.randn_like(named["prompt_embeds"]),
                          negative_pooled_prompt_embeds=torch.randn_like(named["pooled_prompt_embeds"]))
-
-        def eager_model(dtype, sdpa):  # diffusers' attention is SDPA in every row
-            return copy.deepcopy(diffusers_model if diffusers_model is not None else base).to(dtype)
-
-        def eager_forward(model, use_cfg):
-            return de.families.of_model(base).forward(model, base, noise, use_cfg, **named)
-
-        label = "diffusers SD3Transformer2DModel" if diffusers_model is not None else \
-            "ditengine's SD3 reference (diffusers not installed)"
-        return Workload(base, sched, noise, named=named, eager_model=eager_model, eager_forward=eager_forward,
-                        eager_label=label, per_image_seconds=True)
+        return Workload(base, sched, noise, named=named, per_image_seconds=True,
+                        **eager_rows(base, diffusers_model, "SD3Transformer2DModel", noise, named))
 
     return cfg, base, lambda model_batch: sd3_flops(cfg, T, TEXT_TOKENS, model_batch), workload

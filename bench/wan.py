@@ -13,14 +13,12 @@ attention's share of the step's FLOPs.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
 import ditengine as de
 from ditengine.models.wan import TEXT_LEN, Wan, WanConfig
 
-from .twin import diffusers_transformer
+from .twin import diffusers_transformer, eager_rows
 from .workload import Workload
 
 # name -> (config fields, layers, VAE spatial factor, GPU (frames, height, width), flow shift)
@@ -78,19 +76,10 @@ def wan_setup(args, device):
         named = dict(prompt_embeds=torch.randn(batch, TEXT_LEN, cfg.text_dim, device=device, generator=g))
         if args.cfg_scale != 1.0:
             named["negative_prompt_embeds"] = torch.randn_like(named["prompt_embeds"])
-
-        def eager_model(dtype, sdpa):  # diffusers' attention is SDPA in every row
-            return copy.deepcopy(diffusers_model if diffusers_model is not None else base).to(dtype)
-
-        def eager_forward(model, use_cfg):
-            return de.families.of_model(base).forward(model, base, noise, use_cfg, **named)
-
-        label = "diffusers WanTransformer3DModel" if diffusers_model is not None else \
-            "ditengine's Wan reference (diffusers not installed)"
         notes = [f"{frames} frames at {height} x {width}: latent {'x'.join(map(str, latent))}, {T} tokens per row, "
                  f"{cfg.num_layers} of {layers} layers; attention is {100 * attention / total:.0f}% of a step's "
                  "FLOPs"]
-        return Workload(base, sched, noise, named=named, eager_model=eager_model, eager_forward=eager_forward,
-                        eager_label=label, per_image_seconds=True, sample_name="video", notes=notes)
+        return Workload(base, sched, noise, named=named, per_image_seconds=True, sample_name="video", notes=notes,
+                        **eager_rows(base, diffusers_model, "WanTransformer3DModel", noise, named))
 
     return cfg, base, lambda model_batch: wan_flops(cfg, T, TEXT_LEN, model_batch)[0], workload

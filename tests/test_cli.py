@@ -249,3 +249,17 @@ def test_breakdown_categories():
     assert categorise("Subgraph", OPENVINO_RULES) == "fused subgraph"
     assert categorise("Reorder", OPENVINO_RULES) == "layout"
     assert categorise("Something", OPENVINO_RULES) == "other"
+
+
+def test_wan_flops_are_the_issue_figures():
+    """Wan 2.1 14B at 720p, 81 frames (75,600 tokens): about 13 PFLOP a CFG step, 72% of it attention; 1.3B at 480p
+    (32,760 tokens): about 0.57 PFLOP, 70%."""
+    from ditengine.bench.wan import MODELS, PROMPT, wan_flops
+    from ditengine.models.wan import WanConfig
+
+    for name, tokens, pflop, share in (("wan2.1-14b", 21 * 45 * 80, 13.0, 0.72), ("wan2.1-1.3b", 21 * 30 * 52, 0.57,
+                                                                                   0.70)):
+        fields, layers = MODELS[name][:2]
+        total, attention = wan_flops(WanConfig(num_layers=layers, **PROMPT, **fields), tokens, 512, 2)
+        assert abs(total / 1e15 - pflop) / pflop < 0.05, (name, total)
+        assert abs(attention / total - share) < 0.02, (name, attention / total)

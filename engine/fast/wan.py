@@ -120,8 +120,9 @@ class FastWan(FusedDenoiser):
     """The weights of a `ditengine.models.wan.Wan` in the fast path's layout, and the fused forward.
 
     Called by `FastSampler` as `sampler(noise, prompt_embeds=..., negative_prompt_embeds=..., image_embeds=None,
-    condition_latents=None)`, the names of the diffusers pipelines (`WanPipeline`, `WanImageToVideoPipeline`).
-    Latents (B, C, F, H, W) of any grid of whole patches: a plan per shape.
+    condition_latents=None, first_frame_latents=None)` (see `check_inputs`), the diffusers pipelines' names where they
+    have one (`WanPipeline`, `WanImageToVideoPipeline`). Latents (B, C, F, H, W) of any grid of whole patches: a plan
+    per shape.
     """
 
     branches = 3  # self-attention, cross-attention, FFN: what the per-block cache reuse keeps
@@ -138,7 +139,7 @@ class FastWan(FusedDenoiser):
         self.fits = self.gqa_attention_fits(cfg.head_dim)
         self.latent_shape = (cfg.out_channels, 21, 60, 104)  # 81 frames at 480 x 832, the pipelines' default
         self.out_channels = cfg.out_channels
-        rows = 2 * 21 * 30 * 52
+        rows = 2 * 21 * 30 * 52  # the prepacked GEMMs' row hint: 480p, 81 frames, the CFG batch
         C = cfg.out_channels
         patch = model.patch_embedding.weight.flatten(2)  # (D, C_in, pt ph pw)
         # The latents' part of the patch GEMM per step; a condition's part (I2V) once per call.
