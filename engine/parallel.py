@@ -12,7 +12,17 @@ broadcast. It needs guidance on (cfg_scale != 1); the steps outside a guidance i
 on every rank. The all-gather is a collective NCCL captures, so on CUDA the loop stays one graph; on gloo the loop
 runs eagerly.
 
-Sequence parallelism (Ulysses, Ring) is not implemented yet: a degree above 1 is refused by name.
+Ulysses (`ulysses_degree=P`): each rank holds a contiguous 1 / P of the tokens of the residual stream, and the
+per-token work (the embedding's share, adaLN, the MLPs, the gated residuals, cross-attention to the per-call K/V)
+runs on it with no communication. Around each self-attention, one all-to-all turns q, k and v from (tokens / P,
+every head) into (every token, heads / P), the family's own attention kernel runs on them (its norm and RoPE
+prologue then sees every position), and one all-to-all turns the output back; the final norm's output is gathered
+once a step for the unpatchify, and every rank runs the same scheduler step. A family takes part through the
+denoiser contract (`FusedDenoiser.self_attention` and `sequence_parallel`): DiT, PixArt, Wan and ACE-Step do; the
+joint-attention families (Flux, SD3) are refused by name, and so are a token count the degree does not divide and a
+head count it does not divide.
+
+Ring attention is not implemented yet: a ring degree above 1 is refused by name.
 """
 from __future__ import annotations
 
@@ -40,16 +50,18 @@ class ParallelConfig:
         if self.cfg_degree > 2:
             raise ValueError(f"ParallelConfig: cfg_degree={self.cfg_degree}: expected 1 or 2 (the conditional and "
                              "the unconditional rows)")
-        for name in ("ulysses_degree", "ring_degree"):
-            if getattr(self, name) > 1:
-                raise NotImplementedError(f"ParallelConfig: {name}={getattr(self, name)}: sequence parallelism is not "
-                                          "implemented yet; CFG parallel (cfg_degree=2) is")
+        if self.ring_degree > 1:
+            raise NotImplementedError(f"ParallelConfig: ring_degree={self.ring_degree}: Ring attention is not "
+                                      "implemented yet; Ulysses (ulysses_degree) and CFG parallel (cfg_degree=2) are")
+        if self.ulysses_degree > 1 and self.cfg_degree > 1:
+            raise NotImplementedError("ParallelConfig: ulysses_degree and cfg_degree together (a 2-D mesh) are not "
+                                      "implemented yet; use one of them")
 
     @property
     def degree(self) -> int:
         return self.ulysses_degree * self.ring_degree * self.cfg_degree
 
-    def bind(self, use_cfg: bool, device: torch.device) -> "CfgGroup | None":
+    def bind(self, use_cfg: bool, device: torch.device) -> "CfgGroup | SequenceGroup | None":
         """The run's view of the group, checked: None for a single rank's run (every degree 1)."""
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("parallel: no initialised torch.distributed process group: launch with torchrun and "
@@ -58,15 +70,18 @@ class ParallelConfig:
         if self.degree != world:
             raise ValueError(f"parallel: ulysses_degree x ring_degree x cfg_degree = {self.degree}, but the process "
                              f"group has {world} ranks")
-        if self.cfg_degree == 1:
+        if world == 1:
             return None
-        if not use_cfg:
+        if self.cfg_degree > 1 and not use_cfg:
             raise ValueError("parallel: cfg_degree=2 splits the guided rows, but guidance is off (cfg_scale == 1)")
         backend = dist.get_backend(self.process_group)
         if device.type == "cuda" and backend != "nccl" or device.type == "cpu" and backend != "gloo":
             raise ValueError(f"parallel: a {backend} process group for a model on {device.type}: NCCL serves CUDA "
                              "tensors, gloo CPU tensors")
-        return CfgGroup(self.process_group, dist.get_rank(self.process_group))
+        rank = dist.get_rank(self.process_group)
+        if self.cfg_degree > 1:
+            return CfgGroup(self.process_group, rank)
+        return SequenceGroup(self.process_group, rank, world)
 
 
 @dataclass(frozen=True)
@@ -80,5 +95,58 @@ class CfgGroup:
         """This rank's model output (B, ...) -> both halves [conditional; unconditional] (2B, ...) on every rank."""
         half = half.contiguous()
         out = torch.empty((2 * half.shape[0], *half.shape[1:]), dtype=half.dtype, device=half.device)
-        dist.all_gather_into_tensor(out, half, group=self.group)
+        _all_gather(out, half, group=self.group)
         return out
+
+
+def check_sequence_heads(fast, degree: int) -> None:
+    """A denoiser that runs Ulysses: its family takes part, and the degree divides its head counts."""
+    name = type(fast).__name__
+    if fast.sequence_heads is None:
+        raise ValueError(f"parallel: ulysses_degree={degree}: {name} does not run on a shard of the tokens (the "
+                         "joint text and image attention of Flux and SD3 is not sharded yet); use cfg_degree")
+    heads = fast.sequence_heads()
+    if any(h % degree for h in heads):
+        raise ValueError(f"parallel: ulysses_degree={degree} must divide the attention's head counts {heads} "
+                         f"({name}): each rank takes 1 / {degree} of the heads")
+
+
+# torch 2.13 renames the flat all-gather (same arguments); the GPU machine's torch 2.11 has the old name only.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+@dataclass(frozen=True)
+class SequenceGroup:
+    """Ulysses on P ranks: rank r holds tokens [r T / P, (r + 1) T / P) of every row."""
+
+    group: object
+    rank: int
+    size: int
+
+    def shard(self, tokens: int) -> slice:
+        return slice(self.rank * tokens // self.size, (self.rank + 1) * tokens // self.size)
+
+    def to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T / P, ..., H, Dh) on each rank -> (N, T, ..., H / P, Dh): every token, this rank's heads."""
+        P = self.size
+        N, Tp, *mid, H, Dh = x.shape
+        send = x.reshape(N, Tp, *mid, P, H // P, Dh).movedim(-3, 0).contiguous()  # block p: rank p's heads
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # recv[p]: rank p's tokens, this rank's heads
+        return recv.movedim(0, 1).reshape(N, P * Tp, *mid, H // P, Dh)
+
+    def to_tokens(self, y: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_heads`: (N, T, ..., H / P, Dh) -> (N, T / P, ..., H, Dh)."""
+        P = self.size
+        N, T, *mid, Hp, Dh = y.shape
+        send = y.reshape(N, P, T // P, *mid, Hp, Dh).movedim(1, 0).contiguous()  # block p: rank p's tokens
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # recv[p]: this rank's tokens, rank p's heads
+        return recv.movedim(0, -3).reshape(N, T // P, *mid, P * Hp, Dh).contiguous()  # the output projection's layout
+
+    def gather_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, T / P, D) -> (N, T, D) on every rank."""
+        N, Tp, D = h.shape
+        out = torch.empty((self.size * N, Tp, D), dtype=h.dtype, device=h.device)  # rank p's rows at [p N, (p+1) N)
+        _all_gather(out, h.contiguous(), group=self.group)
+        return out.view(self.size, N, Tp, D).movedim(0, 1).reshape(N, self.size * Tp, D)

@@ -58,6 +58,66 @@ def test_cfg_parallel_equals_one_process_on_every_rank(names):
                     assert err <= 1e-5, (name, mode, rank, err)
 
 
+def ulysses_cases() -> dict:
+    """Each sharded family's case with head counts the degree 2 divides (PixArt's case has 3 heads)."""
+    import test_pixart
+    from test_conformance import CASES
+
+    cases = {name: CASES[name]() for name in ("dit", "wan", "ace_step")}
+    model = test_pixart.pixart(num_attention_heads=4, cross_attention_dim=64)
+    cases["pixart"] = (model, de.schedulers.DPMSolverPP(4), test_pixart.noise(), (), test_pixart.conditioning(model),
+                       4.5)
+    return cases
+
+
+def _ulysses_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for name, (model, sched, noise, args, named, cfg) in ulysses_cases().items():
+            for mode in (None, "loop"):
+                got = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=mode,
+                                     parallel=de.ParallelConfig(ulysses_degree=world))(noise, *args, **named)
+                torch.save(got, os.path.join(out_dir, f"{name}-{mode}-{rank}.pt"))
+        import test_pixart
+
+        model, sched, noise, args, named, cfg = ulysses_cases()["wan"]
+        parallel = de.ParallelConfig(ulysses_degree=world)
+        calls = (lambda: de.FastSampler(model, sched, parallel=parallel)(noise[:, :, :, :2], *args, **named),
+                 lambda: de.FastSampler(test_pixart.pixart(), sched, parallel=parallel))  # 9 tokens; 3 heads
+        messages = []
+        for call in calls:
+            try:
+                call()
+                messages.append("ran")
+            except ValueError as err:
+                messages.append(str(err))
+        with open(os.path.join(out_dir, f"errors-{rank}.txt"), "w") as f:
+            f.write("\n".join(messages))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_equals_one_process_on_every_rank():
+    """Ulysses degree 2 (every token count and head count here divisible): DiT, PixArt (a partial mask), Wan (3-D
+    RoPE over every position) and ACE-Step (GQA, its sliding window) return the single process's latents."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_ulysses_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+        for name, (model, sched, noise, args, named, cfg) in ulysses_cases().items():
+            want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(
+                noise, *args, **named)
+            for mode in (None, "loop"):
+                for rank in (0, 1):
+                    got = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
+                    err = float((got - want).norm() / want.norm())
+                    assert err <= 1e-5, (name, mode, rank, err)
+        with open(os.path.join(out, "errors-0.txt")) as f:
+            messages = f.read().splitlines()
+        assert messages[0].startswith("noise: 9 tokens, which ulysses_degree=2 does not divide"), messages
+        assert messages[1].startswith("parallel: ulysses_degree=2 must divide the attention's head counts (3,)")
+
+
 def _pipeline_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     torch.set_num_threads(1)

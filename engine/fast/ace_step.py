@@ -233,6 +233,9 @@ class FastAceStep(FusedDenoiser):
             return block_mod[:, i + 1, :2], self.blocks[i + 1]["attn_norm"]
         return final_mod, self.out_norm
 
+    def sequence_heads(self) -> tuple[int, ...]:
+        return self.config.num_attention_heads, self.config.num_key_value_heads
+
     def _attention(self, q, k, v, **prologue):
         if self.small_heads:
             return gqa_attention_ref(q, k, v, eps=self.config.rms_norm_eps, **prologue)
@@ -248,9 +251,10 @@ class FastAceStep(FusedDenoiser):
         m = mod[0][:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
         qkv = layers["qkv"](h)  # (N, T', (H + 2 Hkv) Dh)
         q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-        attended = self._attention(q.view(N, T, H, Dh), k.view(N, T, Hkv, Dh), v.view(N, T, Hkv, Dh),
-                                   q_norm=layers["q_norm"], k_norm=layers["k_norm"], rope=ctx["rope"],
-                                   window=cfg.window(i))
+        attended = self.self_attention(
+            ctx, lambda *t: self._attention(*t, q_norm=layers["q_norm"], k_norm=layers["k_norm"], rope=ctx["rope"],
+                                            window=cfg.window(i)),
+            q.view(N, T, H, Dh), k.view(N, T, Hkv, Dh), v.view(N, T, Hkv, Dh))
         o = layers["proj"](attended.reshape(N, T, D))
         resid, h = self._norm(resid, m[:, 2], o, ctx["zeros"], ctx["zeros"], layers["cross_norm"])
         kv = ctx["kv"][i]  # (N, L, 2, Hkv, Dh)

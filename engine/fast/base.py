@@ -459,6 +459,20 @@ class FusedDenoiser(ABC):
     # -- optional capabilities: None where a family does not offer them -------------------------------------------
     reuse_block = None  # (i, resid, mod, ctx, kept) -> (resid, h): block i from its kept outputs (step caching)
     step_gemms = None  # (rows, latent_shape, cond) -> [(gemm, activation shape)]: the benchmark's GEMM floor
+    # () -> the head counts (q, and k / v where they differ) a Ulysses degree must divide: a family whose blocks run
+    # on a shard of the tokens, its self-attention through `self_attention` (ditengine.parallel)
+    sequence_heads = None
+
+    @staticmethod
+    def self_attention(ctx: dict, attend, *tensors: torch.Tensor) -> torch.Tensor:
+        """`attend(*tensors)`, the family's self-attention over (N, T, ..., H, Dh) tensors -> (N, T, H, Dh). Under
+        Ulysses (`ctx["sequence"]`, a `parallel.SequenceGroup`) the tensors hold this rank's tokens: an all-to-all
+        gives every token of this rank's heads, the family's kernel runs on them (its RoPE and norms seeing every
+        position), and one all-to-all brings this rank's tokens back."""
+        group = ctx.get("sequence") if ctx else None
+        if group is None:
+            return attend(*tensors)
+        return group.to_tokens(attend(*(group.to_heads(t) for t in tensors)))
 
     def modulation_bytes(self, steps: int, rows: int) -> int:
         return sum(math.prod(shape) for shape in self.modulation_shapes(steps, rows)) * self.dtype.itemsize

@@ -60,6 +60,9 @@ class FastDiT(FusedDenoiser):
         self.y_table = self.cast(model.y_embedder.embedding_table.weight, torch.float32)  # (classes + 1, D)
 
     # -- conditioning ------------------------------------------------------------------------------------
+    def sequence_heads(self) -> tuple[int, ...]:
+        return (self.config.num_heads,)
+
     def token_shape(self, latent_shape: tuple | None = None, cond: dict | None = None) -> tuple[int, int]:
         return self.config.num_tokens, self.config.hidden_size
 
@@ -130,7 +133,8 @@ class FastDiT(FusedDenoiser):
         N, T, D = resid.shape
         m = mod[0][:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
         qkv = layers["qkv"](h).view(N, T, 3, cfg.num_heads, cfg.head_dim)
-        o = layers["proj"](attention(qkv, backend=self.backend).view(N, T, D))
+        attended = self.self_attention(ctx, lambda t: attention(t, backend=self.backend), qkv)
+        o = layers["proj"](attended.view(N, T, D))
         if keep is not None:
             keep[0].copy_(o)
         resid, h = gated_residual_adaln(resid, m[:, 2], o, m[:, 3], m[:, 4], eps=cfg.mlp_norm_eps, inplace=True,

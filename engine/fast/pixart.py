@@ -239,6 +239,16 @@ class FastPixArt(FusedDenoiser):
             return block_mod[:, i + 1, :2], self.config.norm_eps
         return final_mod, 1e-6
 
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Self-attention of qkv (N, T, 3, H, Dh) -> (N, T, H, Dh)."""
+        if self.small_heads:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, T, Dh) each
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        return attention(qkv, backend=self.backend)
+
+    def sequence_heads(self) -> tuple[int, ...]:
+        return (self.config.num_attention_heads,)
+
     def _cross(self, i: int, resid: torch.Tensor, ctx: dict) -> torch.Tensor:
         cfg, layers = self.config, self.blocks[i]
         N, T, D = resid.shape
@@ -257,11 +267,7 @@ class FastPixArt(FusedDenoiser):
         N, T, D = resid.shape
         m = mod[0][:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
         qkv = layers["qkv"](h).view(N, T, 3, cfg.num_attention_heads, cfg.head_dim)
-        if self.small_heads:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (N, H, T, Dh) each
-            attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        else:
-            attended = attention(qkv, backend=self.backend)
+        attended = self.self_attention(ctx, self._attend, qkv)
         o = layers["proj"](attended.reshape(N, T, D))
         resid.addcmul_(m[:, 2, None], o)  # (N, T, D)
         c = self._cross(i, resid, ctx)

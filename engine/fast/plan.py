@@ -95,8 +95,12 @@ class Plan:
         self.momentum = torch.zeros_like(self.x) if s.guider is not None and s.use_cfg else None
         self.apg_out = torch.zeros_like(self.x) if self.momentum is not None else None
         # Per call, per denoiser (a second expert has its own): label embeddings, or a prompt's K/V and lengths.
-        self.ctxs = [f.context_buffers(N, shape, cond) for f in s.fasts]
+        self.ctxs = [f.context_buffers(N, shape, cond) | {"sequence": s.sequence} for f in s.fasts]
         self.ctx = self.ctxs[0]
+        if s.sequence is not None and self.token_shape[0] % s.sequence.size:
+            raise ValueError(f"noise: {self.token_shape[0]} tokens, which ulysses_degree={s.sequence.size} does not "
+                             "divide (padding a shard is not implemented yet); choose a size whose token count it "
+                             "divides")
         self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
         stochastic = any(sched.needs_noise)
         # Zero-initialised: a step with u = 0 still reads the buffer in a graph, and 0 * garbage may be NaN.
@@ -191,12 +195,26 @@ class Plan:
             half = fast.forward(self.x_in[start:start + rows], mod, fast.context_rows(ctx, rows, start))
             out = s.cfg_group.gather(half)
         elif guided or not s.use_cfg:
-            out = fast.forward(self.x_in, self.modulation(step, expert), ctx)
+            out = self.forward(fast, self.x_in, self.modulation(step, expert), ctx)
         else:  # the conditional rows, first in every buffer, alone
             rows = self.batch
             mod = tuple(m[:rows] for m in self.modulation(step, expert))
-            out = fast.forward(self.x_in[:rows], mod, fast.context_rows(ctx, rows))
+            out = self.forward(fast, self.x_in[:rows], mod, fast.context_rows(ctx, rows))
         self.scheduler_update(step, out, guided, expert)
+
+    @staticmethod
+    def forward(fast, x_in: torch.Tensor, mod: tuple, ctx: dict) -> torch.Tensor:
+        """The denoiser's forward; under Ulysses on this rank's tokens (the embedding sliced, every block on the
+        shard, the final norm's output gathered for the unpatchify)."""
+        group = ctx["sequence"]
+        if group is None:
+            return fast.forward(x_in, mod, ctx)
+        full = fast.embed(x_in, ctx)
+        resid = full[:, group.shard(full.shape[1])].contiguous()  # (N, T / P, D)
+        h = fast.first_norm(resid, mod, ctx)
+        for i in range(fast.depth):
+            resid, h = fast.block(i, resid, h, mod, ctx)
+        return fast.unembed(group.gather_tokens(h), ctx)
 
     # -- step caching (ditengine.cache) --------------------------------------------------------------------
     def _allocate_cache(self) -> None:

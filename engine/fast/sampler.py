@@ -23,7 +23,7 @@ from ..cache import resolve as resolve_cache
 from ..experts import Expert
 from ..guidance import APG, check_guider
 from ..inputs import check_cfg_scale, check_conditioning, check_guided_channels, check_scheduler, guided_steps
-from ..parallel import ParallelConfig
+from ..parallel import CfgGroup, ParallelConfig, SequenceGroup, check_sequence_heads
 from ..schedulers import Scheduler
 from .base import FusedDenoiser
 from .plan import CACHE_DECISIONS, Plan, decision_mode  # noqa: F401 (re-exported)
@@ -95,8 +95,9 @@ class FastSampler:
     expert. Not combined with a step cache, the guidance interval or APG.
 
     `parallel`: a `ditengine.ParallelConfig` for a run over the ranks of a torch.distributed group: with
-    `cfg_degree=2` the conditional and unconditional rows run on two ranks, one all-gather a step joining them
-    (`ditengine.parallel`); every rank returns the same latents.
+    `cfg_degree=2` the conditional and unconditional rows run on two ranks, one all-gather a step joining them; with
+    `ulysses_degree=P` each rank holds 1 / P of the tokens, all-to-alls around each self-attention
+    (`ditengine.parallel`). Every rank returns the same latents.
     """
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, cfg_scale: float = 4.0,
@@ -154,9 +155,13 @@ class FastSampler:
         if parallel is not None and not isinstance(parallel, ParallelConfig):
             raise TypeError(f"parallel: expected a ditengine.ParallelConfig or None, got {type(parallel).__name__}")
         self.parallel = parallel
-        self.cfg_group = None if parallel is None else parallel.bind(self.use_cfg, self.device)
-        if self.cfg_group is not None and (cache is not None or guider is not None):
-            raise ValueError("parallel: CFG parallel is not combined with a step cache or a guider (APG) yet")
+        group = None if parallel is None else parallel.bind(self.use_cfg, self.device)
+        self.cfg_group = group if isinstance(group, CfgGroup) else None
+        self.sequence = group if isinstance(group, SequenceGroup) else None
+        for fast in self.fasts if self.sequence is not None else ():
+            check_sequence_heads(fast, self.sequence.size)
+        if group is not None and (cache is not None or guider is not None):
+            raise ValueError("parallel: not combined with a step cache or a guider (APG) yet")
         self.cuda_graph = cuda_graph
         self.precompute_conditioning, self.conditioning_budget = precompute_conditioning, conditioning_budget
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and cuda_graph else None

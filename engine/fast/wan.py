@@ -234,6 +234,9 @@ class FastWan(FusedDenoiser):
 
     def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
         """Once per call: the text MLP and every block's text K/V; the image tokens' K/V; the condition's tokens."""
+        if ctx["frozen"] and ctx.get("sequence") is not None:
+            raise ValueError("first_frame_latents: TI2V's held first frame is not run with ulysses_degree yet (its "
+                             "tokens are a prefix of every row, not of every shard)")
         halves = 2 if use_cfg else 1
         names = ["prompt_embeds", "negative_prompt_embeds"][:halves]
         text = torch.cat([cond[name].to(self.device, self.dtype) for name in names])  # (N, L, text_dim)
@@ -340,8 +343,11 @@ class FastWan(FusedDenoiser):
         q, k, v = q.view(heads), k.view(heads), qkv[:, :, 2].view(heads)
         run = gqa_attention if self.fits else gqa_attention_ref
         kwargs = {"backend": self.backend} if self.fits else {}
-        o = run(q, k, v, rope=ctx["rope"], rope_interleaved=True, **kwargs)
+        o = self.self_attention(ctx, lambda *t: run(*t, rope=ctx["rope"], rope_interleaved=True, **kwargs), q, k, v)
         return layers["proj"](o.view(N, T, D))
+
+    def sequence_heads(self) -> tuple[int, ...]:
+        return (self.config.num_attention_heads,)
 
     def _cross(self, i: int, y: torch.Tensor, ctx: dict) -> torch.Tensor:
         cfg, layers = self.config, self.blocks[i]
