@@ -175,8 +175,10 @@ def test_bad_configurations_are_refused_by_name():
         de.ParallelConfig(cfg_degree=3)
     with pytest.raises(ValueError, match=r"ParallelConfig: ring_degree=0: expected an int >= 1"):
         de.ParallelConfig(ring_degree=0)
-    with pytest.raises(NotImplementedError, match="ulysses_degree=2: sequence parallelism is not implemented"):
-        de.ParallelConfig(ulysses_degree=2)
+    with pytest.raises(NotImplementedError, match="ring_degree=2: Ring attention is not implemented yet"):
+        de.ParallelConfig(ring_degree=2)
+    with pytest.raises(NotImplementedError, match="ulysses_degree and cfg_degree together"):
+        de.ParallelConfig(ulysses_degree=2, cfg_degree=2)
     with pytest.raises(ValueError, match="parallel needs backend='fused'"):
         de.sample(model, sched, torch.zeros(1), parallel=de.ParallelConfig())
     with tempfile.TemporaryDirectory() as out:
