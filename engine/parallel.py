@@ -12,15 +12,15 @@ broadcast. It needs guidance on (cfg_scale != 1); the steps outside a guidance i
 on every rank. The all-gather is a collective NCCL captures, so on CUDA the loop stays one graph; on gloo the loop
 runs eagerly.
 
-Ulysses (`ulysses_degree=P`): each rank holds a contiguous 1 / P of the tokens of the residual stream, and the
-per-token work (the embedding's share, adaLN, the MLPs, the gated residuals, cross-attention to the per-call K/V)
-runs on it with no communication. Around each self-attention, one all-to-all turns q, k and v from (tokens / P,
-every head) into (every token, heads / P), the family's own attention kernel runs on them (its norm and RoPE
-prologue then sees every position), and one all-to-all turns the output back; the final norm's output is gathered
-once a step for the unpatchify, and every rank runs the same scheduler step. A family takes part through the
-denoiser contract (`FusedDenoiser.self_attention` and `sequence_parallel`): DiT, PixArt, Wan and ACE-Step do; the
-joint-attention families (Flux, SD3) are refused by name, and so are a token count the degree does not divide and a
-head count it does not divide.
+Ulysses (`ulysses_degree=P`): each rank holds a contiguous 1 / P of the tokens of the residual stream (the small
+patch embedding runs whole and is sliced), and the per-token work (adaLN, the MLPs, the gated residuals,
+cross-attention to the per-call K/V) runs on the shard with no communication. Around each self-attention, one
+all-to-all turns q, k and v from (tokens / P, every head) into (every token, heads / P), the family's own attention
+kernel runs on them (its norm and RoPE prologue then sees every position), and one all-to-all turns the output
+back; the final norm's output is gathered once a step for the unpatchify, and every rank runs the same scheduler
+step. A family takes part through the denoiser contract (`FusedDenoiser.self_attention` and `sequence_heads`):
+DiT, PixArt, Wan and ACE-Step do; the joint-attention families (Flux, SD3) are refused by name, and so are a token
+count the degree does not divide and a head count it does not divide.
 
 Ring attention is not implemented yet: a ring degree above 1 is refused by name.
 """
