@@ -44,10 +44,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import ditengine as de
@@ -133,7 +135,7 @@ class Variant:
                 mode = "loop" if "graph-loop" in key else None
             self.sampler = de.FastSampler(w.base, self.sched, cfg_scale=args.cfg_scale, dtype=self.dtype,
                                           cuda_graph=mode, precompute_conditioning=key != "fused", cache=cache,
-                                          quantize=QUANTIZED.get(key), **w.sampler_kwargs)
+                                          quantize=QUANTIZED.get(key), parallel=args.parallel, **w.sampler_kwargs)
             cond = self.sampler.fast.inputs(w.base, noise, self.sampler.use_cfg, *w.conditioning, **w.named)
             first = time.perf_counter()
             plan = self.sampler.plan(noise.shape, cond)
@@ -214,6 +216,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench-out", help="directory for the results (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    for name in ("ulysses", "ring", "cfg"):
+        p.add_argument(f"--{name}-degree", type=int, default=1,
+                       help="under torchrun: the fused rows run with ditengine.ParallelConfig (docs/parallel.md)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or "bf16"
@@ -232,11 +237,33 @@ def parse_args(argv=None):
         p.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if DTYPES[args.dtype] == torch.float32 and "eager-lp" in args.variants and "eager-fp32" in args.variants:
         args.variants.remove("eager-lp")  # the same row twice
+    args.parallel = None
+    if args.ulysses_degree * args.ring_degree * args.cfg_degree > 1:
+        others = [v for v in args.variants if not v.startswith("fused")]
+        if others:
+            p.error(f"--ulysses-degree / --ring-degree / --cfg-degree run the fused rows only, not {others}: pass "
+                    "--variants with fused rows (the one-process rows are a run of their own)")
+        args.parallel = de.ParallelConfig(args.ulysses_degree, args.ring_degree, args.cfg_degree)
     return args
+
+
+def join_group(args) -> int:
+    """Under torchrun with a parallel layout: the process group (NCCL on CUDA, each rank its local device; gloo on a
+    CPU) and this rank; 0 otherwise."""
+    if args.parallel is None:
+        return 0
+    if "LOCAL_RANK" not in os.environ:
+        raise SystemExit("--ulysses-degree / --ring-degree / --cfg-degree: launch with torchrun --nproc_per_node N")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank()
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rank = join_group(args)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     batches = [int(b) for b in args.batch.split(",")]
@@ -249,7 +276,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"bench-partial-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    bar = tqdm(total=len(args.variants) * len(batches), desc="benchmark", leave=False)
+    bar = tqdm(total=len(args.variants) * len(batches), desc="benchmark", leave=False, disable=rank != 0)
     for batch in batches:
         workload = workload_for(batch)
         report["scheduler"] = repr(workload.sched)
@@ -305,10 +332,14 @@ def main(argv=None) -> int:
                     r["pct_of_gemm_floor"] = 100 * floor / r["median_ms"]
             compare_with_peers(results, device)
             report["results"] = results
-            partial.write_text(json.dumps(report, indent=2, default=str))  # survives a run cut short
+            if rank == 0:
+                partial.write_text(json.dumps(report, indent=2, default=str))  # survives a run cut short
     bar.close()
-    write_report(report, out_dir)
-    partial.unlink()
+    if rank == 0:  # every rank ran the same rows; one writes them
+        report["parallel"] = None if args.parallel is None else {
+            "ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree, "cfg_degree": args.cfg_degree}
+        write_report(report, out_dir)
+        partial.unlink()
     return 0
 
 
@@ -364,7 +395,9 @@ def cache_columns(variant: Variant) -> dict:
 
 def format_table(report: dict) -> str:
     env = report["env"]
-    head = (f"{report['model']}, latent {report['latent']}, cfg {report['args']['cfg_scale']}, "
+    layout = report.get("parallel")
+    across = "" if not layout else ", over ranks: " + " x ".join(f"{k} {v}" for k, v in layout.items() if v > 1)
+    head = (f"{report['model']}{across}, latent {report['latent']}, cfg {report['args']['cfg_scale']}, "
             f"{report['scheduler']}, eager rows: {report['eager']} | {env['device']} | torch {env['torch']}, "
             f"triton {env['triton']} | commit {env['commit']}")
     lines = [head, "",
