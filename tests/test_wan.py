@@ -272,6 +272,16 @@ def test_accelerate_ti2v_expanded_timesteps(kind, backend):
     assert rel_err(got, expected) <= 1e-4
 
 
+def test_accelerate_releases_both_experts_weights():
+    pipe = wan_pipeline(experts=True)
+    call = pipeline_call(guidance_scale_2=2.0)
+    expected = pipe(generator=torch.Generator().manual_seed(3), **call).frames
+    got = de.accelerate(pipe, release_transformer=True)(generator=torch.Generator().manual_seed(3), **call).frames
+    assert rel_err(got, expected) <= 1e-4
+    for transformer in (pipe.transformer, pipe.transformer_2):
+        assert all(p.is_meta for p in transformer.parameters())
+
+
 def test_accelerate_decodes_the_video_like_the_pipeline():
     pipe = wan_pipeline()
     call = pipeline_call(steps=2, output_type="pt")

@@ -18,7 +18,7 @@ from ..models import wan_checkpoints as wan
 from ..models.dit import timestep_embedding
 from ..models.wan import Wan, WanConfig, video_rope
 from ..sampling import Forward, doubled
-from .base import Accelerated, check_call, lora_scale, step_callback
+from .base import Accelerated, check_call, lora_scale, release_weights, step_callback
 
 
 def wan_forward(model, spec: Wan, noise: torch.Tensor, use_cfg: bool, *conditioning, cache=None, **named) -> Forward:
@@ -106,6 +106,8 @@ class AcceleratedWanPipeline(Accelerated):
                 self.model_2 = self.model_2.to(self.dtype)
             else:
                 self.fast_2 = fused_denoiser(self.model_2, self.dtype, quantize=self.quantize)
+            if options.get("release_transformer"):
+                release_weights(second, self.model_2)
 
     def expert(self, guidance_scale_2: float | None) -> Expert | None:
         if self.model_2 is None:
