@@ -23,6 +23,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_refusals(calls, path: str) -> None:
+    """Each call's ValueError message ("ran" where it raised none), one a line, for the parent process to check."""
+    messages = []
+    for call in calls:
+        try:
+            call()
+            messages.append("ran")
+        except ValueError as err:
+            messages.append(str(err))
+    with open(path, "w") as f:
+        f.write("\n".join(messages))
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, names: tuple) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     torch.set_num_threads(1)
@@ -41,21 +54,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str, names: tuple) -> Non
         dist.destroy_process_group()
 
 
+def assert_every_rank_equals_one_process(cases: dict, out: str) -> None:
+    """The latents each rank saved (eager and loop mode) against one process's `FastSampler`: fp32, <= 1e-5."""
+    for name, (model, sched, noise, args, named, cfg) in cases.items():
+        want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(noise, *args, **named)
+        for mode in (None, "loop"):
+            for rank in (0, 1):
+                got = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
+                err = float((got - want).norm() / want.norm())
+                assert err <= 1e-5, (name, mode, rank, err)
+
+
 @pytest.mark.parametrize("names", [GUIDED])
 def test_cfg_parallel_equals_one_process_on_every_rank(names):
     from test_conformance import CASES
 
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_worker, args=(2, free_port(), out, names), nprocs=2, join=True, start_method="spawn")
-        for name in names:
-            model, sched, noise, args, named, cfg = CASES[name]()
-            want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(
-                noise, *args, **named)
-            for mode in (None, "loop"):
-                for rank in (0, 1):
-                    got = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
-                    err = float((got - want).norm() / want.norm())
-                    assert err <= 1e-5, (name, mode, rank, err)
+        assert_every_rank_equals_one_process({name: CASES[name]() for name in names}, out)
 
 
 def ulysses_cases() -> dict:
@@ -86,15 +102,7 @@ def _ulysses_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         parallel = de.ParallelConfig(ulysses_degree=world)
         calls = (lambda: de.FastSampler(model, sched, parallel=parallel)(noise[:, :, :, :2], *args, **named),
                  lambda: de.FastSampler(test_pixart.pixart(), sched, parallel=parallel))  # 9 tokens; 3 heads
-        messages = []
-        for call in calls:
-            try:
-                call()
-                messages.append("ran")
-            except ValueError as err:
-                messages.append(str(err))
-        with open(os.path.join(out_dir, f"errors-{rank}.txt"), "w") as f:
-            f.write("\n".join(messages))
+        write_refusals(calls, os.path.join(out_dir, f"errors-{rank}.txt"))
     finally:
         dist.destroy_process_group()
 
@@ -104,14 +112,7 @@ def test_ulysses_equals_one_process_on_every_rank():
     RoPE over every position) and ACE-Step (GQA, its sliding window) return the single process's latents."""
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(_ulysses_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
-        for name, (model, sched, noise, args, named, cfg) in ulysses_cases().items():
-            want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(
-                noise, *args, **named)
-            for mode in (None, "loop"):
-                for rank in (0, 1):
-                    got = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
-                    err = float((got - want).norm() / want.norm())
-                    assert err <= 1e-5, (name, mode, rank, err)
+        assert_every_rank_equals_one_process(ulysses_cases(), out)
         with open(os.path.join(out, "errors-0.txt")) as f:
             messages = f.read().splitlines()
         assert messages[0].startswith("noise: 9 tokens, which ulysses_degree=2 does not divide"), messages
@@ -153,14 +154,11 @@ def _refusals(rank: int, world: int, port: int, out_dir: str) -> None:
         from test_conformance import CASES
 
         model, sched, noise, args, named, cfg = CASES["dit"]()
-        messages = []
-        for parallel, scale in ((de.ParallelConfig(cfg_degree=1), 4.0), (de.ParallelConfig(cfg_degree=2), 1.0)):
-            try:
-                de.FastSampler(model, sched, cfg_scale=scale, parallel=parallel)
-            except ValueError as err:
-                messages.append(str(err))
-        with open(os.path.join(out_dir, f"refusals-{rank}.txt"), "w") as f:
-            f.write("\n".join(messages))
+        calls = [lambda parallel=parallel, scale=scale: de.FastSampler(model, sched, cfg_scale=scale,
+                                                                       parallel=parallel)
+                 for parallel, scale in ((de.ParallelConfig(cfg_degree=1), 4.0),
+                                         (de.ParallelConfig(cfg_degree=2), 1.0))]
+        write_refusals(calls, os.path.join(out_dir, f"refusals-{rank}.txt"))
     finally:
         dist.destroy_process_group()
 
