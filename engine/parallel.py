@@ -22,6 +22,7 @@ step. A family takes part through the denoiser contract (`FusedDenoiser.self_att
 DiT, PixArt, Wan and ACE-Step do; the joint-attention families (Flux, SD3) are refused by name, and so are a token
 count the degree does not divide and a head count it does not divide.
 
+Both at once (`cfg_degree=2, ulysses_degree=U`, 2U ranks): each half of the rows runs on its own Ulysses group.
 Ring attention is not implemented yet: a ring degree above 1 is refused by name.
 """
 from __future__ import annotations
@@ -53,16 +54,16 @@ class ParallelConfig:
         if self.ring_degree > 1:
             raise NotImplementedError(f"ParallelConfig: ring_degree={self.ring_degree}: Ring attention is not "
                                       "implemented yet; Ulysses (ulysses_degree) and CFG parallel (cfg_degree=2) are")
-        if self.ulysses_degree > 1 and self.cfg_degree > 1:
-            raise NotImplementedError("ParallelConfig: ulysses_degree and cfg_degree together (a 2-D mesh) are not "
-                                      "implemented yet; use one of them")
 
     @property
     def degree(self) -> int:
         return self.ulysses_degree * self.ring_degree * self.cfg_degree
 
-    def bind(self, use_cfg: bool, device: torch.device) -> "CfgGroup | SequenceGroup | None":
-        """The run's view of the group, checked: None for a single rank's run (every degree 1)."""
+    def bind(self, use_cfg: bool, device: torch.device) -> tuple["CfgGroup | None", "SequenceGroup | None"]:
+        """The run's view of the group, checked: (its CFG pair, its Ulysses group), each None where its degree is 1.
+        With both, ranks [0, U) run the conditional rows and [U, 2U) the unconditional ones, rank c U + j holding
+        token shard j: a Ulysses group per half, a CFG pair per shard (every rank creates every subgroup, in one
+        order, as torch.distributed asks)."""
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("parallel: no initialised torch.distributed process group: launch with torchrun and "
                              "call torch.distributed.init_process_group first")
@@ -71,7 +72,7 @@ class ParallelConfig:
             raise ValueError(f"parallel: ulysses_degree x ring_degree x cfg_degree = {self.degree}, but the process "
                              f"group has {world} ranks")
         if world == 1:
-            return None
+            return None, None
         if self.cfg_degree > 1 and not use_cfg:
             raise ValueError("parallel: cfg_degree=2 splits the guided rows, but guidance is off (cfg_scale == 1)")
         backend = dist.get_backend(self.process_group)
@@ -79,9 +80,16 @@ class ParallelConfig:
             raise ValueError(f"parallel: a {backend} process group for a model on {device.type}: NCCL serves CUDA "
                              "tensors, gloo CPU tensors")
         rank = dist.get_rank(self.process_group)
-        if self.cfg_degree > 1:
-            return CfgGroup(self.process_group, rank)
-        return SequenceGroup(self.process_group, rank, world)
+        U, C = self.ulysses_degree, self.cfg_degree
+        if C == 1:
+            return None, SequenceGroup(self.process_group, rank, world)
+        if U == 1:
+            return CfgGroup(self.process_group, rank), None
+        ranks = dist.get_process_group_ranks(self.process_group) if self.process_group is not None else range(world)
+        ranks = list(ranks)
+        halves = [dist.new_group([ranks[c * U + j] for j in range(U)]) for c in range(C)]
+        pairs = [dist.new_group([ranks[c * U + j] for c in range(C)]) for j in range(U)]
+        return CfgGroup(pairs[rank % U], rank // U), SequenceGroup(halves[rank // U], rank % U, U)
 
 
 @dataclass(frozen=True)

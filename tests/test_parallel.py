@@ -54,12 +54,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, names: tuple) -> Non
         dist.destroy_process_group()
 
 
-def assert_every_rank_equals_one_process(cases: dict, out: str) -> None:
+def assert_every_rank_equals_one_process(cases: dict, out: str, ranks: int = 2) -> None:
     """The latents each rank saved (eager and loop mode) against one process's `FastSampler`: fp32, <= 1e-5."""
     for name, (model, sched, noise, args, named, cfg) in cases.items():
         want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(noise, *args, **named)
         for mode in (None, "loop"):
-            for rank in (0, 1):
+            for rank in range(ranks):
                 got = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
                 err = float((got - want).norm() / want.norm())
                 assert err <= 1e-5, (name, mode, rank, err)
@@ -119,6 +119,33 @@ def test_ulysses_equals_one_process_on_every_rank():
         assert messages[1].startswith("parallel: ulysses_degree=2 must divide the attention's head counts (3,)")
 
 
+def _mesh_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    sys.path.insert(0, os.path.dirname(__file__))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for name, (model, sched, noise, args, named, cfg) in mesh_cases().items():
+            for mode in (None, "loop"):
+                got = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=mode,
+                                     parallel=de.ParallelConfig(ulysses_degree=2, cfg_degree=2))(noise, *args, **named)
+                torch.save(got, os.path.join(out_dir, f"{name}-{mode}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def mesh_cases() -> dict:
+    cases = ulysses_cases()
+    return {name: cases[name] for name in ("dit", "wan")}
+
+
+def test_cfg_parallel_times_ulysses_on_four_ranks():
+    """CFG 2 x Ulysses 2 on four gloo processes: each half of the rows on its own Ulysses pair; every rank returns
+    the single process's latents."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_mesh_worker, args=(4, free_port(), out), nprocs=4, join=True, start_method="spawn")
+        assert_every_rank_equals_one_process(mesh_cases(), out, ranks=4)
+
+
 def _pipeline_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     torch.set_num_threads(1)
@@ -175,8 +202,7 @@ def test_bad_configurations_are_refused_by_name():
         de.ParallelConfig(ring_degree=0)
     with pytest.raises(NotImplementedError, match="ring_degree=2: Ring attention is not implemented yet"):
         de.ParallelConfig(ring_degree=2)
-    with pytest.raises(NotImplementedError, match="ulysses_degree and cfg_degree together"):
-        de.ParallelConfig(ulysses_degree=2, cfg_degree=2)
+
     with pytest.raises(ValueError, match="parallel needs backend='fused'"):
         de.sample(model, sched, torch.zeros(1), parallel=de.ParallelConfig())
     with tempfile.TemporaryDirectory() as out:

@@ -192,7 +192,7 @@ class Plan:
         if guided and s.cfg_group is not None:  # CFG parallel: this rank's half of the rows, then both halves
             rows, start = self.batch, s.cfg_group.rank * self.batch
             mod = tuple(m if m.shape[0] == 1 else m[start:start + rows] for m in self.modulation(step, expert))
-            half = fast.forward(self.x_in[start:start + rows], mod, fast.context_rows(ctx, rows, start))
+            half = self.forward(fast, self.x_in[start:start + rows], mod, fast.context_rows(ctx, rows, start))
             out = s.cfg_group.gather(half)
         elif guided or not s.use_cfg:
             out = self.forward(fast, self.x_in, self.modulation(step, expert), ctx)

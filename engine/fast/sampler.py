@@ -23,7 +23,7 @@ from ..cache import resolve as resolve_cache
 from ..experts import Expert
 from ..guidance import APG, check_guider
 from ..inputs import check_cfg_scale, check_conditioning, check_guided_channels, check_scheduler, guided_steps
-from ..parallel import CfgGroup, ParallelConfig, SequenceGroup, check_sequence_heads
+from ..parallel import ParallelConfig, check_sequence_heads
 from ..schedulers import Scheduler
 from .base import FusedDenoiser
 from .plan import CACHE_DECISIONS, Plan, decision_mode  # noqa: F401 (re-exported)
@@ -155,12 +155,10 @@ class FastSampler:
         if parallel is not None and not isinstance(parallel, ParallelConfig):
             raise TypeError(f"parallel: expected a ditengine.ParallelConfig or None, got {type(parallel).__name__}")
         self.parallel = parallel
-        group = None if parallel is None else parallel.bind(self.use_cfg, self.device)
-        self.cfg_group = group if isinstance(group, CfgGroup) else None
-        self.sequence = group if isinstance(group, SequenceGroup) else None
+        self.cfg_group, self.sequence = (None, None) if parallel is None else parallel.bind(self.use_cfg, self.device)
         for fast in self.fasts if self.sequence is not None else ():
             check_sequence_heads(fast, self.sequence.size)
-        if group is not None and (cache is not None or guider is not None):
+        if (self.cfg_group or self.sequence) is not None and (cache is not None or guider is not None):
             raise ValueError("parallel: not combined with a step cache or a guider (APG) yet")
         self.cuda_graph = cuda_graph
         self.precompute_conditioning, self.conditioning_budget = precompute_conditioning, conditioning_budget
