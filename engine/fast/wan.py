@@ -314,6 +314,15 @@ class FastWan(FusedDenoiser):
     def _gate0(self, ctx: dict, i: int, j: int) -> torch.Tensor | None:
         return ctx["mod0"][0][0, i, j] if ctx["frozen"] else None
 
+    @staticmethod
+    def _regate_first_frame(ctx: dict, resid: torch.Tensor, gate: torch.Tensor, gate0: torch.Tensor | None,
+                            o: torch.Tensor) -> None:
+        """The first frame's share of x += gate * o redone with t = 0's gate: (gate0 - gate) * o added to its tokens
+        (nothing without a held frame, gate0 None)."""
+        if gate0 is not None:
+            n0 = ctx["frozen"]
+            resid[:, :n0] += ((gate0 - gate)[:, None] * o[:, :n0].float()).to(resid.dtype)
+
     def _hold_first_frame(self, ctx: dict, resid: torch.Tensor, h: torch.Tensor, norm0: torch.Tensor | None,
                           gate: torch.Tensor | None = None, gate0: torch.Tensor | None = None,
                           o: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -322,8 +331,7 @@ class FastWan(FusedDenoiser):
         if norm0 is None:
             return h
         n0, N = ctx["frozen"], len(resid)
-        if gate is not None:
-            resid[:, :n0] += ((gate0 - gate)[:, None] * o[:, :n0].float()).to(resid.dtype)
+        self._regate_first_frame(ctx, resid, gate, gate0, o)
         h[:, :n0] = adaln_modulate_ref(resid[:, :n0], norm0[0].expand(N, -1), norm0[1].expand(N, -1),
                                        eps=self.config.eps, out_dtype=h.dtype, weight=weight)
         return h
@@ -373,8 +381,7 @@ class FastWan(FusedDenoiser):
         N, gate0 = len(resid), self._gate0(ctx, i, 2)
         if layers["norm2"] is None:
             resid.addcmul_(gate[:, None], o)
-            if gate0 is not None:
-                resid[:, :ctx["frozen"]] += ((gate0 - gate)[:, None] * o[:, :ctx["frozen"]].float()).to(resid.dtype)
+            self._regate_first_frame(ctx, resid, gate, gate0, o)
             return resid.to(self.dtype)
         weight, bias = layers["norm2"]
         _, y = gated_residual_adaln(resid, gate, o, bias.expand(N, -1), ctx["zero"][:N], eps=self.config.eps,
@@ -416,9 +423,7 @@ class FastWan(FusedDenoiser):
         gates) and the norm after them run."""
         m = self._rows(mod[0][:, i], len(resid))
         resid.addcmul_(m[:, 2, None], kept[0])
-        if ctx["frozen"]:
-            n0 = ctx["frozen"]
-            resid[:, :n0] += ((self._gate0(ctx, i, 2) - m[:, 2])[:, None] * kept[0][:, :n0].float()).to(resid.dtype)
+        self._regate_first_frame(ctx, resid, m[:, 2], self._gate0(ctx, i, 2), kept[0])
         resid.add_(kept[1])
         return self._last_residual(i, resid, m, kept[2], mod, ctx)
 
