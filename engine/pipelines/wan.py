@@ -13,9 +13,9 @@ from ..cache import Stages
 from ..checkpoints import from_diffusers
 from ..experts import Expert
 from ..fast import fused_denoiser
+from ..fast.base import FusedDenoiser
 from ..fast.wan import FastWan, check_inputs, frozen_input
 from ..models import wan_checkpoints as wan
-from ..models.dit import timestep_embedding
 from ..models.wan import Wan, WanConfig, video_rope
 from ..sampling import Forward, doubled
 from .base import Accelerated, check_call, lora_scale, release_weights, step_callback
@@ -68,11 +68,9 @@ def timestep_signal(spec: Wan, timesteps: torch.Tensor) -> tuple[torch.Tensor, t
     """TeaCache's signals in fp32: e, the time embedding (S, D), and e0, its projection (S, 6 D)."""
     emb = spec.condition_embedder
     te, proj = emb.time_embedder, emb.time_proj
-    t = timestep_embedding(timesteps.float().cpu(), spec.config.freq_dim)
-    weights = [p.detach().float().cpu() for p in (te.linear_1.weight, te.linear_1.bias, te.linear_2.weight,
-                                                  te.linear_2.bias, proj.weight, proj.bias)]
-    e = F.linear(F.silu(F.linear(t, *weights[:2])), *weights[2:4])
-    return e, F.linear(F.silu(e), *weights[4:])
+    fp32 = lambda layer: (layer.weight.detach().float().cpu(), layer.bias.detach().float().cpu())  # noqa: E731
+    e = FusedDenoiser.embed_sinusoidal((*fp32(te.linear_1), *fp32(te.linear_2)), timesteps.float().cpu())
+    return e, F.linear(F.silu(e), *fp32(proj))
 
 
 class AcceleratedWanPipeline(Accelerated):
