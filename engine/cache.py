@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -177,7 +178,7 @@ class TeaCache:
                 compute, total = True, 0.0
             else:
                 x = float((signal[i] - signal[i - 1]).abs().mean() / signal[i - 1].abs().mean())
-                total += sum(c * x ** (len(coefficients) - 1 - k) for k, c in enumerate(coefficients))
+                total += float(np.polyval(coefficients, x))
                 compute = total >= self.threshold
                 total = 0.0 if compute else total
             full.append(compute)

@@ -401,8 +401,8 @@ out = linear_int8(x, prepack_int8(w, None))
           ("tests/test_parallel.py",), "ulysses",
           "the all-to-all after the attention interleaves the ranks' heads instead of concatenating them"),
     Fault("teacache-abs-of-the-polynomial", "engine/cache.py",
-          "total += sum(c * x ** (len(coefficients) - 1 - k) for k, c in enumerate(coefficients))",
-          "total += abs(sum(c * x ** (len(coefficients) - 1 - k) for k, c in enumerate(coefficients))) + 0.1",
+          "total += float(np.polyval(coefficients, x))",
+          "total += abs(float(np.polyval(coefficients, x))) + 0.1",
           ("tests/test_wan.py",), "teacache_follows_the_published_rule",
           "TeaCache's accumulated change is not the published rule's"),
 ]
