@@ -33,6 +33,12 @@
 // (the compiler's SSE vectorisation) rather than one variant per ISA. bf16 on AMX without a window runs the
 // prologue once per row and then ATen's flash attention instead (cpu_common.h's `bf16_tiles_in_hardware`).
 //
+// Log-sum-exp (`ditengine::gqa_attention_lse`, the same kernel): lse[b, i, h] = log sum_j exp(score_ij), the
+// natural log over the keys row i sees, (B, T, Hq) fp32, from the online softmax's running max and sum per row
+// (m + log(l): the scores are scaled before the max, so m is in the lse's units). A key shard of padding (S = 0)
+// gives out 0 and lse -inf. Ring attention merges such partial results (kernels/gqa_attention.py's
+// merge_attention). The AMX branch takes the lse from ATen's flash kernel, which computes the same.
+//
 // NaN: a NaN in a q row stays in that output row; a NaN in a k row reaches the queries whose band holds that
 // key (its score is overwritten by 0 for the others); a NaN in a v row also reaches the other rows of a tile
 // whose key block holds it (0 * NaN in p v).
@@ -44,6 +50,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -55,7 +62,6 @@
 namespace ditengine {
 namespace {
 
-constexpr const char* OP = "ditengine::gqa_attention";
 using cpu::BLOCK_M;
 using cpu::BLOCK_N;
 using cpu::kLanes;
@@ -178,9 +184,10 @@ struct Problem {
   float scale;     // > 0
 };
 
+// lse: null, or (B, T, Hq) fp32 contiguous, each query row's natural-log log-sum-exp of its scaled scores.
 template <typename scalar_t>
 void gqa_tiles(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, const scalar_t* v, Strides sv,
-               scalar_t* o, Strides so, const Problem& pr) {
+               scalar_t* o, Strides so, float* lse, const Problem& pr) {
   constexpr bool fp32 = std::is_same_v<scalar_t, float>;
   const cpu::RowOps ops = cpu::row_ops();
   const int64_t Dh = pr.Dh, T = pr.T, S = pr.S, W = pr.window, G = pr.HQ / pr.HKV;
@@ -280,6 +287,7 @@ void gqa_tiles(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, con
               if (one_block) {  // a NaN row (its sum NaN) stays NaN, and only this row
                 const float inv_l = 1.f / sum;
                 for (int64_t j = a; j < e; ++j) s_row[j] *= inv_l;
+                row_l[i] = sum;  // for the lse only: the probabilities are final
               } else if (first) {
                 row_l[i] = sum;
               } else {  // rescale what earlier key blocks accumulated to the new running max
@@ -302,6 +310,13 @@ void gqa_tiles(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, con
           }
         }
 
+        if (lse) {  // every row saw a key (S >= 1; in a band, its own): row_m is finite, row_l >= 1
+          for (int64_t hh = 0; hh < G; ++hh) {
+            float* lse_rows = lse + (b * T + r0) * pr.HQ + g * G + hh;  // (rows,), stride Hq
+            for (int64_t i = 0; i < rows; ++i)
+              lse_rows[i * pr.HQ] = m_all[hh * BLOCK_M + i] + std::log(l_all[hh * BLOCK_M + i]);
+          }
+        }
         if (one_block && fp32) continue;  // written by the GEMMs
         for (int64_t hh = 0; hh < G; ++hh) {
           scalar_t* o_rows = o + b * so.b + (g * G + hh) * so.h + r0 * so.t;
@@ -320,50 +335,52 @@ void gqa_tiles(const scalar_t* q, Strides sq, const scalar_t* k, Strides sk, con
 }
 
 // An fp32 contiguous copy of an RMSNorm weight (Dh,) or per-stream weights (2, Dh), checked; undefined when absent.
-at::Tensor norm_weight(const char* name, const std::optional<at::Tensor>& w, int64_t Dh) {
+at::Tensor norm_weight(const char* op, const char* name, const std::optional<at::Tensor>& w, int64_t Dh) {
   if (!w.has_value()) return {};
   TORCH_CHECK_VALUE((w->dim() == 1 && w->size(0) == Dh) || (w->dim() == 2 && w->size(0) == 2 && w->size(1) == Dh),
-                    OP, ": ", name, " must be the (Dh,) = (", Dh, ",) RMSNorm weight, got shape ", w->sizes(),
+                    op, ": ", name, " must be the (Dh,) = (", Dh, ",) RMSNorm weight, got shape ", w->sizes(),
                     " (per-stream weights: (2, Dh) = (2, ", Dh, "))");
-  check_cpu(OP, name, *w);
-  TORCH_CHECK_TYPE(at::isFloatingType(w->scalar_type()), OP, ": ", name, " must be a floating-point tensor, got ",
+  check_cpu(op, name, *w);
+  TORCH_CHECK_TYPE(at::isFloatingType(w->scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
                    w->scalar_type());
   return w->to(at::kFloat).contiguous();
 }
 
-void check_rope_table(const char* name, const at::Tensor& t, int64_t T, int64_t Dh) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == T && t.size(1) == Dh, OP, ": rope ", name,
+void check_rope_table(const char* op, const char* name, const at::Tensor& t, int64_t T, int64_t Dh) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == T && t.size(1) == Dh, op, ": rope ", name,
                     " must be (T, Dh) = (", T, ", ", Dh, "), got shape ", t.sizes());
-  check_cpu(OP, name, t);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, OP, ": rope ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(Dh <= 1 || t.stride(1) == 1, OP, ": rope ", name,
+  check_cpu(op, name, t);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, op, ": rope ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(Dh <= 1 || t.stride(1) == 1, op, ": rope ", name,
                     ": the last dimension must be contiguous, got strides ", t.strides());
 }
 
-at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
-                             double eps, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
-                             bool rope_interleaved, std::optional<int64_t> window, double scale,
-                             std::optional<int64_t> norm_split) {
-  TORCH_CHECK_VALUE(q.dim() == 4, OP, ": q must be (B, T, Hq, Dh), got ", q.dim(), " dimensions with shape ",
+// Both ops: `op` names the one called in messages; `with_lse` also returns each query row's log-sum-exp (B, T, Hq)
+// fp32 and takes k and v without keys (S = 0: out 0, lse -inf); without it the lse is undefined.
+std::tuple<at::Tensor, at::Tensor> gqa_attention_impl(
+    const char* op, bool with_lse, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm, double eps,
+    const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin, bool rope_interleaved,
+    std::optional<int64_t> window, double scale, std::optional<int64_t> norm_split) {
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be (B, T, Hq, Dh), got ", q.dim(), " dimensions with shape ",
                     q.sizes());
   const int64_t B = q.size(0), T = q.size(1), HQ = q.size(2), Dh = q.size(3);
-  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(3) == Dh, OP,
+  TORCH_CHECK_VALUE(k.dim() == 4 && k.size(0) == B && k.size(3) == Dh, op,
                     ": k must be (B, S, Hkv, Dh) with q's batch and head dim (", B, ", *, *, ", Dh, "), got shape ",
                     k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), OP, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
   const int64_t S = k.size(1), HKV = k.size(2);
-  TORCH_CHECK_VALUE(HKV > 0 && HQ % HKV == 0, OP, ": q's ", HQ, " heads must be a multiple of k's ", HKV, " heads");
-  check_cpu(OP, "q", q);
-  check_cpu(OP, "k", k);
-  check_cpu(OP, "v", v);
+  TORCH_CHECK_VALUE(HKV > 0 && HQ % HKV == 0, op, ": q's ", HQ, " heads must be a multiple of k's ", HKV, " heads");
+  check_cpu(op, "q", q);
+  check_cpu(op, "k", k);
+  check_cpu(op, "v", v);
   const auto dtype = q.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, OP,
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
                    ": q must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK_TYPE(k.scalar_type() == dtype, OP, ": k has dtype ", k.scalar_type(), " but q has ", dtype);
-  TORCH_CHECK_TYPE(v.scalar_type() == dtype, OP, ": v has dtype ", v.scalar_type(), " but q has ", dtype);
-  auto check_last_dim = [Dh](const char* name, const at::Tensor& t) {
-    TORCH_CHECK_VALUE(Dh <= 1 || t.stride(3) == 1, OP, ": ", name,
+  TORCH_CHECK_TYPE(k.scalar_type() == dtype, op, ": k has dtype ", k.scalar_type(), " but q has ", dtype);
+  TORCH_CHECK_TYPE(v.scalar_type() == dtype, op, ": v has dtype ", v.scalar_type(), " but q has ", dtype);
+  auto check_last_dim = [Dh, op](const char* name, const at::Tensor& t) {
+    TORCH_CHECK_VALUE(Dh <= 1 || t.stride(3) == 1, op, ": ", name,
                       ": the last dimension (Dh) must be contiguous, got strides ", t.strides());
   };
   check_last_dim("q", q);
@@ -371,38 +388,43 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   check_last_dim("v", v);
   // The head-dim and length rules of gqa_attention's Python checks (attention.check_head_dim): the kernel itself
   // takes any head dim and returns an empty output for T = 0, but the op refuses what the public function does.
-  TORCH_CHECK_VALUE(Dh >= 16 && Dh <= 256 && Dh % 8 == 0, OP, ": q: head dim ", Dh,
+  TORCH_CHECK_VALUE(Dh >= 16 && Dh <= 256 && Dh % 8 == 0, op, ": q: head dim ", Dh,
                     " is not supported: expected a multiple of 8 from 16 to 256");
-  TORCH_CHECK_VALUE(T > 0 && S > 0, OP, ": sequence lengths must be at least 1, got q ", T, ", k ", S,
-                    ": q, k and v need at least one token");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, OP, ": scale must be a finite softmax scale > 0, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, OP, ": eps must be finite and >= 0, got ", eps);
+  TORCH_CHECK_VALUE(T > 0 && (S > 0 || with_lse), op, ": sequence lengths must be at least 1, got q ", T, ", k ", S,
+                    with_lse ? ": q needs at least one token" : ": q, k and v need at least one token");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, op, ": scale must be a finite softmax scale > 0, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
   // One of the two missing: a None where a tensor belongs, a TypeError as Python's check of the (cos, sin) pair.
-  TORCH_CHECK_TYPE(cos.has_value() == sin.has_value(), OP, ": rope ", cos.has_value() ? "sin" : "cos",
+  TORCH_CHECK_TYPE(cos.has_value() == sin.has_value(), op, ": rope ", cos.has_value() ? "sin" : "cos",
                    ": expected a tensor, got None (rope needs both cos and sin, or neither)");
   if (cos.has_value()) {
-    TORCH_CHECK_VALUE(S == T, OP, ": rope: RoPE needs k's length S = q's length T, got S=", S, ", T=", T);
-    TORCH_CHECK_VALUE(Dh % 2 == 0, OP, ": rope: the head dim must be even, got ", Dh);
-    check_rope_table("cos", *cos, T, Dh);
-    check_rope_table("sin", *sin, T, Dh);
+    TORCH_CHECK_VALUE(S == T, op, ": rope: RoPE needs k's length S = q's length T, got S=", S, ", T=", T);
+    TORCH_CHECK_VALUE(Dh % 2 == 0, op, ": rope: the head dim must be even, got ", Dh);
+    check_rope_table(op, "cos", *cos, T, Dh);
+    check_rope_table(op, "sin", *sin, T, Dh);
   }
   if (window.has_value()) {
-    TORCH_CHECK_VALUE(*window >= 0, OP, ": window must be >= 0, got ", *window);
-    TORCH_CHECK_VALUE(S == T, OP, ": window: a sliding window needs S = T, got S=", S, ", T=", T);
+    TORCH_CHECK_VALUE(*window >= 0, op, ": window must be >= 0, got ", *window);
+    TORCH_CHECK_VALUE(S == T, op, ": window: a sliding window needs S = T, got S=", S, ", T=", T);
   }
-  const at::Tensor wq = norm_weight("q_norm", q_norm, Dh), wk = norm_weight("k_norm", k_norm, Dh);
+  const at::Tensor wq = norm_weight(op, "q_norm", q_norm, Dh), wk = norm_weight(op, "k_norm", k_norm, Dh);
   const bool split_q = wq.defined() && wq.dim() == 2, split_k = wk.defined() && wk.dim() == 2;
   if (norm_split.has_value()) {
-    TORCH_CHECK_VALUE(split_q || split_k, OP, ": norm_split is only for (2, Dh) per-stream q_norm / k_norm weights");
-    TORCH_CHECK_VALUE(*norm_split > 0 && *norm_split < T, OP, ": norm_split must satisfy 0 < norm_split < T = ", T,
+    TORCH_CHECK_VALUE(split_q || split_k, op, ": norm_split is only for (2, Dh) per-stream q_norm / k_norm weights");
+    TORCH_CHECK_VALUE(*norm_split > 0 && *norm_split < T, op, ": norm_split must satisfy 0 < norm_split < T = ", T,
                       ", got ", *norm_split);
-    TORCH_CHECK_VALUE(!split_k || S == T, OP, ": k_norm: (2, Dh) weights split k's rows as q's and need S = T, got S=",
+    TORCH_CHECK_VALUE(!split_k || S == T, op, ": k_norm: (2, Dh) weights split k's rows as q's and need S = T, got S=",
                       S, ", T=", T);
   } else {
-    TORCH_CHECK_VALUE(!split_q && !split_k, OP, ": (2, Dh) per-stream norm weights need norm_split");
+    TORCH_CHECK_VALUE(!split_q && !split_k, op, ": (2, Dh) per-stream norm weights need norm_split");
   }
 
-  if (B * HQ == 0) return at::empty({B, T, HQ, Dh}, q.options());  // T, S and Dh are positive (checked above)
+  const at::Tensor lse = with_lse ? at::empty({B, T, HQ}, q.options().dtype(at::kFloat)) : at::Tensor();
+  if (S == 0) {  // a key shard of padding only (with_lse; checked above): no weight anywhere, and no 0 / 0
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {at::zeros({B, T, HQ, Dh}, q.options()), lse};
+  }
+  if (B * HQ == 0) return {at::empty({B, T, HQ, Dh}, q.options()), lse};  // T, S and Dh are positive (checked above)
   // Rows overlapping in memory (a token stride below Dh, e.g. an expanded q) are materialised: BLAS needs a
   // leading dimension of at least Dh.
   auto rows_apart = [Dh](const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) >= Dh ? t : t.contiguous(); };
@@ -428,10 +450,16 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
     auto prepared = [](const at::Tensor& x, const Prologue& p) {
       return p.active() ? apply_prologue<at::BFloat16>(x, p) : x;
     };
-    at::Tensor o = at::scaled_dot_product_attention(prepared(qr, pr.pq).transpose(1, 2),
-                                                    prepared(kr, pr.pk).transpose(1, 2), vr.transpose(1, 2), {},
-                                                    0.0, false, scale, /*enable_gqa=*/HQ != HKV);
-    return o.transpose(1, 2).contiguous();  // (B, T, Hq, Dh): flash lays its output out token-major already
+    const at::Tensor qp = prepared(qr, pr.pq).transpose(1, 2), kp = prepared(kr, pr.pk).transpose(1, 2);
+    if (with_lse) {  // flash itself (SDPA would drop its lse), which maps kv heads as enable_gqa does
+      auto [o, o_lse] = at::_scaled_dot_product_flash_attention_for_cpu(qp, kp, vr.transpose(1, 2), 0.0, false, {},
+                                                                        scale);
+      lse.copy_(o_lse.transpose(1, 2));  // (B, Hq, T) natural log, fp32
+      return {o.transpose(1, 2).contiguous(), lse};
+    }
+    at::Tensor o = at::scaled_dot_product_attention(qp, kp, vr.transpose(1, 2), {}, 0.0, false, scale,
+                                                    /*enable_gqa=*/HQ != HKV);
+    return {o.transpose(1, 2).contiguous(), lse};  // (B, T, Hq, Dh): flash lays its output out token-major already
   }
   at::Tensor out = at::empty({B, T, HQ, Dh}, q.options());
   // (B, T, H, Dh) operands as the kernel's (batch, head, token) strides.
@@ -439,14 +467,34 @@ at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "ditengine_gqa_attention_cpu", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
       gqa_tiles<scalar_t>(qr.data_ptr<scalar_t>(), strides_of(qr), kr.data_ptr<scalar_t>(), strides_of(kr),
-                          vr.data_ptr<scalar_t>(), strides_of(vr), out.data_ptr<scalar_t>(), strides_of(out), pr);
+                          vr.data_ptr<scalar_t>(), strides_of(vr), out.data_ptr<scalar_t>(), strides_of(out),
+                          with_lse ? lse.data_ptr<float>() : nullptr, pr);
     }
   });
-  return out;
+  return {out, lse};
+}
+
+at::Tensor gqa_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
+                             double eps, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                             bool rope_interleaved, std::optional<int64_t> window, double scale,
+                             std::optional<int64_t> norm_split) {
+  return std::get<0>(gqa_attention_impl("ditengine::gqa_attention", false, q, k, v, q_norm, k_norm, eps, cos, sin,
+                                        rope_interleaved, window, scale, norm_split));
+}
+
+std::tuple<at::Tensor, at::Tensor> gqa_attention_lse_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& q_norm,
+    const std::optional<at::Tensor>& k_norm, double eps, const std::optional<at::Tensor>& cos,
+    const std::optional<at::Tensor>& sin, bool rope_interleaved, std::optional<int64_t> window, double scale,
+    std::optional<int64_t> norm_split) {
+  return gqa_attention_impl("ditengine::gqa_attention_lse", true, q, k, v, q_norm, k_norm, eps, cos, sin,
+                            rope_interleaved, window, scale, norm_split);
 }
 
 }  // namespace
 
 DITENGINE_CPU_OP("gqa_attention", gqa_attention_cpu)
+DITENGINE_CPU_OP("gqa_attention_lse", gqa_attention_lse_cpu)
 
 }  // namespace ditengine

@@ -7,7 +7,7 @@ set before import, else the PyTorch reference. `backend=` picks one explicitly (
 from ._backend import choose, interpreter_numpy_bug, interpreting, triton_available, triton_mode
 from .attention import attention, attention_ref
 from .cross_attention import cross_attention, cross_attention_ref
-from .gqa_attention import gqa_attention, gqa_attention_ref
+from .gqa_attention import gqa_attention, gqa_attention_ref, merge_attention
 from .adaln import adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gated_residual_adaln_ref
 from .scheduler_step import scheduler_step, scheduler_step_ref
 from .apg_guidance import apg_guidance, apg_guidance_ref
@@ -23,10 +23,10 @@ _native.load()
 
 __all__ = [
     "attention", "attention_ref", "cross_attention", "cross_attention_ref", "gqa_attention", "gqa_attention_ref",
-    "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref", "scheduler_step",
-    "scheduler_step_ref", "apg_guidance", "apg_guidance_ref", "linear_gelu", "linear_gelu_ref", "linear",
-    "prepack_linear", "PackedLinear", "Int8Linear", "linear_int8", "prepack_int8", "Fp8Linear", "fp8_supported",
-    "linear_fp8", "prepack_fp8", "choose", "interpreter_numpy_bug", "interpreting", "native_available",
-    "triton_available", "triton_mode", "PackedSwiGLU", "linear_swiglu", "linear_swiglu_ref", "prepack_swiglu",
-    "swiglu", "swiglu_ref",
+    "merge_attention", "adaln_modulate", "adaln_modulate_ref", "gated_residual_adaln", "gated_residual_adaln_ref",
+    "scheduler_step", "scheduler_step_ref", "apg_guidance", "apg_guidance_ref", "linear_gelu", "linear_gelu_ref",
+    "linear", "prepack_linear", "PackedLinear", "Int8Linear", "linear_int8", "prepack_int8", "Fp8Linear",
+    "fp8_supported", "linear_fp8", "prepack_fp8", "choose", "interpreter_numpy_bug", "interpreting",
+    "native_available", "triton_available", "triton_mode", "PackedSwiGLU", "linear_swiglu", "linear_swiglu_ref",
+    "prepack_swiglu", "swiglu", "swiglu_ref",
 ]

@@ -36,6 +36,16 @@ q's dtype, so `.reshape(B, T, Hq*Dh)` feeds the output projection. RoPE and the 
 attention). Head dims: multiples of 8 from 16 to 256, as `attention`'s (the caller routes smaller heads to
 `gqa_attention_ref`, which takes any).
 
+Log-sum-exp (Ring attention): `return_lse=True` also returns lse (B, T, Hq), float32, contiguous, the natural
+log of sum_j exp(q'_i . k'_j * scale) over the keys row i sees (after the prologue, within the window): the
+softmax's normaliser, from the kernels' running max and sum (Triton's, in the log2 domain of exp2, converted
+back: (m + log2(l)) * ln 2). The registered op is then `ditengine::gqa_attention_lse`, which returns (out, lse).
+k and v may hold no key at all (S = 0: a key shard that is padding only); out is then 0 and lse -inf, with no
+launch and no NaN (without `return_lse`, S = 0 is refused). `merge_attention(out, lse, out_b, lse_b)` combines
+the results of two disjoint key sets exactly into the result over their union, in fp32 (out fp32 whatever the
+inputs' dtype: the caller keeps it as its running accumulator and casts once); a ring attends its queries to
+each key block in turn and merges as it goes.
+
 Numerics: the prologue in fp32; online softmax (exp2, running max and sum) and accumulation in fp32. The
 Triton kernel rounds the normalised, rotated q and k tiles to the input dtype for fp16 / bf16 tensor-core
 dots (as the eager model rounds them before SDPA), fp32 inputs use IEEE fp32 dots; the native CPU kernel
@@ -103,13 +113,25 @@ def band_mask(T: int, S: int, window: int, device=None) -> torch.Tensor:
     return (i - j).abs() <= window
 
 
+def lse_ref(q, k, mask, scale: float) -> torch.Tensor:
+    """The log-sum-exp over the keys of each query row's scaled scores, q (B, T, Hq, Dh) and k (B, S, Hkv, Dh)
+    after the prologue, `mask` None or (T, S) bool (True: seen): (B, T, Hq) contiguous, fp32 (float64 stays). The
+    scores in the inputs' dtype (an eager model's logits), the sum in fp32; no key at all (S = 0) gives -inf."""
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # (B, S, Hq, Dh)
+    scores = torch.einsum("bthd,bshd->bhts", q, k).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)  # (B, Hq, T, S)
+    return torch.logsumexp(scores, dim=-1).transpose(1, 2).contiguous()
+
+
 def gqa_attention_ref(q, k, v, *, q_norm=None, k_norm=None, eps: float = 1e-6, rope=None,
                       rope_interleaved: bool = False, window: int | None = None, scale: float | None = None,
-                      norm_split: int | None = None, upcast: bool = True) -> torch.Tensor:
+                      norm_split: int | None = None, upcast: bool = True, return_lse: bool = False):
     """Plain PyTorch: RMSNorm (each stream's on its row range for (2, Dh) weights, split at `norm_split`),
     RoPE, then SDPA with `enable_gqa` and a boolean band mask, over q (B, T, Hq, Dh), k, v (B, S, Hkv, Dh) ->
     (B, T, Hq, Dh) contiguous in q's dtype. Math in fp32 when `upcast` (float64 stays); without it, the eager
-    model's roundings in the inputs' dtype. Any head dim."""
+    model's roundings in the inputs' dtype. Any head dim. `return_lse`: (out, lse), lse (B, T, Hq) fp32 (float64
+    for float64 inputs) from `lse_ref`; S = 0 keys then give out 0 and lse -inf."""
     dtype = q.dtype
     if upcast and dtype != torch.float64:
         q, k, v = q.float(), k.float(), v.float()
@@ -122,10 +144,16 @@ def gqa_attention_ref(q, k, v, *, q_norm=None, k_norm=None, eps: float = 1e-6, r
         q = rope_ref(q, cos, sin, rope_interleaved)
         k = rope_ref(k, cos, sin, rope_interleaved)
     mask = None if window is None else band_mask(q.shape[1], k.shape[1], window, q.device)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         scale=q.shape[-1] ** -0.5 if scale is None else scale,
-                                         enable_gqa=q.shape[2] != k.shape[2])  # (B, Hq, T, Dh)
-    return out.transpose(1, 2).contiguous().to(dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if k.shape[1] == 0:  # SDPA's softmax over no key is 0 / 0
+        out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    else:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             scale=scale, enable_gqa=q.shape[2] != k.shape[2])  # (B, Hq, T, Dh)
+        out = out.transpose(1, 2).contiguous().to(dtype)
+    if return_lse:
+        return out, lse_ref(q, k, mask, scale)
+    return out
 
 
 # -- kernel ----------------------------------------------------------------------------------------------
@@ -177,19 +205,21 @@ def _prologue(x, base, rows, row_ok, stride_t, cols, rstd, w_ptr, stride_w, spli
 
 @triton.jit
 def _gqa_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr,
     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_ot, stride_oh, stride_cos, stride_sin, stride_qw, stride_kw,
+    stride_ob, stride_ot, stride_oh, stride_lb, stride_lt, stride_lh, stride_cos, stride_sin, stride_qw, stride_kw,
     HQ, GROUP, T_Q, T_K, window, norm_split, eps, qk_scale,
     HEAD_DIM: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
     Q_SPLIT: tl.constexpr, K_SPLIT: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
+    WINDOWED: tl.constexpr, PRECISION: tl.constexpr, RETURN_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Query tile pid_m of q head h (program 1 = b * HQ + h) against kv head h // GROUP: the q tile loaded,
     normalised and rotated once; each k tile the same as it is loaded; the online softmax over the key blocks
     that meet the band only (all of them without a window), the band's edge masked in the blocks it cuts.
-    Q_SPLIT / K_SPLIT: (2, Dh) norm weights, rows before norm_split on weight row 0, the rest on row 1."""
+    Q_SPLIT / K_SPLIT: (2, Dh) norm weights, rows before norm_split on weight row 0, the rest on row 1.
+    RETURN_LSE: each row's natural-log log-sum-exp to lse_ptr (fp32; not read otherwise). T_K >= 1: the launcher
+    runs no kernel for zero keys."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # batch and head offsets can pass 2**31 elements
     b, h = bh // HQ, bh % HQ
@@ -271,11 +301,18 @@ def _gqa_attention_fwd_kernel(
     store_rows(o_base, rows, row_ok, stride_ot, d1, d1_ok, acc1, inv_l)
     if D2 > 0:
         store_rows(o_base, rows, row_ok, stride_ot, d2, d2_ok, acc2, inv_l)
+    if RETURN_LSE:
+        # m_i and l_i are the softmax of s * qk_scale = s * scale * log2(e), base 2: log2(sum_j 2^(.)) back to
+        # the natural log of sum_j e^(s * scale). Every stored row saw a key (T_K >= 1; in a band, its own at
+        # least): m_i is finite.
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2
+        tl.store(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_lt, lse, mask=row_ok)
 
 
 _gqa_attention_fwd_autotuned = (
     triton.autotune(_autotune_configs(), key=["T_Q", "T_K", "HEAD_DIM", "D1", "D2", "Q_NORM", "K_NORM", "Q_SPLIT",
-                                              "K_SPLIT", "ROPE", "WINDOWED", "PRECISION"])(_gqa_attention_fwd_kernel)
+                                              "K_SPLIT", "ROPE", "WINDOWED", "PRECISION", "RETURN_LSE"])(
+        _gqa_attention_fwd_kernel)
     if hasattr(triton, "autotune") else None
 )
 
@@ -286,10 +323,15 @@ def _windowed(window: int | None, T: int) -> bool:
 
 
 def _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split=None,
-            config=None):
+            config=None, lse=None):
     """q (B, T, Hq, Dh), k, v (B, S, Hkv, Dh) with any strides (last dim contiguous), out (B, T, Hq, Dh); norm
     weights (Dh,) or (2, Dh) split at `norm_split`; `config` (see `attention.check_config`) launches that one
-    config instead of the autotuned or pinned one."""
+    config instead of the autotuned or pinned one; `lse` None or (B, T, Hq) fp32, filled too. S = 0 (with `lse`
+    only) launches nothing: out 0, lse -inf."""
+    if k.shape[1] == 0:
+        out.zero_()
+        lse.fill_(-math.inf)
+        return
     B, T_Q, HQ, Dh = q.shape
     T_K, HKV = k.shape[1], k.shape[2]
     d1, d2 = head_blocks(Dh)
@@ -297,16 +339,19 @@ def _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, windo
     windowed = _windowed(window, T_Q)
     q_split, k_split = (w is not None and w.dim() == 2 for w in (q_norm, k_norm))
     # Unused pointers (an absent norm weight or RoPE table) are never read: their constexpr flag is off.
-    args = (q, k, v, out, q if q_norm is None else q_norm, q if k_norm is None else k_norm, q if cos is None else cos,
-            q if sin is None else sin, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+    args = (q, k, v, out, out if lse is None else lse, q if q_norm is None else q_norm,
+            q if k_norm is None else k_norm, q if cos is None else cos, q if sin is None else sin,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            *((0, 0, 0) if lse is None else (lse.stride(0), lse.stride(1), lse.stride(2))),
             0 if cos is None else cos.stride(0), 0 if sin is None else sin.stride(0),
             q_norm.stride(0) if q_split else 0, k_norm.stride(0) if k_split else 0,
             HQ, HQ // HKV, T_Q, T_K, window if windowed else 0, norm_split if q_split or k_split else 0, eps,
             scale * math.log2(math.e))
     meta = dict(HEAD_DIM=Dh, D1=d1, D2=d2, Q_NORM=q_norm is not None, K_NORM=k_norm is not None, Q_SPLIT=q_split,
                 K_SPLIT=k_split,
-                ROPE=cos is not None, INTERLEAVED=bool(rope_interleaved), WINDOWED=windowed, PRECISION=precision)
+                ROPE=cos is not None, INTERLEAVED=bool(rope_interleaved), WINDOWED=windowed, PRECISION=precision,
+                RETURN_LSE=lse is not None)
     launch_tiles(_gqa_attention_fwd_kernel, _gqa_attention_fwd_autotuned, q, T_Q, B * HQ, args, meta, config)
 
 
@@ -334,13 +379,42 @@ def _(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, n
     return q.new_empty(q.shape)
 
 
+@torch.library.custom_op("ditengine::gqa_attention_lse", mutates_args=())
+def _gqa_attention_lse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: torch.Tensor | None,
+                          k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                          rope_interleaved: bool, window: int | None, scale: float,
+                          norm_split: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ditengine::gqa_attention` with each query row's log-sum-exp as a second output: (out (B, T, Hq, Dh),
+    lse (B, T, Hq) fp32). k and v may have no key (S = 0): out 0, lse -inf. A second op rather than a flag on the
+    first: an op's outputs are fixed by its schema, and the first op's stays as it is."""
+    _check_args(q, k, v, q_norm, k_norm, eps, _rope(cos, sin), window, scale, norm_split, return_lse=True)
+    if use_triton("gqa_attention_lse", q):
+        out, lse = _empty_outputs(q)
+        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split, lse=lse)
+        return out, lse
+    return gqa_attention_ref(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=eps, rope=None if cos is None else (cos, sin),
+                             rope_interleaved=rope_interleaved, window=window, scale=scale, norm_split=norm_split,
+                             return_lse=True)
+
+
+@_gqa_attention_lse_op.register_fake
+def _(q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split=None):
+    _check_args(q, k, v, q_norm, k_norm, eps, _rope(cos, sin), window, scale, norm_split, return_lse=True)
+    return _empty_outputs(q)
+
+
+def _empty_outputs(q):
+    """out (B, T, Hq, Dh) in q's dtype and lse (B, T, Hq) fp32, both contiguous, uninitialised."""
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 def _rope(cos, sin):
     """The op's cos and sin as `gqa_attention`'s rope: one of them None is a pair with a None in it, refused."""
     return None if cos is None and sin is None else (cos, sin)
 
 
 # -- public API ------------------------------------------------------------------------------------------
-def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split):
+def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split, return_lse=False):
     check_tensor("q", q, ndim=4, layout="(B, T, Hq, Dh)")
     B, T, HQ, Dh = q.shape
     check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, layout="(B, S, Hkv, Dh)")
@@ -352,8 +426,9 @@ def _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split):
         raise ValueError(f"k: q's {HQ} heads must be a multiple of k's {HKV} heads (GQA: q head h reads kv head "
                          f"h // (Hq // Hkv))")
     check_head_dim(Dh, " (gqa_attention_ref takes any)")
-    if T == 0 or S == 0:
-        raise ValueError(f"gqa_attention: sequence lengths must be at least 1, got q {T}, k {S}")
+    if T == 0 or (S == 0 and not return_lse):
+        hint = " (an empty key shard is taken with return_lse=True)" if T else ""
+        raise ValueError(f"gqa_attention: sequence lengths must be at least 1, got q {T}, k {S}{hint}")
     for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
         if w is not None:
             check_tensor(name, w, dtypes=FLOAT_DTYPES, device=q.device)
@@ -403,7 +478,8 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_norm: 
                   k_norm: torch.Tensor | None = None, eps: float = 1e-6,
                   rope: tuple[torch.Tensor, torch.Tensor] | None = None, rope_interleaved: bool = False,
                   window: int | None = None, scale: float | None = None, norm_split: int | None = None,
-                  backend: str | None = None, config: dict | None = None) -> torch.Tensor:
+                  return_lse: bool = False, backend: str | None = None,
+                  config: dict | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, T, Hq, Dh) to k, v (B, S, Hkv, Dh) -> (B, T, Hq, Dh), contiguous, in q's dtype.
 
     `q_norm`, `k_norm`: None or the (Dh,) RMSNorm weight (any float dtype, read as fp32) applied to q / k
@@ -417,16 +493,64 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, q_norm: 
     "triton" (on CPU: the interpreter) or "reference" (`gqa_attention_ref`) force one.
     `config`: with backend="triton" only, one launch config (as `attention`'s: BLOCK_M, BLOCK_N, num_warps,
     num_stages) instead of the autotuned or pinned one: for tests and benchmarks.
+    `return_lse`: True returns (out, lse), lse (B, T, Hq) float32 contiguous, the natural-log log-sum-exp of
+    each query row's scaled scores over the keys it sees; k and v may then hold no key (S = 0): out 0, lse -inf.
+    The default path then calls the registered op `ditengine::gqa_attention_lse`. `merge_attention` combines
+    such partial results over disjoint key sets.
     """
-    cos, sin = _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    cos, sin = _check_args(q, k, v, q_norm, k_norm, eps, rope, window, scale, norm_split, return_lse)
     eps = float(eps)
-    how, scale = prelude("gqa_attention", q.device, backend, q.shape[-1], scale, config)
+    how, scale = prelude("gqa_attention_lse" if return_lse else "gqa_attention", q.device, backend, q.shape[-1],
+                         scale, config)
     if how.startswith("reference"):
         return gqa_attention_ref(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=eps, rope=rope,
-                                 rope_interleaved=rope_interleaved, window=window, scale=scale, norm_split=norm_split)
+                                 rope_interleaved=rope_interleaved, window=window, scale=scale, norm_split=norm_split,
+                                 return_lse=return_lse)
     # The interpreter: the dispatcher's CPU slot may belong to the native kernel. A config: the op has none.
     if how == "triton-interpreter" or config is not None:
-        out = q.new_empty(q.shape)
-        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split, config)
-        return out
-    return _gqa_attention_op(q, k, v, q_norm, k_norm, eps, cos, sin, bool(rope_interleaved), window, scale, norm_split)
+        out, lse = _empty_outputs(q) if return_lse else (q.new_empty(q.shape), None)
+        _launch(q, k, v, out, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split, config, lse)
+        return (out, lse) if return_lse else out
+    op = _gqa_attention_lse_op if return_lse else _gqa_attention_op
+    return op(q, k, v, q_norm, k_norm, eps, cos, sin, bool(rope_interleaved), window, scale, norm_split)
+
+
+MERGE_OUT_DTYPES = (*FLOAT_DTYPES, torch.float64)  # partial outputs: a kernel's, or a reference's
+
+
+def _check_merge_args(out, lse, out_b, lse_b):
+    check_tensor("out", out, ndim=4, dtypes=MERGE_OUT_DTYPES, last_dim_contiguous=False, layout="(B, T, H, Dh)")
+    check_tensor("lse", lse, shape=tuple(out.shape[:3]), dtypes=(torch.float32,), device=out.device,
+                 last_dim_contiguous=False, layout="(B, T, H): out's log-sum-exp")
+    check_tensor("out_b", out_b, shape=tuple(out.shape), dtypes=MERGE_OUT_DTYPES, device=out.device,
+                 last_dim_contiguous=False, layout="(B, T, H, Dh) like out")
+    check_tensor("lse_b", lse_b, shape=tuple(out.shape[:3]), dtypes=(torch.float32,), device=out.device,
+                 last_dim_contiguous=False, layout="(B, T, H): out_b's log-sum-exp")
+
+
+def merge_attention(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
+                    lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention over the union of two disjoint key sets, from each set's partial attention: `out`, `out_b`
+    (B, T, H, Dh), any float dtypes, as `gqa_attention(..., return_lse=True)` gives them, and their log-sum-exps
+    `lse`, `lse_b` (B, T, H) float32. Returns (out, lse) of the union, both float32: a ring keeps the merged out
+    as its running fp32 accumulator, merges each key block into it and casts once at the end.
+
+        m = max(lse, lse_b),  w = exp(lse - m),  w_b = exp(lse_b - m)
+        out = (out * w + out_b * w_b) / (w + w_b),  lse = m + log(w + w_b)
+
+    A side whose lse is -inf (no key: a key shard of padding) contributes nothing, so the result is the other
+    side exactly (its weight is exp(0) = 1); both -inf gives out 0 and lse -inf, never NaN. A NaN lse gives NaN.
+    Elementwise tensor ops only (no host sync, no branch on values): it runs inside a captured CUDA graph."""
+    _check_merge_args(out, lse, out_b, lse_b)
+    m = torch.maximum(lse, lse_b)  # (B, T, H)
+    # Both sides keyless: any finite shift leaves both weights 0, where -inf - -inf would be NaN.
+    m = m.masked_fill(m == -math.inf, 0.0)
+    w, w_b = torch.exp(lse - m), torch.exp(lse_b - m)  # (B, T, H); the larger is exactly 1
+    total = w + w_b
+    # A keyless side's out is never read into the sum, whatever it holds.
+    acc = (torch.where((lse == -math.inf)[..., None], 0.0, out.float() * w[..., None])
+           + torch.where((lse_b == -math.inf)[..., None], 0.0, out_b.float() * w_b[..., None]))  # (B, T, H, Dh)
+    merged = acc / total.masked_fill(total == 0, 1.0)[..., None]
+    return merged, m + torch.log(total)

@@ -9,10 +9,14 @@ visited; NaN isolation; one table of bad inputs against every backend and agains
 and the fake implementation; the native ISA variants; the Triton kernel compiled for the H100 without a GPU;
 ACE-Step shapes on a GPU. Joint attention (SD3.5, Flux.1): (2, Dh) per-stream norm weights split at
 norm_split, against diffusers' RMSNorm modules, `apply_rotary_emb` and `FluxPosEmbed`; splits inside a tile and
-on tile and key-block edges; NaN isolation, error paths and opcheck with a split."""
+on tile and key-block edges; NaN isolation, error paths and opcheck with a split. Ring attention: the log-sum-exp
+(return_lse) of every kernel against the reference's, zero-key shards (out 0, lse -inf), key blocks merged with
+`merge_attention` against the whole sequence, the merge's -inf and NaN edges and its trace without host syncs, the
+lse op's checks, Python body and opcheck."""
 import functools
 import importlib
 import json
+import math
 import re
 from typing import Callable, NamedTuple
 from unittest import mock
@@ -20,7 +24,7 @@ from unittest import mock
 import pytest
 import torch
 
-from ditengine.kernels import choose, gqa_attention, gqa_attention_ref
+from ditengine.kernels import choose, gqa_attention, gqa_attention_ref, merge_attention
 from ditengine.kernels.attention import AUTOTUNE_CONFIGS, PINNED_INTERPRETER
 
 from support.backends import cpu_backends
@@ -94,18 +98,19 @@ def visible(T, window, device="cpu"):
 
 # -- the backend axis -------------------------------------------------------------------------------------------
 def native_op(q, k, v, q_norm=None, k_norm=None, eps=1e-6, rope=None, rope_interleaved=False, window=None,
-              scale=None, norm_split=None, python_body=False):
+              scale=None, norm_split=None, python_body=False, return_lse=False):
     """The registered op called directly with `gqa_attention`'s keywords: on CPU tensors, where the extension
     serves it, the C++ kernel behind its own checks (none of the Python ones); with `python_body`, the op's Python
     body past the C++ kernel (its reference branch: what runs on CPU without the extension; on CUDA the body's
-    Triton branch behind the same checks)."""
+    Triton branch behind the same checks). `return_lse`: the op with the log-sum-exp, `gqa_attention_lse`."""
     cos, sin = rope if rope is not None else (None, None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     args = (q, k, v, q_norm, k_norm, eps, cos, sin, rope_interleaved, window, scale, norm_split)
+    op = torch.ops.ditengine.gqa_attention_lse if return_lse else torch.ops.ditengine.gqa_attention
     if not python_body:
-        return torch.ops.ditengine.gqa_attention(*args)
+        return op(*args)
     with mock.patch.object(gqa, "use_triton", lambda *tensors: False):
-        return torch.ops.ditengine.gqa_attention.default.redispatch(PYTHON_BODY, *args)
+        return op.default.redispatch(PYTHON_BODY, *args)
 
 
 PYTHON_BODY = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
@@ -776,8 +781,9 @@ def test_registered_op_passes_opcheck():
 def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
     """ptxas from Triton's wheel (as bench/sm90.py does for the other kernels): the GPU's pinned bf16 and fp32
     launches with every prologue step and the window compile for sm_90, bf16 dots on warpgroup tensor cores,
-    nothing spilled, shared memory within the limit; ACE-Step's head dim (128) and a split one (72), and the
-    joint models' per-stream weights with interleaved RoPE (Flux's 128, SD3.5's 64)."""
+    nothing spilled, shared memory within the limit; ACE-Step's head dim (128) and a split one (72), the
+    joint models' per-stream weights with interleaved RoPE (Flux's 128, SD3.5's 64), and the ring's form with
+    the log-sum-exp stored (128)."""
     out = run_python("""
         import importlib, json
         import ditengine.kernels
@@ -786,17 +792,19 @@ def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
         fn = importlib.import_module("ditengine.kernels.gqa_attention")._gqa_attention_fwd_kernel
         rows = []
         for dtype, config in (("bf16", PINNED_GPU), ("fp32", PINNED_GPU_FP32)):
-            for head_dim, split in ((128, False), (72, False), (128, True), (64, True)):
+            for head_dim, split, lse in ((128, False, False), (72, False, False), (128, True, False),
+                                         (64, True, False), (128, False, True)):
                 d1, d2 = head_blocks(head_dim)
                 pointers = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "o_ptr", "qw_ptr", "kw_ptr"), dtype),
-                            "cos_ptr": "fp32", "sin_ptr": "fp32"}
+                            "lse_ptr": "fp32", "cos_ptr": "fp32", "sin_ptr": "fp32"}
                 scalars = {**{n: "i64" for n in fn.arg_names if n.startswith("stride")}, "HQ": "i32", "GROUP": "i32",
                            "T_Q": "i32", "T_K": "i32", "window": "i32", "norm_split": "i32", "eps": "fp32",
                            "qk_scale": "fp32"}
                 kernel = compile_sm90(fn, pointers, scalars, dict(
                     HEAD_DIM=head_dim, D1=d1, D2=d2, Q_NORM=True, K_NORM=True, Q_SPLIT=split, K_SPLIT=split,
                     ROPE=True, INTERLEAVED=split,
-                    WINDOWED=True, PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_M=config["BLOCK_M"],
+                    WINDOWED=True, PRECISION="ieee" if dtype == "fp32" else "tf32", RETURN_LSE=lse,
+                    BLOCK_M=config["BLOCK_M"],
                     BLOCK_N=config["BLOCK_N"]), config["num_warps"], config["num_stages"])
                 rows.append(dict(dtype=dtype, head_dim=head_dim, limit=SHARED_LIMIT, **resources(kernel)))
         print(json.dumps(rows))
@@ -804,7 +812,7 @@ def test_triton_kernel_compiles_for_the_h100_without_a_gpu():
     rows = json.loads(out.strip().splitlines()[-1])
     for row in rows:
         assert row["local_bytes"] == 0 and row["shared_bytes"] <= row["limit"], row
-    assert [row["wgmma"] for row in rows] == [True] * 4 + [False] * 4, rows
+    assert [row["wgmma"] for row in rows] == [True] * 5 + [False] * 5, rows
 
 
 # -- joint attention: per-stream (2, Dh) norm weights split at norm_split --------------------------------------------
@@ -980,6 +988,225 @@ def test_joint_python_body_matches_reference(backend, monkeypatch):
     out = torch.ops.ditengine.gqa_attention.default.redispatch(python_impl, q, k, v, kw["q_norm"], kw["k_norm"], 1e-6,
                                                                cos, sin, True, None, 32**-0.5, 37)
     check(out, q, k, v, f"joint python body ({backend})", **kw)
+
+
+# -- the log-sum-exp and the exact merge (Ring attention) ------------------------------------------------------------
+def check_lse(out, lse, q, k, v, name, **kw):
+    """out as `check` does, and lse (B, T, Hq) fp32 contiguous against the reference's under the same rule:
+    ref_hi and ref_lp as `references` builds them (the lse's scores in the inputs' dtype for ref_lp)."""
+    B, T, HQ, _ = q.shape
+    assert lse.shape == (B, T, HQ) and lse.dtype == torch.float32 and lse.is_contiguous(), name
+    check(out, q, k, v, name, **kw)
+    if q.dtype == torch.float32:
+        _, lse_hi = gqa_attention_ref(q.double(), k.double(), v.double(), return_lse=True, **kw)
+        _, lse_lp = gqa_attention_ref(q, k, v, return_lse=True, **kw)
+    else:
+        _, lse_hi = gqa_attention_ref(q, k, v, return_lse=True, **kw)
+        _, lse_lp = gqa_attention_ref(q, k, v, upcast=False, return_lse=True, **kw)
+    assert_within_tolerance(lse, lse_hi, lse_lp, fp32_floor(lse_hi), f"{name} lse")
+
+
+# (B, T, S, Hq, Hkv, Dh, norm, rope, window), on every kernel: GQA 2 with the whole prologue and no window, a
+# window with the prologue, a window without it (the split head dim 72), cross-attention (S != T) without a prologue
+# and with a q norm only.
+LSE_CASES = [(1, 37, 37, 4, 2, 64, "qk", "half", None), (1, 45, 45, 4, 2, 32, "qk", "pairs", 4),
+             (1, 33, 33, 2, 1, 72, "", None, 4), (2, 29, 13, 4, 2, 32, "", None, None),
+             (1, 17, 50, 4, 2, 16, "q", None, None)]
+# The native kernel only: more keys than one 512-key block (the running max and sum carried across blocks), with a
+# window whose second block a row may not reach, and a single query over 300 keys.
+NATIVE_LSE_CASES = [(1, 600, 600, 4, 2, 16, "qk", "half", None), (1, 600, 600, 2, 1, 16, "", None, 250),
+                    (1, 1, 300, 4, 2, 64, "", None, None)]
+
+
+@pytest.mark.parametrize("backend, B, T, S, HQ, HKV, Dh, norm, rope, window, dtype", backend_cases({
+    "native": [(*case, dtype) for case in LSE_CASES + NATIVE_LSE_CASES for dtype in NATIVE_DTYPES],
+    "triton": [(*case, dtype) for case in LSE_CASES for dtype in INTERPRETER_DTYPES]}))
+def test_lse_matches_reference(backend, B, T, S, HQ, HKV, Dh, norm, rope, window, dtype, request):
+    """return_lse=True: the output as without it, and the natural-log log-sum-exp of the scaled scores after the
+    prologue, over the keys each row sees; the Triton kernel in one launch, the native kernel as its lse op."""
+    launches = count_launches(backend, request)
+    q, k, v = make_inputs(B, T, S, HQ, HKV, Dh, dtype, seed=T + 2 * S + Dh)
+    if S > 512:  # the largest logits in the second key block: the running max moves
+        k = k.clone()
+        k[:, S // 2:] *= 3.0
+    kw = options(q, norm, rope, window)
+    out, lse = runner(backend)(q, k, v, return_lse=True, **kw)
+    if launches is not None:
+        assert launches["_gqa_attention_fwd_kernel"] == 1
+    name = f"{backend} T={T} S={S} Hq={HQ} Hkv={HKV} Dh={Dh} norm={norm} rope={rope} window={window}"
+    check_lse(out, lse, q, k, v, name, **kw)
+    assert torch.equal(out, runner(backend)(q, k, v, **kw)), f"{name}: return_lse changed the output"
+
+
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention_lse"))
+def test_lse_zero_keys_give_zeros_and_minus_inf(backend):
+    """A key shard of padding only (S = 0) with return_lse: out 0 in q's dtype, lse -inf, no NaN, on every backend
+    and with the norms on; the lse op (C++ kernel and Python body) alike."""
+    q, k, v = make_inputs(2, 7, 11, 4, 2, 32, torch.float32, seed=41)
+    k, v = k[:, :0], v[:, :0]
+    kw = options(q, "qk")
+    for name, (out, lse) in (("function", gqa_attention(q, k, v, return_lse=True, backend=backend, **kw)),
+                             ("op", native_op(q, k, v, return_lse=True, python_body=backend != "native", **kw))):
+        assert out.shape == q.shape and out.dtype == q.dtype and torch.equal(out, torch.zeros_like(out)), name
+        assert lse.shape == (2, 7, 4) and lse.dtype == torch.float32, name
+        assert bool((lse == -torch.inf).all()), f"{backend} {name}: {lse}"
+
+
+def key_blocks(k, v, bounds):
+    """k, v cut along the keys at `bounds` (0, ..., S): one (k, v) pair per block, empty where two bounds meet."""
+    return [(k[:, a:b], v[:, a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+# Key-block bounds over S = 50 keys: 2 to 4 blocks, an all-padding block (no key) in the middle, and one first.
+MERGE_SPLITS = [(0, 23, 50), (0, 17, 17, 50), (0, 9, 9, 31, 50), (0, 0, 12, 30, 50)]
+
+
+@pytest.mark.parametrize("split", MERGE_SPLITS, ids=lambda b: "-".join(map(str, b)))
+@pytest.mark.parametrize("backend, dtype", backend_cases({"native": [(torch.float32,), (torch.bfloat16,)],
+                                                          "triton": [(torch.float32,), (torch.float16,)]}))
+def test_merged_key_blocks_match_the_whole_sequence(backend, dtype, split):
+    """Ring attention's arithmetic: q attends each key block alone (return_lse), the partial results are merged in
+    order into an fp32 accumulator, and the result is the attention over every key: out and lse within the rule
+    of the whole sequence's reference (q and k norms on, 4 q heads over 2 kv heads)."""
+    q, k, v = make_inputs(2, 19, 50, 4, 2, 32, dtype, seed=42)
+    kw = options(q, "qk")
+    run = runner(backend)
+    blocks = key_blocks(k, v, split)
+    out, lse = run(q, *blocks[0], return_lse=True, **kw)
+    out = out.float()
+    for kb, vb in blocks[1:]:
+        out, lse = merge_attention(out, lse, *run(q, kb, vb, return_lse=True, **kw))
+        assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    check_lse(out.to(dtype), lse, q, k, v, f"{backend} merged blocks {split}", **kw)
+
+
+def test_merge_attention_of_keyless_sides():
+    """-inf on one side gives the other side exactly, whatever the keyless side's out holds (NaN included), row by
+    row; on both sides out 0 and lse -inf, never NaN; equal lse averages; a NaN lse gives NaN; bf16 in, fp32 out."""
+    g = torch.Generator().manual_seed(43)
+    out_a, out_b = torch.randn(2, 5, 3, 16, generator=g), torch.randn(2, 5, 3, 16, generator=g).bfloat16()
+    lse_a, lse_b = torch.randn(2, 5, 3, generator=g) * 4, torch.randn(2, 5, 3, generator=g) * 4
+    keyless_a = torch.rand(2, 5, 3, generator=g) < 0.3
+    keyless_b = ~keyless_a & (torch.rand(2, 5, 3, generator=g) < 0.5)
+    lse_a, lse_b = lse_a.masked_fill(keyless_a, -torch.inf), lse_b.masked_fill(keyless_b, -torch.inf)
+    out_a = out_a.masked_fill(keyless_a[..., None], torch.nan)  # never read
+    out, lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == out_a.shape and lse.shape == lse_a.shape
+    assert torch.equal(out[keyless_a], out_b[keyless_a].float()) and torch.equal(lse[keyless_a], lse_b[keyless_a])
+    assert torch.equal(out[keyless_b], out_a[keyless_b]) and torch.equal(lse[keyless_b], lse_a[keyless_b])
+    both = ~keyless_a & ~keyless_b
+    w = torch.softmax(torch.stack([lse_a, lse_b]), dim=0)[..., None]  # (2, B, T, H, 1)
+    expected = w[0] * out_a.double().nan_to_num() + w[1] * out_b.double()
+    torch.testing.assert_close(out[both].double(), expected[both], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse[both], torch.logaddexp(lse_a, lse_b)[both])
+
+    none = torch.full((2, 5, 3), -torch.inf)
+    out, lse = merge_attention(torch.randn(2, 5, 3, 16, generator=g), none, torch.randn(2, 5, 3, 16, generator=g),
+                               none)
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == -torch.inf).all())
+    out, lse = merge_attention(out_b, lse_b, out_b, lse_b)
+    assert torch.equal(out[~keyless_b], out_b.float()[~keyless_b])
+    torch.testing.assert_close(lse[~keyless_b], lse_b[~keyless_b] + math.log(2))
+    lse_nan = lse_a.clone()
+    lse_nan[0, 0, 0] = torch.nan
+    out, lse = merge_attention(out_a, lse_nan, out_b, lse_b)
+    assert lse[0, 0, 0].isnan() and out[0, 0, 0].isnan().all() and not lse[1].isnan().any()
+
+
+def test_merge_attention_traces_without_host_syncs():
+    """Traced with fake tensors (no values): a branch on a tensor's value or a host sync would raise, so the merge
+    captures into a CUDA graph whole; the traced graph computes what the eager call does."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(44)
+    args = (torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 4, 2, generator=g),
+            torch.randn(1, 4, 2, 16, generator=g).half(), torch.full((1, 4, 2), -torch.inf))
+    graph = make_fx(merge_attention, tracing_mode="fake")(*args)
+    assert "_local_scalar_dense" not in str(graph.graph)
+    for got, want in zip(graph(*args), merge_attention(*args)):
+        assert torch.equal(got, want)
+
+
+def test_lse_bad_arguments_name_them():
+    """return_lse must be a bool; zero keys only with it; zero queries never; merge_attention's shapes, dtypes and
+    devices, each error naming the argument."""
+    q, k, v = make_inputs(1, 6, 6, 4, 2, 16, torch.float32, seed=45)
+    for bad in (1, None, "yes", torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"return_lse: expected a bool, got "):
+            gqa_attention(q, k, v, return_lse=bad)
+    with pytest.raises(ValueError, match=r"got q 6, k 0 \(an empty key shard is taken with return_lse=True\)"):
+        gqa_attention(q, k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match="sequence lengths must be at least 1, got q 0, k 6"):
+        gqa_attention(q[:, :0], k, v, return_lse=True)
+    with pytest.raises(ValueError, match="window: a sliding window is for self-attention and needs S = T, got S=0"):
+        gqa_attention(q, k[:, :0], v[:, :0], window=2, return_lse=True)
+
+    o, lse = torch.randn(2, 5, 3, 16), torch.randn(2, 5, 3)
+    for args, exc, match in (
+            ((o[0], lse, o, lse), ValueError, r"out: expected 4 dimensions \(B, T, H, Dh\), got shape \(5, 3, 16\)"),
+            ((o, lse[:, :4], o, lse), ValueError, r"lse: expected shape \(2, 5, 3\) \(B, T, H\): out's log-sum-exp"),
+            ((o, lse.bfloat16(), o, lse), TypeError, r"lse: expected dtype in \['float32'\], got bfloat16"),
+            ((o, lse, o[:, :4], lse), ValueError, r"out_b: expected shape \(2, 5, 3, 16\) \(B, T, H, Dh\) like out"),
+            ((o, lse, o.long(), lse), TypeError, "out_b: expected dtype in .*, got int64"),
+            ((o, lse, o, lse.double()), TypeError, r"lse_b: expected dtype in \['float32'\], got float64"),
+            ((o, lse, o, lse.to("meta")), ValueError, "lse_b: on meta, expected cpu like the other inputs"),
+            ((o, lse, o.numpy(), lse), TypeError, "out_b: expected a torch.Tensor, got ndarray")):
+        with pytest.raises(exc, match=match):
+            merge_attention(*args)
+
+
+@pytest.mark.parametrize("bad, backend", [p for p in bad_input_params() if p.values[1].startswith("op")
+                                          and p.values[0].id != "k-no-tokens"])
+def test_lse_op_checks_as_the_op(bad, backend):
+    """The lse op called directly (its C++ kernel, or its Python body) checks every bad input of the table as
+    `gqa_attention`'s op does: the same exception and message naming the argument (an empty k aside: the lse op
+    takes it)."""
+    call = {**valid_call(), "return_lse": True}
+    call.update(bad.over(call))
+    call.pop("backend", None)
+    expect = bad.op
+    if backend == "op-python-body":
+        call["python_body"] = True
+        if bad.op.why not in SCHEMA_ACTS_FIRST:
+            expect = Op(bad.exc, bad.match)
+    if expect.exc is None:
+        out, lse = native_op(**call)
+        assert out.shape == call["q"].shape and lse.shape == call["q"].shape[:3]
+        return
+    with pytest.raises(expect.exc, match=expect.match):
+        native_op(**call)
+
+
+@pytest.mark.parametrize("backend", cpu_backends("gqa_attention_lse", ("reference", "triton")))
+def test_lse_python_body_matches_reference(backend, monkeypatch):
+    """The lse op's Python implementation past the native kernel: the Triton kernel where `use_triton` says so (as
+    on CUDA; here the interpreter), else the reference."""
+    monkeypatch.setattr(gqa, "use_triton", lambda op, *tensors: backend == "triton")
+    q, k, v = make_inputs(1, 21, 21, 4, 2, 32, torch.float32, seed=46)
+    kw = options(q, "qk", "pairs", 4)
+    out, lse = native_op(q, k, v, python_body=True, return_lse=True, **kw)
+    check_lse(out, lse, q, k, v, f"lse python body ({backend})", **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_lse_op_passes_opcheck_and_fake(dtype):
+    """The lse op (its C++ kernel where built) with the prologue and a window, without a window (bf16 on AMX: ATen's
+    flash branch), and with no key, passes opcheck; its fake implementation gives (out in q's dtype, lse fp32) on
+    meta tensors."""
+    q, k, v = make_inputs(1, 9, 9, 4, 2, 16, dtype, seed=47)
+    kw = options(q, "qk", "half", 3)
+    cos, sin = kw["rope"]
+    args = (q, k, v, kw["q_norm"], kw["k_norm"], 1e-6, cos, sin, False, 3, 0.25)
+    torch.library.opcheck(torch.ops.ditengine.gqa_attention_lse, args)
+    # No key: contiguous empty k and v (opcheck's input cloning cannot copy an empty view of the fused projection).
+    for kk, vv in ((k, v), (k.new_empty(1, 0, 2, 16), v.new_empty(1, 0, 2, 16))):
+        torch.library.opcheck(torch.ops.ditengine.gqa_attention_lse,
+                              (q, kk, vv, kw["q_norm"], kw["k_norm"], 1e-6, None, None, False, None, 0.25))
+    out, lse = torch.ops.ditengine.gqa_attention_lse(*(a.to("meta") if isinstance(a, torch.Tensor) else a
+                                                       for a in args))
+    assert out.shape == q.shape and out.dtype == dtype and out.device.type == "meta"
+    assert lse.shape == (1, 9, 4) and lse.dtype == torch.float32
 
 
 # -- GPU -----------------------------------------------------------------------------------------------------------

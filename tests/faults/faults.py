@@ -154,6 +154,20 @@ FAULTS: list[Fault] = [
           ("tests/test_gqa_attention.py",), "test_triton_joint_split_on_a_key_block_edge",
           "Triton's joint attention normalises the second stream's first row with the first stream's weight",
           _gqa_probe(q_norm="w2", k_norm="w2", norm_split=30, backend='"triton"')),
+    # -- GQA attention: the log-sum-exp (Ring attention's merge) -------------------------------------------------
+    Fault("gqa-triton-lse-base-2", "kernels/gqa_attention.py",
+          "lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2",
+          "lse = m_i + tl.log2(l_i)",
+          ("tests/test_gqa_attention.py",), "test_lse_matches_reference and triton",
+          "Triton's lse stays in the online softmax's log2 domain (the ln 2 factor dropped): merged ring blocks are "
+          "weighted 2^x instead of e^x",
+          _gqa_probe(q_norm="qw", k_norm="kw", return_lse=True, backend='"triton"') + "out = out[1]\n"),
+    Fault("gqa-native-lse-no-running-max", "csrc/gqa_attention.cpp",
+          "lse_rows[i * pr.HQ] = m_all[hh * BLOCK_M + i] + std::log(l_all[hh * BLOCK_M + i]);",
+          "lse_rows[i * pr.HQ] = std::log(l_all[hh * BLOCK_M + i]);",
+          ("tests/test_gqa_attention.py",), "test_lse_matches_reference and native",
+          "the C++ lse forgets the running max the row's sum is relative to: log(l) instead of m + log(l)",
+          _gqa_probe(window=17, return_lse=True, backend='"native"') + "out = out[1]\n"),
     # -- adaLN -------------------------------------------------------------------------------------------------------
     Fault("adaln-native-rms-no-eps", "csrc/adaln.cpp",
           "const float rstd = kRms ? 1.f / std::sqrt(sum / static_cast<float>(D) + p.eps)",
