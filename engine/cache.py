@@ -225,17 +225,22 @@ def parse_cache(spec: str | None) -> CachePolicy | None:
                      "'teacache[:threshold]' or 'none'")
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """mean|new - old| / mean|old| over the whole batch, a float32 device scalar (no host sync)."""
+def relative_change(new: torch.Tensor, old: torch.Tensor, reduce=None) -> torch.Tensor:
+    """mean|new - old| / mean|old| over the whole batch, a float32 device scalar (no host sync). `reduce` sums a
+    tensor over the ranks that hold the other parts of the batch's tokens (in place), so that every rank computes
+    the statistic of the whole sequence."""
     new, old = new.float(), old.float()
-    return (new - old).abs().mean() / old.abs().mean().clamp_min(torch.finfo(torch.float32).tiny)
+    if reduce is None:
+        return (new - old).abs().mean() / old.abs().mean().clamp_min(torch.finfo(torch.float32).tiny)
+    sums = reduce(torch.stack([(new - old).abs().sum(), old.abs().sum()]))  # equal counts: sums for means
+    return sums[0] / sums[1].clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def skip_decision(first_residual: torch.Tensor, last_full_residual: torch.Tensor, threshold: float,
-                  skippable: torch.Tensor) -> torch.Tensor:
+                  skippable: torch.Tensor, reduce=None) -> torch.Tensor:
     """The first-block cache's decision as a bool device scalar: skip the other blocks on this step.
-    `skippable` (bool scalar tensor) is False on the steps that must run in full."""
-    return (relative_change(first_residual, last_full_residual) < threshold) & skippable
+    `skippable` (bool scalar tensor) is False on the steps that must run in full; `reduce`: see `relative_change`."""
+    return (relative_change(first_residual, last_full_residual, reduce) < threshold) & skippable
 
 
 def stats_dict(steps: int, depth: int, full_mask: list[bool], block_evals: int) -> dict:

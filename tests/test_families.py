@@ -109,9 +109,11 @@ class FastToy(FusedDenoiser):
         shift, scale = mod[1][:, None].chunk(2, -1)
         return F.layer_norm(resid, (self.D,)) * (1 + scale) + shift
 
-    def unembed(self, h, ctx):
-        out = self.model.out(h)  # (N, T, C)
-        return out.transpose(1, 2).reshape(len(h), self.out_channels, *self.latent_shape[1:])
+    def final(self, h):
+        return self.model.out(h)  # (N, T, C)
+
+    def unpatchify(self, out, ctx):
+        return out.transpose(1, 2).reshape(len(out), self.out_channels, *self.latent_shape[1:])
 
 
 @pytest.fixture

@@ -238,8 +238,8 @@ class FastAceStep(FusedDenoiser):
 
     def _attention(self, q, k, v, **prologue):
         if self.small_heads:
-            return gqa_attention_ref(q, k, v, eps=self.config.rms_norm_eps, **prologue)
-        return gqa_attention(q, k, v, eps=self.config.rms_norm_eps, backend=self.backend, **prologue)
+            return gqa_attention_ref(q, k, v, **prologue)
+        return gqa_attention(q, k, v, backend=self.backend, **prologue)
 
     def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,15 +251,14 @@ class FastAceStep(FusedDenoiser):
         m = mod[0][:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
         qkv = layers["qkv"](h)  # (N, T', (H + 2 Hkv) Dh)
         q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-        attended = self.self_attention(
-            ctx, lambda *t: self._attention(*t, q_norm=layers["q_norm"], k_norm=layers["k_norm"], rope=ctx["rope"],
-                                            window=cfg.window(i)),
-            q.view(N, T, H, Dh), k.view(N, T, Hkv, Dh), v.view(N, T, Hkv, Dh))
+        attended = self.self_attention(ctx, self._attention, q.view(N, T, H, Dh), k.view(N, T, Hkv, Dh),
+                                       v.view(N, T, Hkv, Dh), q_norm=layers["q_norm"], k_norm=layers["k_norm"],
+                                       eps=cfg.rms_norm_eps, rope=ctx["rope"], window=cfg.window(i))
         o = layers["proj"](attended.reshape(N, T, D))
         resid, h = self._norm(resid, m[:, 2], o, ctx["zeros"], ctx["zeros"], layers["cross_norm"])
         kv = ctx["kv"][i]  # (N, L, 2, Hkv, Dh)
         crossed = self._attention(layers["q"](h).view(N, T, H, Dh), kv[:, :, 0], kv[:, :, 1],
-                                  q_norm=layers["cross_q_norm"])
+                                  q_norm=layers["cross_q_norm"], eps=cfg.rms_norm_eps)
         c = layers["cross_proj"](crossed.reshape(N, T, D))
         if keep is not None:
             keep[0].copy_(o)
@@ -285,10 +284,10 @@ class FastAceStep(FusedDenoiser):
         return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=self.config.rms_norm_eps,
                               out_dtype=self.dtype, backend=self.backend, weight=self.out_norm, rms=True)
 
-    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The output GEMM (the ConvTranspose1d) on the final norm's output h (N, T', D) -> (N, C, T) cropped."""
-        N, T, _ = h.shape
-        out = self.final(h).view(N, T, self.out_channels, -1)  # (N, T', C, p)
+    def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The output GEMM's (the ConvTranspose1d's) rows (N, T', C p) -> (N, C, T) cropped."""
+        N, T, _ = out.shape
+        out = out.view(N, T, self.out_channels, -1)  # (N, T', C, p)
         return out.permute(0, 2, 1, 3).reshape(N, self.out_channels, -1)[..., :ctx["length"]].contiguous()
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:

@@ -15,8 +15,9 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import (choose, fp8_supported, linear, linear_fp8, linear_gelu, linear_int8, linear_swiglu,
-                               prepack_fp8, prepack_int8, prepack_linear, prepack_swiglu, swiglu)
+from ditengine.kernels import (choose, fp8_supported, gqa_attention, gqa_attention_ref, linear, linear_fp8,
+                               linear_gelu, linear_int8, linear_swiglu, prepack_fp8, prepack_int8, prepack_linear,
+                               prepack_swiglu, swiglu)
 from ditengine.kernels.attention import head_dim_fits
 
 from ..models.dit import timestep_embedding
@@ -452,9 +453,15 @@ class FusedDenoiser(ABC):
     def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         """The final norm's modulated output."""
 
-    @abstractmethod
     def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The final norm's output -> the model output (N, C_out, ...)."""
+        """The final norm's output (N, T, D) -> the model output (N, C_out, ...): the output projection (`final`, a
+        token GEMM), then `unpatchify`. On a token shard each rank projects its rows and the projected rows are
+        gathered (C_out x patch elements a token, not D)."""
+        return self.unpatchify(self.final(h), ctx)
+
+    @abstractmethod
+    def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The output projection's rows (N, T, C_out x patch) -> the model output (N, C_out, ...)."""
 
     # -- optional capabilities: None where a family does not offer them -------------------------------------------
     reuse_block = None  # (i, resid, mod, ctx, kept) -> (resid, h): block i from its kept outputs (step caching)
@@ -463,16 +470,31 @@ class FusedDenoiser(ABC):
     # on a shard of the tokens, its self-attention through `self_attention` (ditengine.parallel)
     sequence_heads = None
 
+    def self_attention(self, ctx: dict, attend, *tensors: torch.Tensor, **prologue) -> torch.Tensor:
+        """`attend(*tensors, **prologue)`, the family's self-attention over (N, T, ..., H, Dh) tensors (a packed
+        qkv, or q, k, v) -> (N, T, H, Dh); `prologue`: what of `gqa_attention`'s q/k norm, RoPE, window and scale
+        keywords the family uses. On a token shard (`ctx["sequence"]`, a `parallel.TokenShards`) the tensors hold
+        this rank's tokens, and the sequence group runs the attention across the ranks: the family's own kernel
+        after Ulysses' all-to-all, or the ring, which applies the prologue itself and attends through
+        `partial_attention`."""
+        shards = ctx.get("sequence") if ctx else None
+        if shards is None:
+            return attend(*tensors, **prologue)
+        return shards.attention(attend, tensors, prologue, self.partial_attention)
+
+    def partial_attention(self, q, k, v, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q (N, T, Hq, Dh) to one block of keys (N, S, Hkv, Dh) -> (out, its log-sum-exp (N, T, Hq)),
+        for the ring's exact merge."""
+        if head_dim_fits(q.shape[-1]):
+            return gqa_attention(q, k, v, backend=self.backend, return_lse=True, **kw)
+        return gqa_attention_ref(q, k, v, return_lse=True, **kw)
+
     @staticmethod
-    def self_attention(ctx: dict, attend, *tensors: torch.Tensor) -> torch.Tensor:
-        """`attend(*tensors)`, the family's self-attention over (N, T, ..., H, Dh) tensors -> (N, T, H, Dh). Under
-        Ulysses (`ctx["sequence"]`, a `parallel.SequenceGroup`) the tensors hold this rank's tokens: an all-to-all
-        gives every token of this rank's heads, the family's kernel runs on them (its RoPE and norms seeing every
-        position), and one all-to-all brings this rank's tokens back."""
-        group = ctx.get("sequence") if ctx else None
-        if group is None:
-            return attend(*tensors)
-        return group.to_tokens(attend(*(group.to_heads(t) for t in tensors)))
+    def local_rows(ctx: dict, rows: int) -> int:
+        """How many of the sequence's first `rows` tokens this rank holds (all of them on one rank): where a joint
+        family's streams meet within its shard."""
+        shards = ctx.get("sequence")
+        return rows if shards is None else shards.local(rows)
 
     def modulation_bytes(self, steps: int, rows: int) -> int:
         return sum(math.prod(shape) for shape in self.modulation_shapes(steps, rows)) * self.dtype.itemsize

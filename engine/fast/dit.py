@@ -164,12 +164,12 @@ class FastDiT(FusedDenoiser):
         return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype,
                               backend=self.backend)
 
-    def unembed(self, h: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
-        """The final linear on the final adaLN output h (N, T, D), unpatchified to (N, C_out, H, W)."""
+    def unpatchify(self, out: torch.Tensor, ctx: dict | None = None) -> torch.Tensor:
+        """The final linear's rows (N, T, p p C_out) -> (N, C_out, H, W)."""
         cfg = self.config
-        N, p = h.shape[0], cfg.patch_size
+        N, p = out.shape[0], cfg.patch_size
         side = cfg.input_size // p
-        out = self.final(h).view(N, side, side, p, p, cfg.out_channels)
+        out = out.view(N, side, side, p, p, cfg.out_channels)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(N, cfg.out_channels, side * p, side * p)
 
 

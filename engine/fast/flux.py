@@ -298,28 +298,37 @@ class FastFlux(FusedDenoiser):
 
     def first_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         """Double block 0's two K1s: the text rows with its text stream's modulation, the image rows with its own."""
-        return self._norms(resid, ctx["text_len"], self._next_mods(-1, mod))
+        return self._norms(resid, self.local_rows(ctx, ctx["text_len"]), self._next_mods(-1, mod))
 
-    def _attention(self, qkv, q_norm, k_norm, rope, split):
-        """qkv (N, S, 3D) -> (N, S, D): q/k RMSNorm (per stream, (2, Dh) weights split at row `split`, or one
-        (Dh,) weight), interleaved RoPE over the joint rows, no mask: all in the attention kernel's prologue."""
+    def sequence_heads(self) -> tuple[int, ...]:
+        return (self.config.num_attention_heads,)
+
+    def _attend(self, qkv, **prologue):
+        """Attention of a packed qkv (N, S, 3, H, Dh) -> (N, S, H, Dh)."""
+        run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
+        return run(*qkv.unbind(2), **prologue)
+
+    def _attention(self, qkv, q_norm, k_norm, ctx, split):
+        """qkv (N, S, 3D) -> (N, S, D): q/k RMSNorm (per stream, (2, Dh) weights split at joint row `split`, or one
+        (Dh,) weight), interleaved RoPE over the joint rows, no mask: all in the attention kernel's prologue. On a
+        token shard the joint sequence is sharded as one stream: `split` and the RoPE rows are global positions."""
         cfg = self.config
         N, S, _ = qkv.shape
-        q, k, v = qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim).unbind(2)
-        run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
-        o = run(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=1e-6, rope=rope, rope_interleaved=True, norm_split=split)
+        o = self.self_attention(ctx, self._attend, qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim),
+                                q_norm=q_norm, k_norm=k_norm, eps=1e-6, rope=ctx["rope"], rope_interleaved=True,
+                                norm_split=split)
         return o.reshape(N, S, -1)
 
     def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i (double blocks first) on the joint residual (in place) and its norm's output h -> (resid,
         the next norm's output). `keep` (2, N, L + T, D) receives the gated-in attention and MLP outputs."""
-        L = ctx["text_len"]
+        L = self.local_rows(ctx, ctx["text_len"])  # the text rows of this rank's part of the joint sequence
         nxt = self._next_mods(i, mod)
         if i < self.config.num_layers:
             layers, m = self.double[i], mod[0][:, i]  # (N, 12, D): text shift, scale, gate x2, then image's
             qkv = torch.cat([layers["add_qkv"](h[:, :L]), layers["qkv"](h[:, L:])], dim=1)
-            o = self._attention(qkv, layers["q_norm"], layers["k_norm"], ctx["rope"], L)
+            o = self._attention(qkv, layers["q_norm"], layers["k_norm"], ctx, ctx["text_len"])
             outs = (layers["add_out"](o[:, :L]), layers["out"](o[:, L:]))
             h = self._norms(resid, L, ((m[:, 3], m[:, 4]), (m[:, 9], m[:, 10])), (m[:, 2], m[:, 8]), outs)
             if keep is not None:
@@ -331,7 +340,7 @@ class FastFlux(FusedDenoiser):
         layers, m = self.single[i - self.config.num_layers], mod[1][:, i - self.config.num_layers]  # (N, 3, D)
         D = self.hidden
         fused = layers["qkv_mlp"].gelu_from(h, 3 * D)  # (N, S, 7D): q, k, v, then the MLP's 4D, GELU'd
-        attended = self._attention(fused[..., :3 * D], layers["q_norm"], layers["k_norm"], ctx["rope"], None)
+        attended = self._attention(fused[..., :3 * D], layers["q_norm"], layers["k_norm"], ctx, None)
         o = layers["out"](torch.cat([attended, fused[..., 3 * D:]], dim=-1))
         if keep is not None:
             keep[0].copy_(o)
@@ -340,7 +349,7 @@ class FastFlux(FusedDenoiser):
     def reuse_block(self, i: int, resid: torch.Tensor, mod: tuple, ctx: dict,
                     kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i with its outputs from `kept` (2, N, L + T, D): only the gated residual adds and the next norm."""
-        L = ctx["text_len"]
+        L = self.local_rows(ctx, ctx["text_len"])
         nxt = self._next_mods(i, mod)
         if i < self.config.num_layers:
             m = mod[0][:, i]
@@ -356,9 +365,16 @@ class FastFlux(FusedDenoiser):
         return adaln_modulate(resid, final[:, 1], final[:, 0], out_dtype=self.dtype, backend=self.backend)
 
     def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The output projection of the image rows of h, unpacked to (N, C_out, H, W)."""
+        """The output projection of the image rows of h alone (one rank: the text rows are not projected)."""
         (gh, gw), L = ctx["grid"], ctx["text_len"]
-        return unpack_latents(self.final(h[:, L:L + gh * gw]), 2 * gh, 2 * gw)  # not the reference tokens
+        return self.unpatchify(self.final(h[:, L:L + gh * gw]), ctx, 0)
+
+    def unpatchify(self, out: torch.Tensor, ctx: dict, start: int | None = None) -> torch.Tensor:
+        """The output projection's image rows (from row `start`; default: after the text) unpacked to
+        (N, C_out, H, W); not the reference tokens."""
+        (gh, gw), L = ctx["grid"], ctx["text_len"]
+        start = L if start is None else start
+        return unpack_latents(out[:, start:start + gh * gw], 2 * gh, 2 * gw)
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them (512 text

@@ -298,11 +298,11 @@ class FastPixArt(FusedDenoiser):
         return adaln_modulate(resid, final_mod[:, 0], final_mod[:, 1], eps=1e-6, out_dtype=self.dtype,
                               backend=self.backend)
 
-    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The final linear on the final adaLN output h (N, T, D), unpatchified to (N, C_out, H, W)."""
+    def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The final linear's rows (N, T, p p C_out) -> (N, C_out, H, W)."""
         (gh, gw), p, c = ctx["grid"], self.config.patch_size, self.out_channels
-        out = self.final(h).view(h.shape[0], gh, gw, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", out).reshape(h.shape[0], c, gh * p, gw * p)
+        N = out.shape[0]
+        return torch.einsum("nhwpqc->nchpwq", out.view(N, gh, gw, p, p, c)).reshape(N, c, gh * p, gw * p)
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them."""

@@ -95,12 +95,10 @@ class Plan:
         self.momentum = torch.zeros_like(self.x) if s.guider is not None and s.use_cfg else None
         self.apg_out = torch.zeros_like(self.x) if self.momentum is not None else None
         # Per call, per denoiser (a second expert has its own): label embeddings, or a prompt's K/V and lengths.
-        self.ctxs = [f.context_buffers(N, shape, cond) | {"sequence": s.sequence} for f in s.fasts]
+        # On a token shard: the sequence group's layout of this shape's tokens (padded to a multiple of its size).
+        shards = None if s.sequence is None else s.sequence.shards(self.token_shape[0])
+        self.ctxs = [f.context_buffers(N, shape, cond) | {"sequence": shards} for f in s.fasts]
         self.ctx = self.ctxs[0]
-        if s.sequence is not None and self.token_shape[0] % s.sequence.size:
-            raise ValueError(f"noise: {self.token_shape[0]} tokens, which ulysses_degree={s.sequence.size} does not "
-                             "divide (padding a shard is not implemented yet); choose a size whose token count it "
-                             "divides")
         self.step_idx = torch.zeros(1, device=dev, dtype=torch.long)
         stochastic = any(sched.needs_noise)
         # Zero-initialised: a step with u = 0 still reads the buffer in a graph, and 0 * garbage may be NaN.
@@ -204,23 +202,36 @@ class Plan:
 
     @staticmethod
     def forward(fast, x_in: torch.Tensor, mod: tuple, ctx: dict) -> torch.Tensor:
-        """The denoiser's forward; under Ulysses on this rank's tokens (the embedding sliced, every block on the
-        shard, the final norm's output gathered for the unpatchify)."""
-        group = ctx["sequence"]
-        if group is None:
+        """The denoiser's forward; on a token shard with this rank's tokens (the embedding sliced, every block on
+        the shard, the final norm's output gathered for the unpatchify)."""
+        if ctx["sequence"] is None:
             return fast.forward(x_in, mod, ctx)
-        full = fast.embed(x_in, ctx)
-        resid = full[:, group.shard(full.shape[1])].contiguous()  # (N, T / P, D)
+        resid = Plan.embed(fast, x_in, ctx)  # (N, T_pad / P, D)
         h = fast.first_norm(resid, mod, ctx)
         for i in range(fast.depth):
             resid, h = fast.block(i, resid, h, mod, ctx)
-        return fast.unembed(group.gather_tokens(h), ctx)
+        return Plan.unembed(fast, h, ctx)
+
+    @staticmethod
+    def embed(fast, x_in: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The residual stream's first values: every token, or on a token shard this rank's."""
+        full = fast.embed(x_in, ctx)
+        return full if ctx["sequence"] is None else ctx["sequence"].take(full)
+
+    @staticmethod
+    def unembed(fast, h: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The final norm's output -> the model output; on a token shard each rank's rows projected, then
+        gathered (C_out x patch elements a token, not the width)."""
+        if ctx["sequence"] is None:
+            return fast.unembed(h, ctx)
+        return fast.unpatchify(ctx["sequence"].gather(fast.final(h)), ctx)
 
     # -- step caching (ditengine.cache) --------------------------------------------------------------------
     def _allocate_cache(self) -> None:
         s = self.sampler
         fast, dev, S = s.fast, s.device, len(s.sched)
-        shape = (self.rows, *self.token_shape)
+        shards = self.ctx["sequence"]
+        shape = (self.rows, *self.token_shape) if shards is None else (self.rows, shards.per_rank, self.token_shape[1])
         self.block_evals = torch.zeros((), device=dev, dtype=torch.long)  # counted as each block runs
         self.full_mask = torch.zeros(S, device=dev, dtype=torch.bool)  # written by the branch that ran
         self.resid = torch.zeros(shape, device=dev, dtype=fast.residual_dtype)  # this step's residual stream
@@ -251,7 +262,7 @@ class Plan:
     def head(self, step: int | torch.Tensor) -> None:
         """The embedding into `resid`; with the first-block cache also block 0 and the decision."""
         fast = self.sampler.fast
-        self.resid.copy_(fast.embed(self.x_in, self.ctx))
+        self.resid.copy_(self.embed(fast, self.x_in, self.ctx))
         if not isinstance(self.cache, FirstBlockCache):
             return
         mod = self.modulation(step)
@@ -261,8 +272,12 @@ class Plan:
         self.h.copy_(h)
         torch.sub(self.resid, before, out=self.first_residual)
         skippable = self.skippable[step] if isinstance(step, int) else self.skippable.index_select(0, step)[0]
-        self.skip.copy_(skip_decision(self.first_residual, self.last_first_residual, self.cache.threshold,
-                                      skippable))
+        shards = self.ctx["sequence"]
+        if shards is None:
+            change = (self.first_residual, self.last_first_residual)
+        else:  # the statistic of the real tokens on every rank, so that every rank decides the same
+            change = (self.first_residual[:, :shards.rows], self.last_first_residual[:, :shards.rows], shards.sum)
+        self.skip.copy_(skip_decision(*change[:2], self.cache.threshold, skippable, *change[2:]))
 
     def tail_full(self, step: int | torch.Tensor):
         """Every block not yet run, refreshing the cache; leaves the final adaLN output in `h`."""
@@ -298,11 +313,11 @@ class Plan:
 
     def finish_full(self, step: int | torch.Tensor) -> None:
         self.tail_full(step)
-        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
+        self.scheduler_update(step, self.unembed(self.sampler.fast, self.h, self.ctx))
 
     def finish_cached(self, step: int | torch.Tensor) -> None:
         self.tail_cached(step)
-        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
+        self.scheduler_update(step, self.unembed(self.sampler.fast, self.h, self.ctx))
 
     def cached_step(self, step: int | torch.Tensor, full: bool | None = None) -> None:
         """One step under the cache policy. Static: `full` from the schedule (given for a step graph).
@@ -315,7 +330,7 @@ class Plan:
             torch.ops.higher_order.cond(self.skip, lambda: self.tail_cached(step), lambda: self.tail_full(step), ())
         else:
             (self.tail_cached if bool(self.skip) else self.tail_full)(step)  # the one host read of the step
-        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
+        self.scheduler_update(step, self.unembed(self.sampler.fast, self.h, self.ctx))
 
     def stats(self) -> dict:
         S, depth = len(self.sampler.sched), self.sampler.fast.depth

@@ -157,9 +157,10 @@ class FastSampler:
         self.parallel = parallel
         self.cfg_group, self.sequence = (None, None) if parallel is None else parallel.bind(self.use_cfg, self.device)
         for fast in self.fasts if self.sequence is not None else ():
-            check_sequence_heads(fast, self.sequence.size)
-        if (self.cfg_group or self.sequence) is not None and (cache is not None or guider is not None):
-            raise ValueError("parallel: not combined with a step cache or a guider (APG) yet")
+            check_sequence_heads(fast, parallel)
+        if self.cfg_group is not None and cache is not None:
+            raise ValueError("parallel: cfg_degree=2 is not combined with a step cache (its residuals are kept per "
+                             "CFG-doubled row, and each rank holds half of them); the sequence degrees are")
         self.cuda_graph = cuda_graph
         self.precompute_conditioning, self.conditioning_budget = precompute_conditioning, conditioning_budget
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and cuda_graph else None

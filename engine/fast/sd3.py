@@ -199,7 +199,7 @@ class FastSD3(FusedDenoiser):
         """The next op's input: each row range [image; text] normed with its own (shift, scale) of `mods`,
         after adding gate * out to it in place where given (`gated_residual_adaln`, else `adaln_modulate`); a second
         image modulation goes to ctx["second"]."""
-        T = ctx["image_len"]
+        T = self.local_rows(ctx, ctx["image_len"])
         *streams, second = mods
         parts = []
         for rows, (shift, scale), gate, o, extra in zip((slice(None, T), slice(T, None)), streams, gates, outs,
@@ -222,24 +222,36 @@ class FastSD3(FusedDenoiser):
         text one."""
         return self._norms(resid, ctx, self._next_mods(-1, mod))
 
-    def _attention(self, qkv, q_norm, k_norm, split):
+    def sequence_heads(self) -> tuple[int, ...]:
+        if self.config.dual_attention_layers:
+            raise ValueError("parallel: SD3.5's dual-attention layers (a second attention over the image rows alone) "
+                             "do not run on a token shard; use cfg_degree")
+        return (self.config.num_attention_heads,)
+
+    def _attend(self, qkv, **prologue):
+        """Attention of a packed qkv (N, S, 3, H, Dh) -> (N, S, H, Dh)."""
+        run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
+        return run(*qkv.unbind(2), **prologue)
+
+    def _attention(self, qkv, q_norm, k_norm, split, ctx=None):
         """qkv (N, S, 3D) -> (N, S, D): no mask; SD3.5's q/k RMSNorm (per stream, (2, Dh) weights split at row
-        `split`, or one (Dh,) weight) in the attention kernel's prologue."""
+        `split`, or one (Dh,) weight) in the attention kernel's prologue. On a token shard (the joint attention,
+        given `ctx`) the joint sequence is sharded as one stream and `split` is the global image count."""
         cfg = self.config
         N, S, _ = qkv.shape
-        q, k, v = qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim).unbind(2)
-        run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
-        o = run(q, k, v, q_norm=q_norm, k_norm=k_norm, eps=1e-6, norm_split=None if q_norm is None else split)
+        prologue = {} if q_norm is None else dict(q_norm=q_norm, k_norm=k_norm, eps=1e-6, norm_split=split)
+        o = self.self_attention(ctx, self._attend, qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim),
+                                **prologue)
         return o.reshape(N, S, -1)
 
     def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i on the joint residual (in place) and its norm's output h -> (resid, the next norm's output).
         `keep` (branches, N, T + L, D) receives the attention, MLP [and second attention] outputs, ungated."""
-        T, layers, m = ctx["image_len"], self.blocks[i], mod[0]
+        T, layers, m = self.local_rows(ctx, ctx["image_len"]), self.blocks[i], mod[0]  # this rank's image rows
         a, c, last = layers["image"], layers["text"], layers["last"]
         qkv = torch.cat([layers["qkv"](h[:, :T]), layers["add_qkv"](h[:, T:])], dim=1)
-        o = self._attention(qkv, layers["q_norm"], layers["k_norm"], T)
+        o = self._attention(qkv, layers["q_norm"], layers["k_norm"], ctx["image_len"], ctx)
         o_x = layers["out"](o[:, :T])
         o_c = None if last else layers["add_out"](o[:, T:])
         if keep is not None:
@@ -269,7 +281,7 @@ class FastSD3(FusedDenoiser):
     def reuse_block(self, i: int, resid: torch.Tensor, mod: tuple, ctx: dict,
                     kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i with its outputs from `kept`: only the gated residual adds and the next norm."""
-        T, layers, m = ctx["image_len"], self.blocks[i], mod[0]
+        T, layers, m = self.local_rows(ctx, ctx["image_len"]), self.blocks[i], mod[0]
         a, c, last = layers["image"], layers["text"], layers["last"]
         resid[:, :T].addcmul_(m[:, a + G1, None], kept[0][:, :T])
         if layers["dual"]:
@@ -285,10 +297,14 @@ class FastSD3(FusedDenoiser):
         return adaln_modulate(resid, mod[0][:, f + 1], mod[0][:, f], out_dtype=self.dtype, backend=self.backend)
 
     def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The output projection of the image rows of h, unpatchified to (N, C_out, H, W)."""
+        """The output projection of the image rows of h alone (one rank: the text rows are not projected)."""
+        return self.unpatchify(self.final(h[:, :ctx["image_len"]]), ctx)
+
+    def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The output projection's rows, image rows first, unpatchified to (N, C_out, H, W)."""
         (gh, gw), p, C = ctx["grid"], self.config.patch_size, self.out_channels
-        out = self.final(h[:, :ctx["image_len"]]).view(h.shape[0], gh, gw, p, p, C)
-        return torch.einsum("nhwpqc->nchpwq", out).reshape(h.shape[0], C, gh * p, gw * p)
+        out = out[:, :ctx["image_len"]].view(out.shape[0], gh, gw, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], C, gh * p, gw * p)
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them (333 text

@@ -234,9 +234,6 @@ class FastWan(FusedDenoiser):
 
     def write_context(self, ctx: dict, cond: dict, use_cfg: bool) -> None:
         """Once per call: the text MLP and every block's text K/V; the image tokens' K/V; the condition's tokens."""
-        if ctx["frozen"] and ctx.get("sequence") is not None:
-            raise ValueError("first_frame_latents: TI2V's held first frame is not run with ulysses_degree yet (its "
-                             "tokens are a prefix of every row, not of every shard)")
         halves = 2 if use_cfg else 1
         names = ["prompt_embeds", "negative_prompt_embeds"][:halves]
         text = torch.cat([cond[name].to(self.device, self.dtype) for name in names])  # (N, L, text_dim)
@@ -320,7 +317,7 @@ class FastWan(FusedDenoiser):
         """The first frame's share of x += gate * o redone with t = 0's gate: (gate0 - gate) * o added to its tokens
         (nothing without a held frame, gate0 None)."""
         if gate0 is not None:
-            n0 = ctx["frozen"]
+            n0 = FusedDenoiser.local_rows(ctx, ctx["frozen"])  # on a token shard: the frame's rows in it
             resid[:, :n0] += ((gate0 - gate)[:, None] * o[:, :n0].float()).to(resid.dtype)
 
     def _hold_first_frame(self, ctx: dict, resid: torch.Tensor, h: torch.Tensor, norm0: torch.Tensor | None,
@@ -330,7 +327,7 @@ class FastWan(FusedDenoiser):
         the residual, then the norm with shift and scale `norm0` (2, D) (with `weight`: the affine norm)."""
         if norm0 is None:
             return h
-        n0, N = ctx["frozen"], len(resid)
+        n0, N = self.local_rows(ctx, ctx["frozen"]), len(resid)
         self._regate_first_frame(ctx, resid, gate, gate0, o)
         h[:, :n0] = adaln_modulate_ref(resid[:, :n0], norm0[0].expand(N, -1), norm0[1].expand(N, -1),
                                        eps=self.config.eps, out_dtype=h.dtype, weight=weight)
@@ -351,7 +348,8 @@ class FastWan(FusedDenoiser):
         q, k, v = q.view(heads), k.view(heads), qkv[:, :, 2].view(heads)
         run = gqa_attention if self.fits else gqa_attention_ref
         kwargs = {"backend": self.backend} if self.fits else {}
-        o = self.self_attention(ctx, lambda *t: run(*t, rope=ctx["rope"], rope_interleaved=True, **kwargs), q, k, v)
+        o = self.self_attention(ctx, lambda *t, **p: run(*t, **p, **kwargs), q, k, v, rope=ctx["rope"],
+                                rope_interleaved=True)
         return layers["proj"](o.view(N, T, D))
 
     def sequence_heads(self) -> tuple[int, ...]:
@@ -433,11 +431,11 @@ class FastWan(FusedDenoiser):
                            backend=self.backend)
         return self._hold_first_frame(ctx, resid, h, self._next0(ctx, self.depth - 1))
 
-    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The output projection on the final norm's output h (N, T, D), unpatched to (N, C_out, F, H, W)."""
+    def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The output projection's rows (N, T, patch C_out) -> (N, C_out, F, H, W)."""
         (f, gh, gw), (pt, ph, pw), c = ctx["grid"], self.config.patch_size, self.out_channels
-        N = h.shape[0]
-        out = self.final(h).view(N, f, gh, gw, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        N = out.shape[0]
+        out = out.view(N, f, gh, gw, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(N, c, f * pt, gh * ph, gw * pw)
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
