@@ -1,12 +1,13 @@
-"""Two processes against one, same run: `python -m ditengine.bench.parallel [--parallel cfg | ulysses]
+"""Two processes against one, same run: `python -m ditengine.bench.parallel [--parallel cfg | ulysses | ring]
 [--model DiT-XL/2] [--depth 4] [--input-size 64] [--steps 10]`.
 
 One process with `--threads` threads runs the fused loop with the CFG batch; then two processes (gloo, `--threads`
 threads each) run it with `ParallelConfig(cfg_degree=2)` (each rank the conditional or the unconditional rows, one
-all-gather of the model output a step) or `ParallelConfig(ulysses_degree=2)` (each rank half the tokens, all-to-alls
-around every self-attention). Reported: the median whole-loop time of each (after a warm-up run) and the ratio, and
-that both return the same latents. The two processes need two cores' worth of `--threads`: on a 2-core machine,
-`--threads 1`.
+all-gather of the model output a step), `ParallelConfig(ulysses_degree=2)` (each rank half the tokens, all-to-alls
+around every self-attention) or `ParallelConfig(ring_degree=2)` (each rank half the tokens, the other half's K/V
+received while its own block is attended, the partials merged through their log-sum-exp). Reported: the median
+whole-loop time of each (after a warm-up run) and the ratio, and that both return the same latents. The two
+processes need two cores' worth of `--threads`: on a 2-core machine, `--threads 1`.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _rank(rank: int, port: int, args, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         model, sched, noise, labels = setup(args)
-        degree = {"cfg_degree": 2} if args.parallel == "cfg" else {"ulysses_degree": 2}
+        degree = {f"{args.parallel}_degree": 2}
         sampler = de.FastSampler(model, sched, cfg_scale=4.0, dtype=torch.float32, cuda_graph=None,
                                  parallel=de.ParallelConfig(**degree))
         seconds, out = timed(sampler, noise, labels, args.repeats)
@@ -60,7 +61,7 @@ def _rank(rank: int, port: int, args, out_dir: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parallel", choices=("cfg", "ulysses"), default="cfg")
+    p.add_argument("--parallel", choices=("cfg", "ulysses", "ring"), default="cfg")
     p.add_argument("--model", default="DiT-XL/2")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--input-size", type=int, default=64, help="latent size (64: 1024 tokens of patch 2)")
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     print(f"{args.model}, {args.depth} blocks, {tokens} tokens, CFG batch 2, {args.steps} steps, fp32, "
           f"{args.threads} thread(s) a process")
     print(f"1 process: {one * 1e3 / args.steps:.1f} ms/step")
-    name = "cfg_degree=2" if args.parallel == "cfg" else "ulysses_degree=2"
+    name = f"{args.parallel}_degree=2"
     print(f"2 processes, {name}: {two * 1e3 / args.steps:.1f} ms/step ({one / two:.2f}x), latents rel. error {err:.1e}")
     return 0
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ditengine as de
+from ditengine.cache import FirstBlockCache, StaticCache
 
 # The families whose conformance case guides (ACE-Step's turbo and Flux's embedded guidance run no CFG batch).
 GUIDED = ("dit", "pixart", "sd3", "wan")
@@ -40,24 +41,30 @@ def spawn(work, out: str, *args, ranks: int = 2) -> None:
                        start_method="spawn")
 
 
-def save_runs(cases: dict, parallel, rank: int, out: str) -> None:
-    """Each case's latents under `parallel`, eager and in loop mode, saved for the parent process."""
+def save_runs(cases: dict, parallel, rank: int, out: str, **options) -> None:
+    """Each case's latents and stats under `parallel` (and the sampler `options`), eager and in loop mode, saved for
+    the parent process."""
     for name, (model, sched, noise, args, named, cfg) in cases.items():
         for mode in (None, "loop"):
-            got = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=mode,
-                                 parallel=parallel)(noise, *args, **named)
-            torch.save(got, os.path.join(out, f"{name}-{mode}-{rank}.pt"))
+            sampler = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=mode,
+                                     parallel=parallel, **options)
+            got = sampler(noise, *args, **named)
+            torch.save((got, sampler.stats), os.path.join(out, f"{name}-{mode}-{rank}.pt"))
 
 
-def assert_every_rank_equals_one_process(cases: dict, out: str, ranks: int = 2) -> None:
-    """The latents each rank saved (eager and loop mode) against one process's `FastSampler`: fp32, <= 1e-5."""
+def assert_every_rank_equals_one_process(cases: dict, out: str, ranks: int = 2, **options) -> None:
+    """The latents each rank saved (eager and loop mode) against one process's `FastSampler` with the same
+    `options`: fp32, relative error <= 1e-5; and the same cached steps."""
     for name, (model, sched, noise, args, named, cfg) in cases.items():
-        want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(noise, *args, **named)
+        one = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None, **options)
+        want = one(noise, *args, **named)
+        assert "cache" not in options or one.stats["cached_steps"], (name, "the cache skipped nothing")
         for mode in (None, "loop"):
             for rank in range(ranks):
-                got = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
+                got, stats = torch.load(os.path.join(out, f"{name}-{mode}-{rank}.pt"))
                 err = float((got - want).norm() / want.norm())
                 assert err <= 1e-5, (name, mode, rank, err)
+                assert stats["cached_steps"] == one.stats["cached_steps"], (name, mode, rank, stats)
 
 
 def write_refusals(calls, path: str) -> None:
@@ -94,54 +101,97 @@ def test_cfg_parallel_equals_one_process_on_every_rank():
         assert_every_rank_equals_one_process(guided_cases(), out)
 
 
-def ulysses_cases() -> dict:
-    """Each sharded family's case with head counts the degree 2 divides (PixArt's case has 3 heads)."""
+def sequence_cases() -> dict:
+    """Every family's case with head counts 2 divides: DiT (16 tokens), PixArt (a partial mask), SD3.5 (per-stream
+    q/k norms over [image; text], 17 tokens), Flux ([text; image], RoPE over both, 19 tokens: padded), ACE-Step
+    (GQA, a window of 4 on every other layer, 12 tokens), Wan (3-D RoPE, 12 tokens)."""
     import test_pixart
+    import test_sd3
 
-    cases = guided_cases(("dit", "wan", "ace_step"))
+    cases = guided_cases(("dit", "wan", "ace_step", "flux"))
     model = test_pixart.pixart(num_attention_heads=4, cross_attention_dim=64)
     cases["pixart"] = (model, de.schedulers.DPMSolverPP(4), test_pixart.noise(), (), test_pixart.conditioning(model),
                        4.5)
+    model = test_sd3.sd3(dual_attention_layers=())
+    cases["sd3"] = (model, test_sd3.schedule(), test_sd3.noise(), (), test_sd3.conditioning(model), 3.0)
     return cases
 
 
-def _ulysses(rank: int, world: int, out: str) -> None:
+def wan_shards() -> dict:
+    """Wan with 9 tokens (over four ring chunks of 3, the last chunk is all padding), and TI2V's held first frame
+    (its 6 tokens at t = 0: on rank 0 and part of rank 1's shard)."""
+    import test_wan
+
+    model, sched, noise, args, named, cfg = guided_cases(("wan",))["wan"]
+    return {"wan9": (model, sched, noise[:, :, :, :2], args, named, cfg),
+            "ti2v": (model, sched, noise, args, test_wan.ti2v_conditioning(model), cfg)}
+
+
+def guided_ace_step() -> dict:
+    """ACE-Step with guidance (APG's sequence latents)."""
+    import test_ace_step
+
+    model = test_ace_step.ace_step()
+    return {"ace_step": (model, test_ace_step.schedule(), test_ace_step.noise(), (),
+                         test_ace_step.conditioning(model, guided=True), 3.0)}
+
+
+# The layouts each world size runs: (parallel, the cases, the sampler's options). CFG parallel runs the guided cases.
+CACHES = {"first-block": FirstBlockCache(threshold=1.0), "static": StaticCache(2, warmup=1, cooldown=1),
+          "blocks": StaticCache(2, warmup=1, cooldown=1, reuse="blocks")}
+LAYOUTS = {
+    2: {"ulysses": (de.ParallelConfig(ulysses_degree=2), sequence_cases, {}),
+        "ring": (de.ParallelConfig(ring_degree=2), sequence_cases, {}),
+        **{f"ring-{name}": (de.ParallelConfig(ring_degree=2), lambda: guided_cases(("dit",)), {"cache": cache})
+           for name, cache in CACHES.items()},
+        "ulysses-first-block": (de.ParallelConfig(ulysses_degree=2), lambda: {"flux": sequence_cases()["flux"]},
+                                {"cache": CACHES["first-block"]}),
+        "cfg-apg": (de.ParallelConfig(cfg_degree=2), guided_ace_step, {"guider": de.APG()})},
+    4: {"ulysses-ring": (de.ParallelConfig(ulysses_degree=2, ring_degree=2), sequence_cases, {}),
+        "cfg-ulysses": (de.ParallelConfig(ulysses_degree=2, cfg_degree=2),
+                        lambda: {k: v for k, v in sequence_cases().items() if k in GUIDED or k == "pixart"}, {}),
+        "ring4": (de.ParallelConfig(ring_degree=4), wan_shards, {})},
+}
+
+
+def _layouts(rank: int, world: int, out: str) -> None:
+    for layout, (parallel, cases, options) in LAYOUTS[world].items():
+        os.makedirs(os.path.join(out, layout), exist_ok=True)
+        save_runs(cases(), parallel, rank, os.path.join(out, layout), **options)
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_sequence_parallel_equals_one_process_on_every_rank(world):
+    """Ulysses 2 and Ring 2 on two gloo processes; Ulysses 2 x Ring 2, CFG 2 x Ulysses 2 and Ring 4 (an all-padding
+    chunk) on four: every family returns the single process's latents on every rank, token counts that do not
+    divide (Flux's 19, SD3's 17, Wan's 9) included. With a step cache (first-block: its statistic reduced over the
+    ranks; static) every rank caches the single process's steps; APG runs on the gathered halves."""
+    with tempfile.TemporaryDirectory() as out:
+        spawn(_layouts, out, ranks=world)
+        for layout, (_, cases, options) in LAYOUTS[world].items():
+            assert_every_rank_equals_one_process(cases(), os.path.join(out, layout), ranks=world, **options)
+
+
+def _sequence_refusals(rank: int, world: int, out: str) -> None:
     import test_pixart
 
-    parallel = de.ParallelConfig(ulysses_degree=world)
-    save_runs(ulysses_cases(), parallel, rank, out)
-    model, sched, noise, args, named, cfg = ulysses_cases()["wan"]
-    calls = (lambda: de.FastSampler(model, sched, parallel=parallel)(noise[:, :, :, :2], *args, **named),
-             lambda: de.FastSampler(test_pixart.pixart(), sched, parallel=parallel))  # 9 tokens; 3 heads
+    model, sched, noise, args, named, cfg = sequence_cases()["ace_step"]
+    calls = (lambda: de.FastSampler(test_pixart.pixart(), sched, parallel=de.ParallelConfig(ulysses_degree=world)),
+             lambda: de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None,
+                                    parallel=de.ParallelConfig(ring_degree=world))(
+                 noise[..., :12], *args, **named | {"context_latents": named["context_latents"][..., :12]}))
     write_refusals(calls, os.path.join(out, f"errors-{rank}.txt"))
 
 
-def test_ulysses_equals_one_process_on_every_rank():
-    """Ulysses degree 2 (every token count and head count here divisible): DiT, PixArt (a partial mask), Wan (3-D
-    RoPE over every position) and ACE-Step (GQA, its sliding window) return the single process's latents."""
+def test_sequence_parallel_refusals_are_named():
+    """A head count the Ulysses degree does not divide; a sliding window wider than a ring chunk (ACE-Step's 4 over
+    chunks of 3: only neighbouring chunks' keys are exchanged)."""
     with tempfile.TemporaryDirectory() as out:
-        spawn(_ulysses, out)
-        assert_every_rank_equals_one_process(ulysses_cases(), out)
+        spawn(_sequence_refusals, out)
         messages = read_lines(os.path.join(out, "errors-0.txt"))
-        assert messages[0].startswith("noise: 9 tokens, which ulysses_degree=2 does not divide"), messages
-        assert messages[1].startswith("parallel: ulysses_degree=2 must divide the attention's head counts (3,)")
-
-
-def mesh_cases() -> dict:
-    cases = ulysses_cases()
-    return {name: cases[name] for name in ("dit", "wan")}
-
-
-def _mesh(rank: int, world: int, out: str) -> None:
-    save_runs(mesh_cases(), de.ParallelConfig(ulysses_degree=2, cfg_degree=2), rank, out)
-
-
-def test_cfg_parallel_times_ulysses_on_four_ranks():
-    """CFG 2 x Ulysses 2 on four gloo processes: each half of the rows on its own Ulysses pair; every rank returns
-    the single process's latents."""
-    with tempfile.TemporaryDirectory() as out:
-        spawn(_mesh, out, ranks=4)
-        assert_every_rank_equals_one_process(mesh_cases(), out, ranks=4)
+        assert messages[0].startswith("parallel: ulysses_degree=2 must divide the attention's head counts (3,)")
+        assert messages[1].startswith("parallel: ring_degree=2: a sliding window of 4 tokens is wider than a ring "
+                                      "chunk (3 tokens)"), messages
 
 
 def _pipeline(rank: int, world: int, out: str) -> None:
@@ -166,6 +216,61 @@ def test_accelerate_with_cfg_parallel_returns_the_pipelines_latents_on_every_ran
             assert float((got - expected).abs().max() / expected.abs().max()) <= 1e-4, rank
 
 
+def _demo(rank: int, world: int, out: str) -> None:
+    from support.diffusers_models import text_embeddings
+    from test_flux_pipeline import tiny_flux_pipeline
+
+    from ditengine.demo.parallel import run
+
+    wrote = run(tiny_flux_pipeline(False), de.ParallelConfig(ulysses_degree=2), os.path.join(out, "image.png"),
+                height=8, width=12, num_inference_steps=3, **text_embeddings())
+    assert wrote == (rank == 0)
+
+
+def test_the_demo_writes_the_pipelines_image_from_rank_0():
+    """`ditengine.demo.parallel.run`: every rank builds the pipeline, Ulysses 2 runs Flux's transformer, rank 0
+    writes the image the pipeline itself makes."""
+    pytest.importorskip("diffusers")
+    from PIL import Image
+    from support.diffusers_models import text_embeddings
+    from test_flux_pipeline import tiny_flux_pipeline
+
+    want = tiny_flux_pipeline(False)(height=8, width=12, num_inference_steps=3,
+                                     generator=torch.Generator().manual_seed(0), **text_embeddings()).images[0]
+    with tempfile.TemporaryDirectory() as out:
+        spawn(_demo, out)
+        got = Image.open(os.path.join(out, "image.png"))
+        import numpy as np
+
+        diff = np.abs(np.asarray(got, dtype=np.int16) - np.asarray(want, dtype=np.int16))
+        assert got.size == want.size and int(diff.max()) <= 1, int(diff.max())
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of one process, this one."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_runs_the_sequence_path_and_takes_a_device_mesh(one_rank_group):
+    """On a group of one rank `ParallelConfig()` still runs the sharded path, its collectives on one rank (what the
+    GPU plan proves for NCCL inside the loop graph); a 1-D DeviceMesh names the group, a 2-D one is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, sched, noise, args, named, cfg = sequence_cases()["flux"]
+    want = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph=None)(noise, *args, **named)
+    for group in (None, init_device_mesh("cpu", (1,))):
+        sampler = de.FastSampler(model, sched, cfg_scale=cfg, dtype=torch.float32, cuda_graph="loop",
+                                 parallel=de.ParallelConfig(process_group=group))
+        assert sampler.sequence is not None and sampler.sequence.size == 1
+        got = sampler(noise, *args, **named)
+        assert float((got - want).norm() / want.norm()) <= 1e-6
+    with pytest.raises(ValueError, match="process_group: a 2-D DeviceMesh"):
+        de.FastSampler(model, sched, parallel=de.ParallelConfig(process_group=init_device_mesh("cpu", (1, 1))))
+
+
 def _refusals(rank: int, world: int, out: str) -> None:
     model, sched = guided_cases(("dit",))["dit"][:2]
     calls = [lambda parallel=parallel, scale=scale: de.FastSampler(model, sched, cfg_scale=scale, parallel=parallel)
@@ -181,8 +286,6 @@ def test_bad_configurations_are_refused_by_name():
         de.ParallelConfig(cfg_degree=3)
     with pytest.raises(ValueError, match=r"ParallelConfig: ring_degree=0: expected an int >= 1"):
         de.ParallelConfig(ring_degree=0)
-    with pytest.raises(NotImplementedError, match="ring_degree=2: Ring attention is not implemented yet"):
-        de.ParallelConfig(ring_degree=2)
     with pytest.raises(ValueError, match="parallel needs backend='fused'"):
         de.sample(model, sched, torch.zeros(1), parallel=de.ParallelConfig())
     with tempfile.TemporaryDirectory() as out:

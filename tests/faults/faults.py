@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The parallel runs on two and on four gloo processes.
+SEQUENCE_2 = "tests/test_parallel.py::test_sequence_parallel_equals_one_process_on_every_rank[2]"
+SEQUENCE_4 = "tests/test_parallel.py::test_sequence_parallel_equals_one_process_on_every_rank[4]"
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -404,16 +408,46 @@ out = linear_int8(x, prepack_int8(w, None))
           "rows, start = self.batch, 0",
           ("tests/test_parallel.py",), "cfg_parallel_equals_one_process",
           "with CFG parallel both ranks run the conditional rows: the guidance combines the prompt with itself"),
-    Fault("ulysses-every-rank-takes-the-first-shard", "engine/parallel.py",
-          "return slice(self.rank * tokens // self.size, (self.rank + 1) * tokens // self.size)",
-          "return slice(0, tokens // self.size)",
-          ("tests/test_parallel.py",), "ulysses",
-          "under Ulysses every rank embeds the first shard of the tokens"),
+    Fault("sequence-every-rank-takes-the-first-shard", "engine/parallel.py",
+          "        return self.group.rank * self.per_rank",
+          "        return 0",
+          (SEQUENCE_2,), None,
+          "on a token shard every rank embeds the first shard of the tokens"),
     Fault("ulysses-heads-back-in-the-wrong-order", "engine/parallel.py",
           "return recv.movedim(0, -3).reshape(N, T // P, *mid, P * Hp, Dh).contiguous()",
           "return recv.movedim(0, -2).reshape(N, T // P, *mid, P * Hp, Dh).contiguous()",
-          ("tests/test_parallel.py",), "ulysses",
+          (SEQUENCE_2,), None,
           "the all-to-all after the attention interleaves the ranks' heads instead of concatenating them"),
+    Fault("sequence-padded-keys-attended", "engine/parallel.py",
+          "out = pad_rows(attend(*(t[:, :self.tokens] for t in tensors), **prologue), self.chunk)",
+          "out = attend(*tensors, **prologue)",
+          (SEQUENCE_2,), None,
+          "Ulysses attends the padding rows' keys of a token count the degree does not divide (Flux's 19 tokens)"),
+    Fault("ring-partials-not-merged", "engine/parallel.py",
+          "else merge_attention(out, lse, o, o_lse)",
+          "else (o.float(), o_lse)",
+          (SEQUENCE_2,), None,
+          "the ring keeps the last block's partial attention instead of merging it with the others"),
+    Fault("ring-prologue-at-local-positions", "engine/parallel.py",
+          "q, k, kw = apply_prologue(q, k, ring.rank * self.chunk, self.tokens, **prologue)",
+          "q, k, kw = apply_prologue(q, k, 0, self.tokens, **prologue)",
+          (SEQUENCE_2,), None,
+          "the ring rotates (and splits the norms of) each chunk as if it started at position 0"),
+    Fault("ring-source-counted-the-wrong-way", "engine/parallel.py",
+          "source = (ring.rank - hop) % ring.size",
+          "source = (ring.rank + hop) % ring.size",
+          (SEQUENCE_4,), None,
+          "the ring cuts each received chunk to another chunk's valid count (shows with 4 chunks and padding)"),
+    Fault("ring-band-ignores-the-next-chunk", "engine/parallel.py",
+          "after = 0 if last else min(window, self.valid(r + 1))",
+          "after = 0",
+          (SEQUENCE_2,), None,
+          "a sliding window over ring chunks drops the next chunk's keys at the chunk's end"),
+    Fault("first-block-decision-per-rank", "engine/fast/plan.py",
+          "self.last_first_residual[:, :shards.rows], shards.sum)",
+          "self.last_first_residual[:, :shards.rows])",
+          (SEQUENCE_2,), None,
+          "the first-block cache decides from each rank's own tokens: the ranks may decide differently"),
     Fault("teacache-abs-of-the-polynomial", "engine/cache.py",
           "total += float(np.polyval(coefficients, x))",
           "total += abs(float(np.polyval(coefficients, x))) + 0.1",
