@@ -118,8 +118,7 @@ class ParallelConfig:
         ring = None
         if rings:
             members = [ranks[m] for m in rings[c * U + u]]
-            ring = Ring(ring_groups[c * U + u], r, R, prev=members[(r - 1) % R], next=members[(r + 1) % R],
-                        members=tuple(members))
+            ring = Ring(ring_groups[c * U + u], r, R, prev=members[(r - 1) % R], next=members[(r + 1) % R])
         if C > 1 and RU == 1:
             return cfg, None
         return cfg, SequenceGroup(halves[c], r * U + u, RU, Ulysses(ulysses[c * R + r], U) if ulysses else None,
@@ -189,7 +188,6 @@ class Ring:
     size: int
     prev: int
     next: int
-    members: tuple
 
     def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> list:
         """Start point-to-point sends and receives (tensor, global peer rank) as one batch; returns the requests."""
@@ -209,19 +207,21 @@ class SequenceGroup:
     ring: Ring | None
 
     def shards(self, tokens: int) -> "TokenShards":
-        return TokenShards(self, tokens)
+        return TokenShards(self, tokens, -(-tokens // self.size))
 
 
 @dataclass(frozen=True)
 class TokenShards:
-    """A sequence group's layout of `tokens` tokens: padded at the tail to a multiple of the group size."""
+    """A sequence group's layout of `tokens` tokens: padded at the tail to `per_rank` rows a rank."""
 
     group: SequenceGroup
     tokens: int
+    per_rank: int
 
-    @property
-    def per_rank(self) -> int:
-        return -(-self.tokens // self.group.size)
+    def prefix(self, tokens: int) -> "TokenShards":
+        """The sequence's first `tokens` tokens on the same shards, the rest taken as padding (SD3.5's second
+        attention, over the image rows that open the joint sequence)."""
+        return TokenShards(self.group, tokens, self.per_rank)
 
     @property
     def start(self) -> int:

@@ -103,8 +103,9 @@ def test_cfg_parallel_equals_one_process_on_every_rank():
 
 def sequence_cases() -> dict:
     """Every family's case with head counts 2 divides: DiT (16 tokens), PixArt (a partial mask), SD3.5 (per-stream
-    q/k norms over [image; text], 17 tokens), Flux ([text; image], RoPE over both, 19 tokens: padded), ACE-Step
-    (GQA, a window of 4 on every other layer, 12 tokens), Wan (3-D RoPE, 12 tokens)."""
+    q/k norms over [image; text], 17 tokens, a dual-attention layer's image-only attention), Flux ([text; image],
+    RoPE over both, 19 tokens: padded), ACE-Step (GQA, a window of 4 on every other layer, 12 tokens), Wan (3-D
+    RoPE, 12 tokens)."""
     import test_pixart
     import test_sd3
 
@@ -112,7 +113,7 @@ def sequence_cases() -> dict:
     model = test_pixart.pixart(num_attention_heads=4, cross_attention_dim=64)
     cases["pixart"] = (model, de.schedulers.DPMSolverPP(4), test_pixart.noise(), (), test_pixart.conditioning(model),
                        4.5)
-    model = test_sd3.sd3(dual_attention_layers=())
+    model = test_sd3.sd3(dual_attention_layers=(1,))
     cases["sd3"] = (model, test_sd3.schedule(), test_sd3.noise(), (), test_sd3.conditioning(model), 3.0)
     return cases
 

@@ -35,6 +35,7 @@ from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attentio
 
 from ..inputs import check_patch_grid_noise, check_prompt_embeds
 from ..models.sd3 import SD3
+from ..parallel import pad_rows
 from .base import FusedDenoiser, StackedLinear
 
 
@@ -211,7 +212,7 @@ class FastSD3(FusedDenoiser):
                 gated_residual_adaln(x, gate, o, shift, scale, inplace=True, **kw)[1:]
             if extra is not None:
                 y, y2 = y
-                ctx["second"][:len(x)].copy_(y2)
+                ctx["second"][:len(x), :y2.shape[1]].copy_(y2)
             elif o is not None:
                 (y,) = y
             parts.append(y)
@@ -223,10 +224,19 @@ class FastSD3(FusedDenoiser):
         return self._norms(resid, ctx, self._next_mods(-1, mod))
 
     def sequence_heads(self) -> tuple[int, ...]:
-        if self.config.dual_attention_layers:
-            raise ValueError("parallel: SD3.5's dual-attention layers (a second attention over the image rows alone) "
-                             "do not run on a token shard; use cfg_degree")
         return (self.config.num_attention_heads,)
+
+    def _image_attention(self, layers: dict, ctx: dict, rows: int, T: int) -> torch.Tensor:
+        """A dual-attention layer's second attention over the image rows alone (their second modulation, this
+        rank's T of them). On a token shard the image rows are the first image_len tokens of the joint sequence:
+        padded to the shard, they attend through the same shards with every text position taken as padding."""
+        x = ctx["second"][:rows, :T]
+        shards = ctx.get("sequence")
+        if shards is None:
+            return self._attention(layers["qkv2"](x), layers["q_norm2"], layers["k_norm2"], None)
+        qkv = layers["qkv2"](pad_rows(x, shards.per_rank))
+        image = ctx | {"sequence": shards.prefix(ctx["image_len"])}
+        return self._attention(qkv, layers["q_norm2"], layers["k_norm2"], None, image)[:, :T]
 
     def _attend(self, qkv, **prologue):
         """Attention of a packed qkv (N, S, 3, H, Dh) -> (N, S, H, Dh)."""
@@ -261,8 +271,7 @@ class FastSD3(FusedDenoiser):
         gate_x = m[:, a + G1]
         if layers["dual"]:  # x += g1 * o, then the second attention's gated add feeds the MLP's norm
             resid[:, :T].addcmul_(gate_x[:, None], o_x)
-            o_x = layers["out2"](self._attention(layers["qkv2"](ctx["second"][:len(h)]), layers["q_norm2"],
-                                                 layers["k_norm2"], None))
+            o_x = layers["out2"](self._image_attention(layers, ctx, len(h), T))
             gate_x = m[:, a + G3]
             if keep is not None:
                 keep[2][:, :T].copy_(o_x)
