@@ -216,9 +216,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench-out", help="directory for the results (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    for name in ("ulysses", "ring", "cfg"):
-        p.add_argument(f"--{name}-degree", type=int, default=1,
-                       help="under torchrun: the fused rows run with ditengine.ParallelConfig (docs/parallel.md)")
+    for name in ("ulysses", "ring", "cfg"):  # None: not given, degree 1 and no process group
+        p.add_argument(f"--{name}-degree", type=int,
+                       help="under torchrun: the fused rows run with ditengine.ParallelConfig (docs/parallel.md); "
+                            "any of the three given, even as 1, asks for the parallel layout (default 1)")
     args = p.parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or "bf16"
@@ -237,8 +238,14 @@ def parse_args(argv=None):
         p.error(f"unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     if DTYPES[args.dtype] == torch.float32 and "eager-lp" in args.variants and "eager-fp32" in args.variants:
         args.variants.remove("eager-lp")  # the same row twice
+    # Giving a degree explicitly, even 1, asks for the layout: `--ulysses-degree 1` under a one-rank torchrun runs
+    # the parallel path and its collectives on one device (bench/gpu_check.sh --parallel), where no flag runs the
+    # plain one-process path.
+    degrees = (args.ulysses_degree, args.ring_degree, args.cfg_degree)
+    requested = any(d is not None for d in degrees)
+    args.ulysses_degree, args.ring_degree, args.cfg_degree = (1 if d is None else d for d in degrees)
     args.parallel = None
-    if args.ulysses_degree * args.ring_degree * args.cfg_degree > 1:
+    if requested:
         others = [v for v in args.variants if not v.startswith("fused")]
         if others:
             p.error(f"--ulysses-degree / --ring-degree / --cfg-degree run the fused rows only, not {others}: pass "
@@ -396,7 +403,8 @@ def cache_columns(variant: Variant) -> dict:
 def format_table(report: dict) -> str:
     env = report["env"]
     layout = report.get("parallel")
-    across = "" if not layout else ", over ranks: " + " x ".join(f"{k} {v}" for k, v in layout.items() if v > 1)
+    across = "" if not layout else ", over ranks: " + (" x ".join(f"{k} {v}" for k, v in layout.items() if v > 1)
+                                                       or "one rank, every degree 1")
     head = (f"{report['model']}{across}, latent {report['latent']}, cfg {report['args']['cfg_scale']}, "
             f"{report['scheduler']}, eager rows: {report['eager']} | {env['device']} | torch {env['torch']}, "
             f"triton {env['triton']} | commit {env['commit']}")

@@ -14,19 +14,24 @@
 #                                           depth, 28 steps (a 12B model does not fit the first plan's budget)
 #   bash bench/gpu_check.sh --wan OUTDIR    a third plan: Wan 2.1 1.3B at 480p, 81 frames (32,760 tokens), every
 #                                           layer, and Wan 2.1 14B at 720p (75,600 tokens) at reduced depth
-#   bash bench/gpu_check.sh --plan [--quick | --flux | --wan]  print each stage and its limit, then `total N s`
+#   bash bench/gpu_check.sh --parallel OUTDIR  a fourth plan: sequence parallelism's NCCL path at world size 1, inside
+#                                           the captured loop, against the one-process run (docs/parallel.md)
+#   bash bench/gpu_check.sh --plan [--quick | --flux | --wan | --parallel]  print each stage and its limit, then
+#                                           `total N s`
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+USAGE="usage: bash bench/gpu_check.sh [--quick | --flux | --wan | --parallel] OUTDIR | --plan [--quick | --flux | --wan | --parallel]"
 
-plan=0 quick=0 flux=0 wan=0 OUT=
+plan=0 quick=0 flux=0 wan=0 parallel=0 OUT=
 for arg in "$@"; do
     case $arg in
         --plan) plan=1 ;;
         --quick) quick=1 ;;
         --flux) flux=1 ;;
         --wan) wan=1 ;;
-        -*) echo "usage: bash bench/gpu_check.sh [--quick | --flux | --wan] OUTDIR | --plan [--quick | --flux | --wan]" >&2
+        --parallel) parallel=1 ;;
+        -*) echo "$USAGE" >&2
             exit 2 ;;
         *) OUT=$arg ;;
     esac
@@ -87,6 +92,23 @@ WAN_STAGES=(
 )
 [ "$wan" = 1 ] && STAGES=("${WAN_STAGES[@]}")
 
+# The fourth plan: only one GPU is ever lent, so sequence parallelism's NCCL path is proved at world size 1, where
+# ParallelConfig() binds a one-rank sequence group and its collectives (the all-to-alls around each self-attention,
+# the final norm's all-gather) run on that rank inside the captured loop. The claim row runs once in one process and
+# once under a one-rank torchrun (NCCL) with --ulysses-degree 1, each into its own folder; then nccl_check sets their
+# ms/step side by side (what the path costs) and compares a tiny fp32 DiT's latents with and without the layout
+# (the ladder keeps no latents). Multi-GPU scaling needs a multi-GPU machine.
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 1"
+NCCL_ROW="${LADDER[*]} --batch 1 --variants fused+graph-loop"
+NCCL_RUNS="$PY $NCCL_ROW --out \$DIR/single; $TORCHRUN $NCCL_ROW --ulysses-degree 1 --out \$DIR/nccl"
+NCCL_CHECK="$TORCHRUN -m ditengine.bench.nccl_check \$DIR --single \$DIR/single --nccl \$DIR/nccl"  # its rc: the verdict
+PARALLEL_STAGES=(
+    "cuda-check|30|30|ok|$PY bench/cuda_check.py \$OUT/cuda.json"
+    "install|30|30|ok|env DITENGINE_SKIP_EXT=1 $PY -m pip install --no-deps --no-build-isolation -e ."
+    "parallel-nccl-world1|120|0|nccl|$NCCL_RUNS; $NCCL_CHECK"
+)
+[ "$parallel" = 1 ] && STAGES=("${PARALLEL_STAGES[@]}")
+
 selected=()  # name|limit|evidence|command, with this plan's limit
 for s in "${STAGES[@]}"; do
     IFS='|' read -r name limit quick_limit evidence command <<< "$s"
@@ -107,7 +129,7 @@ if [ "$plan" = 1 ]; then
     echo "total $total s"
     exit 0
 fi
-[ -n "$OUT" ] || { echo "usage: bash bench/gpu_check.sh [--quick | --flux | --wan] OUTDIR | --plan [--quick | --flux | --wan]" >&2
+[ -n "$OUT" ] || { echo "$USAGE" >&2
                    exit 2; }
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -118,6 +140,7 @@ measured() {  # measured KIND NAME: did the stage leave evidence that it ran som
         ok) return 0 ;;
         passed) grep -Eq '[1-9][0-9]* passed' "$OUT/$2.log" ;;
         rows) grep -lqs '"variant"\|"provider"' "$OUT/$2"/*.json ;;
+        nccl) [ -s "$OUT/$2/nccl-check.json" ] || grep -lqs '"variant"' "$OUT/$2"/*/*.json ;;  # a ladder run's rows
     esac
 }
 

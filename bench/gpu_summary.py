@@ -14,6 +14,7 @@ from pathlib import Path
 LADDER_STAGES = ("ladder-batch1", "ladder-batch8", "ladder-compile", "ladder-eager-fp32")
 PIXART_STAGES = ("ladder-pixart-sigma-1024",)
 KERNEL_STAGES = ("bench-attention", "bench-adaln", "bench-scheduler-step", "bench-mlp-epilogue")
+NCCL_STAGES = ("parallel-nccl-world1",)  # bench/gpu_check.sh --parallel: its runs in single/ and nccl/
 
 
 def newest_json(folder: Path) -> dict | None:
@@ -32,6 +33,24 @@ def ladder_table(reports: list[dict]) -> list[str]:
                          f"| {r['p80_ms']:.3f} | {r['images_per_s']:.1f} | {mem} | {r['setup_s']:.1f} | "
                          f"{r['tflops']:.1f} | {r['pct_of_h100_floor']:.1f} | "
                          f"{'-' if r['sqnr_db'] is None else format(r['sqnr_db'], '.1f')} |")
+    return lines
+
+
+def nccl_section(folder: Path) -> list[str]:
+    """The --parallel plan's stage: nccl_check's verdict line and the two ladder runs' rows (one process, a
+    one-rank torchrun), read from the runs' own reports so that a stage cut before the check still shows them."""
+    check = folder / "nccl-check.md"
+    lines = ["", f"## {folder.name}: sequence parallelism's NCCL path at world size 1", "",
+             check.read_text().strip() if check.exists() else "nccl_check did not run (cut off, or a run failed)",
+             "", "| run | variant | batch | dtype | ms/step | p20 | p80 | setup s | max err | SQNR dB |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for run, label in (("single", "one process"), ("nccl", "torchrun, 1 rank, --ulysses-degree 1")):
+        report = newest_json(folder / run) if (folder / run).is_dir() else None
+        for r in report["results"] if report else []:
+            err = "-" if r["max_err"] is None else f"{r['max_err']:.2e}"
+            sqnr = "-" if r["sqnr_db"] is None else f"{r['sqnr_db']:.1f}"
+            lines.append(f"| {label} | {r['variant']} | {r['batch']} | {r['dtype']} | {r['median_ms']:.3f} | "
+                         f"{r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['setup_s']:.1f} | {err} | {sqnr} |")
     return lines
 
 
@@ -61,6 +80,9 @@ def summarize(out: Path) -> str:
             latent = first.get("latent") or first["config"].get("input_size")
             lines += ["", f"## {title} ({first['model']}, latent {latent}, {first['scheduler']}; "
                           f"{first['env']['device']})", "", *ladder_table(reports)]
+    for name in NCCL_STAGES:
+        if (out / name).is_dir():
+            lines += nccl_section(out / name)
     for name in KERNEL_STAGES:
         log = out / f"{name}.log"
         table = [line for line in log.read_text().splitlines() if line.startswith("|")] if log.exists() else []

@@ -280,3 +280,15 @@ def test_bench_runs_its_fused_rows_over_ranks_under_torchrun(tmp_path):
     assert row["variant"] == "fused+precond" and row["sqnr_db"] > 100
     with pytest.raises(SystemExit):
         parse_args(["--ulysses-degree", "2", "--variants", "eager-fp32"])
+
+
+def test_an_explicit_degree_of_one_asks_for_the_parallel_layout():
+    """`--ulysses-degree 1` (any degree given, even 1) runs the fused rows with ParallelConfig() on a one-rank group,
+    the NCCL path on one GPU; no degree flag is the plain one-process ladder."""
+    assert parse_args(["--variants", "fused+graph-loop"]).parallel is None
+    for flag in ("--ulysses-degree", "--ring-degree", "--cfg-degree"):
+        args = parse_args(["--variants", "fused+graph-loop", flag, "1"])
+        assert args.parallel == de.ParallelConfig()
+        assert (args.ulysses_degree, args.ring_degree, args.cfg_degree) == (1, 1, 1)
+    with pytest.raises(SystemExit):  # the layout runs the fused rows only, at degree 1 as above it
+        parse_args(["--ulysses-degree", "1", "--variants", "eager-fp32,fused"])
