@@ -1,6 +1,7 @@
 """Past one device, on gloo: CPU processes run CFG parallel (`ParallelConfig(cfg_degree=2)`), Ulysses
 (`ulysses_degree=2`) and both at once, and must return, on every rank, the latents a single process's `FastSampler`
 returns; and the bad configurations are refused by name."""
+import datetime
 import os
 import socket
 import sys
@@ -28,7 +29,9 @@ def _rank(rank: int, work, world: int, port: int, out: str, args: tuple) -> None
     """One spawned rank: the tests importable, one thread, the gloo group around `work(rank, world, out, *args)`."""
     sys.path.insert(0, os.path.dirname(__file__))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A bounded wait: ranks that fall out of step (different cache decisions) fail instead of hanging the suite.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         work(rank, world, out, *args)
     finally:
