@@ -140,6 +140,16 @@ def guided_ace_step() -> dict:
                          test_ace_step.conditioning(model, guided=True), 3.0)}
 
 
+def guided_sequence_cases() -> dict:
+    """Every family guided: the sequence cases, Flux with true CFG (a negative prompt), ACE-Step with guidance."""
+    import test_flux
+
+    cases = sequence_cases()
+    model, sched, noise = cases["flux"][:3]
+    cases["flux"] = (model, sched, noise, (), test_flux.conditioning(model, negative=True), 4.0)
+    return cases | guided_ace_step()
+
+
 # The layouts each world size runs: (parallel, the cases, the sampler's options). CFG parallel runs the guided cases.
 CACHES = {"first-block": FirstBlockCache(threshold=1.0), "static": StaticCache(2, warmup=1, cooldown=1),
           "blocks": StaticCache(2, warmup=1, cooldown=1, reuse="blocks")}
@@ -152,8 +162,7 @@ LAYOUTS = {
                                 {"cache": CACHES["first-block"]}),
         "cfg-apg": (de.ParallelConfig(cfg_degree=2), guided_ace_step, {"guider": de.APG()})},
     4: {"ulysses-ring": (de.ParallelConfig(ulysses_degree=2, ring_degree=2), sequence_cases, {}),
-        "cfg-ulysses": (de.ParallelConfig(ulysses_degree=2, cfg_degree=2),
-                        lambda: {k: v for k, v in sequence_cases().items() if k in GUIDED or k == "pixart"}, {}),
+        "cfg-ulysses": (de.ParallelConfig(ulysses_degree=2, cfg_degree=2), guided_sequence_cases, {}),
         "ring4": (de.ParallelConfig(ring_degree=4), wan_shards, {})},
 }
 
@@ -166,10 +175,11 @@ def _layouts(rank: int, world: int, out: str) -> None:
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_sequence_parallel_equals_one_process_on_every_rank(world):
-    """Ulysses 2 and Ring 2 on two gloo processes; Ulysses 2 x Ring 2, CFG 2 x Ulysses 2 and Ring 4 (an all-padding
-    chunk) on four: every family returns the single process's latents on every rank, token counts that do not
-    divide (Flux's 19, SD3's 17, Wan's 9) included. With a step cache (first-block: its statistic reduced over the
-    ranks; static) every rank caches the single process's steps; APG runs on the gathered halves."""
+    """Ulysses 2 and Ring 2 on two gloo processes; Ulysses 2 x Ring 2, CFG 2 x Ulysses 2 (every family guided) and
+    Ring 4 (an all-padding chunk) on four: every family returns the single process's latents on every rank, token
+    counts that do not divide (Flux's 19, SD3's 17, Wan's 9) included. With a step cache (first-block: its
+    statistic reduced over the ranks; static) every rank caches the single process's steps; APG runs on the gathered
+    halves."""
     with tempfile.TemporaryDirectory() as out:
         spawn(_layouts, out, ranks=world)
         for layout, (_, cases, options) in LAYOUTS[world].items():
