@@ -265,16 +265,17 @@ def test_wan_flops_are_the_issue_figures():
         assert abs(attention / total - share) < 0.02, (name, attention / total)
 
 
-def test_bench_runs_its_fused_rows_over_ranks_under_torchrun(tmp_path):
-    """`torchrun --nproc_per_node 2 -m ditengine.bench ... --ulysses-degree 2` (gloo): the fused rows over two ranks,
-    one report, its quality against the one-process reference."""
+@pytest.mark.parametrize("degree", ["ulysses", "ring"])
+def test_bench_runs_its_fused_rows_over_ranks_under_torchrun(tmp_path, degree):
+    """`torchrun --nproc_per_node 2 -m ditengine.bench ... --ulysses-degree 2` (or `--ring-degree 2`; gloo): the
+    fused rows over two ranks, one report, its quality against the one-process reference."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditengine.bench",
            "--model", "DiT-S/2", "--depth", "1", "--input-size", "16", "--steps", "2", "--repeats", "2", "--dtype",
-           "fp32", "--variants", "fused+precond", "--ulysses-degree", "2", "--out", str(tmp_path)]
+           "fp32", "--variants", "fused+precond", f"--{degree}-degree", "2", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert "over ranks: ulysses_degree 2" in done.stdout
+    assert f"over ranks: {degree}_degree 2" in done.stdout
     (report,) = tmp_path.glob("bench-*.json")
     row = json.loads(report.read_text())["results"][0]
     assert row["variant"] == "fused+precond" and row["sqnr_db"] > 100
