@@ -24,8 +24,8 @@ with no communication. Around each self-attention:
     The family's q/k norm and RoPE prologue is applied before the ring, at each token's global position. A sliding
     window (ACE-Step) exchanges only the neighbouring chunks' edge rows instead.
 Padded keys are never attended (a block's keys are cut to its valid count) and padded rows are dropped when the
-final norm's output is gathered for the unpatchify. A family takes part through the denoiser contract
-(`FusedDenoiser.self_attention` and `sequence_heads`); the joint text-and-image families shard their joint
+output projection's rows are gathered for the unpatchify, once a step. A family takes part through the denoiser
+contract (`FusedDenoiser.self_attention` and `sequence_heads`); the joint text-and-image families shard their joint
 sequence as one stream.
 
 The collectives (all-to-all, all-gather, batch_isend_irecv) are ones NCCL runs inside a captured CUDA graph, so on

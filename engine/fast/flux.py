@@ -364,17 +364,11 @@ class FastFlux(FusedDenoiser):
         final = mod[2]
         return adaln_modulate(resid, final[:, 1], final[:, 0], out_dtype=self.dtype, backend=self.backend)
 
-    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The output projection of the image rows of h alone (one rank: the text rows are not projected)."""
+    def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """The output projection's image rows (not the text's, nor the reference tokens') unpacked to (N, C_out, H,
+        W). The text rows are projected too (a 64-wide output: negligible) so that a token shard needs no split."""
         (gh, gw), L = ctx["grid"], ctx["text_len"]
-        return self.unpatchify(self.final(h[:, L:L + gh * gw]), ctx, 0)
-
-    def unpatchify(self, out: torch.Tensor, ctx: dict, start: int | None = None) -> torch.Tensor:
-        """The output projection's image rows (from row `start`; default: after the text) unpacked to
-        (N, C_out, H, W); not the reference tokens."""
-        (gh, gw), L = ctx["grid"], ctx["text_len"]
-        start = L if start is None else start
-        return unpack_latents(out[:, start:start + gh * gw], 2 * gh, 2 * gw)
+        return unpack_latents(out[:, L:L + gh * gw], 2 * gh, 2 * gw)
 
     def step_gemms(self, rows: int, latent_shape: tuple | None = None, cond: dict | None = None) -> list[tuple]:
         """The token GEMMs of one step as (call, activation shape), in the order the step runs them (512 text

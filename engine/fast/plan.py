@@ -202,8 +202,8 @@ class Plan:
 
     @staticmethod
     def forward(fast, x_in: torch.Tensor, mod: tuple, ctx: dict) -> torch.Tensor:
-        """The denoiser's forward; on a token shard with this rank's tokens (the embedding sliced, every block on
-        the shard, the final norm's output gathered for the unpatchify)."""
+        """The denoiser's forward; on a token shard with this rank's tokens (the embedding sliced, every block and
+        the output projection on the shard, the projected rows gathered for the unpatchify)."""
         if ctx["sequence"] is None:
             return fast.forward(x_in, mod, ctx)
         resid = Plan.embed(fast, x_in, ctx)  # (N, T_pad / P, D)

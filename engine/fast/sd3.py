@@ -305,12 +305,9 @@ class FastSD3(FusedDenoiser):
         f = self.final_chunk
         return adaln_modulate(resid, mod[0][:, f + 1], mod[0][:, f], out_dtype=self.dtype, backend=self.backend)
 
-    def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The output projection of the image rows of h alone (one rank: the text rows are not projected)."""
-        return self.unpatchify(self.final(h[:, :ctx["image_len"]]), ctx)
-
     def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The output projection's rows, image rows first, unpatchified to (N, C_out, H, W)."""
+        """The output projection's image rows unpatchified to (N, C_out, H, W) (the text rows are projected too, a
+        narrow output, so that a token shard needs no split)."""
         (gh, gw), p, C = ctx["grid"], self.config.patch_size, self.out_channels
         out = out[:, :ctx["image_len"]].view(out.shape[0], gh, gw, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], C, gh * p, gw * p)
