@@ -278,7 +278,7 @@ class TokenShards:
     def ring_attention(self, tensors: tuple, prologue: dict, partial) -> torch.Tensor:
         ring = self.group.ring
         q, k, v = tensors[0].unbind(2) if len(tensors) == 1 else tensors  # packed (N, T, 3, H, Dh) or three
-        q, k, kw = apply_prologue(q, k, ring.rank * self.chunk, self.tokens, **prologue)
+        q, k, kw = apply_prologue(q, k, ring.rank * self.chunk, **prologue)
         window = kw.pop("window", None)
         if window is not None and window < self.tokens - 1:
             return self.band_attention(q, k, v, window, kw, partial)
@@ -331,7 +331,7 @@ class TokenShards:
         return pad_rows(out[:, before:before + n], self.chunk)
 
 
-def apply_prologue(q, k, start: int, tokens: int, q_norm=None, k_norm=None, eps: float = 1e-6, rope=None,
+def apply_prologue(q, k, start: int, q_norm=None, k_norm=None, eps: float = 1e-6, rope=None,
                    rope_interleaved: bool = False, norm_split: int | None = None, **rest):
     """The attention prologue (per-stream q/k RMSNorm, then RoPE) on a chunk whose first token sits at global
     position `start`: the ring attends q and k blocks of different positions, which one fused prologue cannot
