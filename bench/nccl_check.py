@@ -5,7 +5,7 @@
 
 Only one GPU is ever lent, so the proof runs at world size 1: `ParallelConfig()` on a one-rank group binds a
 one-rank sequence group, and the sequence-parallel path (the all-to-alls around each self-attention, the all-gather
-of the final norm's output) runs through NCCL inside the whole-loop CUDA graph. Two parts:
+of the projected rows) runs through NCCL inside the whole-loop CUDA graph. Two parts:
 
 - the ladder's two runs of the same row, one process (`--single`, the folder `python -m ditengine.bench` wrote) and
   under a one-rank torchrun with `--ulysses-degree 1` (`--nccl`): their ms/step and the ratio, what the collectives
