@@ -164,6 +164,8 @@ LAYOUTS = {
     4: {"ulysses-ring": (de.ParallelConfig(ulysses_degree=2, ring_degree=2), sequence_cases, {}),
         "cfg-ulysses": (de.ParallelConfig(ulysses_degree=2, cfg_degree=2), guided_sequence_cases, {}),
         "ring4": (de.ParallelConfig(ring_degree=4), wan_shards, {})},
+    8: {"cfg-ulysses-ring": (de.ParallelConfig(ulysses_degree=2, ring_degree=2, cfg_degree=2),
+                             lambda: {k: v for k, v in guided_sequence_cases().items() if k in ("dit", "flux")}, {})},
 }
 
 
@@ -176,10 +178,10 @@ def _layouts(rank: int, world: int, out: str) -> None:
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_sequence_parallel_equals_one_process_on_every_rank(world):
     """Ulysses 2 and Ring 2 on two gloo processes; Ulysses 2 x Ring 2, CFG 2 x Ulysses 2 (every family guided) and
-    Ring 4 (an all-padding chunk) on four: every family returns the single process's latents on every rank, token
-    counts that do not divide (Flux's 19, SD3's 17, Wan's 9) included. With a step cache (first-block: its
-    statistic reduced over the ranks; static) every rank caches the single process's steps; APG runs on the gathered
-    halves."""
+    Ring 4 (an all-padding chunk) on four; CFG 2 x Ulysses 2 x Ring 2 on eight (DiT, Flux): every family returns the
+    single process's latents on every rank, token counts that do not divide (Flux's 19, SD3's 17, Wan's 9)
+    included. With a step cache (first-block: its statistic reduced over the ranks; static) every rank caches the
+    single process's steps; APG runs on the gathered halves."""
     with tempfile.TemporaryDirectory() as out:
         spawn(_layouts, out, ranks=world)
         for layout, (_, cases, options) in LAYOUTS[world].items():
