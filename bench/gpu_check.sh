@@ -94,10 +94,10 @@ WAN_STAGES=(
 
 # The fourth plan: only one GPU is ever lent, so sequence parallelism's NCCL path is proved at world size 1, where
 # ParallelConfig() binds a one-rank sequence group and its collectives (the all-to-alls around each self-attention,
-# the final norm's all-gather) run on that rank inside the captured loop. The claim row runs once in one process and
-# once under a one-rank torchrun (NCCL) with --ulysses-degree 1, each into its own folder; then nccl_check sets their
-# ms/step side by side (what the path costs) and compares a tiny fp32 DiT's latents with and without the layout
-# (the ladder keeps no latents). Multi-GPU scaling needs a multi-GPU machine.
+# the all-gather of the projected rows) run on that rank inside the captured loop. The claim row runs once in one
+# process and once under a one-rank torchrun (NCCL) with --ulysses-degree 1, each into its own folder; then
+# nccl_check sets their ms/step side by side (what the path costs) and compares a tiny fp32 DiT's latents with and
+# without the layout (the ladder keeps no latents). Multi-GPU scaling needs a multi-GPU machine.
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 1"
 NCCL_ROW="${LADDER[*]} --batch 1 --variants fused+graph-loop"
 NCCL_RUNS="$PY $NCCL_ROW --out \$DIR/single; $TORCHRUN $NCCL_ROW --ulysses-degree 1 --out \$DIR/nccl"
