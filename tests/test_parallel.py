@@ -106,9 +106,9 @@ def test_cfg_parallel_equals_one_process_on_every_rank():
 
 def sequence_cases() -> dict:
     """Every family's case with head counts 2 divides: DiT (16 tokens), PixArt (a partial mask), SD3.5 (per-stream
-    q/k norms over [image; text], 17 tokens, a dual-attention layer's image-only attention), Flux ([text; image],
-    RoPE over both, 19 tokens: padded), ACE-Step (GQA, a window of 4 on every other layer, 12 tokens), Wan (3-D
-    RoPE, 12 tokens)."""
+    q/k norms over [image; text], a dual-attention layer's image-only attention, 19 tokens: padded), Flux ([text;
+    image], RoPE over both, 19 tokens: padded), ACE-Step (GQA, a window of 4 on every other layer, 12 tokens), Wan
+    (3-D RoPE, 18 tokens)."""
     import test_pixart
     import test_sd3
 
@@ -179,7 +179,7 @@ def _layouts(rank: int, world: int, out: str) -> None:
 def test_sequence_parallel_equals_one_process_on_every_rank(world):
     """Ulysses 2 and Ring 2 on two gloo processes; Ulysses 2 x Ring 2, CFG 2 x Ulysses 2 (every family guided) and
     Ring 4 (an all-padding chunk) on four; CFG 2 x Ulysses 2 x Ring 2 on eight (DiT, Flux): every family returns the
-    single process's latents on every rank, token counts that do not divide (Flux's 19, SD3's 17, Wan's 9)
+    single process's latents on every rank, token counts that do not divide (Flux's 19, SD3's 19, Wan's 9)
     included. With a step cache (first-block: its statistic reduced over the ranks; static) every rank caches the
     single process's steps; APG runs on the gathered halves."""
     with tempfile.TemporaryDirectory() as out:
