@@ -399,8 +399,9 @@ class FusedDenoiser(ABC):
 
     def forward(self, x: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         """The model input x (N, C, ...) in `dtype` and one step's modulation (the `modulation` tuple, rows of
-        one timestep) -> the model output (N, C_out, ...): embed, every block, unembed."""
-        resid = self.embed(x, ctx)
+        one timestep) -> the model output (N, C_out, ...): embed, every block, unembed; on a token shard every block
+        on this rank's tokens."""
+        resid = self.embed_shard(x, ctx)
         h = self.first_norm(resid, mod, ctx)
         for i in range(self.depth):
             resid, h = self.block(i, resid, h, mod, ctx)
@@ -453,11 +454,20 @@ class FusedDenoiser(ABC):
     def final_norm(self, resid: torch.Tensor, mod: tuple, ctx: dict | None = None) -> torch.Tensor:
         """The final norm's modulated output."""
 
+    def embed_shard(self, x: torch.Tensor, ctx: dict | None) -> torch.Tensor:
+        """`embed`, and on a token shard (`ctx["sequence"]`) this rank's rows of it (N, T_pad / P, D): the patch
+        embedding runs whole, it is small."""
+        full = self.embed(x, ctx)
+        shards = ctx.get("sequence") if ctx else None
+        return full if shards is None else shards.take(full)
+
     def unembed(self, h: torch.Tensor, ctx: dict) -> torch.Tensor:
         """The final norm's output (N, T, D) -> the model output (N, C_out, ...): the output projection (`final`, a
-        token GEMM), then `unpatchify`. On a token shard each rank projects its rows and the projected rows are
-        gathered (C_out x patch elements a token, not D)."""
-        return self.unpatchify(self.final(h), ctx)
+        token GEMM), then `unpatchify`. On a token shard each rank projects its rows and the projected rows of
+        every rank are gathered first (C_out x patch elements a token, not D)."""
+        out = self.final(h)
+        shards = ctx.get("sequence") if ctx else None
+        return self.unpatchify(out if shards is None else shards.gather(out), ctx)
 
     @abstractmethod
     def unpatchify(self, out: torch.Tensor, ctx: dict) -> torch.Tensor:

@@ -190,41 +190,15 @@ class Plan:
         if guided and s.cfg_group is not None:  # CFG parallel: this rank's half of the rows, then both halves
             rows, start = self.batch, s.cfg_group.rank * self.batch
             mod = tuple(m if m.shape[0] == 1 else m[start:start + rows] for m in self.modulation(step, expert))
-            half = self.forward(fast, self.x_in[start:start + rows], mod, fast.context_rows(ctx, rows, start))
+            half = fast.forward(self.x_in[start:start + rows], mod, fast.context_rows(ctx, rows, start))
             out = s.cfg_group.gather(half)
         elif guided or not s.use_cfg:
-            out = self.forward(fast, self.x_in, self.modulation(step, expert), ctx)
+            out = fast.forward(self.x_in, self.modulation(step, expert), ctx)
         else:  # the conditional rows, first in every buffer, alone
             rows = self.batch
             mod = tuple(m[:rows] for m in self.modulation(step, expert))
-            out = self.forward(fast, self.x_in[:rows], mod, fast.context_rows(ctx, rows))
+            out = fast.forward(self.x_in[:rows], mod, fast.context_rows(ctx, rows))
         self.scheduler_update(step, out, guided, expert)
-
-    @staticmethod
-    def forward(fast, x_in: torch.Tensor, mod: tuple, ctx: dict) -> torch.Tensor:
-        """The denoiser's forward; on a token shard with this rank's tokens (the embedding sliced, every block and
-        the output projection on the shard, the projected rows gathered for the unpatchify)."""
-        if ctx["sequence"] is None:
-            return fast.forward(x_in, mod, ctx)
-        resid = Plan.embed(fast, x_in, ctx)  # (N, T_pad / P, D)
-        h = fast.first_norm(resid, mod, ctx)
-        for i in range(fast.depth):
-            resid, h = fast.block(i, resid, h, mod, ctx)
-        return Plan.unembed(fast, h, ctx)
-
-    @staticmethod
-    def embed(fast, x_in: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The residual stream's first values: every token, or on a token shard this rank's."""
-        full = fast.embed(x_in, ctx)
-        return full if ctx["sequence"] is None else ctx["sequence"].take(full)
-
-    @staticmethod
-    def unembed(fast, h: torch.Tensor, ctx: dict) -> torch.Tensor:
-        """The final norm's output -> the model output; on a token shard each rank's rows projected, then
-        gathered (C_out x patch elements a token, not the width)."""
-        if ctx["sequence"] is None:
-            return fast.unembed(h, ctx)
-        return fast.unpatchify(ctx["sequence"].gather(fast.final(h)), ctx)
 
     # -- step caching (ditengine.cache) --------------------------------------------------------------------
     def _allocate_cache(self) -> None:
@@ -262,7 +236,7 @@ class Plan:
     def head(self, step: int | torch.Tensor) -> None:
         """The embedding into `resid`; with the first-block cache also block 0 and the decision."""
         fast = self.sampler.fast
-        self.resid.copy_(self.embed(fast, self.x_in, self.ctx))
+        self.resid.copy_(fast.embed_shard(self.x_in, self.ctx))
         if not isinstance(self.cache, FirstBlockCache):
             return
         mod = self.modulation(step)
@@ -272,12 +246,11 @@ class Plan:
         self.h.copy_(h)
         torch.sub(self.resid, before, out=self.first_residual)
         skippable = self.skippable[step] if isinstance(step, int) else self.skippable.index_select(0, step)[0]
+        new, old, reduce = self.first_residual, self.last_first_residual, None
         shards = self.ctx["sequence"]
-        if shards is None:
-            change = (self.first_residual, self.last_first_residual)
-        else:  # the statistic of the real tokens on every rank, so that every rank decides the same
-            change = (self.first_residual[:, :shards.rows], self.last_first_residual[:, :shards.rows], shards.sum)
-        self.skip.copy_(skip_decision(*change[:2], self.cache.threshold, skippable, *change[2:]))
+        if shards is not None:  # the statistic of the real tokens of every rank, so that every rank decides the same
+            new, old, reduce = new[:, :shards.rows], old[:, :shards.rows], shards.sum
+        self.skip.copy_(skip_decision(new, old, self.cache.threshold, skippable, reduce))
 
     def tail_full(self, step: int | torch.Tensor):
         """Every block not yet run, refreshing the cache; leaves the final adaLN output in `h`."""
@@ -313,11 +286,11 @@ class Plan:
 
     def finish_full(self, step: int | torch.Tensor) -> None:
         self.tail_full(step)
-        self.scheduler_update(step, self.unembed(self.sampler.fast, self.h, self.ctx))
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
 
     def finish_cached(self, step: int | torch.Tensor) -> None:
         self.tail_cached(step)
-        self.scheduler_update(step, self.unembed(self.sampler.fast, self.h, self.ctx))
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
 
     def cached_step(self, step: int | torch.Tensor, full: bool | None = None) -> None:
         """One step under the cache policy. Static: `full` from the schedule (given for a step graph).
@@ -330,7 +303,7 @@ class Plan:
             torch.ops.higher_order.cond(self.skip, lambda: self.tail_cached(step), lambda: self.tail_full(step), ())
         else:
             (self.tail_cached if bool(self.skip) else self.tail_full)(step)  # the one host read of the step
-        self.scheduler_update(step, self.unembed(self.sampler.fast, self.h, self.ctx))
+        self.scheduler_update(step, self.sampler.fast.unembed(self.h, self.ctx))
 
     def stats(self) -> dict:
         S, depth = len(self.sampler.sched), self.sampler.fast.depth

@@ -96,8 +96,8 @@ class FastSampler:
 
     `parallel`: a `ditengine.ParallelConfig` for a run over the ranks of a torch.distributed group: with
     `cfg_degree=2` the conditional and unconditional rows run on two ranks, one all-gather a step joining them; with
-    `ulysses_degree=P` each rank holds 1 / P of the tokens, all-to-alls around each self-attention
-    (`ditengine.parallel`). Every rank returns the same latents.
+    `ulysses_degree=U` and `ring_degree=R` each of U R ranks holds a shard of the tokens, all-to-alls or a ring of
+    K/V around each self-attention (`ditengine.parallel`). Every rank returns the same latents.
     """
 
     def __init__(self, model: torch.nn.Module, sched: Scheduler, cfg_scale: float = 4.0,
