@@ -78,7 +78,7 @@ def compare(device: torch.device) -> dict:
     parallel = sampler(de.ParallelConfig(), mode)
     got = parallel(noise, labels)
     runner = parallel._plans[parallel.last_plan].runner
-    sequence = getattr(parallel, "sequence", None)
+    sequence = parallel.sequence
     err = float((got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
     bitwise = torch.equal(got, want)
     return {"model": f"{TINY['name']}, {cfg.depth} blocks, {(cfg.input_size // cfg.patch_size) ** 2} tokens",

@@ -26,7 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
+from ditengine.kernels import adaln_modulate, gated_residual_adaln
 
 from ..inputs import check_noise_values
 from ..models.ace_step import AceStep, rope_tables
@@ -90,7 +90,8 @@ class FastAceStep(FusedDenoiser):
         super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D, p = cfg.hidden_size, cfg.patch_size
-        self.small_heads = not self.gqa_attention_fits(cfg.head_dim)  # diffusers' test config: 8
+        # Whether the attention runs the reference (diffusers' test config: head dim 8), logged once.
+        self.small_heads = not self.gqa_attention_fits(cfg.head_dim)
         self.latent_shape = (cfg.audio_acoustic_hidden_dim, 30 * LATENTS_PER_SECOND)
         self.out_channels = cfg.audio_acoustic_hidden_dim
         rows = 2 * (self.latent_shape[1] // p)
@@ -236,11 +237,6 @@ class FastAceStep(FusedDenoiser):
     def sequence_heads(self) -> tuple[int, ...]:
         return self.config.num_attention_heads, self.config.num_key_value_heads
 
-    def _attention(self, q, k, v, **prologue):
-        if self.small_heads:
-            return gqa_attention_ref(q, k, v, **prologue)
-        return gqa_attention(q, k, v, backend=self.backend, **prologue)
-
     def block(self, i: int, resid: torch.Tensor, h: torch.Tensor, mod: tuple, ctx: dict,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Block i on the residual stream (in place) and its norm's output h -> (resid, the next norm's output).
@@ -251,13 +247,13 @@ class FastAceStep(FusedDenoiser):
         m = mod[0][:, i]  # (N, 6, D): shift, scale, gate for attention, then for the MLP
         qkv = layers["qkv"](h)  # (N, T', (H + 2 Hkv) Dh)
         q, k, v = qkv.split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
-        attended = self.self_attention(ctx, self._attention, q.view(N, T, H, Dh), k.view(N, T, Hkv, Dh),
+        attended = self.self_attention(ctx, self.gqa, q.view(N, T, H, Dh), k.view(N, T, Hkv, Dh),
                                        v.view(N, T, Hkv, Dh), q_norm=layers["q_norm"], k_norm=layers["k_norm"],
                                        eps=cfg.rms_norm_eps, rope=ctx["rope"], window=cfg.window(i))
         o = layers["proj"](attended.reshape(N, T, D))
         resid, h = self._norm(resid, m[:, 2], o, ctx["zeros"], ctx["zeros"], layers["cross_norm"])
         kv = ctx["kv"][i]  # (N, L, 2, Hkv, Dh)
-        crossed = self._attention(layers["q"](h).view(N, T, H, Dh), kv[:, :, 0], kv[:, :, 1],
+        crossed = self.gqa(layers["q"](h).view(N, T, H, Dh), kv[:, :, 0], kv[:, :, 1],
                                   q_norm=layers["cross_q_norm"], eps=cfg.rms_norm_eps)
         c = layers["cross_proj"](crossed.reshape(N, T, D))
         if keep is not None:

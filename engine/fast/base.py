@@ -492,12 +492,19 @@ class FusedDenoiser(ABC):
             return attend(*tensors, **prologue)
         return shards.attention(attend, tensors, prologue, self.partial_attention)
 
+    def gqa(self, *tensors: torch.Tensor, **kw):
+        """`gqa_attention` of q, k, v (or one packed qkv (N, S, 3, H, Dh)) with its keywords, on this denoiser's
+        backend where the kernels take the head dim, else `gqa_attention_ref` (`gqa_attention_fits` logged the
+        choice at construction)."""
+        q, k, v = tensors[0].unbind(2) if len(tensors) == 1 else tensors
+        if head_dim_fits(q.shape[-1]):
+            return gqa_attention(q, k, v, backend=self.backend, **kw)
+        return gqa_attention_ref(q, k, v, **kw)
+
     def partial_attention(self, q, k, v, **kw) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q (N, T, Hq, Dh) to one block of keys (N, S, Hkv, Dh) -> (out, its log-sum-exp (N, T, Hq)),
         for the ring's exact merge."""
-        if head_dim_fits(q.shape[-1]):
-            return gqa_attention(q, k, v, backend=self.backend, return_lse=True, **kw)
-        return gqa_attention_ref(q, k, v, return_lse=True, **kw)
+        return self.gqa(q, k, v, return_lse=True, **kw)
 
     @staticmethod
     def local_rows(ctx: dict, rows: int) -> int:

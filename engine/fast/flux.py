@@ -27,7 +27,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
+from ditengine.kernels import adaln_modulate, gated_residual_adaln
 
 from ..inputs import check_noise_values, check_prompt_embeds
 from ..models.flux import Flux, rope_tables
@@ -147,7 +147,7 @@ class FastFlux(FusedDenoiser):
         super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D, Dh = cfg.hidden_size, cfg.head_dim
-        self.small_heads = not self.gqa_attention_fits(Dh)
+        self.gqa_attention_fits(Dh)  # logs the reference attention for a head dim the kernels do not take
         self.latent_shape = (cfg.out_channels // 4, 128, 128)  # 1024 px: the VAE's 16 channels, 2x2 packed
         self.out_channels = cfg.out_channels // 4
         rows = 2 * 4096
@@ -303,18 +303,13 @@ class FastFlux(FusedDenoiser):
     def sequence_heads(self) -> tuple[int, ...]:
         return (self.config.num_attention_heads,)
 
-    def _attend(self, qkv, **prologue):
-        """Attention of a packed qkv (N, S, 3, H, Dh) -> (N, S, H, Dh)."""
-        run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
-        return run(*qkv.unbind(2), **prologue)
-
     def _attention(self, qkv, q_norm, k_norm, ctx, split):
         """qkv (N, S, 3D) -> (N, S, D): q/k RMSNorm (per stream, (2, Dh) weights split at joint row `split`, or one
         (Dh,) weight), interleaved RoPE over the joint rows, no mask: all in the attention kernel's prologue. On a
         token shard the joint sequence is sharded as one stream: `split` and the RoPE rows are global positions."""
         cfg = self.config
         N, S, _ = qkv.shape
-        o = self.self_attention(ctx, self._attend, qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim),
+        o = self.self_attention(ctx, self.gqa, qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim),
                                 q_norm=q_norm, k_norm=k_norm, eps=1e-6, rope=ctx["rope"], rope_interleaved=True,
                                 norm_split=split)
         return o.reshape(N, S, -1)

@@ -31,7 +31,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import adaln_modulate, gated_residual_adaln, gqa_attention, gqa_attention_ref
+from ditengine.kernels import adaln_modulate, gated_residual_adaln
 
 from ..inputs import check_patch_grid_noise, check_prompt_embeds
 from ..models.sd3 import SD3
@@ -74,7 +74,7 @@ class FastSD3(FusedDenoiser):
         super().__init__(model, dtype, mlp_epilogue, residual_dtype, backend, quantize)
         cfg = self.config
         D, Dh = cfg.hidden_size, cfg.head_dim
-        self.small_heads = not self.gqa_attention_fits(Dh)
+        self.gqa_attention_fits(Dh)  # logs the reference attention for a head dim the kernels do not take
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.out_channels = cfg.out_channels
         self.branches = 3 if cfg.dual_attention_layers else 2  # attention, MLP [, second attention] outputs
@@ -238,11 +238,6 @@ class FastSD3(FusedDenoiser):
         image = ctx | {"sequence": shards.prefix(ctx["image_len"])}
         return self._attention(qkv, layers["q_norm2"], layers["k_norm2"], None, image)[:, :T]
 
-    def _attend(self, qkv, **prologue):
-        """Attention of a packed qkv (N, S, 3, H, Dh) -> (N, S, H, Dh)."""
-        run = gqa_attention_ref if self.small_heads else functools.partial(gqa_attention, backend=self.backend)
-        return run(*qkv.unbind(2), **prologue)
-
     def _attention(self, qkv, q_norm, k_norm, split, ctx=None):
         """qkv (N, S, 3D) -> (N, S, D): no mask; SD3.5's q/k RMSNorm (per stream, (2, Dh) weights split at row
         `split`, or one (Dh,) weight) in the attention kernel's prologue. On a token shard (the joint attention,
@@ -250,7 +245,7 @@ class FastSD3(FusedDenoiser):
         cfg = self.config
         N, S, _ = qkv.shape
         prologue = {} if q_norm is None else dict(q_norm=q_norm, k_norm=k_norm, eps=1e-6, norm_split=split)
-        o = self.self_attention(ctx, self._attend, qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim),
+        o = self.self_attention(ctx, self.gqa, qkv.view(N, S, 3, cfg.num_attention_heads, cfg.head_dim),
                                 **prologue)
         return o.reshape(N, S, -1)
 

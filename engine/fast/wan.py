@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditengine.kernels import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln, gqa_attention,
-                               gqa_attention_ref)
+from ditengine.kernels import adaln_modulate, adaln_modulate_ref, gated_residual_adaln
 
 from ..inputs import check_noise_values
 from ..models.wan import TEXT_LEN, Wan, video_rope
@@ -136,7 +135,7 @@ class FastWan(FusedDenoiser):
             raise ValueError("model: a first-last-frame Wan (pos_embed_seq_len) is not served by the fast path; "
                              "sample it with backend='reference'")
         self.hidden = cfg.hidden_size
-        self.fits = self.gqa_attention_fits(cfg.head_dim)
+        self.gqa_attention_fits(cfg.head_dim)  # logs the reference attention for a head dim the kernels do not take
         self.latent_shape = (cfg.out_channels, 21, 60, 104)  # 81 frames at 480 x 832, the pipelines' default
         self.out_channels = cfg.out_channels
         rows = 2 * 21 * 30 * 52  # the prepacked GEMMs' row hint: 480p, 81 frames, the CFG batch
@@ -346,10 +345,7 @@ class FastWan(FusedDenoiser):
         k = rms_across_heads(qkv[:, :, 1], layers["norm_k"], cfg.eps, self.backend)
         heads = (N, T, cfg.num_attention_heads, cfg.head_dim)
         q, k, v = q.view(heads), k.view(heads), qkv[:, :, 2].view(heads)
-        run = gqa_attention if self.fits else gqa_attention_ref
-        kwargs = {"backend": self.backend} if self.fits else {}
-        o = self.self_attention(ctx, lambda *t, **p: run(*t, **p, **kwargs), q, k, v, rope=ctx["rope"],
-                                rope_interleaved=True)
+        o = self.self_attention(ctx, self.gqa, q, k, v, rope=ctx["rope"], rope_interleaved=True)
         return layers["proj"](o.view(N, T, D))
 
     def sequence_heads(self) -> tuple[int, ...]:
@@ -368,9 +364,7 @@ class FastWan(FusedDenoiser):
     def _attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """q (N, T, H, Dh) to every key of kv (N, L, 2, H, Dh): the pipelines pad the text with no mask, so there is
         no padding for `cross_attention`'s per-row lengths to skip; the GQA kernel reads K and V as strided views."""
-        if self.fits:
-            return gqa_attention(q, kv[:, :, 0], kv[:, :, 1], backend=self.backend)
-        return gqa_attention_ref(q, kv[:, :, 0], kv[:, :, 1])
+        return self.gqa(q, kv[:, :, 0], kv[:, :, 1])
 
     def _cross_norm(self, i: int, layers: dict, resid: torch.Tensor, gate: torch.Tensor, o: torch.Tensor,
                     ctx: dict) -> torch.Tensor:
